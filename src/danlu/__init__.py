@@ -1,0 +1,32 @@
+"""danlu: take a PyTorch model through its whole life on your own machines.
+
+Public API (imported lazily, so `danlu --help` never waits for torch):
+    train(config) -> Run, evaluate(run_dir, data=None) -> dict, load(run_dir) -> Predictor,
+    quickstart(...) -> Run, Run, Predictor, DanluError, __version__
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "train": "danlu.api",
+    "evaluate": "danlu.api",
+    "load": "danlu.api",
+    "quickstart": "danlu.api",
+    "Run": "danlu.api",
+    "Predictor": "danlu.predictor",
+    "DanluError": "danlu.errors",
+    "Config": "danlu.config",
+    "load_config": "danlu.config",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'danlu' has no attribute {name!r}")

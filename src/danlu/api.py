@@ -1,0 +1,205 @@
+"""The Python API, mirroring the CLI: train, evaluate, load (-> Predictor), predict_file, quickstart."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from danlu.config import Config, apply_overrides, load_config, read_yaml, resolve_paths, validate
+from danlu.errors import DanluError
+from danlu.predictor import Predictor
+from danlu.run import RunDir, atomic_write
+
+log = logging.getLogger("danlu")
+
+
+class Run:
+    """A finished run directory: its report, config, per-epoch metrics and a Predictor."""
+
+    def __init__(self, path: str | Path):
+        self.dir = RunDir(path)
+        self.dir.require_complete()
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def path(self) -> Path:
+        return self.dir.path
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.dir.read_report()
+
+    @property
+    def config(self) -> Config:
+        return validate(read_yaml(self.dir.config))
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        return self.dir.read_metrics()
+
+    def predictor(self, device: str = "cpu") -> Predictor:
+        return Predictor.load(self.path, device)
+
+
+def _as_config(config: Config | dict | str | Path | None, overrides: Iterable[str]) -> Config:
+    if isinstance(config, Config):
+        return validate(apply_overrides(config.model_dump(mode="json"), list(overrides)))
+    if isinstance(config, dict):
+        return validate(apply_overrides(dict(config), list(overrides)))
+    return load_config(config, list(overrides))
+
+
+def train(
+    config: Config | dict | str | Path | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Run:
+    """Train from a config (object, dict or YAML path) into a run directory, or resume one.
+
+    Raises:
+        DanluError: bad config or data, an existing run directory (unless overwrite), nothing to resume.
+    """
+    from danlu.training.report import finish
+    from danlu.training.trainer import fit, new_setup, resumed_setup
+
+    if resume is not None:
+        run = RunDir(resume)
+        if not run.config.is_file():
+            raise DanluError(
+                f"'{resume}' is not a run directory (no config.yaml)", "pass the run's directory"
+            )
+        if run.is_complete():
+            raise DanluError(f"run '{resume}' is already complete", "train a new run, or evaluate this one")
+        if not run.last_checkpoint.is_file():
+            raise DanluError(f"run '{resume}' stopped before its first checkpoint", "train it again")
+        cfg = validate(read_yaml(run.config))
+        setup = resumed_setup(cfg, run)
+    else:
+        cfg = _as_config(config, overrides)
+        if out is not None:
+            cfg = cfg.model_copy(update={"output": str(out)})
+        cfg = resolve_paths(cfg, Path.cwd())
+        run = RunDir(cfg.output)
+        run.prepare_new(overwrite)
+        try:
+            setup = new_setup(cfg, run)
+        except BaseException:
+            shutil.rmtree(run.path, ignore_errors=True)  # nothing trained yet: leave nothing behind
+            raise
+    fit(cfg, run, setup, progress=progress)
+    finish(cfg, run, setup)
+    return Run(run.path)
+
+
+def load(run_dir: str | Path, device: str = "cpu") -> Predictor:
+    """A Predictor for a finished run directory."""
+    return Predictor.load(run_dir, device)
+
+
+def _metrics_over(predictor: Predictor, frames: Iterable[pd.DataFrame]) -> dict[str, Any]:
+    from danlu.evaluation.metrics import task_metrics
+
+    pre = predictor.preprocessor
+    targets, decoded = [], []
+    for frame in frames:
+        if pre.target not in frame.columns:
+            raise DanluError(
+                f"the data has no target column '{pre.target}'",
+                "evaluation needs true values; use `danlu predict` for unlabeled data",
+            )
+        targets.append(pre.decode_target(pre.encode_target(frame[pre.target])))
+        decoded.append(predictor.decoded(frame))
+    if not targets or sum(len(t) for t in targets) == 0:
+        raise DanluError("no rows to evaluate", "pass data with at least one row")
+    return task_metrics(pre.task, np.concatenate(targets), np.concatenate(decoded), pre.classes)
+
+
+def evaluate(run_dir: str | Path, data: str | Path | None = None) -> dict[str, Any]:
+    """Metrics of a finished run on DATA, or on its own test split (rebuilt from config.yaml)."""
+    from danlu.data.dataset import held_out_frames
+    from danlu.data.sources import stream_frames
+
+    predictor = Predictor.load(run_dir)
+    if data is not None:
+        return _metrics_over(predictor, stream_frames(str(data)))
+    _, frames = held_out_frames(predictor.config.data, predictor.preprocessor)
+    return _metrics_over(predictor, frames)
+
+
+def predict_file(run_dir: str | Path, data: str | Path, out: str | Path, chunk_rows: int = 100_000) -> int:
+    """Stream DATA through a run's model into OUT (.csv or .parquet), rows in input order; returns rows."""
+    from danlu.data.sources import stream_frames
+
+    out = Path(out)
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise DanluError(f"output '{out}' must end in .csv or .parquet", "e.g. -o predictions.csv")
+    predictor = Predictor.load(run_dir)
+    frames = (predictor.predict_frame(f) for f in stream_frames(str(data), chunk_rows))
+    rows = 0
+
+    def write(f) -> None:
+        nonlocal rows
+        writer = None
+        for i, frame in enumerate(frames):
+            rows += len(frame)
+            if out.suffix.lower() == ".csv":
+                frame.to_csv(f, header=i == 0, index=False)
+            else:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                table = pa.Table.from_pandas(frame, preserve_index=False)
+                writer = writer or pq.ParquetWriter(f, table.schema)
+                writer.write_table(table)
+        if writer is not None:
+            writer.close()
+
+    atomic_write(out, write)  # a failure half-way leaves no partial output file
+    return rows
+
+
+QUICKSTART = {
+    # The tutorial workload: make_classification (100k rows, 10 features, 3 classes), a 10-20-3 MLP,
+    # Adam at 1e-3, batch 1024, 101 epochs; danlu adds a validation split and the best checkpoint.
+    "data": {"train": "synthetic:classification", "val_fraction": 0.1, "test_fraction": 0.2},
+    "model": {"hidden": [20], "dropout": 0.0, "normalization": "none"},
+    "train": {
+        "epochs": 101,
+        "batch_size": 1024,
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "schedule": "none",
+        "patience": 0,
+        "eval_every": 5,
+    },
+    "output": "runs/quickstart",
+}
+
+
+def quickstart(
+    out: str | Path | None = None, overrides: Iterable[str] = (), progress: bool = True
+) -> tuple[Run, Path]:
+    """Train, evaluate and predict the tutorial workload end to end; returns the run and predictions path."""
+    from danlu.data.dataset import held_out_frames
+
+    config = _as_config(QUICKSTART, overrides)
+    run = train(config, out=out, overwrite=True, progress=progress)
+    predictor = run.predictor()
+    _, frames = held_out_frames(run.config.data, predictor.preprocessor)
+    predictions = run.path / "predictions.csv"
+    table = pd.concat([predictor.predict_frame(f) for f in frames])
+    atomic_write(predictions, lambda f: table.to_csv(f, index=False))
+    return run, predictions

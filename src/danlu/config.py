@@ -1,0 +1,269 @@
+"""The whole config schema in one place: defaults -> YAML -> `a.b=value` overrides, all typed.
+
+Unknown keys and wrong types are `DanluError`s naming the key path (and the closest valid key for typos).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from danlu.errors import DanluError
+
+SCHEMA_VERSION = 1
+SYNTHETIC_PREFIX = "synthetic:"
+
+CLASSIFICATION_MONITORS = ("val_loss", "val_accuracy", "val_f1_macro", "train_loss")
+REGRESSION_MONITORS = ("val_loss", "val_mae", "val_rmse", "val_r2", "train_loss")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Section):
+    """Parameters of sklearn's make_classification / make_regression (defaults: the tutorial workload)."""
+
+    n_samples: int = Field(100_000, ge=2, description="rows to generate")
+    n_features: int = Field(10, ge=1, description="feature columns x0..x{n-1}")
+    n_informative: int = Field(5, ge=1, description="informative features")
+    n_redundant: int = Field(2, ge=0, description="linear combinations of informative ones (classification)")
+    n_classes: int = Field(3, ge=2, description="classes (classification)")
+    n_clusters_per_class: int = Field(1, ge=1, description="clusters per class (classification)")
+    flip_y: float = Field(0.05, ge=0, le=1, description="fraction of randomly flipped labels")
+    class_sep: float = Field(1.0, gt=0, description="class separation (classification)")
+    noise: float = Field(10.0, ge=0, description="gaussian noise on the target (regression)")
+    random_state: int = Field(42, description="generator seed")
+
+
+class DataConfig(Section):
+    train: str = Field(
+        description="training data: CSV, Parquet, NPZ, NPY, or synthetic:classification|regression"
+    )
+    validation: str | None = Field(None, description="validation file; default: split from train")
+    test: str | None = Field(None, description="test file; default: split from train")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="validation split when no validation file")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="test split when no test file")
+    stratify: bool = Field(True, description="stratify splits by class (classification)")
+    split_seed: int = Field(0, description="seed of the train/validation/test split")
+    target: str | None = Field(None, description="target column (default for synthetic: label / target)")
+    features: list[str] | None = Field(None, description="feature columns; default: all but the target")
+    categorical: list[str] = Field(default_factory=list, description="columns to treat as categorical")
+    task: Literal["auto", "classification", "regression"] = Field("auto", description="inferred when auto")
+    in_memory: Literal["auto"] | bool = Field("auto", description="auto: in memory if under the budget")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="budget for in_memory=auto; default a quarter of available RAM"
+    )
+    chunk_rows: int = Field(262_144, ge=1024, description="rows per chunk when training out of memory")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("data.val_fraction + data.test_fraction must be below 1")
+        if self.target is None and not self.train.startswith(SYNTHETIC_PREFIX):
+            raise ValueError("data.target is required: name the column to predict, e.g. data.target=label")
+        if self.train.startswith(SYNTHETIC_PREFIX):
+            kind = self.train[len(SYNTHETIC_PREFIX) :]
+            if kind not in ("classification", "regression"):
+                raise ValueError(
+                    f"data.train: unknown generator '{self.train}'; "
+                    "use synthetic:classification or synthetic:regression"
+                )
+            if self.target is None:
+                self.target = "label" if kind == "classification" else "target"
+        return self
+
+
+class ModelConfig(Section):
+    type: Literal["mlp"] = Field("mlp", description="built-in architecture")
+    hidden: list[int] = Field(default_factory=lambda: [256, 256], description="hidden layer sizes")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="hidden activation")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout after each hidden layer")
+    normalization: Literal["none", "batchnorm", "layernorm"] = Field(
+        "batchnorm", description="normalization after each hidden linear layer"
+    )
+    categorical: Literal["embedding", "onehot"] = Field("embedding", description="how categoricals enter")
+    embedding_dim: int | None = Field(None, ge=1, description="default: min(16, (cardinality + 1) // 2)")
+    target: str | None = Field(None, description='your own nn.Module: "package.module:ClassName"')
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for target")
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, hidden: list[int]) -> list[int]:
+        if any(h < 1 for h in hidden):
+            raise ValueError("hidden sizes must be positive integers")
+        return hidden
+
+    @field_validator("target")
+    @classmethod
+    def _import_path(cls, target: str | None) -> str | None:
+        if target is not None and (target.count(":") != 1 or not all(target.split(":"))):
+            raise ValueError(f"'{target}' is not of the form package.module:ClassName")
+        return target
+
+
+class TrainConfig(Section):
+    epochs: int = Field(200, ge=1, description="maximum epochs")
+    batch_size: int | Literal["auto"] = Field("auto", description="rows per step; auto: from data size")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="optimizer")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum (sgd)")
+    schedule: Literal["none", "cosine", "onecycle"] = Field("cosine", description="learning-rate schedule")
+    patience: int = Field(20, ge=0, description="early stopping: evaluations without improvement; 0 = off")
+    monitor: str = Field("val_loss", description="metric for early stopping and the best checkpoint")
+    restore_best: bool = Field(True, description="end with the best weights, not the last")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+    seed: int = Field(0, description="seed for initialisation, shuffling and dropout")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: cuda, then mps, then cpu"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast on accelerators")
+    eval_every: int = Field(1, ge=1, description="validate every N epochs")
+    checkpoint_every: int = Field(1, ge=1, description="write checkpoints/last.pt every N epochs")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("batch_size must be a positive integer or auto")
+        return value
+
+    @field_validator("monitor")
+    @classmethod
+    def _monitor(cls, value: str) -> str:
+        known = sorted(set(CLASSIFICATION_MONITORS + REGRESSION_MONITORS))
+        if value not in known:
+            raise ValueError(f"unknown metric '{value}'{_closest(value, known)}; choose one of {known}")
+        return value
+
+
+class Config(Section):
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: str = Field("runs/run", description="run directory")
+
+
+def _closest(name: str, candidates: list[str], prefix: str = "") -> str:
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+
+
+def _fields_at(path: tuple[str | int, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # Union members add their own location parts (e.g. 'int', 'literal[...]'); keep real keys only.
+    keys = []
+    for part in loc:
+        if isinstance(part, int) or (
+            isinstance(part, str) and not part.startswith(("literal[", "int", "bool"))
+        ):
+            keys.append(part)
+    path = ".".join(str(p) for p in keys) or "config"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent, name = keys[:-1], str(keys[-1])
+        prefix = "".join(f"{p}." for p in parent)
+        return f"unknown key '{path}'{_closest(name, _fields_at(tuple(parent)), prefix)}"
+    if kind == "missing":
+        return f"missing required key '{path}'"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return message if message.startswith("data.") else f"{path}: {message}"
+    return f"{path}: {message}, got {error.get('input')!r}"
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Build a typed Config from a plain dict, turning validation errors into one clear DanluError."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise DanluError(
+            f"invalid config: {_describe(first)}{suffix}", "see `danlu train --help` and README"
+        ) from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise DanluError(f"config file '{path}' not found", "check the path, or run `danlu quickstart`")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise DanluError(f"cannot parse '{path}'{where}: {problem}", "fix the YAML syntax") from None
+    except UnicodeDecodeError:
+        raise DanluError(f"'{path}' is not a text file", "pass a YAML config file") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise DanluError(f"'{path}' must hold a mapping of sections (data:, model:, train:)", "see README")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides; values are parsed as YAML (`5`, `[64,32]`, `true`, `null`)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise DanluError(f"override '{item}' is not KEY=VALUE", "write e.g. train.epochs=5")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise DanluError(f"override '{item}': '{part}' is not a section", "check the key path")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or start from defaults when path is None) and apply overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    return validate(apply_overrides(raw, list(overrides)))
+
+
+def resolve_paths(config: Config, base: Path) -> Config:
+    """Make data paths absolute (relative to `base`) so the saved config reproduces the run anywhere."""
+    data = config.data
+    updates = {}
+    for name in ("train", "validation", "test"):
+        value = getattr(data, name)
+        if value is not None and not value.startswith(SYNTHETIC_PREFIX):
+            updates[name] = str((base / value).resolve())
+    return config.model_copy(update={"data": data.model_copy(update=updates)})
+
+
+def dump_config(config: Config) -> str:
+    header = (
+        f"# danlu resolved config (schema {SCHEMA_VERSION}); `danlu train` this file to reproduce the run\n"
+    )
+    body = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return header + body

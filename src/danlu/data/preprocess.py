@@ -1,0 +1,285 @@
+"""Preprocessing fitted on the training split only and stored as JSON (never pickle).
+
+Numeric columns: mean imputation, a missing-indicator where training data had gaps, standardization.
+Categorical columns: value -> index with 0 as the bucket for unseen or missing values (the model embeds
+or one-hot encodes them). Classification labels of any type map to indices and back; regression targets
+are standardized for training and reported in original units.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from danlu.data.schema import Schema
+from danlu.errors import DanluError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class NumericColumn:
+    name: str
+    mean: float
+    std: float
+    indicator: bool  # add a 0/1 "was missing" input
+
+
+@dataclass
+class CategoricalColumn:
+    name: str
+    values: list[str]  # index 0 is the unknown bucket, so values[i] has index i + 1
+
+
+def _row(index_label: Any) -> str:
+    return (
+        f"row {int(index_label) + 1}" if isinstance(index_label, (int, np.integer)) else f"row {index_label}"
+    )
+
+
+def numeric_values(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """A column as float64, NaN where missing; stray text or inf is an error naming column, row and value."""
+    column = frame[name]
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        values = column.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        parsed = pd.to_numeric(column.astype("string").str.strip(), errors="coerce")
+        bad = parsed.isna() & column.notna()
+        if bad.any():
+            where = bad.to_numpy().argmax()
+            raise DanluError(
+                f"column '{name}' holds numbers but {_row(column.index[where])} has {column.iloc[where]!r}",
+                f"fix or blank that value, or declare the column categorical: data.categorical=[{name}]",
+            )
+        values = parsed.to_numpy(dtype=np.float64, na_value=np.nan)
+    infinite = np.isinf(values)
+    if infinite.any():
+        where = infinite.argmax()
+        raise DanluError(
+            f"column '{name}' has {values[where]} at {_row(column.index[where])}",
+            "replace infinite values with finite ones or leave them empty",
+        )
+    return values
+
+
+def category_strings(column: pd.Series) -> pd.Series:
+    return column.astype("string").str.strip()
+
+
+def _json_value(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _sort_labels(labels: set) -> list:
+    return sorted(labels, key=lambda v: (type(v).__name__, v))
+
+
+@dataclass
+class Preprocessor:
+    task: str
+    target: str
+    numeric: list[NumericColumn]
+    categorical: list[CategoricalColumn]
+    classes: list[Any] | None = None
+    target_mean: float = 0.0
+    target_std: float = 1.0
+    _lookups: list[dict[str, int]] = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._lookups = [{v: i + 1 for i, v in enumerate(c.values)} for c in self.categorical]
+        self._class_index = {c: i for i, c in enumerate(self.classes or [])}
+
+    @property
+    def features(self) -> list[str]:
+        return [c.name for c in self.numeric] + [c.name for c in self.categorical]
+
+    @property
+    def n_numeric_inputs(self) -> int:
+        return len(self.numeric) + sum(c.indicator for c in self.numeric)
+
+    @property
+    def cardinalities(self) -> list[int]:
+        return [len(c.values) + 1 for c in self.categorical]
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.classes) if self.task == "classification" else 1
+
+    def check_columns(self, frame: pd.DataFrame) -> None:
+        missing = [name for name in self.features if name not in frame.columns]
+        if missing:
+            raise DanluError(
+                f"missing required column{'s' if len(missing) > 1 else ''}: {', '.join(missing)}",
+                f"the model needs the features {', '.join(self.features)}",
+            )
+
+    def transform(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Features -> (float32 [n, n_numeric_inputs], int64 [n, n_categorical])."""
+        self.check_columns(frame)
+        n = len(frame)
+        x_num = np.empty((n, self.n_numeric_inputs), dtype=np.float32)
+        extra = len(self.numeric)
+        for j, col in enumerate(self.numeric):
+            values = numeric_values(frame, col.name)
+            missing = np.isnan(values)
+            if col.indicator:
+                x_num[:, extra] = missing
+                extra += 1
+            values[missing] = col.mean
+            x_num[:, j] = (values - col.mean) / col.std
+        x_cat = np.empty((n, len(self.categorical)), dtype=np.int64)
+        for j, (col, lookup) in enumerate(zip(self.categorical, self._lookups, strict=True)):
+            codes = category_strings(frame[col.name]).map(lookup)
+            x_cat[:, j] = codes.fillna(0).to_numpy(dtype=np.int64)
+        return x_num, x_cat
+
+    def encode_target(self, target: pd.Series) -> np.ndarray:
+        """Labels -> class indices (int64), or values -> standardized float32."""
+        _check_target(target)
+        if self.task == "classification":
+            codes = target.map(self._class_index)
+            unknown = codes.isna()
+            if unknown.any():
+                where = unknown.to_numpy().argmax()
+                raise DanluError(
+                    f"label {target.iloc[where]!r} at {_row(target.index[where])} was not seen in training",
+                    f"known labels: {self.classes}",
+                )
+            return codes.to_numpy(dtype=np.int64, copy=True)
+        values = target.to_numpy(dtype=np.float64)
+        return ((values - self.target_mean) / self.target_std).astype(np.float32)
+
+    def decode(self, outputs: np.ndarray) -> np.ndarray:
+        """Model outputs -> class probabilities [n, k] or values in original units [n]."""
+        if self.task == "classification":
+            shifted = outputs - outputs.max(axis=1, keepdims=True)
+            exp = np.exp(shifted)
+            return exp / exp.sum(axis=1, keepdims=True)
+        return outputs.reshape(-1) * self.target_std + self.target_mean
+
+    def decode_target(self, encoded: np.ndarray) -> np.ndarray:
+        if self.task == "classification":
+            return encoded
+        return encoded.astype(np.float64) * self.target_std + self.target_mean
+
+    def labels(self, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(self.classes, dtype=object)[indices]
+
+    def to_json(self) -> str:
+        data = {
+            "format": FORMAT_VERSION,
+            "task": self.task,
+            "target": self.target,
+            "numeric": [asdict(c) for c in self.numeric],
+            "categorical": [asdict(c) for c in self.categorical],
+            "classes": self.classes,
+            "target_mean": self.target_mean,
+            "target_std": self.target_std,
+        }
+        return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Preprocessor:
+        data = json.loads(text)
+        if data.get("format") != FORMAT_VERSION:
+            raise DanluError(
+                f"preprocess.json has format {data.get('format')}, this danlu reads {FORMAT_VERSION}",
+                "use the danlu version that wrote the run",
+            )
+        return cls(
+            task=data["task"],
+            target=data["target"],
+            numeric=[NumericColumn(**c) for c in data["numeric"]],
+            categorical=[CategoricalColumn(**c) for c in data["categorical"]],
+            classes=data["classes"],
+            target_mean=data["target_mean"],
+            target_std=data["target_std"],
+        )
+
+
+def _check_target(target: pd.Series) -> None:
+    missing = target.isna()
+    if pd.api.types.is_numeric_dtype(target) and not pd.api.types.is_bool_dtype(target):
+        missing = missing | np.isinf(target.to_numpy(dtype=np.float64, na_value=np.nan))
+    if missing.any():
+        where = missing.to_numpy().argmax()
+        raise DanluError(
+            f"target column '{target.name}' has {target.iloc[where]!r} at {_row(target.index[where])}",
+            "drop rows with a missing or infinite target, or fill them in",
+        )
+
+
+class PreprocessorFitter:
+    """Accumulates training statistics chunk by chunk, so data larger than memory fits in one pass."""
+
+    def __init__(self, schema: Schema):
+        self.schema = schema
+        n = len(schema.numeric)
+        self.count = np.zeros(n)
+        self.total = np.zeros(n)
+        self.total_sq = np.zeros(n)
+        self.missing = np.zeros(n)
+        self.seen: list[set[str]] = [set() for _ in schema.categorical]
+        self.labels: set = set()
+        self.target_stats = np.zeros(3)  # count, sum, sum of squares
+        self.rows = 0
+
+    def update(self, frame: pd.DataFrame) -> None:
+        self.rows += len(frame)
+        for j, name in enumerate(self.schema.numeric):
+            values = numeric_values(frame, name)
+            present = values[~np.isnan(values)]
+            self.count[j] += len(present)
+            self.total[j] += present.sum()
+            self.total_sq[j] += np.square(present).sum()
+            self.missing[j] += len(values) - len(present)
+        for j, name in enumerate(self.schema.categorical):
+            self.seen[j].update(category_strings(frame[name]).dropna().unique())
+        target = frame[self.schema.target]
+        _check_target(target)
+        if self.schema.task == "classification":
+            self.labels.update(_json_value(v) for v in target.unique())
+        else:
+            values = target.to_numpy(dtype=np.float64)
+            self.target_stats += (len(values), values.sum(), np.square(values).sum())
+
+    def finish(self) -> Preprocessor:
+        if self.rows == 0:
+            raise DanluError("the training data has no rows", "check the file and the split fractions")
+        mean = np.divide(self.total, self.count, out=np.zeros_like(self.total), where=self.count > 0)
+        var = np.divide(self.total_sq, self.count, out=np.zeros_like(self.total), where=self.count > 0)
+        std = np.sqrt(np.maximum(var - mean**2, 0.0))
+        numeric = [
+            NumericColumn(
+                name, float(mean[j]), float(std[j]) if std[j] > 1e-12 else 1.0, bool(self.missing[j])
+            )
+            for j, name in enumerate(self.schema.numeric)
+        ]
+        categorical = [
+            CategoricalColumn(name, sorted(self.seen[j])) for j, name in enumerate(self.schema.categorical)
+        ]
+        if self.schema.task == "classification":
+            if len(self.labels) < 2:
+                raise DanluError(
+                    f"target '{self.schema.target}' has a single class {sorted(self.labels, key=str)} "
+                    "in the training data",
+                    "classification needs at least two classes; check the target column or use data.task",
+                )
+            return Preprocessor(
+                "classification", self.schema.target, numeric, categorical, classes=_sort_labels(self.labels)
+            )
+        n, total, total_sq = self.target_stats
+        target_mean = total / n
+        target_std = float(np.sqrt(max(total_sq / n - target_mean**2, 0.0))) or 1.0
+        return Preprocessor(
+            "regression",
+            self.schema.target,
+            numeric,
+            categorical,
+            target_mean=float(target_mean),
+            target_std=target_std,
+        )

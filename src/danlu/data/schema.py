@@ -1,0 +1,86 @@
+"""Which columns are features, which are categorical, and what the task is."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from danlu.config import DataConfig
+from danlu.errors import DanluError
+
+MAX_CLASSES_FOR_INTEGER_TARGET = 20
+# A text column counts as numeric (and its stray values as errors) when this share of values parse.
+NUMERIC_SHARE = 0.9
+
+
+@dataclass(frozen=True)
+class Schema:
+    task: str  # "classification" | "regression"
+    target: str
+    numeric: list[str]
+    categorical: list[str]
+
+
+def _missing_columns_error(missing: list[str], available: list[str], what: str) -> DanluError:
+    hints = [difflib.get_close_matches(name, available, n=1) for name in missing]
+    close = [f"'{m[0]}'" for m in hints if m]
+    suggestion = f"did you mean {', '.join(close)}? " if close else ""
+    shown = ", ".join(available[:20]) + (" ..." if len(available) > 20 else "")
+    return DanluError(
+        f"{what} {', '.join(repr(m) for m in missing)} not in the data",
+        f"{suggestion}available columns: {shown}",
+    )
+
+
+def is_mostly_numeric_text(column: pd.Series) -> bool:
+    values = column.dropna()
+    if len(values) == 0:
+        return False
+    parsed = pd.to_numeric(values.astype(str).str.strip(), errors="coerce")
+    return parsed.notna().mean() >= NUMERIC_SHARE
+
+
+def infer_task(target: pd.Series) -> str:
+    values = target.dropna()
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return "classification"
+    as_float = values.to_numpy(dtype=np.float64)
+    finite = as_float[np.isfinite(as_float)]
+    if np.any(finite != np.round(finite)):
+        return "regression"
+    return "classification" if values.nunique() <= MAX_CLASSES_FOR_INTEGER_TARGET else "regression"
+
+
+def infer_schema(sample: pd.DataFrame, config: DataConfig) -> Schema:
+    """Infer features and task from a sample of the training data (the whole frame, or its first chunk)."""
+    columns = [str(c) for c in sample.columns]
+    target = config.target
+    if target not in columns:
+        raise _missing_columns_error([target], columns, "target column")
+    features = config.features if config.features is not None else [c for c in columns if c != target]
+    missing = [c for c in features if c not in columns]
+    if missing:
+        raise _missing_columns_error(missing, columns, "feature column" + ("s" if len(missing) > 1 else ""))
+    missing = [c for c in config.categorical if c not in features]
+    if missing:
+        raise _missing_columns_error(
+            missing, features, "categorical column" + ("s" if len(missing) > 1 else "")
+        )
+    if target in features:
+        raise DanluError(f"'{target}' is both the target and a feature", "remove it from data.features")
+    if not features:
+        raise DanluError("no feature columns", "the data needs at least one column besides the target")
+    numeric, categorical = [], []
+    for name in features:
+        column = sample[name]
+        declared = name in config.categorical
+        is_number = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+        if not declared and (is_number or is_mostly_numeric_text(column)):
+            numeric.append(name)
+        else:
+            categorical.append(name)
+    task = config.task if config.task != "auto" else infer_task(sample[target])
+    return Schema(task=task, target=target, numeric=numeric, categorical=categorical)

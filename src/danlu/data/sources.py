@@ -1,0 +1,240 @@
+"""Data sources: CSV, Parquet, NPZ, NPY and synthetic generators, read whole or in row chunks.
+
+Every source is a `Table`: column names, an in-memory size estimate, and `read_chunk(i)` for a fixed
+split into chunks (so a shuffled chunk order can be replayed exactly on resume). NPY files are opened
+with memory mapping; each chunk maps the file only while it is copied out, so reading a file far
+larger than RAM keeps the resident set small.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from danlu.config import SYNTHETIC_PREFIX, SyntheticConfig
+from danlu.errors import DanluError
+
+SUFFIXES = (".csv", ".parquet", ".pq", ".npz", ".npy")
+
+
+class FrameTable:
+    """A table already in memory (CSV, NPZ, synthetic data)."""
+
+    def __init__(self, frame: pd.DataFrame, name: str, chunk_rows: int = 262_144):
+        self.frame = frame
+        self.name = name
+        self.chunk_rows = chunk_rows
+
+    @property
+    def columns(self) -> list[str]:
+        return [str(c) for c in self.frame.columns]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.frame)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.frame.memory_usage(deep=False).sum())
+
+    @property
+    def n_chunks(self) -> int:
+        return max(1, math.ceil(self.n_rows / self.chunk_rows))
+
+    def read_chunk(self, index: int) -> pd.DataFrame:
+        return self.frame.iloc[index * self.chunk_rows : (index + 1) * self.chunk_rows]
+
+    def read_all(self) -> pd.DataFrame:
+        return self.frame
+
+
+class NpyTable:
+    """A 2-D numeric .npy file; columns are named x0..x{n-1}."""
+
+    def __init__(self, path: Path, chunk_rows: int = 262_144):
+        self.path = path
+        self.name = str(path)
+        self.chunk_rows = chunk_rows
+        array = self._map()
+        if array.ndim != 2 or array.dtype.kind not in "fiub":
+            raise DanluError(
+                f"'{path}' holds a {array.ndim}-D {array.dtype} array; danlu reads 2-D numeric NPY files",
+                "save features and target as columns of one 2-D array, or use NPZ/Parquet/CSV",
+            )
+        self.n_rows, n_cols = array.shape
+        self.dtype = array.dtype
+        self.columns = [f"x{j}" for j in range(n_cols)]
+        del array
+
+    def _map(self) -> np.ndarray:
+        try:
+            return np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise DanluError(f"cannot read '{self.path}' as NPY: {exc}", "check the file") from None
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_rows * len(self.columns) * self.dtype.itemsize
+
+    @property
+    def n_chunks(self) -> int:
+        return max(1, math.ceil(self.n_rows / self.chunk_rows))
+
+    def read_chunk(self, index: int) -> pd.DataFrame:
+        start = index * self.chunk_rows
+        array = self._map()  # a fresh mapping per chunk: dropping it releases the pages from our RSS
+        block = np.array(array[start : start + self.chunk_rows])
+        del array
+        return pd.DataFrame(block, columns=self.columns, index=pd.RangeIndex(start, start + len(block)))
+
+    def read_all(self) -> pd.DataFrame:
+        return pd.DataFrame(np.array(self._map()), columns=self.columns)
+
+
+class ParquetTable:
+    """A Parquet file; chunks are its row groups."""
+
+    def __init__(self, path: Path):
+        import pyarrow.parquet as pq
+
+        self.path = path
+        self.name = str(path)
+        try:
+            self.file = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise DanluError(f"cannot read '{path}' as Parquet: {exc}", "check the file") from None
+        meta = self.file.metadata
+        self.n_rows = meta.num_rows
+        self.columns = [str(c) for c in self.file.schema_arrow.names]
+        self._starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+
+    @property
+    def nbytes(self) -> int:
+        meta = self.file.metadata
+        return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+
+    @property
+    def n_chunks(self) -> int:
+        return max(1, self.file.metadata.num_row_groups)
+
+    def read_chunk(self, index: int) -> pd.DataFrame:
+        if self.file.metadata.num_row_groups == 0:
+            return pd.DataFrame(columns=self.columns)
+        frame = self.file.read_row_group(index).to_pandas()
+        start = int(self._starts[index])
+        frame.index = pd.RangeIndex(start, start + len(frame))
+        return frame
+
+    def read_all(self) -> pd.DataFrame:
+        return self.file.read().to_pandas()
+
+
+Table = FrameTable | NpyTable | ParquetTable
+
+
+def synthetic_frame(kind: str, params: SyntheticConfig) -> pd.DataFrame:
+    """Generate the sklearn make_classification / make_regression workload as a frame."""
+    from sklearn.datasets import make_classification, make_regression
+
+    if kind == "classification":
+        x, y = make_classification(
+            n_samples=params.n_samples,
+            n_features=params.n_features,
+            n_informative=params.n_informative,
+            n_redundant=params.n_redundant,
+            n_classes=params.n_classes,
+            n_clusters_per_class=params.n_clusters_per_class,
+            flip_y=params.flip_y,
+            class_sep=params.class_sep,
+            random_state=params.random_state,
+        )
+        target = "label"
+    else:
+        x, y = make_regression(
+            n_samples=params.n_samples,
+            n_features=params.n_features,
+            n_informative=min(params.n_informative, params.n_features),
+            noise=params.noise,
+            random_state=params.random_state,
+        )
+        target = "target"
+    frame = pd.DataFrame(x.astype(np.float32), columns=[f"x{j}" for j in range(x.shape[1])])
+    frame[target] = y
+    return frame
+
+
+def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise DanluError(f"'{path}' is empty", "pass a CSV with a header row and data rows") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DanluError(f"cannot parse '{path}' as CSV: {exc}".splitlines()[0], "check the file") from None
+
+
+def _read_npz(path: Path) -> pd.DataFrame:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DanluError(f"cannot read '{path}' as NPZ: {exc}", "check the file") from None
+    columns: dict[str, np.ndarray] = {}
+    with archive:
+        for key in archive.files:
+            array = archive[key]
+            if array.ndim == 1:
+                columns[key] = array
+            elif array.ndim == 2:
+                # A 2-D member X becomes columns x0..x{n-1}, matching NPY and synthetic data.
+                columns.update({f"{key.lower()}{j}": array[:, j] for j in range(array.shape[1])})
+            else:
+                raise DanluError(f"'{path}' member '{key}' is {array.ndim}-D", "store 1-D or 2-D arrays")
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) > 1:
+        raise DanluError(f"'{path}' members have different lengths {sorted(lengths)}", "align them")
+    return pd.DataFrame(columns)
+
+
+def check_path(spec: str) -> Path:
+    path = Path(spec)
+    if not path.exists():
+        raise DanluError(
+            f"data file '{spec}' not found", "check the path in the config or on the command line"
+        )
+    if path.suffix.lower() not in SUFFIXES:
+        raise DanluError(
+            f"'{spec}' has an unsupported type '{path.suffix}'", f"use one of {', '.join(SUFFIXES)}"
+        )
+    return path
+
+
+def open_table(spec: str, synthetic: SyntheticConfig | None = None, chunk_rows: int = 262_144) -> Table:
+    """Open a data source by its config string (a path or synthetic:KIND)."""
+    if spec.startswith(SYNTHETIC_PREFIX):
+        kind = spec[len(SYNTHETIC_PREFIX) :]
+        return FrameTable(synthetic_frame(kind, synthetic or SyntheticConfig()), spec, chunk_rows)
+    path = check_path(spec)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return NpyTable(path, chunk_rows)
+    if suffix in (".parquet", ".pq"):
+        return ParquetTable(path)
+    frame = _read_csv(path) if suffix == ".csv" else _read_npz(path)
+    return FrameTable(frame, str(path), chunk_rows)
+
+
+def stream_frames(spec: str, chunk_rows: int = 100_000) -> Iterator[pd.DataFrame]:
+    """Yield a file's rows in order, a chunk at a time (CSV is parsed incrementally)."""
+    path = check_path(spec)
+    if path.suffix.lower() == ".csv":
+        if os.path.getsize(path) == 0:
+            raise DanluError(f"'{path}' is empty", "pass a CSV with a header row and data rows")
+        yield from _read_csv(path, chunksize=chunk_rows)
+        return
+    table = open_table(spec, chunk_rows=chunk_rows)
+    for index in range(table.n_chunks):
+        yield table.read_chunk(index)

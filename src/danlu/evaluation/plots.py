@@ -1,0 +1,73 @@
+"""PNG plots of a run, drawn with matplotlib's Agg backend (no display needed)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from danlu.run import atomic_write
+
+
+def _save(figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def learning_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss per epoch (train and validation) and, where logged, the validation metrics."""
+    metric_keys = [k for k in ("val_accuracy", "val_f1_macro", "val_r2") if any(k in h for h in history)]
+    figure, axes = plt.subplots(1, 2 if metric_keys else 1, figsize=(11 if metric_keys else 6, 4))
+    axes = np.atleast_1d(axes)
+    for key in ("train_loss", "val_loss"):
+        points = [(h["epoch"], h[key]) for h in history if key in h]
+        if points:
+            axes[0].plot(*zip(*points, strict=True), label=key, marker="." if key == "val_loss" else None)
+    axes[0].set(xlabel="epoch", ylabel="loss", title="Loss")
+    axes[0].legend()
+    for key in metric_keys:
+        points = [(h["epoch"], h[key]) for h in history if key in h]
+        axes[1].plot(*zip(*points, strict=True), label=key, marker=".")
+    if metric_keys:
+        axes[1].set(xlabel="epoch", title="Validation metrics")
+        axes[1].legend()
+    _save(figure, path)
+
+
+def confusion_matrix(matrix: list[list[int]], classes: list[Any], path: Path) -> None:
+    values = np.asarray(matrix)
+    size = max(4, 0.6 * len(classes) + 2)
+    figure, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(values, cmap="Blues")
+    ticks = np.arange(len(classes))
+    ax.set(
+        xticks=ticks,
+        yticks=ticks,
+        xticklabels=[str(c) for c in classes],
+        yticklabels=[str(c) for c in classes],
+        xlabel="predicted",
+        ylabel="true",
+        title="Confusion matrix",
+    )
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            color = "white" if values[i, j] > values.max() / 2 else "black"
+            ax.text(j, i, str(values[i, j]), ha="center", va="center", color=color)
+    _save(figure, path)
+
+
+def predicted_vs_actual(actual: np.ndarray, predicted: np.ndarray, path: Path) -> None:
+    figure, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(actual, predicted, s=6, alpha=0.5)
+    low, high = float(min(actual.min(), predicted.min())), float(max(actual.max(), predicted.max()))
+    ax.plot([low, high], [low, high], color="gray", linestyle="--")
+    ax.set(xlabel="actual", ylabel="predicted", title="Predicted vs actual")
+    _save(figure, path)

@@ -1,0 +1,62 @@
+"""Running a model: device choice, the forward convention, and batched outputs (shared by training,
+evaluation and prediction)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from danlu.errors import DanluError
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda, then mps, then cpu; an explicit accelerator that is missing is an error."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DanluError(
+            "train.device=cuda but torch sees no CUDA GPU",
+            "use train.device=cpu, or install a CUDA build of torch (see README)",
+        )
+    if name == "mps" and not has_mps:
+        raise DanluError("train.device=mps but MPS is not available", "use train.device=cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on accelerators; fp32 (a no-op context) otherwise."""
+    if precision == "fp32" or device.type == "cpu":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def forward(model: nn.Module, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
+    # Models see categorical indices only when the data has categorical columns.
+    return model(x_num, x_cat) if x_cat.shape[1] else model(x_num)
+
+
+@torch.no_grad()
+def collect_outputs(
+    model: nn.Module, batches: Iterable, device: torch.device, precision: str = "fp32"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw model outputs and encoded targets for every batch, in order, as float32/int arrays."""
+    was_training = model.training
+    model.eval()
+    outputs, targets = [], []
+    try:
+        for x_num, x_cat, y in batches:
+            with autocast(device, precision):
+                out = forward(model, x_num.to(device), x_cat.to(device))
+            outputs.append(out.float().cpu())
+            targets.append(y.cpu())
+    finally:
+        model.train(was_training)
+    if not outputs:
+        return np.empty((0, 0), dtype=np.float32), np.empty(0)
+    return torch.cat(outputs).numpy(), torch.cat(targets).numpy()

@@ -1,0 +1,150 @@
+"""The run directory: the one contract between training and every later stage.
+
+```
+runs/NAME/
+  config.yaml        resolved config
+  preprocess.json    fitted preprocessing (JSON, never pickle)
+  model.safetensors  inference weights
+  checkpoints/       last.pt, best.pt (full training state)
+  metrics.jsonl      one JSON line per epoch
+  report.json        written last: a run is complete only when it exists
+  plots/             PNGs
+  export/            written by `danlu export`
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from danlu.errors import DanluError
+
+CONFIG = "config.yaml"
+PREPROCESS = "preprocess.json"
+WEIGHTS = "model.safetensors"
+CHECKPOINTS = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+METRICS = "metrics.jsonl"
+REPORT = "report.json"
+PLOTS = "plots"
+EXPORT = "export"
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file so that readers see the old content or the whole new content, never a part.
+
+    `write` receives a binary file object for a temporary file beside `path`; it is fsynced and
+    renamed over `path` only after `write` returns.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename itself must reach the disk, or a power loss can bring back the old name.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+class RunDir:
+    """Paths and completeness of one run directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    config = property(lambda self: self.path / CONFIG)
+    preprocess = property(lambda self: self.path / PREPROCESS)
+    weights = property(lambda self: self.path / WEIGHTS)
+    checkpoints = property(lambda self: self.path / CHECKPOINTS)
+    last_checkpoint = property(lambda self: self.path / CHECKPOINTS / LAST_CHECKPOINT)
+    best_checkpoint = property(lambda self: self.path / CHECKPOINTS / BEST_CHECKPOINT)
+    metrics = property(lambda self: self.path / METRICS)
+    report = property(lambda self: self.path / REPORT)
+    plots = property(lambda self: self.path / PLOTS)
+    export = property(lambda self: self.path / EXPORT)
+
+    def is_complete(self) -> bool:
+        return self.report.is_file()
+
+    def require_complete(self) -> None:
+        """Raise unless this is a finished run (report.json exists)."""
+        if not self.path.is_dir():
+            raise DanluError(
+                f"run directory '{self.path}' does not exist",
+                "pass the directory that `danlu train` wrote, e.g. runs/quickstart",
+            )
+        if not self.is_complete():
+            raise DanluError(
+                f"run directory '{self.path}' is not a finished run (no {REPORT})",
+                f"finish it with `danlu train --resume {self.path}` or train again",
+            )
+
+    def prepare_new(self, overwrite: bool) -> None:
+        """Make an empty directory for a new run, refusing to clobber an existing one unasked."""
+        if self.path.exists() and any(self.path.iterdir()):
+            if not overwrite:
+                raise DanluError(
+                    f"run directory '{self.path}' already exists",
+                    f"continue it with `danlu train --resume {self.path}`, "
+                    "choose another with --out, or pass --overwrite",
+                )
+            # Remove the report first so an interrupted clean-up never leaves a run that looks complete.
+            self.report.unlink(missing_ok=True)
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def read_report(self) -> dict[str, Any]:
+        self.require_complete()
+        return json.loads(self.report.read_text())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]

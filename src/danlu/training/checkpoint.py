@@ -1,0 +1,79 @@
+"""Training checkpoints: full state for --resume, written atomically, loaded with weights_only=True."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from danlu import __version__
+from danlu.config import SCHEMA_VERSION
+from danlu.errors import DanluError
+from danlu.run import atomic_write
+
+MODEL_KEY = "model"
+OPTIMIZER_KEY = "optimizer"
+SCALER_KEY = "grad_scaler"
+TRAINER_STATE_KEY = "trainer_state"  # epoch, step, best metric, early-stopping count, seconds
+RNG_KEY = "rng"
+CONFIG_KEY = "config"
+VERSION_KEY = "danlu_version"
+SCHEMA_VERSION_KEY = "schema_version"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP/compile wrappers, so saved keys carry no `module.` prefix."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    trainer_state: dict[str, Any],
+    config: dict[str, Any],
+) -> None:
+    checkpoint = {
+        MODEL_KEY: unwrap(model).state_dict(),
+        OPTIMIZER_KEY: optimizer.state_dict(),
+        TRAINER_STATE_KEY: trainer_state,
+        RNG_KEY: rng_state(),
+        CONFIG_KEY: config,
+        VERSION_KEY: __version__,
+        SCHEMA_VERSION_KEY: SCHEMA_VERSION,
+    }
+    if scaler is not None and scaler.is_enabled():
+        checkpoint[SCALER_KEY] = scaler.state_dict()
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint without unpickling arbitrary objects."""
+    if not path.is_file():
+        raise DanluError(
+            f"no checkpoint at '{path}'", "the run stopped before its first checkpoint; train again"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file raises many types
+        raise DanluError(
+            f"cannot load checkpoint '{path}': {exc}".splitlines()[0], "the file is damaged; train again"
+        ) from None

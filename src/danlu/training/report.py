@@ -1,0 +1,82 @@
+"""The end of a run: best weights -> model.safetensors, test metrics, plots, and report.json (last)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from danlu import __version__
+from danlu.config import SCHEMA_VERSION, Config
+from danlu.evaluation import plots
+from danlu.evaluation.metrics import summary, task_metrics
+from danlu.models.weights import save_weights
+from danlu.run import RunDir, atomic_write_json
+from danlu.training import checkpoint as ckpt
+from danlu.training.trainer import Setup, evaluate_part
+
+log = logging.getLogger("danlu")
+
+
+def write_plots(run: RunDir, task: str, metrics: dict[str, Any], classes, y, decoded) -> None:
+    history = run.read_metrics()
+    if history:
+        plots.learning_curves(history, run.plots / "learning_curves.png")
+    if task == "classification":
+        plots.confusion_matrix(metrics["confusion_matrix"], classes, run.plots / "confusion_matrix.png")
+    else:
+        plots.predicted_vs_actual(y, decoded, run.plots / "predicted_vs_actual.png")
+
+
+def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
+    """Write the inference artifacts and the report; the run is complete when this returns."""
+    tc = config.train
+    if tc.restore_best and run.best_checkpoint.is_file():
+        s.model.load_state_dict(ckpt.load_checkpoint(run.best_checkpoint)[ckpt.MODEL_KEY])
+    save_weights(s.model, run.weights)
+
+    pre = s.data.preprocessor
+    held_out, split_name = (
+        (s.data.test, "test") if s.data.test is not None else (s.data.validation, "validation")
+    )
+    report: dict[str, Any] = {"task": pre.task, "test": None}
+    if held_out is None:
+        log.warning("no test or validation rows: report.json has no held-out metrics")
+    else:
+        _, y, decoded = evaluate_part(s.model, held_out, pre, s.device, tc.precision)
+        metrics = task_metrics(pre.task, y, decoded, pre.classes)
+        headline = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
+        report["test"] = headline
+        report["test_split"] = split_name
+        if pre.task == "classification":
+            report["test_details"] = {k: metrics[k] for k in ("per_class", "confusion_matrix")}
+        write_plots(run, pre.task, metrics, pre.classes, y, decoded)
+        log.debug(
+            "%s metrics: %s",
+            split_name,
+            {k: round(v, 4) for k, v in summary(pre.task, headline).items() if v is not None},
+        )
+    report.update(
+        {
+            "train_seconds": round(s.state.train_seconds, 3),
+            "epochs_run": s.state.epoch,
+            "best_epoch": s.state.best_epoch,
+            "stopped_early": s.state.stopped_early,
+            "monitor": tc.monitor,
+            "rows": {
+                name: (part.n_rows if part is not None else 0)
+                for name, part in (
+                    ("train", s.data.train),
+                    ("validation", s.data.validation),
+                    ("test", s.data.test),
+                )
+            },
+            "batch_size": s.batch_size,
+            "device": str(s.device),
+            "in_memory": s.data.in_memory,
+            "classes": pre.classes,
+            "danlu_version": __version__,
+            "schema_version": SCHEMA_VERSION,
+        }
+    )
+    atomic_write_json(run.report, report)  # last: the run is complete from here on
+    return report

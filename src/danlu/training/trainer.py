@@ -1,0 +1,252 @@
+"""The training loop. Set-up first (`_setup`), then a loop that reads top to bottom:
+set lr -> step -> validate -> track best / checkpoint -> log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from danlu.config import Config, TrainConfig, dump_config
+from danlu.data.batches import Part, shuffle_generator
+from danlu.data.dataset import Dataset, load_dataset
+from danlu.data.preprocess import Preprocessor
+from danlu.evaluation.metrics import epoch_metrics
+from danlu.inference import autocast, collect_outputs, forward, resolve_device
+from danlu.models import ModelInputs, build_model
+from danlu.run import RunDir, atomic_write_text
+from danlu.training import checkpoint as ckpt
+
+log = logging.getLogger("danlu")
+EVAL_BATCH = 65_536
+
+
+@dataclass
+class TrainerState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken (drives the lr schedule)
+    best_value: float | None = None
+    best_epoch: int | None = None
+    bad_evals: int = 0  # evaluations since the monitored metric last improved
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    data: Dataset
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batch_size: int
+    total_steps: int
+    state: TrainerState
+
+
+def auto_batch_size(n_rows: int) -> int:
+    """About 64 steps per epoch, as a power of two between 32 and 1024."""
+    return int(min(1024, max(32, 2 ** round(math.log2(max(n_rows, 1) / 64)))))
+
+
+def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Learning rate for a step: constant, cosine decay, or one-cycle (30% warm-up, cosine down)."""
+    progress = min(step / max(total_steps, 1), 1.0)
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if config.schedule == "onecycle":
+        if progress < 0.3:
+            return config.lr * (0.04 + 0.96 * progress / 0.3)
+        return config.lr * (1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (progress - 0.3) / 0.7)))
+    return config.lr
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # The fused kernels update every parameter in one call: on small models the optimizer step is
+    # otherwise a large share of the step time.
+    params = list(model.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=fused
+        )
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
+def loss_fn(task: str):
+    return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+
+
+def _setup(config: Config, run: RunDir, preprocessor: Preprocessor | None) -> Setup:
+    tc = config.train
+    torch.manual_seed(tc.seed)
+    device = resolve_device(tc.device)
+    if tc.precision != "fp32" and device.type == "cpu":
+        log.warning("train.precision=%s applies to accelerators; training in fp32 on the CPU", tc.precision)
+    data = load_dataset(config.data, device, preprocessor)
+    if preprocessor is None:
+        atomic_write_text(run.preprocess, data.preprocessor.to_json())
+    pre = data.preprocessor
+    torch.manual_seed(tc.seed)  # initialisation must not depend on how much randomness loading used
+    model = build_model(config.model, ModelInputs(pre.n_numeric_inputs, pre.cardinalities, pre.n_outputs))
+    model.to(device)
+    batch_size = tc.batch_size if tc.batch_size != "auto" else auto_batch_size(data.train.n_rows)
+    total_steps = tc.epochs * max(1, math.ceil(data.train.n_rows / batch_size))
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16" and device.type == "cuda")
+    return Setup(
+        device, data, model, build_optimizer(model, tc), scaler, batch_size, total_steps, TrainerState()
+    )
+
+
+def optimizer_step(s: Setup, loss: torch.Tensor, grad_clip: float | None) -> None:
+    if not s.scaler.is_enabled():  # fp32/bf16: skip the scaler's bookkeeping on the hot path
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(s.model.parameters(), grad_clip)
+        s.optimizer.step()
+        return
+    s.scaler.scale(loss).backward()
+    if grad_clip is not None:
+        s.scaler.unscale_(s.optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(s.model.parameters(), grad_clip)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+
+
+def train_epoch(s: Setup, tc: TrainConfig, task: str, epoch: int) -> float:
+    """One pass over the training data; returns the mean loss per row."""
+    s.model.train()
+    criterion = loss_fn(task)
+    total = torch.zeros((), device=s.device)
+    rows = 0
+    for x_num, x_cat, y in s.data.train.batches(s.batch_size, shuffle_generator(tc.seed, epoch)):
+        lr = lr_at(s.state.step, s.total_steps, tc)
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(s.device, tc.precision):
+            out = forward(s.model, x_num, x_cat)
+            loss = criterion(out.squeeze(-1) if task == "regression" else out, y)
+        s.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(s, loss, tc.grad_clip)
+        s.state.step += 1
+        total += loss.detach() * len(y)  # stays on the device: no sync point per step
+        rows += len(y)
+    return float(total) / max(rows, 1)
+
+
+def evaluate_part(
+    model: nn.Module, part: Part, pre: Preprocessor, device: torch.device, precision: str
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Loss (in training units), true targets (original units) and decoded predictions for one split."""
+    outputs, targets = collect_outputs(model, part.batches(EVAL_BATCH), device, precision)
+    out_t, y_t = torch.from_numpy(outputs), torch.from_numpy(targets)
+    loss = loss_fn(pre.task)(out_t.squeeze(-1) if pre.task == "regression" else out_t, y_t)
+    return float(loss), pre.decode_target(targets), pre.decode(outputs)
+
+
+def validate(s: Setup, tc: TrainConfig) -> dict[str, float]:
+    pre = s.data.preprocessor
+    loss, y, decoded = evaluate_part(s.model, s.data.validation, pre, s.device, tc.precision)
+    return {"val_loss": loss, **{f"val_{k}": v for k, v in epoch_metrics(pre.task, y, decoded).items()}}
+
+
+def improved(value: float, best: float | None, monitor: str) -> bool:
+    if best is None:
+        return True
+    higher_is_better = monitor in ("val_accuracy", "val_f1_macro", "val_r2")
+    return value > best if higher_is_better else value < best
+
+
+def _postfix(record: dict[str, Any]) -> dict[str, str]:
+    keys = ("train_loss", "val_loss", "val_accuracy", "val_r2")
+    return {k.removeprefix("val_"): f"{record[k]:.4f}" for k in keys if k in record}
+
+
+def _checkpoint(s: Setup, path, config: Config) -> None:
+    ckpt.save_checkpoint(
+        path, s.model, s.optimizer, s.scaler, asdict(s.state), config.model_dump(mode="json")
+    )
+
+
+def fit(config: Config, run: RunDir, s: Setup, progress: bool = True) -> None:
+    """Run epochs from s.state.epoch + 1 until the last epoch or early stopping."""
+    tc = config.train
+    monitor_on = s.data.validation is not None or tc.monitor == "train_loss"
+    bar = tqdm(
+        total=tc.epochs,
+        initial=s.state.epoch,
+        unit="epoch",
+        desc="train",
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    )
+    with bar, open(run.metrics, "a") as metrics_file:
+        for epoch in range(s.state.epoch + 1, tc.epochs + 1):
+            if s.state.stopped_early:
+                break
+            start = time.perf_counter()
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "train_loss": train_epoch(s, tc, s.data.preprocessor.task, epoch),
+            }
+            record["lr"] = lr_at(s.state.step, s.total_steps, tc)
+            evaluated = s.data.validation is not None and (epoch % tc.eval_every == 0 or epoch == tc.epochs)
+            if evaluated:
+                record.update(validate(s, tc))
+            s.state.train_seconds += time.perf_counter() - start
+            s.state.epoch = epoch
+            record["seconds"] = round(s.state.train_seconds, 3)
+
+            if monitor_on and tc.monitor in record:
+                if improved(record[tc.monitor], s.state.best_value, tc.monitor):
+                    s.state.best_value, s.state.best_epoch, s.state.bad_evals = record[tc.monitor], epoch, 0
+                    _checkpoint(s, run.best_checkpoint, config)
+                else:
+                    s.state.bad_evals += 1
+                    s.state.stopped_early = 0 < tc.patience <= s.state.bad_evals
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or s.state.stopped_early:
+                _checkpoint(s, run.last_checkpoint, config)
+            bar.set_postfix(_postfix(record), refresh=False)
+            bar.update(1)
+            if evaluated:
+                log.debug("epoch %d %s", epoch, _postfix(record))
+    if s.state.stopped_early:
+        log.info(
+            "early stopping at epoch %d: %s last improved at epoch %s",
+            s.state.epoch,
+            tc.monitor,
+            s.state.best_epoch,
+        )
+
+
+def new_setup(config: Config, run: RunDir) -> Setup:
+    atomic_write_text(run.config, dump_config(config))
+    return _setup(config, run, preprocessor=None)
+
+
+def resumed_setup(config: Config, run: RunDir) -> Setup:
+    """Rebuild the set-up of a stopped run and restore model, optimizer, RNG and loop state."""
+    s = _setup(config, run, Preprocessor.from_json(run.preprocess.read_text()))
+    state = ckpt.load_checkpoint(run.last_checkpoint)
+    s.model.load_state_dict(state[ckpt.MODEL_KEY])
+    s.optimizer.load_state_dict(state[ckpt.OPTIMIZER_KEY])
+    if ckpt.SCALER_KEY in state:
+        s.scaler.load_state_dict(state[ckpt.SCALER_KEY])
+    ckpt.set_rng_state(state[ckpt.RNG_KEY])
+    s.state = TrainerState(**state[ckpt.TRAINER_STATE_KEY])
+    # Epochs after the checkpoint will run again: drop their lines so metrics.jsonl has each epoch once.
+    kept = [r for r in run.read_metrics() if r["epoch"] <= s.state.epoch]
+    atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+    log.info("resuming %s after epoch %d", run.path, s.state.epoch)
+    return s
