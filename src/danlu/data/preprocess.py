@@ -45,7 +45,7 @@ def numeric_values(frame: pd.DataFrame, name: str) -> np.ndarray:
     """A column as float64, NaN where missing; stray text or inf is an error naming column, row and value."""
     column = frame[name]
     if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
-        values = column.to_numpy(dtype=np.float64, na_value=np.nan)
+        values = column.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
     else:
         parsed = pd.to_numeric(column.astype("string").str.strip(), errors="coerce")
         bad = parsed.isna() & column.notna()
@@ -146,7 +146,8 @@ class Preprocessor:
             if unknown.any():
                 where = unknown.to_numpy().argmax()
                 raise DanluError(
-                    f"label {target.iloc[where]!r} at {_row(target.index[where])} was not seen in training",
+                    f"label {_json_value(target.iloc[where])!r} at {_row(target.index[where])} "
+                    "was not seen in training",
                     f"known labels: {self.classes}",
                 )
             return codes.to_numpy(dtype=np.int64, copy=True)
@@ -208,7 +209,8 @@ def _check_target(target: pd.Series) -> None:
     if missing.any():
         where = missing.to_numpy().argmax()
         raise DanluError(
-            f"target column '{target.name}' has {target.iloc[where]!r} at {_row(target.index[where])}",
+            f"target column '{target.name}' has {_json_value(target.iloc[where])!r} "
+            f"at {_row(target.index[where])}",
             "drop rows with a missing or infinite target, or fill them in",
         )
 

@@ -8,6 +8,8 @@ It is constructed as `ClassName(in_features=..., out_features=..., **model.kwarg
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -21,6 +23,8 @@ if TYPE_CHECKING:
 
 def import_class(target: str) -> type:
     module_name, _, class_name = target.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: a module beside the config is importable
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

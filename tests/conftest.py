@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny data sets written to temp dirs, and the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mixed_frame(n: int = 400, seed: int = 0) -> pd.DataFrame:
+    """Classification data with a categorical column, missing values and string labels."""
+    rng = np.random.default_rng(seed)
+    x0 = rng.normal(size=n)
+    x1 = rng.normal(size=n)
+    color = rng.choice(["red", "green", "blue"], size=n)
+    score = x0 + 0.5 * x1 + (color == "red") * 1.5
+    label = np.where(score > 0.8, "high", np.where(score < -0.5, "low", "mid"))
+    x1_missing = x1.copy()
+    x1_missing[rng.random(n) < 0.1] = np.nan
+    return pd.DataFrame({"x0": x0, "x1": x1_missing, "color": color, "label": label})
+
+
+def regression_frame(n: int = 400, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3))
+    y = 100 + 20 * x[:, 0] - 10 * x[:, 1] + rng.normal(scale=2, size=n)
+    return pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "price": y})
+
+
+@pytest.fixture
+def mixed_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "mixed.csv"
+    mixed_frame().to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def regression_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "house.csv"
+    regression_frame().to_csv(path, index=False)
+    return path
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m danlu ARGS` as a user would, capturing output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, "-m", "danlu", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,191 @@
+"""The real `danlu` CLI in a subprocess: the commands users type, and every error case."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from tests.conftest import mixed_frame, run_cli, write_config
+
+
+def test_help_lists_every_verb():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for verb in ("train", "evaluate", "predict", "quickstart"):
+        assert verb in result.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_reduced(tmp_path):
+    result = run_cli("quickstart", "--out", str(tmp_path / "qs"), "train.epochs=10", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "accuracy=" in result.stdout and "predictions" in result.stdout
+    report = json.loads((tmp_path / "qs" / "report.json").read_text())
+    assert report["test"]["accuracy"] > 0.85
+    predictions = pd.read_csv(tmp_path / "qs" / "predictions.csv")
+    assert len(predictions) == report["rows"]["test"] == 20_000
+    assert {"prediction", "proba_0", "proba_1", "proba_2", "label"} <= set(predictions.columns)
+    assert skm.accuracy_score(predictions["label"], predictions["prediction"]) == pytest.approx(
+        report["test"]["accuracy"]
+    )
+
+
+def test_train_evaluate_predict_cycle(tmp_path, mixed_csv):
+    config = write_config(
+        tmp_path / "mixed.yaml", f"data:\n  train: {mixed_csv}\n  target: label\ntrain:\n  epochs: 30\n"
+    )
+    result = run_cli("train", str(config), "model.hidden=[16]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "mixed"  # default: runs/<config name>
+    assert (run_dir / "report.json").is_file()
+
+    result = run_cli("evaluate", str(run_dir), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert set(metrics) == {"accuracy", "f1_macro", "roc_auc", "log_loss"}
+    report = json.loads((run_dir / "report.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(report["test"]["accuracy"])
+
+    new = mixed_frame(120, seed=5).assign(row_id=range(120))
+    new.to_csv(tmp_path / "new.csv", index=False)
+    assert run_cli("evaluate", str(run_dir), str(tmp_path / "new.csv"), cwd=tmp_path).returncode == 0
+    unlabeled = new.drop(columns="label")
+    unlabeled.to_csv(tmp_path / "unlabeled.csv", index=False)
+    result = run_cli(
+        "predict",
+        str(run_dir),
+        str(tmp_path / "unlabeled.csv"),
+        "-o",
+        str(tmp_path / "p.csv"),
+        "--chunk-rows",
+        "50",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    out = pd.read_csv(tmp_path / "p.csv")
+    assert out["row_id"].tolist() == list(range(120))  # order kept, extra columns passed through
+    proba = out[["proba_high", "proba_low", "proba_mid"]].to_numpy()
+    assert np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+    assert out["prediction"].tolist() == list(np.array(["high", "low", "mid"])[proba.argmax(axis=1)])
+
+    result = run_cli(
+        "predict",
+        str(run_dir),
+        str(tmp_path / "unlabeled.csv"),
+        "-o",
+        str(tmp_path / "p.parquet"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0
+    assert pd.read_parquet(tmp_path / "p.parquet")["prediction"].tolist() == out["prediction"].tolist()
+
+
+def _csv(tmp_path, name, frame):
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _error_cases(tmp_path):
+    good = _csv(tmp_path, "good.csv", mixed_frame(60))
+    stray = mixed_frame(60).astype({"x0": object})
+    stray.loc[11, "x0"] = "oops"
+    inf_target = pd.DataFrame({"a": np.arange(20.0), "y": np.arange(20.0)})
+    inf_target.loc[3, "y"] = np.inf
+    files = {
+        "empty": _csv(tmp_path, "empty.csv", mixed_frame(3).iloc[:0]),
+        "single": _csv(tmp_path, "single.csv", mixed_frame(30).assign(label="same")),
+        "stray": _csv(tmp_path, "stray.csv", stray),
+        "inf": _csv(tmp_path, "inf.csv", inf_target),
+    }
+    bad_yaml = write_config(tmp_path / "bad.yaml", "data:\n  train: [unclosed\n")
+    return {
+        "missing config": (["train", str(tmp_path / "nope.yaml")], "config file"),
+        "missing data file": (
+            ["train", "--out", str(tmp_path / "r1"), _cfg(tmp_path, "missing.csv")],
+            "data file",
+        ),
+        "unreadable yaml": (["train", str(bad_yaml)], "cannot parse"),
+        "unknown key": (["train", _cfg(tmp_path, good), "train.epoks=3"], "did you mean 'train.epochs'"),
+        "wrong type": (["train", _cfg(tmp_path, good), "train.epochs=many"], "train.epochs: Input should be"),
+        "missing target": (["train", _cfg(tmp_path, good), "data.target=price"], "target column 'price'"),
+        "empty dataset": (["train", _cfg(tmp_path, files["empty"])], "no data rows"),
+        "single class": (["train", _cfg(tmp_path, files["single"])], "single class"),
+        "stray text": (
+            ["train", _cfg(tmp_path, files["stray"])],
+            "column 'x0' holds numbers but row 12 has 'oops'",
+        ),
+        "inf target": (
+            ["train", _cfg(tmp_path, files["inf"], target="y")],
+            "target column 'y' has inf at row 4",
+        ),
+        "custom model import": (
+            ["train", _cfg(tmp_path, good), "model.target=no_such_pkg.models:Net"],
+            "cannot import module 'no_such_pkg.models'",
+        ),
+        "evaluate missing run": (["evaluate", str(tmp_path / "no_run")], "does not exist"),
+        "resume missing run": (["train", "--resume", str(tmp_path / "no_run")], "not a run directory"),
+    }
+
+
+def _cfg(tmp_path, data, target="label"):
+    path = tmp_path / f"cfg_{abs(hash((str(data), target)))}.yaml"
+    write_config(
+        path, f"data:\n  train: {data}\n  target: {target}\ntrain:\n  epochs: 1\noutput: {tmp_path}/r\n"
+    )
+    return str(path)
+
+
+CASES = [
+    "missing config",
+    "missing data file",
+    "unreadable yaml",
+    "unknown key",
+    "wrong type",
+    "missing target",
+    "empty dataset",
+    "single class",
+    "stray text",
+    "inf target",
+    "custom model import",
+    "evaluate missing run",
+    "resume missing run",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_errors_are_one_line_exit_2_no_traceback(tmp_path, case):
+    args, expected = _error_cases(tmp_path)[case]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("danlu: error: ") and expected in lines[0], lines[0]
+    assert "(fix: " in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("--debug", "train", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "DanluError" in result.stderr
+
+
+def test_stray_text_trains_when_declared_categorical(tmp_path):
+    frame = mixed_frame(60).astype({"x0": object})
+    frame.loc[11, "x0"] = "oops"
+    path = _csv(tmp_path, "stray.csv", frame)
+    result = run_cli("train", _cfg(tmp_path, path), "data.categorical=[x0]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_predict_names_missing_columns(tmp_path, mixed_csv):
+    run_dir = tmp_path / "run"
+    assert run_cli("train", _cfg(tmp_path, mixed_csv), "--out", str(run_dir), cwd=tmp_path).returncode == 0
+    mixed_frame(10).drop(columns=["x1", "color"]).to_csv(tmp_path / "partial.csv", index=False)
+    result = run_cli("predict", str(run_dir), str(tmp_path / "partial.csv"), "-o", str(tmp_path / "o.csv"))
+    assert result.returncode == 2
+    assert "missing required columns: x1, color" in result.stderr
+    assert not (tmp_path / "o.csv").exists()  # no partial output

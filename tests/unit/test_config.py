@@ -1,0 +1,96 @@
+import pytest
+
+from danlu.config import Config, apply_overrides, dump_config, load_config, read_yaml, validate
+from danlu.errors import DanluError
+
+SYN = "data.train=synthetic:classification"
+
+
+def test_defaults_and_synthetic_target():
+    config = load_config(None, [SYN])
+    assert config.data.target == "label"
+    assert config.train.optimizer == "adamw"
+    assert load_config(None, ["data.train=synthetic:regression"]).data.target == "target"
+
+
+def test_overrides_are_typed_yaml_values():
+    config = load_config(
+        None,
+        [
+            SYN,
+            "train.epochs=5",
+            "model.hidden=[64,32]",
+            "train.grad_clip=null",
+            "data.stratify=false",
+            "train.lr=3e-4",
+        ],
+    )
+    assert config.train.epochs == 5
+    assert config.model.hidden == [64, 32]
+    assert config.train.grad_clip is None
+    assert config.data.stratify is False
+    assert config.train.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.epoks=3", "unknown key 'train.epoks' (did you mean 'train.epochs'?)"),
+        ("trian.epochs=3", "unknown key 'trian' (did you mean 'train'?)"),
+        ("data.synthetic.n_sample=5", "did you mean 'data.synthetic.n_samples'?"),
+        ("train.epochs=abc", "train.epochs: Input should be a valid integer"),
+        ("train.epochs=0", "train.epochs: Input should be greater than or equal to 1"),
+        ("train.monitor=val_acc", "did you mean 'val_accuracy'?"),
+        ("model.activation=swish", "model.activation: Input should be"),
+        ("data.val_fraction=0.6", "must be below 1"),
+        ("model.target=notamodule", "is not of the form package.module:ClassName"),
+    ],
+)
+def test_bad_keys_and_types_name_the_path(override, expected):
+    overrides = [SYN, override] + (["data.test_fraction=0.5"] if "val_fraction" in override else [])
+    with pytest.raises(DanluError) as info:
+        load_config(None, overrides)
+    assert expected in str(info.value)
+
+
+def test_target_required_for_files():
+    with pytest.raises(DanluError, match=r"data\.target is required"):
+        load_config(None, ["data.train=x.csv"])
+
+
+def test_malformed_override():
+    with pytest.raises(DanluError, match="is not KEY=VALUE"):
+        apply_overrides({}, ["train.epochs"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(None, [SYN, "train.epochs=7", "model.hidden=[8]"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config))
+    assert validate(read_yaml(path)) == config
+    assert path.read_text().startswith("# danlu resolved config (schema 1)")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("data: [oops\n", "cannot parse"), ("- a\n- b\n", "mapping")])
+def test_bad_yaml(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(DanluError, match=expected):
+        read_yaml(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(DanluError, match="not found"):
+        read_yaml(tmp_path / "nope.yaml")
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                walk(annotation)
+            elif model is not Config:
+                assert field.description, f"{model.__name__}.{name} has no description"
+
+    walk(Config)

@@ -1,0 +1,131 @@
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from danlu.config import load_config
+from danlu.data.preprocess import Preprocessor, PreprocessorFitter
+from danlu.data.schema import infer_schema
+from danlu.errors import DanluError
+from tests.conftest import mixed_frame, regression_frame
+
+
+def fit(frame: pd.DataFrame, target: str, *overrides: str) -> Preprocessor:
+    config = load_config(None, ["data.train=x.csv", f"data.target={target}", *overrides]).data
+    fitter = PreprocessorFitter(infer_schema(frame, config))
+    fitter.update(frame)
+    return fitter.finish()
+
+
+def test_schema_inference_and_missing_indicator():
+    frame = mixed_frame()
+    pre = fit(frame, "label")
+    assert [c.name for c in pre.numeric] == ["x0", "x1"]
+    assert [c.name for c in pre.categorical] == ["color"]
+    assert [c.indicator for c in pre.numeric] == [False, True]  # x1 has gaps in training
+    assert pre.classes == ["high", "low", "mid"]
+    x_num, x_cat = pre.transform(frame)
+    assert x_num.shape == (len(frame), 3) and x_cat.shape == (len(frame), 1)
+    assert np.allclose(x_num[:, 0].mean(), 0, atol=1e-6) and np.allclose(x_num[:, 0].std(), 1, atol=1e-4)
+    assert np.array_equal(x_num[:, 2], frame["x1"].isna().to_numpy())
+    assert not np.isnan(x_num).any()
+
+
+def test_json_round_trip_transforms_identically():
+    frame = mixed_frame()
+    pre = fit(frame, "label")
+    again = Preprocessor.from_json(pre.to_json())
+    for a, b in zip(pre.transform(frame), again.transform(frame), strict=True):
+        assert np.array_equal(a, b)
+    assert np.array_equal(pre.encode_target(frame["label"]), again.encode_target(frame["label"]))
+
+
+def test_unknown_category_goes_to_bucket_zero():
+    pre = fit(mixed_frame(), "label")
+    _, x_cat = pre.transform(pd.DataFrame({"x0": [0.0, 0.0], "x1": [0.0, None], "color": ["purple", None]}))
+    assert x_cat.tolist() == [[0], [0]]
+
+
+def test_labels_map_to_indices_and_back():
+    frame = mixed_frame()
+    pre = fit(frame, "label")
+    codes = pre.encode_target(frame["label"])
+    assert list(pre.labels(codes)) == list(frame["label"])
+
+
+def test_regression_target_standardized_and_decoded():
+    frame = regression_frame()
+    pre = fit(frame, "price")
+    y = pre.encode_target(frame["price"])
+    assert abs(y.mean()) < 1e-5 and abs(y.std() - 1) < 1e-4
+    assert np.allclose(pre.decode(y[:, None]), frame["price"], rtol=1e-5)
+
+
+def test_stray_text_names_column_row_and_value():
+    frame = regression_frame(50).astype({"b": object})
+    frame.loc[17, "b"] = "oops"
+    with pytest.raises(DanluError, match=r"column 'b' holds numbers but row 18 has 'oops'"):
+        fit(frame, "price")
+
+
+def test_declared_categorical_accepts_text():
+    frame = regression_frame(50).astype({"b": object})
+    frame.loc[17, "b"] = "oops"
+    pre = fit(frame, "price", "data.categorical=[b]")
+    assert [c.name for c in pre.categorical] == ["b"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_bad_target_names_the_row(bad):
+    frame = regression_frame(30)
+    frame.loc[4, "price"] = bad
+    with pytest.raises(DanluError, match=r"target column 'price' has .* at row 5"):
+        fit(frame, "price")
+
+
+def test_single_class_is_an_error():
+    frame = mixed_frame(40).assign(label="only")
+    with pytest.raises(DanluError, match="single class"):
+        fit(frame, "label")
+
+
+def test_chunked_fit_equals_whole_fit():
+    frame = mixed_frame(1000)
+    whole = fit(frame, "label")
+    config = load_config(None, ["data.train=x.csv", "data.target=label"]).data
+    fitter = PreprocessorFitter(infer_schema(frame, config))
+    for start in range(0, 1000, 128):
+        fitter.update(frame.iloc[start : start + 128])
+    chunked = fitter.finish()
+    assert chunked.classes == whole.classes
+    assert [c.values for c in chunked.categorical] == [c.values for c in whole.categorical]
+    for a, b in zip(chunked.numeric, whole.numeric, strict=True):
+        assert (
+            a.mean == pytest.approx(b.mean) and a.std == pytest.approx(b.std) and a.indicator == b.indicator
+        )
+
+
+finite = st.floats(-1e6, 1e6, allow_nan=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.one_of(finite, st.none()), st.sampled_from(["a", "b", "c", None]), st.integers(0, 2)),
+        min_size=4,
+        max_size=40,
+    )
+)
+def test_round_trip_property(rows):
+    frame = pd.DataFrame(rows, columns=["num", "cat", "y"])
+    frame["cat"] = frame["cat"].astype(object)
+    if frame["y"].nunique() < 2 or frame["num"].isna().all():
+        return
+    pre = fit(frame, "y", "data.categorical=[cat]", "data.task=classification")
+    again = Preprocessor.from_json(pre.to_json())
+    x1, c1 = pre.transform(frame)
+    x2, c2 = again.transform(frame)
+    assert np.array_equal(x1, x2) and np.array_equal(c1, c2)
+    assert np.isfinite(x1).all()
+    assert list(again.labels(again.encode_target(frame["y"]))) == list(frame["y"])

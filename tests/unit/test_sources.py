@@ -1,0 +1,84 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from danlu.data.batches import TensorPart, shuffle_generator, split_mask
+from danlu.data.sources import NpyTable, ParquetTable, open_table, stream_frames
+from danlu.errors import DanluError
+from tests.conftest import regression_frame
+
+
+def test_each_format_reads_the_same_frame(tmp_path):
+    frame = regression_frame(100)
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_parquet(tmp_path / "d.parquet", index=False)
+    np.savez(tmp_path / "d.npz", X=frame[["a", "b", "c"]].to_numpy(), price=frame["price"].to_numpy())
+    np.save(tmp_path / "d.npy", frame.to_numpy())
+    for name in ("d.csv", "d.parquet"):
+        pd.testing.assert_frame_equal(open_table(str(tmp_path / name)).read_all(), frame)
+    npz = open_table(str(tmp_path / "d.npz")).read_all()
+    assert list(npz.columns) == ["x0", "x1", "x2", "price"]
+    assert np.allclose(npz.to_numpy(), frame.to_numpy())
+    npy = open_table(str(tmp_path / "d.npy"))
+    assert isinstance(npy, NpyTable) and npy.columns == ["x0", "x1", "x2", "x3"]
+    assert np.allclose(npy.read_all().to_numpy(), frame.to_numpy())
+
+
+def test_npy_chunks_cover_the_file_in_order(tmp_path):
+    array = np.arange(10_000 * 3, dtype=np.float32).reshape(10_000, 3)
+    np.save(tmp_path / "big.npy", array)
+    table = NpyTable(tmp_path / "big.npy", chunk_rows=1024)
+    assert table.n_chunks == 10 and table.nbytes == array.nbytes
+    chunks = [table.read_chunk(i) for i in range(table.n_chunks)]
+    assert np.array_equal(pd.concat(chunks).to_numpy(), array)
+    assert chunks[3].index[0] == 3 * 1024  # row numbers in errors refer to the file
+
+
+def test_parquet_chunks_are_row_groups(tmp_path):
+    frame = regression_frame(1000)
+    frame.to_parquet(tmp_path / "d.parquet", row_group_size=300, index=False)
+    table = ParquetTable(tmp_path / "d.parquet")
+    assert table.n_chunks == 4
+    pd.testing.assert_frame_equal(pd.concat(table.read_chunk(i) for i in range(4)), frame)
+
+
+def test_stream_frames_csv_in_chunks(tmp_path):
+    frame = regression_frame(250)
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    chunks = list(stream_frames(str(tmp_path / "d.csv"), chunk_rows=100))
+    assert [len(c) for c in chunks] == [100, 100, 50]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("missing.csv", None, "not found"),
+        ("d.txt", "a,b\n", "unsupported type"),
+        ("e.csv", "", "is empty"),
+    ],
+)
+def test_bad_files(tmp_path, name, content, expected):
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    with pytest.raises(DanluError, match=expected):
+        open_table(str(tmp_path / name))
+
+
+def test_split_mask_is_deterministic_and_proportional():
+    a = split_mask(0, 3, 100_000, 0.1, 0.2)
+    assert np.array_equal(a, split_mask(0, 3, 100_000, 0.1, 0.2))
+    assert not np.array_equal(a, split_mask(0, 4, 100_000, 0.1, 0.2))
+    shares = np.bincount(a) / len(a)
+    assert np.allclose(shares, [0.7, 0.1, 0.2], atol=0.01)
+
+
+def test_tensor_part_batches_cover_every_row_once_in_seeded_order():
+    x = torch.arange(1000, dtype=torch.float32)[:, None]
+    part = TensorPart(x, torch.zeros(1000, 0, dtype=torch.long), torch.arange(1000))
+    first = torch.cat([y for _, _, y in part.batches(64, shuffle_generator(0, 1))])
+    assert sorted(first.tolist()) == list(range(1000)) and first.tolist() != list(range(1000))
+    again = torch.cat([y for _, _, y in part.batches(64, shuffle_generator(0, 1))])
+    other_epoch = torch.cat([y for _, _, y in part.batches(64, shuffle_generator(0, 2))])
+    assert torch.equal(first, again) and not torch.equal(first, other_epoch)
+    assert torch.equal(torch.cat([y for _, _, y in part.batches(64)]), torch.arange(1000))
