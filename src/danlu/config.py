@@ -86,7 +86,7 @@ class ModelConfig(Section):
     activation: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="hidden activation")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout after each hidden layer")
     normalization: Literal["none", "batchnorm", "layernorm"] = Field(
-        "batchnorm", description="normalization after each hidden linear layer"
+        "none", description="normalization after each hidden linear layer"
     )
     categorical: Literal["embedding", "onehot"] = Field("embedding", description="how categoricals enter")
     embedding_dim: int | None = Field(None, ge=1, description="default: min(16, (cardinality + 1) // 2)")

@@ -192,3 +192,13 @@ def test_early_stopping_restores_best(tmp_path, mixed_csv):
     assert report["stopped_early"] and report["epochs_run"] < 200
     best = max(m["val_accuracy"] for m in run.metrics)
     assert report["best_epoch"] == next(m["epoch"] for m in run.metrics if m["val_accuracy"] == best)
+
+
+def test_monitor_must_fit_the_task(tmp_path, regression_csv):
+    with pytest.raises(DanluError, match=r"train\.monitor=val_accuracy does not apply to regression"):
+        danlu.train(
+            None,
+            [f"data.train={regression_csv}", "data.target=price", "train.monitor=val_accuracy"],
+            out=tmp_path / "run",
+            progress=False,
+        )

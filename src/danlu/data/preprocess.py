@@ -168,7 +168,9 @@ class Preprocessor:
         return encoded.astype(np.float64) * self.target_std + self.target_mean
 
     def labels(self, indices: np.ndarray) -> np.ndarray:
-        return np.asarray(self.classes, dtype=object)[indices]
+        """Class indices -> original labels, typed (int, float, str, bool) when all labels share a type."""
+        same_type = len({type(c) for c in self.classes}) == 1
+        return np.asarray(self.classes, dtype=None if same_type else object)[indices]
 
     def to_json(self) -> str:
         data = {

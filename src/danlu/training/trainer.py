@@ -15,10 +15,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from danlu.config import Config, TrainConfig, dump_config
+from danlu.config import CLASSIFICATION_MONITORS, REGRESSION_MONITORS, Config, TrainConfig, dump_config
 from danlu.data.batches import Part, shuffle_generator
 from danlu.data.dataset import Dataset, load_dataset
 from danlu.data.preprocess import Preprocessor
+from danlu.errors import DanluError
 from danlu.evaluation.metrics import epoch_metrics
 from danlu.inference import autocast, collect_outputs, forward, resolve_device
 from danlu.models import ModelInputs, build_model
@@ -96,6 +97,11 @@ def _setup(config: Config, run: RunDir, preprocessor: Preprocessor | None) -> Se
     if preprocessor is None:
         atomic_write_text(run.preprocess, data.preprocessor.to_json())
     pre = data.preprocessor
+    allowed = CLASSIFICATION_MONITORS if pre.task == "classification" else REGRESSION_MONITORS
+    if tc.monitor not in allowed:
+        raise DanluError(
+            f"train.monitor={tc.monitor} does not apply to {pre.task}", f"use one of {', '.join(allowed)}"
+        )
     torch.manual_seed(tc.seed)  # initialisation must not depend on how much randomness loading used
     model = build_model(config.model, ModelInputs(pre.n_numeric_inputs, pre.cardinalities, pre.n_outputs))
     model.to(device)
