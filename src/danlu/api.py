@@ -75,6 +75,10 @@ def train(
     from danlu.training.trainer import fit, new_setup, resumed_setup
 
     if resume is not None:
+        if config is not None or list(overrides) or out is not None:
+            raise DanluError(
+                "resume takes no config, overrides or output", "the run's own config.yaml is used"
+            )
         run = RunDir(resume)
         if not run.config.is_file():
             raise DanluError(
@@ -138,36 +142,49 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None) -> dict[str, A
     return _metrics_over(predictor, frames)
 
 
-def predict_file(run_dir: str | Path, data: str | Path, out: str | Path, chunk_rows: int = 100_000) -> int:
-    """Stream DATA through a run's model into OUT (.csv or .parquet), rows in input order; returns rows."""
-    from danlu.data.sources import stream_frames
-
-    out = Path(out)
-    if out.suffix.lower() not in (".csv", ".parquet"):
+def _output_suffix(out: str | Path) -> str:
+    suffix = Path(out).suffix.lower()
+    if suffix not in (".csv", ".parquet"):
         raise DanluError(f"output '{out}' must end in .csv or .parquet", "e.g. -o predictions.csv")
-    predictor = Predictor.load(run_dir)
-    frames = (predictor.predict_frame(f) for f in stream_frames(str(data), chunk_rows))
+    return suffix
+
+
+def write_predictions(predictor: Predictor, frames: Iterable[pd.DataFrame], out: str | Path) -> int:
+    """Stream frames through a predictor into OUT (.csv or .parquet), rows in order; returns rows written.
+
+    The file appears only when complete: a failure half-way leaves no partial output.
+    """
+    suffix = _output_suffix(out)
     rows = 0
 
-    def write(f) -> None:
+    def write(file) -> None:
         nonlocal rows
         writer = None
-        for i, frame in enumerate(frames):
+        for i, chunk in enumerate(frames):
+            frame = predictor.predict_frame(chunk)
             rows += len(frame)
-            if out.suffix.lower() == ".csv":
-                frame.to_csv(f, header=i == 0, index=False)
+            if suffix == ".csv":
+                frame.to_csv(file, header=i == 0, index=False)
             else:
                 import pyarrow as pa
                 import pyarrow.parquet as pq
 
                 table = pa.Table.from_pandas(frame, preserve_index=False)
-                writer = writer or pq.ParquetWriter(f, table.schema)
+                writer = writer or pq.ParquetWriter(file, table.schema)
                 writer.write_table(table)
         if writer is not None:
             writer.close()
 
-    atomic_write(out, write)  # a failure half-way leaves no partial output file
+    atomic_write(Path(out), write)
     return rows
+
+
+def predict_file(run_dir: str | Path, data: str | Path, out: str | Path, chunk_rows: int = 100_000) -> int:
+    """Stream DATA through a run's model into OUT (.csv or .parquet), rows in input order; returns rows."""
+    from danlu.data.sources import stream_frames
+
+    _output_suffix(out)  # fail before loading anything
+    return write_predictions(Predictor.load(run_dir), stream_frames(str(data), chunk_rows), out)
 
 
 QUICKSTART = {
@@ -200,6 +217,5 @@ def quickstart(
     predictor = run.predictor()
     _, frames = held_out_frames(run.config.data, predictor.preprocessor)
     predictions = run.path / "predictions.csv"
-    table = pd.concat([predictor.predict_frame(f) for f in frames])
-    atomic_write(predictions, lambda f: table.to_csv(f, index=False))
+    write_predictions(predictor, frames, predictions)
     return run, predictions

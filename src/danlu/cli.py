@@ -68,12 +68,11 @@ def add_train(sub) -> None:
 
 def run_train(args) -> int:
     import danlu
-    from danlu.config import read_yaml
 
     if args.resume:
-        if args.config or args.overrides:
-            raise DanluError("--resume takes no config or overrides", "the run's own config.yaml is used")
-        run = danlu.train(resume=args.resume, progress=not args.quiet)
+        run = danlu.train(
+            args.config, args.overrides, out=args.out, resume=args.resume, progress=not args.quiet
+        )
     else:
         if not args.config:
             raise DanluError(
@@ -81,17 +80,8 @@ def run_train(args) -> int:
             )
         if "=" in args.config and not args.config.endswith((".yaml", ".yml")):
             raise DanluError(f"'{args.config}' looks like an override", "put the config file first")
-        out = args.out
-        if (
-            out is None
-            and "output" not in read_yaml(args.config)
-            and not any(o.startswith("output=") for o in args.overrides)
-        ):
-            from pathlib import Path
-
-            out = f"runs/{Path(args.config).stem}"
         run = danlu.train(
-            args.config, args.overrides, out=out, overwrite=args.overwrite, progress=not args.quiet
+            args.config, args.overrides, out=args.out, overwrite=args.overwrite, progress=not args.quiet
         )
     _print_run(run)
     return 0

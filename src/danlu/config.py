@@ -20,6 +20,7 @@ SYNTHETIC_PREFIX = "synthetic:"
 
 CLASSIFICATION_MONITORS = ("val_loss", "val_accuracy", "val_f1_macro", "train_loss")
 REGRESSION_MONITORS = ("val_loss", "val_mae", "val_rmse", "val_r2", "train_loss")
+MAXIMIZED_MONITORS = ("val_accuracy", "val_f1_macro", "val_r2")  # the rest improve by going down
 
 
 class Section(BaseModel):
@@ -245,9 +246,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (or start from defaults when path is None) and apply overrides."""
-    raw = read_yaml(path) if path is not None else {}
-    return validate(apply_overrides(raw, list(overrides)))
+    """Load a YAML config (or start from defaults when path is None) and apply overrides.
+
+    A config file that names no `output` trains into runs/<file name without suffix>.
+    """
+    raw = apply_overrides(read_yaml(path) if path is not None else {}, list(overrides))
+    if path is not None:
+        raw.setdefault("output", f"runs/{Path(path).stem}")
+    return validate(raw)
 
 
 def resolve_paths(config: Config, base: Path) -> Config:

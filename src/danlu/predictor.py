@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from danlu.config import Config, read_yaml, validate
+from danlu.data.batches import TensorPart
 from danlu.data.preprocess import Preprocessor
 from danlu.inference import collect_outputs, resolve_device
 from danlu.models import ModelInputs, build_model
@@ -69,11 +70,8 @@ class Predictor:
         """Probabilities [n, k] (classification) or values in original units [n] (regression)."""
         frame = self.as_frame(data)
         x_num, x_cat = self.preprocessor.transform(frame)
-        tensors = (torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.zeros(len(frame)))
-        batches = (
-            tuple(t[i : i + PREDICT_BATCH] for t in tensors) for i in range(0, len(frame), PREDICT_BATCH)
-        )
-        outputs, _ = collect_outputs(self.model, batches, self.device)
+        part = TensorPart(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.zeros(len(frame)))
+        outputs, _ = collect_outputs(self.model, part.batches(PREDICT_BATCH), self.device)
         if len(frame) == 0:
             return np.empty((0, self.preprocessor.n_outputs) if self.task == "classification" else 0)
         return self.preprocessor.decode(outputs)

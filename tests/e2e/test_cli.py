@@ -50,7 +50,9 @@ def test_train_evaluate_predict_cycle(tmp_path, mixed_csv):
 
     new = mixed_frame(120, seed=5).assign(row_id=range(120))
     new.to_csv(tmp_path / "new.csv", index=False)
-    assert run_cli("evaluate", str(run_dir), str(tmp_path / "new.csv"), cwd=tmp_path).returncode == 0
+    result = run_cli("evaluate", str(run_dir), str(tmp_path / "new.csv"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout and "confusion matrix" in result.stdout and "mid" in result.stdout
     unlabeled = new.drop(columns="label")
     unlabeled.to_csv(tmp_path / "unlabeled.csv", index=False)
     result = run_cli(

@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import numpy as np
@@ -11,16 +12,19 @@ import danlu
 from danlu.errors import DanluError
 from tests.conftest import mixed_frame, regression_frame
 
-SMALL = ["train.epochs=8", "model.hidden=[16]"]
+
+def fit(out, data, target="label", *overrides, overwrite=False):
+    """Train on a data file with overrides into `out`, quietly."""
+    args = [f"data.train={data}", f"data.target={target}", *overrides]
+    return danlu.train(None, args, out=out, overwrite=overwrite, progress=False)
+
+
+def weights_of(run) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in load_file(run.path / "model.safetensors").values()])
 
 
 def test_classification_run_directory_and_predictor(tmp_path, mixed_csv):
-    run = danlu.train(
-        None,
-        [f"data.train={mixed_csv}", "data.target=label", "train.epochs=40", "model.hidden=[16]"],
-        out=tmp_path / "run",
-        progress=False,
-    )
+    run = fit(tmp_path / "run", mixed_csv, "label", "train.epochs=40", "model.hidden=[16]")
     files = {p.name for p in run.path.iterdir()}
     assert {
         "config.yaml",
@@ -53,21 +57,14 @@ def test_classification_run_directory_and_predictor(tmp_path, mixed_csv):
 
 
 def test_evaluate_recomputes_the_reported_test_metrics(tmp_path, mixed_csv):
-    run = danlu.train(
-        None, [f"data.train={mixed_csv}", "data.target=label", *SMALL], out=tmp_path / "run", progress=False
-    )
+    run = fit(tmp_path / "run", mixed_csv, "label", "train.epochs=8", "model.hidden=[16]")
     again = danlu.evaluate(run.path)
     for key in ("accuracy", "f1_macro", "log_loss"):
         assert again[key] == pytest.approx(run.report["test"][key], rel=1e-5)
 
 
 def test_regression_metrics_are_in_original_units(tmp_path, regression_csv):
-    run = danlu.train(
-        None,
-        [f"data.train={regression_csv}", "data.target=price", "train.epochs=60", "model.hidden=[32]"],
-        out=tmp_path / "run",
-        progress=False,
-    )
+    run = fit(tmp_path / "run", regression_csv, "price", "train.epochs=60", "model.hidden=[32]")
     assert run.report["task"] == "regression"
     test = pd.read_csv(regression_csv).iloc[:100]
     pred = danlu.load(run.path).predict(test)
@@ -77,28 +74,85 @@ def test_regression_metrics_are_in_original_units(tmp_path, regression_csv):
 
 
 def test_same_seed_same_weights(tmp_path, mixed_csv):
-    args = [f"data.train={mixed_csv}", "data.target=label", "train.epochs=3"]
-    a = danlu.train(None, args, out=tmp_path / "a", progress=False)
-    b = danlu.train(None, args, out=tmp_path / "b", progress=False)
-    c = danlu.train(None, [*args, "train.seed=1"], out=tmp_path / "c", progress=False)
+    a = fit(tmp_path / "a", mixed_csv, "label", "train.epochs=3")
+    b = fit(tmp_path / "b", mixed_csv, "label", "train.epochs=3")
+    c = fit(tmp_path / "c", mixed_csv, "label", "train.epochs=3", "train.seed=1")
     wa, wb, wc = (load_file(r.path / "model.safetensors") for r in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
 def test_onehot_and_custom_models(tmp_path, mixed_csv):
-    base = [f"data.train={mixed_csv}", "data.target=label", "train.epochs=2"]
-    onehot = danlu.train(None, [*base, "model.categorical=onehot"], out=tmp_path / "onehot", progress=False)
+    onehot = fit(tmp_path / "onehot", mixed_csv, "label", "train.epochs=2", "model.categorical=onehot")
     assert onehot.report["test"]["accuracy"] > 0
-    custom = danlu.train(
-        None,
-        [*base, "model.target=tests.custom_models:WithCategoricals"],
-        out=tmp_path / "custom",
-        progress=False,
+    custom = fit(
+        tmp_path / "custom",
+        mixed_csv,
+        "label",
+        "train.epochs=2",
+        "model.target=tests.custom_models:WithCategoricals",
     )
     weights = load_file(custom.path / "model.safetensors")
     assert "head.weight" in weights
     assert danlu.load(custom.path).predict(mixed_frame(5)).shape == (5,)
+
+
+def test_feature_subset(tmp_path, mixed_csv):
+    run = fit(tmp_path / "run", mixed_csv, "label", "train.epochs=2", "data.features=[x0,color]")
+    pre = json.loads((run.path / "preprocess.json").read_text())
+    assert [c["name"] for c in pre["numeric"]] == ["x0"] and [c["name"] for c in pre["categorical"]] == [
+        "color"
+    ]
+    # a frame without the unused column predicts
+    assert danlu.load(run.path).predict(mixed_frame(5).drop(columns=["x1"])).shape == (5,)
+
+
+def test_grad_clip_bounds_every_step(tmp_path, mixed_csv):
+    # Plain SGD moves each step by lr * gradient, so with clipping at c the weights can drift at most
+    # steps * lr * c from where an almost-zero learning rate leaves them (the same initialisation).
+    sgd = [
+        "train.epochs=1",
+        "train.optimizer=sgd",
+        "train.momentum=0",
+        "train.weight_decay=0",
+        "train.schedule=none",
+        "model.dropout=0",
+        "train.batch_size=32",
+    ]
+    still = fit(tmp_path / "still", mixed_csv, "label", *sgd, "train.lr=1e-12")
+    clipped = fit(tmp_path / "clipped", mixed_csv, "label", *sgd, "train.lr=1", "train.grad_clip=1e-6")
+    free = fit(tmp_path / "free", mixed_csv, "label", *sgd, "train.lr=1")
+    steps = -(-clipped.report["rows"]["train"] // 32)
+    assert torch.linalg.norm(weights_of(clipped) - weights_of(still)) <= steps * 1e-6 * 1.01
+    assert torch.linalg.norm(weights_of(free) - weights_of(still)) > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "schedule"), [("sgd", "none"), ("adam", "cosine"), ("adamw", "onecycle")]
+)
+def test_optimizer_and_schedule_drive_the_loop(tmp_path, mixed_csv, optimizer, schedule):
+    run = fit(
+        tmp_path / "run",
+        mixed_csv,
+        "label",
+        "train.epochs=10",
+        "train.lr=0.01",
+        f"train.optimizer={optimizer}",
+        f"train.schedule={schedule}",
+    )
+    lrs = [m["lr"] for m in run.metrics]
+    if schedule == "none":
+        assert lrs == [0.01] * 10
+    elif schedule == "cosine":
+        assert all(a > b for a, b in itertools.pairwise(lrs)) and lrs[-1] == pytest.approx(0, abs=1e-4)
+    else:  # one-cycle: warm up to the peak, then anneal far below the start
+        peak = lrs.index(max(lrs))
+        assert 0 < peak < 9 and lrs[-1] < lrs[0] / 10
+    group = torch.load(run.path / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"][
+        0
+    ]
+    assert ("momentum" in group) == (optimizer == "sgd")
+    assert ("betas" in group) == (optimizer != "sgd")
 
 
 def test_chunked_training_on_npy_over_budget(tmp_path):
@@ -106,19 +160,15 @@ def test_chunked_training_on_npy_over_budget(tmp_path):
     x = rng.normal(size=(30_000, 4)).astype(np.float32)
     y = (x[:, 0] + x[:, 1] > 0).astype(np.float32)
     np.save(tmp_path / "big.npy", np.column_stack([x, y]))
-    run = danlu.train(
-        None,
-        [
-            f"data.train={tmp_path / 'big.npy'}",
-            "data.target=x4",
-            "data.task=classification",
-            "data.memory_budget_gb=0.0001",
-            "data.chunk_rows=4096",
-            "train.epochs=3",
-            "train.batch_size=256",
-        ],
-        out=tmp_path / "run",
-        progress=False,
+    run = fit(
+        tmp_path / "run",
+        tmp_path / "big.npy",
+        "x4",
+        "data.task=classification",
+        "data.memory_budget_gb=0.0001",
+        "data.chunk_rows=4096",
+        "train.epochs=3",
+        "train.batch_size=256",
     )
     report = run.report
     assert report["in_memory"] is False
@@ -130,9 +180,8 @@ def test_chunked_training_on_npy_over_budget(tmp_path):
 def test_chunked_and_in_memory_agree_on_preprocessing(tmp_path):
     frame = regression_frame(5000)
     frame.to_parquet(tmp_path / "d.parquet", row_group_size=1000, index=False)
-    common = [f"data.train={tmp_path / 'd.parquet'}", "data.target=price", "train.epochs=1"]
-    chunked = danlu.train(None, [*common, "data.in_memory=false"], out=tmp_path / "c", progress=False)
-    memory = danlu.train(None, [*common, "data.in_memory=true"], out=tmp_path / "m", progress=False)
+    chunked = fit(tmp_path / "c", tmp_path / "d.parquet", "price", "train.epochs=1", "data.in_memory=false")
+    memory = fit(tmp_path / "m", tmp_path / "d.parquet", "price", "train.epochs=1", "data.in_memory=true")
     assert chunked.report["in_memory"] is False and memory.report["in_memory"] is True
     pc = json.loads((chunked.path / "preprocess.json").read_text())
     # different splits (row masks vs stratified split), same statistics up to sampling
@@ -141,52 +190,47 @@ def test_chunked_and_in_memory_agree_on_preprocessing(tmp_path):
 
 
 def test_existing_run_directory_is_not_clobbered(tmp_path, mixed_csv):
-    args = [f"data.train={mixed_csv}", "data.target=label", "train.epochs=1"]
-    danlu.train(None, args, out=tmp_path / "run", progress=False)
+    fit(tmp_path / "run", mixed_csv, "label", "train.epochs=1")
     with pytest.raises(DanluError, match="already exists"):
-        danlu.train(None, args, out=tmp_path / "run", progress=False)
-    assert danlu.train(None, args, out=tmp_path / "run", overwrite=True, progress=False).report
+        fit(tmp_path / "run", mixed_csv, "label", "train.epochs=1")
+    assert fit(tmp_path / "run", mixed_csv, "label", "train.epochs=1", overwrite=True).report
 
 
 def test_failed_setup_leaves_no_run_directory(tmp_path, mixed_csv):
     with pytest.raises(DanluError, match="target column 'nope'"):
-        danlu.train(
-            None, [f"data.train={mixed_csv}", "data.target=nope"], out=tmp_path / "run", progress=False
-        )
+        fit(tmp_path / "run", mixed_csv, "nope")
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_takes_no_config(tmp_path, mixed_csv):
+    run = fit(tmp_path / "run", mixed_csv, "label", "train.epochs=1")
+    with pytest.raises(DanluError, match="resume takes no config"):
+        danlu.train(None, ["train.epochs=5"], resume=run.path, progress=False)
 
 
 def test_separate_validation_and_test_files(tmp_path):
     for name, seed in (("train", 0), ("val", 1), ("test", 2)):
         mixed_frame(300, seed).to_csv(tmp_path / f"{name}.csv", index=False)
-    run = danlu.train(
-        None,
-        [
-            f"data.train={tmp_path / 'train.csv'}",
-            f"data.validation={tmp_path / 'val.csv'}",
-            f"data.test={tmp_path / 'test.csv'}",
-            "data.target=label",
-            "train.epochs=2",
-        ],
-        out=tmp_path / "run",
-        progress=False,
+    run = fit(
+        tmp_path / "run",
+        tmp_path / "train.csv",
+        "label",
+        f"data.validation={tmp_path / 'val.csv'}",
+        f"data.test={tmp_path / 'test.csv'}",
+        "train.epochs=2",
     )
     assert run.report["rows"] == {"train": 300, "validation": 300, "test": 300}
 
 
 def test_early_stopping_restores_best(tmp_path, mixed_csv):
-    run = danlu.train(
-        None,
-        [
-            f"data.train={mixed_csv}",
-            "data.target=label",
-            "train.epochs=200",
-            "train.patience=3",
-            "train.lr=0.05",
-            "train.monitor=val_accuracy",
-        ],
-        out=tmp_path / "run",
-        progress=False,
+    run = fit(
+        tmp_path / "run",
+        mixed_csv,
+        "label",
+        "train.epochs=200",
+        "train.patience=3",
+        "train.lr=0.05",
+        "train.monitor=val_accuracy",
     )
     report = run.report
     assert report["stopped_early"] and report["epochs_run"] < 200
@@ -196,9 +240,4 @@ def test_early_stopping_restores_best(tmp_path, mixed_csv):
 
 def test_monitor_must_fit_the_task(tmp_path, regression_csv):
     with pytest.raises(DanluError, match=r"train\.monitor=val_accuracy does not apply to regression"):
-        danlu.train(
-            None,
-            [f"data.train={regression_csv}", "data.target=price", "train.monitor=val_accuracy"],
-            out=tmp_path / "run",
-            progress=False,
-        )
+        fit(tmp_path / "run", regression_csv, "price", "train.monitor=val_accuracy")

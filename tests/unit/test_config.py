@@ -94,3 +94,11 @@ def test_every_field_is_documented():
                 assert field.description, f"{model.__name__}.{name} has no description"
 
     walk(Config)
+
+
+def test_config_file_names_the_default_run_directory(tmp_path):
+    path = tmp_path / "penguins.yaml"
+    path.write_text("data: {train: synthetic:classification}\n")
+    assert load_config(path).output == "runs/penguins"
+    assert load_config(path, ["output=elsewhere"]).output == "elsewhere"
+    assert load_config(None, [SYN]).output == "runs/run"

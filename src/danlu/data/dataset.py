@@ -69,8 +69,7 @@ def split_frame(frame: pd.DataFrame, config: DataConfig, task: str, target: str)
         except ValueError:  # a class too small to stratify: fall back to a plain random split
             return train_test_split(index, test_size=fraction, random_state=seed)
 
-    test_fraction = config.test_fraction if config.test is None else 0.0
-    val_fraction = config.val_fraction if config.validation is None else 0.0
+    _, val_fraction, test_fraction = split_fractions(config)
     rest, test = split(np.arange(len(frame)), test_fraction, config.split_seed)
     train, val = split(rest, val_fraction / (1 - test_fraction), config.split_seed + 1)
     return tuple(frame.iloc[np.sort(index)] for index in (train, val, test))
@@ -116,7 +115,7 @@ def _load_chunked(table: Table, config: DataConfig, preprocessor: Preprocessor |
         table.name,
         table.nbytes / 2**30,
     )
-    split = _chunk_split(config)
+    split = split_fractions(config)
     first = table.read_chunk(0)
     _check_not_empty(first, table.name)
     fitter = PreprocessorFitter(infer_schema(first, config))
@@ -144,7 +143,8 @@ def _load_chunked(table: Table, config: DataConfig, preprocessor: Preprocessor |
     )
 
 
-def _chunk_split(config: DataConfig) -> tuple[int, float, float]:
+def split_fractions(config: DataConfig) -> tuple[int, float, float]:
+    """(seed, validation fraction, test fraction) of the training file; a separate file replaces its split."""
     test_fraction = config.test_fraction if config.test is None else 0.0
     val_fraction = config.val_fraction if config.validation is None else 0.0
     return config.split_seed, val_fraction, test_fraction
@@ -162,7 +162,7 @@ def held_out_frames(config: DataConfig, preprocessor: Preprocessor) -> tuple[str
         if config.validation is not None:
             return "validation", stream_frames(config.validation)
         return "validation", iter([val])
-    split = _chunk_split(config)
+    split = split_fractions(config)
     which = TEST if split[2] > 0 else VALIDATION
     if which == VALIDATION and config.validation is not None:
         return "validation", stream_frames(config.validation)

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from danlu.config import CLASSIFICATION_MONITORS, REGRESSION_MONITORS, Config, TrainConfig, dump_config
+from danlu.config import (
+    CLASSIFICATION_MONITORS,
+    MAXIMIZED_MONITORS,
+    REGRESSION_MONITORS,
+    Config,
+    TrainConfig,
+    dump_config,
+)
 from danlu.data.batches import Part, shuffle_generator
 from danlu.data.dataset import Dataset, load_dataset
 from danlu.data.preprocess import Preprocessor
@@ -168,8 +175,7 @@ def validate(s: Setup, tc: TrainConfig) -> dict[str, float]:
 def improved(value: float, best: float | None, monitor: str) -> bool:
     if best is None:
         return True
-    higher_is_better = monitor in ("val_accuracy", "val_f1_macro", "val_r2")
-    return value > best if higher_is_better else value < best
+    return value > best if monitor in MAXIMIZED_MONITORS else value < best
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
