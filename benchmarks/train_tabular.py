@@ -5,7 +5,9 @@ training split, a 10-20-3 MLP, Adam lr 1e-3, CrossEntropyLoss, batch 1024, DataL
 shuffle=True), test loss / macro precision / recall every 5 epochs. danlu trains the same model with the
 same recipe from a config (validating on the same test rows every 5 epochs, writing checkpoints).
 
-    python benchmarks/train_tabular.py [--epochs 101]
+    python benchmarks/train_tabular.py [--epochs 101] [--device cpu|cuda]
+
+On cuda the tutorial loop moves each batch to the GPU (`xb.to(device)`), as GPU tutorials do.
 """
 
 from __future__ import annotations
@@ -45,21 +47,22 @@ def make_data():
     return train_test_split(x.astype(np.float32), y, test_size=0.2, random_state=SEED, stratify=y)
 
 
-def tutorial_loop(x_train, x_test, y_train, y_test, epochs: int) -> tuple[float, float]:
+def tutorial_loop(x_train, x_test, y_train, y_test, epochs: int, device: str) -> tuple[float, float]:
     """The usual tutorial code, as written in countless notebooks."""
     scaler = StandardScaler().fit(x_train)
     x_train = torch.tensor(scaler.transform(x_train), dtype=torch.float32)
-    x_test = torch.tensor(scaler.transform(x_test), dtype=torch.float32)
-    y_train, y_test = torch.tensor(y_train), torch.tensor(y_test)
+    x_test = torch.tensor(scaler.transform(x_test), dtype=torch.float32).to(device)
+    y_train, y_test = torch.tensor(y_train), torch.tensor(y_test).to(device)
     torch.manual_seed(SEED)
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=1024, shuffle=True)
-    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()
     start = time.perf_counter()
     for epoch in range(epochs):
         model.train()
         for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad()
             loss = criterion(model(xb), yb)
             loss.backward()
@@ -70,15 +73,17 @@ def tutorial_loop(x_train, x_test, y_train, y_test, epochs: int) -> tuple[float,
                 out = model(x_test)
                 pred = out.argmax(1)
                 criterion(out, y_test).item()
-                precision_score(y_test, pred, average="macro", zero_division=0)
-                recall_score(y_test, pred, average="macro", zero_division=0)
+                precision_score(y_test.cpu(), pred.cpu(), average="macro", zero_division=0)
+                recall_score(y_test.cpu(), pred.cpu(), average="macro", zero_division=0)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
     return seconds, accuracy
 
 
-def danlu_run(x_train, x_test, y_train, y_test, epochs: int, workdir: Path) -> tuple[float, float, float]:
+def danlu_run(
+    x_train, x_test, y_train, y_test, epochs: int, device: str, workdir: Path
+) -> tuple[float, float, float]:
     columns = [f"x{j}" for j in range(10)]
     for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         pd.DataFrame(x, columns=columns).assign(label=y).to_parquet(workdir / f"{name}.parquet", index=False)
@@ -91,7 +96,13 @@ def danlu_run(x_train, x_test, y_train, y_test, epochs: int, workdir: Path) -> t
         },
         # the quickstart's recipe is the tutorial's: a 10-20-3 MLP, Adam 1e-3, batch 1024, eval every 5 epochs
         "model": QUICKSTART["model"],
-        "train": {**QUICKSTART["train"], "epochs": epochs, "restore_best": False, "seed": SEED},
+        "train": {
+            **QUICKSTART["train"],
+            "epochs": epochs,
+            "restore_best": False,
+            "seed": SEED,
+            "device": device,
+        },
     }
     start = time.perf_counter()
     run = danlu.train(config, out=workdir / "run", progress=False)
@@ -102,15 +113,16 @@ def danlu_run(x_train, x_test, y_train, y_test, epochs: int, workdir: Path) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=101)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     data = make_data()
     with tempfile.TemporaryDirectory() as tmp:
-        d_seconds, d_wall, d_acc = danlu_run(*data, args.epochs, Path(tmp))
-    t_seconds, t_acc = tutorial_loop(*data, args.epochs)
-    print(
-        f"{args.epochs} epochs, 80,000 training rows, batch 1024, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        d_seconds, d_wall, d_acc = danlu_run(*data, args.epochs, args.device, Path(tmp))
+    t_seconds, t_acc = tutorial_loop(*data, args.epochs, args.device)
+    where = (
+        torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     )
+    print(f"{args.epochs} epochs, 80,000 training rows, batch 1024, torch {torch.__version__}, {where}")
     print(f"{'':28}{'loop seconds':>14}{'test accuracy':>15}")
     print(f"{'tutorial DataLoader loop':28}{t_seconds:>14.2f}{t_acc:>15.4f}")
     print(f"{'danlu train':28}{d_seconds:>14.2f}{d_acc:>15.4f}")

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from danlu.config import Config, apply_overrides, load_config, read_yaml, resolve_paths, validate
@@ -113,21 +112,20 @@ def load(run_dir: str | Path, device: str = "cpu") -> Predictor:
 
 
 def _metrics_over(predictor: Predictor, frames: Iterable[pd.DataFrame]) -> dict[str, Any]:
-    from danlu.evaluation.metrics import task_metrics
+    from danlu.evaluation.metrics import MetricStream
 
     pre = predictor.preprocessor
-    targets, decoded = [], []
+    stream = MetricStream(pre.task, pre.classes)
     for frame in frames:
         if pre.target not in frame.columns:
             raise DanluError(
                 f"the data has no target column '{pre.target}'",
                 "evaluation needs true values; use `danlu predict` for unlabeled data",
             )
-        targets.append(pre.decode_target(pre.encode_target(frame[pre.target])))
-        decoded.append(predictor.decoded(frame))
-    if not targets or sum(len(t) for t in targets) == 0:
+        stream.update(pre.decode_target(pre.encode_target(frame[pre.target])), predictor.decoded(frame))
+    if stream.n == 0:
         raise DanluError("no rows to evaluate", "pass data with at least one row")
-    return task_metrics(pre.task, np.concatenate(targets), np.concatenate(decoded), pre.classes)
+    return stream.result()
 
 
 def evaluate(run_dir: str | Path, data: str | Path | None = None) -> dict[str, Any]:

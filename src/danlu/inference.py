@@ -4,7 +4,7 @@ evaluation and prediction)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -41,22 +41,26 @@ def forward(model: nn.Module, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch
     return model(x_num, x_cat) if x_cat.shape[1] else model(x_num)
 
 
-@torch.no_grad()
+def iter_outputs(
+    model: nn.Module, batches: Iterable, device: torch.device, precision: str = "fp32"
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Raw model outputs (float32) and encoded targets, batch by batch, in order, in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        for x_num, x_cat, y in batches:
+            with torch.no_grad(), autocast(device, precision):
+                out = forward(model, x_num.to(device), x_cat.to(device))
+            yield out.float().cpu().numpy(), y.cpu().numpy()
+    finally:
+        model.train(was_training)
+
+
 def collect_outputs(
     model: nn.Module, batches: Iterable, device: torch.device, precision: str = "fp32"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Raw model outputs and encoded targets for every batch, in order, as float32/int arrays."""
-    was_training = model.training
-    model.eval()
-    outputs, targets = [], []
-    try:
-        for x_num, x_cat, y in batches:
-            with autocast(device, precision):
-                out = forward(model, x_num.to(device), x_cat.to(device))
-            outputs.append(out.float().cpu())
-            targets.append(y.cpu())
-    finally:
-        model.train(was_training)
-    if not outputs:
+    """Raw model outputs and encoded targets for every batch, concatenated."""
+    pairs = list(iter_outputs(model, batches, device, precision))
+    if not pairs:
         return np.empty((0, 0), dtype=np.float32), np.empty(0)
-    return torch.cat(outputs).numpy(), torch.cat(targets).numpy()
+    return np.concatenate([o for o, _ in pairs]), np.concatenate([t for _, t in pairs])

@@ -2,16 +2,28 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from danlu.evaluation.metrics import classification_metrics, regression_metrics, summary
+from danlu.evaluation.metrics import MetricStream, summary
+
+
+def metrics_of(task, y, decoded, classes=None, chunk=None, exact_rows=1_000_000):
+    stream = MetricStream(task, classes, exact_rows=exact_rows)
+    chunk = chunk or len(y)
+    for start in range(0, len(y), chunk):
+        stream.update(y[start : start + chunk], decoded[start : start + chunk])
+    return stream.result()
+
+
+def multiclass_scores(n, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    proba = rng.dirichlet([1, 1, 1], n)
+    proba[np.arange(n), y] += 0.5
+    return y, proba / proba.sum(axis=1, keepdims=True)
 
 
 def test_multiclass_metrics_match_sklearn():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 500)
-    proba = rng.dirichlet([1, 1, 1], 500)
-    proba[np.arange(500), y] += 0.5
-    proba /= proba.sum(axis=1, keepdims=True)
-    m = classification_metrics(y, proba, ["a", "b", "c"])
+    y, proba = multiclass_scores(500)
+    m = metrics_of("classification", y, proba, ["a", "b", "c"])
     pred = proba.argmax(axis=1)
     assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
     assert m["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
@@ -24,23 +36,60 @@ def test_multiclass_metrics_match_sklearn():
     assert set(summary("classification", m)) == {"accuracy", "f1_macro", "roc_auc", "log_loss"}
 
 
+def test_chunked_metrics_equal_one_shot_metrics():
+    y, proba = multiclass_scores(1000, seed=3)
+    whole = metrics_of("classification", y, proba, ["a", "b", "c"])
+    chunked = metrics_of("classification", y, proba, ["a", "b", "c"], chunk=77)
+    assert chunked["confusion_matrix"] == whole["confusion_matrix"]
+    for key in ("accuracy", "f1_macro", "roc_auc", "log_loss"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_histogram_roc_auc_past_exact_rows_is_close_to_exact(k):
+    rng = np.random.default_rng(k)
+    n = 20_000
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), y] += 1.0
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    exact = metrics_of("classification", y, proba, list(range(k)))
+    streamed = metrics_of("classification", y, proba, list(range(k)), chunk=1000, exact_rows=3000)
+    assert streamed["roc_auc"] != exact["roc_auc"]  # the histogram path really ran
+    assert streamed["roc_auc"] == pytest.approx(exact["roc_auc"], abs=1e-4)
+    assert streamed["confusion_matrix"] == exact["confusion_matrix"]
+    assert streamed["log_loss"] == pytest.approx(exact["log_loss"], rel=1e-9)
+
+
 def test_binary_roc_auc_uses_positive_class():
     y = np.array([0, 0, 1, 1, 1, 0])
     p1 = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.2])
-    m = classification_metrics(y, np.stack([1 - p1, p1], axis=1), [False, True])
+    m = metrics_of("classification", y, np.stack([1 - p1, p1], axis=1), [False, True])
     assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p1))
 
 
-def test_roc_auc_is_none_when_a_class_is_absent():
+@pytest.mark.parametrize("exact_rows", [1_000_000, 1])
+def test_roc_auc_is_none_when_a_class_is_absent(exact_rows):
     proba = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1]])
-    assert classification_metrics(np.array([0, 1]), proba, [0, 1, 2])["roc_auc"] is None
+    m = metrics_of("classification", np.array([0, 1]), proba, [0, 1, 2], chunk=1, exact_rows=exact_rows)
+    assert m["roc_auc"] is None
 
 
-def test_regression_metrics_match_sklearn():
+def test_regression_metrics_match_sklearn_in_chunks_with_a_large_offset():
     rng = np.random.default_rng(1)
-    y = rng.normal(100, 10, 200)
-    pred = y + rng.normal(0, 3, 200)
-    m = regression_metrics(y, pred)
+    y = rng.normal(1e6, 10, 2000)
+    pred = y + rng.normal(0, 3, 2000)
+    m = metrics_of("regression", y, pred, chunk=300)
     assert m["mae"] == pytest.approx(skm.mean_absolute_error(y, pred))
     assert m["rmse"] == pytest.approx(np.sqrt(skm.mean_squared_error(y, pred)))
-    assert m["r2"] == pytest.approx(skm.r2_score(y, pred))
+    assert m["r2"] == pytest.approx(skm.r2_score(y, pred), rel=1e-6)
+
+
+def test_sample_keeps_the_first_rows_only():
+    stream = MetricStream("regression", None, exact_rows=250)
+    for start in range(0, 1000, 100):
+        values = np.arange(start, start + 100, dtype=float)
+        stream.update(values, values)
+    y, _ = stream.sample
+    assert stream.n == 1000
+    assert len(y) == 300 and y[0] == 0

@@ -1,4 +1,5 @@
-"""Metrics as pure functions on arrays, wrapping sklearn.metrics."""
+"""Metrics as pure functions on arrays, and `MetricStream`, which computes the same metrics over chunks
+of a split in bounded memory."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ SUMMARY_KEYS = {
     "classification": ("accuracy", "f1_macro", "roc_auc", "log_loss"),
     "regression": ("mae", "rmse", "r2"),
 }
+EXACT_ROWS = 1_000_000  # MetricStream keeps scores for an exact ROC-AUC up to this many rows
+PROBA_FLOOR = 1e-15  # log loss clips probabilities here
 
 
 def _roc_auc(y: np.ndarray, proba: np.ndarray) -> float | None:
@@ -27,46 +30,38 @@ def _roc_auc(y: np.ndarray, proba: np.ndarray) -> float | None:
         return None
 
 
-def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: list[Any]) -> dict[str, Any]:
-    """Accuracy, macro precision/recall/F1, ROC-AUC, log loss, per-class report and confusion matrix.
+def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    return np.bincount(y.astype(np.int64) * k + pred, minlength=k * k).reshape(k, k)
 
-    Args:
-        y: true class indices [n]. proba: predicted probabilities [n, k]. classes: the k class names.
-    """
-    labels = np.arange(len(classes))
-    pred = proba.argmax(axis=1)
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        y, pred, labels=labels, zero_division=0
-    )
+
+def _log_loss_sum(y: np.ndarray, proba: np.ndarray) -> float:
+    p_true = proba[np.arange(len(y)), y.astype(np.int64)].astype(np.float64)
+    return float(-np.log(np.clip(p_true, PROBA_FLOOR, 1.0)).sum())
+
+
+def _from_confusion(
+    confusion: np.ndarray, classes: list[Any], roc_auc: float | None, log_loss: float
+) -> dict[str, Any]:
+    """The classification report from a confusion matrix (rows true, columns predicted)."""
+    true_positive = np.diag(confusion).astype(np.float64)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, true_positive / predicted, 0.0)
+        recall = np.where(support > 0, true_positive / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
     return {
-        "accuracy": float(skm.accuracy_score(y, pred)),
+        "accuracy": float(true_positive.sum() / max(confusion.sum(), 1)),
         "precision_macro": float(precision.mean()),
         "recall_macro": float(recall.mean()),
         "f1_macro": float(f1.mean()),
-        "roc_auc": _roc_auc(y, proba),
-        "log_loss": float(skm.log_loss(y, np.clip(proba, 1e-15, 1), labels=labels)),
+        "roc_auc": roc_auc,
+        "log_loss": log_loss,
         "per_class": {
             str(name): {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
         },
-        "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
+        "confusion_matrix": confusion.tolist(),
     }
-
-
-def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """MAE, RMSE and R^2, in the units of the values given (original units in danlu)."""
-    return {
-        "mae": float(skm.mean_absolute_error(y, pred)),
-        "rmse": float(np.sqrt(skm.mean_squared_error(y, pred))),
-        "r2": float(skm.r2_score(y, pred)) if len(y) > 1 else float("nan"),
-    }
-
-
-def task_metrics(task: str, y: np.ndarray, decoded: np.ndarray, classes: list[Any] | None) -> dict[str, Any]:
-    """Metrics for a task from true targets and decoded predictions (probabilities or values)."""
-    if task == "classification":
-        return classification_metrics(y, decoded, classes)
-    return regression_metrics(y, decoded)
 
 
 def summary(task: str, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -74,14 +69,122 @@ def summary(task: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return {key: metrics[key] for key in SUMMARY_KEYS[task]}
 
 
-def epoch_metrics(task: str, y: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
-    """Cheap per-epoch validation metrics (no per-class report)."""
-    if task == "classification":
-        pred = decoded.argmax(axis=1)
+class _ScoreHistograms:
+    """One-vs-rest ROC-AUC from per-class score histograms on the logit scale.
+
+    Pairs of a positive and a negative row in different bins are ranked exactly; pairs sharing a bin count
+    as ties (half), which is the whole of the approximation. Bins are 0.001 logits wide for up to 16 classes.
+    """
+
+    LOGIT_RANGE = 30.0
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.columns = [1] if k == 2 else list(range(k))
+        self.bins = int(np.clip((1 << 22) // len(self.columns), 1024, 1 << 16))
+        self.counts = np.zeros((len(self.columns), 2, self.bins), dtype=np.int64)
+
+    def update(self, y: np.ndarray, proba: np.ndarray) -> None:
+        for row, c in enumerate(self.columns):
+            p = np.clip(proba[:, c].astype(np.float64), 1e-300, 1.0)
+            logit = np.clip(
+                np.log(p) - np.log1p(-np.minimum(p, 1 - 1e-16)), -self.LOGIT_RANGE, self.LOGIT_RANGE
+            )
+            index = (
+                ((logit + self.LOGIT_RANGE) / (2 * self.LOGIT_RANGE) * (self.bins - 1))
+                .round()
+                .astype(np.int64)
+            )
+            positive = (y == c).astype(np.int64)
+            self.counts[row] += np.bincount(positive * self.bins + index, minlength=2 * self.bins).reshape(
+                2, self.bins
+            )
+
+    def roc_auc(self) -> float | None:
+        aucs = []
+        for negatives, positives in self.counts:
+            n_pos, n_neg = positives.sum(), negatives.sum()
+            if n_pos == 0 or n_neg == 0:
+                return None  # the same rule as the exact path: every class must be present
+            below = np.cumsum(negatives) - negatives
+            aucs.append(float((positives * (below + 0.5 * negatives)).sum() / (n_pos * n_neg)))
+        return float(np.mean(aucs))
+
+
+class MetricStream:
+    """The metrics of a split, fed chunk by chunk, in memory bounded by `exact_rows`.
+
+    Confusion matrix, log loss, MAE, RMSE and R^2 are exact for any number of rows (running sums).
+    ROC-AUC is exact (sklearn) up to `exact_rows` rows; past that it comes from `_ScoreHistograms`.
+    The first `exact_rows` rows stay available as `sample` (for plots).
+    """
+
+    def __init__(self, task: str, classes: list[Any] | None, exact_rows: int = EXACT_ROWS) -> None:
+        self.task, self.classes, self.exact_rows = task, classes, exact_rows
+        self.n = 0
+        self._kept: list[tuple[np.ndarray, np.ndarray]] = []
+        self._kept_rows = 0
+        self._histograms: _ScoreHistograms | None = None
+        if task == "classification":
+            self._confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+            self._log_loss = 0.0
+        else:
+            self._shift: float | None = None  # sums of (y - shift) keep R^2 precise for large offsets
+            self._sums = np.zeros(4)  # |e|, e^2, y - shift, (y - shift)^2
+
+    def update(self, y: np.ndarray, decoded: np.ndarray) -> None:
+        """Add rows: true targets (class indices or values) and decoded predictions."""
+        if len(y) == 0:
+            return
+        self.n += len(y)
+        if self.task == "classification":
+            self._confusion += _confusion(y, decoded.argmax(axis=1), len(self.classes))
+            self._log_loss += _log_loss_sum(y, decoded)
+        else:
+            y64, error = y.astype(np.float64), decoded.astype(np.float64) - y
+            if self._shift is None:
+                self._shift = float(y64.mean())
+            centred = y64 - self._shift
+            self._sums += (np.abs(error).sum(), (error**2).sum(), centred.sum(), (centred**2).sum())
+        kept = self._kept_rows < self.exact_rows
+        if kept:
+            self._kept.append((y, decoded))
+            self._kept_rows += len(y)
+        if self.task == "classification" and self.n > self.exact_rows:
+            pending = [(y, decoded)]
+            if self._histograms is None:  # switching over: fold in every row seen so far
+                self._histograms = _ScoreHistograms(len(self.classes))
+                pending = self._kept if kept else [*self._kept, (y, decoded)]
+            for pending_y, pending_decoded in pending:
+                self._histograms.update(pending_y, pending_decoded)
+
+    @property
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """(targets, decoded predictions) of the first rows, at least `exact_rows` of them when there are."""
+        if not self._kept:
+            return np.empty(0), np.empty(0)
+        return np.concatenate([y for y, _ in self._kept]), np.concatenate([d for _, d in self._kept])
+
+    def result(self) -> dict[str, Any]:
+        """The full metrics (`classification_metrics` / `regression_metrics` keys)."""
+        if self.task == "classification":
+            if self._histograms is not None:
+                roc_auc = self._histograms.roc_auc()
+            else:
+                roc_auc = _roc_auc(*self.sample) if self.n else None
+            return _from_confusion(self._confusion, self.classes, roc_auc, self._log_loss / max(self.n, 1))
+        abs_sum, sq_sum, c_sum, c_sq_sum = self._sums
+        n = max(self.n, 1)
+        total = c_sq_sum - c_sum**2 / n
         return {
-            "accuracy": float((pred == y).mean()),
-            "f1_macro": float(
-                skm.f1_score(y, pred, average="macro", labels=np.arange(decoded.shape[1]), zero_division=0)
-            ),
+            "mae": float(abs_sum / n),
+            "rmse": float(np.sqrt(sq_sum / n)),
+            "r2": float(1 - sq_sum / total) if self.n > 1 and total > 0 else float("nan"),
         }
-    return regression_metrics(y, decoded)
+
+    def epoch_result(self) -> dict[str, float]:
+        """The cheap per-epoch validation metrics."""
+        if self.task == "classification":
+            full = _from_confusion(self._confusion, self.classes, None, 0.0)
+            return {"accuracy": full["accuracy"], "f1_macro": full["f1_macro"]}
+        return self.result()

@@ -8,7 +8,7 @@ from typing import Any
 from danlu import __version__
 from danlu.config import SCHEMA_VERSION, Config
 from danlu.evaluation import plots
-from danlu.evaluation.metrics import summary, task_metrics
+from danlu.evaluation.metrics import MetricStream, summary
 from danlu.models.weights import save_weights
 from danlu.run import RunDir, atomic_write_json
 from danlu.training import checkpoint as ckpt
@@ -17,14 +17,16 @@ from danlu.training.trainer import Setup, evaluate_part
 log = logging.getLogger("danlu")
 
 
-def write_plots(run: RunDir, task: str, metrics: dict[str, Any], classes, y, decoded) -> None:
+def write_plots(run: RunDir, stream: MetricStream, metrics: dict[str, Any]) -> None:
     history = run.read_metrics()
     if history:
         plots.learning_curves(history, run.plots / "learning_curves.png")
-    if task == "classification":
-        plots.confusion_matrix(metrics["confusion_matrix"], classes, run.plots / "confusion_matrix.png")
+    if stream.task == "classification":
+        plots.confusion_matrix(
+            metrics["confusion_matrix"], stream.classes, run.plots / "confusion_matrix.png"
+        )
     else:
-        plots.predicted_vs_actual(y, decoded, run.plots / "predicted_vs_actual.png")
+        plots.predicted_vs_actual(*stream.sample, run.plots / "predicted_vs_actual.png")
 
 
 def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
@@ -42,14 +44,14 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
     if held_out is None:
         log.warning("no test or validation rows: report.json has no held-out metrics")
     else:
-        _, y, decoded = evaluate_part(s.model, held_out, pre, s.device, tc.precision)
-        metrics = task_metrics(pre.task, y, decoded, pre.classes)
+        _, stream = evaluate_part(s.model, held_out, pre, s.device, tc.precision)
+        metrics = stream.result()
         headline = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
         report["test"] = headline
         report["test_split"] = split_name
         if pre.task == "classification":
             report["test_details"] = {k: metrics[k] for k in ("per_class", "confusion_matrix")}
-        write_plots(run, pre.task, metrics, pre.classes, y, decoded)
+        write_plots(run, stream, metrics)
         log.debug(
             "%s metrics: %s",
             split_name,

@@ -10,7 +10,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -27,8 +26,8 @@ from danlu.data.batches import Part, shuffle_generator
 from danlu.data.dataset import Dataset, load_dataset
 from danlu.data.preprocess import Preprocessor
 from danlu.errors import DanluError
-from danlu.evaluation.metrics import epoch_metrics
-from danlu.inference import autocast, collect_outputs, forward, resolve_device
+from danlu.evaluation.metrics import MetricStream
+from danlu.inference import autocast, forward, iter_outputs, resolve_device
 from danlu.models import ModelInputs, build_model
 from danlu.run import RunDir, atomic_write_text
 from danlu.training import checkpoint as ckpt
@@ -90,8 +89,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return cls(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
-def loss_fn(task: str):
-    return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+def loss_fn(task: str, reduction: str = "mean") -> nn.Module:
+    return (
+        nn.CrossEntropyLoss(reduction=reduction)
+        if task == "classification"
+        else nn.MSELoss(reduction=reduction)
+    )
 
 
 def _setup(config: Config, run: RunDir, preprocessor: Preprocessor | None) -> Setup:
@@ -158,18 +161,21 @@ def train_epoch(s: Setup, tc: TrainConfig, task: str, epoch: int) -> float:
 
 def evaluate_part(
     model: nn.Module, part: Part, pre: Preprocessor, device: torch.device, precision: str
-) -> tuple[float, np.ndarray, np.ndarray]:
-    """Loss (in training units), true targets (original units) and decoded predictions for one split."""
-    outputs, targets = collect_outputs(model, part.batches(EVAL_BATCH), device, precision)
-    out_t, y_t = torch.from_numpy(outputs), torch.from_numpy(targets)
-    loss = loss_fn(pre.task)(out_t.squeeze(-1) if pre.task == "regression" else out_t, y_t)
-    return float(loss), pre.decode_target(targets), pre.decode(outputs)
+) -> tuple[float, MetricStream]:
+    """Mean loss (in training units) and the metrics of one split, streamed batch by batch."""
+    criterion = loss_fn(pre.task, reduction="sum")
+    stream = MetricStream(pre.task, pre.classes)
+    loss_sum = 0.0
+    for outputs, targets in iter_outputs(model, part.batches(EVAL_BATCH), device, precision):
+        out_t, y_t = torch.from_numpy(outputs), torch.from_numpy(targets)
+        loss_sum += float(criterion(out_t.squeeze(-1) if pre.task == "regression" else out_t, y_t))
+        stream.update(pre.decode_target(targets), pre.decode(outputs))
+    return loss_sum / max(stream.n, 1), stream
 
 
 def validate(s: Setup, tc: TrainConfig) -> dict[str, float]:
-    pre = s.data.preprocessor
-    loss, y, decoded = evaluate_part(s.model, s.data.validation, pre, s.device, tc.precision)
-    return {"val_loss": loss, **{f"val_{k}": v for k, v in epoch_metrics(pre.task, y, decoded).items()}}
+    loss, stream = evaluate_part(s.model, s.data.validation, s.data.preprocessor, s.device, tc.precision)
+    return {"val_loss": loss, **{f"val_{k}": v for k, v in stream.epoch_result().items()}}
 
 
 def improved(value: float, best: float | None, monitor: str) -> bool:

@@ -1,0 +1,44 @@
+"""The CUDA paths: device placement, bf16/fp16 autocast with the fp16 grad scaler, chunked loading to the
+GPU, and runs trained on a GPU loading on the CPU. Skipped where torch sees no CUDA GPU (CI); run them on a
+GPU machine with `python -m pytest tests/gpu`."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+import danlu
+from tests.conftest import mixed_frame
+from tests.integration.test_training import fit, weights_of
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_training_on_cuda_at_each_precision(tmp_path, mixed_csv, precision):
+    run = fit(
+        tmp_path / "run",
+        mixed_csv,
+        "label",
+        "train.device=cuda",
+        f"train.precision={precision}",
+        "train.epochs=40",
+        "model.hidden=[16]",
+    )
+    assert run.report["device"].startswith("cuda")
+    assert torch.isfinite(weights_of(run)).all()
+    frame = mixed_frame(200, seed=9)
+    gpu_predictor = danlu.load(run.path, device="cuda")
+    on_gpu = gpu_predictor.predict_proba(frame)
+    on_cpu = danlu.load(run.path, device="cpu").predict_proba(frame)
+    assert np.allclose(on_gpu, on_cpu, atol=1e-4)
+    assert skm.accuracy_score(frame["label"], gpu_predictor.predict(frame)) > 0.6
+
+
+def test_chunked_training_on_cuda_matches_in_memory(tmp_path, mixed_csv):
+    common = ("train.device=cuda", "train.epochs=5", "model.hidden=[16]", "model.dropout=0")
+    in_memory = fit(tmp_path / "a", mixed_csv, "label", *common, "data.in_memory=true")
+    chunked = fit(tmp_path / "b", mixed_csv, "label", *common, "data.in_memory=false", "data.chunk_rows=1024")
+    assert not chunked.report["in_memory"]
+    assert chunked.report["test"]["accuracy"] > 0.5
+    assert in_memory.report["rows"] == chunked.report["rows"]
