@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # CPU build of PyTorch; pick a CUDA build by installing torch into .venv first (see README).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.setup-stamp
+# The web page tests drive Debian's chromium and chromedriver (a matched pair); sudo when not root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo test test-fast lint clean
 
@@ -14,7 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[bench,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[export,serve,bench,dev]"
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
 	touch $(STAMP)
 
 demo: setup

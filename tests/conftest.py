@@ -64,3 +64,24 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
         text=True,
         timeout=timeout,
     )
+
+
+def priced_frame(n: int = 400, seed: int = 0) -> pd.DataFrame:
+    """Regression with a categorical column and missing numbers (for export parity)."""
+    frame = regression_frame(n, seed)
+    rng = np.random.default_rng(seed + 1)
+    frame["zone"] = rng.choice(["north", "south", "east"], size=n)
+    frame["price"] += np.where(frame["zone"] == "north", 15.0, 0.0)
+    frame.loc[rng.random(n) < 0.1, "b"] = np.nan
+    return frame
+
+
+def train_quietly(out: Path, frame: pd.DataFrame, target: str, *overrides: str):
+    """Train on a frame (written beside the run as CSV) with overrides; returns the Run."""
+    import danlu
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = out.parent / f"{out.name}.csv"
+    frame.to_csv(data, index=False)
+    args = [f"data.train={data}", f"data.target={target}", "model.hidden=[16]", *overrides]
+    return danlu.train(None, args, out=out, progress=False, overwrite=True)

@@ -22,3 +22,18 @@ class WithCategoricals(nn.Module):
     def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
         parts = [x_num] + [e(x_cat[:, j]) for j, e in enumerate(self.embeddings)]
         return self.head(torch.cat(parts, dim=1))
+
+
+class Slow(nn.Module):
+    """Sleeps in every forward pass, so a test can hold a request in flight (e.g. across SIGTERM)."""
+
+    def __init__(self, in_features: int, out_features: int, cardinalities: list[int], seconds: float = 1.0):
+        super().__init__()
+        self.inner = WithCategoricals(in_features, out_features, cardinalities)
+        self.seconds = seconds
+
+    def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.seconds)
+        return self.inner(x_num, x_cat)

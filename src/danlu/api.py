@@ -44,8 +44,8 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         return self.dir.read_metrics()
 
-    def predictor(self, device: str = "cpu") -> Predictor:
-        return Predictor.load(self.path, device)
+    def predictor(self, device: str = "cpu", engine: str = "torch") -> Predictor:
+        return Predictor.load(self.path, device, engine)
 
 
 def _as_config(config: Config | dict | str | Path | None, overrides: Iterable[str]) -> Config:
@@ -106,9 +106,9 @@ def train(
     return Run(run.path)
 
 
-def load(run_dir: str | Path, device: str = "cpu") -> Predictor:
-    """A Predictor for a finished run directory."""
-    return Predictor.load(run_dir, device)
+def load(run_dir: str | Path, device: str = "cpu", engine: str = "torch") -> Predictor:
+    """A Predictor for a finished run directory, on the torch model or its ONNX export (engine="onnx")."""
+    return Predictor.load(run_dir, device, engine)
 
 
 def _metrics_over(predictor: Predictor, frames: Iterable[pd.DataFrame]) -> dict[str, Any]:
@@ -177,12 +177,15 @@ def write_predictions(predictor: Predictor, frames: Iterable[pd.DataFrame], out:
     return rows
 
 
-def predict_file(run_dir: str | Path, data: str | Path, out: str | Path, chunk_rows: int = 100_000) -> int:
+def predict_file(
+    run_dir: str | Path, data: str | Path, out: str | Path, chunk_rows: int = 100_000, engine: str = "torch"
+) -> int:
     """Stream DATA through a run's model into OUT (.csv or .parquet), rows in input order; returns rows."""
     from danlu.data.sources import stream_frames
 
     _output_suffix(out)  # fail before loading anything
-    return write_predictions(Predictor.load(run_dir), stream_frames(str(data), chunk_rows), out)
+    predictor = Predictor.load(run_dir, engine=engine)
+    return write_predictions(predictor, stream_frames(str(data), chunk_rows), out)
 
 
 QUICKSTART = {

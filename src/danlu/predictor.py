@@ -14,35 +14,62 @@ from torch import nn
 from danlu.config import Config, read_yaml, validate
 from danlu.data.batches import TensorPart
 from danlu.data.preprocess import Preprocessor
+from danlu.errors import DanluError
 from danlu.inference import collect_outputs, resolve_device
 from danlu.models import ModelInputs, build_model
 from danlu.models.weights import load_weights
 from danlu.run import RunDir
 
 PREDICT_BATCH = 65_536
+ENGINES = ("torch", "onnx")
 
 
 class Predictor:
     """Predictions from raw feature values: a DataFrame, a dict of columns or a 2-D array in feature order."""
 
     def __init__(
-        self, model: nn.Module, preprocessor: Preprocessor, config: Config, device: torch.device | str = "cpu"
+        self,
+        model: nn.Module,
+        preprocessor: Preprocessor,
+        config: Config,
+        device: torch.device | str = "cpu",
+        runner: Any = None,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.preprocessor = preprocessor
         self.config = config
+        self.runner = runner  # an exported model's runner (engine onnx); None runs the torch model
+        self.engine = "torch" if runner is None else "onnx"
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "cpu") -> Predictor:
-        """Load a finished run directory (config.yaml, preprocess.json, model.safetensors)."""
+    def load(cls, run_dir: str | Path, device: str = "cpu", engine: str = "torch") -> Predictor:
+        """Load a finished run directory (config.yaml, preprocess.json, model.safetensors).
+
+        Args:
+            engine: "torch", or "onnx" to run RUN/export/model.onnx on ONNX Runtime (CPU).
+        """
+        if engine not in ENGINES:
+            raise DanluError(f"unknown engine '{engine}'", f"use one of {', '.join(ENGINES)}")
         run = RunDir(run_dir)
         run.require_complete()
         config = validate(read_yaml(run.config))
         pre = Preprocessor.from_json(run.preprocess.read_text())
         model = build_model(config.model, ModelInputs(pre.n_numeric_inputs, pre.cardinalities, pre.n_outputs))
         load_weights(model, run.weights)
-        return cls(model, pre, config, resolve_device(device))
+        runner = None
+        if engine == "onnx":
+            from danlu.export import default_path
+            from danlu.export.onnx import OnnxRunner
+
+            path = default_path(run.path, "onnx")
+            if not path.is_file():
+                raise DanluError(
+                    f"{run.path} has no ONNX export ({path.name})",
+                    f"run `danlu export {run.path} --format onnx` first, or use engine torch",
+                )
+            runner = OnnxRunner(path, pre)
+        return cls(model, pre, config, resolve_device(device), runner)
 
     @property
     def task(self) -> str:
@@ -69,12 +96,20 @@ class Predictor:
     def decoded(self, data: Any) -> np.ndarray:
         """Probabilities [n, k] (classification) or values in original units [n] (regression)."""
         frame = self.as_frame(data)
+        if self.runner is not None:
+            if len(frame) == 0:
+                self.preprocessor.check_columns(frame)
+                return self._empty()
+            return self.runner.run(*self.preprocessor.raw_inputs(frame))
         x_num, x_cat = self.preprocessor.transform(frame)
         part = TensorPart(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.zeros(len(frame)))
         outputs, _ = collect_outputs(self.model, part.batches(PREDICT_BATCH), self.device)
         if len(frame) == 0:
-            return np.empty((0, self.preprocessor.n_outputs) if self.task == "classification" else 0)
+            return self._empty()
         return self.preprocessor.decode(outputs)
+
+    def _empty(self) -> np.ndarray:
+        return np.empty((0, self.preprocessor.n_outputs) if self.task == "classification" else 0)
 
     def predict_proba(self, data: Any) -> np.ndarray:
         if self.task != "classification":

@@ -34,6 +34,7 @@ BEST_CHECKPOINT = "best.pt"
 METRICS = "metrics.jsonl"
 REPORT = "report.json"
 PLOTS = "plots"
+EXPORT = "export"
 
 
 def _current_umask() -> int:
@@ -107,6 +108,7 @@ class RunDir:
     metrics = property(lambda self: self.path / METRICS)
     report = property(lambda self: self.path / REPORT)
     plots = property(lambda self: self.path / PLOTS)
+    export = property(lambda self: self.path / EXPORT)
 
     def is_complete(self) -> bool:
         return self.report.is_file()

@@ -13,7 +13,7 @@ from tests.conftest import mixed_frame, run_cli, write_config
 def test_help_lists_every_verb():
     result = run_cli("--help")
     assert result.returncode == 0
-    for verb in ("train", "evaluate", "predict", "quickstart"):
+    for verb in ("train", "evaluate", "predict", "export", "serve", "quickstart"):
         assert verb in result.stdout
 
 

@@ -137,6 +137,18 @@ class Preprocessor:
             x_cat[:, j] = codes.fillna(0).to_numpy(dtype=np.int64)
         return x_num, x_cat
 
+    def raw_inputs(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray]]:
+        """What exported models take: numeric features as float32 [n, n_numeric] with NaN for missing, and
+        each categorical feature as strings [n] ("" for missing), checked as in `transform`."""
+        self.check_columns(frame)
+        numeric = np.empty((len(frame), len(self.numeric)), dtype=np.float32)
+        for j, col in enumerate(self.numeric):
+            numeric[:, j] = numeric_values(frame, col.name)
+        categorical = [
+            category_strings(frame[col.name]).fillna("").to_numpy(dtype=object) for col in self.categorical
+        ]
+        return numeric, categorical
+
     def encode_target(self, target: pd.Series) -> np.ndarray:
         """Labels -> class indices (int64), or values -> standardized float32."""
         _check_target(target)

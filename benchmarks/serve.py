@@ -1,0 +1,187 @@
+"""`danlu serve` vs the tutorial FastAPI snippet, both real uvicorn processes on 127.0.0.1.
+
+The naive app is what tutorials write: an `async def predict` that runs the same model (the same danlu
+Predictor, so preprocessing is equal) per request inside the event loop. Each server is driven from a
+separate load process (a keep-alive asyncio HTTP/1.1 client) with single-row requests at 1, 16 and 64
+concurrent connections, for (a) the quickstart model (a 10-20-3 MLP) and (b) a compute-heavy MLP
+(hidden [2048, 2048, 2048]).
+
+    python benchmarks/serve.py [--seconds 5] [--concurrency 1 16 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+RECORD = {f"x{j}": 0.1 * j for j in range(10)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def naive_app(run_dir: str):
+    """The tutorial snippet, fixed only so that it starts (a Body annotation)."""
+    import pandas as pd
+    from fastapi import Body, FastAPI
+
+    import danlu
+
+    predictor = danlu.load(run_dir)
+    app = FastAPI()
+
+    @app.post("/v1/predict")
+    async def predict(data: dict = Body(...)):  # noqa: B008 (the tutorial's own spelling)
+        frame = pd.DataFrame(data["records"])
+        return {"predictions": predictor.predict(frame).tolist()}
+
+    return app
+
+
+def start(command: list[str], port: int, log) -> subprocess.Popen:
+    process = subprocess.Popen(command, stdout=log, stderr=log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            raise SystemExit(f"{command} exited: {log.read().decode(errors='replace')}")
+        try:
+            body = {"records": [RECORD]}
+            if httpx.post(f"http://127.0.0.1:{port}/v1/predict", json=body, timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise SystemExit(f"{command} did not answer in 120 s")
+
+
+async def load(port: int, connections: int, seconds: float) -> dict:
+    """Keep-alive connections sending POST /v1/predict back to back; latencies of 2xx answers."""
+    body = json.dumps({"records": [RECORD]}).encode()
+    request = (
+        f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    latencies, errors = [], 0
+    stop = time.monotonic() + seconds
+
+    async def connection() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while time.monotonic() < stop:
+            start = time.perf_counter()
+            writer.write(request)
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            if 200 <= status < 300:
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors += 1
+        writer.close()
+
+    began = time.monotonic()
+    await asyncio.gather(*(connection() for _ in range(connections)))
+    elapsed = time.monotonic() - began
+    ms = np.array(latencies) * 1000
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+        "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+        "errors": errors,
+    }
+
+
+def measure(port: int, connections: int, seconds: float) -> dict:
+    """Run the load in its own process, so the client does not share an interpreter with the server."""
+    code = f"import asyncio, json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import serve; "
+    code += f"print(json.dumps(asyncio.run(serve.load({port}, {connections}, {seconds}))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def train_models(root: Path) -> dict[str, Path]:
+    import danlu
+    from danlu.api import QUICKSTART
+
+    quick = {**QUICKSTART, "train": {**QUICKSTART["train"], "epochs": 3}}
+    heavy = {
+        "data": {"train": "synthetic:classification", "synthetic": {"n_samples": 5000}},
+        "model": {"hidden": [2048, 2048, 2048]},
+        "train": {"epochs": 1},
+    }
+    paths = {}
+    for name, config in (("quickstart MLP", quick), ("MLP [2048, 2048, 2048]", heavy)):
+        paths[name] = danlu.train(config, out=root / name.split()[0].lower(), progress=False).path
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="load per measurement (default 5)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--naive", metavar="RUN_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.naive:  # the child process that serves the naive app
+        import uvicorn
+
+        uvicorn.run(
+            naive_app(args.naive), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
+        )
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, run_dir in train_models(Path(tmp)).items():
+            servers = {
+                "naive FastAPI": [sys.executable, __file__, "--naive", str(run_dir), "--port"],
+                "danlu serve": [sys.executable, "-m", "danlu", "-q", "serve", str(run_dir), "--port"],
+            }
+            results = {}
+            for name, command in servers.items():
+                port = free_port()
+                with tempfile.TemporaryFile() as log:
+                    process = start([*command, str(port)], port, log)
+                    try:
+                        for connections in args.concurrency:
+                            results[name, connections] = measure(port, connections, args.seconds)
+                    finally:
+                        process.send_signal(signal.SIGTERM)
+                        process.wait(timeout=60)
+            rows.append((model, results))
+    print(f"single-row POST /v1/predict, {args.seconds:g} s per cell, {os.cpu_count()} CPU cores, 127.0.0.1")
+    header = f"{'model':<24}{'conns':>6}  {'naive req/s':>11} {'p50 ms':>7} {'p99 ms':>7}"
+    print(header + f"  {'danlu req/s':>11} {'p50 ms':>7} {'p99 ms':>7}  {'req/s ratio':>11}")
+    for model, results in rows:
+        for connections in args.concurrency:
+            naive, ours = results["naive FastAPI", connections], results["danlu serve", connections]
+            cells = [f"{r['rps']:>11.0f} {r['p50']:>7.1f} {r['p99']:>7.1f}" for r in (naive, ours)]
+            print(
+                f"{model:<24}{connections:>6}  {cells[0]}  {cells[1]}  {ours['rps'] / naive['rps']:>10.2f}x"
+                + (
+                    f"  ({naive['errors']}/{ours['errors']} errors)"
+                    if naive["errors"] or ours["errors"]
+                    else ""
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()

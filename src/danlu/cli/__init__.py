@@ -1,0 +1,65 @@
+"""The `danlu` command: parse arguments, call the library, print. One module per verb; each imports torch
+and the library only inside its run function, so `danlu --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from danlu import __version__
+from danlu.cli.evaluate import add_evaluate
+from danlu.cli.export import add_export
+from danlu.cli.predict import add_predict
+from danlu.cli.serve import add_serve
+from danlu.cli.train import add_quickstart, add_train
+from danlu.errors import DanluError
+
+EXAMPLES = """examples:
+  danlu quickstart                                   train the tutorial workload end to end
+  danlu train cfg.yaml train.epochs=5 model.hidden=[64,32] --out runs/small
+  danlu train --resume runs/small                    continue a stopped run
+  danlu evaluate runs/small [test.csv] [--json]      metrics on the test split or on a file
+  danlu predict runs/small new.csv -o predictions.csv
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="danlu",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+        description="danlu: config-driven training, evaluation and prediction for PyTorch models.",
+    )
+    parser.add_argument("--version", action="version", version=f"danlu {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or info logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (add_train, add_evaluate, add_predict, add_export, add_serve, add_quickstart):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="danlu: %(message)s", stream=sys.stderr)
+    if not args.debug:
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    try:
+        return args.run(args)
+    except DanluError as exc:
+        if args.debug:
+            raise
+        print(f"danlu: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "danlu: interrupted (a stopped run continues with `danlu train --resume RUN_DIR`)",
+            file=sys.stderr,
+        )
+        return 130

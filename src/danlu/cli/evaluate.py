@@ -1,0 +1,51 @@
+"""danlu evaluate."""
+
+from __future__ import annotations
+
+import json
+
+from danlu.cli.output import fmt
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics of a trained run",
+        description="Evaluate a finished run on DATA (a file with the target column) or, "
+        "without DATA, on the run's own test split.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("data", nargs="?", metavar="DATA", help="CSV/Parquet/NPZ/NPY with the target column")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: accuracy, f1_macro, roc_auc, log_loss or mae, rmse, r2",
+    )
+    p.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    import danlu
+    from danlu.evaluation.metrics import summary
+    from danlu.run import RunDir
+
+    metrics = danlu.evaluate(args.run_dir, args.data)
+    task = "classification" if "accuracy" in metrics else "regression"
+    if args.json:
+        print(json.dumps(summary(task, metrics)))
+        return 0
+    print(f"{'data' if args.data else 'test split'}: {args.data or RunDir(args.run_dir).path}")
+    for key, value in metrics.items():
+        if key not in ("per_class", "confusion_matrix"):
+            print(f"  {key:<16}{fmt(value)}")
+    if task == "classification":
+        print(f"  {'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+        for name, row in metrics["per_class"].items():
+            print(
+                f"  {name:<16}"
+                + "".join(f"{fmt(row[k]):>10}" for k in ("precision", "recall", "f1", "support"))
+            )
+        print("  confusion matrix (rows true, columns predicted):")
+        for row in metrics["confusion_matrix"]:
+            print("    " + " ".join(f"{v:>7}" for v in row))
+    return 0

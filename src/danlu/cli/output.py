@@ -1,0 +1,34 @@
+"""Printing shared by the verbs: a finished run and headline metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def headline(task: str, metrics: dict[str, Any]) -> str:
+    from danlu.evaluation.metrics import SUMMARY_KEYS
+
+    return "  ".join(f"{k}={fmt(metrics[k])}" for k in SUMMARY_KEYS[task] if metrics.get(k) is not None)
+
+
+def print_run(run, extra: list[tuple[str, Any]] = ()) -> None:
+    report = run.report
+    test = report["test"] or {}
+    lines = [
+        ("run", run.path),
+        (report.get("test_split", "test"), headline(report["task"], test) if test else "no held-out rows"),
+        (
+            "training",
+            f"{report['train_seconds']:.1f} s, {report['epochs_run']} epochs (best {report['best_epoch']})",
+        ),
+        ("report", run.dir.report),
+        ("plots", run.dir.plots),
+        *extra,
+    ]
+    width = max(len(name) for name, _ in lines)
+    for name, value in lines:
+        print(f"{name:<{width}}  {value}")

@@ -1,0 +1,31 @@
+"""danlu predict."""
+
+from __future__ import annotations
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="batch predictions for a file",
+        description="Write DATA's rows in order with a `prediction` column (and `proba_<class>` "
+        "columns for classification); other columns pass through. Streams in chunks.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("data", metavar="DATA", help="CSV/Parquet/NPZ/NPY with the feature columns")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output .csv or .parquet")
+    p.add_argument("--chunk-rows", type=int, default=100_000, help="rows per chunk (default 100000)")
+    p.add_argument(
+        "--engine",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="torch (default), or onnx: the run's export/model.onnx on ONNX Runtime",
+    )
+    p.set_defaults(run=run_predict)
+
+
+def run_predict(args) -> int:
+    from danlu.api import predict_file
+
+    rows = predict_file(args.run_dir, args.data, args.output, args.chunk_rows, args.engine)
+    print(f"wrote {rows} predictions to {args.output}")
+    return 0

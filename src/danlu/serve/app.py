@@ -1,0 +1,279 @@
+"""The HTTP server: `create_app(ServeSettings)` builds a FastAPI app around a Predictor and a MicroBatcher.
+
+Endpoints: POST /v1/predict, GET /v1/metadata, /healthz, /readyz, /metrics (Prometheus), / (a web page),
+/docs (OpenAPI with the run's real feature names). Everything is validated when the app is built
+(run directory, engine, limits), not per request.
+"""
+
+import asyncio
+import hmac
+import json
+import os
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from danlu import __version__
+from danlu.errors import DanluError
+from danlu.predictor import Predictor
+from danlu.run import RunDir
+from danlu.serve.batching import MicroBatcher, QueueFull
+from danlu.serve.guard import Guard
+from danlu.serve.schemas import PredictResponse, check_instances, request_model
+
+SETTINGS_ENV = "DANLU_SERVE_SETTINGS"  # how `--workers N` hands the settings to each worker process
+
+
+@dataclass
+class ServeSettings:
+    run_dir: str
+    engine: str = "torch"
+    max_batch: int = 64  # rows per forward pass
+    max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
+    max_rows: int = 1024  # rows per request
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_queue_rows: int = 8192  # rows waiting before requests get 503
+    timeout_s: float = 30.0  # a request waiting longer gets 504
+    api_key: str | None = None
+
+    def check(self) -> None:
+        for name in ("max_batch", "max_rows", "max_body_bytes", "max_queue_rows"):
+            if getattr(self, name) < 1:
+                raise DanluError(f"{name.replace('_', '-')} must be at least 1", "pass a positive number")
+        if self.max_wait_ms < 0 or self.timeout_s <= 0:
+            raise DanluError("max-wait-ms must be >= 0 and timeout must be > 0", "pass sensible limits")
+
+
+class Metrics:
+    """Prometheus series of one app (its own registry, so several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()  # the *_created series only add noise to a scrape
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "danlu_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "danlu_request_seconds",
+            "request latency by endpoint",
+            ["endpoint"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.batch_rows = Histogram(
+            "danlu_batch_rows",
+            "rows per forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+            registry=self.registry,
+        )
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+
+def _feature_schema(predictor: Predictor) -> list[dict[str, Any]]:
+    pre = predictor.preprocessor
+    return [{"name": c.name, "type": "numeric", "mean": c.mean} for c in pre.numeric] + [
+        {"name": c.name, "type": "categorical", "values": c.values} for c in pre.categorical
+    ]
+
+
+def _warmup_frame(predictor: Predictor) -> pd.DataFrame:
+    pre = predictor.preprocessor
+    row = {c.name: c.mean for c in pre.numeric} | {c.name: (c.values or [""])[0] for c in pre.categorical}
+    return pd.DataFrame([row], columns=pre.features)
+
+
+def _encode(predictor: Predictor, output: np.ndarray) -> dict[str, Any]:
+    pre = predictor.preprocessor
+    if pre.task == "classification":
+        labels = pre.labels(output.argmax(axis=1))
+        return {"predictions": labels.tolist(), "probabilities": output.tolist(), "classes": pre.classes}
+    return {"predictions": np.asarray(output, dtype=np.float64).tolist()}
+
+
+def _page(predictor: Predictor, settings: ServeSettings, title: str) -> str:
+    schema = {
+        "title": title,
+        "task": predictor.task,
+        "features": _feature_schema(predictor),
+        "classes": predictor.classes,
+        "api_key_required": settings.api_key is not None,
+    }
+    # "</" cannot close the script element from inside a JSON string
+    inline = json.dumps(schema).replace("</", "<\\/")
+    page = resources.files("danlu.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    return page.replace("__DANLU_SCHEMA__", inline)
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """The app for one run directory. Raises DanluError for a bad run directory, engine or limit."""
+    settings.check()
+    predictor = Predictor.load(settings.run_dir, engine=settings.engine)
+    run = RunDir(settings.run_dir)
+    report = run.read_report()
+    pre = predictor.preprocessor
+    PredictRequest = request_model(pre, settings.max_rows)
+    metrics = Metrics()
+    batcher = MicroBatcher(
+        predictor.decoded,
+        settings.max_batch,
+        settings.max_wait_ms,
+        settings.max_queue_rows,
+        settings.timeout_s,
+        on_batch=metrics.batch_rows.observe,
+    )
+    state = {"ready": False}
+    title = f"danlu: {run.path.resolve().name}"
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        await batcher.submit(_warmup_frame(predictor))  # /readyz turns 200 only after a real prediction
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        await batcher.stop()
+
+    app = FastAPI(
+        title=title,
+        version=__version__,
+        description=f"Predictions of a danlu {pre.task} model with features {', '.join(pre.features)}.",
+        lifespan=lifespan,
+    )
+    known = {"/", "/healthz", "/readyz", "/metrics", "/v1/predict", "/v1/metadata", "/docs", "/openapi.json"}
+    app.add_middleware(Guard, max_body_bytes=settings.max_body_bytes, metrics=metrics, endpoints=known)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # where and what only: echoing the input back could be large, or NaN that JSON cannot carry
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    def require_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix(
+            "Bearer "
+        )
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise HTTPException(
+                401,
+                "missing or wrong API key: send 'X-API-Key: KEY' or 'Authorization: Bearer KEY'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    @app.post("/v1/predict", response_model=PredictResponse, dependencies=[Depends(require_key)])
+    async def predict(body: PredictRequest) -> Any:  # type: ignore[valid-type]
+        """Predictions, in request order, for rows given as `records` or `instances`."""
+        rows = body.rows()
+        errors = check_instances(pre, rows) if body.instances is not None else []
+        if errors:
+            return JSONResponse({"detail": errors}, status_code=422)
+        frame = pd.DataFrame(rows, columns=pre.features)
+        try:
+            output = await batcher.submit(frame)
+        except QueueFull:
+            return JSONResponse(
+                {"detail": "the server is at capacity; retry shortly"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+        except asyncio.TimeoutError:
+            return JSONResponse({"detail": f"inference took over {settings.timeout_s:g} s"}, status_code=504)
+        except DanluError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+        return _encode(predictor, output)
+
+    @app.get("/v1/metadata", dependencies=[Depends(require_key)])
+    async def metadata() -> dict[str, Any]:
+        """Task, features, classes, test metrics, versions and limits."""
+        return {
+            "task": pre.task,
+            "target": pre.target,
+            "features": _feature_schema(predictor),
+            "classes": pre.classes,
+            "test_metrics": report.get("test"),
+            "test_split": report.get("test_split"),
+            "model": {
+                "run": run.path.resolve().name,
+                "type": predictor.config.model.target or predictor.config.model.type,
+            },
+            "engine": predictor.engine,
+            "danlu_version": __version__,
+            "trained_with_danlu": report.get("danlu_version"),
+            "limits": {"max_rows": settings.max_rows, "max_body_bytes": settings.max_body_bytes},
+        }
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """The model is loaded and a warm-up prediction has run."""
+        if state["ready"]:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    page = _page(predictor, settings, title)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The factory each `--workers N` process calls: settings travel in an environment variable."""
+    return create_app(ServeSettings(**json.loads(os.environ[SETTINGS_ENV])))
+
+
+def serve(
+    settings: ServeSettings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    access_log: bool = False,
+) -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight requests finish before the process exits."""
+    import uvicorn
+
+    app = create_app(settings)  # fail here, before binding, on a bad run directory or setting
+    options = {
+        "host": host,
+        "port": port,
+        "access_log": access_log,
+        "timeout_graceful_shutdown": settings.timeout_s,
+        "log_level": "info",
+    }
+    if workers > 1:
+        os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
+        uvicorn.run("danlu.serve.app:app_from_env", factory=True, workers=workers, **options)
+    else:
+        uvicorn.run(app, **options)

@@ -1,0 +1,75 @@
+"""ASGI middleware in front of every request: the body size limit (413) and the Prometheus request
+series. Plain ASGI rather than BaseHTTPMiddleware: it adds no task per request on the hot path."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+
+class Guard:
+    def __init__(self, app, max_body_bytes: int, metrics: Any, endpoints: set[str]) -> None:
+        self.app, self.max_body_bytes, self.metrics, self.endpoints = app, max_body_bytes, metrics, endpoints
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+        status = {"code": 500}
+
+        async def send_and_record(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None:
+                if not length.isdigit() or int(length) > self.max_body_bytes:
+                    await self._too_large(send_and_record)
+                    return
+            elif scope["method"] in ("POST", "PUT", "PATCH"):
+                receive = await self._buffered(receive)
+                if receive is None:
+                    await self._too_large(send_and_record)
+                    return
+            await self.app(scope, receive, send_and_record)
+        finally:
+            self.metrics.observe(endpoint, status["code"], time.perf_counter() - start)
+
+    async def _buffered(self, receive):
+        """Read a body sent without Content-Length up to the limit: a replaying receive, or None if over."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replaying():
+            return replay.pop() if replay else await receive()
+
+        return replaying
+
+    async def _too_large(self, send) -> None:
+        body = json.dumps({"detail": f"request body over the limit of {self.max_body_bytes} bytes"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

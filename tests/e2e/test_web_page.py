@@ -1,0 +1,70 @@
+"""The web page in real headless Chromium (Debian's chromium and chromedriver, installed by `make setup`):
+fill the generated form, press Predict, read the prediction and the probability bars."""
+
+import shutil
+
+import httpx
+import pytest
+
+from tests.conftest import mixed_frame, train_quietly
+from tests.e2e.test_serve_process import Server
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver: `make setup` installs them (apt)",
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_form_predicts_with_probability_bars(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    run = train_quietly(tmp_path / "cls", mixed_frame(400), "label", "train.epochs=20")
+    server = Server(run.path)
+    try:
+        browser.get(server.url + "/")
+        assert browser.find_element(By.NAME, "x0").get_attribute("type") == "number"
+        color = Select(browser.find_element(By.NAME, "color"))
+        assert [o.text for o in color.options] == ["blue", "green", "red"]
+        for name, value in (("x0", "1.5"), ("x1", "-0.25")):
+            field = browser.find_element(By.NAME, name)
+            field.clear()
+            field.send_keys(value)
+        color.select_by_visible_text("red")
+        browser.find_element(By.ID, "predict").click()
+        shown = (
+            WebDriverWait(browser, 20).until(ready.presence_of_element_located((By.ID, "prediction"))).text
+        )
+
+        record = {"x0": 1.5, "x1": -0.25, "color": "red"}
+        expected = httpx.post(f"{server.url}/v1/predict", json={"records": [record]}).json()
+        assert shown == f"Prediction: {expected['predictions'][0]}"
+        rows = browser.find_elements(By.CSS_SELECTOR, ".bar-row")
+        assert [r.get_attribute("data-class") for r in rows] == ["high", "low", "mid"]
+        shown_proba = [float(r.find_element(By.CLASS_NAME, "probability").text) for r in rows]
+        assert shown_proba == pytest.approx(expected["probabilities"][0], abs=1e-3)
+
+        field = browser.find_element(By.NAME, "x0")  # an empty number is a missing value, not an error
+        field.clear()
+        browser.find_element(By.ID, "predict").click()
+        WebDriverWait(browser, 20).until(
+            ready.text_to_be_present_in_element((By.ID, "result"), "Prediction:")
+        )
+    finally:
+        server.stop()

@@ -1,0 +1,180 @@
+"""The app in-process through FastAPI's TestClient (httpx), lifespan included."""
+
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import danlu
+from danlu.errors import DanluError
+from danlu.serve.app import ServeSettings, create_app
+from tests.conftest import mixed_frame, train_quietly
+
+RECORD = {"x0": 0.5, "x1": None, "color": "red"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return train_quietly(
+        tmp_path_factory.mktemp("serve") / "cls", mixed_frame(400), "label", "train.epochs=20"
+    )
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    app = create_app(ServeSettings(str(run.path), max_rows=50, max_body_bytes=20_000))
+    with TestClient(app) as client:
+        yield client
+
+
+def test_predict_records_and_instances_in_request_order(client, run):
+    frame = mixed_frame(20, seed=3).drop(columns="label")
+    records = json.loads(frame.to_json(orient="records"))
+    by_records = client.post("/v1/predict", json={"records": records})
+    assert by_records.status_code == 200
+    body = by_records.json()
+    expected = danlu.load(run.path)
+    assert body["predictions"] == list(expected.predict(frame))
+    assert np.allclose(body["probabilities"], expected.predict_proba(frame), atol=1e-6)
+    assert body["classes"] == ["high", "low", "mid"]
+    instances = frame[["x0", "x1", "color"]].astype(object).where(frame.notna(), None).values.tolist()
+    assert (
+        client.post("/v1/predict", json={"instances": instances}).json()["predictions"] == body["predictions"]
+    )
+
+
+def test_health_readiness_metadata_and_metrics(client, run):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    meta = client.get("/v1/metadata").json()
+    assert meta["task"] == "classification" and meta["classes"] == ["high", "low", "mid"]
+    assert [f["name"] for f in meta["features"]] == ["x0", "x1", "color"]
+    assert meta["test_metrics"]["accuracy"] == pytest.approx(run.report["test"]["accuracy"])
+    client.post("/v1/predict", json={"records": [RECORD]})
+    client.post("/v1/predict", json={"records": []})
+    scrape = client.get("/metrics").text
+    assert 'danlu_requests_total{endpoint="/v1/predict",status="200"}' in scrape
+    assert 'danlu_requests_total{endpoint="/v1/predict",status="422"}' in scrape
+    assert "danlu_batch_rows_bucket" in scrape and "danlu_request_seconds_bucket" in scrape
+
+
+def test_openapi_shows_the_real_feature_names(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert set(schemas["Record"]["properties"]) == {"x0", "x1", "color"}
+    assert "blue, green, red" in schemas["Record"]["properties"]["color"]["description"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"records": [{"x0": "abc", "x1": 1.0, "color": "red"}]}, "x0"),  # wrong type
+        ({"records": [{"x0": 1.0, "color": "red"}]}, "x1"),  # missing feature
+        ({"records": [{**RECORD, "size": 3}]}, "size"),  # unknown feature
+        ({"records": []}, "records"),  # empty
+        ({"records": [RECORD] * 51}, "records"),  # over --max-rows
+        ({"instances": [[1.0, 2.0]]}, "body"),  # too few values
+        ({"instances": [["a", 2.0, "red"]]}, "x0"),  # text where a number goes
+        ({"records": [RECORD], "instances": [[1, 2, "red"]]}, "body"),  # both forms
+        ({"rows": [RECORD]}, "rows"),  # neither
+    ],
+)
+def test_bad_input_is_a_422_naming_the_field(client, body, field):
+    response = client.post("/v1/predict", json=body)
+    assert response.status_code == 422
+    assert field in json.dumps(response.json()["detail"])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"records": [{"x0": NaN, "x1": 1, "color": "red"}]}',
+        '{"records": [{"x0": Infinity, "x1": 1, "color": "red"}]}',
+        "{bad json",
+        "",
+    ],
+)
+def test_nan_and_malformed_json_are_422(client, raw):
+    response = client.post("/v1/predict", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+
+
+def test_a_body_over_the_limit_is_413(client):
+    big = json.dumps({"records": [RECORD] * 2000})
+    assert (
+        client.post("/v1/predict", content=big, headers={"content-type": "application/json"}).status_code
+        == 413
+    )
+
+    def chunks():  # no Content-Length: the limit still holds
+        for start in range(0, len(big), 1000):
+            yield big[start : start + 1000].encode()
+
+    response = client.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_api_key(run):
+    with TestClient(create_app(ServeSettings(str(run.path), api_key="s3cret"))) as client:
+        assert client.post("/v1/predict", json={"records": [RECORD]}).status_code == 401
+        assert (
+            client.post("/v1/predict", json={"records": [RECORD]}, headers={"X-API-Key": "nope"}).status_code
+            == 401
+        )
+        ok = client.post(
+            "/v1/predict", json={"records": [RECORD]}, headers={"Authorization": "Bearer s3cret"}
+        )
+        assert ok.status_code == 200
+        assert client.get("/healthz").status_code == 200  # probes need no key
+
+
+def test_the_page_carries_the_form_schema(client):
+    page = client.get("/").text
+    assert '"name": "color", "type": "categorical", "values": ["blue", "green", "red"]' in page
+    assert "__DANLU_SCHEMA__" not in page
+
+
+def test_bad_settings_fail_at_construction(run, tmp_path):
+    with pytest.raises(DanluError, match="max-batch"):
+        create_app(ServeSettings(str(run.path), max_batch=0))
+    with pytest.raises(DanluError, match="is not a finished run"):
+        create_app(ServeSettings(str(tmp_path)))
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=10,
+)
+feature_values = (
+    st.none()
+    | st.booleans()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.integers()
+    | st.text(max_size=8)
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {
+                "records": st.lists(
+                    st.dictionaries(st.sampled_from(["x0", "x1", "color", "extra"]), feature_values)
+                )
+            }
+        ),
+        st.fixed_dictionaries({"instances": st.lists(st.lists(feature_values, max_size=4), max_size=3)}),
+    )
+)
+def test_fuzzed_bodies_never_get_a_5xx(client, body):
+    response = client.post("/v1/predict", json=body)
+    assert response.status_code in (200, 413, 422), response.text

@@ -1,0 +1,98 @@
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from danlu.serve.batching import MicroBatcher, QueueFull
+
+
+def frame(*values):
+    return pd.DataFrame({"x": list(values)})
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_concurrent_requests_share_one_forward_pass_and_get_their_own_rows():
+    calls = []
+
+    def infer(batch):
+        calls.append(len(batch))
+        return batch["x"].to_numpy() * 10
+
+    async def main():
+        batcher = MicroBatcher(infer, max_batch=64, max_wait_ms=50)
+        await batcher.start()
+        results = await asyncio.gather(*(batcher.submit(frame(i, i + 0.5)) for i in range(8)))
+        await batcher.stop()
+        return results
+
+    results = run(main())
+    assert calls == [16]  # eight requests of two rows, one forward pass
+    for i, result in enumerate(results):
+        assert list(result) == [10 * i, 10 * i + 5]
+
+
+def test_max_batch_caps_the_rows_per_forward_pass():
+    calls = []
+
+    async def main():
+        batcher = MicroBatcher(
+            lambda b: calls.append(len(b)) or np.zeros(len(b)), max_batch=4, max_wait_ms=50
+        )
+        await batcher.start()
+        await asyncio.gather(*(batcher.submit(frame(i)) for i in range(10)))
+        await batcher.stop()
+
+    run(main())
+    assert sum(calls) == 10 and max(calls) <= 4
+
+
+def test_a_full_queue_refuses_and_a_stuck_inference_times_out_and_frees_its_slot():
+    release = threading.Event()
+
+    def infer(batch):
+        release.wait(5)  # stuck until the test lets go
+        return np.zeros(len(batch))
+
+    async def main():
+        batcher = MicroBatcher(infer, max_batch=1, max_wait_ms=0, max_queue_rows=2, timeout_s=0.3)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(frame(1, 2)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            await batcher.submit(frame(3))
+        with pytest.raises(asyncio.TimeoutError):
+            await first
+        assert batcher.queued_rows == 0  # the timed-out request gave its slot back
+        release.set()
+        await asyncio.sleep(0.05)
+        result = await batcher.submit(frame(4))
+        await batcher.stop()
+        return result
+
+    assert list(run(main())) == [0.0]
+
+
+def test_a_model_error_reaches_the_callers_and_the_batcher_keeps_serving():
+    def infer(batch):
+        if (batch["x"] < 0).any():
+            raise ValueError("negative")
+        return batch["x"].to_numpy()
+
+    async def main():
+        batcher = MicroBatcher(infer, max_wait_ms=0)
+        await batcher.start()
+        with pytest.raises(ValueError):
+            await batcher.submit(frame(-1))
+        result = await batcher.submit(frame(7))
+        await batcher.stop()
+        return result
+
+    start = time.monotonic()
+    assert list(run(main())) == [7]
+    assert time.monotonic() - start < 5
