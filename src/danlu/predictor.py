@@ -96,16 +96,17 @@ class Predictor:
     def decoded(self, data: Any) -> np.ndarray:
         """Probabilities [n, k] (classification) or values in original units [n] (regression)."""
         frame = self.as_frame(data)
-        if self.runner is not None:
-            if len(frame) == 0:
-                self.preprocessor.check_columns(frame)
-                return self._empty()
-            return self.runner.run(*self.preprocessor.raw_inputs(frame))
-        x_num, x_cat = self.preprocessor.transform(frame)
-        part = TensorPart(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.zeros(len(frame)))
-        outputs, _ = collect_outputs(self.model, part.batches(PREDICT_BATCH), self.device)
-        if len(frame) == 0:
+        return self.decoded_raw(*self.preprocessor.raw_inputs(frame, np.float64))
+
+    def decoded_raw(self, numeric: np.ndarray, categorical: list[np.ndarray]) -> np.ndarray:
+        """`decoded` from raw inputs (`Preprocessor.raw_inputs` / `raw_records`)."""
+        if len(numeric) == 0:
             return self._empty()
+        if self.runner is not None:
+            return self.runner.run(numeric.astype(np.float32, copy=False), categorical)
+        x_num, x_cat = self.preprocessor.transform_raw(numeric, categorical)
+        part = TensorPart(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.zeros(len(x_num)))
+        outputs, _ = collect_outputs(self.model, part.batches(PREDICT_BATCH), self.device)
         return self.preprocessor.decode(outputs)
 
     def _empty(self) -> np.ndarray:

@@ -130,3 +130,17 @@ def test_export_cli_verifies_and_predict_uses_the_onnx_engine(run, tmp_path):
     assert (outputs["torch"][proba] - outputs["onnx"][proba]).abs().to_numpy().max() <= 1e-4
     report = json.loads((run.path / "export" / "model.onnx.json").read_text())
     assert report["max_abs_diff"] <= 1e-4
+
+
+def test_two_worker_processes_serve_the_same_model(run):
+    server = Server(run.path, "--workers", "2")
+    try:
+        record = {"x0": 0.1, "x1": -0.2, "color": "green"}
+        answers = {
+            json.dumps(httpx.post(f"{server.url}/v1/predict", json={"records": [record]}, timeout=10).json())
+            for _ in range(6)
+        }
+        assert len(answers) == 1  # every worker loaded the same run and answers the same
+    finally:
+        code = server.stop()
+    assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM)

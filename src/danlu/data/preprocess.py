@@ -119,12 +119,42 @@ class Preprocessor:
 
     def transform(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Features -> (float32 [n, n_numeric_inputs], int64 [n, n_categorical])."""
+        return self.transform_raw(*self.raw_inputs(frame, np.float64))
+
+    def raw_inputs(self, frame: pd.DataFrame, dtype=np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
+        """What exported models take: numeric features as float32 [n, n_numeric] with NaN for missing, and
+        each categorical feature as stripped strings [n] ("" for missing). Checks columns and numbers."""
         self.check_columns(frame)
-        n = len(frame)
+        numeric = np.empty((len(frame), len(self.numeric)), dtype=dtype)
+        for j, col in enumerate(self.numeric):
+            numeric[:, j] = numeric_values(frame, col.name)
+        categorical = [
+            category_strings(frame[col.name]).fillna("").to_numpy(dtype=object) for col in self.categorical
+        ]
+        return numeric, categorical
+
+    def raw_records(self, records: list[dict[str, Any]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """`raw_inputs` for rows already validated as dicts (the server's path: no pandas per request).
+        Numbers or None for numeric features; any scalar or None for categorical ones."""
+        numeric = np.array(
+            [[np.nan if r[c.name] is None else r[c.name] for c in self.numeric] for r in records],
+            dtype=np.float64,
+        ).reshape(len(records), len(self.numeric))
+        categorical = [
+            np.array(["" if r[c.name] is None else str(r[c.name]).strip() for r in records], dtype=object)
+            for c in self.categorical
+        ]
+        return numeric, categorical
+
+    def transform_raw(
+        self, numeric: np.ndarray, categorical: list[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw inputs -> model inputs: mean imputation, missing indicators, standardization, value indices."""
+        n = len(numeric)
         x_num = np.empty((n, self.n_numeric_inputs), dtype=np.float32)
         extra = len(self.numeric)
         for j, col in enumerate(self.numeric):
-            values = numeric_values(frame, col.name)
+            values = numeric[:, j].astype(np.float64)  # a copy: imputation writes into it
             missing = np.isnan(values)
             if col.indicator:
                 x_num[:, extra] = missing
@@ -132,22 +162,12 @@ class Preprocessor:
             values[missing] = col.mean
             x_num[:, j] = (values - col.mean) / col.std
         x_cat = np.empty((n, len(self.categorical)), dtype=np.int64)
-        for j, (col, lookup) in enumerate(zip(self.categorical, self._lookups, strict=True)):
-            codes = category_strings(frame[col.name]).map(lookup)
-            x_cat[:, j] = codes.fillna(0).to_numpy(dtype=np.int64)
+        for j, (strings, lookup) in enumerate(zip(categorical, self._lookups, strict=True)):
+            if n < 1000:  # a dict lookup per value beats a pandas round trip on small batches
+                x_cat[:, j] = [lookup.get(v, 0) for v in strings]
+            else:
+                x_cat[:, j] = pd.Series(strings, dtype=object).map(lookup).fillna(0).to_numpy(dtype=np.int64)
         return x_num, x_cat
-
-    def raw_inputs(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray]]:
-        """What exported models take: numeric features as float32 [n, n_numeric] with NaN for missing, and
-        each categorical feature as strings [n] ("" for missing), checked as in `transform`."""
-        self.check_columns(frame)
-        numeric = np.empty((len(frame), len(self.numeric)), dtype=np.float32)
-        for j, col in enumerate(self.numeric):
-            numeric[:, j] = numeric_values(frame, col.name)
-        categorical = [
-            category_strings(frame[col.name]).fillna("").to_numpy(dtype=object) for col in self.categorical
-        ]
-        return numeric, categorical
 
     def encode_target(self, target: pd.Series) -> np.ndarray:
         """Labels -> class indices (int64), or values -> standardized float32."""
@@ -254,7 +274,8 @@ class PreprocessorFitter:
             self.total_sq[j] += np.square(present).sum()
             self.missing[j] += len(values) - len(present)
         for j, name in enumerate(self.schema.categorical):
-            self.seen[j].update(category_strings(frame[name]).dropna().unique())
+            values = category_strings(frame[name]).dropna()
+            self.seen[j].update(values[values != ""].unique())  # "" is missing, as in raw_inputs
         target = frame[self.schema.target]
         _check_target(target)
         if self.schema.task == "classification":

@@ -15,7 +15,6 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -97,10 +96,9 @@ def _feature_schema(predictor: Predictor) -> list[dict[str, Any]]:
     ]
 
 
-def _warmup_frame(predictor: Predictor) -> pd.DataFrame:
+def _warmup_rows(predictor: Predictor) -> list[dict[str, Any]]:
     pre = predictor.preprocessor
-    row = {c.name: c.mean for c in pre.numeric} | {c.name: (c.values or [""])[0] for c in pre.categorical}
-    return pd.DataFrame([row], columns=pre.features)
+    return [{c.name: c.mean for c in pre.numeric} | {c.name: (c.values or [""])[0] for c in pre.categorical}]
 
 
 def _encode(predictor: Predictor, output: np.ndarray) -> dict[str, Any]:
@@ -135,7 +133,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     PredictRequest = request_model(pre, settings.max_rows)
     metrics = Metrics()
     batcher = MicroBatcher(
-        predictor.decoded,
+        lambda rows: predictor.decoded_raw(*pre.raw_records(rows)),
         settings.max_batch,
         settings.max_wait_ms,
         settings.max_queue_rows,
@@ -148,7 +146,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
-        await batcher.submit(_warmup_frame(predictor))  # /readyz turns 200 only after a real prediction
+        await batcher.submit(_warmup_rows(predictor))  # /readyz turns 200 only after a real prediction
         state["ready"] = True
         yield
         state["ready"] = False
@@ -189,9 +187,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         errors = check_instances(pre, rows) if body.instances is not None else []
         if errors:
             return JSONResponse({"detail": errors}, status_code=422)
-        frame = pd.DataFrame(rows, columns=pre.features)
         try:
-            output = await batcher.submit(frame)
+            output = await batcher.submit(rows)
         except QueueFull:
             return JSONResponse(
                 {"detail": "the server is at capacity; retry shortly"},
@@ -202,7 +199,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             return JSONResponse({"detail": f"inference took over {settings.timeout_s:g} s"}, status_code=504)
         except DanluError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=422)
-        return _encode(predictor, output)
+        return JSONResponse(_encode(predictor, output))  # already plain JSON types: skip re-validation
 
     @app.get("/v1/metadata", dependencies=[Depends(require_key)])
     async def metadata() -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Dynamic micro-batching: concurrent requests are gathered for up to `max_wait_ms` or `max_batch` rows,
 run as one forward pass on an inference thread (off the event loop), and each caller gets its own rows back.
+Requests that arrive while a batch runs are queued and join the next one at once; the extra wait of up to
+`max_wait_ms` applies only under load, so a lone request never waits.
 
 The queue is bounded (`QueueFull` -> 503) and every caller waits at most `timeout_s` (`TimeoutError`
 -> 504); a caller that gives up frees its queue slot at once, even while its batch is still running.
@@ -14,8 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
-
 
 class QueueFull(Exception):
     """More rows are waiting than the queue holds."""
@@ -23,16 +23,16 @@ class QueueFull(Exception):
 
 @dataclass
 class _Job:
-    frame: pd.DataFrame
+    rows: list
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class MicroBatcher:
-    """Batches calls to `infer(frame) -> array with one row (or value) per input row`."""
+    """Batches calls to `infer(rows) -> array with one row (or value) per input row`."""
 
     def __init__(
         self,
-        infer: Callable[[pd.DataFrame], Any],
+        infer: Callable[[list], Any],
         max_batch: int = 64,
         max_wait_ms: float = 2.0,
         max_queue_rows: int = 4096,
@@ -56,58 +56,63 @@ class MicroBatcher:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, frame: pd.DataFrame) -> Any:
-        """The model's output for `frame`'s rows.
+    async def submit(self, rows: list) -> Any:
+        """The model's output for `rows`.
 
         Raises:
             QueueFull: the queue holds max_queue_rows already. asyncio.TimeoutError: no answer in timeout_s.
         """
-        rows = len(frame)
-        if self.queued_rows + rows > self.max_queue_rows:
+        count = len(rows)
+        if self.queued_rows + count > self.max_queue_rows:
             raise QueueFull
-        job = _Job(frame)
-        self.queued_rows += rows
+        job = _Job(rows)
+        self.queued_rows += count
         try:
             self._queue.put_nowait(job)
             return await asyncio.wait_for(asyncio.shield(job.future), self.timeout_s)
         finally:
-            self.queued_rows -= rows  # the slot is free when the caller is answered or gives up
+            self.queued_rows -= count  # the slot is free when the caller is answered or gives up
             job.future.cancel()  # a no-op when answered; otherwise the worker skips the abandoned rows
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        last_callers = 0
         while True:
             jobs = [await self._queue.get()]
-            rows = len(jobs[0].frame)
+            rows = len(jobs[0].rows)
             deadline = time.monotonic() + self.max_wait
             while rows < self.max_batch:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    job = await asyncio.wait_for(self._queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
+                if not self._queue.empty():
+                    job = self._queue.get_nowait()
+                else:
+                    # Wait for company only under load (the last batch had several callers): at light
+                    # load a lone request goes straight to the model with no added latency.
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or last_callers <= 1:
+                        break
+                    try:
+                        job = await asyncio.wait_for(self._queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        break
                 jobs.append(job)
-                rows += len(job.frame)
+                rows += len(job.rows)
             live = [job for job in jobs if not job.future.cancelled()]
+            last_callers = len(live)
             if not live:
                 continue
-            frame = (
-                pd.concat([job.frame for job in live], ignore_index=True) if len(live) > 1 else live[0].frame
-            )
+            batch = [row for job in live for row in job.rows] if len(live) > 1 else live[0].rows
             try:
-                output = await loop.run_in_executor(self._executor, self.infer, frame)
+                output = await loop.run_in_executor(self._executor, self.infer, batch)
             except Exception as exc:  # the callers get the error; the batcher keeps serving
                 for job in live:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
             if self.on_batch is not None:
-                self.on_batch(len(frame))
+                self.on_batch(len(batch))
             start = 0
             for job in live:
-                end = start + len(job.frame)
+                end = start + len(job.rows)
                 if not job.future.done():
                     job.future.set_result(output[start:end])
                 start = end
