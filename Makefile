@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
+	$(BIN)/danlu doctor || true  # a failing check is reported, not fatal to the demo
 	$(BIN)/danlu quickstart
 
 lint: setup

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from danlu import __version__
+from danlu.cli.doctor import add_doctor
 from danlu.cli.evaluate import add_evaluate
 from danlu.cli.export import add_export
 from danlu.cli.predict import add_predict
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or info logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (add_train, add_evaluate, add_predict, add_export, add_serve, add_quickstart):
+    for add in (add_doctor, add_train, add_evaluate, add_predict, add_export, add_serve, add_quickstart):
         add(sub)
     return parser
 
