@@ -26,12 +26,14 @@ def free_port() -> int:
 class Server:
     """`python -m danlu serve RUN --port P ...` until stopped; ready once /readyz answers 200."""
 
-    def __init__(self, run_dir: Path, *args: str) -> None:
+    def __init__(
+        self, run_dir: Path, *args: str, python: str = sys.executable, pythonpath: Path | None = None
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+        env = {**os.environ, "PYTHONPATH": str(pythonpath or ROOT / "tests")}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "danlu", "serve", str(run_dir), "--port", str(self.port), *args],
+            [python, "-m", "danlu", "serve", str(run_dir), "--port", str(self.port), *args],
             env=env,
             cwd=ROOT,
             stdout=subprocess.PIPE,

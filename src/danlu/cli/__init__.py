@@ -11,6 +11,7 @@ from danlu import __version__
 from danlu.cli.doctor import add_doctor
 from danlu.cli.evaluate import add_evaluate
 from danlu.cli.export import add_export
+from danlu.cli.package import add_env, add_package
 from danlu.cli.predict import add_predict
 from danlu.cli.serve import add_serve
 from danlu.cli.train import add_quickstart, add_train
@@ -36,7 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or info logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (add_doctor, add_train, add_evaluate, add_predict, add_export, add_serve, add_quickstart):
+    for add in (
+        add_doctor,
+        add_train,
+        add_evaluate,
+        add_predict,
+        add_export,
+        add_serve,
+        add_package,
+        add_env,
+        add_quickstart,
+    ):
         add(sub)
     return parser
 

@@ -1,0 +1,65 @@
+"""danlu package and danlu env export."""
+
+from __future__ import annotations
+
+
+def add_package(sub) -> None:
+    p = sub.add_parser(
+        "package",
+        help="write a Dockerfile and Kubernetes manifests that serve a run",
+        description="Write a Docker build context (Dockerfile, pinned requirements.txt, environment.yml, "
+        ".dockerignore, the run and danlu's source) and Kubernetes manifests (Deployment, Service, "
+        "optionally a HorizontalPodAutoscaler) that run `danlu serve` on the run.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="a new or empty directory")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--gpu", dest="gpu", action="store_true", default=None, help="NVIDIA CUDA runtime image"
+    )
+    where.add_argument("--cpu", dest="gpu", action="store_false", help="slim Python image")
+    p.add_argument("--replicas", type=int, default=1, help="Deployment replicas (default 1)")
+    p.add_argument("--max-replicas", type=int, help="also write an HPA scaling up to this many on CPU load")
+    p.add_argument("--image", help="image name (default danlu-<run name>:<danlu version>)")
+    p.add_argument("--engine", choices=["torch", "onnx"], default="torch", help="the engine danlu serve uses")
+    p.set_defaults(run=run_package)
+
+
+def run_package(args) -> int:
+    from danlu.env.package import PackageOptions, package_run
+
+    options = PackageOptions(
+        gpu=args.gpu,
+        replicas=args.replicas,
+        max_replicas=args.max_replicas,
+        image=args.image,
+        engine=args.engine,
+    )
+    result = package_run(args.run_dir, args.out, options)
+    kind = f"GPU, CUDA {result['cuda']}" if result["gpu"] else "CPU"
+    print(f"wrote {result['out']} ({kind}): {', '.join(result['files'])}, run/, danlu/")
+    print(f"  docker build -t {result['image']} {result['out']}")
+    print(f"  docker run {'--gpus all ' if result['gpu'] else ''}-p 8000:8000 {result['image']}")
+    print(f"  kubectl apply -f {result['out']}/k8s/")
+    return 0
+
+
+def add_env(sub) -> None:
+    p = sub.add_parser("env", help="environment tools: `danlu env export`")
+    verbs = p.add_subparsers(dest="env_command", metavar="COMMAND", required=True)
+    export = verbs.add_parser(
+        "export",
+        help="print this environment's relevant packages, pinned",
+        description="Print danlu's runtime dependencies and the ML packages installed here, pinned to their "
+        "installed versions: a pip requirements file, a conda environment.yml, or a lock of every installed "
+        "dependency. Recreate with `pip install -r FILE` or `conda env create -f FILE`.",
+    )
+    export.add_argument("--format", choices=["requirements", "conda", "lock"], default="requirements")
+    export.set_defaults(run=run_env_export)
+
+
+def run_env_export(args) -> int:
+    from danlu.env.freeze import export_environment
+
+    print(export_environment(args.format), end="")
+    return 0
