@@ -70,8 +70,35 @@ def train(
     Raises:
         DanluError: bad config or data, an existing run directory (unless overwrite), nothing to resume.
     """
+    from danlu.training import distributed
     from danlu.training.report import finish
-    from danlu.training.trainer import fit, new_setup, resumed_setup
+    from danlu.training.trainer import fit
+
+    world = distributed.world_from_env()  # one process, or a rank started by torchrun / Ray Train
+    try:
+        if resume is None and distributed.restarted():
+            # torchrun --max-restarts started this worker group again: carry on from the last checkpoint
+            target = RunDir(
+                out if out is not None else resolve_paths(_as_config(config, overrides), Path.cwd()).output
+            )
+            if target.last_checkpoint.is_file() and not target.is_complete():
+                resume, config, overrides, out = target.path, None, (), None
+            else:
+                overwrite = True  # it died before its first checkpoint: start it again
+        run, cfg, setup = _run_setup(config, overrides, out, resume, overwrite, world)
+        fit(cfg, run, setup, progress=progress)
+        if world.main:
+            finish(cfg, run, setup)
+        distributed.barrier(world)  # the report exists on every rank's return
+    finally:
+        distributed.stop()
+    return Run(run.path)
+
+
+def _run_setup(config, overrides, out, resume, overwrite: bool, world):
+    """The run directory, typed config and trainer set-up, new or resumed, on every rank."""
+    from danlu.training import distributed
+    from danlu.training.trainer import new_setup, resumed_setup
 
     if resume is not None:
         if config is not None or list(overrides) or out is not None:
@@ -88,22 +115,26 @@ def train(
         if not run.last_checkpoint.is_file():
             raise DanluError(f"run '{resume}' stopped before its first checkpoint", "train it again")
         cfg = validate(read_yaml(run.config))
-        setup = resumed_setup(cfg, run)
-    else:
-        cfg = _as_config(config, overrides)
-        if out is not None:
-            cfg = cfg.model_copy(update={"output": str(out)})
-        cfg = resolve_paths(cfg, Path.cwd())
-        run = RunDir(cfg.output)
+        device = distributed.start(world, cfg.train.device, cfg.train.dist_timeout)
+        distributed.check_same_config(world, run.config.read_text())
+        return run, cfg, resumed_setup(cfg, run, world, device)
+    cfg = _as_config(config, overrides)
+    if out is not None:
+        cfg = cfg.model_copy(update={"output": str(out)})
+    cfg = resolve_paths(cfg, Path.cwd())
+    device = distributed.start(world, cfg.train.device, cfg.train.dist_timeout)
+    distributed.check_same_config(world, cfg.model_dump_json())
+    run = RunDir(cfg.output)
+    if world.main:
         run.prepare_new(overwrite)
-        try:
-            setup = new_setup(cfg, run)
-        except BaseException:
+    distributed.barrier(world)  # rank 0 made the directory
+    try:
+        setup = new_setup(cfg, run, world, device)
+    except BaseException:
+        if world.main:
             shutil.rmtree(run.path, ignore_errors=True)  # nothing trained yet: leave nothing behind
-            raise
-    fit(cfg, run, setup, progress=progress)
-    finish(cfg, run, setup)
-    return Run(run.path)
+        raise
+    return run, cfg, setup
 
 
 def load(run_dir: str | Path, device: str = "cpu", engine: str = "torch") -> Predictor:

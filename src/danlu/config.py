@@ -128,6 +128,12 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast on accelerators")
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
     checkpoint_every: int = Field(1, ge=1, description="write checkpoints/last.pt every N epochs")
+    accumulate: int = Field(
+        1, ge=1, description="micro-batches per optimizer step (batch_size is the whole step, all processes)"
+    )
+    dist_timeout: float = Field(
+        300, gt=0, description="seconds a multi-process run waits on its peers before failing"
+    )
 
     @field_validator("batch_size")
     @classmethod

@@ -20,12 +20,89 @@ def add_train(sub) -> None:
     p.add_argument("--out", help="run directory (default: output in the config, else runs/<config name>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train in N processes on this machine through torchrun (gloo on CPU, nccl with one GPU each)",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --nproc: restart the processes up to K times after a failure, from the last checkpoint",
+    )
     p.set_defaults(run=run_train)
+
+
+def launch_torchrun(args) -> int:
+    """`danlu train ... --nproc N` -> `torchrun --standalone --nproc-per-node N -m danlu train ...`."""
+    import os
+    import subprocess
+    import sys
+
+    if args.nproc < 1:
+        raise DanluError("--nproc must be at least 1", "e.g. --nproc 2")
+    _check_before_launch(args)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+    ]
+    command += [f"--max-restarts={args.max_restarts}", "-m", "danlu"]
+    command += ["--debug"] * args.debug + ["--quiet"] * args.quiet + ["train"]
+    command += [args.config] if args.config else []
+    command += list(args.overrides)
+    for flag, value in (("--out", args.out), ("--resume", args.resume)):
+        command += [flag, value] if value else []
+    command += ["--overwrite"] if args.overwrite else []
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get(
+            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc))
+        ),
+    }
+    return subprocess.run(command, env=env).returncode
+
+
+def _check_before_launch(args) -> None:
+    """Catch what every rank would fail on (a bad config, an indivisible batch, CUDA without GPUs) in
+    this process, as one line, before starting any."""
+    import torch
+
+    from danlu.config import load_config, read_yaml, validate
+    from danlu.run import RunDir
+
+    if args.resume:
+        config = validate(read_yaml(RunDir(args.resume).config))
+    elif args.config:
+        config = load_config(args.config, list(args.overrides))
+    else:
+        raise DanluError("no config given", "run `danlu train CONFIG.yaml --nproc N`")
+    tc = config.train
+    parts = args.nproc * tc.accumulate
+    if tc.batch_size != "auto" and tc.batch_size % parts:
+        raise DanluError(
+            f"train.batch_size={tc.batch_size} does not divide into {args.nproc} processes x "
+            f"train.accumulate={tc.accumulate}",
+            f"use a multiple of {parts}",
+        )
+    if tc.device == "cuda" and torch.cuda.device_count() < args.nproc:
+        raise DanluError(
+            f"train.device=cuda (nccl) needs {args.nproc} GPUs; this machine has {torch.cuda.device_count()}",
+            "use --nproc up to the GPU count, or train.device=cpu (gloo)",
+        )
 
 
 def run_train(args) -> int:
     import danlu
+    from danlu.training.distributed import world_from_env
 
+    if args.nproc:
+        return launch_torchrun(args)
     if args.resume:
         run = danlu.train(
             args.config, args.overrides, out=args.out, resume=args.resume, progress=not args.quiet
@@ -40,7 +117,8 @@ def run_train(args) -> int:
         run = danlu.train(
             args.config, args.overrides, out=args.out, overwrite=args.overwrite, progress=not args.quiet
         )
-    print_run(run)
+    if world_from_env().main:  # under torchrun, one summary (rank 0's)
+        print_run(run)
     return 0
 
 

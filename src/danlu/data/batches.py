@@ -40,6 +40,21 @@ def _slices(tensors: Batch, batch_size: int, perm: torch.Tensor | None, drop_tin
         yield tuple(t[start : start + batch_size] for t in tensors)
 
 
+def share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank's contiguous share [lo, hi) of n rows split into `world` near-equal parts (first ones larger)."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+def _sharded(batches: Iterator[Batch], rank: int, world: int) -> Iterator[tuple[Batch, int]]:
+    """Each global batch's share for this rank, with the global batch's row count (for loss scaling)."""
+    for batch in batches:
+        n = len(batch[2])
+        lo, hi = share(n, rank, world)
+        yield tuple(t[lo:hi] for t in batch), n
+
+
 def to_tensors(preprocessor: Preprocessor, frame: pd.DataFrame, with_target: bool = True) -> Batch:
     x_num, x_cat = preprocessor.transform(frame)
     if with_target:
@@ -71,6 +86,13 @@ class TensorPart:
         if shuffle is not None:
             perm = torch.randperm(self.n_rows, generator=shuffle).to(self.tensors[2].device)
         return _slices(self.tensors, batch_size, perm, drop_tiny=shuffle is not None)
+
+    def train_batches(
+        self, batch_size: int, shuffle: torch.Generator, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[Batch, int]]:
+        """The epoch's global batches in the same order for every process count; each rank gets its share.
+        So N processes with global batch B see exactly the rows one process with batch B sees."""
+        return _sharded(self.batches(batch_size, shuffle), rank, world)
 
 
 class ChunkedPart:
@@ -116,6 +138,26 @@ class ChunkedPart:
             if shuffle is not None:
                 perm = torch.randperm(len(frame), generator=shuffle).to(self.device)
             yield from _slices(tensors, batch_size, perm, drop_tiny=shuffle is not None)
+
+    def train_batches(
+        self, batch_size: int, shuffle: torch.Generator, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[Batch, int]]:
+        """Chunks are dealt out to ranks (the epoch's chunk order, every world-th chunk); each rank takes
+        batches of batch_size / world rows from its own chunks, so ranks may take different step counts
+        (the trainer joins them with torch.distributed's Join)."""
+        if world == 1:
+            yield from ((batch, len(batch[2])) for batch in self.batches(batch_size, shuffle))
+            return
+        order = torch.randperm(self.table.n_chunks, generator=shuffle).tolist()
+        local = max(1, batch_size // world)
+        for chunk in order[rank::world]:
+            frame = self.frame(chunk)
+            if len(frame) == 0:
+                continue
+            tensors = tuple(t.to(self.device) for t in to_tensors(self.preprocessor, frame))
+            perm = torch.randperm(len(frame), generator=shuffle).to(self.device)
+            for batch in _slices(tensors, local, perm, drop_tiny=True):
+                yield batch, len(batch[2]) * world
 
 
 Part = TensorPart | ChunkedPart

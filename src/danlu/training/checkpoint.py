@@ -17,6 +17,7 @@ MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
 SCALER_KEY = "grad_scaler"
 TRAINER_STATE_KEY = "trainer_state"  # epoch, step, best metric, early-stopping count, seconds
+RANK_RNG_KEY = "rng_per_rank"
 RNG_KEY = "rng"
 CONFIG_KEY = "config"
 VERSION_KEY = "danlu_version"
@@ -50,16 +51,20 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None,
     trainer_state: dict[str, Any],
     config: dict[str, Any],
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> None:
+    """rng_states: every rank's RNG state in a multi-process run (rank 0's is also RNG_KEY)."""
     checkpoint = {
         MODEL_KEY: unwrap(model).state_dict(),
         OPTIMIZER_KEY: optimizer.state_dict(),
         TRAINER_STATE_KEY: trainer_state,
-        RNG_KEY: rng_state(),
+        RNG_KEY: rng_states[0] if rng_states else rng_state(),
         CONFIG_KEY: config,
         VERSION_KEY: __version__,
         SCHEMA_VERSION_KEY: SCHEMA_VERSION,
     }
+    if rng_states and len(rng_states) > 1:
+        checkpoint[RANK_RNG_KEY] = rng_states
     if scaler is not None and scaler.is_enabled():
         checkpoint[SCALER_KEY] = scaler.state_dict()
     atomic_write(path, lambda f: torch.save(checkpoint, f))

@@ -33,8 +33,8 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
     """Write the inference artifacts and the report; the run is complete when this returns."""
     tc = config.train
     if tc.restore_best and run.best_checkpoint.is_file():
-        s.model.load_state_dict(ckpt.load_checkpoint(run.best_checkpoint)[ckpt.MODEL_KEY])
-    save_weights(s.model, run.weights)
+        s.bare_model.load_state_dict(ckpt.load_checkpoint(run.best_checkpoint)[ckpt.MODEL_KEY])
+    save_weights(s.bare_model, run.weights)
 
     pre = s.data.preprocessor
     held_out, split_name = (
@@ -44,7 +44,7 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
     if held_out is None:
         log.warning("no test or validation rows: report.json has no held-out metrics")
     else:
-        _, stream = evaluate_part(s.model, held_out, pre, s.device, tc.precision)
+        _, stream = evaluate_part(s.bare_model, held_out, pre, s.device, tc.precision)
         metrics = stream.result()
         headline = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
         report["test"] = headline
@@ -74,6 +74,7 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
             },
             "batch_size": s.batch_size,
             "device": str(s.device),
+            "processes": s.world.size,
             "in_memory": s.data.in_memory,
             "classes": pre.classes,
             "danlu_version": __version__,

@@ -3,11 +3,12 @@ set lr -> step -> validate -> track best / checkpoint -> log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -22,15 +23,17 @@ from danlu.config import (
     TrainConfig,
     dump_config,
 )
-from danlu.data.batches import Part, shuffle_generator
+from danlu.data.batches import Part, TensorPart, share, shuffle_generator
 from danlu.data.dataset import Dataset, load_dataset
 from danlu.data.preprocess import Preprocessor
 from danlu.errors import DanluError
 from danlu.evaluation.metrics import MetricStream
-from danlu.inference import autocast, forward, iter_outputs, resolve_device
+from danlu.inference import autocast, forward, iter_outputs
 from danlu.models import ModelInputs, build_model
 from danlu.run import RunDir, atomic_write_text
 from danlu.training import checkpoint as ckpt
+from danlu.training import distributed
+from danlu.training.distributed import World
 
 log = logging.getLogger("danlu")
 EVAL_BATCH = 65_536
@@ -57,6 +60,12 @@ class Setup:
     batch_size: int
     total_steps: int
     state: TrainerState
+    world: World = field(default_factory=World)
+
+    @property
+    def bare_model(self) -> nn.Module:
+        """The model without its DDP wrapper: what rank 0 validates, saves and restores."""
+        return ckpt.unwrap(self.model)
 
 
 def auto_batch_size(n_rows: int) -> int:
@@ -97,14 +106,29 @@ def loss_fn(task: str, reduction: str = "mean") -> nn.Module:
     )
 
 
-def _setup(config: Config, run: RunDir, preprocessor: Preprocessor | None) -> Setup:
+def _batch_size(tc: TrainConfig, n_rows: int, world: World) -> int:
+    """The global batch: each optimizer step's rows over all processes and micro-batches."""
+    parts = world.size * tc.accumulate
+    if tc.batch_size == "auto":
+        return math.ceil(auto_batch_size(n_rows) / parts) * parts
+    if tc.batch_size % parts:
+        raise DanluError(
+            f"train.batch_size={tc.batch_size} does not divide into {world.size} process(es) x "
+            f"train.accumulate={tc.accumulate}",
+            f"use a multiple of {parts}, e.g. train.batch_size={max(parts, tc.batch_size // parts * parts)}",
+        )
+    return tc.batch_size
+
+
+def _setup(
+    config: Config, run: RunDir, preprocessor: Preprocessor | None, world: World, device: torch.device
+) -> Setup:
     tc = config.train
     torch.manual_seed(tc.seed)
-    device = resolve_device(tc.device)
     if tc.precision != "fp32" and device.type == "cpu":
         log.warning("train.precision=%s applies to accelerators; training in fp32 on the CPU", tc.precision)
     data = load_dataset(config.data, device, preprocessor)
-    if preprocessor is None:
+    if preprocessor is None and world.main:
         atomic_write_text(run.preprocess, data.preprocessor.to_json())
     pre = data.preprocessor
     allowed = CLASSIFICATION_MONITORS if pre.task == "classification" else REGRESSION_MONITORS
@@ -115,22 +139,37 @@ def _setup(config: Config, run: RunDir, preprocessor: Preprocessor | None) -> Se
     torch.manual_seed(tc.seed)  # initialisation must not depend on how much randomness loading used
     model = build_model(config.model, ModelInputs(pre.n_numeric_inputs, pre.cardinalities, pre.n_outputs))
     model.to(device)
-    batch_size = tc.batch_size if tc.batch_size != "auto" else auto_batch_size(data.train.n_rows)
+    if world.multi:
+        # every rank starts from rank 0's weights; gradients are averaged in backward
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    batch_size = _batch_size(tc, data.train.n_rows, world)
     total_steps = tc.epochs * max(1, math.ceil(data.train.n_rows / batch_size))
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16" and device.type == "cuda")
     return Setup(
-        device, data, model, build_optimizer(model, tc), scaler, batch_size, total_steps, TrainerState()
+        device,
+        data,
+        model,
+        build_optimizer(model, tc),
+        scaler,
+        batch_size,
+        total_steps,
+        TrainerState(),
+        world,
     )
 
 
-def optimizer_step(s: Setup, loss: torch.Tensor, grad_clip: float | None) -> None:
+def backward(s: Setup, loss: torch.Tensor) -> None:
+    (s.scaler.scale(loss) if s.scaler.is_enabled() else loss).backward()
+
+
+def optimizer_step(s: Setup, grad_clip: float | None) -> None:
     if not s.scaler.is_enabled():  # fp32/bf16: skip the scaler's bookkeeping on the hot path
-        loss.backward()
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(s.model.parameters(), grad_clip)
         s.optimizer.step()
         return
-    s.scaler.scale(loss).backward()
     if grad_clip is not None:
         s.scaler.unscale_(s.optimizer)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(s.model.parameters(), grad_clip)
@@ -138,25 +177,59 @@ def optimizer_step(s: Setup, loss: torch.Tensor, grad_clip: float | None) -> Non
     s.scaler.update()
 
 
+def _micro_batches(batch, accumulate: int) -> list:
+    if accumulate == 1:
+        return [batch]
+    n = len(batch[2])
+    return [tuple(t[lo:hi] for t in batch) for lo, hi in (share(n, i, accumulate) for i in range(accumulate))]
+
+
+def _uneven_inputs(s: Setup):
+    """Chunked data gives ranks different step counts: Join keeps DDP's collectives matched."""
+    if s.world.multi and not isinstance(s.data.train, TensorPart):
+        from torch.distributed.algorithms.join import Join
+
+        return Join([s.model])
+    return contextlib.nullcontext()
+
+
 def train_epoch(s: Setup, tc: TrainConfig, task: str, epoch: int) -> float:
-    """One pass over the training data; returns the mean loss per row."""
+    """One pass over the training data; returns the mean loss per row over all processes.
+
+    Each step's loss is scaled so that DDP's average over ranks (and the sum over micro-batches) is the
+    mean over the whole global batch: N processes, or micro-batches, give a single process's gradient.
+    """
     s.model.train()
     criterion = loss_fn(task)
     total = torch.zeros((), device=s.device)
     rows = 0
-    for x_num, x_cat, y in s.data.train.batches(s.batch_size, shuffle_generator(tc.seed, epoch)):
-        lr = lr_at(s.state.step, s.total_steps, tc)
-        for group in s.optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(s.device, tc.precision):
-            out = forward(s.model, x_num, x_cat)
-            loss = criterion(out.squeeze(-1) if task == "regression" else out, y)
-        s.optimizer.zero_grad(set_to_none=True)
-        optimizer_step(s, loss, tc.grad_clip)
-        s.state.step += 1
-        total += loss.detach() * len(y)  # stays on the device: no sync point per step
-        rows += len(y)
-    return float(total) / max(rows, 1)
+    generator = shuffle_generator(tc.seed, epoch)
+    with _uneven_inputs(s):
+        for batch, n_global in s.data.train.train_batches(
+            s.batch_size, generator, s.world.rank, s.world.size
+        ):
+            lr = lr_at(s.state.step, s.total_steps, tc)
+            for group in s.optimizer.param_groups:
+                group["lr"] = lr
+            s.optimizer.zero_grad(set_to_none=True)
+            micro = _micro_batches(batch, tc.accumulate)
+            for i, (x_num, x_cat, y) in enumerate(micro):
+                last = i == len(micro) - 1
+                with contextlib.nullcontext() if last or not s.world.multi else s.model.no_sync():
+                    with autocast(s.device, tc.precision):
+                        out = forward(s.model, x_num, x_cat)
+                        if len(y) == 0:  # an empty share still joins the gradient all-reduce
+                            loss = out.sum() * 0.0
+                        else:
+                            loss = criterion(out.squeeze(-1) if task == "regression" else out, y)
+                    scale = len(y) * s.world.size / n_global
+                    backward(s, loss if scale == 1 else loss * scale)
+                total += loss.detach() * len(y)  # stays on the device: no sync point per step
+                rows += len(y)
+            optimizer_step(s, tc.grad_clip)
+            s.state.step += 1
+    loss_sum, count = distributed.all_sum([float(total), float(rows)], s.world, s.device)
+    return loss_sum / max(count, 1)
 
 
 def evaluate_part(
@@ -174,7 +247,7 @@ def evaluate_part(
 
 
 def validate(s: Setup, tc: TrainConfig) -> dict[str, float]:
-    loss, stream = evaluate_part(s.model, s.data.validation, s.data.preprocessor, s.device, tc.precision)
+    loss, stream = evaluate_part(s.bare_model, s.data.validation, s.data.preprocessor, s.device, tc.precision)
     return {"val_loss": loss, **{f"val_{k}": v for k, v in stream.epoch_result().items()}}
 
 
@@ -189,25 +262,30 @@ def _postfix(record: dict[str, Any]) -> dict[str, str]:
     return {k.removeprefix("val_"): f"{record[k]:.4f}" for k in keys if k in record}
 
 
-def _checkpoint(s: Setup, path, config: Config) -> None:
+def _checkpoint(s: Setup, path, config: Config, rng_states: list | None = None) -> None:
     ckpt.save_checkpoint(
-        path, s.model, s.optimizer, s.scaler, asdict(s.state), config.model_dump(mode="json")
+        path, s.model, s.optimizer, s.scaler, asdict(s.state), config.model_dump(mode="json"), rng_states
     )
 
 
 def fit(config: Config, run: RunDir, s: Setup, progress: bool = True) -> None:
-    """Run epochs from s.state.epoch + 1 until the last epoch or early stopping."""
+    """Run epochs from s.state.epoch + 1 until the last epoch or early stopping.
+
+    Every process trains; only rank 0 validates, logs, writes metrics and checkpoints, and decides early
+    stopping, which it hands to the other ranks after each epoch."""
     tc = config.train
+    main = s.world.main
     monitor_on = s.data.validation is not None or tc.monitor == "train_loss"
     bar = tqdm(
         total=tc.epochs,
         initial=s.state.epoch,
         unit="epoch",
         desc="train",
-        disable=None if progress else True,
+        disable=None if progress and main else True,
         dynamic_ncols=True,
     )
-    with bar, open(run.metrics, "a") as metrics_file:
+    metrics_file = open(run.metrics, "a") if main else contextlib.nullcontext()  # noqa: SIM115
+    with bar, metrics_file:
         for epoch in range(s.state.epoch + 1, tc.epochs + 1):
             if s.state.stopped_early:
                 break
@@ -218,28 +296,25 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True) -> None:
             }
             record["lr"] = lr_at(s.state.step, s.total_steps, tc)
             evaluated = s.data.validation is not None and (epoch % tc.eval_every == 0 or epoch == tc.epochs)
-            if evaluated:
+            if evaluated and main:
                 record.update(validate(s, tc))
             s.state.train_seconds += time.perf_counter() - start
             s.state.epoch = epoch
             record["seconds"] = round(s.state.train_seconds, 3)
-
-            if monitor_on and tc.monitor in record:
-                if improved(record[tc.monitor], s.state.best_value, tc.monitor):
-                    s.state.best_value, s.state.best_epoch, s.state.bad_evals = record[tc.monitor], epoch, 0
-                    _checkpoint(s, run.best_checkpoint, config)
-                else:
-                    s.state.bad_evals += 1
-                    s.state.stopped_early = 0 < tc.patience <= s.state.bad_evals
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or s.state.stopped_early:
-                _checkpoint(s, run.last_checkpoint, config)
+            # each rank's RNG (dropout masks) goes into the checkpoint, so a resume replays every rank exactly
+            rng_states = distributed.gather(ckpt.rng_state(), s.world) if s.world.multi else None
+            if main:
+                _track_best(s, tc, record, monitor_on, run, config, rng_states)
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or s.state.stopped_early:
+                    _checkpoint(s, run.last_checkpoint, config, rng_states)
+            s.state = TrainerState(**distributed.broadcast(asdict(s.state), s.world))
             bar.set_postfix(_postfix(record), refresh=False)
             bar.update(1)
-            if evaluated:
+            if evaluated and main:
                 log.debug("epoch %d %s", epoch, _postfix(record))
-    if s.state.stopped_early:
+    if s.state.stopped_early and main:
         log.info(
             "early stopping at epoch %d: %s last improved at epoch %s",
             s.state.epoch,
@@ -248,23 +323,41 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True) -> None:
         )
 
 
-def new_setup(config: Config, run: RunDir) -> Setup:
-    atomic_write_text(run.config, dump_config(config))
-    return _setup(config, run, preprocessor=None)
+def _track_best(
+    s: Setup, tc: TrainConfig, record: dict[str, Any], monitor_on: bool, run: RunDir, config, rng_states
+) -> None:
+    if not (monitor_on and tc.monitor in record):
+        return
+    if improved(record[tc.monitor], s.state.best_value, tc.monitor):
+        s.state.best_value, s.state.best_epoch, s.state.bad_evals = record[tc.monitor], record["epoch"], 0
+        _checkpoint(s, run.best_checkpoint, config, rng_states)
+    else:
+        s.state.bad_evals += 1
+        s.state.stopped_early = 0 < tc.patience <= s.state.bad_evals
 
 
-def resumed_setup(config: Config, run: RunDir) -> Setup:
+def new_setup(config: Config, run: RunDir, world: World, device: torch.device) -> Setup:
+    if world.main:
+        atomic_write_text(run.config, dump_config(config))
+    return _setup(config, run, None, world, device)
+
+
+def resumed_setup(config: Config, run: RunDir, world: World, device: torch.device) -> Setup:
     """Rebuild the set-up of a stopped run and restore model, optimizer, RNG and loop state."""
-    s = _setup(config, run, Preprocessor.from_json(run.preprocess.read_text()))
+    s = _setup(config, run, Preprocessor.from_json(run.preprocess.read_text()), world, device)
     state = ckpt.load_checkpoint(run.last_checkpoint)
-    s.model.load_state_dict(state[ckpt.MODEL_KEY])
+    s.bare_model.load_state_dict(state[ckpt.MODEL_KEY])
     s.optimizer.load_state_dict(state[ckpt.OPTIMIZER_KEY])
     if ckpt.SCALER_KEY in state:
         s.scaler.load_state_dict(state[ckpt.SCALER_KEY])
-    ckpt.set_rng_state(state[ckpt.RNG_KEY])
+    per_rank = state.get(ckpt.RANK_RNG_KEY)
+    ckpt.set_rng_state(
+        per_rank[world.rank] if per_rank and len(per_rank) == world.size else state[ckpt.RNG_KEY]
+    )
     s.state = TrainerState(**state[ckpt.TRAINER_STATE_KEY])
-    # Epochs after the checkpoint will run again: drop their lines so metrics.jsonl has each epoch once.
-    kept = [r for r in run.read_metrics() if r["epoch"] <= s.state.epoch]
-    atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
-    log.info("resuming %s after epoch %d", run.path, s.state.epoch)
+    if world.main:
+        # Epochs after the checkpoint will run again: drop their lines so metrics.jsonl has each epoch once.
+        kept = [r for r in run.read_metrics() if r["epoch"] <= s.state.epoch]
+        atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        log.info("resuming %s after epoch %d", run.path, s.state.epoch)
     return s

@@ -1,0 +1,157 @@
+"""Multi-process training on CPU/gloo with real torchrun processes (`danlu train --nproc N`)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, mixed_frame, run_cli, write_config
+
+CONFIG = """data: {{train: {data}, target: label}}
+model: {{hidden: [32], dropout: {dropout}}}
+train: {{epochs: {epochs}, batch_size: 64, schedule: cosine, patience: 0}}
+"""
+
+
+def weights(run_dir) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in load_file(run_dir / "model.safetensors").values()])
+
+
+@pytest.fixture
+def config(tmp_path):
+    mixed_frame(2000).to_csv(tmp_path / "data.csv", index=False)
+
+    def make(epochs=4, dropout=0.0):
+        text = CONFIG.format(data=tmp_path / "data.csv", epochs=epochs, dropout=dropout)
+        return write_config(tmp_path / f"cfg_{epochs}_{dropout}.yaml", text)
+
+    return make
+
+
+def train(config, out, *args):
+    overrides = [a for a in args if "=" in a]  # overrides go right after the config
+    flags = [a for a in args if "=" not in a]
+    result = run_cli("-q", "train", str(config), *overrides, "--out", str(out), *flags, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+def test_two_processes_and_accumulation_match_one_process(config, tmp_path):
+    cfg = config()
+    one = weights(train(cfg, tmp_path / "one"))
+    two = weights(train(cfg, tmp_path / "two", "--nproc", "2"))
+    accumulated = weights(train(cfg, tmp_path / "acc", "train.accumulate=4"))
+    both = weights(train(cfg, tmp_path / "both", "train.accumulate=2", "--nproc", "2"))
+    for other in (two, accumulated, both):
+        assert torch.allclose(one, other, rtol=1e-5, atol=1e-7)
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["processes"] == 2 and report["batch_size"] == 64
+    assert not any(k.startswith("module.") for k in load_file(tmp_path / "two" / "model.safetensors"))
+    epochs = [
+        json.loads(line)["epoch"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [1, 2, 3, 4]  # rank 0 alone writes the log
+
+
+def _wait_for_epochs(run_dir, n, process, seconds=240):
+    deadline = time.monotonic() + seconds
+    path = run_dir / "metrics.jsonl"
+    while process.poll() is None and time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run ended or stalled before it could be interrupted")
+
+
+def _launch(cfg, out, log, *args):
+    """torchrun in the background; its output goes to a file (a pipe nobody reads could fill and block it)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    command = [
+        sys.executable,
+        "-m",
+        "danlu",
+        "-q",
+        "train",
+        str(cfg),
+        "--out",
+        str(out),
+        "--nproc",
+        "2",
+        *args,
+    ]
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_resumes_to_identical_weights(config, tmp_path):
+    cfg = config(epochs=40, dropout=0.3)  # dropout: every rank's RNG must be restored too
+    full = weights(train(cfg, tmp_path / "full", "--nproc", "2"))
+    process = _launch(cfg, tmp_path / "killed", (tmp_path / "killed.log").open("w"))
+    _wait_for_epochs(tmp_path / "killed", 3, process)
+    for child in psutil.Process(process.pid).children(recursive=True):
+        child.kill()
+    process.kill()
+    process.wait()
+    assert not (tmp_path / "killed" / "report.json").exists()
+    result = run_cli("-q", "train", "--resume", str(tmp_path / "killed"), "--nproc", "2", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert torch.equal(full, weights(tmp_path / "killed"))
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_after_a_killed_rank_and_finishes_the_same(config, tmp_path):
+    cfg = config(epochs=40)
+    full = weights(train(cfg, tmp_path / "full", "--nproc", "2"))
+    log = tmp_path / "restarted.log"
+    process = _launch(cfg, tmp_path / "restarted", log.open("w"), "--max-restarts", "1")
+    _wait_for_epochs(tmp_path / "restarted", 3, process)
+    ranks = [
+        p for p in psutil.Process(process.pid).children(recursive=True) if "danlu" in " ".join(p.cmdline())
+    ]
+    victim = next(p for p in ranks if p.environ().get("RANK") == "1")
+    victim.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert torch.allclose(full, weights(tmp_path / "restarted"), rtol=1e-5, atol=1e-7)
+    epochs = [
+        json.loads(line)["epoch"]
+        for line in (tmp_path / "restarted" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == list(range(1, 41))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ranks_with_different_configs_fail_fast_with_a_clear_error(config, tmp_path):
+    cfg, port = config(), free_port()
+    processes = []
+    for rank, epochs in ((0, 4), (1, 5)):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        command = [sys.executable, "-m", "danlu", "-q", "train", str(cfg), f"train.epochs={epochs}"]
+        command += ["train.dist_timeout=60", "--out", str(tmp_path / "mismatch")]
+        processes.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=120)[1] for p in processes]
+    assert all(p.returncode == 2 for p in processes)
+    assert all("different configs" in out and "Traceback" not in out for out in outputs)
+
+
+def test_bad_multi_process_settings_are_one_line_before_any_process_starts(config):
+    for args, message in (
+        (("train.batch_size=63",), "does not divide"),
+        (("train.device=cuda",), "needs 2 GPUs"),
+    ):
+        result = run_cli("train", str(config()), *args, "--nproc", "2")
+        assert result.returncode == 2 and message in result.stderr
+        assert result.stderr.strip().count("\n") == 0
