@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,11 @@ def train(
     resume: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    on_epoch: Callable[[dict[str, Any], Path | None], None] | None = None,
 ) -> Run:
     """Train from a config (object, dict or YAML path) into a run directory, or resume one.
+
+    on_epoch(record, checkpoint_dir): called after every epoch on every process (Ray Train reporting).
 
     Raises:
         DanluError: bad config or data, an existing run directory (unless overwrite), nothing to resume.
@@ -86,7 +89,7 @@ def train(
             else:
                 overwrite = True  # it died before its first checkpoint: start it again
         run, cfg, setup = _run_setup(config, overrides, out, resume, overwrite, world)
-        fit(cfg, run, setup, progress=progress)
+        fit(cfg, run, setup, progress=progress, on_epoch=on_epoch)
         if world.main:
             finish(cfg, run, setup)
         distributed.barrier(world)  # the report exists on every rank's return
@@ -106,14 +109,7 @@ def _run_setup(config, overrides, out, resume, overwrite: bool, world):
                 "resume takes no config, overrides or output", "the run's own config.yaml is used"
             )
         run = RunDir(resume)
-        if not run.config.is_file():
-            raise DanluError(
-                f"'{resume}' is not a run directory (no config.yaml)", "pass the run's directory"
-            )
-        if run.is_complete():
-            raise DanluError(f"run '{resume}' is already complete", "train a new run, or evaluate this one")
-        if not run.last_checkpoint.is_file():
-            raise DanluError(f"run '{resume}' stopped before its first checkpoint", "train it again")
+        run.require_resumable()
         cfg = validate(read_yaml(run.config))
         device = distributed.start(world, cfg.train.device, cfg.train.dist_timeout)
         distributed.check_same_config(world, run.config.read_text())

@@ -126,6 +126,16 @@ class RunDir:
                 f"finish it with `danlu train --resume {self.path}` or train again",
             )
 
+    def require_resumable(self) -> None:
+        """Raise unless this is a stopped run with a checkpoint to continue from."""
+        name = self.path
+        if not self.config.is_file():
+            raise DanluError(f"'{name}' is not a run directory (no {CONFIG})", "pass the run's directory")
+        if self.is_complete():
+            raise DanluError(f"run '{name}' is already complete", "train a new run, or evaluate this one")
+        if not self.last_checkpoint.is_file():
+            raise DanluError(f"run '{name}' stopped before its first checkpoint", "train it again")
+
     def prepare_new(self, overwrite: bool) -> None:
         """Make an empty directory for a new run, refusing to clobber an existing one unasked."""
         if self.path.exists() and any(self.path.iterdir()):

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -25,15 +26,32 @@ def weights(run_dir) -> torch.Tensor:
     return torch.cat([t.flatten() for t in load_file(run_dir / "model.safetensors").values()])
 
 
-@pytest.fixture
-def config(tmp_path):
-    mixed_frame(2000).to_csv(tmp_path / "data.csv", index=False)
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("configs")
+    mixed_frame(2000).to_csv(folder / "data.csv", index=False)
 
     def make(epochs=4, dropout=0.0):
-        text = CONFIG.format(data=tmp_path / "data.csv", epochs=epochs, dropout=dropout)
-        return write_config(tmp_path / f"cfg_{epochs}_{dropout}.yaml", text)
+        text = CONFIG.format(data=folder / "data.csv", epochs=epochs, dropout=dropout)
+        return write_config(folder / f"cfg_{epochs}_{dropout}.yaml", text)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(config, tmp_path_factory):
+    """Weights of an uninterrupted run, trained once per module for each (epochs, dropout, processes)."""
+    done = {}
+
+    def weights_of(epochs=4, dropout=0.0, nproc=1):
+        key = (epochs, dropout, nproc)
+        if key not in done:
+            out = tmp_path_factory.mktemp("uninterrupted")
+            launcher = ("--nproc", str(nproc)) if nproc > 1 else ()  # 1: a plain process
+            done[key] = weights(train(config(epochs, dropout), out / "run", *launcher))
+        return done[key]
+
+    return weights_of
 
 
 def train(config, out, *args):
@@ -44,9 +62,9 @@ def train(config, out, *args):
     return out
 
 
-def test_two_processes_and_accumulation_match_one_process(config, tmp_path):
+def test_two_processes_and_accumulation_match_one_process(config, uninterrupted, tmp_path):
     cfg = config()
-    one = weights(train(cfg, tmp_path / "one"))
+    one = uninterrupted()
     two = weights(train(cfg, tmp_path / "two", "--nproc", "2"))
     accumulated = weights(train(cfg, tmp_path / "acc", "train.accumulate=4"))
     both = weights(train(cfg, tmp_path / "both", "train.accumulate=2", "--nproc", "2"))
@@ -91,9 +109,9 @@ def _launch(cfg, out, log, *args):
 
 
 @pytest.mark.slow
-def test_a_killed_two_process_run_resumes_to_identical_weights(config, tmp_path):
+def test_a_killed_two_process_run_resumes_to_identical_weights(config, uninterrupted, tmp_path):
     cfg = config(epochs=40, dropout=0.3)  # dropout: every rank's RNG must be restored too
-    full = weights(train(cfg, tmp_path / "full", "--nproc", "2"))
+    full = uninterrupted(epochs=40, dropout=0.3, nproc=2)
     process = _launch(cfg, tmp_path / "killed", (tmp_path / "killed.log").open("w"))
     _wait_for_epochs(tmp_path / "killed", 3, process)
     for child in psutil.Process(process.pid).children(recursive=True):
@@ -107,9 +125,9 @@ def test_a_killed_two_process_run_resumes_to_identical_weights(config, tmp_path)
 
 
 @pytest.mark.slow
-def test_torchrun_restarts_after_a_killed_rank_and_finishes_the_same(config, tmp_path):
-    cfg = config(epochs=40)
-    full = weights(train(cfg, tmp_path / "full", "--nproc", "2"))
+def test_torchrun_restarts_after_a_killed_rank_and_finishes_the_same(config, uninterrupted, tmp_path):
+    cfg = config(epochs=40, dropout=0.3)
+    full = uninterrupted(epochs=40, dropout=0.3, nproc=2)
     log = tmp_path / "restarted.log"
     process = _launch(cfg, tmp_path / "restarted", log.open("w"), "--max-restarts", "1")
     _wait_for_epochs(tmp_path / "restarted", 3, process)
@@ -155,3 +173,20 @@ def test_bad_multi_process_settings_are_one_line_before_any_process_starts(confi
         result = run_cli("train", str(config()), *args, "--nproc", "2")
         assert result.returncode == 2 and message in result.stderr
         assert result.stderr.strip().count("\n") == 0
+    result = run_cli("train", str(config()), "--backend", "ray", "--nproc", "2")
+    assert result.returncode == 2 and "with --backend ray use --workers N" in result.stderr
+
+
+@pytest.mark.slow
+def test_ray_train_with_two_workers_matches_one_process(config, uninterrupted, tmp_path):
+    cfg = config()
+    one = uninterrupted()
+    ray_run, storage = tmp_path / "ray", tmp_path / "ray_results"
+    args = ("--out", str(ray_run), "--backend", "ray", "--workers", "2", "--ray-storage", str(storage))
+    result = run_cli("-q", "train", str(cfg), *args, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert torch.allclose(one, weights(ray_run), rtol=1e-5, atol=1e-7)
+    assert json.loads((ray_run / "report.json").read_text())["processes"] == 2
+    assert "last epoch reported 4" in result.stdout  # metrics went through ray.train.report
+    checkpoint = result.stdout.split("checkpoint ")[-1].strip()
+    assert checkpoint.startswith(str(storage)) and (Path(checkpoint) / "last.pt").is_file()

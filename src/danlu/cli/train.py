@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from danlu.cli.output import print_run
 from danlu.errors import DanluError
 
@@ -33,7 +35,50 @@ def add_train(sub) -> None:
         metavar="K",
         help="with --nproc: restart the processes up to K times after a failure, from the last checkpoint",
     )
+    p.add_argument(
+        "--backend",
+        choices=["torchrun", "ray"],
+        default="torchrun",
+        help="ray: run on Ray Train workers (pip install 'danlu[ray]')",
+    )
+    p.add_argument("--workers", type=int, default=2, help="with --backend ray: Ray Train workers (default 2)")
+    p.add_argument("--ray-address", help="with --backend ray: an existing cluster (default: a local Ray)")
+    p.add_argument(
+        "--ray-storage",
+        help="with --backend ray: where Ray keeps reported checkpoints (default ~/ray_results; "
+        "shared storage on a multi-node cluster)",
+    )
     p.set_defaults(run=run_train)
+
+
+def launch_ray(args) -> int:
+    import torch
+
+    from danlu.config import load_config, read_yaml, resolve_paths, validate
+    from danlu.run import RunDir
+    from danlu.training.ray_train import train_with_ray
+
+    if args.nproc or args.max_restarts:
+        raise DanluError("--nproc and --max-restarts are torchrun's", "with --backend ray use --workers N")
+    config = None
+    if args.resume:
+        resumed = RunDir(args.resume)
+        resumed.require_resumable()  # here, before any Ray worker starts
+        device = validate(read_yaml(resumed.config)).train.device
+    else:
+        if not args.config:
+            raise DanluError("no config given", "run `danlu train CONFIG.yaml --backend ray`")
+        config = resolve_paths(load_config(args.config, list(args.overrides)), Path.cwd())
+        device = config.train.device
+    use_gpu = device != "cpu" and torch.cuda.is_available()
+    run, result = train_with_ray(
+        config, args.out, args.resume, args.overwrite, args.workers, args.ray_address, use_gpu,
+        args.ray_storage,
+    )  # fmt: skip
+    checkpoint = result.checkpoint.path if result.checkpoint else "none"
+    reported = f"last epoch reported {result.metrics.get('epoch', 'none')}, checkpoint {checkpoint}"
+    print_run(run, [("ray", reported)])
+    return 0
 
 
 def launch_torchrun(args) -> int:
@@ -101,6 +146,8 @@ def run_train(args) -> int:
     import danlu
     from danlu.training.distributed import world_from_env
 
+    if args.backend == "ray":
+        return launch_ray(args)
     if args.nproc:
         return launch_torchrun(args)
     if args.resume:

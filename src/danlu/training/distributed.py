@@ -62,7 +62,9 @@ def start(world: World, device_name: str, timeout_s: float) -> torch.device:
     device = torch.device(f"cuda:{world.local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    global _OWN_GROUP
+    if not dist.is_initialized():  # Ray Train starts the group itself
+        _OWN_GROUP = True
         dist.init_process_group(
             "nccl" if use_cuda else "gloo",
             timeout=timedelta(seconds=timeout_s),
@@ -92,9 +94,15 @@ def _attempt_store(world: World, timeout_s: float) -> dict[str, Any]:
     }
 
 
+_OWN_GROUP = False
+
+
 def stop() -> None:
-    if dist.is_initialized():
+    """Leave a process group this module started (Ray Train tears down its own)."""
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_initialized():
         dist.destroy_process_group()
+    _OWN_GROUP = False
 
 
 def check_same_config(world: World, config_text: str) -> None:

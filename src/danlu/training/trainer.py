@@ -268,8 +268,11 @@ def _checkpoint(s: Setup, path, config: Config, rng_states: list | None = None) 
     )
 
 
-def fit(config: Config, run: RunDir, s: Setup, progress: bool = True) -> None:
+def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=None) -> None:
     """Run epochs from s.state.epoch + 1 until the last epoch or early stopping.
+
+    on_epoch(record, checkpoint_dir) is called on every rank after each epoch (Ray Train's reporting);
+    checkpoint_dir is set on rank 0 only.
 
     Every process trains; only rank 0 validates, logs, writes metrics and checkpoints, and decides early
     stopping, which it hands to the other ranks after each epoch."""
@@ -310,6 +313,8 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True) -> None:
                 if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or s.state.stopped_early:
                     _checkpoint(s, run.last_checkpoint, config, rng_states)
             s.state = TrainerState(**distributed.broadcast(asdict(s.state), s.world))
+            if on_epoch is not None:
+                on_epoch(record, run.checkpoints if main else None)
             bar.set_postfix(_postfix(record), refresh=False)
             bar.update(1)
             if evaluated and main:
