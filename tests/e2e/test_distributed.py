@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,7 +110,7 @@ def _launch(cfg, out, log, *args):
 
 
 @pytest.mark.slow
-def test_a_killed_two_process_run_resumes_to_identical_weights(config, uninterrupted, tmp_path):
+def test_a_killed_two_process_run_resumes_identically_with_torchrun_or_ray(config, uninterrupted, tmp_path):
     cfg = config(epochs=40, dropout=0.3)  # dropout: every rank's RNG must be restored too
     full = uninterrupted(epochs=40, dropout=0.3, nproc=2)
     process = _launch(cfg, tmp_path / "killed", (tmp_path / "killed.log").open("w"))
@@ -119,9 +120,16 @@ def test_a_killed_two_process_run_resumes_to_identical_weights(config, uninterru
     process.kill()
     process.wait()
     assert not (tmp_path / "killed" / "report.json").exists()
+    shutil.copytree(tmp_path / "killed", tmp_path / "killed_for_ray")
     result = run_cli("-q", "train", "--resume", str(tmp_path / "killed"), "--nproc", "2", timeout=600)
     assert result.returncode == 0, result.stderr
     assert torch.equal(full, weights(tmp_path / "killed"))
+    # the same stopped run, resumed on Ray Train workers instead, ends with the same weights too
+    ray_storage = ("--ray-storage", str(tmp_path / "ray_results"))
+    resume = ("--resume", str(tmp_path / "killed_for_ray"), "--backend", "ray", *ray_storage)
+    result = run_cli("-q", "train", *resume, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert torch.equal(full, weights(tmp_path / "killed_for_ray"))
 
 
 @pytest.mark.slow
@@ -175,6 +183,10 @@ def test_bad_multi_process_settings_are_one_line_before_any_process_starts(confi
         assert result.stderr.strip().count("\n") == 0
     result = run_cli("train", str(config()), "--backend", "ray", "--nproc", "2")
     assert result.returncode == 2 and "with --backend ray use --workers N" in result.stderr
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    result = run_cli("train", str(config()), "--backend", "ray", "--ray-address", address)
+    assert result.returncode == 2 and f"cannot reach the Ray head at {address}" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
 
 
 @pytest.mark.slow

@@ -4,10 +4,30 @@ each, rank 0 writes the run directory, and every epoch is reported to Ray (rank 
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
 from danlu.errors import DanluError
+
+# Ray Train's controller collects each worker's report at its health-check interval (2 s by default) and
+# ray.train.report blocks until it has; danlu reports every epoch, so it asks for a shorter interval.
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
+    """Fail in seconds on a head node that is not listening (ray.init would retry for minutes)."""
+    if not address or address == "auto" or "://" in address:
+        return  # a new local instance, the local one, or Ray Client with its own timeout
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as error:
+        raise DanluError(
+            f"cannot reach the Ray head at {address} ({error})",
+            "start it with `ray start --head` or pass its host:port as --ray-address",
+        ) from None
 
 
 def _report_epoch(record: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -54,7 +74,21 @@ def train_with_ray(
     if resume is None and out is None:
         out = config.output
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        _check_reachable(address)
+        try:
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                runtime_env={"env_vars": {POLL_ENV: os.environ.get(POLL_ENV, "0.1")}},
+            )
+        except Exception as error:  # ConnectionError, an auth error, a version mismatch...
+            lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+            raise DanluError(
+                f"cannot start or reach Ray at {address or 'a new local instance'}: {lines[-1].strip()}",
+                "check --ray-address (the head's host:port, or ray://host:10001) and `ray status` there",
+            ) from error
     target = Path(resume or out).resolve()
     trainer = TorchTrainer(
         _worker_loop,
