@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import danlu
 from tests.conftest import ROOT, mixed_frame, run_cli, write_config
 
 CONFIG = """data: {{train: {data}, target: label}}
@@ -48,8 +49,9 @@ def uninterrupted(config, tmp_path_factory):
         key = (epochs, dropout, nproc)
         if key not in done:
             out = tmp_path_factory.mktemp("uninterrupted")
-            launcher = ("--nproc", str(nproc)) if nproc > 1 else ()  # 1: a plain process
-            done[key] = weights(train(config(epochs, dropout), out / "run", *launcher))
+            cfg = config(epochs, dropout)
+            run = out / "run"
+            done[key] = weights(train(cfg, run, "--nproc", str(nproc)) if nproc > 1 else train_here(cfg, run))
         return done[key]
 
     return weights_of
@@ -63,11 +65,16 @@ def train(config, out, *args):
     return out
 
 
+def train_here(config, out, *overrides):
+    """A single-process run in this process (no torch import to wait for): the same code as the CLI's."""
+    return danlu.train(config, overrides, out=out, progress=False).path
+
+
 def test_two_processes_and_accumulation_match_one_process(config, uninterrupted, tmp_path):
     cfg = config()
     one = uninterrupted()
     two = weights(train(cfg, tmp_path / "two", "--nproc", "2"))
-    accumulated = weights(train(cfg, tmp_path / "acc", "train.accumulate=4"))
+    accumulated = weights(train_here(cfg, tmp_path / "acc", "train.accumulate=4"))
     both = weights(train(cfg, tmp_path / "both", "train.accumulate=2", "--nproc", "2"))
     for other in (two, accumulated, both):
         assert torch.allclose(one, other, rtol=1e-5, atol=1e-7)
@@ -159,18 +166,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rank(cfg, out, rank, port, *overrides):
+    """One rank started by hand, as a launcher would, with torchrun's environment variables."""
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+    command = [sys.executable, "-m", "danlu", "-q", "train", str(cfg), *overrides, "--out", str(out)]
+    return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+
+
 def test_ranks_with_different_configs_fail_fast_with_a_clear_error(config, tmp_path):
     cfg, port = config(), free_port()
-    processes = []
-    for rank, epochs in ((0, 4), (1, 5)):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-        command = [sys.executable, "-m", "danlu", "-q", "train", str(cfg), f"train.epochs={epochs}"]
-        command += ["train.dist_timeout=60", "--out", str(tmp_path / "mismatch")]
-        processes.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
+    processes = [
+        _rank(cfg, tmp_path / "mismatch", rank, port, f"train.epochs={epochs}", "train.dist_timeout=60")
+        for rank, epochs in ((0, 4), (1, 5))
+    ]
     outputs = [p.communicate(timeout=120)[1] for p in processes]
     assert all(p.returncode == 2 for p in processes)
     assert all("different configs" in out and "Traceback" not in out for out in outputs)
+
+
+def test_a_taken_port_and_an_absent_rank_zero_are_one_line_errors(config, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        rank0 = _rank(config(), tmp_path / "a", 0, taken.getsockname()[1], "train.dist_timeout=5")
+        error = rank0.communicate(timeout=120)[1]
+    assert rank0.returncode == 2 and "the port is already in use" in error, error
+    started = time.monotonic()
+    rank1 = _rank(config(), tmp_path / "b", 1, free_port(), "train.dist_timeout=5")  # rank 0 never comes
+    error = rank1.communicate(timeout=120)[1]
+    assert rank1.returncode == 2 and "could not reach the rendezvous" in error, error
+    assert error.strip().count("\n") == 0 and time.monotonic() - started < 60
 
 
 def test_bad_multi_process_settings_are_one_line_before_any_process_starts(config):

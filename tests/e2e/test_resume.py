@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import danlu
 from tests.conftest import run_cli, write_config
 
 CONFIG = """data:
@@ -27,8 +28,7 @@ def _epochs_logged(run_dir) -> int:
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     config = write_config(tmp_path / "cfg.yaml", CONFIG)
-    full = tmp_path / "full"
-    assert run_cli("train", str(config), "--out", str(full), cwd=tmp_path).returncode == 0
+    full = danlu.train(config, out=tmp_path / "full", progress=False).path  # in this process: no startup
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(

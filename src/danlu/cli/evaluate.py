@@ -25,9 +25,11 @@ def add_evaluate(sub) -> None:
 
 
 def run_evaluate(args) -> int:
+    from danlu.run import RunDir
+
+    RunDir(args.run_dir).require_complete()  # before torch is imported
     import danlu
     from danlu.evaluation.metrics import summary
-    from danlu.run import RunDir
 
     metrics = danlu.evaluate(args.run_dir, args.data)
     task = "classification" if "accuracy" in metrics else "regression"

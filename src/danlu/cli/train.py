@@ -62,9 +62,7 @@ def launch_ray(args) -> int:
         raise DanluError("--nproc and --max-restarts are torchrun's", "with --backend ray use --workers N")
     config = None
     if args.resume:
-        resumed = RunDir(args.resume)
-        resumed.require_resumable()  # here, before any Ray worker starts
-        device = validate(read_yaml(resumed.config)).train.device
+        device = validate(read_yaml(RunDir(args.resume).config)).train.device  # checked in run_train
     else:
         if not args.config:
             raise DanluError("no config given", "run `danlu train CONFIG.yaml --backend ray`")
@@ -143,13 +141,21 @@ def _check_before_launch(args) -> None:
 
 
 def run_train(args) -> int:
-    import danlu
-    from danlu.training.distributed import world_from_env
+    from danlu.config import load_config
+    from danlu.run import RunDir
 
+    # A bad config or run directory is reported before torch is imported: in a second, not in five.
+    if args.resume:
+        RunDir(args.resume).require_resumable()
+    elif args.config and args.config.endswith((".yaml", ".yml")):
+        load_config(args.config, list(args.overrides))
     if args.backend == "ray":
         return launch_ray(args)
     if args.nproc:
         return launch_torchrun(args)
+    import danlu
+    from danlu.training.distributed import world_from_env
+
     if args.resume:
         run = danlu.train(
             args.config, args.overrides, out=args.out, resume=args.resume, progress=not args.quiet

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn import metrics as skm
 
 SUMMARY_KEYS = {
     "classification": ("accuracy", "f1_macro", "roc_auc", "log_loss"),
@@ -17,6 +16,8 @@ PROBA_FLOOR = 1e-15  # log loss clips probabilities here
 
 
 def _roc_auc(y: np.ndarray, proba: np.ndarray) -> float | None:
+    from sklearn import metrics as skm  # 1.8 s to import: not on every training process's start
+
     labels = np.arange(proba.shape[1])
     if len(np.unique(y)) < 2:
         return None  # undefined with one class present

@@ -6,7 +6,10 @@ A single process is a world of one: every helper here is then a no-op, so the tr
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -16,6 +19,8 @@ import torch.distributed as dist
 
 from danlu.errors import DanluError
 from danlu.inference import resolve_device
+
+log = logging.getLogger("danlu")
 
 
 @dataclass(frozen=True)
@@ -64,14 +69,67 @@ def start(world: World, device_name: str, timeout_s: float) -> torch.device:
         torch.cuda.set_device(device)
     global _OWN_GROUP
     if not dist.is_initialized():  # Ray Train starts the group itself
+        with _held_stderr() as held:
+            try:
+                dist.init_process_group(
+                    "nccl" if use_cuda else "gloo",
+                    timeout=timedelta(seconds=timeout_s),
+                    device_id=device if use_cuda else None,
+                    **_attempt_store(world, timeout_s),
+                )
+            except dist.DistError as error:
+                held.drop()  # c10d's retry logs and C++ frames: --debug shows them
+                raise _rendezvous_error(error, world, timeout_s) from error
         _OWN_GROUP = True
-        dist.init_process_group(
-            "nccl" if use_cuda else "gloo",
-            timeout=timedelta(seconds=timeout_s),
-            device_id=device if use_cuda else None,
-            **_attempt_store(world, timeout_s),
-        )
     return device
+
+
+class _held_stderr:
+    """Hold what is written to file descriptor 2 (c10d logs from C++) and pass it on at the end, unless
+    dropped, when it goes to the debug log instead."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        self._dropped = False
+        return self
+
+    def drop(self) -> None:
+        self._dropped = True
+
+    def __exit__(self, *exc) -> None:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        text = self._file.read().decode(errors="replace")
+        self._file.close()
+        if self._dropped:
+            log.debug("process group output:\n%s", text)
+        elif text:
+            sys.stderr.write(text)
+
+
+def _rendezvous_error(error: Exception, world: World, timeout_s: float) -> DanluError:
+    """What went wrong joining the group, in one line: the port is taken, or the peers never answered."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    if "EADDRINUSE" in str(error) or "address already in use" in str(error).lower():
+        return DanluError(
+            f"rank {world.rank} cannot listen on {where}: the port is already in use",
+            "pick a free MASTER_PORT (torchrun --master-port / --rdzv-endpoint) or stop what holds it",
+        )
+    if isinstance(error, (dist.DistStoreError, dist.DistNetworkError)):
+        return DanluError(
+            f"rank {world.rank} could not reach the rendezvous at {where} within {timeout_s:g} s",
+            "check that rank 0 runs and this host can reach MASTER_ADDR:MASTER_PORT; "
+            "train.dist_timeout sets the wait",
+        )
+    lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return DanluError(
+        f"rank {world.rank} could not join the process group: {lines[0].strip()}", "run with --debug"
+    )
 
 
 def _attempt_store(world: World, timeout_s: float) -> dict[str, Any]:

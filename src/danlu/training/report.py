@@ -7,7 +7,6 @@ from typing import Any
 
 from danlu import __version__
 from danlu.config import SCHEMA_VERSION, Config
-from danlu.evaluation import plots
 from danlu.evaluation.metrics import MetricStream, summary
 from danlu.models.weights import save_weights
 from danlu.run import RunDir, atomic_write_json
@@ -18,6 +17,8 @@ log = logging.getLogger("danlu")
 
 
 def write_plots(run: RunDir, stream: MetricStream, metrics: dict[str, Any]) -> None:
+    from danlu.evaluation import plots  # matplotlib: only rank 0 at the end of a run needs it
+
     history = run.read_metrics()
     if history:
         plots.learning_curves(history, run.plots / "learning_curves.png")
