@@ -1,6 +1,8 @@
 """The real `danlu` CLI in a subprocess: the commands users type, and every error case."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -168,6 +170,22 @@ def test_errors_are_one_line_exit_2_no_traceback(tmp_path, case):
     assert "(fix: " in lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_path):
+    bad_key = _cfg(tmp_path, tmp_path / "data.csv")
+    for args in (
+        ["train", str(tmp_path / "nope.yaml")],
+        ["train", bad_key, "train.epoch=3"],
+        ["train", "--resume", str(tmp_path / "no_run")],
+        ["evaluate", str(tmp_path / "no_run")],
+        ["predict", str(tmp_path / "no_run"), "new.csv", "-o", "out.csv"],
+        ["export", str(tmp_path / "no_run")],
+        ["serve", str(tmp_path / "no_run")],
+    ):
+        code = f"import sys; from danlu.cli import main; print(main({args!r}), 'torch' in sys.modules)"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -27,6 +27,9 @@ def add_export(sub) -> None:
 
 
 def run_export(args) -> int:
+    from danlu.run import RunDir
+
+    RunDir(args.run_dir).require_complete()  # before torch is imported
     from danlu.export import FP32_TOLERANCE, export_run
 
     result = export_run(args.run_dir, args.format, args.quantize, args.output, args.max_metric_drop)

@@ -24,6 +24,9 @@ def add_predict(sub) -> None:
 
 
 def run_predict(args) -> int:
+    from danlu.run import RunDir
+
+    RunDir(args.run_dir).require_complete()  # before torch is imported
     from danlu.api import predict_file
 
     rows = predict_file(args.run_dir, args.data, args.output, args.chunk_rows, args.engine)

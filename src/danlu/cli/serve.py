@@ -33,6 +33,9 @@ def add_serve(sub) -> None:
 
 
 def run_serve(args) -> int:
+    from danlu.run import RunDir
+
+    RunDir(args.run_dir).require_complete()  # before torch is imported
     from danlu.errors import DanluError
     from danlu.serve.app import ServeSettings, serve
 
