@@ -16,3 +16,9 @@ class DanluError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} (fix: {self.hint})" if self.hint else self.message
+
+
+def one_line(error: BaseException, last: bool = False) -> str:
+    """The first (or last: the exception of a traceback's text) non-empty line of an error's text."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[-1] if last else lines[0]

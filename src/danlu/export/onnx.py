@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from danlu.data.preprocess import Preprocessor
-from danlu.errors import DanluError
+from danlu.errors import DanluError, one_line
 from danlu.export.module import ServingModule, example_inputs, quiet
 
 NUMERIC_INPUT = "numeric"
@@ -45,9 +45,8 @@ def _torch_export(module: ServingModule, pre: Preprocessor, path: Path) -> None:
                 external_data=False,
             )
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DanluError(
-                f"torch.onnx could not export the model: {first}",
+                f"torch.onnx could not export the model: {one_line(exc)}",
                 "try --format torchscript, or avoid data-dependent Python control flow in forward",
             ) from exc
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from danlu.errors import DanluError
+from danlu.errors import DanluError, one_line
 from danlu.inference import resolve_device
 
 log = logging.getLogger("danlu")
@@ -126,9 +126,8 @@ def _rendezvous_error(error: Exception, world: World, timeout_s: float) -> Danlu
             "check that rank 0 runs and this host can reach MASTER_ADDR:MASTER_PORT; "
             "train.dist_timeout sets the wait",
         )
-    lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
     return DanluError(
-        f"rank {world.rank} could not join the process group: {lines[0].strip()}", "run with --debug"
+        f"rank {world.rank} could not join the process group: {one_line(error)}", "run with --debug"
     )
 
 

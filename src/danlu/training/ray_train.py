@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from danlu.errors import DanluError
+from danlu.errors import DanluError, one_line
 
 # Ray Train's controller collects each worker's report at its health-check interval (2 s by default) and
 # ray.train.report blocks until it has; danlu reports every epoch, so it asks for a shorter interval.
@@ -84,9 +84,9 @@ def train_with_ray(
                 runtime_env={"env_vars": {POLL_ENV: os.environ.get(POLL_ENV, "0.1")}},
             )
         except Exception as error:  # ConnectionError, an auth error, a version mismatch...
-            lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+            where = address or "a new local instance"
             raise DanluError(
-                f"cannot start or reach Ray at {address or 'a new local instance'}: {lines[-1].strip()}",
+                f"cannot start or reach Ray at {where}: {one_line(error, last=True)}",
                 "check --ray-address (the head's host:port, or ray://host:10001) and `ray status` there",
             ) from error
     target = Path(resume or out).resolve()
@@ -117,6 +117,5 @@ def _worker_error(error: Exception) -> DanluError:
         if isinstance(cause, DanluError):
             return cause
     first = next(iter(failures.values()), error)
-    lines = [line for line in str(first).splitlines() if line.strip()] or [type(first).__name__]
     fix = "run with --debug for the workers' tracebacks"
-    return DanluError(f"Ray Train failed: {lines[-1].strip()}", fix)
+    return DanluError(f"Ray Train failed: {one_line(first, last=True)}", fix)
