@@ -37,19 +37,8 @@ def main() -> None:
         )
         for n in args.nproc:
             out = Path(tmp) / f"run{n}"
-            command = [
-                sys.executable,
-                "-m",
-                "danlu",
-                "-q",
-                "train",
-                str(config),
-                "--out",
-                str(out),
-                "--nproc",
-                str(n),
-            ]
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            command = [sys.executable, "-m", "danlu", "-q", "train", str(config), "--out", str(out)]
+            subprocess.run([*command, "--nproc", str(n)], check=True, stdout=subprocess.DEVNULL)
             report = json.loads((out / "report.json").read_text())
             results[n] = (
                 report["rows"]["train"] * args.epochs / report["train_seconds"],

@@ -68,7 +68,8 @@ def train(
 ) -> Run:
     """Train from a config (object, dict or YAML path) into a run directory, or resume one.
 
-    on_epoch(record, checkpoint_dir): called after every epoch on every process (Ray Train reporting).
+    on_epoch(record, checkpoint_dir): called after every epoch on every process (Ray Train reporting);
+    checkpoint_dir is the run's checkpoints/ on rank 0 when the epoch wrote one, else None.
 
     Raises:
         DanluError: bad config or data, an existing run directory (unless overwrite), nothing to resume.

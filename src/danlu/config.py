@@ -197,6 +197,17 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{path}: {message}, got {error.get('input')!r}"
 
 
+def check_batch_split(tc: TrainConfig, processes: int) -> None:
+    """train.batch_size is one step's global batch: it must split evenly over processes x micro-batches."""
+    parts = processes * tc.accumulate
+    if tc.batch_size != "auto" and tc.batch_size % parts:
+        raise DanluError(
+            f"train.batch_size={tc.batch_size} does not divide into {processes} process(es) x "
+            f"train.accumulate={tc.accumulate}",
+            f"use a multiple of {parts}, e.g. train.batch_size={max(parts, tc.batch_size // parts * parts)}",
+        )
+
+
 def validate(raw: dict[str, Any]) -> Config:
     """Build a typed Config from a plain dict, turning validation errors into one clear DanluError."""
     try:

@@ -100,20 +100,8 @@ def _wait_for_epochs(run_dir, n, process, seconds=240):
 def _launch(cfg, out, log, *args):
     """torchrun in the background; its output goes to a file (a pipe nobody reads could fill and block it)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    command = [
-        sys.executable,
-        "-m",
-        "danlu",
-        "-q",
-        "train",
-        str(cfg),
-        "--out",
-        str(out),
-        "--nproc",
-        "2",
-        *args,
-    ]
-    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", "danlu", "-q", "train", str(cfg), "--out", str(out), "--nproc", "2"]
+    return subprocess.Popen([*command, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 @pytest.mark.slow

@@ -51,35 +51,43 @@ def add_train(sub) -> None:
     p.set_defaults(run=run_train)
 
 
-def launch_ray(args) -> int:
+def _config_for(args):
+    """The config this command trains: the file with its overrides, or a stopped run's own. It is read and
+    checked here, once, before torch is imported, so a mistake comes back at once."""
+    from danlu.config import load_config, read_yaml, validate
+    from danlu.run import RunDir
+
+    if args.resume:
+        run = RunDir(args.resume)
+        run.require_resumable()
+        return validate(read_yaml(run.config))
+    if not args.config:
+        raise DanluError("no config given", "run `danlu train CONFIG.yaml` or `danlu train --resume RUN_DIR`")
+    if "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        raise DanluError(f"'{args.config}' looks like an override", "put the config file first")
+    return load_config(args.config, list(args.overrides))
+
+
+def launch_ray(args, config) -> int:
     import torch
 
-    from danlu.config import load_config, read_yaml, resolve_paths, validate
-    from danlu.run import RunDir
+    from danlu.config import resolve_paths
     from danlu.training.ray_train import train_with_ray
 
     if args.nproc or args.max_restarts:
         raise DanluError("--nproc and --max-restarts are torchrun's", "with --backend ray use --workers N")
-    config = None
-    if args.resume:
-        device = validate(read_yaml(RunDir(args.resume).config)).train.device  # checked in run_train
-    else:
-        if not args.config:
-            raise DanluError("no config given", "run `danlu train CONFIG.yaml --backend ray`")
-        config = resolve_paths(load_config(args.config, list(args.overrides)), Path.cwd())
-        device = config.train.device
-    use_gpu = device != "cpu" and torch.cuda.is_available()
+    use_gpu = config.train.device != "cpu" and torch.cuda.is_available()
+    new = None if args.resume else resolve_paths(config, Path.cwd())
     run, result = train_with_ray(
-        config, args.out, args.resume, args.overwrite, args.workers, args.ray_address, use_gpu,
-        args.ray_storage,
-    )  # fmt: skip
+        new, args.out, args.resume, args.overwrite, args.workers, args.ray_address, use_gpu, args.ray_storage
+    )
     checkpoint = result.checkpoint.path if result.checkpoint else "none"
     reported = f"last epoch reported {result.metrics.get('epoch', 'none')}, checkpoint {checkpoint}"
     print_run(run, [("ray", reported)])
     return 0
 
 
-def launch_torchrun(args) -> int:
+def launch_torchrun(args, config) -> int:
     """`danlu train ... --nproc N` -> `torchrun --standalone --nproc-per-node N -m danlu train ...`."""
     import os
     import subprocess
@@ -87,7 +95,7 @@ def launch_torchrun(args) -> int:
 
     if args.nproc < 1:
         raise DanluError("--nproc must be at least 1", "e.g. --nproc 2")
-    _check_before_launch(args)
+    _check_before_launch(config, args.nproc)
     command = [
         sys.executable,
         "-m",
@@ -111,65 +119,36 @@ def launch_torchrun(args) -> int:
     return subprocess.run(command, env=env).returncode
 
 
-def _check_before_launch(args) -> None:
-    """Catch what every rank would fail on (a bad config, an indivisible batch, CUDA without GPUs) in
-    this process, as one line, before starting any."""
+def _check_before_launch(config, nproc: int) -> None:
+    """Catch what every rank would fail on (an indivisible batch, CUDA without GPUs) in this process, as
+    one line, before starting any."""
     import torch
 
-    from danlu.config import load_config, read_yaml, validate
-    from danlu.run import RunDir
+    from danlu.config import check_batch_split
 
-    if args.resume:
-        config = validate(read_yaml(RunDir(args.resume).config))
-    elif args.config:
-        config = load_config(args.config, list(args.overrides))
-    else:
-        raise DanluError("no config given", "run `danlu train CONFIG.yaml --nproc N`")
-    tc = config.train
-    parts = args.nproc * tc.accumulate
-    if tc.batch_size != "auto" and tc.batch_size % parts:
+    check_batch_split(config.train, nproc)
+    if config.train.device == "cuda" and torch.cuda.device_count() < nproc:
         raise DanluError(
-            f"train.batch_size={tc.batch_size} does not divide into {args.nproc} processes x "
-            f"train.accumulate={tc.accumulate}",
-            f"use a multiple of {parts}",
-        )
-    if tc.device == "cuda" and torch.cuda.device_count() < args.nproc:
-        raise DanluError(
-            f"train.device=cuda (nccl) needs {args.nproc} GPUs; this machine has {torch.cuda.device_count()}",
+            f"train.device=cuda (nccl) needs {nproc} GPUs; this machine has {torch.cuda.device_count()}",
             "use --nproc up to the GPU count, or train.device=cpu (gloo)",
         )
 
 
 def run_train(args) -> int:
-    from danlu.config import load_config
-    from danlu.run import RunDir
-
-    # A bad config or run directory is reported before torch is imported: in a second, not in five.
-    if args.resume:
-        RunDir(args.resume).require_resumable()
-    elif args.config and args.config.endswith((".yaml", ".yml")):
-        load_config(args.config, list(args.overrides))
+    config = _config_for(args)
     if args.backend == "ray":
-        return launch_ray(args)
+        return launch_ray(args, config)
     if args.nproc:
-        return launch_torchrun(args)
+        return launch_torchrun(args, config)
     import danlu
     from danlu.training.distributed import world_from_env
 
-    if args.resume:
+    if args.resume:  # the API refuses a config, overrides or --out next to --resume
         run = danlu.train(
             args.config, args.overrides, out=args.out, resume=args.resume, progress=not args.quiet
         )
     else:
-        if not args.config:
-            raise DanluError(
-                "no config given", "run `danlu train CONFIG.yaml` or `danlu train --resume RUN_DIR`"
-            )
-        if "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-            raise DanluError(f"'{args.config}' looks like an override", "put the config file first")
-        run = danlu.train(
-            args.config, args.overrides, out=args.out, overwrite=args.overwrite, progress=not args.quiet
-        )
+        run = danlu.train(config, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
     if world_from_env().main:  # under torchrun, one summary (rank 0's)
         print_run(run)
     return 0

@@ -5,11 +5,13 @@ A single process is a world of one: every helper here is then a no-op, so the tr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -69,7 +71,7 @@ def start(world: World, device_name: str, timeout_s: float) -> torch.device:
         torch.cuda.set_device(device)
     global _OWN_GROUP
     if not dist.is_initialized():  # Ray Train starts the group itself
-        with _held_stderr() as held:
+        with _held_stderr():
             try:
                 dist.init_process_group(
                     "nccl" if use_cuda else "gloo",
@@ -78,38 +80,35 @@ def start(world: World, device_name: str, timeout_s: float) -> torch.device:
                     **_attempt_store(world, timeout_s),
                 )
             except dist.DistError as error:
-                held.drop()  # c10d's retry logs and C++ frames: --debug shows them
                 raise _rendezvous_error(error, world, timeout_s) from error
         _OWN_GROUP = True
     return device
 
 
-class _held_stderr:
-    """Hold what is written to file descriptor 2 (c10d logs from C++) and pass it on at the end, unless
-    dropped, when it goes to the debug log instead."""
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self._file = tempfile.TemporaryFile()
-        self._saved = os.dup(2)
-        os.dup2(self._file.fileno(), 2)
-        self._dropped = False
-        return self
-
-    def drop(self) -> None:
-        self._dropped = True
-
-    def __exit__(self, *exc) -> None:
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        self._file.seek(0)
-        text = self._file.read().decode(errors="replace")
-        self._file.close()
-        if self._dropped:
-            log.debug("process group output:\n%s", text)
-        elif text:
-            sys.stderr.write(text)
+@contextlib.contextmanager
+def _held_stderr() -> Iterator[None]:
+    """Hold what is written to file descriptor 2 (c10d's C++ logs). Pass it on afterwards, or, when the
+    block ends in a DanluError (already one clear line), only to the debug log."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        clear = False
+        try:
+            yield
+        except DanluError:
+            clear = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read().decode(errors="replace")
+            if clear:
+                log.debug("process group output:\n%s", text)
+            elif text:
+                sys.stderr.write(text)
 
 
 def _rendezvous_error(error: Exception, world: World, timeout_s: float) -> DanluError:

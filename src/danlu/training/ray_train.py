@@ -33,9 +33,7 @@ def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
 def _report_epoch(record: dict[str, Any], checkpoint_dir: Path | None) -> None:
     import ray.train
 
-    checkpoint = None
-    if checkpoint_dir is not None and checkpoint_dir.is_dir():
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+    checkpoint = None if checkpoint_dir is None else ray.train.Checkpoint.from_directory(str(checkpoint_dir))
     ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
 
 

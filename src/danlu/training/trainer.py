@@ -21,6 +21,7 @@ from danlu.config import (
     REGRESSION_MONITORS,
     Config,
     TrainConfig,
+    check_batch_split,
     dump_config,
 )
 from danlu.data.batches import Part, TensorPart, share, shuffle_generator
@@ -108,15 +109,10 @@ def loss_fn(task: str, reduction: str = "mean") -> nn.Module:
 
 def _batch_size(tc: TrainConfig, n_rows: int, world: World) -> int:
     """The global batch: each optimizer step's rows over all processes and micro-batches."""
-    parts = world.size * tc.accumulate
     if tc.batch_size == "auto":
+        parts = world.size * tc.accumulate
         return math.ceil(auto_batch_size(n_rows) / parts) * parts
-    if tc.batch_size % parts:
-        raise DanluError(
-            f"train.batch_size={tc.batch_size} does not divide into {world.size} process(es) x "
-            f"train.accumulate={tc.accumulate}",
-            f"use a multiple of {parts}, e.g. train.batch_size={max(parts, tc.batch_size // parts * parts)}",
-        )
+    check_batch_split(tc, world.size)
     return tc.batch_size
 
 
@@ -272,7 +268,7 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=N
     """Run epochs from s.state.epoch + 1 until the last epoch or early stopping.
 
     on_epoch(record, checkpoint_dir) is called on every rank after each epoch (Ray Train's reporting);
-    checkpoint_dir is set on rank 0 only.
+    checkpoint_dir is set on rank 0, in the epochs that wrote a checkpoint.
 
     Every process trains; only rank 0 validates, logs, writes metrics and checkpoints, and decides early
     stopping, which it hands to the other ranks after each epoch."""
@@ -306,15 +302,17 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=N
             record["seconds"] = round(s.state.train_seconds, 3)
             # each rank's RNG (dropout masks) goes into the checkpoint, so a resume replays every rank exactly
             rng_states = distributed.gather(ckpt.rng_state(), s.world) if s.world.multi else None
+            saved = False
             if main:
                 _track_best(s, tc, record, monitor_on, run, config, rng_states)
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or s.state.stopped_early:
+                saved = epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or s.state.stopped_early
+                if saved:
                     _checkpoint(s, run.last_checkpoint, config, rng_states)
             s.state = TrainerState(**distributed.broadcast(asdict(s.state), s.world))
             if on_epoch is not None:
-                on_epoch(record, run.checkpoints if main else None)
+                on_epoch(record, run.checkpoints if saved else None)
             bar.set_postfix(_postfix(record), refresh=False)
             bar.update(1)
             if evaluated and main:
