@@ -51,6 +51,32 @@ def test_max_batch_caps_the_rows_per_forward_pass():
     assert sum(calls) == 10 and max(calls) <= 4
 
 
+def test_a_large_request_never_rides_with_queued_rows_past_max_batch():
+    calls = []
+
+    def infer(batch):
+        calls.append(len(batch))
+        return np.array([row["x"] for row in batch])
+
+    async def main():
+        batcher = MicroBatcher(infer, max_batch=8, max_wait_ms=50, max_queue_rows=10_000)
+        await batcher.start()
+        sizes = [3, 1024, 5, 2, 7, 1, 9, 4]  # queued together: small, one large, small, one over max_batch
+        results = await asyncio.gather(
+            *(batcher.submit(frame(*range(100 * i, 100 * i + n))) for i, n in enumerate(sizes))
+        )
+        await batcher.stop()
+        return sizes, results
+
+    sizes, results = run(main())
+    assert sum(calls) == sum(sizes)
+    for rows in calls:  # a pass holds at most max_batch rows, or exactly one larger request
+        assert rows <= 8 or rows in (1024, 9), calls
+    assert 1024 in calls and 9 in calls  # the large requests ran alone
+    for i, (n, result) in enumerate(zip(sizes, results, strict=True)):
+        assert list(result) == list(range(100 * i, 100 * i + n))
+
+
 def test_a_full_queue_refuses_and_a_stuck_inference_times_out_and_frees_its_slot():
     release = threading.Event()
 

@@ -1,7 +1,8 @@
 """Dynamic micro-batching: concurrent requests are gathered for up to `max_wait_ms` or `max_batch` rows,
 run as one forward pass on an inference thread (off the event loop), and each caller gets its own rows back.
 Requests that arrive while a batch runs are queued and join the next one at once; the extra wait of up to
-`max_wait_ms` applies only under load, so a lone request never waits.
+`max_wait_ms` applies only under load, so a lone request never waits. A forward pass never holds more than
+max(max_batch, the rows of one request): a request that would overflow the batch starts the next one.
 
 The queue is bounded (`QueueFull` -> 503) and every caller waits at most `timeout_s` (`TimeoutError`
 -> 504); a caller that gives up frees its queue slot at once, even while its batch is still running.
@@ -74,11 +75,16 @@ class MicroBatcher:
             self.queued_rows -= count  # the slot is free when the caller is answered or gives up
             job.future.cancel()  # a no-op when answered; otherwise the worker skips the abandoned rows
 
+    async def _next_job(self, carried: _Job | None) -> _Job:
+        return carried if carried is not None else await self._queue.get()
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         last_callers = 0
+        carried: _Job | None = None  # taken from the queue but did not fit: it starts the next batch
         while True:
-            jobs = [await self._queue.get()]
+            jobs = [await self._next_job(carried)]
+            carried = None
             rows = len(jobs[0].rows)
             deadline = time.monotonic() + self.max_wait
             while rows < self.max_batch:
@@ -94,6 +100,9 @@ class MicroBatcher:
                         job = await asyncio.wait_for(self._queue.get(), remaining)
                     except asyncio.TimeoutError:
                         break
+                if rows + len(job.rows) > self.max_batch:
+                    carried = job  # a pass never exceeds max(max_batch, one request's rows)
+                    break
                 jobs.append(job)
                 rows += len(job.rows)
             live = [job for job in jobs if not job.future.cancelled()]
