@@ -24,6 +24,12 @@ PREDICT_BATCH = 65_536
 ENGINES = ("torch", "onnx")
 
 
+def nonfinite_rows(decoded: np.ndarray) -> list[int]:
+    """Positions of rows whose decoded output holds NaN or infinity."""
+    finite = np.isfinite(decoded)
+    return np.flatnonzero(~(finite.all(axis=1) if finite.ndim > 1 else finite)).tolist()
+
+
 class Predictor:
     """Predictions from raw feature values: a DataFrame, a dict of columns or a 2-D array in feature order."""
 
@@ -94,20 +100,36 @@ class Predictor:
         return pd.DataFrame(array, columns=self.features)
 
     def decoded(self, data: Any) -> np.ndarray:
-        """Probabilities [n, k] (classification) or values in original units [n] (regression)."""
+        """Probabilities [n, k] (classification) or values in original units [n] (regression).
+
+        Raises:
+            DanluError: a row's output is not a finite number (its inputs are far out of range).
+        """
         frame = self.as_frame(data)
-        return self.decoded_raw(*self.preprocessor.raw_inputs(frame, np.float64))
+        decoded = self.decoded_raw(*self.preprocessor.raw_inputs(frame, np.float64))
+        bad = nonfinite_rows(decoded)
+        if bad:
+            raise DanluError(
+                f"the model's output is not a finite number for row {bad[0] + 1}"
+                + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""),
+                "check that row's feature values: they are far outside anything float32 or the model handles",
+            )
+        return decoded
 
     def decoded_raw(self, numeric: np.ndarray, categorical: list[np.ndarray]) -> np.ndarray:
-        """`decoded` from raw inputs (`Preprocessor.raw_inputs` / `raw_records`)."""
+        """`decoded` from raw inputs (`Preprocessor.raw_inputs` / `raw_records`), unchecked: rows whose
+        inputs overflow come back as NaN or infinity (see `nonfinite_rows`)."""
         if len(numeric) == 0:
             return self._empty()
         if self.runner is not None:
-            return self.runner.run(numeric.astype(np.float32, copy=False), categorical)
-        x_num, x_cat = self.preprocessor.transform_raw(numeric, categorical)
+            with np.errstate(over="ignore", invalid="ignore"):
+                return self.runner.run(numeric.astype(np.float32, copy=False), categorical)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, found by the caller
+            x_num, x_cat = self.preprocessor.transform_raw(numeric, categorical)
         part = TensorPart(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.zeros(len(x_num)))
         outputs, _ = collect_outputs(self.model, part.batches(PREDICT_BATCH), self.device)
-        return self.preprocessor.decode(outputs)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self.preprocessor.decode(outputs)
 
     def _empty(self) -> np.ndarray:
         return np.empty((0, self.preprocessor.n_outputs) if self.task == "classification" else 0)

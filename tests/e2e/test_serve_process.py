@@ -79,7 +79,8 @@ def test_real_server_predicts_and_exits_cleanly_on_sigterm(run):
     assert "Traceback" not in server.process.stdout.read()
 
 
-def test_sigterm_finishes_the_request_in_flight(tmp_path):
+def slow_run(tmp_path, seconds):
+    """A run whose model sleeps `seconds` in every forward pass (trained fast, then its config edited)."""
     slow = train_quietly(
         tmp_path / "slow",
         mixed_frame(200),
@@ -88,8 +89,13 @@ def test_sigterm_finishes_the_request_in_flight(tmp_path):
         "model.target=tests.custom_models:Slow",
         "model.kwargs={seconds: 0}",
     )
-    config = (slow.path / "config.yaml").read_text().replace("seconds: 0", "seconds: 1.5")
-    (slow.path / "config.yaml").write_text(config)  # the same weights; each forward pass now takes 1.5 s
+    config = (slow.path / "config.yaml").read_text().replace("seconds: 0", f"seconds: {seconds}")
+    (slow.path / "config.yaml").write_text(config)  # the same weights, a slower forward pass
+    return slow
+
+
+def test_sigterm_finishes_the_request_in_flight(tmp_path):
+    slow = slow_run(tmp_path, seconds=1.5)
     server = Server(slow.path)
     outcome = {}
 
@@ -146,3 +152,83 @@ def test_two_worker_processes_serve_the_same_model(run):
     finally:
         code = server.stop()
     assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+def _environments(pid):
+    """The environment and command line of a process, then of every process it started."""
+    import psutil
+
+    processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return [(Path(f"/proc/{p.pid}/environ").read_bytes(), " ".join(p.cmdline())) for p in processes]
+
+
+@pytest.mark.parametrize("source", ["file", "env"])
+def test_the_api_key_stays_out_of_the_command_line_and_the_workers_environments(run, tmp_path, source):
+    key = "k3y-" + os.urandom(8).hex()
+    if source == "file":
+        (tmp_path / "key").write_text(key + "\n")
+        server = Server(run.path, "--workers", "2", "--api-key-file", str(tmp_path / "key"))
+    else:
+        os.environ["DANLU_API_KEY"] = key
+        try:
+            server = Server(run.path, "--workers", "2")
+        finally:
+            del os.environ["DANLU_API_KEY"]
+    try:
+        record = {"x0": 0.1, "x1": -0.2, "color": "green"}
+        url = f"{server.url}/v1/predict"
+        assert httpx.post(url, json={"records": [record]}, timeout=10).status_code == 401
+        assert (
+            httpx.post(url, json={"records": [record]}, headers={"X-API-Key": key}, timeout=10).status_code
+            == 200
+        )
+        (_, supervisor_cmdline), *children = _environments(server.process.pid)
+        assert len(children) >= 2  # the workers (and multiprocessing's helper)
+        assert key not in supervisor_cmdline  # the supervisor's own environment is the one it was given
+        for environ, cmdline in children:
+            assert key.encode() not in environ and key not in cmdline
+    finally:
+        server.stop()
+
+
+def test_a_key_on_the_command_line_works_with_a_warning(run):
+    server = Server(run.path, "--api-key", "visible")
+    try:
+        response = httpx.post(
+            f"{server.url}/v1/predict",
+            json={"records": [{"x0": 0.1, "x1": -0.2, "color": "green"}]},
+            headers={"Authorization": "Bearer visible"},
+            timeout=10,
+        )
+        assert response.status_code == 200
+    finally:
+        server.stop()
+    assert "--api-key is visible to every local user in `ps`" in server.process.stdout.read()
+
+
+def test_a_warm_up_slower_than_the_timeout_is_one_line(tmp_path):
+    slow = slow_run(tmp_path, seconds=3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "danlu",
+            "serve",
+            str(slow.path),
+            "--port",
+            str(free_port()),
+            "--timeout",
+            "0.5",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "longer than the request timeout (0.5 s)" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30  # it did not wait for the stuck prediction

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -99,6 +100,16 @@ def test_bad_input_is_a_422_naming_the_field(client, body, field):
 def test_nan_and_malformed_json_are_422(client, raw):
     response = client.post("/v1/predict", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 422
+
+
+@pytest.mark.parametrize("value", [3.2358748776880243e38, -1e300])
+def test_values_that_overflow_float32_are_a_422_naming_the_row(client, run, value):
+    # found by the fuzzer below: the scaled value overflowed to inf and the NaN output could not be JSON
+    response = client.post("/v1/predict", json={"records": [RECORD, {**RECORD, "x1": value}]})
+    assert response.status_code == 422 and "rows [1]" in response.json()["detail"]
+    assert client.post("/v1/predict", json={"records": [RECORD]}).status_code == 200
+    with pytest.raises(DanluError, match="not a finite number for row 2"):
+        danlu.load(run.path).predict(pd.DataFrame([RECORD, {**RECORD, "x1": value}]))
 
 
 def test_a_body_over_the_limit_is_413(client):

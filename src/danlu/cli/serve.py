@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
+API_KEY_ENV = "DANLU_API_KEY"
+log = logging.getLogger("danlu")
+
 
 def add_serve(sub) -> None:
     p = sub.add_parser(
@@ -27,7 +34,16 @@ def add_serve(sub) -> None:
         "--timeout", type=float, default=30.0, help="seconds before a request gets 504 (default 30)"
     )
     p.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
-    p.add_argument("--api-key", help="require this key in X-API-Key or Authorization: Bearer (default: none)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="require the key in FILE (its first line) in X-API-Key or Authorization: Bearer; "
+        f"or set {API_KEY_ENV} (default: no key)",
+    )
+    key.add_argument(
+        "--api-key", metavar="KEY", help="the key itself; visible to other users in `ps`: prefer the above"
+    )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(run=run_serve)
 
@@ -50,7 +66,36 @@ def run_serve(args) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_queue_rows=args.max_queue,
         timeout_s=args.timeout,
-        api_key=args.api_key,
+        api_key=api_key(args),
     )
     serve(settings, args.host, args.port, args.workers, args.access_log)
     return 0
+
+
+def api_key(args) -> str | None:
+    """The key from --api-key-file, DANLU_API_KEY or --api-key (with a warning). DANLU_API_KEY is removed
+    from this process's environment, so no process it starts inherits the key."""
+    from danlu.errors import DanluError
+
+    from_env = os.environ.pop(API_KEY_ENV, None)
+    if args.api_key is not None:
+        log.warning(
+            "--api-key is visible to every local user in `ps`; use --api-key-file FILE or %s", API_KEY_ENV
+        )
+        key, source = args.api_key, "--api-key"
+    elif args.api_key_file is not None:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise DanluError(
+                f"cannot read --api-key-file '{args.api_key_file}': {error.strerror or error}",
+                "pass a text file holding the key on its first line",
+            ) from None
+        key, source = (lines[0].strip() if lines else ""), f"--api-key-file '{args.api_key_file}'"
+    elif from_env is not None:
+        key, source = from_env.strip(), API_KEY_ENV
+    else:
+        return None
+    if not key:
+        raise DanluError(f"the API key from {source} is empty", "give a non-empty key, or no key at all")
+    return key

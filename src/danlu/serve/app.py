@@ -9,9 +9,13 @@ import asyncio
 import hmac
 import json
 import os
+import shutil
+import tempfile
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,13 +33,15 @@ from prometheus_client import (
 
 from danlu import __version__
 from danlu.errors import DanluError
-from danlu.predictor import Predictor
+from danlu.predictor import Predictor, nonfinite_rows
 from danlu.run import RunDir
 from danlu.serve.batching import MicroBatcher, QueueFull
 from danlu.serve.guard import Guard
 from danlu.serve.schemas import PredictResponse, check_instances, request_model
 
-SETTINGS_ENV = "DANLU_SERVE_SETTINGS"  # how `--workers N` hands the settings to each worker process
+# How `--workers N` hands the settings to each worker process: the path of a file only this user can read,
+# so the API key is never in an environment that child processes inherit.
+SETTINGS_FILE_ENV = "DANLU_SERVE_SETTINGS_FILE"
 
 
 @dataclass
@@ -101,6 +107,33 @@ def _warmup_rows(predictor: Predictor) -> list[dict[str, Any]]:
     return [{c.name: c.mean for c in pre.numeric} | {c.name: (c.values or [""])[0] for c in pre.categorical}]
 
 
+def warm_up(predictor: Predictor, timeout_s: float) -> None:
+    """One real prediction before serving, bounded by the request timeout.
+
+    Raises:
+        DanluError: it took longer than timeout_s (a model too slow for the timeout it is served with).
+    """
+    outcome: dict[str, BaseException] = {}
+
+    def predict() -> None:
+        try:
+            predictor.decoded_raw(*predictor.preprocessor.raw_records(_warmup_rows(predictor)))
+        except BaseException as error:  # handed to the caller below
+            outcome["error"] = error
+
+    # a daemon thread: a prediction that never returns must not keep the process from exiting
+    thread = threading.Thread(target=predict, name="danlu-warmup", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise DanluError(
+            f"the warm-up prediction took longer than the request timeout ({timeout_s:g} s)",
+            "raise --timeout to cover one forward pass of this model, e.g. --timeout 120",
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def _encode(predictor: Predictor, output: np.ndarray) -> dict[str, Any]:
     pre = predictor.preprocessor
     if pre.task == "classification":
@@ -140,13 +173,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
         settings.timeout_s,
         on_batch=metrics.batch_rows.observe,
     )
+    warm_up(predictor, settings.timeout_s)  # /readyz turns 200 only after a real prediction
     state = {"ready": False}
     title = f"danlu: {run.path.resolve().name}"
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
-        await batcher.submit(_warmup_rows(predictor))  # /readyz turns 200 only after a real prediction
         state["ready"] = True
         yield
         state["ready"] = False
@@ -199,6 +232,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
             return JSONResponse({"detail": f"inference took over {settings.timeout_s:g} s"}, status_code=504)
         except DanluError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=422)
+        bad = nonfinite_rows(output)
+        if bad:  # values so large that float32 or the model overflow: this request's fault, not the batch's
+            detail = f"the model's output is not a finite number for rows {bad[:10]}: inputs far out of range"
+            return JSONResponse({"detail": detail}, status_code=422)
         return JSONResponse(_encode(predictor, output))  # already plain JSON types: skip re-validation
 
     @app.get("/v1/metadata", dependencies=[Depends(require_key)])
@@ -247,8 +284,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
 
 def app_from_env() -> FastAPI:
-    """The factory each `--workers N` process calls: settings travel in an environment variable."""
-    return create_app(ServeSettings(**json.loads(os.environ[SETTINGS_ENV])))
+    """The factory each `--workers N` process calls: the settings file's path travels in the environment."""
+    path = Path(os.environ[SETTINGS_FILE_ENV])
+    return create_app(ServeSettings(**json.loads(path.read_text())))
 
 
 def serve(
@@ -261,7 +299,7 @@ def serve(
     """Run the server until SIGINT/SIGTERM; in-flight requests finish before the process exits."""
     import uvicorn
 
-    app = create_app(settings)  # fail here, before binding, on a bad run directory or setting
+    app = create_app(settings)  # fail here, before binding, on a bad run directory, setting or warm-up
     options = {
         "host": host,
         "port": port,
@@ -269,8 +307,17 @@ def serve(
         "timeout_graceful_shutdown": settings.timeout_s,
         "log_level": "info",
     }
-    if workers > 1:
-        os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
-        uvicorn.run("danlu.serve.app:app_from_env", factory=True, workers=workers, **options)
-    else:
+    if workers == 1:
         uvicorn.run(app, **options)
+        return
+    private = Path(tempfile.mkdtemp(prefix="danlu-serve-"))  # mode 0700: this user only
+    try:
+        settings_file = private / "settings.json"
+        fd = os.open(settings_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(settings), f)
+        os.environ[SETTINGS_FILE_ENV] = str(settings_file)
+        uvicorn.run("danlu.serve.app:app_from_env", factory=True, workers=workers, **options)
+    finally:
+        os.environ.pop(SETTINGS_FILE_ENV, None)
+        shutil.rmtree(private, ignore_errors=True)
