@@ -106,6 +106,29 @@ def test_chunked_fit_equals_whole_fit():
         )
 
 
+@pytest.mark.parametrize("chunk", [None, 7, 128])
+def test_scaling_statistics_hold_at_large_offsets(chunk):
+    rng = np.random.default_rng(3)
+    noise = rng.normal(0, 0.01, 1000)
+    frame = pd.DataFrame({"big": 1e8 + noise, "y": 1e9 + 3 * noise + rng.normal(0, 0.001, 1000)})
+    config = load_config(None, ["data.train=x.csv", "data.target=y", "data.task=regression"]).data
+    fitter = PreprocessorFitter(infer_schema(frame, config))
+    for start in range(0, 1000, chunk or 1000):
+        fitter.update(frame.iloc[start : start + (chunk or 1000)])
+    pre = fitter.finish()
+    # E[x^2] - mean^2 gives 1.41 here (141 times too large); the merged moments match numpy's two-pass std
+    assert pre.numeric[0].std == pytest.approx(np.std(frame["big"]), rel=1e-6)
+    assert pre.numeric[0].mean == pytest.approx(np.mean(frame["big"]), rel=1e-15)
+    assert pre.target_std == pytest.approx(np.std(frame["y"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("value", [2.5, 1e9 + 0.5])
+def test_a_constant_regression_target_is_an_error(value):
+    frame = pd.DataFrame({"a": np.arange(30.0), "y": np.full(30, value)})
+    with pytest.raises(DanluError, match=r"target 'y' has a single value"):
+        fit(frame, "y", "data.task=regression")
+
+
 finite = st.floats(-1e6, 1e6, allow_nan=False)
 
 

@@ -249,19 +249,50 @@ def _check_target(target: pd.Series) -> None:
         )
 
 
+class RunningMoments:
+    """Count, mean and sum of squared deviations (M2) per column, merged chunk by chunk with Chan et al.'s
+    update: exact for values far from zero, where E[x^2] - mean^2 cancels to noise (1e8 +- 0.01)."""
+
+    def __init__(self, columns: int) -> None:
+        self.count = np.zeros(columns)
+        self.mean = np.zeros(columns)
+        self.m2 = np.zeros(columns)
+
+    def update(self, j: int, values: np.ndarray) -> None:
+        """Add one column's present (non-NaN) values."""
+        n = len(values)
+        if n == 0:
+            return
+        chunk_mean = float(values.mean())
+        chunk_m2 = float(np.square(values - chunk_mean).sum())
+        total = self.count[j] + n
+        delta = chunk_mean - self.mean[j]
+        self.mean[j] += delta * n / total
+        self.m2[j] += chunk_m2 + delta**2 * self.count[j] * n / total
+        self.count[j] = total
+
+    @property
+    def std(self) -> np.ndarray:
+        """Population standard deviation (0 for a column without values)."""
+        return np.sqrt(np.divide(self.m2, self.count, out=np.zeros_like(self.m2), where=self.count > 0))
+
+
+def _is_constant(std: float, mean: float) -> bool:
+    # relative to the values' size: the spread of float64 rounding in the mean is about 1e-16 * |mean|
+    return std <= 1e-12 * max(1.0, abs(mean))
+
+
 class PreprocessorFitter:
     """Accumulates training statistics chunk by chunk, so data larger than memory fits in one pass."""
 
     def __init__(self, schema: Schema):
         self.schema = schema
         n = len(schema.numeric)
-        self.count = np.zeros(n)
-        self.total = np.zeros(n)
-        self.total_sq = np.zeros(n)
+        self.moments = RunningMoments(n)
         self.missing = np.zeros(n)
         self.seen: list[set[str]] = [set() for _ in schema.categorical]
         self.labels: set = set()
-        self.target_stats = np.zeros(3)  # count, sum, sum of squares
+        self.target_moments = RunningMoments(1)
         self.rows = 0
 
     def update(self, frame: pd.DataFrame) -> None:
@@ -269,9 +300,7 @@ class PreprocessorFitter:
         for j, name in enumerate(self.schema.numeric):
             values = numeric_values(frame, name)
             present = values[~np.isnan(values)]
-            self.count[j] += len(present)
-            self.total[j] += present.sum()
-            self.total_sq[j] += np.square(present).sum()
+            self.moments.update(j, present)
             self.missing[j] += len(values) - len(present)
         for j, name in enumerate(self.schema.categorical):
             values = category_strings(frame[name]).dropna()
@@ -281,18 +310,18 @@ class PreprocessorFitter:
         if self.schema.task == "classification":
             self.labels.update(_json_value(v) for v in target.unique())
         else:
-            values = target.to_numpy(dtype=np.float64)
-            self.target_stats += (len(values), values.sum(), np.square(values).sum())
+            self.target_moments.update(0, target.to_numpy(dtype=np.float64))
 
     def finish(self) -> Preprocessor:
         if self.rows == 0:
             raise DanluError("the training data has no rows", "check the file and the split fractions")
-        mean = np.divide(self.total, self.count, out=np.zeros_like(self.total), where=self.count > 0)
-        var = np.divide(self.total_sq, self.count, out=np.zeros_like(self.total), where=self.count > 0)
-        std = np.sqrt(np.maximum(var - mean**2, 0.0))
+        mean, std = self.moments.mean, self.moments.std
         numeric = [
             NumericColumn(
-                name, float(mean[j]), float(std[j]) if std[j] > 1e-12 else 1.0, bool(self.missing[j])
+                name,
+                float(mean[j]),
+                1.0 if _is_constant(std[j], mean[j]) else float(std[j]),
+                bool(self.missing[j]),
             )
             for j, name in enumerate(self.schema.numeric)
         ]
@@ -309,14 +338,17 @@ class PreprocessorFitter:
             return Preprocessor(
                 "classification", self.schema.target, numeric, categorical, classes=_sort_labels(self.labels)
             )
-        n, total, total_sq = self.target_stats
-        target_mean = total / n
-        target_std = float(np.sqrt(max(total_sq / n - target_mean**2, 0.0))) or 1.0
+        target_mean, target_std = float(self.target_moments.mean[0]), float(self.target_moments.std[0])
+        if _is_constant(target_std, target_mean):
+            raise DanluError(
+                f"target '{self.schema.target}' has a single value {target_mean:g} in the training data",
+                "regression needs a target that varies; check the target column",
+            )
         return Preprocessor(
             "regression",
             self.schema.target,
             numeric,
             categorical,
-            target_mean=float(target_mean),
+            target_mean=target_mean,
             target_std=target_std,
         )
