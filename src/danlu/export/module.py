@@ -56,8 +56,9 @@ def quiet() -> Iterator[None]:
     """Silence the exporter's and quantizer's warnings and log lines about their own internals."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
+        before = logging.root.manager.disable  # the caller's own logging.disable level, restored after
+        logging.disable(max(before, logging.WARNING))
         try:
             yield
         finally:
-            logging.disable(logging.NOTSET)
+            logging.disable(before)

@@ -7,9 +7,11 @@ It is constructed as `ClassName(in_features=..., out_features=..., **model.kwarg
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -21,12 +23,25 @@ if TYPE_CHECKING:
     from danlu.models import ModelInputs
 
 
+@contextlib.contextmanager
+def _working_directory_importable() -> Iterator[None]:
+    """Like `python -m`: a module in the working directory is importable, for this import only."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def import_class(target: str) -> type:
     module_name, _, class_name = target.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like `python -m`: a module beside the config is importable
     try:
-        module = importlib.import_module(module_name)
+        with _working_directory_importable():
+            module = importlib.import_module(module_name)
     except ImportError as exc:
         raise DanluError(
             f"model.target '{target}': cannot import module '{module_name}' ({exc})",
