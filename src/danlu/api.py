@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import pandas as pd
 from danlu.config import Config, apply_overrides, load_config, read_yaml, resolve_paths, validate
 from danlu.errors import DanluError
 from danlu.predictor import Predictor
-from danlu.run import RunDir, atomic_write
+from danlu.run import PREDICTIONS, RunDir, atomic_write
 
 log = logging.getLogger("danlu")
 
@@ -122,14 +121,13 @@ def _run_setup(config, overrides, out, resume, overwrite: bool, world):
     device = distributed.start(world, cfg.train.device, cfg.train.dist_timeout)
     distributed.check_same_config(world, cfg.model_dump_json())
     run = RunDir(cfg.output)
-    if world.main:
-        run.prepare_new(overwrite)
+    created = run.prepare_new(overwrite) if world.main else False
     distributed.barrier(world)  # rank 0 made the directory
     try:
         setup = new_setup(cfg, run, world, device)
     except BaseException:
         if world.main:
-            shutil.rmtree(run.path, ignore_errors=True)  # nothing trained yet: leave nothing behind
+            run.discard(created)  # nothing trained yet: leave nothing behind
         raise
     return run, cfg, setup
 
@@ -156,16 +154,33 @@ def _metrics_over(predictor: Predictor, frames: Iterable[pd.DataFrame]) -> dict[
     return stream.result()
 
 
+def held_out_frames(run_dir: str | Path) -> tuple[str, Iterable[pd.DataFrame]]:
+    """The split a run reported its metrics on ("test" or "validation") and its rows, from the run
+    directory (stored rows, or the recorded rows of a data file that must be unchanged).
+
+    Raises:
+        DanluError: the run held no rows out, or its data file moved or changed.
+    """
+    from danlu.data import heldout
+
+    run = RunDir(run_dir)
+    split, frames = heldout.frames(run)
+    if split == "none":
+        raise DanluError(
+            f"run '{run.path}' held no rows out (data.val_fraction and data.test_fraction were 0)",
+            f"pass a labelled file: `danlu evaluate {run.path} DATA`",
+        )
+    return split, frames
+
+
 def evaluate(run_dir: str | Path, data: str | Path | None = None) -> dict[str, Any]:
-    """Metrics of a finished run on DATA, or on its own test split (rebuilt from config.yaml)."""
-    from danlu.data.dataset import held_out_frames
+    """Metrics of a finished run on DATA, or on the held-out rows recorded in its run directory."""
     from danlu.data.sources import stream_frames
 
     predictor = Predictor.load(run_dir)
     if data is not None:
         return _metrics_over(predictor, stream_frames(str(data)))
-    _, frames = held_out_frames(predictor.config.data, predictor.preprocessor)
-    return _metrics_over(predictor, frames)
+    return _metrics_over(predictor, held_out_frames(run_dir)[1])
 
 
 def _output_suffix(out: str | Path) -> str:
@@ -239,12 +254,8 @@ def quickstart(
     out: str | Path | None = None, overrides: Iterable[str] = (), progress: bool = True
 ) -> tuple[Run, Path]:
     """Train, evaluate and predict the tutorial workload end to end; returns the run and predictions path."""
-    from danlu.data.dataset import held_out_frames
-
     config = _as_config(QUICKSTART, overrides)
     run = train(config, out=out, overwrite=True, progress=progress)
-    predictor = run.predictor()
-    _, frames = held_out_frames(run.config.data, predictor.preprocessor)
-    predictions = run.path / "predictions.csv"
-    write_predictions(predictor, frames, predictions)
+    predictions = run.path / PREDICTIONS
+    write_predictions(run.predictor(), held_out_frames(run.path)[1], predictions)
     return run, predictions

@@ -5,18 +5,25 @@ runs/NAME/
   config.yaml        resolved config
   preprocess.json    fitted preprocessing (JSON, never pickle)
   model.safetensors  inference weights
+  heldout.json       which rows were held out, and fingerprints of the data files
+  heldout.parquet    the held-out rows themselves, when small (else heldout.npy: their row numbers)
   checkpoints/       last.pt, best.pt (full training state)
   metrics.jsonl      one JSON line per epoch
   report.json        written last: a run is complete only when it exists
   plots/             PNGs
   export/            written by `danlu export`
 ```
+
+danlu deletes only what it can prove it wrote: a directory is replaced only when it is a run (config.yaml
+with report.json or checkpoints/) holding nothing but the entries above, or when it is empty.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -35,6 +42,15 @@ METRICS = "metrics.jsonl"
 REPORT = "report.json"
 PLOTS = "plots"
 EXPORT = "export"
+HELDOUT = "heldout.json"
+HELDOUT_ROWS = "heldout.parquet"
+HELDOUT_INDEX = "heldout.npy"
+PREDICTIONS = "predictions.csv"  # written by `danlu quickstart`
+# Every name danlu writes at the top of a run directory: only these are ever deleted from one.
+RUN_ENTRIES = frozenset(
+    {CONFIG, PREPROCESS, WEIGHTS, CHECKPOINTS, METRICS, REPORT, PLOTS, EXPORT, HELDOUT, HELDOUT_ROWS}
+    | {HELDOUT_INDEX, PREDICTIONS}
+)
 
 
 def _current_umask() -> int:
@@ -109,6 +125,7 @@ class RunDir:
     report = property(lambda self: self.path / REPORT)
     plots = property(lambda self: self.path / PLOTS)
     export = property(lambda self: self.path / EXPORT)
+    heldout = property(lambda self: self.path / HELDOUT)
 
     def is_complete(self) -> bool:
         return self.report.is_file()
@@ -136,19 +153,73 @@ class RunDir:
         if not self.last_checkpoint.is_file():
             raise DanluError(f"run '{name}' stopped before its first checkpoint", "train it again")
 
-    def prepare_new(self, overwrite: bool) -> None:
-        """Make an empty directory for a new run, refusing to clobber an existing one unasked."""
-        if self.path.exists() and any(self.path.iterdir()):
-            if not overwrite:
-                raise DanluError(
-                    f"run directory '{self.path}' already exists",
-                    f"continue it with `danlu train --resume {self.path}`, "
-                    "choose another with --out, or pass --overwrite",
-                )
-            # Remove the report first so an interrupted clean-up never leaves a run that looks complete.
-            self.report.unlink(missing_ok=True)
-            shutil.rmtree(self.path)
+    def is_own_run(self) -> bool:
+        """The marks of a run danlu wrote: config.yaml, and report.json or checkpoints/."""
+        return self.config.is_file() and (self.report.is_file() or self.checkpoints.is_dir())
+
+    def check_new(self, overwrite: bool) -> None:
+        """Raise unless a new run may be written here: a new or empty directory, or (with overwrite) a run
+        of danlu's that holds nothing but its own files. Touches nothing."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise DanluError(f"'{path}' is a file, not a run directory", "choose another --out directory")
+        if not path.is_dir() or not any(path.iterdir()):
+            return
+        if not self.is_own_run():
+            raise DanluError(
+                f"'{path}' is not empty and is not a danlu run (no {CONFIG} with {REPORT} or {CHECKPOINTS}/);"
+                " danlu replaces only its own runs",
+                "choose a new or empty --out directory",
+            )
+        if not overwrite:
+            raise DanluError(
+                f"run directory '{path}' already exists",
+                f"continue it with `danlu train --resume {path}`, "
+                "choose another with --out, or pass --overwrite",
+            )
+        foreign = sorted(entry.name for entry in path.iterdir() if not _is_run_entry(entry.name))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise DanluError(
+                f"run directory '{path}' also holds files danlu did not write ({shown}); nothing was deleted",
+                "move them out of the run directory, or choose another --out",
+            )
+        if path.resolve() in (Path.home().resolve(), Path(path.anchor or "/").resolve()):
+            raise DanluError(f"refusing to replace '{path}'", "choose another --out directory")
+
+    def prepare_new(self, overwrite: bool) -> bool:
+        """Make an empty directory for a new run; returns whether it was created (not there before).
+
+        Raises:
+            DanluError: the directory is not empty and not one of danlu's runs, or (without overwrite)
+                an existing run.
+        """
+        self.check_new(overwrite)
+        created = not self.path.exists()
+        self.remove_entries()
         self.path.mkdir(parents=True, exist_ok=True)
+        return created
+
+    def remove_entries(self) -> None:
+        """Delete what danlu writes in a run directory, and nothing else; the directory itself stays."""
+        if not self.path.is_dir():
+            return
+        # The report first, so an interrupted clean-up never leaves a run that looks complete.
+        self.report.unlink(missing_ok=True)
+        for entry in self.path.iterdir():
+            if not _is_run_entry(entry.name):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+
+    def discard(self, created: bool) -> None:
+        """Undo `prepare_new` after a failed set-up: remove what danlu wrote, and the directory if new."""
+        self.remove_entries()
+        if created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only when empty
 
     def read_report(self) -> dict[str, Any]:
         self.require_complete()
@@ -158,3 +229,13 @@ class RunDir:
         if not self.metrics.is_file():
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+_TEMPORARY = re.compile(r"^\..+\.[^.]+\.tmp$")  # atomic_write's temporaries: .NAME.XXXXXX.tmp
+
+
+def _is_run_entry(name: str) -> bool:
+    if name in RUN_ENTRIES:
+        return True
+    match = _TEMPORARY.match(name)
+    return bool(match) and any(name.startswith(f".{entry}.") for entry in RUN_ENTRIES)

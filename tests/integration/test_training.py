@@ -83,8 +83,17 @@ def test_same_seed_same_weights(tmp_path, mixed_csv):
 
 
 def test_onehot_and_custom_models(tmp_path, mixed_csv):
-    onehot = fit(tmp_path / "onehot", mixed_csv, "label", "train.epochs=2", "model.categorical=onehot")
-    assert onehot.report["test"]["accuracy"] > 0
+    onehot = fit(
+        tmp_path / "onehot",
+        mixed_csv,
+        "label",
+        "train.epochs=30",
+        "model.categorical=onehot",
+        "model.hidden=[16]",
+    )
+    first = load_file(onehot.path / "model.safetensors")["layers.0.weight"]
+    assert first.shape == (16, 3 + 4)  # x0, x1, x1's missing indicator, then 4 one-hot columns (3 + unknown)
+    assert onehot.report["test"]["accuracy"] > 0.6  # well above the 1/3 of guessing
     custom = fit(
         tmp_path / "custom",
         mixed_csv,
@@ -179,14 +188,20 @@ def test_chunked_training_on_npy_over_budget(tmp_path):
 
 def test_chunked_and_in_memory_agree_on_preprocessing(tmp_path):
     frame = regression_frame(5000)
+    frame["a"] += 1e7  # a large offset: chunk-by-chunk statistics must still match the in-memory ones
     frame.to_parquet(tmp_path / "d.parquet", row_group_size=1000, index=False)
-    chunked = fit(tmp_path / "c", tmp_path / "d.parquet", "price", "train.epochs=1", "data.in_memory=false")
-    memory = fit(tmp_path / "m", tmp_path / "d.parquet", "price", "train.epochs=1", "data.in_memory=true")
+    whole = ("train.epochs=1", "data.val_fraction=0", "data.test_fraction=0")  # the same training rows
+    chunked = fit(tmp_path / "c", tmp_path / "d.parquet", "price", *whole, "data.in_memory=false")
+    memory = fit(tmp_path / "m", tmp_path / "d.parquet", "price", *whole, "data.in_memory=true")
     assert chunked.report["in_memory"] is False and memory.report["in_memory"] is True
-    pc = json.loads((chunked.path / "preprocess.json").read_text())
-    # different splits (row masks vs stratified split), same statistics up to sampling
-    assert pc["target_mean"] == pytest.approx(100, abs=2)
-    assert [c["name"] for c in pc["numeric"]] == ["a", "b", "c"]
+    pc, pm = (json.loads((run.path / "preprocess.json").read_text()) for run in (chunked, memory))
+    assert [c["name"] for c in pc["numeric"]] == [c["name"] for c in pm["numeric"]] == ["a", "b", "c"]
+    for c, m in zip(pc["numeric"], pm["numeric"], strict=True):
+        assert c["mean"] == pytest.approx(m["mean"], rel=1e-12, abs=1e-12)
+        assert c["std"] == pytest.approx(m["std"], rel=1e-9)
+    assert pc["numeric"][0]["std"] == pytest.approx(frame["a"].std(ddof=0), rel=1e-9)
+    assert pc["target_mean"] == pytest.approx(pm["target_mean"], rel=1e-12)
+    assert pc["target_std"] == pytest.approx(pm["target_std"], rel=1e-9)
 
 
 def test_existing_run_directory_is_not_clobbered(tmp_path, mixed_csv):
@@ -236,6 +251,14 @@ def test_early_stopping_restores_best(tmp_path, mixed_csv):
     assert report["stopped_early"] and report["epochs_run"] < 200
     best = max(m["val_accuracy"] for m in run.metrics)
     assert report["best_epoch"] == next(m["epoch"] for m in run.metrics if m["val_accuracy"] == best)
+    assert report["best_epoch"] < report["epochs_run"]
+    # the run ends with the best epoch's weights, not the last epoch's
+    saved = load_file(run.path / "model.safetensors")
+    best_state = torch.load(run.path / "checkpoints" / "best.pt", weights_only=True)["model"]
+    last_state = torch.load(run.path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], best_state[k]) for k in saved)
+    assert not all(torch.equal(saved[k], last_state[k]) for k in saved)
+    assert danlu.evaluate(run.path)["accuracy"] == pytest.approx(report["test"]["accuracy"])
 
 
 def test_monitor_must_fit_the_task(tmp_path, regression_csv):

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -83,6 +85,20 @@ def test_regression_metrics_match_sklearn_in_chunks_with_a_large_offset():
     assert m["mae"] == pytest.approx(skm.mean_absolute_error(y, pred))
     assert m["rmse"] == pytest.approx(np.sqrt(skm.mean_squared_error(y, pred)))
     assert m["r2"] == pytest.approx(skm.r2_score(y, pred), rel=1e-6)
+
+
+@pytest.mark.parametrize("y", [[3.0], [2.0, 2.0, 2.0]])
+def test_an_undefined_r2_is_none_with_a_reason_never_nan(y):
+    m = metrics_of("regression", np.array(y), np.array(y) + 1)
+    assert m["r2"] is None and "at least 2 rows with different true values" in m["undefined"]["r2"]
+    assert m["mae"] == pytest.approx(1.0)
+    json.dumps(m, allow_nan=False)  # strict JSON
+
+
+def test_an_undefined_roc_auc_says_why():
+    m = metrics_of("classification", np.array([1, 1]), np.array([[0.2, 0.8], [0.4, 0.6]]), [0, 1])
+    assert m["roc_auc"] is None and "single class" in m["undefined"]["roc_auc"]
+    assert m["accuracy"] == 1.0
 
 
 def test_sample_keeps_the_first_rows_only():

@@ -34,12 +34,18 @@ def run_evaluate(args) -> int:
     metrics = danlu.evaluate(args.run_dir, args.data)
     task = "classification" if "accuracy" in metrics else "regression"
     if args.json:
-        print(json.dumps(summary(task, metrics)))
+        print(json.dumps(summary(task, metrics), allow_nan=False))
         return 0
-    print(f"{'data' if args.data else 'test split'}: {args.data or RunDir(args.run_dir).path}")
+    if args.data:
+        print(f"data: {args.data}")
+    else:
+        run = RunDir(args.run_dir)
+        split = run.read_report().get("test_split", "test")
+        print(f"{split} split of {run.path} (recorded in {run.heldout.name})")
+    undefined = metrics.get("undefined", {})
     for key, value in metrics.items():
-        if key not in ("per_class", "confusion_matrix"):
-            print(f"  {key:<16}{fmt(value)}")
+        if key not in ("per_class", "confusion_matrix", "undefined"):
+            print(f"  {key:<16}{fmt(value)}" + (f" ({undefined[key]})" if key in undefined else ""))
     if task == "classification":
         print(f"  {'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
         for name, row in metrics["per_class"].items():

@@ -38,6 +38,9 @@ def run_export(args) -> int:
     print(f"verified  on {result['rows']} {result['split']} rows against the torch model")
     limit = f"limit {FP32_TOLERANCE:g}" if not args.quantize else "int8: not bounded"
     print(f"  max abs difference  {result['max_abs_diff']:.2e} ({limit})")
+    if result["metric_drop"] is None:
+        print(f"  {result['metric']:<19} undefined on {result['rows']} row(s)")
+        return 0
     print(
         f"  {result['metric']:<19} torch {result['torch']:.4f}  exported {result['exported']:.4f}  "
         f"change {-result['metric_drop']:+.4f}"

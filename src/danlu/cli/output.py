@@ -6,6 +6,8 @@ from typing import Any
 
 
 def fmt(value: Any) -> str:
+    if value is None:
+        return "null"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 

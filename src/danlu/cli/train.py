@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from danlu.cli.output import print_run
@@ -65,7 +66,10 @@ def _config_for(args):
         raise DanluError("no config given", "run `danlu train CONFIG.yaml` or `danlu train --resume RUN_DIR`")
     if "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         raise DanluError(f"'{args.config}' looks like an override", "put the config file first")
-    return load_config(args.config, list(args.overrides))
+    config = load_config(args.config, list(args.overrides))
+    if "WORLD_SIZE" not in os.environ:  # a launcher's ranks find the directory rank 0 is writing
+        RunDir(args.out or config.output).check_new(args.overwrite)
+    return config
 
 
 def launch_ray(args, config) -> int:
@@ -89,7 +93,6 @@ def launch_ray(args, config) -> int:
 
 def launch_torchrun(args, config) -> int:
     """`danlu train ... --nproc N` -> `torchrun --standalone --nproc-per-node N -m danlu train ...`."""
-    import os
     import subprocess
     import sys
 
@@ -167,6 +170,9 @@ def add_quickstart(sub) -> None:
 
 
 def run_quickstart(args) -> int:
+    from danlu.run import RunDir
+
+    RunDir(args.out).check_new(overwrite=True)  # before torch is imported
     import danlu
 
     run, predictions = danlu.quickstart(out=args.out, overrides=args.overrides, progress=not args.quiet)

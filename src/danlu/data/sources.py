@@ -8,6 +8,7 @@ larger than RAM keeps the resident set small.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterator
@@ -20,15 +21,48 @@ from danlu.config import SYNTHETIC_PREFIX, SyntheticConfig
 from danlu.errors import DanluError
 
 SUFFIXES = (".csv", ".parquet", ".pq", ".npz", ".npy")
+WHOLE_HASH_BYTES = 1 << 30  # files up to this size are hashed whole; larger ones by samples
+SAMPLE_BYTES = 1 << 20
+SAMPLES = 64
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict:
+    """Size and SHA-256 of a data file: the whole file up to 1 GiB; past that, its first and last 16 MiB
+    and 64 evenly spaced 1 MiB blocks (an edit elsewhere in a file that keeps its size goes unseen)."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= WHOLE_HASH_BYTES:
+            for block in iter(lambda: f.read(SAMPLE_BYTES * 8), b""):
+                digest.update(block)
+        else:
+            edge = 16 * SAMPLE_BYTES
+            spread = (int(i * (size - SAMPLE_BYTES) / (SAMPLES - 1)) for i in range(SAMPLES))
+            starts = [0, *spread, size - edge]
+            for start in starts:
+                f.seek(start)
+                digest.update(f.read(edge if start in (0, size - edge) else SAMPLE_BYTES))
+    return {"bytes": size, "sha256": digest.hexdigest(), "sampled": size > WHOLE_HASH_BYTES}
+
+
+def frame_fingerprint(frame: pd.DataFrame) -> dict:
+    """Rows and a hash of a generated frame's values and column names (synthetic data has no file)."""
+    digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    digest.update("\0".join(map(str, frame.columns)).encode())
+    return {"rows": len(frame), "sha256": digest.hexdigest()}
 
 
 class FrameTable:
     """A table already in memory (CSV, NPZ, synthetic data)."""
 
-    def __init__(self, frame: pd.DataFrame, name: str, chunk_rows: int = 262_144):
+    def __init__(self, frame: pd.DataFrame, name: str, chunk_rows: int = 262_144, path: Path | None = None):
         self.frame = frame
         self.name = name
         self.chunk_rows = chunk_rows
+        self.path = path  # the file it was read from; None for generated data
+
+    def fingerprint(self) -> dict:
+        return file_fingerprint(self.path) if self.path is not None else frame_fingerprint(self.frame)
 
     @property
     def columns(self) -> list[str]:
@@ -77,6 +111,9 @@ class NpyTable:
         except (ValueError, OSError) as exc:
             raise DanluError(f"cannot read '{self.path}' as NPY: {exc}", "check the file") from None
 
+    def fingerprint(self) -> dict:
+        return file_fingerprint(self.path)
+
     @property
     def nbytes(self) -> int:
         return self.n_rows * len(self.columns) * self.dtype.itemsize
@@ -112,6 +149,9 @@ class ParquetTable:
         self.n_rows = meta.num_rows
         self.columns = [str(c) for c in self.file.schema_arrow.names]
         self._starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+
+    def fingerprint(self) -> dict:
+        return file_fingerprint(self.path)
 
     @property
     def nbytes(self) -> int:
@@ -224,7 +264,7 @@ def open_table(spec: str, synthetic: SyntheticConfig | None = None, chunk_rows: 
     if suffix in (".parquet", ".pq"):
         return ParquetTable(path)
     frame = _read_csv(path) if suffix == ".csv" else _read_npz(path)
-    return FrameTable(frame, str(path), chunk_rows)
+    return FrameTable(frame, str(path), chunk_rows, path)
 
 
 def stream_frames(spec: str, chunk_rows: int = 100_000) -> Iterator[pd.DataFrame]:

@@ -85,8 +85,7 @@ def package_run(run_dir: str | Path, out: str | Path, options: PackageOptions | 
     run = RunDir(run_dir)
     run.require_complete()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DanluError(f"output directory '{out}' is not empty", "pass a new --out directory")
+    _check_out(out, run)
     if options.replicas < 1 or (options.max_replicas is not None and options.max_replicas < options.replicas):
         raise DanluError(
             "replicas must be >= 1 and --max-replicas >= --replicas", "e.g. --replicas 2 --max-replicas 5"
@@ -120,9 +119,6 @@ def package_run(run_dir: str | Path, out: str | Path, options: PackageOptions | 
         "memory_limit": options.memory_limit,
         "gpu_limit": '\n              nvidia.com/gpu: "1"' if gpu else "",
     }
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(run.path, out / "run", ignore=shutil.ignore_patterns(CHECKPOINTS))
-    shutil.copytree(Path(danlu.__file__).parent, out / "danlu", ignore=shutil.ignore_patterns("__pycache__"))
     requirements = _requirements(gpu, cuda)
     files = {
         "Dockerfile": _template("Dockerfile.gpu" if gpu else "Dockerfile.cpu").substitute(values),
@@ -134,9 +130,41 @@ def package_run(run_dir: str | Path, out: str | Path, options: PackageOptions | 
     }
     if options.max_replicas is not None:
         files["k8s/hpa.yaml"] = _template("hpa.yaml").substitute(values)
-    for relative, text in files.items():
-        atomic_write_text(out / relative, text)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(run.path, out / "run", ignore=shutil.ignore_patterns(CHECKPOINTS))
+        shutil.copytree(
+            Path(danlu.__file__).parent, out / "danlu", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        for relative, text in files.items():
+            atomic_write_text(out / relative, text)
+    except BaseException:
+        _remove_contents(out, created)  # OUT was new or empty: everything in it is what this call wrote
+        raise
     return {"out": str(out), "image": image, "gpu": gpu, "cuda": cuda or None, "files": sorted(files)}
+
+
+def _check_out(out: Path, run: RunDir) -> None:
+    if out.exists() and not out.is_dir():
+        raise DanluError(f"--out '{out}' is a file", "pass a new or empty directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise DanluError(
+            f"output directory '{out}' is not empty; danlu writes a package only into a new or empty one",
+            "pass a new --out directory",
+        )
+    if out.resolve().is_relative_to(run.path.resolve()):
+        raise DanluError(f"--out '{out}' is inside the run directory", "pass a directory outside the run")
+
+
+def _remove_contents(out: Path, created: bool) -> None:
+    for entry in out.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if created:
+        out.rmdir()
 
 
 def _environment_yml(requirements: str, python_minor: str) -> str:

@@ -15,20 +15,22 @@ EXACT_ROWS = 1_000_000  # MetricStream keeps scores for an exact ROC-AUC up to t
 PROBA_FLOOR = 1e-15  # log loss clips probabilities here
 
 
-def _roc_auc(y: np.ndarray, proba: np.ndarray) -> float | None:
+def _roc_auc(y: np.ndarray, proba: np.ndarray) -> tuple[float | None, str | None]:
+    """ROC-AUC, or None with the reason it is undefined for these rows."""
     from sklearn import metrics as skm  # 1.8 s to import: not on every training process's start
 
     labels = np.arange(proba.shape[1])
-    if len(np.unique(y)) < 2:
-        return None  # undefined with one class present
+    present = len(np.unique(y))
+    if present < 2:
+        return None, "undefined: the true labels hold a single class"
+    if proba.shape[1] > 2 and present < proba.shape[1]:
+        return None, "undefined: one-vs-rest needs every class among the true labels"
     try:
         if proba.shape[1] == 2:
-            return float(skm.roc_auc_score(y, proba[:, 1]))
-        if len(np.unique(y)) < proba.shape[1]:
-            return None  # one-vs-rest needs every class present
-        return float(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=labels))
-    except ValueError:
-        return None
+            return float(skm.roc_auc_score(y, proba[:, 1])), None
+        return float(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=labels)), None
+    except ValueError as error:
+        return None, f"undefined: {error}"
 
 
 def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -41,7 +43,7 @@ def _log_loss_sum(y: np.ndarray, proba: np.ndarray) -> float:
 
 
 def _from_confusion(
-    confusion: np.ndarray, classes: list[Any], roc_auc: float | None, log_loss: float
+    confusion: np.ndarray, classes: list[Any], roc_auc: float | None, log_loss: float | None
 ) -> dict[str, Any]:
     """The classification report from a confusion matrix (rows true, columns predicted)."""
     true_positive = np.diag(confusion).astype(np.float64)
@@ -101,15 +103,15 @@ class _ScoreHistograms:
                 2, self.bins
             )
 
-    def roc_auc(self) -> float | None:
+    def roc_auc(self) -> tuple[float | None, str | None]:
         aucs = []
         for negatives, positives in self.counts:
             n_pos, n_neg = positives.sum(), negatives.sum()
-            if n_pos == 0 or n_neg == 0:
-                return None  # the same rule as the exact path: every class must be present
+            if n_pos == 0 or n_neg == 0:  # the same rule as the exact path: every class must be present
+                return None, "undefined: one-vs-rest needs every class among the true labels"
             below = np.cumsum(negatives) - negatives
             aucs.append(float((positives * (below + 0.5 * negatives)).sum() / (n_pos * n_neg)))
-        return float(np.mean(aucs))
+        return float(np.mean(aucs)), None
 
 
 class MetricStream:
@@ -167,25 +169,40 @@ class MetricStream:
         return np.concatenate([y for y, _ in self._kept]), np.concatenate([d for _, d in self._kept])
 
     def result(self) -> dict[str, Any]:
-        """The full metrics (`classification_metrics` / `regression_metrics` keys)."""
+        """The full metrics. A metric that these rows leave undefined is None, and `undefined` maps its
+        name to the reason (the key is present only then)."""
+        undefined: dict[str, str] = {}
         if self.task == "classification":
             if self._histograms is not None:
-                roc_auc = self._histograms.roc_auc()
+                roc_auc, reason = self._histograms.roc_auc()
             else:
-                roc_auc = _roc_auc(*self.sample) if self.n else None
-            return _from_confusion(self._confusion, self.classes, roc_auc, self._log_loss / max(self.n, 1))
-        abs_sum, sq_sum, c_sum, c_sq_sum = self._sums
-        n = max(self.n, 1)
-        total = c_sq_sum - c_sum**2 / n
-        return {
-            "mae": float(abs_sum / n),
-            "rmse": float(np.sqrt(sq_sum / n)),
-            "r2": float(1 - sq_sum / total) if self.n > 1 and total > 0 else float("nan"),
-        }
+                roc_auc, reason = _roc_auc(*self.sample) if self.n else (None, "undefined: no rows")
+            if reason:
+                undefined["roc_auc"] = reason
+            log_loss = self._log_loss / self.n if self.n else None
+            metrics = _from_confusion(self._confusion, self.classes, roc_auc, log_loss)
+        else:
+            metrics = self._regression(undefined)
+        if undefined:
+            metrics["undefined"] = undefined
+        return metrics
 
-    def epoch_result(self) -> dict[str, float]:
-        """The cheap per-epoch validation metrics."""
+    def _regression(self, undefined: dict[str, str]) -> dict[str, Any]:
+        abs_sum, sq_sum, c_sum, c_sq_sum = self._sums
+        if self.n == 0:
+            undefined.update(dict.fromkeys(SUMMARY_KEYS["regression"], "undefined: no rows"))
+            return dict.fromkeys(SUMMARY_KEYS["regression"])
+        total = c_sq_sum - c_sum**2 / self.n
+        r2 = None
+        if self.n < 2 or total <= 0:
+            undefined["r2"] = "undefined: needs at least 2 rows with different true values"
+        else:
+            r2 = float(1 - sq_sum / total)
+        return {"mae": float(abs_sum / self.n), "rmse": float(np.sqrt(sq_sum / self.n)), "r2": r2}
+
+    def epoch_result(self) -> dict[str, float | None]:
+        """The cheap per-epoch validation metrics (None where undefined)."""
         if self.task == "classification":
             full = _from_confusion(self._confusion, self.classes, None, 0.0)
             return {"accuracy": full["accuracy"], "f1_macro": full["f1_macro"]}
-        return self.result()
+        return self._regression({})

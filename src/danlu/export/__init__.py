@@ -41,6 +41,34 @@ def metadata(predictor: Predictor) -> dict[str, str]:
     }
 
 
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _is_export_record(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and {"format", "max_abs_diff", "metric"} <= record.keys()
+
+
+def check_target(path: Path) -> None:
+    """Raise unless PATH (and its PATH.json record) may be written: new, or an earlier danlu export.
+
+    An existing file counts as danlu's only when the verification record beside it is danlu's."""
+    record = _record_path(path)
+    for target in (path, record):
+        if target.is_dir():
+            raise DanluError(f"'{target}' is a directory", f"pass a file path, e.g. -o {target}/model.onnx")
+    if (path.exists() or record.exists()) and not _is_export_record(record):
+        existing = path if path.exists() else record
+        raise DanluError(
+            f"'{existing}' exists and was not written by `danlu export`; nothing was replaced",
+            "choose another -o path, or move that file away yourself",
+        )
+
+
 def _build(predictor: Predictor, fmt: str, quantize: str | None) -> tuple[bytes, Any]:
     from danlu.export.module import ServingModule
 
@@ -62,28 +90,18 @@ def _build(predictor: Predictor, fmt: str, quantize: str | None) -> tuple[bytes,
     return data, TorchScriptRunner(data, pre)
 
 
-def _verification_frames(predictor: Predictor) -> tuple[str, Iterator[pd.DataFrame]]:
-    from danlu.data.dataset import held_out_frames
-    from danlu.data.sources import open_table
+def _verification_frames(run_dir: str | Path) -> tuple[str, Iterator[pd.DataFrame]]:
+    """The run's held-out rows, or, for a run that held none out, its recorded sample of training rows."""
+    from danlu.data import heldout
 
-    data = predictor.config.data
-    split, frames = held_out_frames(data, predictor.preprocessor)
-    first = next(frames, None)
-    if first is not None and len(first):
-        return split, _prepend(first, frames)
-    # no held-out rows in this run: compare on the first chunk of the training data instead
-    return "train", iter([open_table(data.train, data.synthetic, data.chunk_rows).read_chunk(0)])
+    split, frames = heldout.frames(RunDir(run_dir))
+    return ("train" if split == "none" else split), frames
 
 
-def _prepend(first: pd.DataFrame, rest: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    yield first
-    yield from rest
-
-
-def verify(predictor: Predictor, runner: Any) -> dict[str, Any]:
+def verify(predictor: Predictor, runner: Any, run_dir: str | Path) -> dict[str, Any]:
     """Run the torch model and the exported one on the held-out rows; difference and metrics of both."""
     pre = predictor.preprocessor
-    split, frames = _verification_frames(predictor)
+    split, frames = _verification_frames(run_dir)
     reference, exported = MetricStream(pre.task, pre.classes), MetricStream(pre.task, pre.classes)
     scale = 1.0 if pre.task == "classification" else pre.target_std
     max_diff = 0.0
@@ -96,13 +114,15 @@ def verify(predictor: Predictor, runner: Any) -> dict[str, Any]:
         reference.update(y, expected)
         exported.update(y, got)
     key = HEADLINE[pre.task]
+    before, after = reference.result()[key], exported.result()[key]
     return {
         "split": split,
         "rows": reference.n,
         "max_abs_diff": max_diff,
         "metric": key,
-        "torch": reference.result()[key],
-        "exported": exported.result()[key],
+        "torch": before,
+        "exported": after,
+        "metric_drop": None if before is None or after is None else before - after,
     }
 
 
@@ -125,17 +145,30 @@ def export_run(
         raise DanluError(f"unknown export format '{fmt}'", f"use one of {', '.join(FORMATS)}")
     if quantize not in (None, "int8"):
         raise DanluError(f"unknown quantization '{quantize}'", "use --quantize int8, or leave it out")
-    predictor = Predictor.load(run_dir, "cpu")
     path = Path(out) if out is not None else default_path(run_dir, fmt, quantize)
+    check_target(path)
+    predictor = Predictor.load(run_dir, "cpu")
     data, runner = _build(predictor, fmt, quantize)
-    check = verify(predictor, runner)
-    check["metric_drop"] = check["torch"] - check["exported"]
-    result = {"path": str(path), "format": fmt, "quantize": quantize, "bytes": len(data), **check}
+    check = verify(predictor, runner, run_dir)
+    result = {
+        "path": str(path),
+        "format": fmt,
+        "quantize": quantize,
+        "bytes": len(data),
+        "danlu_version": __version__,
+        **check,
+    }
     if quantize is None and check["max_abs_diff"] > FP32_TOLERANCE:
         raise DanluError(
             f"the {fmt} export differs from the torch model by {check['max_abs_diff']:.2e} "
             f"(over {FP32_TOLERANCE:g}) on {check['rows']} {check['split']} rows; nothing was written",
             "report this with the run's config.yaml; a custom model may use an op that exports differently",
+        )
+    if quantize is not None and check["metric_drop"] is None:
+        raise DanluError(
+            f"int8 cannot be verified: {check['metric']} is undefined on the {check['rows']} "
+            f"{check['split']} row(s); nothing was written",
+            "train with more held-out rows (data.test_fraction), or use the fp32 export",
         )
     if quantize is not None and check["metric_drop"] > max_metric_drop:
         raise DanluError(
@@ -144,5 +177,5 @@ def export_run(
             "use the fp32 export, or raise --max-metric-drop if that loss is acceptable",
         )
     atomic_write(path, lambda f: f.write(data))
-    atomic_write_json(path.with_name(path.name + ".json"), result)  # the verification, beside the file
+    atomic_write_json(_record_path(path), result)  # the verification, beside the file
     return result

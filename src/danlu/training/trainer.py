@@ -24,6 +24,7 @@ from danlu.config import (
     check_batch_split,
     dump_config,
 )
+from danlu.data import heldout
 from danlu.data.batches import Part, TensorPart, share, shuffle_generator
 from danlu.data.dataset import Dataset, load_dataset
 from danlu.data.preprocess import Preprocessor
@@ -124,8 +125,13 @@ def _setup(
     if tc.precision != "fp32" and device.type == "cpu":
         log.warning("train.precision=%s applies to accelerators; training in fp32 on the CPU", tc.precision)
     data = load_dataset(config.data, device, preprocessor)
-    if preprocessor is None and world.main:
-        atomic_write_text(run.preprocess, data.preprocessor.to_json())
+    if world.main:
+        if preprocessor is None:
+            atomic_write_text(run.preprocess, data.preprocessor.to_json())
+            heldout.write(run, data.held_out, data.table)
+        else:  # resuming: the same rows, or the weights would silently continue on other data
+            heldout.check_source(run, data.table.name, data.table)
+    data.held_out = None  # recorded; the rows need not stay in memory while training
     pre = data.preprocessor
     allowed = CLASSIFICATION_MONITORS if pre.task == "classification" else REGRESSION_MONITORS
     if tc.monitor not in allowed:
@@ -255,7 +261,18 @@ def improved(value: float, best: float | None, monitor: str) -> bool:
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
     keys = ("train_loss", "val_loss", "val_accuracy", "val_r2")
-    return {k.removeprefix("val_"): f"{record[k]:.4f}" for k in keys if k in record}
+    return {k.removeprefix("val_"): f"{record[k]:.4f}" for k in keys if record.get(k) is not None}
+
+
+def _check_finite(loss: float, epoch: int, tc: TrainConfig) -> None:
+    """A loss of NaN or infinity means training diverged: stop with the run resumable from its last
+    good checkpoint, rather than train on and write NaN weights and metrics."""
+    if not math.isfinite(loss):
+        clip = "" if tc.grad_clip is not None else ", set train.grad_clip=1.0"
+        raise DanluError(
+            f"the training loss became {loss} in epoch {epoch} (training diverged)",
+            f"lower train.lr (now {tc.lr:g}){clip}, or look for extreme values in the features",
+        )
 
 
 def _checkpoint(s: Setup, path, config: Config, rng_states: list | None = None) -> None:
@@ -293,6 +310,7 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=N
                 "epoch": epoch,
                 "train_loss": train_epoch(s, tc, s.data.preprocessor.task, epoch),
             }
+            _check_finite(record["train_loss"], epoch, tc)  # every rank holds the same all-reduced loss
             record["lr"] = lr_at(s.state.step, s.total_steps, tc)
             evaluated = s.data.validation is not None and (epoch % tc.eval_every == 0 or epoch == tc.epochs)
             if evaluated and main:
@@ -305,7 +323,7 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=N
             saved = False
             if main:
                 _track_best(s, tc, record, monitor_on, run, config, rng_states)
-                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
                 metrics_file.flush()
                 saved = epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or s.state.stopped_early
                 if saved:
@@ -329,8 +347,8 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=N
 def _track_best(
     s: Setup, tc: TrainConfig, record: dict[str, Any], monitor_on: bool, run: RunDir, config, rng_states
 ) -> None:
-    if not (monitor_on and tc.monitor in record):
-        return
+    if not (monitor_on and record.get(tc.monitor) is not None):
+        return  # not evaluated this epoch, or undefined on these rows (R^2 of one row)
     if improved(record[tc.monitor], s.state.best_value, tc.monitor):
         s.state.best_value, s.state.best_epoch, s.state.bad_evals = record[tc.monitor], record["epoch"], 0
         _checkpoint(s, run.best_checkpoint, config, rng_states)
@@ -341,6 +359,9 @@ def _track_best(
 
 def new_setup(config: Config, run: RunDir, world: World, device: torch.device) -> Setup:
     if world.main:
+        # config.yaml with checkpoints/ marks the directory as danlu's from the start, so a run stopped
+        # before its first checkpoint can still be replaced with --overwrite
+        run.checkpoints.mkdir(exist_ok=True)
         atomic_write_text(run.config, dump_config(config))
     return _setup(config, run, None, world, device)
 

@@ -1,0 +1,130 @@
+"""run.py: atomic writes, and a run directory that danlu replaces only when it can prove it wrote it."""
+
+import os
+
+import pytest
+
+from danlu.errors import DanluError
+from danlu.run import RunDir, atomic_write, atomic_write_json, atomic_write_text
+
+
+def make_run(path, complete=True):
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "checkpoints" / "last.pt").write_bytes(b"state")
+    (path / "config.yaml").write_text("data: {}\n")
+    (path / "plots").mkdir()
+    (path / "metrics.jsonl").write_text("{}\n")
+    if complete:
+        (path / "report.json").write_text("{}\n")
+    return RunDir(path)
+
+
+def tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_a_failed_write_keeps_the_old_content_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "a.json"
+    atomic_write_text(target, "old")
+
+    def fail(f):
+        f.write(b"half of the new")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, fail)
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_json_is_strict(tmp_path):
+    with pytest.raises(ValueError, match="JSON compliant"):
+        atomic_write_json(tmp_path / "r.json", {"r2": float("nan")})
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_an_own_run_is_replaced_and_only_its_entries_go(tmp_path):
+    run = make_run(tmp_path / "run")
+    (tmp_path / "run" / ".report.json.abc123.tmp").write_text("left by a killed write")
+    assert run.is_own_run()
+    with pytest.raises(DanluError, match="already exists"):
+        run.prepare_new(overwrite=False)
+    assert run.prepare_new(overwrite=True) is False  # it existed
+    assert tree(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_run_holding_a_users_file_is_refused_whole(tmp_path, complete):
+    run = make_run(tmp_path / "run", complete)
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    before = tree(tmp_path / "run")
+    with pytest.raises(DanluError, match=r"files danlu did not write \(notes\.txt\)"):
+        run.prepare_new(overwrite=True)
+    assert tree(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        lambda p: (p / "thesis.txt").write_text("mine"),
+        lambda p: (p / "config.yaml").write_text("not danlu's"),  # a config alone proves nothing
+        lambda p: (p / "sub").mkdir(),
+    ],
+)
+def test_a_directory_that_is_not_a_run_is_never_replaced(tmp_path, setup):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    setup(folder)
+    before = tree(folder)
+    with pytest.raises(DanluError, match="is not a danlu run"):
+        RunDir(folder).prepare_new(overwrite=True)
+    assert tree(folder) == before
+
+
+def test_an_empty_directory_is_used_and_kept_after_a_failed_setup(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    run = RunDir(folder)
+    created = run.prepare_new(overwrite=False)
+    (folder / "config.yaml").write_text("x")
+    run.discard(created)
+    assert folder.is_dir() and tree(folder) == []  # the user's directory stays
+    new = RunDir(tmp_path / "new")
+    new.discard(new.prepare_new(overwrite=False))
+    assert not new.path.exists()  # one danlu made goes
+
+
+def test_a_file_is_not_a_run_directory(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DanluError, match="is a file"):
+        RunDir(tmp_path / "f").check_new(overwrite=True)
+
+
+def test_completeness_and_resumability(tmp_path):
+    run = make_run(tmp_path / "run", complete=False)
+    run.require_resumable()
+    with pytest.raises(DanluError, match="not a finished run"):
+        run.require_complete()
+    (run.path / "report.json").write_text('{"task": "regression"}')
+    assert run.read_report() == {"task": "regression"}
+    with pytest.raises(DanluError, match="already complete"):
+        run.require_resumable()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_still_danlus(tmp_path, mixed_csv, monkeypatch):
+    import danlu
+    from danlu.training import trainer
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if stopped in the first epoch
+
+    out, data = tmp_path / "run", [f"data.train={mixed_csv}", "data.target=label", "train.epochs=1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "train_epoch", killed)
+        with pytest.raises(KeyboardInterrupt):
+            danlu.train(None, data, out=out, progress=False)
+    run = RunDir(out)
+    assert run.is_own_run() and not run.last_checkpoint.exists()
+    with pytest.raises(DanluError, match="stopped before its first checkpoint"):
+        run.require_resumable()
+    assert danlu.train(None, data, out=out, overwrite=True, progress=False).report["epochs_run"] == 1
