@@ -7,10 +7,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from danlu.config import Config, apply_overrides, load_config, read_yaml, resolve_paths, validate
 from danlu.errors import DanluError
+from danlu.families import resolve_family
 from danlu.predictor import Predictor
 from danlu.run import PREDICTIONS, RunDir, atomic_write
 
@@ -110,14 +109,14 @@ def _run_setup(config, overrides, out, resume, overwrite: bool, world):
             )
         run = RunDir(resume)
         run.require_resumable()
-        cfg = validate(read_yaml(run.config))
+        cfg = resolve_family(validate(read_yaml(run.config)))
         device = distributed.start(world, cfg.train.device, cfg.train.dist_timeout)
         distributed.check_same_config(world, run.config.read_text())
         return run, cfg, resumed_setup(cfg, run, world, device)
     cfg = _as_config(config, overrides)
     if out is not None:
         cfg = cfg.model_copy(update={"output": str(out)})
-    cfg = resolve_paths(cfg, Path.cwd())
+    cfg = resolve_family(resolve_paths(cfg, Path.cwd()))
     device = distributed.start(world, cfg.train.device, cfg.train.dist_timeout)
     distributed.check_same_config(world, cfg.model_dump_json())
     run = RunDir(cfg.output)
@@ -137,24 +136,19 @@ def load(run_dir: str | Path, device: str = "cpu", engine: str = "torch") -> Pre
     return Predictor.load(run_dir, device, engine)
 
 
-def _metrics_over(predictor: Predictor, frames: Iterable[pd.DataFrame]) -> dict[str, Any]:
+def _metrics_over(predictor: Predictor, chunks: Iterable[Any]) -> dict[str, Any]:
     from danlu.evaluation.metrics import MetricStream
 
-    pre = predictor.preprocessor
-    stream = MetricStream(pre.task, pre.classes)
-    for frame in frames:
-        if pre.target not in frame.columns:
-            raise DanluError(
-                f"the data has no target column '{pre.target}'",
-                "evaluation needs true values; use `danlu predict` for unlabeled data",
-            )
-        stream.update(pre.decode_target(pre.encode_target(frame[pre.target])), predictor.decoded(frame))
+    state = predictor.state
+    stream = MetricStream(state.task, state.classes)
+    for items in chunks:
+        stream.update(predictor.family.targets(state, items), predictor.decoded(items))
     if stream.n == 0:
         raise DanluError("no rows to evaluate", "pass data with at least one row")
     return stream.result()
 
 
-def held_out_frames(run_dir: str | Path) -> tuple[str, Iterable[pd.DataFrame]]:
+def held_out_items(predictor: Predictor, run_dir: str | Path) -> tuple[str, Iterable[Any]]:
     """The split a run reported its metrics on ("test" or "validation") and its rows, from the run
     directory (stored rows, or the recorded rows of a data file that must be unchanged).
 
@@ -164,23 +158,21 @@ def held_out_frames(run_dir: str | Path) -> tuple[str, Iterable[pd.DataFrame]]:
     from danlu.data import heldout
 
     run = RunDir(run_dir)
-    split, frames = heldout.frames(run)
+    split, items = heldout.items(run, predictor.family, predictor.state)
     if split == "none":
         raise DanluError(
             f"run '{run.path}' held no rows out (data.val_fraction and data.test_fraction were 0)",
             f"pass a labelled file: `danlu evaluate {run.path} DATA`",
         )
-    return split, frames
+    return split, items
 
 
 def evaluate(run_dir: str | Path, data: str | Path | None = None) -> dict[str, Any]:
     """Metrics of a finished run on DATA, or on the held-out rows recorded in its run directory."""
-    from danlu.data.sources import stream_frames
-
     predictor = Predictor.load(run_dir)
     if data is not None:
-        return _metrics_over(predictor, stream_frames(str(data)))
-    return _metrics_over(predictor, held_out_frames(run_dir)[1])
+        return _metrics_over(predictor, predictor.family.read(str(data), predictor.state))
+    return _metrics_over(predictor, held_out_items(predictor, run_dir)[1])
 
 
 def _output_suffix(out: str | Path) -> str:
@@ -190,10 +182,9 @@ def _output_suffix(out: str | Path) -> str:
     return suffix
 
 
-def write_predictions(predictor: Predictor, frames: Iterable[pd.DataFrame], out: str | Path) -> int:
-    """Stream frames through a predictor into OUT (.csv or .parquet), rows in order; returns rows written.
-
-    The file appears only when complete: a failure half-way leaves no partial output.
+def write_predictions(predictor: Predictor, chunks: Iterable[Any], out: str | Path) -> int:
+    """Stream a family's items through a predictor into OUT (.csv or .parquet), rows in order; returns
+    rows written. The file appears only when complete: a failure half-way leaves no partial output.
     """
     suffix = _output_suffix(out)
     rows = 0
@@ -201,8 +192,8 @@ def write_predictions(predictor: Predictor, frames: Iterable[pd.DataFrame], out:
     def write(file) -> None:
         nonlocal rows
         writer = None
-        for i, chunk in enumerate(frames):
-            frame = predictor.predict_frame(chunk)
+        for i, items in enumerate(chunks):
+            frame = predictor.predict_frame(items)
             rows += len(frame)
             if suffix == ".csv":
                 frame.to_csv(file, header=i == 0, index=False)
@@ -224,11 +215,9 @@ def predict_file(
     run_dir: str | Path, data: str | Path, out: str | Path, chunk_rows: int = 100_000, engine: str = "torch"
 ) -> int:
     """Stream DATA through a run's model into OUT (.csv or .parquet), rows in input order; returns rows."""
-    from danlu.data.sources import stream_frames
-
     _output_suffix(out)  # fail before loading anything
     predictor = Predictor.load(run_dir, engine=engine)
-    return write_predictions(predictor, stream_frames(str(data), chunk_rows), out)
+    return write_predictions(predictor, predictor.family.read(str(data), predictor.state, chunk_rows), out)
 
 
 QUICKSTART = {
@@ -257,5 +246,6 @@ def quickstart(
     config = _as_config(QUICKSTART, overrides)
     run = train(config, out=out, overwrite=True, progress=progress)
     predictions = run.path / PREDICTIONS
-    write_predictions(run.predictor(), held_out_frames(run.path)[1], predictions)
+    predictor = run.predictor()
+    write_predictions(predictor, held_out_items(predictor, run.path)[1], predictions)
     return run, predictions

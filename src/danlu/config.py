@@ -46,6 +46,9 @@ class DataConfig(Section):
     train: str = Field(
         description="training data: CSV, Parquet, NPZ, NPY, or synthetic:classification|regression"
     )
+    family: Literal["auto", "tabular"] = Field(
+        "auto", description="kind of data: auto (from the source), tabular"
+    )
     validation: str | None = Field(None, description="validation file; default: split from train")
     test: str | None = Field(None, description="test file; default: split from train")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="validation split when no validation file")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from danlu.data.batches import Batch, run_model
 from danlu.errors import DanluError
 
 
@@ -36,28 +37,23 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def forward(model: nn.Module, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
-    # Models see categorical indices only when the data has categorical columns.
-    return model(x_num, x_cat) if x_cat.shape[1] else model(x_num)
-
-
 def iter_outputs(
-    model: nn.Module, batches: Iterable, device: torch.device, precision: str = "fp32"
+    model: nn.Module, batches: Iterable[Batch], device: torch.device, precision: str = "fp32"
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Raw model outputs (float32) and encoded targets, batch by batch, in order, in eval mode."""
     was_training = model.training
     model.eval()
     try:
-        for x_num, x_cat, y in batches:
+        for batch in batches:
             with torch.no_grad(), autocast(device, precision):
-                out = forward(model, x_num.to(device), x_cat.to(device))
-            yield out.float().cpu().numpy(), y.cpu().numpy()
+                out = run_model(model, batch.to(device))
+            yield out.float().cpu().numpy(), batch.target.cpu().numpy()
     finally:
         model.train(was_training)
 
 
 def collect_outputs(
-    model: nn.Module, batches: Iterable, device: torch.device, precision: str = "fp32"
+    model: nn.Module, batches: Iterable[Batch], device: torch.device, precision: str = "fp32"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Raw model outputs and encoded targets for every batch, concatenated."""
     pairs = list(iter_outputs(model, batches, device, precision))

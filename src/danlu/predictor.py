@@ -1,9 +1,9 @@
-"""Predictor: a run's preprocessing and model together, for predictions on new data."""
+"""Predictor: a run's family codec, fitted state and model together, for predictions on new data."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -11,16 +11,15 @@ import pandas as pd
 import torch
 from torch import nn
 
+from danlu import families
 from danlu.config import Config, read_yaml, validate
-from danlu.data.batches import TensorPart
-from danlu.data.preprocess import Preprocessor
+from danlu.data.batches import Batch, TensorPart
 from danlu.errors import DanluError
 from danlu.inference import collect_outputs, resolve_device
-from danlu.models import ModelInputs, build_model
 from danlu.models.weights import load_weights
 from danlu.run import RunDir
 
-PREDICT_BATCH = 65_536
+PREDICT_BATCH = 65_536  # rows per forward pass, unless the family sets its own (images, texts)
 ENGINES = ("torch", "onnx")
 
 
@@ -31,19 +30,22 @@ def nonfinite_rows(decoded: np.ndarray) -> list[int]:
 
 
 class Predictor:
-    """Predictions from raw feature values: a DataFrame, a dict of columns or a 2-D array in feature order."""
+    """Predictions from raw data, in whatever form the run's family accepts (tabular: a DataFrame, a dict
+    of columns or a 2-D array in feature order)."""
 
     def __init__(
         self,
+        family: ModuleType,
+        state: Any,
         model: nn.Module,
-        preprocessor: Preprocessor,
         config: Config,
         device: torch.device | str = "cpu",
         runner: Any = None,
     ):
+        self.family = family
+        self.state = state
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.preprocessor = preprocessor
         self.config = config
         self.runner = runner  # an exported model's runner (engine onnx); None runs the torch model
         self.engine = "torch" if runner is None else "onnx"
@@ -60,8 +62,8 @@ class Predictor:
         run = RunDir(run_dir)
         run.require_complete()
         config = validate(read_yaml(run.config))
-        pre = Preprocessor.from_json(run.preprocess.read_text())
-        model = build_model(config.model, ModelInputs(pre.n_numeric_inputs, pre.cardinalities, pre.n_outputs))
+        family, state = families.state_from_json(run.preprocess.read_text())
+        model = family.build_model(config.model, state)
         load_weights(model, run.weights)
         runner = None
         if engine == "onnx":
@@ -74,30 +76,25 @@ class Predictor:
                     f"{run.path} has no ONNX export ({path.name})",
                     f"run `danlu export {run.path} --format onnx` first, or use engine torch",
                 )
-            runner = OnnxRunner(path, pre)
-        return cls(model, pre, config, resolve_device(device), runner)
+            runner = OnnxRunner(path, family.exporter(state))
+        return cls(family, state, model, config, resolve_device(device), runner)
+
+    @property
+    def preprocessor(self) -> Any:
+        """The family's fitted state (tabular: the Preprocessor)."""
+        return self.state
 
     @property
     def task(self) -> str:
-        return self.preprocessor.task
+        return self.state.task
 
     @property
     def classes(self) -> list[Any] | None:
-        return self.preprocessor.classes
+        return self.state.classes
 
     @property
     def features(self) -> list[str]:
-        return self.preprocessor.features
-
-    def as_frame(self, data: Any) -> pd.DataFrame:
-        if isinstance(data, pd.DataFrame):
-            return data
-        if isinstance(data, Mapping):
-            return pd.DataFrame(data)
-        array = np.asarray(data)
-        if array.ndim == 1:
-            array = array[None, :]
-        return pd.DataFrame(array, columns=self.features)
+        return self.state.features
 
     def decoded(self, data: Any) -> np.ndarray:
         """Probabilities [n, k] (classification) or values in original units [n] (regression).
@@ -105,34 +102,33 @@ class Predictor:
         Raises:
             DanluError: a row's output is not a finite number (its inputs are far out of range).
         """
-        frame = self.as_frame(data)
-        decoded = self.decoded_raw(*self.preprocessor.raw_inputs(frame, np.float64))
+        decoded = self.decoded_items(self.family.as_items(self.state, data))
         bad = nonfinite_rows(decoded)
         if bad:
             raise DanluError(
                 f"the model's output is not a finite number for row {bad[0] + 1}"
                 + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""),
-                "check that row's feature values: they are far outside anything float32 or the model handles",
+                "check that row's values: they are far outside anything float32 or the model handles",
             )
         return decoded
 
-    def decoded_raw(self, numeric: np.ndarray, categorical: list[np.ndarray]) -> np.ndarray:
-        """`decoded` from raw inputs (`Preprocessor.raw_inputs` / `raw_records`), unchecked: rows whose
-        inputs overflow come back as NaN or infinity (see `nonfinite_rows`)."""
-        if len(numeric) == 0:
+    def decoded_items(self, items: Any) -> np.ndarray:
+        """`decoded` for the family's items, unchecked: rows whose inputs overflow come back as NaN or
+        infinity (see `nonfinite_rows`)."""
+        if self.family.count(items) == 0:
             return self._empty()
-        if self.runner is not None:
-            with np.errstate(over="ignore", invalid="ignore"):
-                return self.runner.run(numeric.astype(np.float32, copy=False), categorical)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, found by the caller
-            x_num, x_cat = self.preprocessor.transform_raw(numeric, categorical)
-        part = TensorPart(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.zeros(len(x_num)))
-        outputs, _ = collect_outputs(self.model, part.batches(PREDICT_BATCH), self.device)
-        with np.errstate(over="ignore", invalid="ignore"):
-            return self.preprocessor.decode(outputs)
+            if self.runner is not None:
+                return self.runner.run(items)
+            inputs = self.family.inputs(self.state, items)
+            n = self.family.count(items)
+            part = TensorPart(Batch(inputs, torch.zeros(n)))
+            size = getattr(self.family, "PREDICT_BATCH", PREDICT_BATCH)
+            outputs, _ = collect_outputs(self.model, part.batches(size), self.device)
+            return self.state.decode(outputs)
 
     def _empty(self) -> np.ndarray:
-        return np.empty((0, self.preprocessor.n_outputs) if self.task == "classification" else 0)
+        return np.empty((0, self.state.n_outputs) if self.task == "classification" else 0)
 
     def predict_proba(self, data: Any) -> np.ndarray:
         if self.task != "classification":
@@ -143,17 +139,10 @@ class Predictor:
         """Original labels (classification) or values in original units (regression)."""
         decoded = self.decoded(data)
         if self.task == "classification":
-            return self.preprocessor.labels(decoded.argmax(axis=1))
+            return self.state.labels(decoded.argmax(axis=1))
         return decoded
 
-    def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """The input rows in order with `prediction` (and `proba_<class>` columns) added."""
-        decoded = self.decoded(frame)
-        out = frame.copy()
-        if self.task == "classification":
-            out["prediction"] = self.preprocessor.labels(decoded.argmax(axis=1))
-            for j, name in enumerate(self.classes):
-                out[f"proba_{name}"] = decoded[:, j]
-        else:
-            out["prediction"] = decoded
-        return out
+    def predict_frame(self, items: Any) -> pd.DataFrame:
+        """The rows of a predictions file: the input's own columns (or names) plus `prediction` and, for
+        classification, one `proba_<class>` column per class."""
+        return self.family.output_frame(self.state, items, self.decoded(items))

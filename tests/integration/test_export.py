@@ -46,8 +46,8 @@ def test_fp32_export_matches_the_torch_model(runs, task, fmt):
     else:
         from danlu.export.torchscript import TorchScriptRunner
 
-        pre = torch_predictor.preprocessor
-        exported = TorchScriptRunner(path, pre).run(*pre.raw_inputs(new_rows(task)))
+        spec = torch_predictor.family.exporter(torch_predictor.state)
+        exported = TorchScriptRunner(path, spec).run(new_rows(task))
     expected = torch_predictor.decoded(new_rows(task))
     scale = 1.0 if task == "classification" else torch_predictor.preprocessor.target_std
     assert np.abs(exported - expected).max() / scale <= FP32_TOLERANCE

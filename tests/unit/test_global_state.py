@@ -7,8 +7,8 @@ import pytest
 
 from danlu.config import ModelConfig
 from danlu.errors import DanluError
-from danlu.export.module import quiet
-from danlu.models import ModelInputs, build_model
+from danlu.export.quiet import quiet
+from danlu.models.custom import build_custom
 
 
 @pytest.mark.parametrize("caller_level", [logging.NOTSET, logging.CRITICAL])
@@ -34,9 +34,9 @@ def test_importing_a_model_from_the_working_directory_leaves_sys_path_alone(tmp_
     while str(tmp_path) in sys.path:
         sys.path.remove(str(tmp_path))
     before = list(sys.path)
-    model = build_model(ModelConfig(target="my_nets:Net"), ModelInputs(3, [], 2))
+    model = build_custom(ModelConfig(target="my_nets:Net"), in_features=3, out_features=2)
     assert model.out_features == 2  # imported from the working directory
     assert sys.path == before
     with pytest.raises(DanluError, match="cannot import module"):
-        build_model(ModelConfig(target="not_there:Net"), ModelInputs(3, [], 2))
+        build_custom(ModelConfig(target="not_there:Net"), in_features=3, out_features=2)
     assert sys.path == before

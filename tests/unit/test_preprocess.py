@@ -5,9 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from danlu.config import load_config
-from danlu.data.preprocess import Preprocessor, PreprocessorFitter
-from danlu.data.schema import infer_schema
 from danlu.errors import DanluError
+from danlu.families.tabular.preprocess import Preprocessor, PreprocessorFitter
+from danlu.families.tabular.schema import infer_schema
 from tests.conftest import mixed_frame, regression_frame
 
 

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from danlu.data.batches import TensorPart, shuffle_generator, split_mask
+from danlu.data.batches import Batch, TensorPart, shuffle_generator, split_mask
 from danlu.data.sources import NpyTable, ParquetTable, open_table, stream_frames
 from danlu.errors import DanluError
 from tests.conftest import regression_frame
@@ -75,10 +75,12 @@ def test_split_mask_is_deterministic_and_proportional():
 
 def test_tensor_part_batches_cover_every_row_once_in_seeded_order():
     x = torch.arange(1000, dtype=torch.float32)[:, None]
-    part = TensorPart(x, torch.zeros(1000, 0, dtype=torch.long), torch.arange(1000))
-    first = torch.cat([y for _, _, y in part.batches(64, shuffle_generator(0, 1))])
+    part = TensorPart(Batch({"x": x}, torch.arange(1000)))
+    batches = list(part.batches(64, shuffle_generator(0, 1)))
+    assert all(torch.equal(b.inputs["x"][:, 0].long(), b.target) for b in batches)  # rows stay whole
+    first = torch.cat([b.target for b in batches])
     assert sorted(first.tolist()) == list(range(1000)) and first.tolist() != list(range(1000))
-    again = torch.cat([y for _, _, y in part.batches(64, shuffle_generator(0, 1))])
-    other_epoch = torch.cat([y for _, _, y in part.batches(64, shuffle_generator(0, 2))])
+    again = torch.cat([b.target for b in part.batches(64, shuffle_generator(0, 1))])
+    other_epoch = torch.cat([b.target for b in part.batches(64, shuffle_generator(0, 2))])
     assert torch.equal(first, again) and not torch.equal(first, other_epoch)
-    assert torch.equal(torch.cat([y for _, _, y in part.batches(64)]), torch.arange(1000))
+    assert torch.equal(torch.cat([b.target for b in part.batches(64)]), torch.arange(1000))

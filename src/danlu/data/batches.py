@@ -1,22 +1,48 @@
-"""Batches for the trainer: the fast in-memory path and the chunked loader for out-of-memory data.
+"""Batches for the trainer, shared by every family: named input tensors plus the encoded target.
 
-The fast path keeps a split as tensors (on the training device) and, each epoch, permutes them once
-and yields contiguous slices: no per-sample indexing or collation, which is where a
-DataLoader(TensorDataset) loop spends most of its time on small models.
+The fast path keeps a split as tensors (on the training device) and, each epoch, permutes them once and
+yields contiguous slices: no per-sample indexing or collation, which is where a DataLoader loop spends
+most of its time on small models. Families with other needs (text: per-batch padding) write their own
+part with the same methods: `n_rows`, `batches`, `train_batches`, `to`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 
-from danlu.data.preprocess import Preprocessor
-from danlu.data.sources import Table
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x_num, x_cat, y
+@dataclass
+class Batch:
+    """Model inputs by name (passed to the model positionally, in this order) and the encoded target."""
+
+    inputs: dict[str, torch.Tensor]
+    target: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return len(self.target)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.inputs.items()}
+        return Batch(moved, self.target.to(device, non_blocking=non_blocking))
+
+    def slice(self, lo: int, hi: int) -> Batch:
+        return Batch({k: v[lo:hi] for k, v in self.inputs.items()}, self.target[lo:hi])
+
+    def take(self, index: torch.Tensor) -> Batch:
+        return Batch({k: v[index] for k, v in self.inputs.items()}, self.target[index])
+
+
+Augment = Callable[[Batch, torch.Generator], Batch]
+
+
+def run_model(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The one forward convention: the batch's inputs, positionally, in their order."""
+    return model(*batch.inputs.values())
 
 
 def split_mask(seed: int, chunk: int, n: int, val_fraction: float, test_fraction: float) -> np.ndarray:
@@ -30,14 +56,14 @@ def shuffle_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def _slices(tensors: Batch, batch_size: int, perm: torch.Tensor | None, drop_tiny: bool) -> Iterator[Batch]:
+def slices(batch: Batch, batch_size: int, perm: torch.Tensor | None, drop_tiny: bool) -> Iterator[Batch]:
     if perm is not None:
-        tensors = tuple(t[perm] for t in tensors)  # one gather per epoch, then contiguous slices
-    n = len(tensors[2])
+        batch = batch.take(perm)  # one gather per epoch, then contiguous slices
+    n = batch.rows
     for start in range(0, n, batch_size):
         if drop_tiny and n - start < 2 and start > 0:
             break  # a 1-row batch breaks batch norm and adds only noise
-        yield tuple(t[start : start + batch_size] for t in tensors)
+        yield batch.slice(start, start + batch_size)
 
 
 def share(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -47,117 +73,39 @@ def share(n: int, rank: int, world: int) -> tuple[int, int]:
     return lo, lo + base + (rank < extra)
 
 
-def _sharded(batches: Iterator[Batch], rank: int, world: int) -> Iterator[tuple[Batch, int]]:
+def sharded(batches: Iterator[Batch], rank: int, world: int) -> Iterator[tuple[Batch, int]]:
     """Each global batch's share for this rank, with the global batch's row count (for loss scaling)."""
     for batch in batches:
-        n = len(batch[2])
-        lo, hi = share(n, rank, world)
-        yield tuple(t[lo:hi] for t in batch), n
-
-
-def to_tensors(preprocessor: Preprocessor, frame: pd.DataFrame, with_target: bool = True) -> Batch:
-    x_num, x_cat = preprocessor.transform(frame)
-    if with_target:
-        y = torch.from_numpy(preprocessor.encode_target(frame[preprocessor.target]))
-    else:
-        y = torch.empty(len(frame))
-    return torch.from_numpy(x_num), torch.from_numpy(x_cat), y
+        yield batch.slice(*share(batch.rows, rank, world)), batch.rows
 
 
 class TensorPart:
-    """A split held in memory as tensors."""
+    """A split held in memory as tensors; `augment` (images) transforms each training batch."""
 
-    def __init__(self, x_num: torch.Tensor, x_cat: torch.Tensor, y: torch.Tensor):
-        self.tensors: Batch = (x_num, x_cat, y)
-
-    @classmethod
-    def from_frame(cls, preprocessor: Preprocessor, frame: pd.DataFrame) -> TensorPart:
-        return cls(*to_tensors(preprocessor, frame))
+    def __init__(self, batch: Batch, augment: Augment | None = None):
+        self.data = batch
+        self.augment = augment
 
     @property
     def n_rows(self) -> int:
-        return len(self.tensors[2])
+        return self.data.rows
 
     def to(self, device: torch.device) -> TensorPart:
-        return TensorPart(*(t.to(device) for t in self.tensors))
+        return TensorPart(self.data.to(device), self.augment)
 
     def batches(self, batch_size: int, shuffle: torch.Generator | None = None) -> Iterator[Batch]:
         perm = None
         if shuffle is not None:
-            perm = torch.randperm(self.n_rows, generator=shuffle).to(self.tensors[2].device)
-        return _slices(self.tensors, batch_size, perm, drop_tiny=shuffle is not None)
+            perm = torch.randperm(self.n_rows, generator=shuffle).to(self.data.target.device)
+        return slices(self.data, batch_size, perm, drop_tiny=shuffle is not None)
 
     def train_batches(
         self, batch_size: int, shuffle: torch.Generator, rank: int = 0, world: int = 1
     ) -> Iterator[tuple[Batch, int]]:
         """The epoch's global batches in the same order for every process count; each rank gets its share.
-        So N processes with global batch B see exactly the rows one process with batch B sees."""
-        return _sharded(self.batches(batch_size, shuffle), rank, world)
-
-
-class ChunkedPart:
-    """A split streamed from disk chunk by chunk; only one chunk is in memory at a time."""
-
-    def __init__(
-        self,
-        table: Table,
-        preprocessor: Preprocessor,
-        device: torch.device,
-        part: int | None = None,
-        split: tuple[int, float, float] | None = None,
-        n_rows: int = 0,
-    ):
-        self.table = table
-        self.preprocessor = preprocessor
-        self.device = device
-        self.part = part  # which split_mask value to keep; None keeps every row
-        self.split = split  # (seed, val_fraction, test_fraction)
-        self.n_rows = n_rows
-
-    def frame(self, chunk: int) -> pd.DataFrame:
-        frame = self.table.read_chunk(chunk)
-        if self.part is None:
-            return frame
-        mask = split_mask(self.split[0], chunk, len(frame), self.split[1], self.split[2])
-        return frame[mask == self.part]
-
-    def frames(self) -> Iterator[pd.DataFrame]:
-        for chunk in range(self.table.n_chunks):
-            yield self.frame(chunk)
-
-    def batches(self, batch_size: int, shuffle: torch.Generator | None = None) -> Iterator[Batch]:
-        order = range(self.table.n_chunks)
-        if shuffle is not None:
-            order = torch.randperm(self.table.n_chunks, generator=shuffle).tolist()
-        for chunk in order:
-            frame = self.frame(chunk)
-            if len(frame) == 0:
-                continue
-            tensors = tuple(t.to(self.device) for t in to_tensors(self.preprocessor, frame))
-            perm = None
-            if shuffle is not None:
-                perm = torch.randperm(len(frame), generator=shuffle).to(self.device)
-            yield from _slices(tensors, batch_size, perm, drop_tiny=shuffle is not None)
-
-    def train_batches(
-        self, batch_size: int, shuffle: torch.Generator, rank: int = 0, world: int = 1
-    ) -> Iterator[tuple[Batch, int]]:
-        """Chunks are dealt out to ranks (the epoch's chunk order, every world-th chunk); each rank takes
-        batches of batch_size / world rows from its own chunks, so ranks may take different step counts
-        (the trainer joins them with torch.distributed's Join)."""
-        if world == 1:
-            yield from ((batch, len(batch[2])) for batch in self.batches(batch_size, shuffle))
-            return
-        order = torch.randperm(self.table.n_chunks, generator=shuffle).tolist()
-        local = max(1, batch_size // world)
-        for chunk in order[rank::world]:
-            frame = self.frame(chunk)
-            if len(frame) == 0:
-                continue
-            tensors = tuple(t.to(self.device) for t in to_tensors(self.preprocessor, frame))
-            perm = torch.randperm(len(frame), generator=shuffle).to(self.device)
-            for batch in _slices(tensors, local, perm, drop_tiny=True):
-                yield batch, len(batch[2]) * world
-
-
-Part = TensorPart | ChunkedPart
+        So N processes with global batch B see exactly the rows one process with batch B sees (augmented
+        alike: the global batch is augmented before it is shared out)."""
+        batches = self.batches(batch_size, shuffle)
+        if self.augment is not None:
+            batches = (self.augment(batch, shuffle) for batch in batches)
+        return sharded(batches, rank, world)

@@ -4,12 +4,10 @@ against the torch model on held-out rows before the file appears."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from danlu import __version__
 from danlu.errors import DanluError
@@ -27,17 +25,17 @@ def default_path(run_dir: str | Path, fmt: str, quantize: str | None = None) -> 
     return RunDir(run_dir).export / f"model{'.int8' if quantize else ''}{FORMATS[fmt]}"
 
 
-def metadata(predictor: Predictor) -> dict[str, str]:
+def metadata(predictor: Predictor, spec: Any) -> dict[str, str]:
     """What a consumer needs besides the graph, as strings (ONNX metadata_props / TorchScript extra file)."""
-    pre = predictor.preprocessor
+    state = predictor.state
     return {
         "danlu_version": __version__,
-        "task": pre.task,
-        "target": pre.target,
-        "numeric_features": json.dumps([c.name for c in pre.numeric]),
-        "categorical_features": json.dumps({c.name: c.values for c in pre.categorical}),
-        "classes": json.dumps(pre.classes),
-        "output": "probabilities" if pre.task == "classification" else "prediction",
+        "family": predictor.family.NAME,
+        "task": state.task,
+        "target": state.target,
+        **spec.metadata(),
+        "classes": json.dumps(state.classes),
+        "output": spec.output_name(),
     }
 
 
@@ -70,53 +68,44 @@ def check_target(path: Path) -> None:
 
 
 def _build(predictor: Predictor, fmt: str, quantize: str | None) -> tuple[bytes, Any]:
-    from danlu.export.module import ServingModule
-
-    pre, module, meta = (
-        predictor.preprocessor,
-        ServingModule(predictor.model, predictor.preprocessor),
-        metadata(predictor),
-    )
+    spec = predictor.family.exporter(predictor.state)
+    module, meta = spec.module(predictor.model), metadata(predictor, spec)
     if fmt == "onnx":
         from danlu.export.onnx import OnnxRunner, onnx_bytes, quantize_int8
 
-        data = onnx_bytes(module, pre, meta)
+        data = onnx_bytes(module, spec, meta)
         if quantize:
             data = quantize_int8(data)
-        return data, OnnxRunner(data, pre)
+        return data, OnnxRunner(data, spec)
     from danlu.export.torchscript import TorchScriptRunner, torchscript_bytes
 
-    data = torchscript_bytes(module, pre, meta, int8=bool(quantize))
-    return data, TorchScriptRunner(data, pre)
-
-
-def _verification_frames(run_dir: str | Path) -> tuple[str, Iterator[pd.DataFrame]]:
-    """The run's held-out rows, or, for a run that held none out, its recorded sample of training rows."""
-    from danlu.data import heldout
-
-    split, frames = heldout.frames(RunDir(run_dir))
-    return ("train" if split == "none" else split), frames
+    data = torchscript_bytes(module, spec, meta, int8=bool(quantize))
+    return data, TorchScriptRunner(data, spec)
 
 
 def verify(predictor: Predictor, runner: Any, run_dir: str | Path) -> dict[str, Any]:
-    """Run the torch model and the exported one on the held-out rows; difference and metrics of both."""
-    pre = predictor.preprocessor
-    split, frames = _verification_frames(run_dir)
-    reference, exported = MetricStream(pre.task, pre.classes), MetricStream(pre.task, pre.classes)
-    scale = 1.0 if pre.task == "classification" else pre.target_std
+    """Run the torch model and the exported one on the run's held-out rows (as recorded in the run
+    directory; for a run that held none out, its recorded sample of training rows): the largest
+    difference, and the headline metric of both."""
+    from danlu.data import heldout
+
+    family, state = predictor.family, predictor.state
+    split, chunks = heldout.items(RunDir(run_dir), family, state)
+    reference, exported = MetricStream(state.task, state.classes), MetricStream(state.task, state.classes)
+    scale = 1.0 if state.task == "classification" else state.head.std
     max_diff = 0.0
-    for frame in frames:
-        if not len(frame):
+    for items in chunks:
+        if not family.count(items):
             continue
-        y = pre.decode_target(pre.encode_target(frame[pre.target]))
-        expected, got = predictor.decoded(frame), runner.run(*pre.raw_inputs(frame))
+        y = family.targets(state, items)
+        expected, got = predictor.decoded(items), runner.run(items)
         max_diff = max(max_diff, float(np.abs(got.astype(np.float64) - expected).max()) / scale)
         reference.update(y, expected)
         exported.update(y, got)
-    key = HEADLINE[pre.task]
+    key = HEADLINE[state.task]
     before, after = reference.result()[key], exported.result()[key]
     return {
-        "split": split,
+        "split": "train" if split == "none" else split,
         "rows": reference.n,
         "max_abs_diff": max_diff,
         "metric": key,

@@ -1,8 +1,7 @@
 """The user's own nn.Module, named as "package.module:ClassName" in model.target.
 
-It is constructed as `ClassName(in_features=..., out_features=..., **model.kwargs)`, plus
-`cardinalities=[...]` when the data has categorical columns; its forward then receives
-`(x_num, x_cat)` instead of `(x_num)`.
+Each family says what it is built with and what its forward receives (tabular:
+`ClassName(in_features=..., out_features=..., [cardinalities=...], **model.kwargs)`, forward(x_num[, x_cat])).
 """
 
 from __future__ import annotations
@@ -12,15 +11,11 @@ import importlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from torch import nn
 
 from danlu.config import ModelConfig
 from danlu.errors import DanluError
-
-if TYPE_CHECKING:
-    from danlu.models import ModelInputs
 
 
 @contextlib.contextmanager
@@ -56,17 +51,17 @@ def import_class(target: str) -> type:
     return cls
 
 
-def build_custom(config: ModelConfig, inputs: ModelInputs) -> nn.Module:
+def build_custom(config: ModelConfig, **inputs) -> nn.Module:
+    """The user's class built with what the family gives (e.g. in_features, out_features) and
+    model.kwargs; a wrong signature is one line naming the arguments."""
     cls = import_class(config.target)
-    kwargs = {"in_features": inputs.n_numeric, "out_features": inputs.n_outputs, **config.kwargs}
-    if inputs.cardinalities:
-        kwargs["cardinalities"] = inputs.cardinalities
+    kwargs = {**inputs, **config.kwargs}
     try:
         model = cls(**kwargs)
     except TypeError as exc:
         raise DanluError(
             f"model.target '{config.target}' cannot be built with {sorted(kwargs)}: {exc}",
-            "accept in_features and out_features (and cardinalities with categorical data)",
+            f"accept {', '.join(sorted(inputs))} (see the README for your data's family)",
         ) from None
     if not isinstance(model, nn.Module):
         raise DanluError(f"model.target '{config.target}' is not a torch.nn.Module", "subclass nn.Module")

@@ -30,6 +30,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from pydantic import BaseModel, Field
 
 from danlu import __version__
 from danlu.errors import DanluError
@@ -37,7 +38,6 @@ from danlu.predictor import Predictor, nonfinite_rows
 from danlu.run import RunDir
 from danlu.serve.batching import MicroBatcher, QueueFull
 from danlu.serve.guard import Guard
-from danlu.serve.schemas import PredictResponse, check_instances, request_model
 
 # How `--workers N` hands the settings to each worker process: the path of a file only this user can read,
 # so the API key is never in an environment that child processes inherit.
@@ -62,6 +62,12 @@ class ServeSettings:
                 raise DanluError(f"{name.replace('_', '-')} must be at least 1", "pass a positive number")
         if self.max_wait_ms < 0 or self.timeout_s <= 0:
             raise DanluError("max-wait-ms must be >= 0 and timeout must be > 0", "pass sensible limits")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Any] = Field(description="class labels or values, in request order")
+    probabilities: list[list[float]] | None = Field(None, description="per row, in the order of 'classes'")
+    classes: list[Any] | None = None
 
 
 class Metrics:
@@ -95,18 +101,6 @@ class Metrics:
         self.latency.labels(endpoint).observe(seconds)
 
 
-def _feature_schema(predictor: Predictor) -> list[dict[str, Any]]:
-    pre = predictor.preprocessor
-    return [{"name": c.name, "type": "numeric", "mean": c.mean} for c in pre.numeric] + [
-        {"name": c.name, "type": "categorical", "values": c.values} for c in pre.categorical
-    ]
-
-
-def _warmup_rows(predictor: Predictor) -> list[dict[str, Any]]:
-    pre = predictor.preprocessor
-    return [{c.name: c.mean for c in pre.numeric} | {c.name: (c.values or [""])[0] for c in pre.categorical}]
-
-
 def warm_up(predictor: Predictor, timeout_s: float) -> None:
     """One real prediction before serving, bounded by the request timeout.
 
@@ -117,7 +111,7 @@ def warm_up(predictor: Predictor, timeout_s: float) -> None:
 
     def predict() -> None:
         try:
-            predictor.decoded_raw(*predictor.preprocessor.raw_records(_warmup_rows(predictor)))
+            predictor.decoded_items(predictor.family.warmup_items(predictor.state))
         except BaseException as error:  # handed to the caller below
             outcome["error"] = error
 
@@ -134,11 +128,10 @@ def warm_up(predictor: Predictor, timeout_s: float) -> None:
         raise outcome["error"]
 
 
-def _encode(predictor: Predictor, output: np.ndarray) -> dict[str, Any]:
-    pre = predictor.preprocessor
-    if pre.task == "classification":
-        labels = pre.labels(output.argmax(axis=1))
-        return {"predictions": labels.tolist(), "probabilities": output.tolist(), "classes": pre.classes}
+def _encode(state: Any, output: np.ndarray) -> dict[str, Any]:
+    if state.task == "classification":
+        labels = state.labels(output.argmax(axis=1))
+        return {"predictions": labels.tolist(), "probabilities": output.tolist(), "classes": state.classes}
     return {"predictions": np.asarray(output, dtype=np.float64).tolist()}
 
 
@@ -146,7 +139,7 @@ def _page(predictor: Predictor, settings: ServeSettings, title: str) -> str:
     schema = {
         "title": title,
         "task": predictor.task,
-        "features": _feature_schema(predictor),
+        **predictor.family.page_schema(predictor.state),
         "classes": predictor.classes,
         "api_key_required": settings.api_key is not None,
     }
@@ -162,11 +155,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
     predictor = Predictor.load(settings.run_dir, engine=settings.engine)
     run = RunDir(settings.run_dir)
     report = run.read_report()
-    pre = predictor.preprocessor
-    PredictRequest = request_model(pre, settings.max_rows)
+    family, state = predictor.family, predictor.state
+    PredictRequest = family.request_model(state, settings.max_rows)
     metrics = Metrics()
     batcher = MicroBatcher(
-        lambda rows: predictor.decoded_raw(*pre.raw_records(rows)),
+        predictor.decoded_items,
         settings.max_batch,
         settings.max_wait_ms,
         settings.max_queue_rows,
@@ -174,21 +167,21 @@ def create_app(settings: ServeSettings) -> FastAPI:
         on_batch=metrics.batch_rows.observe,
     )
     warm_up(predictor, settings.timeout_s)  # /readyz turns 200 only after a real prediction
-    state = {"ready": False}
+    status = {"ready": False}
     title = f"danlu: {run.path.resolve().name}"
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
-        state["ready"] = True
+        status["ready"] = True
         yield
-        state["ready"] = False
+        status["ready"] = False
         await batcher.stop()
 
     app = FastAPI(
         title=title,
         version=__version__,
-        description=f"Predictions of a danlu {pre.task} model with features {', '.join(pre.features)}.",
+        description=f"Predictions of a danlu {state.task} model with {family.description(state)}.",
         lifespan=lifespan,
     )
     known = {"/", "/healthz", "/readyz", "/metrics", "/v1/predict", "/v1/metadata", "/docs", "/openapi.json"}
@@ -215,13 +208,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/predict", response_model=PredictResponse, dependencies=[Depends(require_key)])
     async def predict(body: PredictRequest) -> Any:  # type: ignore[valid-type]
-        """Predictions, in request order, for rows given as `records` or `instances`."""
-        rows = body.rows()
-        errors = check_instances(pre, rows) if body.instances is not None else []
+        """Predictions, in request order."""
+        items, errors = family.request_items(state, body)
         if errors:
             return JSONResponse({"detail": errors}, status_code=422)
         try:
-            output = await batcher.submit(rows)
+            output = await batcher.submit(items)
         except QueueFull:
             return JSONResponse(
                 {"detail": "the server is at capacity; retry shortly"},
@@ -236,16 +228,17 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if bad:  # values so large that float32 or the model overflow: this request's fault, not the batch's
             detail = f"the model's output is not a finite number for rows {bad[:10]}: inputs far out of range"
             return JSONResponse({"detail": detail}, status_code=422)
-        return JSONResponse(_encode(predictor, output))  # already plain JSON types: skip re-validation
+        return JSONResponse(_encode(state, output))  # already plain JSON types: skip re-validation
 
     @app.get("/v1/metadata", dependencies=[Depends(require_key)])
     async def metadata() -> dict[str, Any]:
         """Task, features, classes, test metrics, versions and limits."""
         return {
-            "task": pre.task,
-            "target": pre.target,
-            "features": _feature_schema(predictor),
-            "classes": pre.classes,
+            "family": family.NAME,
+            "task": state.task,
+            "target": state.target,
+            **family.page_schema(state),
+            "classes": state.classes,
             "test_metrics": report.get("test"),
             "test_split": report.get("test_split"),
             "model": {
@@ -266,7 +259,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @app.get("/readyz")
     async def readyz() -> Response:
         """The model is loaded and a warm-up prediction has run."""
-        if state["ready"]:
+        if status["ready"]:
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
 

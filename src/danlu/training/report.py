@@ -11,7 +11,7 @@ from danlu.evaluation.metrics import MetricStream, summary
 from danlu.models.weights import save_weights
 from danlu.run import RunDir, atomic_write_json
 from danlu.training import checkpoint as ckpt
-from danlu.training.trainer import Setup, evaluate_part
+from danlu.training.trainer import Setup, eval_batch, evaluate_part
 
 log = logging.getLogger("danlu")
 
@@ -37,26 +37,26 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
         s.bare_model.load_state_dict(ckpt.load_checkpoint(run.best_checkpoint)[ckpt.MODEL_KEY])
     save_weights(s.bare_model, run.weights)
 
-    pre = s.data.preprocessor
+    state = s.data.state
     held_out, split_name = (
         (s.data.test, "test") if s.data.test is not None else (s.data.validation, "validation")
     )
-    report: dict[str, Any] = {"task": pre.task, "test": None}
+    report: dict[str, Any] = {"family": s.family.NAME, "task": state.task, "test": None}
     if held_out is None:
         log.warning("no test or validation rows: report.json has no held-out metrics")
     else:
-        _, stream = evaluate_part(s.bare_model, held_out, pre, s.device, tc.precision)
+        _, stream = evaluate_part(s.bare_model, held_out, state, s.device, tc.precision, eval_batch(s.family))
         metrics = stream.result()
         headline = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
         report["test"] = headline
         report["test_split"] = split_name
-        if pre.task == "classification":
+        if state.task == "classification":
             report["test_details"] = {k: metrics[k] for k in ("per_class", "confusion_matrix")}
         write_plots(run, stream, metrics)
         log.debug(
             "%s metrics: %s",
             split_name,
-            {k: round(v, 4) for k, v in summary(pre.task, headline).items() if v is not None},
+            {k: round(v, 4) for k, v in summary(state.task, headline).items() if v is not None},
         )
     report.update(
         {
@@ -77,7 +77,7 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
             "device": str(s.device),
             "processes": s.world.size,
             "in_memory": s.data.in_memory,
-            "classes": pre.classes,
+            "classes": state.classes,
             "danlu_version": __version__,
             "schema_version": SCHEMA_VERSION,
         }

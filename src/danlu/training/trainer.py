@@ -9,12 +9,14 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from danlu import families
 from danlu.config import (
     CLASSIFICATION_MONITORS,
     MAXIMIZED_MONITORS,
@@ -25,13 +27,11 @@ from danlu.config import (
     dump_config,
 )
 from danlu.data import heldout
-from danlu.data.batches import Part, TensorPart, share, shuffle_generator
-from danlu.data.dataset import Dataset, load_dataset
-from danlu.data.preprocess import Preprocessor
+from danlu.data.batches import Batch, run_model, share, shuffle_generator
+from danlu.data.dataset import Dataset
 from danlu.errors import DanluError
 from danlu.evaluation.metrics import MetricStream
-from danlu.inference import autocast, forward, iter_outputs
-from danlu.models import ModelInputs, build_model
+from danlu.inference import autocast, iter_outputs
 from danlu.run import RunDir, atomic_write_text
 from danlu.training import checkpoint as ckpt
 from danlu.training import distributed
@@ -55,6 +55,7 @@ class TrainerState:
 @dataclass
 class Setup:
     device: torch.device
+    family: ModuleType
     data: Dataset
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -117,29 +118,28 @@ def _batch_size(tc: TrainConfig, n_rows: int, world: World) -> int:
     return tc.batch_size
 
 
-def _setup(
-    config: Config, run: RunDir, preprocessor: Preprocessor | None, world: World, device: torch.device
-) -> Setup:
+def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.device) -> Setup:
     tc = config.train
     torch.manual_seed(tc.seed)
     if tc.precision != "fp32" and device.type == "cpu":
         log.warning("train.precision=%s applies to accelerators; training in fp32 on the CPU", tc.precision)
-    data = load_dataset(config.data, device, preprocessor)
+    family = families.get(config.data.family)
+    data = family.load(config.data, device, state)
     if world.main:
-        if preprocessor is None:
-            atomic_write_text(run.preprocess, data.preprocessor.to_json())
-            heldout.write(run, data.held_out, data.table)
+        if state is None:
+            atomic_write_text(run.preprocess, data.state.to_json())
+            heldout.write(run, family, data.held_out, data.source)
         else:  # resuming: the same rows, or the weights would silently continue on other data
-            heldout.check_source(run, data.table.name, data.table)
+            heldout.check_source(run, family, data.source.name, data.source)
     data.held_out = None  # recorded; the rows need not stay in memory while training
-    pre = data.preprocessor
-    allowed = CLASSIFICATION_MONITORS if pre.task == "classification" else REGRESSION_MONITORS
+    state = data.state
+    allowed = CLASSIFICATION_MONITORS if state.task == "classification" else REGRESSION_MONITORS
     if tc.monitor not in allowed:
         raise DanluError(
-            f"train.monitor={tc.monitor} does not apply to {pre.task}", f"use one of {', '.join(allowed)}"
+            f"train.monitor={tc.monitor} does not apply to {state.task}", f"use one of {', '.join(allowed)}"
         )
     torch.manual_seed(tc.seed)  # initialisation must not depend on how much randomness loading used
-    model = build_model(config.model, ModelInputs(pre.n_numeric_inputs, pre.cardinalities, pre.n_outputs))
+    model = family.build_model(config.model, state)
     model.to(device)
     if world.multi:
         # every rank starts from rank 0's weights; gradients are averaged in backward
@@ -151,6 +151,7 @@ def _setup(
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16" and device.type == "cuda")
     return Setup(
         device,
+        family,
         data,
         model,
         build_optimizer(model, tc),
@@ -179,16 +180,15 @@ def optimizer_step(s: Setup, grad_clip: float | None) -> None:
     s.scaler.update()
 
 
-def _micro_batches(batch, accumulate: int) -> list:
+def _micro_batches(batch: Batch, accumulate: int) -> list[Batch]:
     if accumulate == 1:
         return [batch]
-    n = len(batch[2])
-    return [tuple(t[lo:hi] for t in batch) for lo, hi in (share(n, i, accumulate) for i in range(accumulate))]
+    return [batch.slice(*share(batch.rows, i, accumulate)) for i in range(accumulate)]
 
 
 def _uneven_inputs(s: Setup):
     """Chunked data gives ranks different step counts: Join keeps DDP's collectives matched."""
-    if s.world.multi and not isinstance(s.data.train, TensorPart):
+    if s.world.multi and getattr(s.data.train, "uneven", False):
         from torch.distributed.algorithms.join import Join
 
         return Join([s.model])
@@ -215,19 +215,19 @@ def train_epoch(s: Setup, tc: TrainConfig, task: str, epoch: int) -> float:
                 group["lr"] = lr
             s.optimizer.zero_grad(set_to_none=True)
             micro = _micro_batches(batch, tc.accumulate)
-            for i, (x_num, x_cat, y) in enumerate(micro):
+            for i, piece in enumerate(micro):
                 last = i == len(micro) - 1
                 with contextlib.nullcontext() if last or not s.world.multi else s.model.no_sync():
                     with autocast(s.device, tc.precision):
-                        out = forward(s.model, x_num, x_cat)
-                        if len(y) == 0:  # an empty share still joins the gradient all-reduce
+                        out = run_model(s.model, piece)
+                        if piece.rows == 0:  # an empty share still joins the gradient all-reduce
                             loss = out.sum() * 0.0
                         else:
-                            loss = criterion(out.squeeze(-1) if task == "regression" else out, y)
-                    scale = len(y) * s.world.size / n_global
+                            loss = criterion(out.squeeze(-1) if task == "regression" else out, piece.target)
+                    scale = piece.rows * s.world.size / n_global
                     backward(s, loss if scale == 1 else loss * scale)
-                total += loss.detach() * len(y)  # stays on the device: no sync point per step
-                rows += len(y)
+                total += loss.detach() * piece.rows  # stays on the device: no sync point per step
+                rows += piece.rows
             optimizer_step(s, tc.grad_clip)
             s.state.step += 1
     loss_sum, count = distributed.all_sum([float(total), float(rows)], s.world, s.device)
@@ -235,21 +235,32 @@ def train_epoch(s: Setup, tc: TrainConfig, task: str, epoch: int) -> float:
 
 
 def evaluate_part(
-    model: nn.Module, part: Part, pre: Preprocessor, device: torch.device, precision: str
+    model: nn.Module,
+    part: Any,
+    state: Any,
+    device: torch.device,
+    precision: str,
+    batch_size: int = EVAL_BATCH,
 ) -> tuple[float, MetricStream]:
     """Mean loss (in training units) and the metrics of one split, streamed batch by batch."""
-    criterion = loss_fn(pre.task, reduction="sum")
-    stream = MetricStream(pre.task, pre.classes)
+    criterion = loss_fn(state.task, reduction="sum")
+    stream = MetricStream(state.task, state.classes)
     loss_sum = 0.0
-    for outputs, targets in iter_outputs(model, part.batches(EVAL_BATCH), device, precision):
+    for outputs, targets in iter_outputs(model, part.batches(batch_size), device, precision):
         out_t, y_t = torch.from_numpy(outputs), torch.from_numpy(targets)
-        loss_sum += float(criterion(out_t.squeeze(-1) if pre.task == "regression" else out_t, y_t))
-        stream.update(pre.decode_target(targets), pre.decode(outputs))
+        loss_sum += float(criterion(out_t.squeeze(-1) if state.task == "regression" else out_t, y_t))
+        stream.update(state.decode_target(targets), state.decode(outputs))
     return loss_sum / max(stream.n, 1), stream
 
 
+def eval_batch(family: ModuleType) -> int:
+    return getattr(family, "EVAL_BATCH", EVAL_BATCH)
+
+
 def validate(s: Setup, tc: TrainConfig) -> dict[str, float]:
-    loss, stream = evaluate_part(s.bare_model, s.data.validation, s.data.preprocessor, s.device, tc.precision)
+    loss, stream = evaluate_part(
+        s.bare_model, s.data.validation, s.data.state, s.device, tc.precision, eval_batch(s.family)
+    )
     return {"val_loss": loss, **{f"val_{k}": v for k, v in stream.epoch_result().items()}}
 
 
@@ -308,7 +319,7 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=N
             start = time.perf_counter()
             record: dict[str, Any] = {
                 "epoch": epoch,
-                "train_loss": train_epoch(s, tc, s.data.preprocessor.task, epoch),
+                "train_loss": train_epoch(s, tc, s.data.state.task, epoch),
             }
             _check_finite(record["train_loss"], epoch, tc)  # every rank holds the same all-reduced loss
             record["lr"] = lr_at(s.state.step, s.total_steps, tc)
@@ -368,7 +379,8 @@ def new_setup(config: Config, run: RunDir, world: World, device: torch.device) -
 
 def resumed_setup(config: Config, run: RunDir, world: World, device: torch.device) -> Setup:
     """Rebuild the set-up of a stopped run and restore model, optimizer, RNG and loop state."""
-    s = _setup(config, run, Preprocessor.from_json(run.preprocess.read_text()), world, device)
+    _, state = families.state_from_json(run.preprocess.read_text())
+    s = _setup(config, run, state, world, device)
     state = ckpt.load_checkpoint(run.last_checkpoint)
     s.bare_model.load_state_dict(state[ckpt.MODEL_KEY])
     s.optimizer.load_state_dict(state[ckpt.OPTIMIZER_KEY])

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from danlu.data.schema import Schema
 from danlu.errors import DanluError
+from danlu.families.tabular.schema import Schema
+from danlu.families.target import RunningMoments, Target, TargetFitter, TargetSide, is_constant, row_name
 
 FORMAT_VERSION = 1
 
@@ -35,12 +36,6 @@ class CategoricalColumn:
     values: list[str]  # index 0 is the unknown bucket, so values[i] has index i + 1
 
 
-def _row(index_label: Any) -> str:
-    return (
-        f"row {int(index_label) + 1}" if isinstance(index_label, (int, np.integer)) else f"row {index_label}"
-    )
-
-
 def numeric_values(frame: pd.DataFrame, name: str) -> np.ndarray:
     """A column as float64, NaN where missing; stray text or inf is an error naming column, row and value."""
     column = frame[name]
@@ -52,7 +47,8 @@ def numeric_values(frame: pd.DataFrame, name: str) -> np.ndarray:
         if bad.any():
             where = bad.to_numpy().argmax()
             raise DanluError(
-                f"column '{name}' holds numbers but {_row(column.index[where])} has {column.iloc[where]!r}",
+                f"column '{name}' holds numbers but {row_name(column.index[where])} "
+                f"has {column.iloc[where]!r}",
                 f"fix or blank that value, or declare the column categorical: data.categorical=[{name}]",
             )
         values = parsed.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -60,7 +56,7 @@ def numeric_values(frame: pd.DataFrame, name: str) -> np.ndarray:
     if infinite.any():
         where = infinite.argmax()
         raise DanluError(
-            f"column '{name}' has {values[where]} at {_row(column.index[where])}",
+            f"column '{name}' has {values[where]} at {row_name(column.index[where])}",
             "replace infinite values with finite ones or leave them empty",
         )
     return values
@@ -70,28 +66,22 @@ def category_strings(column: pd.Series) -> pd.Series:
     return column.astype("string").str.strip()
 
 
-def _json_value(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _sort_labels(labels: set) -> list:
-    return sorted(labels, key=lambda v: (type(v).__name__, v))
-
-
 @dataclass
-class Preprocessor:
-    task: str
-    target: str
+class Preprocessor(TargetSide):
+    """The tabular family's fitted state: numeric scalers, categorical vocabularies and the target."""
+
     numeric: list[NumericColumn]
     categorical: list[CategoricalColumn]
-    classes: list[Any] | None = None
-    target_mean: float = 0.0
-    target_std: float = 1.0
+    head: Target
     _lookups: list[dict[str, int]] = field(default_factory=list, repr=False, compare=False)
+
+    family = "tabular"
 
     def __post_init__(self) -> None:
         self._lookups = [{v: i + 1 for i, v in enumerate(c.values)} for c in self.categorical]
-        self._class_index = {c: i for i, c in enumerate(self.classes or [])}
+
+    target_mean = property(lambda self: self.head.mean)
+    target_std = property(lambda self: self.head.std)
 
     @property
     def features(self) -> list[str]:
@@ -104,10 +94,6 @@ class Preprocessor:
     @property
     def cardinalities(self) -> list[int]:
         return [len(c.values) + 1 for c in self.categorical]
-
-    @property
-    def n_outputs(self) -> int:
-        return len(self.classes) if self.task == "classification" else 1
 
     def check_columns(self, frame: pd.DataFrame) -> None:
         missing = [name for name in self.features if name not in frame.columns]
@@ -169,51 +155,13 @@ class Preprocessor:
                 x_cat[:, j] = pd.Series(strings, dtype=object).map(lookup).fillna(0).to_numpy(dtype=np.int64)
         return x_num, x_cat
 
-    def encode_target(self, target: pd.Series) -> np.ndarray:
-        """Labels -> class indices (int64), or values -> standardized float32."""
-        _check_target(target)
-        if self.task == "classification":
-            codes = target.map(self._class_index)
-            unknown = codes.isna()
-            if unknown.any():
-                where = unknown.to_numpy().argmax()
-                raise DanluError(
-                    f"label {_json_value(target.iloc[where])!r} at {_row(target.index[where])} "
-                    "was not seen in training",
-                    f"known labels: {self.classes}",
-                )
-            return codes.to_numpy(dtype=np.int64, copy=True)
-        values = target.to_numpy(dtype=np.float64)
-        return ((values - self.target_mean) / self.target_std).astype(np.float32)
-
-    def decode(self, outputs: np.ndarray) -> np.ndarray:
-        """Model outputs -> class probabilities [n, k] or values in original units [n]."""
-        if self.task == "classification":
-            shifted = outputs - outputs.max(axis=1, keepdims=True)
-            exp = np.exp(shifted)
-            return exp / exp.sum(axis=1, keepdims=True)
-        return outputs.reshape(-1) * self.target_std + self.target_mean
-
-    def decode_target(self, encoded: np.ndarray) -> np.ndarray:
-        if self.task == "classification":
-            return encoded
-        return encoded.astype(np.float64) * self.target_std + self.target_mean
-
-    def labels(self, indices: np.ndarray) -> np.ndarray:
-        """Class indices -> original labels, typed (int, float, str, bool) when all labels share a type."""
-        same_type = len({type(c) for c in self.classes}) == 1
-        return np.asarray(self.classes, dtype=None if same_type else object)[indices]
-
     def to_json(self) -> str:
         data = {
             "format": FORMAT_VERSION,
-            "task": self.task,
-            "target": self.target,
+            "family": self.family,
+            **self.head.to_dict(),
             "numeric": [asdict(c) for c in self.numeric],
             "categorical": [asdict(c) for c in self.categorical],
-            "classes": self.classes,
-            "target_mean": self.target_mean,
-            "target_std": self.target_std,
         }
         return json.dumps(data, indent=2, allow_nan=False) + "\n"
 
@@ -226,60 +174,10 @@ class Preprocessor:
                 "use the danlu version that wrote the run",
             )
         return cls(
-            task=data["task"],
-            target=data["target"],
             numeric=[NumericColumn(**c) for c in data["numeric"]],
             categorical=[CategoricalColumn(**c) for c in data["categorical"]],
-            classes=data["classes"],
-            target_mean=data["target_mean"],
-            target_std=data["target_std"],
+            head=Target.from_dict(data),
         )
-
-
-def _check_target(target: pd.Series) -> None:
-    missing = target.isna()
-    if pd.api.types.is_numeric_dtype(target) and not pd.api.types.is_bool_dtype(target):
-        missing = missing | np.isinf(target.to_numpy(dtype=np.float64, na_value=np.nan))
-    if missing.any():
-        where = missing.to_numpy().argmax()
-        raise DanluError(
-            f"target column '{target.name}' has {_json_value(target.iloc[where])!r} "
-            f"at {_row(target.index[where])}",
-            "drop rows with a missing or infinite target, or fill them in",
-        )
-
-
-class RunningMoments:
-    """Count, mean and sum of squared deviations (M2) per column, merged chunk by chunk with Chan et al.'s
-    update: exact for values far from zero, where E[x^2] - mean^2 cancels to noise (1e8 +- 0.01)."""
-
-    def __init__(self, columns: int) -> None:
-        self.count = np.zeros(columns)
-        self.mean = np.zeros(columns)
-        self.m2 = np.zeros(columns)
-
-    def update(self, j: int, values: np.ndarray) -> None:
-        """Add one column's present (non-NaN) values."""
-        n = len(values)
-        if n == 0:
-            return
-        chunk_mean = float(values.mean())
-        chunk_m2 = float(np.square(values - chunk_mean).sum())
-        total = self.count[j] + n
-        delta = chunk_mean - self.mean[j]
-        self.mean[j] += delta * n / total
-        self.m2[j] += chunk_m2 + delta**2 * self.count[j] * n / total
-        self.count[j] = total
-
-    @property
-    def std(self) -> np.ndarray:
-        """Population standard deviation (0 for a column without values)."""
-        return np.sqrt(np.divide(self.m2, self.count, out=np.zeros_like(self.m2), where=self.count > 0))
-
-
-def _is_constant(std: float, mean: float) -> bool:
-    # relative to the values' size: the spread of float64 rounding in the mean is about 1e-16 * |mean|
-    return std <= 1e-12 * max(1.0, abs(mean))
 
 
 class PreprocessorFitter:
@@ -291,8 +189,7 @@ class PreprocessorFitter:
         self.moments = RunningMoments(n)
         self.missing = np.zeros(n)
         self.seen: list[set[str]] = [set() for _ in schema.categorical]
-        self.labels: set = set()
-        self.target_moments = RunningMoments(1)
+        self.target = TargetFitter(schema.task, schema.target)
         self.rows = 0
 
     def update(self, frame: pd.DataFrame) -> None:
@@ -305,12 +202,7 @@ class PreprocessorFitter:
         for j, name in enumerate(self.schema.categorical):
             values = category_strings(frame[name]).dropna()
             self.seen[j].update(values[values != ""].unique())  # "" is missing, as in raw_inputs
-        target = frame[self.schema.target]
-        _check_target(target)
-        if self.schema.task == "classification":
-            self.labels.update(_json_value(v) for v in target.unique())
-        else:
-            self.target_moments.update(0, target.to_numpy(dtype=np.float64))
+        self.target.update(frame[self.schema.target])
 
     def finish(self) -> Preprocessor:
         if self.rows == 0:
@@ -320,7 +212,7 @@ class PreprocessorFitter:
             NumericColumn(
                 name,
                 float(mean[j]),
-                1.0 if _is_constant(std[j], mean[j]) else float(std[j]),
+                1.0 if is_constant(std[j], mean[j]) else float(std[j]),
                 bool(self.missing[j]),
             )
             for j, name in enumerate(self.schema.numeric)
@@ -328,27 +220,4 @@ class PreprocessorFitter:
         categorical = [
             CategoricalColumn(name, sorted(self.seen[j])) for j, name in enumerate(self.schema.categorical)
         ]
-        if self.schema.task == "classification":
-            if len(self.labels) < 2:
-                raise DanluError(
-                    f"target '{self.schema.target}' has a single class {sorted(self.labels, key=str)} "
-                    "in the training data",
-                    "classification needs at least two classes; check the target column or use data.task",
-                )
-            return Preprocessor(
-                "classification", self.schema.target, numeric, categorical, classes=_sort_labels(self.labels)
-            )
-        target_mean, target_std = float(self.target_moments.mean[0]), float(self.target_moments.std[0])
-        if _is_constant(target_std, target_mean):
-            raise DanluError(
-                f"target '{self.schema.target}' has a single value {target_mean:g} in the training data",
-                "regression needs a target that varies; check the target column",
-            )
-        return Preprocessor(
-            "regression",
-            self.schema.target,
-            numeric,
-            categorical,
-            target_mean=target_mean,
-            target_std=target_std,
-        )
+        return Preprocessor(numeric, categorical, self.target.finish())

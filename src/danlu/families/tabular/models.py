@@ -1,17 +1,15 @@
-"""A multilayer perceptron for tabular data, with categorical embeddings or one-hot inputs."""
+"""Tabular models: an MLP with categorical embeddings or one-hot inputs, or the user's own module."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from danlu.config import ModelConfig
-
-if TYPE_CHECKING:
-    from danlu.models import ModelInputs
+from danlu.errors import DanluError
+from danlu.families.tabular.preprocess import Preprocessor
+from danlu.models.custom import build_custom
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 NORMALIZATIONS = {"none": None, "batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm}
@@ -68,11 +66,11 @@ class TabularMLP(nn.Module):
         return self.layers(torch.cat(parts, dim=1) if len(parts) > 1 else x_num)
 
 
-def build_mlp(config: ModelConfig, inputs: ModelInputs) -> TabularMLP:
+def build_mlp(config: ModelConfig, pre: Preprocessor) -> TabularMLP:
     return TabularMLP(
-        inputs.n_numeric,
-        inputs.cardinalities,
-        inputs.n_outputs,
+        pre.n_numeric_inputs,
+        pre.cardinalities,
+        pre.n_outputs,
         config.hidden,
         activation=config.activation,
         dropout=config.dropout,
@@ -80,3 +78,22 @@ def build_mlp(config: ModelConfig, inputs: ModelInputs) -> TabularMLP:
         categorical=config.categorical,
         embedding_dim=config.embedding_dim,
     )
+
+
+MODELS = {"mlp": build_mlp}
+
+
+def build_model(config: ModelConfig, pre: Preprocessor) -> nn.Module:
+    """The configured model, called as model(x_num) or, with categorical columns, model(x_num, x_cat).
+
+    A user's class (model.target) is built as Class(in_features, out_features[, cardinalities], **kwargs)."""
+    if config.target is not None:
+        inputs = {"in_features": pre.n_numeric_inputs, "out_features": pre.n_outputs}
+        if pre.categorical:
+            inputs["cardinalities"] = pre.cardinalities
+        return build_custom(config, **inputs)
+    if config.type not in MODELS:
+        raise DanluError(
+            f"model.type={config.type} is not a tabular model", f"use one of {', '.join(MODELS)}"
+        )
+    return MODELS[config.type](config, pre)

@@ -1,5 +1,5 @@
-"""Request and response models generated from a run's feature schema, so /docs shows the real features
-and every request is validated before it reaches the model."""
+"""Serving tabular runs: request models generated from the run's feature schema (so /docs shows the real
+features and every request is validated before it reaches the model), the warm-up row and the web form."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from danlu.data.preprocess import Preprocessor
+from danlu.families.tabular.preprocess import Preprocessor
 
 
 def record_model(pre: Preprocessor) -> type[BaseModel]:
@@ -69,7 +69,23 @@ def check_instances(pre: Preprocessor, rows: list[dict[str, Any]]) -> list[dict[
     return []
 
 
-class PredictResponse(BaseModel):
-    predictions: list[Any] = Field(description="class labels or values, in request order")
-    probabilities: list[list[float]] | None = Field(None, description="per row, in the order of 'classes'")
-    classes: list[Any] | None = None
+def request_items(pre: Preprocessor, body) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The request's rows as records, and the errors of rows given as arrays (empty when valid)."""
+    rows = body.rows()
+    return rows, (check_instances(pre, rows) if body.instances is not None else [])
+
+
+def features(pre: Preprocessor) -> list[dict[str, Any]]:
+    """The features as /v1/metadata and the web form describe them."""
+    return [{"name": c.name, "type": "numeric", "mean": c.mean} for c in pre.numeric] + [
+        {"name": c.name, "type": "categorical", "values": c.values} for c in pre.categorical
+    ]
+
+
+def warmup_items(pre: Preprocessor) -> list[dict[str, Any]]:
+    """One typical row: numeric means and each categorical's first value."""
+    return [{c.name: c.mean for c in pre.numeric} | {c.name: (c.values or [""])[0] for c in pre.categorical}]
+
+
+def description(pre: Preprocessor) -> str:
+    return f"features {', '.join(pre.features)}"

@@ -1,0 +1,61 @@
+"""Families: one seam for tabular, image and text data.
+
+A family is a package whose `__init__` offers the functions below; the trainer, checkpoints, DDP/Ray,
+report, Predictor, export verification, held-out records and the server call only these (plus the
+state's target side: `task`, `classes`, `n_outputs`, `decode`, `decode_target`, `labels`, `to_json`).
+"Items" are a family's raw rows in memory: a DataFrame (tabular, text) or decoded images.
+
+  NAME, STORED_ROWS                          its name; the file its held-out rows are stored in
+  detect(data_cfg) -> bool                   the source is this family's (for data.family: auto)
+  load(data_cfg, device, state=None) -> Dataset     fit preprocessing (unless given) and build the parts
+  state_from_json(text) -> state             the fitted preprocessing from preprocess.json
+  build_model(model_cfg, state) -> nn.Module called with a batch's inputs, positionally
+  read(spec, state, chunk_rows) -> Iterator[items]  a file (or folder) for evaluate and predict
+  as_items(state, data) -> items             what the Python API accepts (frames, paths, images, texts)
+  inputs(state, items) -> dict[str, Tensor]  model inputs (the Predictor, the server)
+  targets(state, items) -> np.ndarray        true class indices or values (evaluate, export checks)
+  output_frame(state, items, decoded) -> DataFrame   rows of a predictions file
+  store_rows(items) -> bytes | None, read_stored(path), select(source, indices) -> items   held-out rows
+  export_module(model, state), example_inputs(state), onnx_io(state), finish_onnx(proto, state),
+  feeds(state, items) -> dict[str, ndarray]  the exported graph's inputs, and how to feed it
+  request_model(state, max_rows), request_items(state, body), warmup_items(state), page_schema(state)
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import import_module
+from types import ModuleType
+
+from danlu.config import Config, DataConfig
+from danlu.errors import DanluError
+
+FAMILIES = {"tabular": "danlu.families.tabular"}
+
+
+def get(name: str) -> ModuleType:
+    if name not in FAMILIES:
+        raise DanluError(f"unknown data.family '{name}'", f"use one of auto, {', '.join(FAMILIES)}")
+    return import_module(FAMILIES[name])
+
+
+def name_for(data: DataConfig) -> str:
+    """data.family, or for auto the first family that claims the source."""
+    if data.family != "auto":
+        return data.family
+    for name in FAMILIES:
+        if name != "tabular" and get(name).detect(data):
+            return name
+    return "tabular"
+
+
+def resolve_family(config: Config) -> Config:
+    """The config with data.family resolved (auto -> the family that claims the source), as saved."""
+    data = config.data.model_copy(update={"family": name_for(config.data)})
+    return config.model_copy(update={"data": data})
+
+
+def state_from_json(text: str):
+    """(family, state) from a run's preprocess.json; runs written before families were tabular."""
+    family = get(json.loads(text).get("family", "tabular"))
+    return family, family.state_from_json(text)

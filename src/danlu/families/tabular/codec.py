@@ -1,0 +1,114 @@
+"""Tabular items (a DataFrame, or the server's list of validated records) to model inputs, targets and
+prediction files; and held-out rows stored as Parquet."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from danlu.data.sources import open_table, stream_frames
+from danlu.errors import DanluError
+from danlu.families.tabular.data import model_inputs
+from danlu.families.tabular.preprocess import Preprocessor
+
+log = logging.getLogger("danlu")
+READ_ROWS = 100_000
+
+
+def raw(pre: Preprocessor, items: pd.DataFrame | list[dict[str, Any]]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Numeric features as float64 with NaN for missing, and categorical ones as stripped strings."""
+    if isinstance(items, pd.DataFrame):
+        return pre.raw_inputs(items, np.float64)
+    return pre.raw_records(items)  # the server's path: no pandas per request
+
+
+def inputs(pre: Preprocessor, items) -> dict[str, torch.Tensor]:
+    return model_inputs(pre, *pre.transform_raw(*raw(pre, items)))
+
+
+def feeds(pre: Preprocessor, items) -> dict[str, np.ndarray]:
+    """The exported graph's inputs: raw numbers as float32 (NaN for missing) and one string array per
+    categorical feature, named after it."""
+    numeric, categorical = raw(pre, items)
+    return {
+        "numeric": numeric.astype(np.float32),
+        **{c.name: v for c, v in zip(pre.categorical, categorical, strict=True)},
+    }
+
+
+def targets(pre: Preprocessor, items: pd.DataFrame) -> np.ndarray:
+    if pre.target not in items.columns:
+        raise DanluError(
+            f"the data has no target column '{pre.target}'",
+            "evaluation needs true values; use `danlu predict` for unlabeled data",
+        )
+    return pre.decode_target(pre.encode_target(items[pre.target]))
+
+
+def count(items) -> int:
+    return len(items)
+
+
+def as_items(pre: Preprocessor, data: Any) -> pd.DataFrame:
+    """A DataFrame, a dict of columns, or a 2-D array (or one row) in feature order."""
+    if isinstance(data, pd.DataFrame):
+        return data
+    if isinstance(data, Mapping):
+        return pd.DataFrame(data)
+    array = np.asarray(data)
+    if array.ndim == 1:
+        array = array[None, :]
+    return pd.DataFrame(array, columns=pre.features)
+
+
+def read(spec: str, pre: Preprocessor, chunk_rows: int = READ_ROWS) -> Iterator[pd.DataFrame]:
+    """A CSV/Parquet/NPZ/NPY file's rows in order, a chunk at a time."""
+    return stream_frames(spec, chunk_rows)
+
+
+def output_frame(pre: Preprocessor, items: pd.DataFrame, decoded: np.ndarray) -> pd.DataFrame:
+    """The input rows in order with `prediction` (and `proba_<class>` columns) added."""
+    out = items.copy()
+    if pre.task == "classification":
+        out["prediction"] = pre.labels(decoded.argmax(axis=1))
+        for j, name in enumerate(pre.classes):
+            out[f"proba_{name}"] = decoded[:, j]
+    else:
+        out["prediction"] = decoded
+    return out
+
+
+def store_rows(items: pd.DataFrame) -> bytes | None:
+    """The rows as Parquet, or None when a column holds values Parquet cannot type (mixed objects)."""
+    import pyarrow as pa
+
+    buffer = io.BytesIO()
+    try:
+        items.reset_index(drop=True).to_parquet(buffer, index=False)
+    except (pa.ArrowException, TypeError, ValueError) as error:
+        log.debug("held-out rows not stored as Parquet: %s", error)
+        return None
+    return buffer.getvalue()
+
+
+def read_stored(path: Path) -> Iterator[pd.DataFrame]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_ROWS):
+        yield batch.to_pandas()
+
+
+def select(source, indices: np.ndarray) -> pd.DataFrame:
+    return source.read_all().iloc[indices]
+
+
+def reopen(spec: str, data_config, chunk_rows: int):
+    """The source a run recorded, opened again (its fingerprint is checked by the caller)."""
+    return open_table(spec, data_config.synthetic, chunk_rows)
