@@ -220,6 +220,22 @@ def predict_file(
     return write_predictions(predictor, predictor.family.read(str(data), predictor.state, chunk_rows), out)
 
 
+def plot_predictions(run_dir: str | Path, data: str | Path, out: str | Path) -> None:
+    """A PNG grid of DATA's first images with their predicted labels (image runs).
+
+    Raises:
+        DanluError: the run is not an image run.
+    """
+    predictor = Predictor.load(run_dir)
+    draw = getattr(predictor.family, "plot_predictions", None)
+    if draw is None:
+        raise DanluError(
+            f"--plot draws images; {run_dir} is a {predictor.family.NAME} run", "leave out --plot"
+        )
+    items = next(iter(predictor.family.read(str(data), predictor.state, 36)))
+    draw(predictor.state, items, predictor.decoded(items), Path(out))
+
+
 QUICKSTART = {
     # The tutorial workload: make_classification (100k rows, 10 features, 3 classes), a 10-20-3 MLP,
     # Adam at 1e-3, batch 1024, 101 epochs; danlu adds a validation split and the best checkpoint.

@@ -17,6 +17,7 @@ from danlu.errors import DanluError
 
 SCHEMA_VERSION = 1
 SYNTHETIC_PREFIX = "synthetic:"
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq", ".npy", ".jsonl")  # sources that need data.target
 
 CLASSIFICATION_MONITORS = ("val_loss", "val_accuracy", "val_f1_macro", "train_loss")
 REGRESSION_MONITORS = ("val_loss", "val_mae", "val_rmse", "val_r2", "train_loss")
@@ -46,9 +47,20 @@ class DataConfig(Section):
     train: str = Field(
         description="training data: CSV, Parquet, NPZ, NPY, or synthetic:classification|regression"
     )
-    family: Literal["auto", "tabular"] = Field(
-        "auto", description="kind of data: auto (from the source), tabular"
+    family: Literal["auto", "tabular", "image"] = Field(
+        "auto", description="kind of data: auto (from the source), tabular, image"
     )
+    image: str | None = Field(None, description="image family: the column of image paths in a CSV/Parquet")
+    image_size: int | list[int] | None = Field(
+        None, description="image family: resize to SIZE or [height, width]; default the images' own size"
+    )
+    color: Literal["auto", "grayscale", "rgb"] = Field(
+        "auto", description="image family: channels; auto: grayscale when every training image is"
+    )
+    augment: Literal["none", "light", "standard"] = Field(
+        "none", description="image family: light: random shifts (padded crops); standard: also flips"
+    )
+    skip_bad_images: bool = Field(False, description="image family: skip unreadable images (counted)")
     validation: str | None = Field(None, description="validation file; default: split from train")
     test: str | None = Field(None, description="test file; default: split from train")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="validation split when no validation file")
@@ -70,8 +82,15 @@ class DataConfig(Section):
     def _check(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("data.val_fraction + data.test_fraction must be below 1")
-        if self.target is None and not self.train.startswith(SYNTHETIC_PREFIX):
+        needs_target = Path(self.train).suffix.lower() in TABLE_SUFFIXES
+        if self.target is None and needs_target:
             raise ValueError("data.target is required: name the column to predict, e.g. data.target=label")
+        size = self.image_size
+        if size is not None and (
+            (isinstance(size, int) and size < 1)
+            or (isinstance(size, list) and (len(size) != 2 or min(size) < 1))
+        ):
+            raise ValueError("data.image_size must be a positive size or [height, width]")
         if self.train.startswith(SYNTHETIC_PREFIX):
             kind = self.train[len(SYNTHETIC_PREFIX) :]
             if kind not in ("classification", "regression"):
@@ -85,10 +104,19 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    type: Literal["mlp"] = Field("mlp", description="built-in architecture")
-    hidden: list[int] = Field(default_factory=lambda: [256, 256], description="hidden layer sizes")
+    type: Literal["auto", "mlp", "cnn", "resnet"] = Field(
+        "auto", description="built-in architecture; auto: mlp (tabular), cnn (image)"
+    )
+    hidden: list[int] | None = Field(
+        None, description="hidden layer sizes; default [256, 256] (mlp), [128] (cnn)"
+    )
+    channels: list[int] | None = Field(
+        None, description="image family: conv widths; default [32, 64] (cnn), [32, 64, 128] (resnet)"
+    )
     activation: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="hidden activation")
-    dropout: float = Field(0.1, ge=0, lt=1, description="dropout after each hidden layer")
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="dropout; default 0.1 (mlp), 0.25 and 0.5 (cnn), 0 (resnet)"
+    )
     normalization: Literal["none", "batchnorm", "layernorm"] = Field(
         "none", description="normalization after each hidden linear layer"
     )
@@ -97,12 +125,12 @@ class ModelConfig(Section):
     target: str | None = Field(None, description='your own nn.Module: "package.module:ClassName"')
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for target")
 
-    @field_validator("hidden")
+    @field_validator("hidden", "channels")
     @classmethod
-    def _positive(cls, hidden: list[int]) -> list[int]:
-        if any(h < 1 for h in hidden):
-            raise ValueError("hidden sizes must be positive integers")
-        return hidden
+    def _positive(cls, sizes: list[int] | None) -> list[int] | None:
+        if sizes is not None and any(h < 1 for h in sizes):
+            raise ValueError("sizes must be positive integers")
+        return sizes
 
     @field_validator("target")
     @classmethod
@@ -115,11 +143,14 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(200, ge=1, description="maximum epochs")
     batch_size: int | Literal["auto"] = Field("auto", description="rows per step; auto: from data size")
-    optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="optimizer")
+    optimizer: Literal["adam", "adamw", "sgd", "adadelta"] = Field("adamw", description="optimizer")
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     weight_decay: float = Field(1e-4, ge=0, description="weight decay")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum (sgd)")
-    schedule: Literal["none", "cosine", "onecycle"] = Field("cosine", description="learning-rate schedule")
+    schedule: Literal["none", "cosine", "onecycle", "step"] = Field(
+        "cosine", description="learning-rate schedule; step: times step_gamma after every epoch"
+    )
+    step_gamma: float = Field(0.7, gt=0, le=1, description="schedule step: the factor per epoch")
     patience: int = Field(20, ge=0, description="early stopping: evaluations without improvement; 0 = off")
     monitor: str = Field("val_loss", description="metric for early stopping and the best checkpoint")
     restore_best: bool = Field(True, description="end with the best weights, not the last")

@@ -6,7 +6,8 @@ runs/NAME/
   preprocess.json    fitted preprocessing (JSON, never pickle)
   model.safetensors  inference weights
   heldout.json       which rows were held out, and fingerprints of the data files
-  heldout.parquet    the held-out rows themselves, when small (else heldout.npy: their row numbers)
+  heldout.parquet    the held-out rows themselves, when small (images: heldout.npz; else heldout.npy:
+                     their row numbers)
   checkpoints/       last.pt, best.pt (full training state)
   metrics.jsonl      one JSON line per epoch
   report.json        written last: a run is complete only when it exists
@@ -45,11 +46,12 @@ EXPORT = "export"
 HELDOUT = "heldout.json"
 HELDOUT_ROWS = "heldout.parquet"
 HELDOUT_INDEX = "heldout.npy"
+HELDOUT_IMAGES = "heldout.npz"
 PREDICTIONS = "predictions.csv"  # written by `danlu quickstart`
 # Every name danlu writes at the top of a run directory: only these are ever deleted from one.
 RUN_ENTRIES = frozenset(
     {CONFIG, PREPROCESS, WEIGHTS, CHECKPOINTS, METRICS, REPORT, PLOTS, EXPORT, HELDOUT, HELDOUT_ROWS}
-    | {HELDOUT_INDEX, PREDICTIONS}
+    | {HELDOUT_INDEX, HELDOUT_IMAGES, PREDICTIONS}
 )
 
 

@@ -68,3 +68,48 @@ def test_form_predicts_with_probability_bars(tmp_path, browser):
         )
     finally:
         server.stop()
+
+
+def test_an_image_run_gets_an_upload_field_and_a_drawing_canvas(tmp_path, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    import danlu
+    from tests.images import CLASSES, image_folder, shapes
+
+    folder = image_folder(tmp_path / "shapes", n=90)
+    overrides = [f"data.train={folder}", "train.epochs=3", "model.channels=[8,16]", "model.hidden=[32]"]
+    run = danlu.train(None, overrides, out=tmp_path / "run", progress=False)
+    server = Server(run.path)
+    try:
+        browser.get(server.url + "/")
+        upload = browser.find_element(By.ID, "image-file")
+        from PIL import Image
+
+        images, _ = shapes(1, seed=2)
+        Image.fromarray(images[0]).save(tmp_path / "one.png")
+        upload.send_keys(str(tmp_path / "one.png"))
+        browser.find_element(By.ID, "predict").click()
+        shown = (
+            WebDriverWait(browser, 20).until(ready.presence_of_element_located((By.ID, "prediction"))).text
+        )
+        expected = danlu.load(run.path).predict(str(tmp_path / "one.png"))[0]
+        assert shown == f"Prediction: {expected}"
+        assert [
+            r.get_attribute("data-class") for r in browser.find_elements(By.CSS_SELECTOR, ".bar-row")
+        ] == list(CLASSES)
+
+        browser.get(server.url + "/")  # a fresh page: draw instead of uploading
+        canvas = browser.find_element(By.ID, "draw")
+        ActionChains(browser).move_to_element_with_offset(canvas, -100, 0).click_and_hold().move_by_offset(
+            200, 0
+        ).release().perform()
+        browser.find_element(By.ID, "predict").click()
+        shown = (
+            WebDriverWait(browser, 20).until(ready.presence_of_element_located((By.ID, "prediction"))).text
+        )
+        assert shown.removeprefix("Prediction: ") in CLASSES
+    finally:
+        server.stop()

@@ -13,6 +13,19 @@ def test_schedules():
     assert lr_at(100, 100, onecycle) == pytest.approx(1e-4)
 
 
+def test_step_schedule_matches_torchs_steplr_per_epoch():
+    import torch
+
+    step = TrainConfig(schedule="step", lr=1.0, step_gamma=0.7, epochs=4)  # 4 epochs of 25 steps
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+    for epoch in range(4):
+        for s in range(epoch * 25, epoch * 25 + 25):
+            assert lr_at(s, 100, step) == pytest.approx(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+
+
 def test_auto_batch_size():
     assert auto_batch_size(100) == 32
     assert auto_batch_size(8_000) == 128

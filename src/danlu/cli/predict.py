@@ -11,7 +11,12 @@ def add_predict(sub) -> None:
         "columns for classification); other columns pass through. Streams in chunks.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("data", metavar="DATA", help="CSV/Parquet/NPZ/NPY with the feature columns")
+    p.add_argument(
+        "data",
+        metavar="DATA",
+        help="tables: CSV/Parquet/NPZ/NPY with the feature columns; images: a folder, one image, a CSV of "
+        "paths (the run's data.image column), IDX or NPZ",
+    )
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output .csv or .parquet")
     p.add_argument("--chunk-rows", type=int, default=100_000, help="rows per chunk (default 100000)")
     p.add_argument(
@@ -19,6 +24,9 @@ def add_predict(sub) -> None:
         choices=["torch", "onnx"],
         default="torch",
         help="torch (default), or onnx: the run's export/model.onnx on ONNX Runtime",
+    )
+    p.add_argument(
+        "--plot", metavar="PNG", help="images: also draw the first 36 inputs with their predicted labels"
     )
     p.set_defaults(run=run_predict)
 
@@ -31,4 +39,9 @@ def run_predict(args) -> int:
 
     rows = predict_file(args.run_dir, args.data, args.output, args.chunk_rows, args.engine)
     print(f"wrote {rows} predictions to {args.output}")
+    if args.plot:
+        from danlu.api import plot_predictions
+
+        plot_predictions(args.run_dir, args.data, args.plot)
+        print(f"drew the first predictions in {args.plot}")
     return 0

@@ -112,7 +112,7 @@ def items(run: RunDir, family: ModuleType, state: Any) -> tuple[str, Iterator[An
     source = check_source(run, family, record["source"])
     if kind == "indices":
         index = np.load(run.path / HELDOUT_INDEX, allow_pickle=False)
-        return split, iter([family.select(source, index)])
+        return split, iter([family.select(source, index, state)])
     if kind == "chunks":
         return split, family.plan_frames(source, record["plan"])
     return split, family.read(record["source"], state)

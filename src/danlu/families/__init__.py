@@ -5,7 +5,7 @@ report, Predictor, export verification, held-out records and the server call onl
 state's target side: `task`, `classes`, `n_outputs`, `decode`, `decode_target`, `labels`, `to_json`).
 "Items" are a family's raw rows in memory: a DataFrame (tabular, text) or decoded images.
 
-  NAME, STORED_ROWS                          its name; the file its held-out rows are stored in
+  NAME, STORED_ROWS, MODEL_DEFAULTS          its name; its held-out rows' file; model.* defaults
   detect(data_cfg) -> bool                   the source is this family's (for data.family: auto)
   load(data_cfg, device, state=None) -> Dataset     fit preprocessing (unless given) and build the parts
   state_from_json(text) -> state             the fitted preprocessing from preprocess.json
@@ -30,7 +30,7 @@ from types import ModuleType
 from danlu.config import Config, DataConfig
 from danlu.errors import DanluError
 
-FAMILIES = {"tabular": "danlu.families.tabular"}
+FAMILIES = {"tabular": "danlu.families.tabular", "image": "danlu.families.image"}
 
 
 def get(name: str) -> ModuleType:
@@ -50,9 +50,17 @@ def name_for(data: DataConfig) -> str:
 
 
 def resolve_family(config: Config) -> Config:
-    """The config with data.family resolved (auto -> the family that claims the source), as saved."""
-    data = config.data.model_copy(update={"family": name_for(config.data)})
-    return config.model_copy(update={"data": data})
+    """The config as saved: data.family resolved (auto -> the family that claims the source) and the
+    family's model defaults filled in where the config left them unset."""
+    name = name_for(config.data)
+    defaults = get(name).MODEL_DEFAULTS
+    unset = {k: v for k, v in defaults.items() if getattr(config.model, k) in (None, "auto")}
+    return config.model_copy(
+        update={
+            "data": config.data.model_copy(update={"family": name}),
+            "model": config.model.model_copy(update=unset),
+        }
+    )
 
 
 def state_from_json(text: str):

@@ -53,6 +53,9 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
         if state.task == "classification":
             report["test_details"] = {k: metrics[k] for k in ("per_class", "confusion_matrix")}
         write_plots(run, stream, metrics)
+        family_plots = getattr(s.family, "report_plots", None)
+        if family_plots is not None:  # e.g. the misclassified images of the image family
+            family_plots(run, s.bare_model, held_out, state, s.device)
         log.debug(
             "%s metrics: %s",
             split_name,

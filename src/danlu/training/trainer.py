@@ -77,8 +77,12 @@ def auto_batch_size(n_rows: int) -> int:
 
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
-    """Learning rate for a step: constant, cosine decay, or one-cycle (30% warm-up, cosine down)."""
+    """Learning rate for a step: constant, cosine decay, one-cycle (30% warm-up, cosine down), or step
+    (times step_gamma after every epoch, as torch's StepLR(step_size=1))."""
     progress = min(step / max(total_steps, 1), 1.0)
+    if config.schedule == "step":
+        epoch = min(int(step * config.epochs // max(total_steps, 1)), config.epochs - 1)
+        return config.lr * config.step_gamma**epoch
     if config.schedule == "cosine":
         return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
     if config.schedule == "onecycle":
@@ -93,6 +97,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     # otherwise a large share of the step time.
     params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    if config.optimizer == "adadelta":
+        return torch.optim.Adadelta(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=fused

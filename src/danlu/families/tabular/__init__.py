@@ -19,6 +19,7 @@ from danlu.families.tabular.codec import (
 )
 from danlu.families.tabular.data import load, plan_frames
 from danlu.families.tabular.export import TabularExport as exporter
+from danlu.families.tabular.models import DEFAULTS as MODEL_DEFAULTS
 from danlu.families.tabular.models import build_model
 from danlu.families.tabular.preprocess import Preprocessor
 from danlu.families.tabular.serve import description, features, request_items, request_model, warmup_items
@@ -41,6 +42,7 @@ def page_schema(pre: Preprocessor) -> dict:
 
 
 __all__ = [
+    "MODEL_DEFAULTS",
     "NAME",
     "STORED_ROWS",
     "as_items",

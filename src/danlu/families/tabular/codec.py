@@ -105,7 +105,7 @@ def read_stored(path: Path) -> Iterator[pd.DataFrame]:
         yield batch.to_pandas()
 
 
-def select(source, indices: np.ndarray) -> pd.DataFrame:
+def select(source, indices: np.ndarray, pre: Preprocessor) -> pd.DataFrame:
     return source.read_all().iloc[indices]
 
 

@@ -66,14 +66,17 @@ class TabularMLP(nn.Module):
         return self.layers(torch.cat(parts, dim=1) if len(parts) > 1 else x_num)
 
 
+DEFAULTS = {"type": "mlp", "hidden": [256, 256], "dropout": 0.1}
+
+
 def build_mlp(config: ModelConfig, pre: Preprocessor) -> TabularMLP:
     return TabularMLP(
         pre.n_numeric_inputs,
         pre.cardinalities,
         pre.n_outputs,
-        config.hidden,
+        config.hidden if config.hidden is not None else DEFAULTS["hidden"],
         activation=config.activation,
-        dropout=config.dropout,
+        dropout=config.dropout if config.dropout is not None else DEFAULTS["dropout"],
         normalization=config.normalization,
         categorical=config.categorical,
         embedding_dim=config.embedding_dim,
@@ -92,6 +95,8 @@ def build_model(config: ModelConfig, pre: Preprocessor) -> nn.Module:
         if pre.categorical:
             inputs["cardinalities"] = pre.cardinalities
         return build_custom(config, **inputs)
+    if config.type == "auto":
+        config = config.model_copy(update={"type": "mlp"})
     if config.type not in MODELS:
         raise DanluError(
             f"model.type={config.type} is not a tabular model", f"use one of {', '.join(MODELS)}"

@@ -58,6 +58,11 @@ def infer_schema(sample: pd.DataFrame, config: DataConfig) -> Schema:
     """Infer features and task from a sample of the training data (the whole frame, or its first chunk)."""
     columns = [str(c) for c in sample.columns]
     target = config.target
+    if target is None:
+        raise DanluError(
+            "data.target is required: name the column to predict, e.g. data.target=label",
+            f"columns: {', '.join(columns[:20])}",
+        )
     if target not in columns:
         raise _missing_columns_error([target], columns, "target column")
     features = config.features if config.features is not None else [c for c in columns if c != target]

@@ -1,0 +1,188 @@
+"""Image data: open the source, split it, fit the state (size, channels, pixel mean/std, classes) on the
+training images, decode every image once into a uint8 tensor, and augment whole batches with tensor ops
+(no per-sample PIL transforms in a DataLoader)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from danlu.config import DataConfig
+from danlu.data.batches import Batch, TensorPart
+from danlu.data.dataset import Dataset, HeldOut
+from danlu.data.split import memory_budget, split_indices
+from danlu.errors import DanluError
+from danlu.families.image.codec import ImageItems, decode_items, to_nchw
+from danlu.families.image.decode import open_image
+from danlu.families.image.sources import ImageSource, open_source
+from danlu.families.image.state import ImageState
+from danlu.families.target import TargetFitter
+
+log = logging.getLogger("danlu")
+VERIFY_SAMPLE = 256  # training images kept for export verification when a run holds none out
+
+
+def _configured_size(config: DataConfig) -> tuple[int, int] | None:
+    size = config.image_size
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+def _shape_of(source: ImageSource, i: int, skip_bad: bool) -> tuple[int, int, str] | None:
+    """(height, width, mode) of one image, reading only its header for files."""
+    if source.arrays is not None:
+        array = source.arrays[i]
+        return array.shape[0], array.shape[1], "L" if array.ndim == 2 or array.shape[2] == 1 else "RGB"
+    try:
+        image = open_image(source.paths[i], f"'{source.paths[i]}'")
+    except DanluError:
+        if skip_bad:
+            return None
+        raise
+    return image.height, image.width, image.mode
+
+
+def _fit_geometry(
+    source: ImageSource, indices: np.ndarray, config: DataConfig
+) -> tuple[tuple[int, int], int]:
+    """The model's (height, width) and channels from the images and the config."""
+    shapes = [s for s in (_shape_of(source, i, config.skip_bad_images) for i in indices) if s is not None]
+    if not shapes:
+        raise DanluError(f"'{source.name}' has no readable images", "check the images")
+    size = _configured_size(config)
+    if size is None:
+        sizes = {(h, w) for h, w, _ in shapes}
+        if len(sizes) > 1:
+            shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:4])
+            raise DanluError(
+                f"the images have {len(sizes)} different sizes ({shown}, ...)",
+                "set data.image_size, e.g. data.image_size=64 or data.image_size=[48,64] (height, width)",
+            )
+        size = sizes.pop()
+    if config.color != "auto":
+        channels = 1 if config.color == "grayscale" else 3
+    else:
+        channels = 1 if all(mode in ("L", "1", "I", "I;16", "F") for _, _, mode in shapes) else 3
+    return size, channels
+
+
+def _pixel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images [n, h, w, c] in [0, 1], in chunks of float64."""
+    c = images.shape[3]
+    total, total_sq, n = np.zeros(c), np.zeros(c), 0
+    for start in range(0, len(images), 4096):
+        chunk = images[start : start + 4096].reshape(-1, c).astype(np.float64) / 255.0
+        total += chunk.sum(axis=0)
+        total_sq += np.square(chunk).sum(axis=0)
+        n += len(chunk)
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))  # pixels in [0, 1]: no cancellation to fear
+    return mean.tolist(), np.where(std > 1e-6, std, 1.0).tolist()
+
+
+def augmenter(kind: str, size: tuple[int, int]) -> Callable[[Batch, torch.Generator], Batch] | None:
+    """light: random crops of the image padded by an eighth of its size (shifts); standard: also
+    horizontal flips. Drawn from the epoch's generator, so a resumed run replays them exactly."""
+    if kind == "none":
+        return None
+    pad = max(1, min(size) // 8)
+
+    def augment(batch: Batch, generator: torch.Generator) -> Batch:
+        images = batch.inputs["images"]
+        n, _, h, w = images.shape
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
+        padded = F.pad(images, (pad, pad, pad, pad))
+        rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        index = torch.arange(n, device=images.device)[:, None, None, None]
+        channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+        out = padded[index, channel, rows, cols]
+        if kind == "standard":
+            flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+            out = torch.where(flip[:, None, None, None], out.flip(3), out)
+        return Batch({"images": out}, batch.target)
+
+    return augment
+
+
+def _part(items: ImageItems, state: ImageState, device, augment=None) -> TensorPart:
+    target = torch.from_numpy(state.encode_target(items.labels))
+    return TensorPart(Batch({"images": to_nchw(items.images)}, target), augment).to(device)
+
+
+def _separate(spec: str | None, config: DataConfig, state: ImageState, name: str, device):
+    if spec is None:
+        return None, None
+    source = open_source(spec, config.image, config.target)
+    if source.labels is None:
+        raise DanluError(f"'{spec}' has no labels", "give validation/test images their labels")
+    items, kept = decode_items(source, np.arange(len(source)), state, config.skip_bad_images)
+    return _part(items, state, device), HeldOut(name, source, items, kept)
+
+
+def load(config: DataConfig, device: torch.device, state: ImageState | None = None) -> Dataset:
+    """Split the source, fit the state on the training images (unless given), decode every image once."""
+    source = open_source(config.train, config.image, config.target)
+    if source.labels is None:
+        raise DanluError(
+            f"'{config.train}' has no labels",
+            "use one subfolder per class, a CSV with data.target, or IDX/NPZ files with labels",
+        )
+    task = "regression" if config.task == "regression" else "classification"
+    labels = source.labels
+    by_class = labels if task == "classification" else None
+    train_idx, val_idx, test_idx = split_indices(len(source), by_class, config)
+    fitting = state is None
+    if fitting:
+        # every image of the source must agree on its size (or data.image_size says what to resize to)
+        size, channels = _fit_geometry(source, np.arange(len(source)), config)
+        fitter = TargetFitter(task, config.target or "label")
+        fitter.update(labels.iloc[train_idx].reset_index(drop=True))
+        state = ImageState(*size, channels, [0.0] * channels, [1.0] * channels, fitter.finish(), config.image)
+    needed = len(source) * state.height * state.width * state.channels
+    if needed > memory_budget(config):
+        raise DanluError(
+            f"the decoded images take {needed / 2**30:.1f} GiB, over the memory budget",
+            "raise data.memory_budget_gb, or lower data.image_size",
+        )
+    train, train_kept = decode_items(source, train_idx, state, config.skip_bad_images)
+    if not len(train_kept):
+        raise DanluError(f"'{config.train}' has no readable training images", "check the images")
+    if fitting:
+        state.mean, state.std = _pixel_stats(train.images)
+    skipped = len(train_idx) - len(train_kept)
+    val, val_kept = decode_items(source, val_idx, state, config.skip_bad_images)
+    test, test_kept = decode_items(source, test_idx, state, config.skip_bad_images)
+    skipped += len(val_idx) - len(val_kept) + len(test_idx) - len(test_kept)
+    if skipped:
+        log.warning("skipped %d unreadable images (data.skip_bad_images)", skipped)
+
+    def own(items: ImageItems, kept: np.ndarray, name: str):
+        return (
+            (_part(items, state, device), HeldOut(name, source, items, kept)) if len(kept) else (None, None)
+        )
+
+    validation, held_val = own(val, val_kept, "validation")
+    if validation is None:
+        validation, held_val = _separate(config.validation, config, state, "validation", device)
+    test_part, held_test = own(test, test_kept, "test")
+    if test_part is None:
+        test_part, held_test = _separate(config.test, config, state, "test", device)
+    sample = ImageItems(
+        train.images[:VERIFY_SAMPLE], train.names[:VERIFY_SAMPLE], train.labels.iloc[:VERIFY_SAMPLE]
+    )
+    return Dataset(
+        state,
+        train=_part(train, state, device, augmenter(config.augment, state.size)),
+        validation=validation,
+        test=test_part,
+        in_memory=True,
+        source=source,
+        held_out=held_test or held_val or HeldOut("none", source, sample, train_kept[:VERIFY_SAMPLE]),
+    )

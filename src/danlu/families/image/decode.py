@@ -1,0 +1,82 @@
+"""Decoding images with Pillow into uint8 arrays [h, w, c] of the model's size and channels.
+
+Pillow's decompression-bomb limit stays on; a file that is not an image, is truncated, or is too large is
+a DanluError naming it (or, in training with data.skip_bad_images, skipped and counted)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from danlu.errors import DanluError
+
+MAX_PIXELS = 64 * 1024 * 1024  # an image larger than this is refused (Pillow warns at 89M, fails at 179M)
+
+
+def _pil():
+    from PIL import Image
+
+    return Image
+
+
+def _from_pil(image, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
+    if channels is not None:
+        image = image.convert("L" if channels == 1 else "RGB")
+    elif image.mode not in ("L", "RGB"):
+        image = image.convert("RGB" if image.mode in ("RGBA", "P", "CMYK", "YCbCr", "LA") else "L")
+    if size is not None and (image.height, image.width) != size:
+        image = image.resize((size[1], size[0]), _pil().Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def open_image(source: str | Path | bytes, name: str):
+    """A Pillow image, fully loaded; raises DanluError for anything that is not a readable, sane image."""
+    Image = _pil()
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        if image.width * image.height > MAX_PIXELS:
+            raise DanluError(
+                f"{name} has {image.width}x{image.height} pixels, over the limit of {MAX_PIXELS}",
+                "send a smaller image",
+            )
+        image.load()
+    except Image.DecompressionBombError:
+        raise DanluError(f"{name} is a decompression bomb (too many pixels)", "send a real image") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's ways of saying "not an image / truncated"
+        raise DanluError(f"{name} is not a readable image ({exc})", "check or remove that file") from None
+    return image
+
+
+def decode(source: str | Path | bytes, size: tuple[int, int] | None, channels: int | None, name: str):
+    return _from_pil(open_image(source, name), size, channels)
+
+
+def to_array(data: Any, size: tuple[int, int], channels: int) -> np.ndarray:
+    """One image from what the Python API accepts: a path, bytes, a PIL image or a uint8 array
+    ([h, w] or [h, w, c]), as uint8 [h, w, c] at the model's size and channels."""
+    if isinstance(data, (str, Path)):
+        return decode(data, size, channels, f"'{data}'")
+    if isinstance(data, bytes):
+        return decode(data, size, channels, "the image")
+    if hasattr(data, "convert") and hasattr(data, "resize"):  # a PIL image
+        return _from_pil(data, size, channels)
+    array = np.asarray(data)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise DanluError(
+            f"an image array must be uint8 [h, w] or [h, w, c], got {array.dtype} {array.shape}",
+            "pass uint8 pixels, a PIL image or a file path",
+        )
+    if array.ndim == 3 and array.shape[2] not in (1, 3, 4):
+        raise DanluError(
+            f"an image array has {array.shape[2]} channels", "pass 1 (gray), 3 (RGB) or 4 (RGBA)"
+        )
+    if array.ndim == 2:
+        mode = "L"
+    else:
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[2]]
+        array = array[:, :, 0] if mode == "L" else array
+    return _from_pil(_pil().fromarray(array, mode), size, channels)

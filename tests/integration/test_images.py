@@ -1,0 +1,171 @@
+"""The image family end to end in-process: every source kind, training a CNN and a ResNet, evaluate,
+predict from paths, arrays and PIL images, the held-out images in the run, export, and exact resume."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import danlu
+from danlu.data.batches import Batch, shuffle_generator
+from danlu.errors import DanluError
+from danlu.families.image.data import augmenter
+from tests.images import CLASSES, csv_of_paths, idx_files, image_folder, npz_file, shapes
+
+FAST = [
+    "train.epochs=6",
+    "train.batch_size=16",
+    "train.lr=3e-3",
+    "model.channels=[8,16]",
+    "model.hidden=[32]",
+]
+
+
+def fit(out, train, *overrides):
+    return danlu.train(None, [f"data.train={train}", *FAST, *overrides], out=out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    return fit(root / "run", image_folder(root / "shapes", n=150))
+
+
+def test_an_image_folder_trains_a_cnn_and_learns(folder_run):
+    report = folder_run.report
+    assert report["family"] == "image" and report["classes"] == list(CLASSES)
+    assert report["test"]["accuracy"] > 0.8  # three shapes; guessing gives 1/3
+    state = json.loads((folder_run.path / "preprocess.json").read_text())
+    assert (state["height"], state["width"], state["channels"]) == (12, 12, 1)
+    assert 0 < state["mean"][0] < 1 and state["std"][0] > 0
+    assert (folder_run.path / "heldout.npz").is_file()
+    assert (folder_run.path / "plots" / "misclassified.png").is_file()
+    assert danlu.evaluate(folder_run.path)["accuracy"] == pytest.approx(report["test"]["accuracy"])
+
+
+def test_the_predictor_takes_paths_arrays_and_pil_images(folder_run, tmp_path):
+    from PIL import Image
+
+    predictor = danlu.load(folder_run.path)
+    images, labels = shapes(12, seed=5)
+    by_array = predictor.predict(images)
+    assert by_array.shape == (12,) and set(by_array) <= set(CLASSES)
+    assert np.mean(by_array == np.array(CLASSES)[labels]) > 0.7
+    Image.fromarray(images[0]).save(tmp_path / "one.png")
+    assert predictor.predict(str(tmp_path / "one.png"))[0] == by_array[0]
+    assert predictor.predict(Image.fromarray(images[1]).convert("RGB"))[0] == by_array[1]
+    big = Image.fromarray(images[2]).resize((48, 48))  # resized to the model's 12x12
+    assert predictor.predict_proba(big).shape == (1, 3)
+    with pytest.raises(DanluError, match="is not a readable image"):
+        (tmp_path / "fake.png").write_text("not a picture")
+        predictor.predict(str(tmp_path / "fake.png"))
+
+
+@pytest.mark.parametrize("kind", ["idx", "npz", "csv"])
+def test_every_source_kind_trains(tmp_path, kind):
+    if kind == "idx":
+        train, extra = idx_files(tmp_path / "mnist"), []
+    elif kind == "npz":
+        train, extra = npz_file(tmp_path / "shapes.npz"), []
+    else:
+        train, extra = csv_of_paths(tmp_path), ["data.image=file", "data.target=shape"]
+    run = fit(tmp_path / "run", train, "train.epochs=2", *extra)
+    assert run.report["family"] == "image" and run.report["rows"]["train"] == 63
+    assert danlu.evaluate(run.path)["accuracy"] == pytest.approx(run.report["test"]["accuracy"])
+
+
+def test_a_resnet_and_augmentation_train(tmp_path):
+    run = fit(
+        tmp_path / "run", image_folder(tmp_path / "f", n=60), "model.type=resnet", "data.augment=standard"
+    )
+    assert run.report["test"]["accuracy"] is not None
+    assert any(k.startswith("net.") for k in load_file(run.path / "model.safetensors"))
+
+
+def test_augmentation_keeps_shapes_and_replays_from_the_epoch_seed():
+    images = torch.arange(2 * 1 * 8 * 8, dtype=torch.uint8).reshape(2, 1, 8, 8)
+    batch = Batch({"images": images}, torch.zeros(2))
+    augment = augmenter("standard", (8, 8))
+    a = augment(batch, shuffle_generator(0, 3)).inputs["images"]
+    b = augment(batch, shuffle_generator(0, 3)).inputs["images"]
+    c = augment(batch, shuffle_generator(0, 4)).inputs["images"]
+    assert a.shape == images.shape and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_mixed_sizes_need_an_image_size(tmp_path):
+    from PIL import Image
+
+    root = image_folder(tmp_path / "f", n=30)
+    Image.new("L", (20, 16)).save(root / "bar" / "odd.png")
+    with pytest.raises(DanluError, match="different sizes"):
+        fit(tmp_path / "run", root)
+    run = fit(tmp_path / "run2", root, "data.image_size=10", "train.epochs=1")
+    assert json.loads((run.path / "preprocess.json").read_text())["height"] == 10
+
+
+def test_bad_images_are_named_or_skipped(tmp_path):
+    root = image_folder(tmp_path / "f", n=30)
+    (root / "bar" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DanluError, match=r"broken\.png.* is not a readable image"):
+        fit(tmp_path / "run", root)
+    run = fit(tmp_path / "run2", root, "data.skip_bad_images=true", "train.epochs=1")
+    assert sum(run.report["rows"].values()) == 30
+
+
+def test_one_class_is_an_error(tmp_path):
+    root = image_folder(tmp_path / "f", n=30)
+    for name in ("column", "diagonal"):
+        for file in (root / name).iterdir():
+            file.unlink()
+        (root / name).rmdir()
+    with pytest.raises(DanluError, match="single class"):
+        fit(tmp_path / "run", root)
+
+
+def test_predict_file_writes_paths_predictions_and_probabilities(folder_run, tmp_path):
+    from danlu.api import predict_file
+
+    folder = image_folder(tmp_path / "new", n=9, seed=3)
+    rows = predict_file(folder_run.path, folder, tmp_path / "p.csv")
+    out = pd.read_csv(tmp_path / "p.csv")
+    assert rows == 9 and list(out.columns) == ["path", "prediction", *(f"proba_{c}" for c in CLASSES)]
+    assert np.allclose(out[[f"proba_{c}" for c in CLASSES]].sum(axis=1), 1, atol=1e-5)
+
+
+def test_onnx_export_takes_uint8_pixels_and_is_verified(folder_run):
+    import onnxruntime as ort
+
+    from danlu.export import export_run
+
+    result = export_run(folder_run.path, "onnx")
+    assert result["max_abs_diff"] <= 1e-4 and result["rows"] == folder_run.report["rows"]["test"]
+    session = ort.InferenceSession(result["path"])
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    images, _ = shapes(4, seed=9)
+    (proba,) = session.run(None, {"images": images[:, None]})
+    assert np.allclose(proba, danlu.load(folder_run.path).predict_proba(images), atol=1e-4)
+
+
+def test_resume_after_a_stop_gives_identical_weights(tmp_path, monkeypatch):
+    from danlu.training import trainer
+
+    data = image_folder(tmp_path / "f", n=60)
+    full = fit(tmp_path / "full", data, "model.dropout=0.3", "data.augment=light")
+    original = trainer.train_epoch
+
+    def stop_in_epoch_4(s, tc, task, epoch):
+        if epoch == 4:
+            raise KeyboardInterrupt
+        return original(s, tc, task, epoch)
+
+    monkeypatch.setattr(trainer, "train_epoch", stop_in_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "stopped", data, "model.dropout=0.3", "data.augment=light")
+    monkeypatch.setattr(trainer, "train_epoch", original)
+    resumed = danlu.train(resume=tmp_path / "stopped", progress=False)
+    a, b = load_file(full.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
