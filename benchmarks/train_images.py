@@ -7,7 +7,8 @@ ImageFolder layout, 80% train / 20% test (no download needed).
   tutorial            a Dataset that opens each PNG per sample (ToTensor + Normalize), DataLoader batch 64,
                       the examples/mnist Net, Adadelta lr 1.0, StepLR gamma 0.7, EPOCHS epochs
   tutorial preloaded  the same, with every image decoded once into tensors (the usual first fix)
-  danlu same recipe   danlu train with the same network, optimizer, schedule, batch and epochs
+  danlu same recipe   danlu train with the same network, optimizer, schedule, batch and epochs, in fp32
+                      and with its image default precision (bf16 autocast where the CPU supports it)
   danlu defaults      danlu's own defaults for model.type=cnn at a third of the epochs (time to accuracy)
 
 Run: python benchmarks/train_images.py [--epochs 8]
@@ -143,11 +144,19 @@ def main() -> None:
             "train.step_gamma=0.7",
             "train.patience=0",
         ]
-        quick = [f"train.epochs={max(1, args.epochs // 3)}"]
+        quick = [f"train.epochs={max(1, round(args.epochs / 3))}"]
+        fp32 = "train.precision=fp32"
         rows = [
             ("tutorial (per-sample Dataset)", *tutorial(train_root, test_root, args.epochs, preloaded=False)),
             ("tutorial, preloaded tensors", *tutorial(train_root, test_root, args.epochs, preloaded=True)),
-            ("danlu, same recipe", *danlu_run(train_root, test_root, Path(tmp) / "same", recipe)),
+            (
+                "danlu, same recipe, fp32",
+                *danlu_run(train_root, test_root, Path(tmp) / "fp32", [*recipe, fp32]),
+            ),
+            (
+                "danlu, same recipe (bf16 autocast)",
+                *danlu_run(train_root, test_root, Path(tmp) / "same", recipe),
+            ),
             (
                 f"danlu defaults, {quick[0][13:]} epochs",
                 *danlu_run(train_root, test_root, Path(tmp) / "own", quick),
@@ -155,10 +164,10 @@ def main() -> None:
         ]
     threads = torch.get_num_threads()
     print(f"digits 28x28: 1,437 train / 360 test images, torch {torch.__version__}, {threads} threads")
-    print(f"{'':34}{'seconds':>9}{'test accuracy':>15}{'speed-up':>10}")
+    print(f"{'':36}{'seconds':>9}{'test accuracy':>15}{'speed-up':>10}")
     base = rows[0][1]
     for name, seconds, accuracy in rows:
-        print(f"{name:34}{seconds:9.2f}{accuracy:15.3f}{base / seconds:9.2f}x")
+        print(f"{name:36}{seconds:9.2f}{accuracy:15.3f}{base / seconds:9.2f}x")
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ class Run:
 
 
 def _as_config(config: Config | dict | str | Path | None, overrides: Iterable[str]) -> Config:
-    if isinstance(config, Config):
-        return validate(apply_overrides(config.model_dump(mode="json"), list(overrides)))
+    if isinstance(config, Config):  # unset keys stay unset, so family defaults still apply to them
+        return validate(apply_overrides(config.model_dump(mode="json", exclude_unset=True), list(overrides)))
     if isinstance(config, dict):
         return validate(apply_overrides(dict(config), list(overrides)))
     return load_config(config, list(overrides))

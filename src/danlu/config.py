@@ -159,7 +159,11 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="auto: cuda, then mps, then cpu"
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast on accelerators")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32",
+        description="fp32; bf16 autocast (GPU, or a CPU with bf16 support); fp16 (GPU, with a gradient "
+        "scaler); auto: bf16 where the device supports it, else fp32",
+    )
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
     checkpoint_every: int = Field(1, ge=1, description="write checkpoints/last.pt every N epochs")
     accumulate: int = Field(

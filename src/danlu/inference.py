@@ -29,9 +29,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """The precision that runs: fp16 needs a GPU; bf16 a GPU or CPU that supports it; auto picks bf16
+    where it is supported, else fp32."""
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    else:
+        bf16 = False
+    if precision == "auto":
+        return "bf16" if bf16 else "fp32"
+    if (precision == "bf16" and not bf16) or (precision == "fp16" and device.type != "cuda"):
+        return "fp32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16/fp16 autocast on accelerators; fp32 (a no-op context) otherwise."""
-    if precision == "fp32" or device.type == "cpu":
+    """bf16/fp16 autocast on accelerators, bf16 on the CPU too; fp32 (a no-op context) otherwise."""
+    if precision == "fp32" or (device.type == "cpu" and precision != "bf16"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)

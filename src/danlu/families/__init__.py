@@ -5,7 +5,8 @@ report, Predictor, export verification, held-out records and the server call onl
 state's target side: `task`, `classes`, `n_outputs`, `decode`, `decode_target`, `labels`, `to_json`).
 "Items" are a family's raw rows in memory: a DataFrame (tabular, text) or decoded images.
 
-  NAME, STORED_ROWS, MODEL_DEFAULTS          its name; its held-out rows' file; model.* defaults
+  NAME, STORED_ROWS                          its name; the file its held-out rows are stored in
+  MODEL_DEFAULTS, TRAIN_DEFAULTS             model.* and train.* defaults where the config sets none
   detect(data_cfg) -> bool                   the source is this family's (for data.family: auto)
   load(data_cfg, device, state=None) -> Dataset     fit preprocessing (unless given) and build the parts
   state_from_json(text) -> state             the fitted preprocessing from preprocess.json
@@ -53,12 +54,15 @@ def resolve_family(config: Config) -> Config:
     """The config as saved: data.family resolved (auto -> the family that claims the source) and the
     family's model defaults filled in where the config left them unset."""
     name = name_for(config.data)
-    defaults = get(name).MODEL_DEFAULTS
-    unset = {k: v for k, v in defaults.items() if getattr(config.model, k) in (None, "auto")}
+    family = get(name)
+    model = {k: v for k, v in family.MODEL_DEFAULTS.items() if getattr(config.model, k) in (None, "auto")}
+    train_defaults = getattr(family, "TRAIN_DEFAULTS", {})
+    train = {k: v for k, v in train_defaults.items() if k not in config.train.model_fields_set}
     return config.model_copy(
         update={
             "data": config.data.model_copy(update={"family": name}),
-            "model": config.model.model_copy(update=unset),
+            "model": config.model.model_copy(update=model),
+            "train": config.train.model_copy(update=train),
         }
     )
 

@@ -45,7 +45,7 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
     if held_out is None:
         log.warning("no test or validation rows: report.json has no held-out metrics")
     else:
-        _, stream = evaluate_part(s.bare_model, held_out, state, s.device, tc.precision, eval_batch(s.family))
+        _, stream = evaluate_part(s.bare_model, held_out, state, s.device, s.precision, eval_batch(s.family))
         metrics = stream.result()
         headline = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
         report["test"] = headline
@@ -78,6 +78,7 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
             },
             "batch_size": s.batch_size,
             "device": str(s.device),
+            "precision": s.precision,
             "processes": s.world.size,
             "in_memory": s.data.in_memory,
             "classes": state.classes,

@@ -31,7 +31,7 @@ from danlu.data.batches import Batch, run_model, share, shuffle_generator
 from danlu.data.dataset import Dataset
 from danlu.errors import DanluError
 from danlu.evaluation.metrics import MetricStream
-from danlu.inference import autocast, iter_outputs
+from danlu.inference import autocast, iter_outputs, resolve_precision
 from danlu.run import RunDir, atomic_write_text
 from danlu.training import checkpoint as ckpt
 from danlu.training import distributed
@@ -64,6 +64,7 @@ class Setup:
     total_steps: int
     state: TrainerState
     world: World = field(default_factory=World)
+    precision: str = "fp32"  # what runs: train.precision resolved for the device
 
     @property
     def bare_model(self) -> nn.Module:
@@ -127,8 +128,9 @@ def _batch_size(tc: TrainConfig, n_rows: int, world: World) -> int:
 def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.device) -> Setup:
     tc = config.train
     torch.manual_seed(tc.seed)
-    if tc.precision != "fp32" and device.type == "cpu":
-        log.warning("train.precision=%s applies to accelerators; training in fp32 on the CPU", tc.precision)
+    precision = resolve_precision(device, tc.precision)
+    if precision != tc.precision and tc.precision != "auto":
+        log.warning("train.precision=%s is not supported on %s; training in fp32", tc.precision, device)
     family = families.get(config.data.family)
     data = family.load(config.data, device, state)
     if world.main:
@@ -154,7 +156,7 @@ def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.
         )
     batch_size = _batch_size(tc, data.train.n_rows, world)
     total_steps = tc.epochs * max(1, math.ceil(data.train.n_rows / batch_size))
-    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16" and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     return Setup(
         device,
         family,
@@ -166,6 +168,7 @@ def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.
         total_steps,
         TrainerState(),
         world,
+        precision,
     )
 
 
@@ -224,7 +227,7 @@ def train_epoch(s: Setup, tc: TrainConfig, task: str, epoch: int) -> float:
             for i, piece in enumerate(micro):
                 last = i == len(micro) - 1
                 with contextlib.nullcontext() if last or not s.world.multi else s.model.no_sync():
-                    with autocast(s.device, tc.precision):
+                    with autocast(s.device, s.precision):
                         out = run_model(s.model, piece)
                         if piece.rows == 0:  # an empty share still joins the gradient all-reduce
                             loss = out.sum() * 0.0
@@ -265,7 +268,7 @@ def eval_batch(family: ModuleType) -> int:
 
 def validate(s: Setup, tc: TrainConfig) -> dict[str, float]:
     loss, stream = evaluate_part(
-        s.bare_model, s.data.validation, s.data.state, s.device, tc.precision, eval_batch(s.family)
+        s.bare_model, s.data.validation, s.data.state, s.device, s.precision, eval_batch(s.family)
     )
     return {"val_loss": loss, **{f"val_{k}": v for k, v in stream.epoch_result().items()}}
 
