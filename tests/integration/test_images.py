@@ -169,3 +169,34 @@ def test_resume_after_a_stop_gives_identical_weights(tmp_path, monkeypatch):
     resumed = danlu.train(resume=tmp_path / "stopped", progress=False)
     a, b = load_file(full.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_large_held_out_image_sets_are_recorded_by_index_and_checked(tmp_path, monkeypatch):
+    from danlu.data import heldout
+
+    monkeypatch.setattr(heldout, "MAX_STORED_BYTES", 0)
+    folder = image_folder(tmp_path / "f", n=60)
+    run = fit(tmp_path / "run", folder, "train.epochs=2")
+    record = json.loads((run.path / "heldout.json").read_text())
+    assert record["kind"] == "indices" and not (run.path / "heldout.npz").exists()
+    assert danlu.evaluate(run.path)["accuracy"] == pytest.approx(run.report["test"]["accuracy"])
+    first = sorted((folder / "bar").iterdir())[0]
+    first.write_bytes(first.read_bytes() + b"\0")  # one image file changes
+    with pytest.raises(DanluError, match="has changed since run"):
+        danlu.evaluate(run.path)
+
+
+def test_an_image_run_packages(folder_run, tmp_path):
+    from danlu.env.package import package_run
+
+    result = package_run(folder_run.path, tmp_path / "pkg")
+    assert (tmp_path / "pkg" / "run" / "heldout.npz").is_file() and "Dockerfile" in result["files"]
+
+
+def test_torchscript_and_int8_exports_of_an_image_run_are_verified(folder_run):
+    from danlu.export import export_run
+
+    script = export_run(folder_run.path, "torchscript")
+    assert script["max_abs_diff"] <= 1e-4
+    int8 = export_run(folder_run.path, "onnx", "int8", max_metric_drop=0.05)
+    assert int8["metric_drop"] <= 0.05 and int8["bytes"] < export_run(folder_run.path, "onnx")["bytes"]
