@@ -13,6 +13,7 @@ runs/NAME/
   report.json        written last: a run is complete only when it exists
   plots/             PNGs
   export/            written by `danlu export`
+  cache/             decoded images over the memory budget (memory-mapped); safe to delete
 ```
 
 danlu deletes only what it can prove it wrote: a directory is replaced only when it is a run (config.yaml
@@ -48,10 +49,11 @@ HELDOUT_ROWS = "heldout.parquet"
 HELDOUT_INDEX = "heldout.npy"
 HELDOUT_IMAGES = "heldout.npz"
 PREDICTIONS = "predictions.csv"  # written by `danlu quickstart`
+CACHE = "cache"  # decoded data danlu can rebuild: safe to delete, never packaged
 # Every name danlu writes at the top of a run directory: only these are ever deleted from one.
 RUN_ENTRIES = frozenset(
     {CONFIG, PREPROCESS, WEIGHTS, CHECKPOINTS, METRICS, REPORT, PLOTS, EXPORT, HELDOUT, HELDOUT_ROWS}
-    | {HELDOUT_INDEX, HELDOUT_IMAGES, PREDICTIONS}
+    | {HELDOUT_INDEX, HELDOUT_IMAGES, PREDICTIONS, CACHE}
 )
 
 
@@ -128,6 +130,7 @@ class RunDir:
     plots = property(lambda self: self.path / PLOTS)
     export = property(lambda self: self.path / EXPORT)
     heldout = property(lambda self: self.path / HELDOUT)
+    cache = property(lambda self: self.path / CACHE)
 
     def is_complete(self) -> bool:
         return self.report.is_file()

@@ -97,6 +97,17 @@ def test_the_server_predicts_base64_images_and_refuses_bad_ones(image_run):
             detail = response.json()["detail"][0]
             assert detail["loc"] == ["body", "images", 1], (reason, detail)
         assert "image" in httpx.get(f"{server.url}/v1/metadata", timeout=10).json()["kind"]
+
+        uploads = [("images", (f"{i}.png", base64.b64decode(e), "image/png")) for i, e in enumerate(encoded)]
+        response = httpx.post(url, files=uploads, timeout=30)  # multipart: the same images as files
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"] == body["predictions"]
+        broken = [uploads[0], ("images", ("bad.png", b"not an image", "image/png"))]
+        response = httpx.post(url, files=broken, timeout=30)
+        assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "images", 1]
+        schema = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+        content = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+        assert {"application/json", "multipart/form-data"} <= set(content)
     finally:
         server.stop()
 

@@ -150,11 +150,13 @@ def test_onnx_export_takes_uint8_pixels_and_is_verified(folder_run):
     assert np.allclose(proba, danlu.load(folder_run.path).predict_proba(images), atol=1e-4)
 
 
-def test_resume_after_a_stop_gives_identical_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("budget", ["", "data.memory_budget_gb=0.000001"])  # in memory; mapped from cache
+def test_resume_after_a_stop_gives_identical_weights(tmp_path, monkeypatch, budget):
     from danlu.training import trainer
 
     data = image_folder(tmp_path / "f", n=60)
-    full = fit(tmp_path / "full", data, "model.dropout=0.3", "data.augment=light")
+    settings = ["model.dropout=0.3", "data.augment=light", *([budget] if budget else [])]
+    full = fit(tmp_path / "full", data, *settings)
     original = trainer.train_epoch
 
     def stop_in_epoch_4(s, tc, task, epoch):
@@ -164,7 +166,7 @@ def test_resume_after_a_stop_gives_identical_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "train_epoch", stop_in_epoch_4)
     with pytest.raises(KeyboardInterrupt):
-        fit(tmp_path / "stopped", data, "model.dropout=0.3", "data.augment=light")
+        fit(tmp_path / "stopped", data, *settings)
     monkeypatch.setattr(trainer, "train_epoch", original)
     resumed = danlu.train(resume=tmp_path / "stopped", progress=False)
     a, b = load_file(full.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
@@ -200,3 +202,21 @@ def test_torchscript_and_int8_exports_of_an_image_run_are_verified(folder_run):
     assert script["max_abs_diff"] <= 1e-4
     int8 = export_run(folder_run.path, "onnx", "int8", max_metric_drop=0.05)
     assert int8["metric_drop"] <= 0.05 and int8["bytes"] < export_run(folder_run.path, "onnx")["bytes"]
+
+
+def test_images_over_the_memory_budget_are_mapped_from_the_run_cache_with_the_same_weights(tmp_path):
+    folder = image_folder(tmp_path / "f", n=60)
+    common = ("data.augment=light", "train.epochs=3")
+    memory = fit(tmp_path / "memory", folder, *common)
+    mapped = fit(tmp_path / "mapped", folder, *common, "data.memory_budget_gb=0.000001")
+    cached = sorted(p.name for p in (mapped.path / "cache").iterdir())
+    assert [p for p in cached if p.endswith(".npy")] and [p for p in cached if p.endswith(".json")]
+    assert not (memory.path / "cache").exists()
+    a, b = (load_file(run.path / "model.safetensors") for run in (memory, mapped))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same batches, gathered from the map
+    assert mapped.report["test"]["accuracy"] == memory.report["test"]["accuracy"]
+
+    from danlu.env.package import package_run
+
+    package_run(mapped.path, tmp_path / "pkg")
+    assert not (tmp_path / "pkg" / "run" / "cache").exists()  # never packaged

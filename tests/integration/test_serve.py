@@ -112,6 +112,11 @@ def test_values_that_overflow_float32_are_a_422_naming_the_row(client, run, valu
         danlu.load(run.path).predict(pd.DataFrame([RECORD, {**RECORD, "x1": value}]))
 
 
+def test_a_table_run_takes_json_not_uploads(client):
+    response = client.post("/v1/predict", files={"file": ("x.csv", b"x0,x1\n1,2\n", "text/csv")})
+    assert response.status_code == 422 and "takes a JSON body" in json.dumps(response.json())
+
+
 def test_a_body_over_the_limit_is_413(client):
     big = json.dumps({"records": [RECORD] * 2000})
     assert (

@@ -80,11 +80,15 @@ def sharded(batches: Iterator[Batch], rank: int, world: int) -> Iterator[tuple[B
 
 
 class TensorPart:
-    """A split held in memory as tensors; `augment` (images) transforms each training batch."""
+    """A split held as tensors; `augment` (images) transforms each training batch.
 
-    def __init__(self, batch: Batch, augment: Augment | None = None):
+    With `device` set the data stays where it is (e.g. memory-mapped from disk) and each batch is
+    gathered and moved to `device` on its own, instead of the whole split living on the device."""
+
+    def __init__(self, batch: Batch, augment: Augment | None = None, device: torch.device | None = None):
         self.data = batch
         self.augment = augment
+        self.device = device
 
     @property
     def n_rows(self) -> int:
@@ -96,8 +100,23 @@ class TensorPart:
     def batches(self, batch_size: int, shuffle: torch.Generator | None = None) -> Iterator[Batch]:
         perm = None
         if shuffle is not None:
-            perm = torch.randperm(self.n_rows, generator=shuffle).to(self.data.target.device)
-        return slices(self.data, batch_size, perm, drop_tiny=shuffle is not None)
+            perm = torch.randperm(self.n_rows, generator=shuffle)
+        if self.device is None:
+            if perm is not None:
+                perm = perm.to(self.data.target.device)
+            return slices(self.data, batch_size, perm, drop_tiny=shuffle is not None)
+        return self._gathered(batch_size, perm)
+
+    def _gathered(self, batch_size: int, perm: torch.Tensor | None) -> Iterator[Batch]:
+        """The same batches as `slices` gives, each gathered from the data on its own."""
+        n = self.n_rows
+        for start in range(0, n, batch_size):
+            if perm is not None and n - start < 2 and start > 0:
+                break  # as in `slices`: no 1-row training batch
+            if perm is None:
+                yield self.data.slice(start, start + batch_size).to(self.device)
+            else:
+                yield self.data.take(perm[start : start + batch_size]).to(self.device)
 
     def train_batches(
         self, batch_size: int, shuffle: torch.Generator, rank: int = 0, world: int = 1

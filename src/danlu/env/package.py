@@ -19,7 +19,7 @@ from danlu import __version__
 from danlu.env.doctor import _minor, compat_table
 from danlu.env.freeze import _installed, pins, relevant_packages, torch_index_url
 from danlu.errors import DanluError
-from danlu.run import CHECKPOINTS, RunDir, atomic_write_text
+from danlu.run import CACHE, CHECKPOINTS, RunDir, atomic_write_text
 
 SERVE_PACKAGES_SKIPPED = ("onnx", "onnxscript")  # export tools: not needed to serve
 
@@ -124,7 +124,7 @@ def package_run(run_dir: str | Path, out: str | Path, options: PackageOptions | 
         "Dockerfile": _template("Dockerfile.gpu" if gpu else "Dockerfile.cpu").substitute(values),
         "requirements.txt": requirements,
         "environment.yml": _environment_yml(requirements, values["python_minor"]),
-        ".dockerignore": "**/__pycache__\n**/*.pyc\nrun/checkpoints\n.git\n",
+        ".dockerignore": "**/__pycache__\n**/*.pyc\nrun/checkpoints\nrun/cache\n.git\n",
         "k8s/deployment.yaml": _template("deployment.yaml").substitute(values),
         "k8s/service.yaml": _template("service.yaml").substitute(values),
     }
@@ -133,7 +133,7 @@ def package_run(run_dir: str | Path, out: str | Path, options: PackageOptions | 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        shutil.copytree(run.path, out / "run", ignore=shutil.ignore_patterns(CHECKPOINTS))
+        shutil.copytree(run.path, out / "run", ignore=shutil.ignore_patterns(CHECKPOINTS, CACHE))
         shutil.copytree(
             Path(danlu.__file__).parent, out / "danlu", ignore=shutil.ignore_patterns("__pycache__")
         )

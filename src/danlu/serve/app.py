@@ -30,7 +30,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from danlu import __version__
 from danlu.errors import DanluError
@@ -149,6 +149,34 @@ def _page(predictor: Predictor, settings: ServeSettings, title: str) -> str:
     return page.replace("__DANLU_SCHEMA__", inline)
 
 
+def request_body(model: type[BaseModel], uploads: bool) -> dict[str, Any]:
+    """The OpenAPI request body of /v1/predict: the family's JSON model (and file uploads)."""
+    content: dict[str, Any] = {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+    }
+    if uploads:
+        files = {"type": "array", "items": {"type": "string", "format": "binary"}}
+        content["multipart/form-data"] = {"schema": {"type": "object", "properties": {"images": files}}}
+    return {"required": True, "content": content}
+
+
+def _openapi_with(app: FastAPI, model: type[BaseModel]):
+    """app.openapi, with the request model and the models it refers to among the components."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
 def create_app(settings: ServeSettings) -> FastAPI:
     """The app for one run directory. Raises DanluError for a bad run directory, engine or limit."""
     settings.check()
@@ -206,10 +234,34 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    @app.post("/v1/predict", response_model=PredictResponse, dependencies=[Depends(require_key)])
-    async def predict(body: PredictRequest) -> Any:  # type: ignore[valid-type]
+    form_items = getattr(family, "form_items", None)  # families that take file uploads (images)
+
+    async def read_items(request: Request) -> tuple[list, list[dict[str, Any]]]:
+        """The request's items and its validation errors: JSON validated by the family's request model
+        in one pass (pydantic-core parses and checks together), or a multipart upload."""
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            if form_items is None:
+                return [], [{"loc": ["body"], "msg": "this run takes a JSON body", "type": "value_error"}]
+            async with request.form(max_files=settings.max_rows, max_fields=settings.max_rows) as form:
+                return await form_items(state, form)
+        try:
+            body = PredictRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            # where and what only: echoing the input back could be large, or NaN that JSON cannot carry
+            return [], [
+                {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+            ]
+        return family.request_items(state, body)
+
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        dependencies=[Depends(require_key)],
+        openapi_extra={"requestBody": request_body(PredictRequest, form_items is not None)},
+    )
+    async def predict(request: Request) -> Any:
         """Predictions, in request order."""
-        items, errors = family.request_items(state, body)
+        items, errors = await read_items(request)
         if errors:
             return JSONResponse({"detail": errors}, status_code=422)
         try:
@@ -229,6 +281,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
             detail = f"the model's output is not a finite number for rows {bad[:10]}: inputs far out of range"
             return JSONResponse({"detail": detail}, status_code=422)
         return JSONResponse(_encode(state, output))  # already plain JSON types: skip re-validation
+
+    app.openapi = _openapi_with(app, PredictRequest)
 
     @app.get("/v1/metadata", dependencies=[Depends(require_key)])
     async def metadata() -> dict[str, Any]:

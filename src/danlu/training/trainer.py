@@ -132,7 +132,7 @@ def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.
     if precision != tc.precision and tc.precision != "auto":
         log.warning("train.precision=%s is not supported on %s; training in fp32", tc.precision, device)
     family = families.get(config.data.family)
-    data = family.load(config.data, device, state)
+    data = family.load(config.data, device, state, run.cache)
     if world.main:
         if state is None:
             atomic_write_text(run.preprocess, data.state.to_json())

@@ -22,7 +22,14 @@ from danlu.families.image.data import load
 from danlu.families.image.export import ImageExport as exporter
 from danlu.families.image.models import build_model
 from danlu.families.image.plots import image_grid, misclassified
-from danlu.families.image.serve import description, page_schema, request_items, request_model, warmup_items
+from danlu.families.image.serve import (
+    description,
+    form_items,
+    page_schema,
+    request_items,
+    request_model,
+    warmup_items,
+)
 from danlu.families.image.sources import looks_like_images, open_source
 from danlu.families.image.state import ImageState
 from danlu.run import HELDOUT_IMAGES
@@ -91,6 +98,7 @@ __all__ = [
     "detect",
     "exporter",
     "feeds",
+    "form_items",
     "inputs",
     "load",
     "output_frame",

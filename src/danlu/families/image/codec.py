@@ -55,28 +55,35 @@ def targets(state: ImageState, items: ImageItems) -> np.ndarray:
     return state.decode_target(state.encode_target(items.labels.reset_index(drop=True)))
 
 
-def decode_items(source: ImageSource, indices: np.ndarray, state: ImageState, skip_bad: bool = False):
-    """The source's images at `indices`, decoded to the model's size and channels: (items, kept indices)."""
+def _decode_one(source: ImageSource, i: int, state: ImageState) -> np.ndarray:
     from danlu.families.image.decode import _from_pil, _pil
 
-    images, kept = [], []
+    if source.arrays is not None:
+        array = source.arrays[i]
+        image = _pil().fromarray(array if array.ndim == 2 or array.shape[2] != 1 else array[:, :, 0])
+        return _from_pil(image, state.size, state.channels)
+    return decode(source.paths[i], state.size, state.channels, f"'{source.paths[i]}'")
+
+
+def decode_items(
+    source: ImageSource, indices: np.ndarray, state: ImageState, skip_bad: bool = False, out=None
+) -> tuple[ImageItems, np.ndarray]:
+    """The source's images at `indices`, decoded to the model's size and channels: (items, kept indices).
+
+    out: an array [len(indices), h, w, c] to decode into (a memory-mapped cache), else a new array."""
+    images = out if out is not None else np.empty((len(indices), *state.size, state.channels), np.uint8)
+    kept = []
     for i in indices:
-        if source.arrays is not None:
-            array = source.arrays[i]
-            image = _pil().fromarray(array if array.ndim == 2 or array.shape[2] != 1 else array[:, :, 0])
-            images.append(_from_pil(image, state.size, state.channels))
-        else:
-            try:
-                images.append(decode(source.paths[i], state.size, state.channels, f"'{source.paths[i]}'"))
-            except DanluError:
-                if not skip_bad:
-                    raise
-                continue
+        try:
+            images[len(kept)] = _decode_one(source, i, state)
+        except DanluError:
+            if not skip_bad or source.arrays is not None:
+                raise
+            continue
         kept.append(i)
     kept = np.asarray(kept, dtype=np.int64)
-    stack = np.stack(images) if images else np.empty((0, *state.size, state.channels), np.uint8)
     labels = None if source.labels is None else source.labels.iloc[kept].reset_index(drop=True)
-    return ImageItems(stack, source.names(kept), labels), kept
+    return ImageItems(images[: len(kept)], source.names(kept), labels), kept
 
 
 def read(spec: str, state: ImageState, chunk_rows: int = READ_IMAGES) -> Iterator[ImageItems]:

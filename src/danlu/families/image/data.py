@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from danlu.data.batches import Batch, TensorPart
 from danlu.data.dataset import Dataset, HeldOut
 from danlu.data.split import memory_budget, split_indices
 from danlu.errors import DanluError
+from danlu.families.image.cache import cache_key, mapped_items
 from danlu.families.image.codec import ImageItems, decode_items, to_nchw
 from danlu.families.image.decode import open_image
 from danlu.families.image.sources import ImageSource, open_source
@@ -39,7 +41,7 @@ def _shape_of(source: ImageSource, i: int, skip_bad: bool) -> tuple[int, int, st
         array = source.arrays[i]
         return array.shape[0], array.shape[1], "L" if array.ndim == 2 or array.shape[2] == 1 else "RGB"
     try:
-        image = open_image(source.paths[i], f"'{source.paths[i]}'")
+        image = open_image(source.paths[i], f"'{source.paths[i]}'", load=False)  # the header only
     except DanluError:
         if skip_bad:
             return None
@@ -113,6 +115,9 @@ def augmenter(kind: str, size: tuple[int, int]) -> Callable[[Batch, torch.Genera
 
 def _part(items: ImageItems, state: ImageState, device, augment=None) -> TensorPart:
     target = torch.from_numpy(state.encode_target(items.labels))
+    if isinstance(items.images, np.memmap):  # over the memory budget: batches gathered from the map
+        images = torch.from_numpy(items.images).permute(0, 3, 1, 2)  # a view: nothing is read yet
+        return TensorPart(Batch({"images": images}, target), augment, device=device)
     return TensorPart(Batch({"images": to_nchw(items.images)}, target), augment).to(device)
 
 
@@ -126,8 +131,11 @@ def _separate(spec: str | None, config: DataConfig, state: ImageState, name: str
     return _part(items, state, device), HeldOut(name, source, items, kept)
 
 
-def load(config: DataConfig, device: torch.device, state: ImageState | None = None) -> Dataset:
-    """Split the source, fit the state on the training images (unless given), decode every image once."""
+def load(
+    config: DataConfig, device: torch.device, state: ImageState | None = None, cache: Path | None = None
+) -> Dataset:
+    """Split the source, fit the state on the training images (unless given), decode every image once:
+    into memory, or, past the memory budget, into memory-mapped files under `cache` (RUN/cache)."""
     source = open_source(config.train, config.image, config.target)
     if source.labels is None:
         raise DanluError(
@@ -146,19 +154,35 @@ def load(config: DataConfig, device: torch.device, state: ImageState | None = No
         fitter.update(labels.iloc[train_idx].reset_index(drop=True))
         state = ImageState(*size, channels, [0.0] * channels, [1.0] * channels, fitter.finish(), config.image)
     needed = len(source) * state.height * state.width * state.channels
-    if needed > memory_budget(config):
+    mapped = needed > memory_budget(config)
+    if mapped and cache is None:
         raise DanluError(
             f"the decoded images take {needed / 2**30:.1f} GiB, over the memory budget",
             "raise data.memory_budget_gb, or lower data.image_size",
         )
-    train, train_kept = decode_items(source, train_idx, state, config.skip_bad_images)
+    if mapped:
+        log.info(
+            "decoded images (%.1f GiB) are over the memory budget: mapping them from %s",
+            needed / 2**30,
+            cache,
+        )
+        key = cache_key(source, state, config.skip_bad_images)
+
+        def decoded(split: str, indices: np.ndarray):
+            return mapped_items(cache, key, split, source, indices, state, config.skip_bad_images)
+    else:
+
+        def decoded(split: str, indices: np.ndarray):
+            return decode_items(source, indices, state, config.skip_bad_images)
+
+    train, train_kept = decoded("train", train_idx)
     if not len(train_kept):
         raise DanluError(f"'{config.train}' has no readable training images", "check the images")
     if fitting:
         state.mean, state.std = _pixel_stats(train.images)
     skipped = len(train_idx) - len(train_kept)
-    val, val_kept = decode_items(source, val_idx, state, config.skip_bad_images)
-    test, test_kept = decode_items(source, test_idx, state, config.skip_bad_images)
+    val, val_kept = decoded("validation", val_idx)
+    test, test_kept = decoded("test", test_idx)
     skipped += len(val_idx) - len(val_kept) + len(test_idx) - len(test_kept)
     if skipped:
         log.warning("skipped %d unreadable images (data.skip_bad_images)", skipped)

@@ -33,8 +33,9 @@ def _from_pil(image, size: tuple[int, int] | None, channels: int | None) -> np.n
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def open_image(source: str | Path | bytes, name: str):
-    """A Pillow image, fully loaded; raises DanluError for anything that is not a readable, sane image."""
+def open_image(source: str | Path | bytes, name: str, load: bool = True):
+    """A Pillow image, fully loaded (or only its header read, with load=False); raises DanluError for
+    anything that is not a readable, sane image."""
     Image = _pil()
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
@@ -43,7 +44,8 @@ def open_image(source: str | Path | bytes, name: str):
                 f"{name} has {image.width}x{image.height} pixels, over the limit of {MAX_PIXELS}",
                 "send a smaller image",
             )
-        image.load()
+        if load:
+            image.load()
     except Image.DecompressionBombError:
         raise DanluError(f"{name} is a decompression bomb (too many pixels)", "send a real image") from None
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow's ways of saying "not an image / truncated"

@@ -46,6 +46,20 @@ def request_items(state: ImageState, body) -> tuple[list[np.ndarray], list[dict[
     return images, errors
 
 
+async def form_items(state: ImageState, form) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    """A multipart upload: every file part, in order (any field name), decoded and checked on its own."""
+    files = [value for _, value in form.multi_items() if hasattr(value, "read")]
+    if not files:
+        return [], [{"loc": ["body", "images"], "msg": "no image files in the upload", "type": "missing"}]
+    images, errors = [], []
+    for i, file in enumerate(files):
+        try:
+            images.append(decode(await file.read(), state.size, state.channels, f"images[{i}]"))
+        except DanluError as error:
+            errors.append({"loc": ["body", "images", i], "msg": error.message, "type": "value_error"})
+    return images, errors
+
+
 def warmup_items(state: ImageState) -> list[np.ndarray]:
     return [np.zeros((state.height, state.width, state.channels), dtype=np.uint8)]
 

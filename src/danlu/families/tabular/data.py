@@ -216,8 +216,9 @@ def _load_chunked(table: Table, config: DataConfig, pre: Preprocessor | None, de
     )
 
 
-def load(config: DataConfig, device: torch.device, state: Preprocessor | None = None) -> Dataset:
-    """Open the training data, split it, fit preprocessing (unless given, as on resume) and build parts."""
+def load(config: DataConfig, device: torch.device, state: Preprocessor | None = None, cache=None) -> Dataset:
+    """Open the training data, split it, fit preprocessing (unless given, as on resume) and build parts.
+    (Tables need no cache directory: NPY and Parquet are read from the files themselves.)"""
     table = open_table(config.train, config.synthetic, config.chunk_rows)
     if fits_in_memory(table, config):
         return _load_in_memory(table, config, state, device)
