@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   danlu train --resume runs/small                    continue a stopped run
   danlu evaluate runs/small [test.csv] [--json]      metrics on the test split or on a file
   danlu predict runs/small new.csv -o predictions.csv
+  danlu train digits.yaml data.train=digits/         images: a folder with one subfolder per class
 """
 
 
