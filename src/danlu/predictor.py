@@ -94,7 +94,8 @@ class Predictor:
 
     @property
     def features(self) -> list[str]:
-        return self.state.features
+        """The input columns of a table run (an image run has none)."""
+        return getattr(self.state, "features", [])
 
     def decoded(self, data: Any) -> np.ndarray:
         """Probabilities [n, k] (classification) or values in original units [n] (regression).

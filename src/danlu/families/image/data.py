@@ -131,6 +131,35 @@ def _separate(spec: str | None, config: DataConfig, state: ImageState, name: str
     return _part(items, state, device), HeldOut(name, source, items, kept)
 
 
+def _new_state(source: ImageSource, train_idx: np.ndarray, config: DataConfig, task: str) -> ImageState:
+    """Size, channels and classes (the pixel statistics follow once the training images are decoded).
+    Every image of the source must agree on its size, or data.image_size says what to resize to."""
+    size, channels = _fit_geometry(source, np.arange(len(source)), config)
+    fitter = TargetFitter(task, config.target or "label")
+    fitter.update(source.labels.iloc[train_idx].reset_index(drop=True))
+    return ImageState(*size, channels, [0.0] * channels, [1.0] * channels, fitter.finish(), config.image)
+
+
+def _decoder(source: ImageSource, state: ImageState, config: DataConfig, cache: Path | None):
+    """decoded(split, indices) -> (items, kept): into memory, or into memory-mapped files under `cache`
+    when the decoded source is over the memory budget."""
+    needed = len(source) * state.height * state.width * state.channels
+    if needed <= memory_budget(config):
+        return lambda split, indices: decode_items(source, indices, state, config.skip_bad_images)
+    if cache is None:
+        raise DanluError(
+            f"the decoded images take {needed / 2**30:.1f} GiB, over the memory budget",
+            "raise data.memory_budget_gb, or lower data.image_size",
+        )
+    log.info(
+        "decoded images (%.1f GiB) are over the memory budget: mapping them from %s", needed / 2**30, cache
+    )
+    key = cache_key(source, state, config.skip_bad_images)
+    return lambda split, indices: mapped_items(
+        cache, key, split, source, indices, state, config.skip_bad_images
+    )
+
+
 def load(
     config: DataConfig, device: torch.device, state: ImageState | None = None, cache: Path | None = None
 ) -> Dataset:
@@ -148,33 +177,8 @@ def load(
     train_idx, val_idx, test_idx = split_indices(len(source), by_class, config)
     fitting = state is None
     if fitting:
-        # every image of the source must agree on its size (or data.image_size says what to resize to)
-        size, channels = _fit_geometry(source, np.arange(len(source)), config)
-        fitter = TargetFitter(task, config.target or "label")
-        fitter.update(labels.iloc[train_idx].reset_index(drop=True))
-        state = ImageState(*size, channels, [0.0] * channels, [1.0] * channels, fitter.finish(), config.image)
-    needed = len(source) * state.height * state.width * state.channels
-    mapped = needed > memory_budget(config)
-    if mapped and cache is None:
-        raise DanluError(
-            f"the decoded images take {needed / 2**30:.1f} GiB, over the memory budget",
-            "raise data.memory_budget_gb, or lower data.image_size",
-        )
-    if mapped:
-        log.info(
-            "decoded images (%.1f GiB) are over the memory budget: mapping them from %s",
-            needed / 2**30,
-            cache,
-        )
-        key = cache_key(source, state, config.skip_bad_images)
-
-        def decoded(split: str, indices: np.ndarray):
-            return mapped_items(cache, key, split, source, indices, state, config.skip_bad_images)
-    else:
-
-        def decoded(split: str, indices: np.ndarray):
-            return decode_items(source, indices, state, config.skip_bad_images)
-
+        state = _new_state(source, train_idx, config, task)
+    decoded = _decoder(source, state, config, cache)
     train, train_kept = decoded("train", train_idx)
     if not len(train_kept):
         raise DanluError(f"'{config.train}' has no readable training images", "check the images")
