@@ -220,3 +220,12 @@ def test_images_over_the_memory_budget_are_mapped_from_the_run_cache_with_the_sa
 
     package_run(mapped.path, tmp_path / "pkg")
     assert not (tmp_path / "pkg" / "run" / "cache").exists()  # never packaged
+
+
+def test_color_and_the_precision_that_ran_are_recorded(tmp_path):
+    from danlu.inference import resolve_precision
+
+    run = fit(tmp_path / "run", image_folder(tmp_path / "f", n=30), "data.color=rgb", "train.epochs=1")
+    assert json.loads((run.path / "preprocess.json").read_text())["channels"] == 3  # gray files as RGB
+    assert run.report["precision"] == resolve_precision(torch.device("cpu"), "auto")  # the image default
+    assert danlu.load(run.path).predict_proba(shapes(2)[0]).shape == (2, 3)

@@ -6,6 +6,7 @@ back; `TargetFitter` fits it on training labels, chunk by chunk. Families hold o
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,22 @@ def check_target(target: pd.Series) -> None:
             f"at {row_name(target.index[where])}",
             "drop rows with a missing or infinite target, or fill them in",
         )
+
+
+def state_json(data: dict[str, Any]) -> str:
+    """A family state's preprocess.json text: strict JSON (no NaN)."""
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
+def read_state_json(text: str, version: int) -> dict[str, Any]:
+    """preprocess.json as a dict; raises DanluError when another format version wrote it."""
+    data = json.loads(text)
+    if data.get("format") != version:
+        raise DanluError(
+            f"preprocess.json has format {data.get('format')}, this danlu reads {version}",
+            "use the danlu version that wrote the run",
+        )
+    return data
 
 
 class RunningMoments:
@@ -200,3 +217,11 @@ class TargetSide:
 
     def labels(self, indices: np.ndarray) -> np.ndarray:
         return self.head.labels(indices)
+
+    def prediction_columns(self, decoded: np.ndarray) -> dict[str, np.ndarray]:
+        """`prediction` (labels or values) and, for classification, one `proba_<class>` per class."""
+        if self.task != "classification":
+            return {"prediction": decoded}
+        columns = {"prediction": self.labels(decoded.argmax(axis=1))}
+        columns.update({f"proba_{name}": decoded[:, j] for j, name in enumerate(self.classes)})
+        return columns

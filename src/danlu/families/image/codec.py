@@ -56,12 +56,10 @@ def targets(state: ImageState, items: ImageItems) -> np.ndarray:
 
 
 def _decode_one(source: ImageSource, i: int, state: ImageState) -> np.ndarray:
-    from danlu.families.image.decode import _from_pil, _pil
+    from danlu.families.image.decode import _from_pil, pil_from_array
 
     if source.arrays is not None:
-        array = source.arrays[i]
-        image = _pil().fromarray(array if array.ndim == 2 or array.shape[2] != 1 else array[:, :, 0])
-        return _from_pil(image, state.size, state.channels)
+        return _from_pil(pil_from_array(source.arrays[i]), state.size, state.channels)
     return decode(source.paths[i], state.size, state.channels, f"'{source.paths[i]}'")
 
 
@@ -124,14 +122,7 @@ def as_items(state: ImageState, data: Any) -> ImageItems:
 
 def output_frame(state: ImageState, items: ImageItems, decoded: np.ndarray) -> pd.DataFrame:
     """path, prediction and one proba_<class> column per class (classification)."""
-    out = pd.DataFrame({"path": items.names})
-    if state.task == "classification":
-        out["prediction"] = state.labels(decoded.argmax(axis=1))
-        for j, name in enumerate(state.classes):
-            out[f"proba_{name}"] = decoded[:, j]
-    else:
-        out["prediction"] = decoded
-    return out
+    return pd.DataFrame({"path": items.names, **state.prediction_columns(decoded)})
 
 
 def _label_array(labels: pd.Series) -> np.ndarray:

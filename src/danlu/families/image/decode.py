@@ -76,9 +76,9 @@ def to_array(data: Any, size: tuple[int, int], channels: int) -> np.ndarray:
         raise DanluError(
             f"an image array has {array.shape[2]} channels", "pass 1 (gray), 3 (RGB) or 4 (RGBA)"
         )
-    if array.ndim == 2:
-        mode = "L"
-    else:
-        mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[2]]
-        array = array[:, :, 0] if mode == "L" else array
-    return _from_pil(_pil().fromarray(array, mode), size, channels)
+    return _from_pil(pil_from_array(array), size, channels)
+
+
+def pil_from_array(array: np.ndarray):
+    """A PIL image of uint8 pixels [h, w] or [h, w, 1 | 3 | 4] (grayscale, RGB, RGBA)."""
+    return _pil().fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array)

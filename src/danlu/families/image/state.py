@@ -3,12 +3,10 @@ the training pixels (in [0, 1]), and the target's classes; stored as preprocess.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from danlu.errors import DanluError
-from danlu.families.target import Target, TargetSide
+from danlu.families.target import Target, TargetSide, read_state_json, state_json
 
 FORMAT_VERSION = 1
 
@@ -42,16 +40,11 @@ class ImageState(TargetSide):
             "image_column": self.image_column,
             "input": "uint8 images [batch, channels, height, width]",
         }
-        return json.dumps(data, indent=2, allow_nan=False) + "\n"
+        return state_json(data)
 
     @classmethod
     def from_json(cls, text: str) -> ImageState:
-        data = json.loads(text)
-        if data.get("format") != FORMAT_VERSION:
-            raise DanluError(
-                f"preprocess.json has format {data.get('format')}, this danlu reads {FORMAT_VERSION}",
-                "use the danlu version that wrote the run",
-            )
+        data = read_state_json(text, FORMAT_VERSION)
         return cls(
             data["height"],
             data["width"],

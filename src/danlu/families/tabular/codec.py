@@ -76,12 +76,8 @@ def read(spec: str, pre: Preprocessor, chunk_rows: int = READ_ROWS) -> Iterator[
 def output_frame(pre: Preprocessor, items: pd.DataFrame, decoded: np.ndarray) -> pd.DataFrame:
     """The input rows in order with `prediction` (and `proba_<class>` columns) added."""
     out = items.copy()
-    if pre.task == "classification":
-        out["prediction"] = pre.labels(decoded.argmax(axis=1))
-        for j, name in enumerate(pre.classes):
-            out[f"proba_{name}"] = decoded[:, j]
-    else:
-        out["prediction"] = decoded
+    for name, values in pre.prediction_columns(decoded).items():
+        out[name] = values
     return out
 
 

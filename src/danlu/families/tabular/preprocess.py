@@ -8,7 +8,6 @@ are standardized for training and reported in original units.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,7 +16,16 @@ import pandas as pd
 
 from danlu.errors import DanluError
 from danlu.families.tabular.schema import Schema
-from danlu.families.target import RunningMoments, Target, TargetFitter, TargetSide, is_constant, row_name
+from danlu.families.target import (
+    RunningMoments,
+    Target,
+    TargetFitter,
+    TargetSide,
+    is_constant,
+    read_state_json,
+    row_name,
+    state_json,
+)
 
 FORMAT_VERSION = 1
 
@@ -163,16 +171,11 @@ class Preprocessor(TargetSide):
             "numeric": [asdict(c) for c in self.numeric],
             "categorical": [asdict(c) for c in self.categorical],
         }
-        return json.dumps(data, indent=2, allow_nan=False) + "\n"
+        return state_json(data)
 
     @classmethod
     def from_json(cls, text: str) -> Preprocessor:
-        data = json.loads(text)
-        if data.get("format") != FORMAT_VERSION:
-            raise DanluError(
-                f"preprocess.json has format {data.get('format')}, this danlu reads {FORMAT_VERSION}",
-                "use the danlu version that wrote the run",
-            )
+        data = read_state_json(text, FORMAT_VERSION)
         return cls(
             numeric=[NumericColumn(**c) for c in data["numeric"]],
             categorical=[CategoricalColumn(**c) for c in data["categorical"]],
