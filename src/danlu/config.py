@@ -47,8 +47,12 @@ class DataConfig(Section):
     train: str = Field(
         description="training data: CSV, Parquet, NPZ, NPY, or synthetic:classification|regression"
     )
-    family: Literal["auto", "tabular", "image"] = Field(
-        "auto", description="kind of data: auto (from the source), tabular, image"
+    family: Literal["auto", "tabular", "image", "text"] = Field(
+        "auto", description="kind of data: auto (from the source), tabular, image, text"
+    )
+    text: str | None = Field(None, description="text family: the column of texts in a CSV/Parquet/JSONL")
+    max_length: int = Field(
+        256, ge=8, description="text family: tokens per text (longer texts are truncated)"
     )
     image: str | None = Field(None, description="image family: the column of image paths in a CSV/Parquet")
     image_size: int | list[int] | None = Field(
@@ -104,9 +108,15 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    type: Literal["auto", "mlp", "cnn", "resnet"] = Field(
-        "auto", description="built-in architecture; auto: mlp (tabular), cnn (image)"
+    type: Literal["auto", "mlp", "cnn", "resnet", "pretrained"] = Field(
+        "auto", description="built-in architecture; auto: mlp (tabular), cnn (image), pretrained (text)"
     )
+    pretrained: str | None = Field(
+        None,
+        description="text family: a local Hugging Face encoder directory (config.json, safetensors weights, "
+        "tokenizer files); never downloaded",
+    )
+    freeze_encoder: bool = Field(False, description="text family: train the head only")
     hidden: list[int] | None = Field(
         None, description="hidden layer sizes; default [256, 256] (mlp), [128] (cnn)"
     )
@@ -147,8 +157,12 @@ class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     weight_decay: float = Field(1e-4, ge=0, description="weight decay")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum (sgd)")
-    schedule: Literal["none", "cosine", "onecycle", "step"] = Field(
-        "cosine", description="learning-rate schedule; step: times step_gamma after every epoch"
+    schedule: Literal["none", "cosine", "onecycle", "step", "linear"] = Field(
+        "cosine",
+        description="learning-rate schedule; step: times step_gamma after every epoch; linear: down to 0",
+    )
+    warmup: float = Field(
+        0.0, ge=0, lt=1, description="share of the steps that warm the learning rate up linearly from 0"
     )
     step_gamma: float = Field(0.7, gt=0, le=1, description="schedule step: the factor per epoch")
     patience: int = Field(20, ge=0, description="early stopping: evaluations without improvement; 0 = off")
@@ -312,14 +326,18 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
 
 
 def resolve_paths(config: Config, base: Path) -> Config:
-    """Make data paths absolute (relative to `base`) so the saved config reproduces the run anywhere."""
+    """Make data paths and model.pretrained absolute (relative to `base`) so the saved config reproduces
+    the run anywhere (a model.pretrained that does not exist stays as written, for its error message)."""
     data = config.data
     updates = {}
     for name in ("train", "validation", "test"):
         value = getattr(data, name)
         if value is not None and not value.startswith(SYNTHETIC_PREFIX):
             updates[name] = str((base / value).resolve())
-    return config.model_copy(update={"data": data.model_copy(update=updates)})
+    model = config.model
+    if model.pretrained is not None and Path(base / model.pretrained).expanduser().exists():
+        model = model.model_copy(update={"pretrained": str((base / model.pretrained).expanduser().resolve())})
+    return config.model_copy(update={"data": data.model_copy(update=updates), "model": model})
 
 
 def dump_config(config: Config) -> str:

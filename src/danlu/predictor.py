@@ -62,7 +62,7 @@ class Predictor:
         run = RunDir(run_dir)
         run.require_complete()
         config = validate(read_yaml(run.config))
-        family, state = families.state_from_json(run.preprocess.read_text())
+        family, state = families.state_from_json(run.preprocess.read_text(), run.path)
         model = family.build_model(config.model, state)
         load_weights(model, run.weights)
         runner = None
@@ -121,9 +121,12 @@ class Predictor:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, found by the caller
             if self.runner is not None:
                 return self.runner.run(items)
-            inputs = self.family.inputs(self.state, items)
-            n = self.family.count(items)
-            part = TensorPart(Batch(inputs, torch.zeros(n)))
+            part_of = getattr(self.family, "predict_part", None)  # text: padded per batch
+            if part_of is not None:
+                part = part_of(self.state, items)
+            else:
+                inputs = self.family.inputs(self.state, items)
+                part = TensorPart(Batch(inputs, torch.zeros(self.family.count(items))))
             size = getattr(self.family, "PREDICT_BATCH", PREDICT_BATCH)
             outputs, _ = collect_outputs(self.model, part.batches(size), self.device)
             return self.state.decode(outputs)

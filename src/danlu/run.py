@@ -13,7 +13,8 @@ runs/NAME/
   report.json        written last: a run is complete only when it exists
   plots/             PNGs
   export/            written by `danlu export`
-  cache/             decoded images over the memory budget (memory-mapped); safe to delete
+  cache/             decoded images over the memory budget (memory-mapped), token ids; safe to delete
+  hf/                text runs: the fine-tuned model and tokenizer in Hugging Face format
 ```
 
 danlu deletes only what it can prove it wrote: a directory is replaced only when it is a run (config.yaml
@@ -50,10 +51,11 @@ HELDOUT_INDEX = "heldout.npy"
 HELDOUT_IMAGES = "heldout.npz"
 PREDICTIONS = "predictions.csv"  # written by `danlu quickstart`
 CACHE = "cache"  # decoded data danlu can rebuild: safe to delete, never packaged
+HF = "hf"  # text runs: the model and tokenizer for transformers' from_pretrained
 # Every name danlu writes at the top of a run directory: only these are ever deleted from one.
 RUN_ENTRIES = frozenset(
     {CONFIG, PREPROCESS, WEIGHTS, CHECKPOINTS, METRICS, REPORT, PLOTS, EXPORT, HELDOUT, HELDOUT_ROWS}
-    | {HELDOUT_INDEX, HELDOUT_IMAGES, PREDICTIONS, CACHE}
+    | {HELDOUT_INDEX, HELDOUT_IMAGES, PREDICTIONS, CACHE, HF}
 )
 
 
@@ -131,6 +133,7 @@ class RunDir:
     export = property(lambda self: self.path / EXPORT)
     heldout = property(lambda self: self.path / HELDOUT)
     cache = property(lambda self: self.path / CACHE)
+    hf = property(lambda self: self.path / HF)
 
     def is_complete(self) -> bool:
         return self.report.is_file()

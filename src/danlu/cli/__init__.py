@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   danlu evaluate runs/small [test.csv] [--json]      metrics on the test split or on a file
   danlu predict runs/small new.csv -o predictions.csv
   danlu train digits.yaml data.train=digits/         images: a folder with one subfolder per class
+  danlu train reviews.yaml model.pretrained=DIR      texts: data.text names the column; DIR a local encoder
 """
 
 

@@ -15,7 +15,7 @@ def add_predict(sub) -> None:
         "data",
         metavar="DATA",
         help="tables: CSV/Parquet/NPZ/NPY with the feature columns; images: a folder, one image, a CSV of "
-        "paths (the run's data.image column), IDX or NPZ",
+        "paths (the run's data.image column), IDX or NPZ; texts: CSV/Parquet/JSONL with the text column",
     )
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output .csv or .parquet")
     p.add_argument("--chunk-rows", type=int, default=100_000, help="rows per chunk (default 100000)")

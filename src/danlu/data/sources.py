@@ -20,7 +20,7 @@ import pandas as pd
 from danlu.config import SYNTHETIC_PREFIX, SyntheticConfig
 from danlu.errors import DanluError
 
-SUFFIXES = (".csv", ".parquet", ".pq", ".npz", ".npy")
+SUFFIXES = (".csv", ".parquet", ".pq", ".npz", ".npy", ".jsonl")
 WHOLE_HASH_BYTES = 1 << 30  # files up to this size are hashed whole; larger ones by samples
 SAMPLE_BYTES = 1 << 20
 SAMPLES = 64
@@ -217,6 +217,16 @@ def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
         raise DanluError(f"cannot parse '{path}' as CSV: {exc}".splitlines()[0], "check the file") from None
 
 
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """JSON Lines: one object per line, its keys the columns."""
+    try:
+        return pd.read_json(path, lines=True, dtype=False)
+    except ValueError as exc:
+        raise DanluError(
+            f"cannot parse '{path}' as JSON Lines: {exc}".splitlines()[0], "write one JSON object per line"
+        ) from None
+
+
 def _read_npz(path: Path) -> pd.DataFrame:
     try:
         archive = np.load(path, allow_pickle=False)
@@ -263,7 +273,8 @@ def open_table(spec: str, synthetic: SyntheticConfig | None = None, chunk_rows: 
         return NpyTable(path, chunk_rows)
     if suffix in (".parquet", ".pq"):
         return ParquetTable(path)
-    frame = _read_csv(path) if suffix == ".csv" else _read_npz(path)
+    readers = {".csv": _read_csv, ".jsonl": _read_jsonl}
+    frame = readers.get(suffix, _read_npz)(path)
     return FrameTable(frame, str(path), chunk_rows, path)
 
 

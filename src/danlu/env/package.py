@@ -6,6 +6,7 @@ Service and, with max_replicas, a HorizontalPodAutoscaler)."""
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import shutil
@@ -46,9 +47,11 @@ def _dns_name(text: str) -> str:
     return name or "danlu-model"
 
 
-def _requirements(gpu: bool, cuda: str) -> str:
+def _requirements(gpu: bool, cuda: str, family: str = "tabular") -> str:
     torch_version = (_installed("torch") or "").split("+")[0]
     names = [n for n in relevant_packages() if n not in SERVE_PACKAGES_SKIPPED and n != "torch"]
+    if family == "text":  # the tokenizer and the encoder's architecture come from transformers
+        names += [n for n in ("transformers", "tokenizers") if _installed(n) and n not in names]
     if gpu:
         index, torch_pin = (
             f"https://download.pytorch.org/whl/cu{cuda.replace('.', '')}",
@@ -119,7 +122,8 @@ def package_run(run_dir: str | Path, out: str | Path, options: PackageOptions | 
         "memory_limit": options.memory_limit,
         "gpu_limit": '\n              nvidia.com/gpu: "1"' if gpu else "",
     }
-    requirements = _requirements(gpu, cuda)
+    family = json.loads(run.preprocess.read_text()).get("family", "tabular")
+    requirements = _requirements(gpu, cuda, family)
     files = {
         "Dockerfile": _template("Dockerfile.gpu" if gpu else "Dockerfile.cpu").substitute(values),
         "requirements.txt": requirements,

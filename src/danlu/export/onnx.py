@@ -22,7 +22,9 @@ OPSET = 18
 def _torch_export(module: nn.Module, spec, path: Path) -> None:
     names = spec.input_names()
     inputs = spec.example_inputs()[: len(names)]
-    batch = torch.export.Dim("batch")
+    # axis 0 (rows) varies for every family; a spec's dynamic_axes name more (text: tokens, axis 1)
+    axes = getattr(spec, "dynamic_axes", {0: "batch"})
+    dims = {axis: torch.export.Dim(name) for axis, name in axes.items()}
     # the exporter narrates its steps on stdout and warns about internals: keep both off the user's screen
     with contextlib.redirect_stdout(io.StringIO()), quiet():
         try:
@@ -33,7 +35,7 @@ def _torch_export(module: nn.Module, spec, path: Path) -> None:
                 dynamo=True,
                 input_names=names,
                 output_names=[spec.output_name()],
-                dynamic_shapes=tuple({0: batch} for _ in inputs),
+                dynamic_shapes=tuple(dict(dims) for _ in inputs),
                 opset_version=OPSET,
                 external_data=False,
             )
@@ -90,5 +92,7 @@ class OnnxRunner:
         self.spec = spec
 
     def run(self, items) -> np.ndarray:
-        """Probabilities [n, k] or values [n] for a family's items."""
-        return self.session.run(None, self.spec.onnx_feeds(items))[0]
+        """Probabilities [n, k] or values [n] for a family's items (in the spec's chunks, if it has any)."""
+        parts = self.spec.chunks(items) if hasattr(self.spec, "chunks") else [items]
+        outputs = [self.session.run(None, self.spec.onnx_feeds(part))[0] for part in parts]
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)

@@ -40,4 +40,6 @@ class TorchScriptRunner:
 
     @torch.no_grad()
     def run(self, items) -> np.ndarray:
-        return self.module(*self.spec.script_args(items)).numpy()
+        parts = self.spec.chunks(items) if hasattr(self.spec, "chunks") else [items]
+        outputs = [self.module(*self.spec.script_args(part)).numpy() for part in parts]
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)

@@ -8,7 +8,8 @@ state's target side: `task`, `classes`, `n_outputs`, `decode`, `decode_target`, 
   NAME, STORED_ROWS                          its name; the file its held-out rows are stored in
   MODEL_DEFAULTS, TRAIN_DEFAULTS             model.* and train.* defaults where the config sets none
   detect(data_cfg) -> bool                   the source is this family's (for data.family: auto)
-  load(data_cfg, device, state=None) -> Dataset     fit preprocessing (unless given) and build the parts
+  load(data_cfg, device, state=None, cache=None, model_cfg=None) -> Dataset
+                                             fit preprocessing (unless given) and build the parts
   state_from_json(text) -> state             the fitted preprocessing from preprocess.json
   build_model(model_cfg, state) -> nn.Module called with a batch's inputs, positionally
   read(spec, state, chunk_rows) -> Iterator[items]  a file (or folder) for evaluate and predict
@@ -20,18 +21,29 @@ state's target side: `task`, `classes`, `n_outputs`, `decode`, `decode_target`, 
   export_module(model, state), example_inputs(state), onnx_io(state), finish_onnx(proto, state),
   feeds(state, items) -> dict[str, ndarray]  the exported graph's inputs, and how to feed it
   request_model(state, max_rows), request_items(state, body), warmup_items(state), page_schema(state)
+
+Optional: form_items (multipart uploads), report_plots, plot_predictions, PREDICT_BATCH, EVAL_BATCH,
+plan_frames (chunked tables), predict_part(state, items) (the Predictor's batches, when padding is per
+batch), bind(state, run_dir) (files of a finished run), write_artifacts(run, model, state) (more files at
+the end of training), train_stats(part) (report.json), DECAY_MATRICES_ONLY (no weight decay on 1-D
+parameters).
 """
 
 from __future__ import annotations
 
 import json
 from importlib import import_module
+from pathlib import Path
 from types import ModuleType
 
 from danlu.config import Config, DataConfig
 from danlu.errors import DanluError
 
-FAMILIES = {"tabular": "danlu.families.tabular", "image": "danlu.families.image"}
+FAMILIES = {
+    "tabular": "danlu.families.tabular",
+    "image": "danlu.families.image",
+    "text": "danlu.families.text",
+}
 
 
 def get(name: str) -> ModuleType:
@@ -67,7 +79,12 @@ def resolve_family(config: Config) -> Config:
     )
 
 
-def state_from_json(text: str):
-    """(family, state) from a run's preprocess.json; runs written before families were tabular."""
+def state_from_json(text: str, run_dir: Path | None = None):
+    """(family, state) from a run's preprocess.json; runs written before families were tabular.
+    run_dir: a finished run the state may read files from (text: the tokenizer in RUN/hf)."""
     family = get(json.loads(text).get("family", "tabular"))
-    return family, family.state_from_json(text)
+    state = family.state_from_json(text)
+    bind = getattr(family, "bind", None)
+    if run_dir is not None and bind is not None:
+        bind(state, run_dir)
+    return family, state

@@ -30,12 +30,20 @@ def write_plots(run: RunDir, stream: MetricStream, metrics: dict[str, Any]) -> N
         plots.predicted_vs_actual(*stream.sample, run.plots / "predicted_vs_actual.png")
 
 
+def _train_stats(s: Setup) -> dict[str, Any]:
+    stats = getattr(s.family, "train_stats", None)  # text: padding share, tokens per second
+    return {} if stats is None else {s.family.NAME: stats(s.data.train, s.state.epoch, s.state.train_seconds)}
+
+
 def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
     """Write the inference artifacts and the report; the run is complete when this returns."""
     tc = config.train
     if tc.restore_best and run.best_checkpoint.is_file():
         s.bare_model.load_state_dict(ckpt.load_checkpoint(run.best_checkpoint)[ckpt.MODEL_KEY])
     save_weights(s.bare_model, run.weights)
+    artifacts = getattr(s.family, "write_artifacts", None)
+    if artifacts is not None:  # text: RUN/hf in Hugging Face format
+        artifacts(run, s.bare_model, s.data.state)
 
     state = s.data.state
     held_out, split_name = (
@@ -81,6 +89,7 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
             "precision": s.precision,
             "processes": s.world.size,
             "in_memory": s.data.in_memory,
+            **_train_stats(s),
             "classes": state.classes,
             "danlu_version": __version__,
             "schema_version": SCHEMA_VERSION,

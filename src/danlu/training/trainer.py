@@ -78,14 +78,22 @@ def auto_batch_size(n_rows: int) -> int:
 
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
-    """Learning rate for a step: constant, cosine decay, one-cycle (30% warm-up, cosine down), or step
-    (times step_gamma after every epoch, as torch's StepLR(step_size=1))."""
+    """Learning rate for a step: constant, cosine decay, linear decay to 0, one-cycle (30% warm-up, cosine
+    down), or step (times step_gamma after every epoch, as torch's StepLR(step_size=1)). With train.warmup
+    the first share of the steps rises linearly from 0 and the schedule runs over the rest (as Hugging
+    Face's get_linear_schedule_with_warmup)."""
     progress = min(step / max(total_steps, 1), 1.0)
+    if config.warmup > 0:
+        if progress < config.warmup:
+            return config.lr * progress / config.warmup
+        progress = (progress - config.warmup) / (1 - config.warmup)
     if config.schedule == "step":
         epoch = min(int(step * config.epochs // max(total_steps, 1)), config.epochs - 1)
         return config.lr * config.step_gamma**epoch
     if config.schedule == "cosine":
         return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if config.schedule == "linear":
+        return config.lr * (1 - progress)
     if config.schedule == "onecycle":
         if progress < 0.3:
             return config.lr * (0.04 + 0.96 * progress / 0.3)
@@ -93,19 +101,30 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     return config.lr
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, config: TrainConfig, decay_matrices_only: bool = False
+) -> torch.optim.Optimizer:
+    """The configured optimizer over the trainable parameters. decay_matrices_only: weight decay on
+    weight matrices alone, not on biases and normalization weights (the 1-D parameters), as transformer
+    fine-tuning recipes do."""
     # The fused kernels update every parameter in one call: on small models the optimizer step is
     # otherwise a large share of the step time.
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    groups: list = params
+    if decay_matrices_only:
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2]},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
     if config.optimizer == "adadelta":
-        return torch.optim.Adadelta(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+        return torch.optim.Adadelta(groups, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=fused
+            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=fused
         )
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+    return cls(groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
 def loss_fn(task: str, reduction: str = "mean") -> nn.Module:
@@ -132,7 +151,7 @@ def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.
     if precision != tc.precision and tc.precision != "auto":
         log.warning("train.precision=%s is not supported on %s; training in fp32", tc.precision, device)
     family = families.get(config.data.family)
-    data = family.load(config.data, device, state, run.cache)
+    data = family.load(config.data, device, state, run.cache, config.model)
     if world.main:
         if state is None:
             atomic_write_text(run.preprocess, data.state.to_json())
@@ -162,7 +181,7 @@ def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.
         family,
         data,
         model,
-        build_optimizer(model, tc),
+        build_optimizer(model, tc, getattr(family, "DECAY_MATRICES_ONLY", False)),
         scaler,
         batch_size,
         total_steps,

@@ -216,9 +216,12 @@ def _load_chunked(table: Table, config: DataConfig, pre: Preprocessor | None, de
     )
 
 
-def load(config: DataConfig, device: torch.device, state: Preprocessor | None = None, cache=None) -> Dataset:
+def load(
+    config: DataConfig, device: torch.device, state: Preprocessor | None = None, cache=None, model=None
+) -> Dataset:
     """Open the training data, split it, fit preprocessing (unless given, as on resume) and build parts.
-    (Tables need no cache directory: NPY and Parquet are read from the files themselves.)"""
+    (Tables need no cache directory: NPY and Parquet are read from the files themselves; the model
+    config plays no part in preprocessing.)"""
     table = open_table(config.train, config.synthetic, config.chunk_rows)
     if fits_in_memory(table, config):
         return _load_in_memory(table, config, state, device)
