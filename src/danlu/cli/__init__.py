@@ -8,6 +8,7 @@ import logging
 import sys
 
 from danlu import __version__
+from danlu.cli.chat import add_chat
 from danlu.cli.doctor import add_doctor
 from danlu.cli.evaluate import add_evaluate
 from danlu.cli.export import add_export
@@ -25,6 +26,8 @@ EXAMPLES = """examples:
   danlu predict runs/small new.csv -o predictions.csv
   danlu train digits.yaml data.train=digits/         images: a folder with one subfolder per class
   danlu train reviews.yaml model.pretrained=DIR      texts: data.text names the column; DIR a local encoder
+  danlu chat model.gguf                              chat with a local language model in the terminal
+  danlu serve model.gguf                             an OpenAI-compatible chat server with a web page
 """
 
 
@@ -46,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_predict,
         add_export,
         add_serve,
+        add_chat,
         add_package,
         add_env,
         add_quickstart,

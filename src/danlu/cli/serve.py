@@ -13,25 +13,38 @@ log = logging.getLogger("danlu")
 def add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve a run over HTTP: JSON API, web page, health and metrics",
+        help="serve a run, or a local chat model, over HTTP: JSON API, web page, health and metrics",
         description="Serve a finished run with FastAPI + uvicorn: POST /v1/predict, GET /v1/metadata, "
         "/healthz, /readyz, /metrics (Prometheus), a web form at /, and OpenAPI docs at /docs. "
         "Concurrent requests are micro-batched into one forward pass. SIGTERM finishes in-flight "
-        "requests before exiting.",
+        "requests before exiting. When the argument is a causal language model (a directory whose "
+        "config.json has a *ForCausalLM architecture, or a .gguf file), an OpenAI-compatible chat server: "
+        "POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, a chat page "
+        "at /; concurrent requests decode together (continuous batching, --max-batch sequences).",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR|MODEL")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument(
         "--engine", choices=["torch", "onnx"], default="torch", help="onnx needs `danlu export` first"
     )
-    p.add_argument("--max-batch", type=int, default=64, help="rows per forward pass (default 64)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        help="rows per forward pass (default 64); chat models: sequences decoding together (default 8)",
+    )
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="batching window (default 2 ms)")
     p.add_argument("--max-rows", type=int, default=1024, help="rows per request (default 1024)")
     p.add_argument("--max-body-mb", type=float, default=10.0, help="request body limit (default 10 MB)")
-    p.add_argument("--max-queue", type=int, default=8192, help="rows waiting before 503 (default 8192)")
     p.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds before a request gets 504 (default 30)"
+        "--max-queue",
+        type=int,
+        help="rows waiting before 503 (default 8192); chat models: requests waiting (default 64)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds before a request gets 504 (default 30; chat models: 300)",
     )
     p.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     key = p.add_mutually_exclusive_group()
@@ -45,13 +58,25 @@ def add_serve(sub) -> None:
         "--api-key", metavar="KEY", help="the key itself; visible to other users in `ps`: prefer the above"
     )
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=512, help="chat models: prompt tokens per engine step (512)"
+    )
+    from danlu.cli.chat import add_model_options
+
+    add_model_options(p, serving=True)
     p.set_defaults(run=run_serve)
 
 
 def run_serve(args) -> int:
     from danlu.run import RunDir
+    from danlu.serve.chat.model import is_causal_lm
 
+    if is_causal_lm(args.run_dir):
+        return run_chat_server(args)
     RunDir(args.run_dir).require_complete()  # before torch is imported
+    args.max_batch = 64 if args.max_batch is None else args.max_batch
+    args.max_queue = 8192 if args.max_queue is None else args.max_queue
+    args.timeout = 30.0 if args.timeout is None else args.timeout
     from danlu.errors import DanluError
     from danlu.serve.app import ServeSettings, serve
 
@@ -69,6 +94,44 @@ def run_serve(args) -> int:
         api_key=api_key(args),
     )
     serve(settings, args.host, args.port, args.workers, args.access_log)
+    return 0
+
+
+def run_chat_server(args) -> int:
+    import uvicorn
+
+    from danlu.errors import DanluError
+    from danlu.serve.chat.app import ChatSettings, create_chat_app
+    from danlu.serve.chat.model import load_chat_model
+
+    if args.workers != 1:
+        raise DanluError("a chat model is served by one process", "leave out --workers; raise --max-batch")
+    args.max_batch = 8 if args.max_batch is None else args.max_batch
+    args.max_queue = 64 if args.max_queue is None else args.max_queue
+    args.timeout = 300.0 if args.timeout is None else args.timeout
+    for name in ("max_batch", "max_queue", "max_tokens", "prefill_chunk"):
+        if getattr(args, name) < 1:
+            raise DanluError(f"--{name.replace('_', '-')} must be at least 1", "pass a positive number")
+    settings = ChatSettings(
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_tokens=args.max_tokens,
+        prefill_chunk=args.prefill_chunk,
+        timeout_s=args.timeout,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        api_key=api_key(args),
+        template=args.template,
+    )
+    chat = load_chat_model(args.run_dir, args.dtype, args.device, args.trust_remote_code)
+    app = create_chat_app(chat, settings)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=settings.timeout_s,
+        log_level="info",
+    )
     return 0
 
 

@@ -6,7 +6,6 @@ Endpoints: POST /v1/predict, GET /v1/metadata, /healthz, /readyz, /metrics (Prom
 """
 
 import asyncio
-import hmac
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ from danlu.errors import DanluError
 from danlu.predictor import Predictor, nonfinite_rows
 from danlu.run import RunDir
 from danlu.serve.batching import MicroBatcher, QueueFull
-from danlu.serve.guard import Guard
+from danlu.serve.guard import Guard, key_matches
 
 # How `--workers N` hands the settings to each worker process: the path of a file only this user can read,
 # so the API key is never in an environment that child processes inherit.
@@ -222,12 +221,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return JSONResponse({"detail": detail}, status_code=422)
 
     def require_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix(
-            "Bearer "
-        )
-        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+        if not key_matches(settings.api_key, request.headers):
             raise HTTPException(
                 401,
                 "missing or wrong API key: send 'X-API-Key: KEY' or 'Authorization: Bearer KEY'",

@@ -3,9 +3,18 @@ series. Plain ASGI rather than BaseHTTPMiddleware: it adds no task per request o
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 from typing import Any
+
+
+def key_matches(expected: str | None, headers) -> bool:
+    """True when no key is set, or the request carries it in X-API-Key or Authorization: Bearer."""
+    if expected is None:
+        return True
+    given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 class Guard:

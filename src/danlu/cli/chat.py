@@ -1,0 +1,109 @@
+"""danlu chat: a terminal chat with a local causal LM (or one answer with --prompt), and the options
+`danlu serve MODEL` shares for chat models."""
+
+from __future__ import annotations
+
+import sys
+
+HELP_COMMANDS = "/system TEXT sets the system prompt, /reset clears the history, /exit quits"
+
+
+def add_model_options(p, serving: bool = False) -> None:
+    prefix = "chat models: " if serving else ""
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help=f"{prefix}weights' dtype (auto: float32 on CPU, bfloat16 or float16 on CUDA)",
+    )
+    p.add_argument("--device", default="cpu", help=f"{prefix}cpu, cuda or cuda:N (default cpu)")
+    p.add_argument(
+        "--template",
+        help=f"{prefix}chat template when the model has none (or to replace it): starchat, chatml, llama3, "
+        "zephyr, or a Jinja file",
+    )
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help=f"{prefix}run Python code shipped with the model"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=512,
+        help=f"{prefix}the most tokens an answer may have (the default, and the cap for requests; 512)",
+    )
+
+
+def add_chat(sub) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="chat with a local language model in the terminal",
+        description="Chat with a local causal language model: a Hugging Face directory (config.json with a "
+        "*ForCausalLM architecture, safetensors, tokenizer) or a .gguf file. Answers stream as they are "
+        f"generated. In the chat: {HELP_COMMANDS}. With --prompt, answer once to stdout (for scripts). "
+        "Nothing is downloaded.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model directory or .gguf file")
+    p.add_argument("--prompt", help="answer this message once and exit")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float, help="sampling temperature (0: greedy; default the model's)")
+    p.add_argument("--seed", type=int, help="sampling seed (reproducible answers)")
+    add_model_options(p)
+    p.set_defaults(run=run_chat)
+
+
+def run_chat(args) -> int:
+    from danlu.serve.chat.engine import Engine
+    from danlu.serve.chat.model import check_path, load_chat_model
+    from danlu.serve.chat.sampling import SamplingParams
+    from danlu.serve.chat.templates import Template
+
+    check_path(args.model)
+    chat = load_chat_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    template = Template(chat.tokenizer, args.template)
+    engine = Engine(chat, max_batch=1, extra_stops=template.stops)
+    engine.start()
+    defaults = {
+        k: v for k, v in chat.defaults.items() if k in ("temperature", "top_p", "top_k", "repetition_penalty")
+    }
+    if args.temperature is not None:
+        defaults["temperature"] = args.temperature
+
+    def answer(messages: list[dict]) -> str:
+        params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, **defaults)
+        parts = []
+        for event in engine.generate(template.encode(template.render(messages)), params):
+            if event.error:
+                print(f"\n[error: {event.error}]", file=sys.stderr)
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            parts.append(event.text)
+        sys.stdout.write("\n")
+        return "".join(parts)
+
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    try:
+        if args.prompt is not None:
+            answer([*system, {"role": "user", "content": args.prompt}])
+            return 0
+        print(f"danlu chat with {chat.name} ({HELP_COMMANDS})", file=sys.stderr)
+        history: list[dict] = []
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                return 0
+            if line.strip() in ("/exit", "/quit"):
+                return 0
+            if line.strip() == "/reset":
+                history = []
+                continue
+            if line.startswith("/system"):
+                text = line.removeprefix("/system").strip()
+                system = [{"role": "system", "content": text}] if text else []
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            history.append({"role": "assistant", "content": answer([*system, *history])})
+    finally:
+        engine.stop()

@@ -1,0 +1,292 @@
+"""Continuous batching on a Hugging Face causal LM, in one engine thread.
+
+Each step: (1) admit: prefill at most `prefill_chunk` tokens of the oldest waiting sequence into its own
+KV cache (a long prompt takes several steps, so running streams are not stalled by it); a sequence whose
+prompt is done samples its first token and joins the batch; (2) decode: one forward pass over every
+running sequence with the shared KV cache, each sequence sampled with its own parameters and generator;
+finished or cancelled sequences leave at once.
+
+The shared cache holds the running sequences left-padded to a common length, with an attention mask and
+per-sequence position ids, as `generate` does for a batch of prompts: joining pads the shorter side,
+leaving drops the row and any columns that only padding used."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from danlu.errors import DanluError
+from danlu.serve.chat.model import ChatModel
+from danlu.serve.chat.sampling import SamplingParams, choose, generator_for, penalize
+from danlu.serve.chat.text import Detokenizer, StopStrings
+
+log = logging.getLogger("danlu")
+
+
+@dataclass
+class Event:
+    """What a sequence reports: text (a delta; may be empty at the end), and when done, why."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+@dataclass
+class Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]  # called on the engine thread
+    output: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    finish_reason: str | None = None
+    # engine-private state
+    cache: Any = None
+    prefilled: int = 0
+    generator: torch.Generator | None = None
+    detok: Detokenizer | None = None
+    stops: StopStrings | None = None
+    prompt_tensor: torch.Tensor | None = None
+
+    def cancel(self) -> None:
+        """Stop generating at the next step boundary and free the slot (safe from any thread)."""
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(
+        self,
+        chat: ChatModel,
+        max_batch: int = 8,
+        prefill_chunk: int = 512,
+        extra_stops: list[str] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.chat = chat
+        self.model = chat.model
+        self.device = torch.device(chat.device)
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.extra_stops = extra_stops or []
+        self.on_step = on_step  # (running, waiting) after each step: the server's gauges
+        self.inbox: queue.Queue[Sequence] = queue.Queue()
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.cache: Any = None  # the running sequences' shared KV cache
+        self.mask: torch.Tensor | None = None  # [running, cached tokens]: 1 where a token is real
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- the caller's side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="danlu-chat-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put(None)  # type: ignore[arg-type]  # wakes the loop
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, sequence: Sequence) -> Sequence:
+        if len(sequence.prompt) + 1 > self.chat.context:
+            raise DanluError(
+                f"the prompt has {len(sequence.prompt)} tokens; the model's context is {self.chat.context}",
+                "shorten the conversation",
+            )
+        self.inbox.put(sequence)
+        return sequence
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) sequences."""
+        return len(self.running), len(self.waiting) + self.inbox.qsize()
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Event]:
+        """A blocking iterator of events for one sequence (the terminal chat, tests, benchmarks)."""
+        events: queue.Queue[Event] = queue.Queue()
+        sequence = self.submit(Sequence(prompt, params, events.put))
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            sequence.cancel()
+
+    # --- the engine thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            idle = not self.running and not self.waiting
+            try:
+                item = self.inbox.get(timeout=0.5) if idle else self.inbox.get_nowait()
+            except queue.Empty:
+                item = None
+            while item is not None:
+                self.waiting.append(item)
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    item = None
+            if self._stop.is_set():
+                break
+            try:
+                with torch.inference_mode():
+                    self.step()
+            except Exception as exc:  # a failed step ends its sequences with an error, not the engine
+                log.exception("generation step failed")
+                for sequence in self.running + self.waiting:
+                    self._finish(sequence, "error", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+                self.running, self.waiting, self.cache, self.mask = [], [], None, None
+        for sequence in self.running + self.waiting:
+            self._finish(sequence, "cancelled")
+
+    def step(self) -> None:
+        """One engine step: drop cancelled sequences, prefill one chunk, decode every running sequence."""
+        self.waiting = [s for s in self.waiting if not self._dropped(s)]
+        self._leave([i for i, s in enumerate(self.running) if s.cancelled], "cancelled")
+        if self.waiting and len(self.running) < self.max_batch:
+            self._prefill(self.waiting[0])
+        if self.running:
+            self._decode()
+        if self.on_step is not None:
+            self.on_step(*self.load)
+
+    def _dropped(self, sequence: Sequence) -> bool:
+        if sequence.cancelled:
+            self._finish(sequence, "cancelled")
+        return sequence.cancelled
+
+    def _prefill(self, sequence: Sequence) -> None:
+        if sequence.prompt_tensor is None:
+            sequence.prompt_tensor = torch.tensor(sequence.prompt, dtype=torch.long)
+            sequence.generator = generator_for(sequence.params)
+            sequence.detok = Detokenizer(self.chat.tokenizer)
+            sequence.stops = StopStrings([*sequence.params.stop, *self.extra_stops])
+        start = sequence.prefilled
+        chunk = sequence.prompt_tensor[start : start + self.prefill_chunk].to(self.device)[None, :]
+        out = self.model(input_ids=chunk, past_key_values=sequence.cache, use_cache=True)
+        sequence.cache = out.past_key_values
+        sequence.prefilled += chunk.shape[1]
+        if sequence.prefilled < len(sequence.prompt):
+            return  # the rest of the prompt in later steps
+        self.waiting.remove(sequence)
+        if self._advance(sequence, out.logits[0, -1]):
+            return  # done after one token (a stop, or max_tokens=1)
+        self._join(sequence)
+
+    def _join(self, sequence: Sequence) -> None:
+        """Add a prefilled sequence's cache to the shared one, left-padding the shorter side."""
+        own = sequence.cache
+        sequence.cache = None
+        length = own.get_seq_length()
+        own_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
+        if self.cache is None:
+            self.cache, self.mask = own, own_mask
+        else:
+            shared = self.cache.get_seq_length()
+            width = max(shared, length)
+            for mine, theirs in zip(self.cache.layers, own.layers, strict=True):
+                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+            self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(own_mask, width, dim=1)])
+        self.running.append(sequence)
+
+    def _decode(self) -> None:
+        tokens = torch.tensor([[s.output[-1]] for s in self.running], dtype=torch.long, device=self.device)
+        mask = torch.cat(
+            [self.mask, torch.ones((len(self.running), 1), dtype=torch.long, device=self.device)], 1
+        )
+        positions = (self.mask.sum(dim=1, keepdim=True)).to(torch.long)  # each row's own next position
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache, self.mask = out.past_key_values, mask
+        logits = out.logits[:, -1]
+        done = [i for i, s in enumerate(self.running) if self._advance(s, logits[i])]
+        self._leave(done, None)
+
+    def _advance(self, sequence: Sequence, logits: torch.Tensor) -> bool:
+        """Sample the sequence's next token and emit its text; True when the sequence is finished."""
+        row = logits.float().cpu()
+        params = sequence.params
+        penalize(row, params, sequence.prompt_tensor, sequence.output)
+        token = choose(row, params, sequence.generator)
+        sequence.output.append(token)
+        if sequence.first_token_at is None:
+            sequence.first_token_at = time.perf_counter()
+        if token in self.chat.eos_ids:
+            self._finish(sequence, "stop", flush=True)
+            return True
+        text, stopped = sequence.stops.push(sequence.detok.add(token))
+        if stopped:
+            self._finish(sequence, "stop", text)
+            return True
+        total = len(sequence.prompt) + len(sequence.output)
+        if len(sequence.output) >= params.max_tokens or total >= self.chat.context:
+            self._finish(sequence, "length", text, flush=True)
+            return True
+        if text:
+            sequence.emit(Event(text))
+        return False
+
+    def _finish(
+        self, sequence: Sequence, reason: str, text: str = "", error: str | None = None, flush: bool = False
+    ) -> None:
+        """Report the end once. flush: the text held back (an incomplete character, a possible start of
+        a stop string) goes out too, unless a stop string completes in it."""
+        if sequence.finish_reason is not None:
+            return
+        if flush:
+            rest, stopped = sequence.stops.push(sequence.detok.flush())
+            text += rest if stopped else rest + sequence.stops.flush()
+        sequence.finish_reason = reason
+        sequence.finished_at = time.perf_counter()
+        sequence.cache = None
+        sequence.emit(Event(text, reason, error))
+
+    def _leave(self, rows: list[int], reason: str | None) -> None:
+        """Drop rows from the batch (finished, or cancelled: then finish them with `reason`)."""
+        if not rows:
+            return
+        for i in rows:
+            if reason is not None:
+                self._finish(self.running[i], reason)
+        keep = [i for i in range(len(self.running)) if i not in set(rows)]
+        self.running = [self.running[i] for i in keep]
+        if not keep:
+            self.cache, self.mask = None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.mask = self.mask[index]
+        first = int((self.mask.sum(dim=0) > 0).nonzero()[0])  # columns only padding used go
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

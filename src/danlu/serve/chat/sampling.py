@@ -1,0 +1,70 @@
+"""Per-request sampling: greedy or temperature / top-k / top-p sampling from a generator seeded by the
+request (never the process's global RNG), with the OpenAI frequency and presence penalties (additive, on
+the generated tokens' counts) and Hugging Face's repetition penalty (multiplicative, on prompt and
+generated tokens)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0 or self.top_k == 1
+
+
+def generator_for(params: SamplingParams) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    generator = torch.Generator()
+    if params.seed is None:
+        generator.seed()  # fresh entropy
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, output: list[int]) -> None:
+    """Apply the penalties to one row of logits [vocab], in place."""
+    if params.repetition_penalty != 1.0:
+        seen = torch.unique(torch.cat([prompt, torch.tensor(output, dtype=torch.long)]))
+        values = logits[seen]
+        logits[seen] = torch.where(
+            values > 0, values / params.repetition_penalty, values * params.repetition_penalty
+        )
+    if output and (params.frequency_penalty or params.presence_penalty):
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=logits.numel())
+        counts = counts[: logits.numel()].to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """The next token from one row of (penalized) float32 logits."""
+    if params.greedy or generator is None:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest set whose mass reaches top_p (the first token always stays)
+        drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= params.top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,72 @@
+"""A tiny chat model the tests build themselves: a byte-level BPE tokenizer trained here with the
+`tokenizers` library (so Chinese characters and emoji span several tokens, as in real models), with a
+ChatML template, and a randomly initialised 2-layer Llama saved with save_pretrained. No downloads."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+CORPUS = [
+    "hello there, how are you today?",
+    "the quick brown fox jumps over the lazy dog",
+    "danlu serves local chat models on the machine you have",
+    "streaming text arrives token by token",
+    "one two three four five six seven eight nine ten",
+] * 20
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(CORPUS, vocab_size=400, min_frequency=2, special_tokens=specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def tiny_llama(path: Path, seed: int = 0, template: bool = True, layers: int = 2) -> Path:
+    """A random Llama (width 64) whose logits are spread enough that greedy choices are not near-ties."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    if not template:
+        tokenizer.chat_template = None
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
+    )
+    with contextlib.redirect_stderr(io.StringIO()):
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path

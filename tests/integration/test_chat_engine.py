@@ -1,0 +1,129 @@
+"""The continuous-batching engine on a tiny random Llama: greedy output equals `model.generate`, alone
+and in a batch of prompts of different lengths joining at different steps; chunked prefill; streaming
+equals the whole text; per-request seeds; cancelling frees the slot."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from danlu.serve.chat.engine import Engine, Sequence
+from danlu.serve.chat.model import load_chat_model
+from danlu.serve.chat.sampling import SamplingParams
+from danlu.serve.chat.templates import Template
+from tests.chat_models import tiny_llama
+
+PROMPTS = [
+    "hello there",
+    "the quick brown fox jumps over the lazy dog and keeps on running far away",
+    "one two",
+    "danlu serves local chat models on the machine you have, streaming text token by token",
+]
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    return load_chat_model(str(tiny_llama(tmp_path_factory.mktemp("llm") / "tiny")))
+
+
+def reference(chat, prompt_ids, max_tokens):
+    with torch.inference_mode():
+        out = chat.model.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=chat.tokenizer.pad_token_id,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def run_all(engine, prompts, params, stagger=0.0) -> list[Sequence]:
+    """Submit every prompt (`stagger` seconds apart, so later ones join a running batch); wait for all."""
+    done = [threading.Event() for _ in prompts]
+    sequences = []
+    for i, ids in enumerate(prompts):
+        sequence = Sequence(ids, params, lambda e, i=i: e.finish_reason and done[i].set())
+        sequence.texts = []
+        sequence.emit = lambda e, i=i, s=sequence: (s.texts.append(e.text), e.finish_reason and done[i].set())
+        sequences.append(engine.submit(sequence))
+        time.sleep(stagger)
+    assert all(d.wait(60) for d in done)
+    return sequences
+
+
+@pytest.mark.parametrize("stagger", [0.0, 0.01])
+def test_greedy_equals_generate_alone_and_in_a_batch(chat, stagger):
+    chat.eos_ids = set()  # run every sequence to max_tokens, as generate(eos_token_id=None) does
+    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    expected = [reference(chat, p, 24) for p in ids]
+    widest = []
+    engine = Engine(
+        chat, max_batch=4, prefill_chunk=8, on_step=lambda running, waiting: widest.append(running)
+    )
+    engine.start()
+    try:
+        alone = [run_all(engine, [p], params)[0] for p in ids]
+        together = run_all(engine, ids, params, stagger)
+    finally:
+        engine.stop()
+    assert max(widest) == 4  # the four sequences really decoded together
+    assert [s.output for s in alone] == expected
+    assert [s.output for s in together] == expected  # padding and batching change no token
+    text = [chat.tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+    assert ["".join(s.texts) for s in together] == text
+    assert all(s.finish_reason == "length" for s in together)
+
+
+def test_stop_strings_seeds_and_cancel(chat):
+    chat.eos_ids = set()
+    engine = Engine(chat, max_batch=2)
+    engine.start()
+    try:
+        prompt = chat.tokenizer("hello there")["input_ids"]
+        sampled = SamplingParams(max_tokens=30, temperature=1.0, seed=11)
+        first = "".join(e.text for e in engine.generate(prompt, sampled))
+        second = "".join(e.text for e in engine.generate(prompt, sampled))
+        other = "".join(
+            e.text for e in engine.generate(prompt, SamplingParams(max_tokens=30, temperature=1.0, seed=12))
+        )
+        assert first == second and first != other
+        whole = "".join(e.text for e in engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0)))
+        stop = whole[8:11]
+        events = list(engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0, stop=[stop])))
+        assert (
+            "".join(e.text for e in events) == whole[: whole.index(stop)]
+            and events[-1].finish_reason == "stop"
+        )
+
+        finished = threading.Event()
+        long = Sequence(
+            prompt,
+            SamplingParams(max_tokens=10_000, temperature=0),
+            lambda e: e.finish_reason and finished.set(),
+        )
+        engine.submit(long)
+        deadline = time.monotonic() + 10
+        while not long.output and time.monotonic() < deadline:
+            time.sleep(0.01)
+        long.cancel()
+        assert finished.wait(10) and long.finish_reason == "cancelled"
+        time.sleep(0.1)
+        assert engine.load == (0, 0)
+    finally:
+        engine.stop()
+
+
+def test_eos_ends_with_stop_and_the_template_renders(chat, tmp_path):
+    engine = Engine(chat, max_batch=1)
+    chat.eos_ids = {chat.tokenizer.eos_token_id}
+    template = Template(chat.tokenizer)
+    engine.start()
+    try:
+        ids = template.encode(template.render([{"role": "user", "content": "hi"}]))
+        events = list(engine.generate(ids, SamplingParams(max_tokens=200, temperature=0)))
+        assert events[-1].finish_reason in ("stop", "length")
+    finally:
+        engine.stop()

@@ -1,0 +1,102 @@
+"""Chat text handling: incremental detokenizing without split characters, stop strings across token
+boundaries, templates and content parts, and the sampling rules (penalties, seeds, top-k/top-p)."""
+
+import pytest
+import torch
+
+from danlu.errors import DanluError
+from danlu.serve.chat.sampling import SamplingParams, choose, generator_for, penalize
+from danlu.serve.chat.templates import Template, normalize
+from danlu.serve.chat.text import REPLACEMENT, Detokenizer, StopStrings
+from tests.chat_models import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.mark.parametrize(
+    "text", ["你好，世界！ 😀🎉 hello there", "emoji 👩‍👩‍👧 and 中文 mixed", "plain words only"]
+)
+def test_deltas_concatenate_to_the_decoded_text_without_replacement_characters(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # characters span several byte tokens
+    detok = Detokenizer(tokenizer)
+    deltas = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids) == text
+    assert not any(REPLACEMENT in d for d in deltas)
+
+
+def test_stop_strings_are_found_across_pushes_and_never_leaked():
+    stops = StopStrings(["STOP", "<end>"])
+    emitted = []
+    for piece in ["Hel", "lo S", "TO", "P and more"]:
+        text, stopped = stops.push(piece)
+        emitted.append(text)
+        if stopped:
+            break
+    assert "".join(emitted) == "Hello " and stopped
+    partial = StopStrings(["STOP"])
+    out = [partial.push(p)[0] for p in ["abc S", "T"]]
+    assert "".join(out) == "abc" and partial.flush() == " ST"  # held back, then flushed at the end
+    assert StopStrings([]).push("anything") == ("anything", False)
+
+
+def test_messages_are_checked_and_content_parts_joined(tokenizer):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert normalize(parts) == [{"role": "user", "content": "ab"}]
+    with pytest.raises(DanluError, match="not one of"):
+        normalize([{"role": "robot", "content": "x"}])
+    with pytest.raises(DanluError, match="empty"):
+        normalize([])
+    with pytest.raises(DanluError, match="not a text part"):
+        normalize([{"role": "user", "content": [{"type": "image_url"}]}])
+
+
+def test_templates_render_once_with_one_bos(tokenizer):
+    template = Template(tokenizer)
+    prompt = template.render([{"role": "user", "content": "hi"}])
+    assert prompt.endswith("<|im_start|>assistant\n")
+    ids = template.encode(Template(tokenizer, "llama3").render([{"role": "user", "content": "hi"}]))
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id  # no double BOS
+    bare = tiny_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(DanluError, match="no chat template"):
+        Template(bare)
+    assert Template(bare, "starchat").stops == ["<|end|>"]
+    with pytest.raises(DanluError, match="neither a built-in nor a file"):
+        Template(bare, "nonsense")
+
+
+def test_penalties_follow_the_openai_and_hugging_face_definitions():
+    logits = torch.tensor([1.0, 2.0, -1.0, 0.5])
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
+    penalize(logits, params, torch.tensor([3]), [1, 1, 2])
+    assert logits.tolist() == [1.0, 2.0 - 2 * 0.5 - 0.25, -1.0 - 0.5 - 0.25, 0.5]  # output tokens only
+    rep = torch.tensor([1.0, 2.0, -1.0, 0.5])
+    penalize(rep, SamplingParams(repetition_penalty=2.0), torch.tensor([3]), [2])
+    assert rep.tolist() == [1.0, 2.0, -2.0, 0.25]  # prompt and output tokens, by sign
+
+
+def test_seeds_are_per_request_and_top_k_top_p_restrict_the_choice():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=1.0, seed=7)
+    draws = [
+        [choose(logits, params, g) for _ in range(20)] for g in (generator_for(params), generator_for(params))
+    ]
+    assert draws[0] == draws[1]
+    torch.manual_seed(0)  # the global RNG plays no part
+    assert [choose(logits, params, generator_for(params)) for _ in range(3)] == [draws[0][0]] * 3
+    best = int(torch.argmax(logits))
+    assert choose(logits, SamplingParams(top_k=1), None) == best
+    assert (
+        choose(
+            logits, SamplingParams(temperature=0.8, top_p=1e-6, seed=3), generator_for(SamplingParams(seed=3))
+        )
+        == best
+    )
+    top3 = set(torch.topk(logits, 3).indices.tolist())
+    k3 = SamplingParams(temperature=2.0, top_k=3, seed=5)
+    generator = generator_for(k3)
+    assert {choose(logits, k3, generator) for _ in range(200)} <= top3
