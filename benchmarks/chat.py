@@ -7,7 +7,8 @@ run. Same prompts, greedy decoding, the same max_tokens.
   danlu engine, 1 stream   the same prompts through danlu's engine in this process
   tutorial server          a uvicorn process with `def chat(...)`: model.generate per request (FastAPI runs
                            it on its thread pool), STREAMS concurrent clients
-  danlu serve              a `danlu serve MODEL` process, STREAMS concurrent streaming clients
+  danlu serve              a `danlu serve MODEL` process, STREAMS concurrent streaming clients, with float32
+                           weights (the default on CPU, greedy output equal to generate's) and bfloat16
   llama.cpp                llama-cpp-python on the same GGUF file (its own quantized kernels), prompts one
                            after another, as its server handles them (when llama_cpp imports)
 
@@ -172,7 +173,7 @@ def main() -> None:
     questions = (QUESTIONS * (args.streams // len(QUESTIONS) + 1))[: args.streams]
     rows = []
 
-    from danlu.serve.chat.engine import Engine
+    from danlu.serve.chat.engine import Engine, Sequence
     from danlu.serve.chat.model import load_chat_model
     from danlu.serve.chat.sampling import SamplingParams
     from danlu.serve.chat.templates import Template
@@ -191,9 +192,16 @@ def main() -> None:
     engine = Engine(chat, max_batch=1)
     engine.start()
     start, n = time.perf_counter(), 0
-    for p in single:
-        events = list(engine.generate(p, SamplingParams(max_tokens=args.max_tokens, temperature=0)))
-        n += len(chat.tokenizer("".join(e.text for e in events), add_special_tokens=False)["input_ids"])
+    for p in single:  # counted as generate counts: every generated id, the end-of-turn one included
+        done = threading.Event()
+        sequence = Sequence(
+            p,
+            SamplingParams(max_tokens=args.max_tokens, temperature=0),
+            lambda e, d=done: e.finish_reason and d.set(),
+        )
+        engine.submit(sequence)
+        done.wait()
+        n += len(sequence.output)
     engine.stop()
     rows.append(("danlu engine, 1 stream", n / (time.perf_counter() - start), None, None, None))
     del chat, engine
@@ -211,25 +219,26 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
-        rows.append((f"tutorial server, {args.streams} clients", r["tokens"] / r["seconds"], None, None,
-                     pct(r["ttft"], 50)))  # fmt: skip
+        latency = r["ttft"]  # it does not stream: the first token arrives with the whole answer
+        rows.append((f"tutorial server, {args.streams} clients", r["tokens"] / r["seconds"], pct(latency, 50),
+                     pct(latency, 99), None))  # fmt: skip
 
-    port = 8701
-    server = subprocess.Popen(
-        [sys.executable, "-m", "danlu", "serve", str(path), "--port", str(port),
-         "--max-batch", str(args.streams), "--max-tokens", str(args.max_tokens)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/readyz", server)
-        r = asyncio.run(
-            danlu_streams(f"http://127.0.0.1:{port}/v1/chat/completions", questions, args.max_tokens)
-        )
-    finally:
-        server.terminate()
-        server.wait()
-    rows.append((f"danlu serve, {args.streams} streams", r["tokens"] / r["seconds"], pct(r["ttft"], 50),
-                 pct(r["ttft"], 99), statistics.mean(r["tpot"]) if r["tpot"] else None))  # fmt: skip
+    for port, dtype in ((8701, "float32"), (8702, "bfloat16")):
+        server = subprocess.Popen(
+            [sys.executable, "-m", "danlu", "serve", str(path), "--port", str(port), "--dtype", dtype,
+             "--max-batch", str(args.streams), "--max-tokens", str(args.max_tokens)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/readyz", server)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            r = asyncio.run(danlu_streams(url, questions, args.max_tokens))
+        finally:
+            server.terminate()
+            server.wait()
+        per_token = statistics.mean(r["tpot"]) if r["tpot"] else None
+        rows.append((f"danlu serve, {args.streams} streams, {dtype}", r["tokens"] / r["seconds"],
+                     pct(r["ttft"], 50), pct(r["ttft"], 99), per_token))  # fmt: skip
 
     if importlib.util.find_spec("llama_cpp") is not None:
         from llama_cpp import Llama
@@ -269,7 +278,7 @@ def main() -> None:
             return f"{v:9.3f}" if v is not None and v == v else f"{'-':>9}"
 
         print(f"{name:42} {tps:9.1f} {show(p50)} {show(p99)} {show(per_token)[1:]}")
-    print("tutorial server TTFT = its whole response time (it does not stream)")
+    print("tutorial server: TTFT is its whole response time (it does not stream)")
 
 
 if __name__ == "__main__":

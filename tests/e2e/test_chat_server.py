@@ -296,3 +296,21 @@ def test_a_real_gguf_model_answers_and_matches_generate():
         with torch.inference_mode():
             out = chat.model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
         assert outputs[i] == chat.tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
+
+
+def test_the_api_key_guards_the_api_but_not_the_probes(model, tmp_path):
+    from openai import AuthenticationError, OpenAI
+
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    server = Server(model, "--api-key-file", str(key_file))
+    try:
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+        listed = OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0).models.list()
+        assert listed.data[0].id == "tiny"
+        response = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": HELLO}, timeout=10)
+        assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+    finally:
+        server.stop()

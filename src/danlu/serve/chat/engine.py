@@ -1,10 +1,10 @@
 """Continuous batching on a Hugging Face causal LM, in one engine thread.
 
-Each step: (1) admit: prefill at most `prefill_chunk` tokens of the oldest waiting sequence into its own
-KV cache (a long prompt takes several steps, so running streams are not stalled by it); a sequence whose
-prompt is done samples its first token and joins the batch; (2) decode: one forward pass over every
-running sequence with the shared KV cache, each sequence sampled with its own parameters and generator;
-finished or cancelled sequences leave at once.
+Each step: (1) admit: prefill at most `prefill_chunk` prompt tokens in all, oldest waiting sequence
+first, each into its own KV cache (a long prompt takes several steps, so running streams are not
+stalled by it); a sequence whose prompt is done samples its first token and joins the batch; (2) decode:
+one forward pass over every running sequence with the shared KV cache, each sequence sampled with its
+own parameters and generator; finished or cancelled sequences leave at once.
 
 The shared cache holds the running sequences left-padded to a common length, with an attention mask and
 per-sequence position ids, as `generate` does for a batch of prompts: joining pads the shorter side,
@@ -158,8 +158,11 @@ class Engine:
         """One engine step: drop cancelled sequences, prefill one chunk, decode every running sequence."""
         self.waiting = [s for s in self.waiting if not self._dropped(s)]
         self._leave([i for i, s in enumerate(self.running) if s.cancelled], "cancelled")
-        if self.waiting and len(self.running) < self.max_batch:
-            self._prefill(self.waiting[0])
+        budget = self.prefill_chunk  # prompt tokens this step, over every sequence it admits
+        for sequence in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_batch:
+                break
+            budget -= self._prefill(sequence, budget)
         if self.running:
             self._decode()
         if self.on_step is not None:
@@ -170,23 +173,25 @@ class Engine:
             self._finish(sequence, "cancelled")
         return sequence.cancelled
 
-    def _prefill(self, sequence: Sequence) -> None:
+    def _prefill(self, sequence: Sequence, budget: int) -> int:
+        """Prefill up to `budget` more prompt tokens; a finished prompt samples its first token and joins
+        the batch. Returns the tokens prefilled."""
         if sequence.prompt_tensor is None:
             sequence.prompt_tensor = torch.tensor(sequence.prompt, dtype=torch.long)
             sequence.generator = generator_for(sequence.params)
             sequence.detok = Detokenizer(self.chat.tokenizer)
             sequence.stops = StopStrings([*sequence.params.stop, *self.extra_stops])
         start = sequence.prefilled
-        chunk = sequence.prompt_tensor[start : start + self.prefill_chunk].to(self.device)[None, :]
+        chunk = sequence.prompt_tensor[start : start + budget].to(self.device)[None, :]
         out = self.model(input_ids=chunk, past_key_values=sequence.cache, use_cache=True)
         sequence.cache = out.past_key_values
         sequence.prefilled += chunk.shape[1]
         if sequence.prefilled < len(sequence.prompt):
-            return  # the rest of the prompt in later steps
+            return chunk.shape[1]  # the rest of the prompt in later steps
         self.waiting.remove(sequence)
-        if self._advance(sequence, out.logits[0, -1]):
-            return  # done after one token (a stop, or max_tokens=1)
-        self._join(sequence)
+        if not self._advance(sequence, out.logits[0, -1]):  # else done after one token
+            self._join(sequence)
+        return chunk.shape[1]
 
     def _join(self, sequence: Sequence) -> None:
         """Add a prefilled sequence's cache to the shared one, left-padding the shorter side."""
@@ -210,14 +215,17 @@ class Engine:
         mask = torch.cat(
             [self.mask, torch.ones((len(self.running), 1), dtype=torch.long, device=self.device)], 1
         )
-        positions = (self.mask.sum(dim=1, keepdim=True)).to(torch.long)  # each row's own next position
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
+        if bool(self.mask.all()):  # no padding (one sequence, or all alike): the model's own fast path
+            out = self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True)
+        else:
+            positions = self.mask.sum(dim=1, keepdim=True)  # each row's own next position
+            out = self.model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
         self.cache, self.mask = out.past_key_values, mask
         logits = out.logits[:, -1]
         done = [i for i, s in enumerate(self.running) if self._advance(s, logits[i])]
