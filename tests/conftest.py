@@ -66,6 +66,37 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     )
 
 
+def train_and_kill(config: Path, out: Path, epochs: int) -> None:
+    """`danlu train CONFIG --out OUT` as a real process, killed with SIGKILL once `epochs` epochs are
+    logged: no clean-up code runs. Asserts it was killed mid-run and left a resumable, incomplete run."""
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "danlu", "-q", "train", str(config), "--out", str(out)],
+        cwd=config.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= epochs:
+            break
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert process.returncode == -9, "the run finished before it could be killed; make it longer"
+    assert not (out / "report.json").exists()  # a killed run never looks complete
+    assert (out / "checkpoints" / "last.pt").is_file()
+
+
+def same_weights(a_run: Path, b_run: Path) -> bool:
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(a_run / "model.safetensors"), load_file(b_run / "model.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def priced_frame(n: int = 400, seed: int = 0) -> pd.DataFrame:
     """Regression with a categorical column and missing numbers (for export parity)."""
     frame = regression_frame(n, seed)

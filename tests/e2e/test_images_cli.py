@@ -11,7 +11,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from tests.conftest import run_cli, write_config
+from tests.conftest import run_cli, same_weights, train_and_kill, write_config
 from tests.e2e.test_serve_process import Server
 from tests.images import CLASSES, image_folder, shapes
 
@@ -133,13 +133,6 @@ def test_two_processes_train_images_to_the_weights_of_one(tmp_path):
 
 @pytest.mark.slow
 def test_an_image_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
-    import subprocess
-    import sys
-    import time
-
-    import torch
-    from safetensors.torch import load_file
-
     import danlu
 
     folder = image_folder(tmp_path / "f", n=60)
@@ -150,22 +143,7 @@ def test_an_image_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     )
     full = danlu.train(config, out=tmp_path / "full", progress=False).path
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "danlu", "-q", "train", str(config), "--out", str(killed)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    metrics, deadline = killed / "metrics.jsonl", time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.01)
-    process.kill()
-    process.wait()
-    assert process.returncode == -9, "the run finished before it could be killed; make it longer"
-    assert not (killed / "report.json").exists()
+    train_and_kill(config, killed, epochs=3)
     result = run_cli("train", "--resume", str(killed), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert same_weights(full, killed), "resumed weights differ from the uninterrupted run"

@@ -8,7 +8,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from tests.conftest import run_cli, write_config
+from tests.conftest import run_cli, same_weights, train_and_kill, write_config
 from tests.e2e.test_serve_process import Server
 from tests.e2e.test_web_page import CHROMEDRIVER, CHROMIUM, browser  # noqa: F401 (a fixture)
 from tests.texts import reviews, tiny_encoder
@@ -138,13 +138,6 @@ def test_two_processes_fine_tune_to_the_weights_of_one(tmp_path):
 
 @pytest.mark.slow
 def test_a_text_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
-    import subprocess
-    import sys
-    import time
-
-    import torch
-    from safetensors.torch import load_file
-
     import danlu
 
     tiny_encoder(tmp_path / "bert")  # dropout on: the RNG state must come back too
@@ -157,22 +150,7 @@ def test_a_text_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     )
     full = danlu.train(config, out=tmp_path / "full", progress=False).path
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "danlu", "-q", "train", str(config), "--out", str(killed)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    metrics, deadline = killed / "metrics.jsonl", time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.01)
-    process.kill()
-    process.wait()
-    assert process.returncode == -9, "the run finished before it could be killed; make it longer"
-    assert not (killed / "report.json").exists()
+    train_and_kill(config, killed, epochs=3)
     result = run_cli("train", "--resume", str(killed), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert same_weights(full, killed), "resumed weights differ from the uninterrupted run"
