@@ -159,8 +159,12 @@ def test_danlu_chat_prompt_answers_once(model):
 
 
 def test_a_hub_id_is_one_line(tmp_path):
-    result = run_cli("chat", "HuggingFaceTB/SmolLM2-135M-Instruct", "--prompt", "hi")
-    assert result.returncode == 2 and "never downloads" in result.stderr and "hub id" in result.stderr
+    for args in (("chat", "HuggingFaceTB/SmolLM2-135M-Instruct", "--prompt", "hi"), ("serve", "org/model")):
+        result = run_cli(*args)
+        assert result.returncode == 2 and "never downloads" in result.stderr and "hub id" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    result = run_cli("serve", str(tmp_path / "missing.gguf"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
 
 
 @pytest.mark.skipif(

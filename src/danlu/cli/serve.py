@@ -69,10 +69,10 @@ def add_serve(sub) -> None:
 
 def run_serve(args) -> int:
     from danlu.run import RunDir
-    from danlu.serve.chat.model import is_causal_lm
+    from danlu.serve.chat.model import is_causal_lm, looks_like_model
 
-    if is_causal_lm(args.run_dir):
-        return run_chat_server(args)
+    if is_causal_lm(args.run_dir) or looks_like_model(args.run_dir):
+        return run_chat_server(args)  # a missing model or a hub id is reported by the chat loader
     RunDir(args.run_dir).require_complete()  # before torch is imported
     args.max_batch = 64 if args.max_batch is None else args.max_batch
     args.max_queue = 8192 if args.max_queue is None else args.max_queue
@@ -102,8 +102,9 @@ def run_chat_server(args) -> int:
 
     from danlu.errors import DanluError
     from danlu.serve.chat.app import ChatSettings, create_chat_app
-    from danlu.serve.chat.model import load_chat_model
+    from danlu.serve.chat.model import check_path, load_chat_model
 
+    check_path(args.run_dir)  # before the options: a hub id or a missing file is the first thing to say
     if args.workers != 1:
         raise DanluError("a chat model is served by one process", "leave out --workers; raise --max-batch")
     args.max_batch = 8 if args.max_batch is None else args.max_batch

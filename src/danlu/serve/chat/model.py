@@ -44,6 +44,20 @@ class ChatModel:
     device: str = "cpu"
 
 
+def looks_like_model(spec: str) -> bool:
+    """A path that does not exist but names a model: a .gguf file or a hub id (owner/name)."""
+    if Path(spec).exists():
+        return False
+    return spec.lower().endswith(".gguf") or _hub_id(spec)
+
+
+def _hub_id(spec: str) -> bool:
+    """owner/name whose owner is not a local folder (runs/typo is a path, not a hub id)."""
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")) or spec.endswith("/"):
+        return False
+    return not Path(spec).parent.exists()
+
+
 def check_path(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
@@ -53,7 +67,7 @@ def check_path(spec: str) -> Path:
                 "pass a directory whose config.json has a *ForCausalLM architecture, or a .gguf file",
             )
         return path
-    hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    hub_id = _hub_id(spec)
     raise DanluError(
         f"'{spec}' does not exist",
         "danlu never downloads: pass a local model directory or .gguf file"
