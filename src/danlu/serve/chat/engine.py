@@ -277,7 +277,8 @@ class Engine:
         for i in rows:
             if reason is not None:
                 self._finish(self.running[i], reason)
-        keep = [i for i in range(len(self.running)) if i not in set(rows)]
+        leaving = set(rows)
+        keep = [i for i in range(len(self.running)) if i not in leaving]
         self.running = [self.running[i] for i in keep]
         if not keep:
             self.cache, self.mask = None, None

@@ -20,25 +20,27 @@ class Detokenizer:
         self.ids: list[int] = []
         self.prefix = 0
         self.read = 0
+        self.emitted = ""  # decode(ids[prefix:read]): known from the last emit, not decoded again
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith(REPLACEMENT):
+        if len(after) > len(self.emitted) and not after.endswith(REPLACEMENT):
+            delta = after[len(self.emitted) :]
             self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before) :]
+            self.emitted = self._decode(self.ids[self.prefix : self.read])
+            return delta
         return ""
 
     def flush(self) -> str:
         """What is left at the end (an incomplete character stays as U+FFFD, as decode would show it)."""
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
+        delta = self._decode(self.ids[self.prefix :])[len(self.emitted) :]
         self.prefix = self.read = len(self.ids)
-        return after[len(before) :]
+        self.emitted = ""
+        return delta
 
 
 class StopStrings:
