@@ -9,6 +9,10 @@ run. Same prompts, greedy decoding, the same max_tokens.
                            it on its thread pool), STREAMS concurrent clients
   danlu serve              a `danlu serve MODEL` process, STREAMS concurrent streaming clients, with float32
                            weights (the default on CPU, greedy output equal to generate's) and bfloat16
+  danlu serve --quantize int8  the same, with int8 weight-only Linear layers
+  transformers serve       Hugging Face's OpenAI-compatible server on the same float32 weights (saved as a
+                           safetensors directory: it does not load this GGUF file), STREAMS streaming
+                           clients, without and with its --continuous-batching
   llama.cpp                llama-cpp-python on the same GGUF file (its own quantized kernels), prompts one
                            after another, as its server handles them (when llama_cpp imports)
 
@@ -24,6 +28,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -109,14 +114,17 @@ def wait_ready(url: str, process: subprocess.Popen, seconds: float = 180) -> Non
     raise RuntimeError("server did not start")
 
 
-async def danlu_streams(url: str, questions: list[str], max_tokens: int) -> dict:
-    """Concurrent streaming clients: per request TTFT, time per output token; aggregate tokens/s."""
+async def openai_streams(url: str, questions: list[str], max_tokens: int, model: str | None = None) -> dict:
+    """Concurrent streaming clients of an OpenAI-compatible server: per request TTFT, time per output
+    token; aggregate tokens/s (from the final usage chunk, else one token per content chunk)."""
     ttft, tpot, tokens = [], [], []
 
     async def one(client: httpx.AsyncClient, question: str) -> None:
         body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
                 "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-        start, first, usage = time.perf_counter(), None, None
+        if model is not None:
+            body["model"] = model
+        start, first, usage, chunks = time.perf_counter(), None, None, 0
         async with client.stream("POST", url, json=body) as response:
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -124,10 +132,11 @@ async def danlu_streams(url: str, questions: list[str], max_tokens: int) -> dict
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     usage = chunk["usage"]
-                elif chunk["choices"] and chunk["choices"][0]["delta"].get("content") and first is None:
-                    first = time.perf_counter()
+                elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    chunks += 1
+                    first = first or time.perf_counter()
         end = time.perf_counter()
-        n = usage["completion_tokens"]
+        n = usage["completion_tokens"] if usage else chunks
         tokens.append(n)
         ttft.append(first - start)
         if n > 1:
@@ -138,6 +147,27 @@ async def danlu_streams(url: str, questions: list[str], max_tokens: int) -> dict
         await asyncio.gather(*(one(client, q) for q in questions))
         seconds = time.perf_counter() - start
     return {"tokens": sum(tokens), "seconds": seconds, "ttft": ttft, "tpot": tpot}
+
+
+def hf_directory(chat, folder: Path) -> Path:
+    """The dequantized GGUF model as a safetensors directory (transformers cannot save a GGUF-loaded
+    model with save_pretrained, and `transformers serve` does not load this GGUF file)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tied = chat.model.config.tie_word_embeddings
+    state = {
+        k: v.contiguous() for k, v in chat.model.state_dict().items() if not (tied and k == "lm_head.weight")
+    }
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = chat.model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(chat.model).__name__]
+    config.save_pretrained(folder)
+    chat.model.generation_config.save_pretrained(folder)
+    chat.tokenizer.save_pretrained(folder)
+    return folder
 
 
 def tutorial_streams(url: str, questions: list[str], max_tokens: int) -> dict:
@@ -189,8 +219,7 @@ def main() -> None:
             out = chat.model.generate(torch.tensor([p]), max_new_tokens=args.max_tokens, do_sample=False)
         n += out.shape[1] - len(p)
     rows.append(("model.generate, 1 stream", n / (time.perf_counter() - start), None, None, None))
-    engine = Engine(chat, max_batch=1)
-    engine.start()
+    engine = Engine(chat, max_batch=1)  # driven from this (the main) thread, as danlu serve does
     start, n = time.perf_counter(), 0
     for p in single:  # counted as generate counts: every generated id, the end-of-turn one included
         done = threading.Event()
@@ -200,10 +229,11 @@ def main() -> None:
             lambda e, d=done: e.finish_reason and d.set(),
         )
         engine.submit(sequence)
-        done.wait()
+        engine.run(until=done.is_set)
         n += len(sequence.output)
-    engine.stop()
     rows.append(("danlu engine, 1 stream", n / (time.perf_counter() - start), None, None, None))
+    workdir = tempfile.TemporaryDirectory()
+    hf_dir = hf_directory(chat, Path(workdir.name) / "SmolLM2-135M-Instruct")
     del chat, engine
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,22 +253,48 @@ def main() -> None:
         rows.append((f"tutorial server, {args.streams} clients", r["tokens"] / r["seconds"], pct(latency, 50),
                      pct(latency, 99), None))  # fmt: skip
 
-    for port, dtype in ((8701, "float32"), (8702, "bfloat16")):
+    for port, variant in ((8701, "float32"), (8702, "bfloat16"), (8703, "int8")):
+        option = ["--quantize", "int8"] if variant == "int8" else ["--dtype", variant]
         server = subprocess.Popen(
-            [sys.executable, "-m", "danlu", "serve", str(path), "--port", str(port), "--dtype", dtype,
+            [sys.executable, "-m", "danlu", "serve", str(path), "--port", str(port), *option,
              "--max-batch", str(args.streams), "--max-tokens", str(args.max_tokens)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:
             wait_ready(f"http://127.0.0.1:{port}/readyz", server)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            r = asyncio.run(danlu_streams(url, questions, args.max_tokens))
+            r = asyncio.run(openai_streams(url, questions, args.max_tokens))
         finally:
             server.terminate()
             server.wait()
         per_token = statistics.mean(r["tpot"]) if r["tpot"] else None
-        rows.append((f"danlu serve, {args.streams} streams, {dtype}", r["tokens"] / r["seconds"],
+        rows.append((f"danlu serve, {args.streams} streams, {variant}", r["tokens"] / r["seconds"],
                      pct(r["ttft"], 50), pct(r["ttft"], 99), per_token))  # fmt: skip
+
+    transformers_cli = Path(sys.executable).parent / "transformers"
+    for port, batching in ((8704, []), (8705, ["--continuous-batching"])):
+        server = subprocess.Popen(
+            [str(transformers_cli), "serve", str(hf_dir), "--port", str(port), "--device", "cpu", *batching],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+        name = f"transformers serve{' --continuous-batching' if batching else ''}, {args.streams} streams"
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/health", server)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            r = asyncio.run(openai_streams(url, questions, args.max_tokens, model=str(hf_dir)))
+            per_token = statistics.mean(r["tpot"]) if r["tpot"] else None
+            rows.append((name, r["tokens"] / r["seconds"], pct(r["ttft"], 50), pct(r["ttft"], 99), per_token))
+        except (RuntimeError, httpx.HTTPError, KeyError, TypeError) as exc:
+            print(f"{name}: failed ({type(exc).__name__}: {str(exc)[-300:]})")
+            rows.append((f"{name} (failed)", float("nan"), None, None, None))
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    workdir.cleanup()
 
     if importlib.util.find_spec("llama_cpp") is not None:
         from llama_cpp import Llama
@@ -271,13 +327,13 @@ def main() -> None:
         f"memory bandwidth {gbs:.1f} GB/s: at most {gbs * 1e9 / weights:.1f} decode steps/s "
         "(weights read once per step)"
     )
-    print(f"{'':42} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'s/token':>8}")
+    print(f"{'':60} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'s/token':>8}")
     for name, tps, p50, p99, per_token in rows:
 
         def show(v):
             return f"{v:9.3f}" if v is not None and v == v else f"{'-':>9}"
 
-        print(f"{name:42} {tps:9.1f} {show(p50)} {show(p99)} {show(per_token)[1:]}")
+        print(f"{name:60} {tps:9.1f} {show(p50)} {show(p99)} {show(per_token)[1:]}")
     print("tutorial server: TTFT is its whole response time (it does not stream)")
 
 

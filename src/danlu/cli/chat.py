@@ -16,6 +16,12 @@ def add_model_options(p, serving: bool = False) -> None:
         default="auto",
         help=f"{prefix}weights' dtype (auto: float32 on CPU, bfloat16 or float16 on CUDA)",
     )
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "nf4"],
+        help=f"{prefix}quantized weights: int8 (CUDA: bitsandbytes LLM.int8; CPU: int8 weight-only) or nf4 "
+        "(CUDA only, bitsandbytes)",
+    )
     p.add_argument("--device", default="cpu", help=f"{prefix}cpu, cuda or cuda:N (default cpu)")
     p.add_argument(
         "--template",
@@ -58,10 +64,9 @@ def run_chat(args) -> int:
     from danlu.serve.chat.templates import Template
 
     check_path(args.model)
-    chat = load_chat_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    chat = load_chat_model(args.model, args.dtype, args.device, args.trust_remote_code, args.quantize)
     template = Template(chat.tokenizer, args.template)
-    engine = Engine(chat, max_batch=1, extra_stops=template.stops)
-    engine.start()
+    engine = Engine(chat, max_batch=1, extra_stops=template.stops)  # generate() steps it on this thread
     defaults = {
         k: v for k, v in chat.defaults.items() if k in ("temperature", "top_p", "top_k", "repetition_penalty")
     }
@@ -88,9 +93,8 @@ def run_chat(args) -> int:
         print(f"danlu chat with {chat.name} ({HELP_COMMANDS})", file=sys.stderr)
         history: list[dict] = []
         while True:
-            try:
-                line = input("> ")
-            except EOFError:
+            line = read_line()
+            if line is None:
                 return 0
             if line.strip() in ("/exit", "/quit"):
                 return 0
@@ -107,3 +111,17 @@ def run_chat(args) -> int:
             history.append({"role": "assistant", "content": answer([*system, *history])})
     finally:
         engine.stop()
+
+
+def read_line() -> str | None:
+    """The next line typed; None at the end of input. The prompt goes to stderr when stdin is not a
+    terminal, so a script reading stdout gets the answers alone, one per line."""
+    if sys.stdin.isatty():
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    sys.stderr.write("> ")
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None

@@ -6,12 +6,13 @@ from __future__ import annotations
 def add_package(sub) -> None:
     p = sub.add_parser(
         "package",
-        help="write a Dockerfile and Kubernetes manifests that serve a run",
+        help="write a Dockerfile and Kubernetes manifests that serve a run or a chat model",
         description="Write a Docker build context (Dockerfile, pinned requirements.txt, environment.yml, "
-        ".dockerignore, the run and danlu's source) and Kubernetes manifests (Deployment, Service, "
-        "optionally a HorizontalPodAutoscaler) that run `danlu serve` on the run.",
+        ".dockerignore, the run or the model, and danlu's source) and Kubernetes manifests (Deployment, "
+        "Service, optionally a HorizontalPodAutoscaler) that run `danlu serve` on it. SOURCE is a run "
+        "directory or a local chat model (a directory with a *ForCausalLM config.json, or a .gguf file).",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("source", metavar="SOURCE", help="run directory, chat model directory or .gguf file")
     p.add_argument("--out", required=True, help="a new or empty directory")
     where = p.add_mutually_exclusive_group()
     where.add_argument(
@@ -21,7 +22,19 @@ def add_package(sub) -> None:
     p.add_argument("--replicas", type=int, default=1, help="Deployment replicas (default 1)")
     p.add_argument("--max-replicas", type=int, help="also write an HPA scaling up to this many on CPU load")
     p.add_argument("--image", help="image name (default danlu-<run name>:<danlu version>)")
-    p.add_argument("--engine", choices=["torch", "onnx"], default="torch", help="the engine danlu serve uses")
+    p.add_argument(
+        "--engine", choices=["torch", "onnx"], default="torch", help="runs: the engine danlu serve uses"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="chat models: weights' dtype in the image (auto: float32 on CPU, bfloat16/float16 on CUDA)",
+    )
+    p.add_argument(
+        "--quantize", choices=["int8", "nf4"], help="chat models: quantized weights (nf4 needs --gpu)"
+    )
+    p.add_argument("--template", help="chat models: a built-in template name or a Jinja file (copied in)")
     p.set_defaults(run=run_package)
 
 
@@ -34,10 +47,13 @@ def run_package(args) -> int:
         max_replicas=args.max_replicas,
         image=args.image,
         engine=args.engine,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        template=args.template,
     )
-    result = package_run(args.run_dir, args.out, options)
+    result = package_run(args.source, args.out, options)
     kind = f"GPU, CUDA {result['cuda']}" if result["gpu"] else "CPU"
-    print(f"wrote {result['out']} ({kind}): {', '.join(result['files'])}, run/, danlu/")
+    print(f"wrote {result['out']} ({kind}): {', '.join(result['files'])}, {result['payload']}/, danlu/")
     print(f"  docker build -t {result['image']} {result['out']}")
     print(f"  docker run {'--gpus all ' if result['gpu'] else ''}-p 8000:8000 {result['image']}")
     print(f"  kubectl apply -f {result['out']}/k8s/")

@@ -123,17 +123,46 @@ def run_chat_server(args) -> int:
         api_key=api_key(args),
         template=args.template,
     )
-    chat = load_chat_model(args.run_dir, args.dtype, args.device, args.trust_remote_code)
-    app = create_chat_app(chat, settings)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        access_log=args.access_log,
-        timeout_graceful_shutdown=settings.timeout_s,
-        log_level="info",
+    chat = load_chat_model(args.run_dir, args.dtype, args.device, args.trust_remote_code, args.quantize)
+    app = create_chat_app(chat, settings, engine_thread=False)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            access_log=args.access_log,
+            timeout_graceful_shutdown=settings.timeout_s,
+            log_level="info",
+        )
     )
-    return 0
+    return serve_beside(server, app.state.engine)
+
+
+def serve_beside(server, engine) -> int:
+    """HTTP on a thread, generation on the main thread (torch's parallel CPU kernels are slower on any
+    other). SIGTERM and SIGINT go to uvicorn, which drains the running generations and then stops the
+    engine; a second SIGINT forces the exit."""
+    import signal
+    import threading
+
+    outcome = {"code": 0}
+
+    def http() -> None:
+        try:
+            server.run()
+        except SystemExit as exc:  # uvicorn exits 1 when it cannot bind
+            outcome["code"] = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            log.exception("the HTTP server failed")
+            outcome["code"] = 1
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+    thread = threading.Thread(target=http, name="danlu-http")
+    thread.start()
+    engine.run(until=lambda: not thread.is_alive())
+    thread.join()
+    return outcome["code"]
 
 
 def api_key(args) -> str | None:

@@ -1,16 +1,20 @@
-"""`danlu package`: a run directory -> a Docker build context and Kubernetes manifests that serve it.
+"""`danlu package`: a run directory or a local chat model -> a Docker build context and Kubernetes
+manifests that serve it.
 
 OUT/Dockerfile, requirements.txt (pinned from this environment), environment.yml, .dockerignore,
-danlu/ (this danlu's source), run/ (the run without its training checkpoints) and k8s/ (Deployment,
-Service and, with max_replicas, a HorizontalPodAutoscaler)."""
+danlu/ (this danlu's source), run/ (the run without its training checkpoints) or model/ (the chat model's
+safetensors, config and tokenizer, or its GGUF file) and k8s/ (Deployment, Service and, with
+max_replicas, a HorizontalPodAutoscaler)."""
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -36,6 +40,35 @@ class PackageOptions:
     memory_request: str = "1Gi"
     memory_limit: str = "2Gi"
     engine: str = "torch"
+    # chat models only
+    dtype: str = "auto"
+    quantize: str | None = None
+    template: str | None = None
+
+
+CHAT_PACKAGES = ("transformers", "tokenizers", "jinja2")
+# what a chat model directory may hold that danlu never reads: pickled or other frameworks' weights
+CHAT_SKIPPED = (
+    *(".git", "__pycache__", "onnx"),
+    *("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx"),
+)
+CHAT_TEMPLATE_FILE = "danlu-chat-template.jinja"
+GIB = 2**30
+
+
+@dataclass
+class _Payload:
+    """What the image serves: the folder copied into OUT, the `danlu serve` arguments, its needs."""
+
+    folder: str  # run or model
+    serve_path: str
+    name: str
+    copy: Callable[[Path], None]
+    serve_args: list[str] = field(default_factory=list)
+    packages: list[str] = field(default_factory=list)
+    memory: tuple[str, str] | None = None  # request, limit; None: the options'
+    startup_s: int = 120  # how long loading may take before Kubernetes restarts the pod
+    ignored: tuple[str, ...] = ()
 
 
 def _template(name: str) -> Template:
@@ -47,11 +80,11 @@ def _dns_name(text: str) -> str:
     return name or "danlu-model"
 
 
-def _requirements(gpu: bool, cuda: str, family: str = "tabular") -> str:
+def _requirements(gpu: bool, cuda: str, packages: list[str]) -> str:
     torch_version = (_installed("torch") or "").split("+")[0]
     names = [n for n in relevant_packages() if n not in SERVE_PACKAGES_SKIPPED and n != "torch"]
-    if family == "text":  # the tokenizer and the encoder's architecture come from transformers
-        names += [n for n in ("transformers", "tokenizers") if _installed(n) and n not in names]
+    names += [n for n in packages if _installed(n) and n not in names]
+    unpinned = [n for n in packages if not _installed(n)]  # e.g. bitsandbytes packaged from a CPU machine
     if gpu:
         index, torch_pin = (
             f"https://download.pytorch.org/whl/cu{cuda.replace('.', '')}",
@@ -64,6 +97,7 @@ def _requirements(gpu: bool, cuda: str, family: str = "tabular") -> str:
         f"--extra-index-url {index}",
         torch_pin,
         *pins(names),
+        *unpinned,
     ]
     return "\n".join(lines) + "\n"
 
@@ -82,13 +116,114 @@ def _cuda_for_image(table: dict) -> str:
     return entry["cuda"][-1]
 
 
-def package_run(run_dir: str | Path, out: str | Path, options: PackageOptions | None = None) -> dict:
-    """Write the build context and manifests; returns what was written. Refuses a non-empty OUT."""
-    options = options or PackageOptions()
+def _run_payload(run_dir: str | Path, options: PackageOptions) -> _Payload:
     run = RunDir(run_dir)
     run.require_complete()
+    if options.quantize or options.template or options.dtype != "auto":
+        raise DanluError(
+            "--dtype, --quantize and --template are for chat models", "leave them out when packaging a run"
+        )
+    family = json.loads(run.preprocess.read_text()).get("family", "tabular")
+
+    def copy(target: Path) -> None:
+        shutil.copytree(run.path, target, ignore=shutil.ignore_patterns(CHECKPOINTS, CACHE))
+
+    return _Payload(
+        folder="run",
+        serve_path="/app/run",
+        name=run.path.resolve().name,
+        copy=copy,
+        serve_args=["--engine", options.engine] if options.engine != "torch" else [],
+        # the tokenizer and the encoder's architecture come from transformers
+        packages=["transformers", "tokenizers"] if family == "text" else [],
+        ignored=("run/checkpoints", "run/cache"),
+    )
+
+
+def _chat_payload(path: Path, options: PackageOptions, gpu: bool) -> _Payload:
+    from danlu.serve.chat.quantize import CHOICES
+    from danlu.serve.chat.templates import BUILTIN
+
+    if options.engine != "torch":
+        raise DanluError("--engine is for runs; a chat model is served by danlu's engine", "leave it out")
+    if options.quantize not in (None, *CHOICES):
+        raise DanluError(f"unknown --quantize '{options.quantize}'", f"use one of {', '.join(CHOICES)}")
+    if options.quantize == "nf4" and not gpu:
+        raise DanluError(
+            "--quantize nf4 needs a CUDA GPU (bitsandbytes)", "add --gpu, or use --quantize int8"
+        )
+    template = options.template
+    if template is not None and template not in BUILTIN and not Path(template).is_file():
+        raise DanluError(
+            f"--template '{template}' is neither a built-in template nor a file",
+            f"use one of {', '.join(BUILTIN)} or a Jinja file",
+        )
+    args = ["--device", "cuda"] if gpu else []
+    if options.dtype != "auto":
+        args += ["--dtype", options.dtype]
+    if options.quantize:
+        args += ["--quantize", options.quantize]
+    if template is not None:
+        args += ["--template", template if template in BUILTIN else f"/app/model/{CHAT_TEMPLATE_FILE}"]
+
+    def copy(target: Path) -> None:
+        if path.is_file():
+            target.mkdir()
+            shutil.copy2(path, target / path.name)
+        else:
+            shutil.copytree(path, target, ignore=shutil.ignore_patterns(*CHAT_SKIPPED))
+        if template is not None and template not in BUILTIN:
+            shutil.copy2(template, target / CHAT_TEMPLATE_FILE)
+
+    packages = [*CHAT_PACKAGES, *(["gguf"] if path.is_file() else [])]
+    if options.quantize and gpu:
+        packages.append("bitsandbytes")
+    return _Payload(
+        folder="model",
+        serve_path=f"/app/model/{path.name}" if path.is_file() else "/app/model",
+        name=path.stem if path.is_file() else path.resolve().name,
+        copy=copy,
+        serve_args=args,
+        packages=packages,
+        memory=chat_memory(path, options, gpu),
+        startup_s=600,
+    )
+
+
+def parameter_count(path: Path) -> int:
+    """Parameters in a GGUF file or a directory's safetensors files, read from their headers."""
+    if path.is_file():
+        from gguf import GGUFReader
+
+        return sum(int(t.n_elements) for t in GGUFReader(path).tensors)
+    total = 0
+    for file in path.glob("*.safetensors"):
+        with file.open("rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def chat_memory(path: Path, options: PackageOptions, gpu: bool) -> tuple[str, str]:
+    """Kubernetes memory request and limit for a chat model: its weights at the served precision plus
+    1 GiB (runtime and KV cache) requested; loading may hold float32 weights (a GGUF file is dequantized),
+    so the limit allows a quarter more than that."""
+    params = parameter_count(path)
+    served = {"int8": 1, "nf4": 0.5}.get(options.quantize or "", 0) or (
+        4 if options.dtype == "float32" or (options.dtype == "auto" and not gpu) else 2
+    )
+    request = params * served + GIB
+    limit = max(request, params * 4 * 1.25 + GIB)
+    return f"{math.ceil(request / 2**20)}Mi", f"{math.ceil(limit / 2**20)}Mi"
+
+
+def package_run(source: str | Path, out: str | Path, options: PackageOptions | None = None) -> dict:
+    """Write the build context and manifests for a run directory or a local chat model; returns what was
+    written. Refuses a non-empty OUT."""
+    from danlu.serve.chat.model import check_path, is_causal_lm, looks_like_model
+
+    options = options or PackageOptions()
     out = Path(out)
-    _check_out(out, run)
     if options.replicas < 1 or (options.max_replicas is not None and options.max_replicas < options.replicas):
         raise DanluError(
             "replicas must be >= 1 and --max-replicas >= --replicas", "e.g. --replicas 2 --max-replicas 5"
@@ -96,39 +231,46 @@ def package_run(run_dir: str | Path, out: str | Path, options: PackageOptions | 
     table = compat_table()
     torch_version = _installed("torch") or ""
     gpu = options.gpu if options.gpu is not None else "+cu" in torch_version
+    path = Path(source).expanduser()
+    if (path.exists() and is_causal_lm(path)) or looks_like_model(str(source)):
+        payload = _chat_payload(check_path(str(source)), options, gpu)
+    else:
+        payload = _run_payload(source, options)
+    _check_out(out, path)
     cuda = _cuda_for_image(table) if gpu else ""
     if gpu and cuda not in table["cuda_images"]:
         raise DanluError(
             f"no CUDA runtime image is known for CUDA {cuda}", "use --cpu, or a torch CUDA build"
         )
-    name = _dns_name(run.path.resolve().name)
+    name = _dns_name(payload.name)
     image = options.image or f"danlu-{name}:{__version__}"
-    serve_args = "".join(
-        f', "{a}"' for a in (["--engine", options.engine] if options.engine != "torch" else [])
-    )
+    memory_request, memory_limit = payload.memory or (options.memory_request, options.memory_limit)
     values = {
         "danlu_version": __version__,
         "python_minor": ".".join(platform.python_version_tuple()[:2]),
         "cuda_image": table["cuda_images"].get(cuda, ""),
         "cuda_version": cuda,
-        "serve_args": serve_args,
+        "serve_args": "".join(f', "{a}"' for a in payload.serve_args),
+        "payload": payload.folder,
+        "serve_path": payload.serve_path,
+        "start_period": f"{payload.startup_s}s",
+        "startup_failures": payload.startup_s // 5,
         "name": name,
         "image": image,
         "replicas": options.replicas,
         "max_replicas": options.max_replicas,
         "cpu_request": options.cpu_request,
         "cpu_limit": options.cpu_limit,
-        "memory_request": options.memory_request,
-        "memory_limit": options.memory_limit,
+        "memory_request": memory_request,
+        "memory_limit": memory_limit,
         "gpu_limit": '\n              nvidia.com/gpu: "1"' if gpu else "",
     }
-    family = json.loads(run.preprocess.read_text()).get("family", "tabular")
-    requirements = _requirements(gpu, cuda, family)
+    requirements = _requirements(gpu, cuda, payload.packages)
     files = {
         "Dockerfile": _template("Dockerfile.gpu" if gpu else "Dockerfile.cpu").substitute(values),
         "requirements.txt": requirements,
         "environment.yml": _environment_yml(requirements, values["python_minor"]),
-        ".dockerignore": "**/__pycache__\n**/*.pyc\nrun/checkpoints\nrun/cache\n.git\n",
+        ".dockerignore": "\n".join(["**/__pycache__", "**/*.pyc", *payload.ignored, ".git"]) + "\n",
         "k8s/deployment.yaml": _template("deployment.yaml").substitute(values),
         "k8s/service.yaml": _template("service.yaml").substitute(values),
     }
@@ -137,7 +279,7 @@ def package_run(run_dir: str | Path, out: str | Path, options: PackageOptions | 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        shutil.copytree(run.path, out / "run", ignore=shutil.ignore_patterns(CHECKPOINTS, CACHE))
+        payload.copy(out / payload.folder)
         shutil.copytree(
             Path(danlu.__file__).parent, out / "danlu", ignore=shutil.ignore_patterns("__pycache__")
         )
@@ -146,10 +288,18 @@ def package_run(run_dir: str | Path, out: str | Path, options: PackageOptions | 
     except BaseException:
         _remove_contents(out, created)  # OUT was new or empty: everything in it is what this call wrote
         raise
-    return {"out": str(out), "image": image, "gpu": gpu, "cuda": cuda or None, "files": sorted(files)}
+    return {
+        "out": str(out),
+        "image": image,
+        "gpu": gpu,
+        "cuda": cuda or None,
+        "files": sorted(files),
+        "payload": payload.folder,
+        "memory": [memory_request, memory_limit],
+    }
 
 
-def _check_out(out: Path, run: RunDir) -> None:
+def _check_out(out: Path, source: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DanluError(f"--out '{out}' is a file", "pass a new or empty directory")
     if out.is_dir() and any(out.iterdir()):
@@ -157,8 +307,8 @@ def _check_out(out: Path, run: RunDir) -> None:
             f"output directory '{out}' is not empty; danlu writes a package only into a new or empty one",
             "pass a new --out directory",
         )
-    if out.resolve().is_relative_to(run.path.resolve()):
-        raise DanluError(f"--out '{out}' is inside the run directory", "pass a directory outside the run")
+    if out.resolve().is_relative_to(source.resolve()):
+        raise DanluError(f"--out '{out}' is inside '{source}'", "pass a directory outside it")
 
 
 def _remove_contents(out: Path, created: bool) -> None:

@@ -183,7 +183,9 @@ async def _read_json(request: Request) -> dict:
     return body
 
 
-def create_chat_app(chat: ChatModel, settings: ChatSettings) -> FastAPI:
+def create_chat_app(chat: ChatModel, settings: ChatSettings, engine_thread: bool = True) -> FastAPI:
+    """The app; its engine is app.state.engine. With engine_thread=False the caller drives it with
+    engine.run() (danlu serve does, from the main thread) and the app's shutdown stops it."""
     metrics = ChatMetrics()
     template = Template(chat.tokenizer, settings.template)
     engine = Engine(
@@ -197,7 +199,8 @@ def create_chat_app(chat: ChatModel, settings: ChatSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        if engine_thread:
+            engine.start()
         status["ready"] = True
         yield
         status["ready"] = False
@@ -206,6 +209,7 @@ def create_chat_app(chat: ChatModel, settings: ChatSettings) -> FastAPI:
     app = FastAPI(title=f"danlu chat: {chat.name}", version=__version__, lifespan=lifespan)
     known = {"/", "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
     app.add_middleware(Guard, max_body_bytes=settings.max_body_bytes, metrics=metrics, endpoints=known)
+    app.state.engine = engine
 
     def check_key(request: Request) -> None:
         if not key_matches(settings.api_key, request.headers):
@@ -293,6 +297,8 @@ def create_chat_app(chat: ChatModel, settings: ChatSettings) -> FastAPI:
                     "owned_by": "danlu",
                     "context_length": chat.context,
                     "dtype": chat.dtype,
+                    "quantize": chat.quantize,
+                    "weight_bytes": chat.weight_bytes,
                     "generation_defaults": chat.defaults,  # from the model's generation_config.json
                     "max_tokens": settings.max_tokens,
                     "template": template.name,

@@ -1,4 +1,4 @@
-"""Continuous batching on a Hugging Face causal LM, in one engine thread.
+"""Continuous batching on a Hugging Face causal LM, in one generating thread.
 
 Each step: (1) admit: prefill at most `prefill_chunk` prompt tokens in all, oldest waiting sequence
 first, each into its own KV cache (a long prompt takes several steps, so running streams are not
@@ -43,7 +43,7 @@ class Event:
 class Sequence:
     prompt: list[int]
     params: SamplingParams
-    emit: Callable[[Event], None]  # called on the engine thread
+    emit: Callable[[Event], None]  # called on the generating thread
     output: list[int] = field(default_factory=list)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
@@ -85,19 +85,43 @@ class Engine:
         self.cache: Any = None  # the running sequences' shared KV cache
         self.mask: torch.Tensor | None = None  # [running, cached tokens]: 1 where a token is real
         self._stop = threading.Event()
+        self._driven = threading.Event()  # a run() is generating, in some thread
+        self._stopped = threading.Event()  # the last run() has returned
         self._thread: threading.Thread | None = None
 
     # --- the caller's side ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="danlu-chat-engine", daemon=True)
+        """Generate on a thread of its own (tests, benchmarks). The server and the terminal chat drive the
+        engine from the main thread instead: torch's parallel CPU kernels run up to 1.8x slower when
+        called from any other thread."""
+        self._thread = threading.Thread(target=self.run, name="danlu-chat-engine", daemon=True)
         self._thread.start()
 
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """Generate in the calling thread until until() is true, or until stop(), which ends the
+        unfinished sequences as cancelled."""
+        self._stopped.clear()
+        self._driven.set()
+        try:
+            while not self._stop.is_set() and not until():
+                self._once(wait=0.5)
+            if self._stop.is_set():
+                for sequence in self.running + self.waiting:
+                    self._finish(sequence, "cancelled")
+                self.running, self.waiting = [], []
+        finally:
+            self._driven.clear()
+            self._stopped.set()
+
     def stop(self) -> None:
+        """Stop generating; unfinished sequences end as cancelled. Waits for the generating thread."""
         self._stop.set()
         self.inbox.put(None)  # type: ignore[arg-type]  # wakes the loop
         if self._thread is not None:
             self._thread.join(timeout=30)
+        elif self._driven.is_set():
+            self._stopped.wait(timeout=30)
 
     def submit(self, sequence: Sequence) -> Sequence:
         if len(sequence.prompt) + 1 > self.chat.context:
@@ -114,11 +138,16 @@ class Engine:
         return len(self.running), len(self.waiting) + self.inbox.qsize()
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Event]:
-        """A blocking iterator of events for one sequence (the terminal chat, tests, benchmarks)."""
+        """A blocking iterator of events for one sequence (the terminal chat, tests, benchmarks). With no
+        thread generating, the caller's thread runs the steps."""
         events: queue.Queue[Event] = queue.Queue()
         sequence = self.submit(Sequence(prompt, params, events.put))
+        inline = not self._driven.is_set()
         try:
             while True:
+                if inline and events.empty():
+                    self._once(wait=0)
+                    continue
                 event = events.get()
                 yield event
                 if event.finish_reason is not None:
@@ -126,33 +155,31 @@ class Engine:
         finally:
             sequence.cancel()
 
-    # --- the engine thread ---------------------------------------------------------------------------
+    # --- the generating thread -----------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            idle = not self.running and not self.waiting
+    def _once(self, wait: float) -> None:
+        """Take what was submitted and run one step; when idle, wait up to `wait` seconds for work."""
+        idle = not self.running and not self.waiting
+        try:
+            item = self.inbox.get(timeout=wait) if idle and wait else self.inbox.get_nowait()
+        except queue.Empty:
+            item = None
+        while item is not None:
+            self.waiting.append(item)
             try:
-                item = self.inbox.get(timeout=0.5) if idle else self.inbox.get_nowait()
+                item = self.inbox.get_nowait()
             except queue.Empty:
                 item = None
-            while item is not None:
-                self.waiting.append(item)
-                try:
-                    item = self.inbox.get_nowait()
-                except queue.Empty:
-                    item = None
-            if self._stop.is_set():
-                break
-            try:
-                with torch.inference_mode():
-                    self.step()
-            except Exception as exc:  # a failed step ends its sequences with an error, not the engine
-                log.exception("generation step failed")
-                for sequence in self.running + self.waiting:
-                    self._finish(sequence, "error", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
-                self.running, self.waiting, self.cache, self.mask = [], [], None, None
-        for sequence in self.running + self.waiting:
-            self._finish(sequence, "cancelled")
+        if self._stop.is_set() or (not self.running and not self.waiting):
+            return
+        try:
+            with torch.inference_mode():
+                self.step()
+        except Exception as exc:  # a failed step ends its sequences with an error, not the engine
+            log.exception("generation step failed")
+            for sequence in self.running + self.waiting:
+                self._finish(sequence, "error", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+            self.running, self.waiting, self.cache, self.mask = [], [], None, None
 
     def step(self) -> None:
         """One engine step: drop cancelled sequences, prefill one chunk, decode every running sequence."""

@@ -42,6 +42,8 @@ class ChatModel:
     defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
     dtype: str = "float32"
     device: str = "cpu"
+    quantize: str | None = None  # int8 or nf4
+    weight_bytes: int = 0
 
 
 def looks_like_model(spec: str) -> bool:
@@ -103,27 +105,50 @@ def _generation_defaults(model) -> tuple[dict[str, Any], set[int]]:
 
 
 def load_chat_model(
-    spec: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False
+    spec: str,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    quantize: str | None = None,
 ) -> ChatModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from danlu.families.text.pretrained import quiet_transformers
+    from danlu.serve.chat import quantize as q
 
     path = check_path(spec)
     target = torch.device(device)
+    q.check_quantize(quantize, target)
     if trust_remote_code:
         log.warning("--trust-remote-code: running Python code that ships with '%s'", spec)
-    where, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+    if path.is_file():
+        where, extra = path.parent, {"gguf_file": path.name}
+    else:  # safetensors only: a directory's pickled weights are never read
+        where, extra = path, {"use_safetensors": True}
     torch_dtype = _dtype(dtype, target)
+    placement = {}
+    if quantize and target.type == "cuda":
+        placement = {
+            "quantization_config": q.bitsandbytes_config(quantize, torch_dtype),
+            "device_map": {"": target},
+        }
     # GGUF conversion draws its own progress bar on stderr
     with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
         try:
             tokenizer = AutoTokenizer.from_pretrained(
-                where, local_files_only=True, trust_remote_code=trust_remote_code, **extra
+                where,
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+                **{k: v for k, v in extra.items() if k == "gguf_file"},
             )
             model = AutoModelForCausalLM.from_pretrained(
-                where, local_files_only=True, trust_remote_code=trust_remote_code, dtype=torch_dtype, **extra
+                where,
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+                dtype=torch_dtype,
+                **extra,
+                **placement,
             )
         except DanluError:
             raise
@@ -132,10 +157,24 @@ def load_chat_model(
                 f"cannot load '{spec}': {exc}".splitlines()[0],
                 "check the model files (config.json, safetensors weights, tokenizer) or the GGUF file",
             ) from None
-    model.to(target).eval()
+    if not placement:
+        model.to(target)
+    model.eval()
+    if quantize and target.type == "cpu":
+        q.quantize_int8_cpu(model)
+    q.return_freed_memory()
     defaults, eos_ids = _generation_defaults(model)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     name = path.stem if path.is_file() else path.name
     return ChatModel(
-        model, tokenizer, name, context, eos_ids, defaults, str(torch_dtype).split(".")[-1], str(target)
+        model,
+        tokenizer,
+        name,
+        context,
+        eos_ids,
+        defaults,
+        str(torch_dtype).split(".")[-1],
+        str(target),
+        quantize,
+        q.weight_bytes(model),
     )
