@@ -36,6 +36,7 @@ from danlu.errors import DanluError
 from danlu.predictor import Predictor, nonfinite_rows
 from danlu.run import RunDir
 from danlu.serve.batching import MicroBatcher, QueueFull
+from danlu.serve.fastpath import JsonPredict
 from danlu.serve.guard import Guard, key_matches
 
 # How `--workers N` hands the settings to each worker process: the path of a file only this user can read,
@@ -212,7 +213,6 @@ def create_app(settings: ServeSettings) -> FastAPI:
         lifespan=lifespan,
     )
     known = {"/", "/healthz", "/readyz", "/metrics", "/v1/predict", "/v1/metadata", "/docs", "/openapi.json"}
-    app.add_middleware(Guard, max_body_bytes=settings.max_body_bytes, metrics=metrics, endpoints=known)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -230,22 +230,35 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     form_items = getattr(family, "form_items", None)  # families that take file uploads (images)
 
-    async def read_items(request: Request) -> tuple[list, list[dict[str, Any]]]:
-        """The request's items and its validation errors: JSON validated by the family's request model
-        in one pass (pydantic-core parses and checks together), or a multipart upload."""
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            if form_items is None:
-                return [], [{"loc": ["body"], "msg": "this run takes a JSON body", "type": "value_error"}]
-            async with request.form(max_files=settings.max_rows, max_fields=settings.max_rows) as form:
-                return await form_items(state, form)
+    def parse(body: bytes) -> tuple[list, list[dict[str, Any]]]:
+        """A JSON body's items and its validation errors, validated by the family's request model in one
+        pass (pydantic-core parses and checks together)."""
         try:
-            body = PredictRequest.model_validate_json(await request.body())
+            request = PredictRequest.model_validate_json(body)
         except ValidationError as exc:
             # where and what only: echoing the input back could be large, or NaN that JSON cannot carry
             return [], [
                 {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
             ]
-        return family.request_items(state, body)
+        return family.request_items(state, request)
+
+    async def answer(items: list, errors: list) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Status, JSON content and extra headers for a request's items."""
+        if errors:
+            return 422, {"detail": errors}, {}
+        try:
+            output = await batcher.submit(items)
+        except QueueFull:
+            return 503, {"detail": "the server is at capacity; retry shortly"}, {"Retry-After": "1"}
+        except asyncio.TimeoutError:
+            return 504, {"detail": f"inference took over {settings.timeout_s:g} s"}, {}
+        except DanluError as exc:
+            return 422, {"detail": str(exc)}, {}
+        bad = nonfinite_rows(output)
+        if bad:  # values so large that float32 or the model overflow: this request's fault, not the batch's
+            detail = f"the model's output is not a finite number for rows {bad[:10]}: inputs far out of range"
+            return 422, {"detail": detail}, {}
+        return 200, _encode(state, output), {}
 
     @app.post(
         "/v1/predict",
@@ -255,27 +268,22 @@ def create_app(settings: ServeSettings) -> FastAPI:
     )
     async def predict(request: Request) -> Any:
         """Predictions, in request order."""
-        items, errors = await read_items(request)
-        if errors:
-            return JSONResponse({"detail": errors}, status_code=422)
-        try:
-            output = await batcher.submit(items)
-        except QueueFull:
-            return JSONResponse(
-                {"detail": "the server is at capacity; retry shortly"},
-                status_code=503,
-                headers={"Retry-After": "1"},
-            )
-        except asyncio.TimeoutError:
-            return JSONResponse({"detail": f"inference took over {settings.timeout_s:g} s"}, status_code=504)
-        except DanluError as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=422)
-        bad = nonfinite_rows(output)
-        if bad:  # values so large that float32 or the model overflow: this request's fault, not the batch's
-            detail = f"the model's output is not a finite number for rows {bad[:10]}: inputs far out of range"
-            return JSONResponse({"detail": detail}, status_code=422)
-        return JSONResponse(_encode(state, output))  # already plain JSON types: skip re-validation
+        # JSON bodies are answered by JsonPredict before they get here; this route documents the API and
+        # takes multipart uploads
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            if form_items is None:
+                items = []
+                errors = [{"loc": ["body"], "msg": "this run takes a JSON body", "type": "value_error"}]
+            else:
+                async with request.form(max_files=settings.max_rows, max_fields=settings.max_rows) as form:
+                    items, errors = await form_items(state, form)
+        else:
+            items, errors = parse(await request.body())
+        code, content, headers = await answer(items, errors)
+        return JSONResponse(content, status_code=code, headers=headers)  # plain JSON types: no re-validation
 
+    app.add_middleware(JsonPredict, path="/v1/predict", api_key=settings.api_key, parse=parse, answer=answer)
+    app.add_middleware(Guard, max_body_bytes=settings.max_body_bytes, metrics=metrics, endpoints=known)
     app.openapi = _openapi_with(app, PredictRequest)
 
     @app.get("/v1/metadata", dependencies=[Depends(require_key)])
