@@ -32,6 +32,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from fastapi import Body, FastAPI, Request, Response
+from pydantic import BaseModel
 
 RECORD = {f"x{j}": 0.1 * j for j in range(10)}
 
@@ -42,9 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def echo_app():
-    from fastapi import FastAPI, Request, Response
+class Item(BaseModel):  # the snippet's request (module level: FastAPI resolves the annotations here)
+    features: list[float]
 
+
+def echo_app():
     app = FastAPI()
 
     @app.post("/v1/predict")
@@ -57,17 +61,12 @@ def echo_app():
 def snippet_app(hidden: list[int]):
     """The tutorial's serving snippet: raw features into torch.tensor, a model of the same size."""
     import torch
-    from fastapi import FastAPI
-    from pydantic import BaseModel
     from torch import nn
 
     sizes = [10, *hidden]
     layers = [m for a, b in itertools.pairwise(sizes) for m in (nn.Linear(a, b), nn.ReLU())]
     model = nn.Sequential(*layers, nn.Linear(sizes[-1], 3)).eval()
     app = FastAPI()
-
-    class Item(BaseModel):
-        features: list[float]
 
     @app.post("/v1/predict")
     async def predict(item: Item):
@@ -82,7 +81,6 @@ def snippet_app(hidden: list[int]):
 def naive_app(run_dir: str):
     """The tutorial snippet calling danlu's Predictor, fixed only so that it starts (a Body annotation)."""
     import pandas as pd
-    from fastapi import Body, FastAPI
 
     import danlu
 
@@ -112,7 +110,8 @@ def start(command: list[str], port: int, log, body: bytes) -> subprocess.Popen:
             raise SystemExit(f"{command} exited: {log.read().decode(errors='replace')}")
         try:
             url = f"http://127.0.0.1:{port}/v1/predict"
-            if httpx.post(url, content=body, timeout=2).status_code == 200:
+            answer = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=2)
+            if answer.status_code == 200:
                 return process
         except httpx.TransportError:
             time.sleep(0.2)

@@ -58,14 +58,16 @@ def iter_outputs(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Raw model outputs (float32) and encoded targets, batch by batch, in order, in eval mode."""
     was_training = model.training
-    model.eval()
+    if was_training:  # train()/eval() walk every submodule: a served model in eval mode skips both
+        model.eval()
     try:
         for batch in batches:
             with torch.no_grad(), autocast(device, precision):
                 out = run_model(model, batch.to(device))
             yield out.float().cpu().numpy(), batch.target.cpu().numpy()
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 def collect_outputs(

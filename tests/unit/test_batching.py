@@ -122,3 +122,66 @@ def test_a_model_error_reaches_the_callers_and_the_batcher_keeps_serving():
     start = time.monotonic()
     assert list(run(main())) == [7]
     assert time.monotonic() - start < 5
+
+
+def test_a_steady_set_of_clients_is_served_once_all_are_in_not_after_the_window():
+    calls = []
+
+    def infer(batch):
+        calls.append(len(batch))
+        return np.zeros(len(batch))
+
+    async def client(batcher, i):
+        for _ in range(5):  # each client sends its next request when the last one is answered
+            await batcher.submit(frame(i))
+
+    async def main():
+        batcher = MicroBatcher(infer, max_batch=64, max_wait_ms=60_000)  # a window no test outlives
+        await batcher.start()
+        await asyncio.wait_for(asyncio.gather(*(client(batcher, i) for i in range(4))), 30)
+        await batcher.stop()
+
+    run(main())
+    assert calls == [4] * 5  # every pass waited for all four clients, and no longer
+
+
+def test_small_batches_run_on_the_event_loop_and_larger_ones_on_the_inference_thread():
+    threads = {}
+
+    def infer(batch):
+        threads[len(batch)] = threading.current_thread()
+        return np.zeros(len(batch))
+
+    async def main():
+        batcher = MicroBatcher(infer, max_batch=64, max_wait_ms=0, inline_rows=4)
+        await batcher.start()
+        await batcher.submit(frame(*range(4)))
+        await batcher.submit(frame(*range(5)))
+        await batcher.stop()
+
+    run(main())
+    assert threads[4] is threading.main_thread()
+    assert threads[5] is not threading.main_thread()
+
+
+def test_only_a_model_whose_full_batch_is_quick_gets_inline_batches():
+    from types import SimpleNamespace
+
+    from danlu.serve.app import INLINE_BUDGET_S, inline_rows
+
+    def predictor(seconds_per_row: float, calls: list):
+        def decoded_items(rows):
+            calls.append(len(rows))
+            time.sleep(seconds_per_row * len(rows))
+
+        family = SimpleNamespace(warmup_items=lambda state: ["row"])
+        return SimpleNamespace(family=family, state=None, decoded_items=decoded_items)
+
+    calls = []
+    assert inline_rows(predictor(0.0, calls), 64, warm_up_s=0.0) == 64
+    assert calls == [1, 1, 1, 64, 64, 64]  # one row, then a full batch, best of three each
+    # one row within the budget, a full batch of 64 eight times over it
+    assert inline_rows(predictor(INLINE_BUDGET_S / 8, []), 64, warm_up_s=0.0) == 0
+    calls = []
+    assert inline_rows(predictor(0.0, calls), 64, warm_up_s=1.0) == 0  # a slow warm-up: not timed
+    assert calls == []

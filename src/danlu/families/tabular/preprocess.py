@@ -87,6 +87,10 @@ class Preprocessor(TargetSide):
 
     def __post_init__(self) -> None:
         self._lookups = [{v: i + 1 for i, v in enumerate(c.values)} for c in self.categorical]
+        # the numeric columns' scalers as arrays: transform_raw works on all columns at once
+        self._mean = np.array([c.mean for c in self.numeric], dtype=np.float64)
+        self._std = np.array([c.std for c in self.numeric], dtype=np.float64)
+        self._indicators = np.array([j for j, c in enumerate(self.numeric) if c.indicator], dtype=np.intp)
 
     target_mean = property(lambda self: self.head.mean)
     target_std = property(lambda self: self.head.std)
@@ -144,17 +148,12 @@ class Preprocessor(TargetSide):
         self, numeric: np.ndarray, categorical: list[np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Raw inputs -> model inputs: mean imputation, missing indicators, standardization, value indices."""
-        n = len(numeric)
+        n, k = len(numeric), len(self.numeric)
         x_num = np.empty((n, self.n_numeric_inputs), dtype=np.float32)
-        extra = len(self.numeric)
-        for j, col in enumerate(self.numeric):
-            values = numeric[:, j].astype(np.float64)  # a copy: imputation writes into it
-            missing = np.isnan(values)
-            if col.indicator:
-                x_num[:, extra] = missing
-                extra += 1
-            values[missing] = col.mean
-            x_num[:, j] = (values - col.mean) / col.std
+        values = numeric.astype(np.float64).reshape(n, k)
+        missing = np.isnan(values)
+        x_num[:, :k] = (np.where(missing, self._mean, values) - self._mean) / self._std
+        x_num[:, k:] = missing[:, self._indicators]  # indicators follow, in column order
         x_cat = np.empty((n, len(self.categorical)), dtype=np.int64)
         for j, (strings, lookup) in enumerate(zip(categorical, self._lookups, strict=True)):
             if n < 1000:  # a dict lookup per value beats a pandas round trip on small batches
