@@ -24,7 +24,7 @@ class Batch:
 
     @property
     def rows(self) -> int:
-        return len(self.target)
+        return self.target.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.inputs.items()}
@@ -75,6 +75,9 @@ def share(n: int, rank: int, world: int) -> tuple[int, int]:
 
 def sharded(batches: Iterator[Batch], rank: int, world: int) -> Iterator[tuple[Batch, int]]:
     """Each global batch's share for this rank, with the global batch's row count (for loss scaling)."""
+    if world == 1:
+        yield from ((batch, batch.rows) for batch in batches)
+        return
     for batch in batches:
         yield batch.slice(*share(batch.rows, rank, world)), batch.rows
 
