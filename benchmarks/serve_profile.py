@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel
+from timing import per_call
 from torch import nn
 
 import danlu
@@ -28,17 +29,6 @@ from danlu.serve.batching import MicroBatcher
 
 RECORD = {f"x{j}": 0.1 * j for j in range(10)}
 BODY = json.dumps({"records": [RECORD]}).encode()
-
-
-def per_call(fn, n: int) -> float:
-    """Microseconds per call of fn(), best of three rounds."""
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - start) / n)
-    return best * 1e6
 
 
 async def per_request(make, n: int) -> float:

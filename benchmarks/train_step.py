@@ -25,22 +25,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier
+from timing import per_call
 from torch import nn
 
 ROWS, BATCH = 80_000, 1024
-
-
-def per_step(fn, steps: int) -> float:
-    """Microseconds per call, after 200 warm-up calls; best of three rounds."""
-    for _ in range(200):
-        fn()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        best = min(best, (time.perf_counter() - start) / steps)
-    return best * 1e6
 
 
 class HandWrittenMLPLoss(torch.autograd.Function):
@@ -123,7 +111,7 @@ def main() -> None:
         ("the same arithmetic, hand-written gradients, no autograd", kernels_only),
         ("  and the softmax over the batch dimension", kernels_class_major),
     ):
-        print(f"{name:56}{per_step(fn, args.steps):>12.1f}")
+        print(f"{name:56}{per_call(fn, args.steps):>12.1f}")
 
     def hand_written_step():
         optimizer.zero_grad(set_to_none=True)
@@ -131,11 +119,11 @@ def main() -> None:
         optimizer.step()
 
     print(f"{'the whole step, loss and gradients as one autograd node':56}", end="")
-    print(f"{per_step(hand_written_step, args.steps):>12.1f}")
+    print(f"{per_call(hand_written_step, args.steps):>12.1f}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 2)
     label = f"the whole eager step on {torch.get_num_threads()} thread(s)"
-    print(f"{label:56}{per_step(step, args.steps):>12.1f}")
+    print(f"{label:56}{per_call(step, args.steps):>12.1f}")
     torch.set_num_threads(threads)
     if not args.no_compile:
         compiled_loss = torch.compile(lambda: F.cross_entropy(model(x), y))
@@ -149,7 +137,7 @@ def main() -> None:
         compiled_step()
         compile_s = time.perf_counter() - start
         print(f"{f'torch.compile (forward + backward), after {compile_s:.1f} s compiling':56}", end="")
-        print(f"{per_step(compiled_step, args.steps):>12.1f}")
+        print(f"{per_call(compiled_step, args.steps):>12.1f}")
     rng = np.random.default_rng(0)
     xs, ys = rng.standard_normal((ROWS, 10), dtype=np.float32), rng.integers(0, 3, ROWS)
     epochs = 20
