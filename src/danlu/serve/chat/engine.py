@@ -210,8 +210,8 @@ class Engine:
             sequence.stops = StopStrings([*sequence.params.stop, *self.extra_stops])
         start = sequence.prefilled
         chunk = sequence.prompt_tensor[start : start + budget].to(self.device)[None, :]
-        out = self.model(input_ids=chunk, past_key_values=sequence.cache, use_cache=True)
-        sequence.cache = out.past_key_values
+        out = self.model(input_ids=chunk, cache=sequence.cache, use_cache=True)
+        sequence.cache = out.cache
         sequence.prefilled += chunk.shape[1]
         if sequence.prefilled < len(sequence.prompt):
             return chunk.shape[1]  # the rest of the prompt in later steps
@@ -243,17 +243,17 @@ class Engine:
             [self.mask, torch.ones((len(self.running), 1), dtype=torch.long, device=self.device)], 1
         )
         if bool(self.mask.all()):  # no padding (one sequence, or all alike): the model's own fast path
-            out = self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True)
+            out = self.model(input_ids=tokens, cache=self.cache, use_cache=True)
         else:
             positions = self.mask.sum(dim=1, keepdim=True)  # each row's own next position
             out = self.model(
                 input_ids=tokens,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=self.cache,
+                cache=self.cache,
                 use_cache=True,
             )
-        self.cache, self.mask = out.past_key_values, mask
+        self.cache, self.mask = out.cache, mask
         logits = out.logits[:, -1]
         done = [i for i, s in enumerate(self.running) if self._advance(s, logits[i])]
         self._leave(done, None)
