@@ -68,6 +68,40 @@ def test_models_chat_and_streaming_agree(client, model):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
 
 
+def scrape(server) -> dict[str, float]:
+    """Every sample of /metrics by name (and labels), from Prometheus' own text parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {
+        s.name + json.dumps(s.labels, sort_keys=True): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_a_request_shows_in_the_token_and_latency_metrics(client, server):
+    before = scrape(server)
+    start = time.monotonic()
+    answer = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0)
+    took = time.monotonic() - start
+    after = scrape(server)
+
+    def grew(name: str) -> float:
+        return after[name + "{}"] - before.get(name + "{}", 0.0)
+
+    assert grew("danlu_chat_prompt_tokens_total") == answer.usage.prompt_tokens
+    assert grew("danlu_chat_generated_tokens_total") == answer.usage.completion_tokens
+    for histogram in ("time_to_first_token", "request"):
+        assert grew(f"danlu_chat_{histogram}_seconds_count") == 1
+    ttft, whole = grew("danlu_chat_time_to_first_token_seconds_sum"), grew("danlu_chat_request_seconds_sum")
+    assert 0 < ttft <= whole <= took  # first token, then the last, inside what the client waited
+    if answer.usage.completion_tokens > 1:
+        assert grew("danlu_chat_inter_token_seconds_count") == 1
+        mean_gap = grew("danlu_chat_inter_token_seconds_sum")
+        assert 0 < mean_gap * (answer.usage.completion_tokens - 1) <= whole - ttft + 1e-6
+
+
 def test_raw_sse_framing_ends_with_done(server):
     body = {"messages": HELLO, "max_tokens": 8, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
