@@ -22,15 +22,8 @@ from typing import Any
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from fastapi.responses import HTMLResponse, JSONResponse
+from prometheus_client import Histogram
 from pydantic import BaseModel, Field, ValidationError
 
 from danlu import __version__
@@ -39,7 +32,7 @@ from danlu.predictor import Predictor, nonfinite_rows
 from danlu.run import RunDir
 from danlu.serve.batching import MicroBatcher, QueueFull
 from danlu.serve.fastpath import JsonPredict
-from danlu.serve.guard import Guard, key_matches
+from danlu.serve.guard import Guard, RequestMetrics, add_probes, key_matches
 
 # How `--workers N` hands the settings to each worker process: the path of a file only this user can read,
 # so the API key is never in an environment that child processes inherit.
@@ -72,35 +65,17 @@ class PredictResponse(BaseModel):
     classes: list[Any] | None = None
 
 
-class Metrics:
-    """Prometheus series of one app (its own registry, so several apps can live in one process)."""
+class Metrics(RequestMetrics):
+    """The request series and the rows per forward pass."""
 
     def __init__(self) -> None:
-        disable_created_metrics()  # the *_created series only add noise to a scrape
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "danlu_requests",
-            "HTTP requests by endpoint and status",
-            ["endpoint", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "danlu_request_seconds",
-            "request latency by endpoint",
-            ["endpoint"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=self.registry,
-        )
+        super().__init__()
         self.batch_rows = Histogram(
             "danlu_batch_rows",
             "rows per forward pass",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
             registry=self.registry,
         )
-
-    def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
 
 
 # A batch whose forward pass takes less than this runs on the event loop (see MicroBatcher.inline_rows)
@@ -337,21 +312,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             "limits": {"max_rows": settings.max_rows, "max_body_bytes": settings.max_body_bytes},
         }
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """The process is alive."""
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz() -> Response:
-        """The model is loaded and a warm-up prediction has run."""
-        if status["ready"]:
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
-
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    add_probes(app, status, metrics, "The model is loaded and a warm-up prediction has run.")
 
     page = _page(predictor, settings, title)
 

@@ -1,5 +1,7 @@
-"""ASGI middleware in front of every request: the body size limit (413) and the Prometheus request
-series. Plain ASGI rather than BaseHTTPMiddleware: it adds no task per request on the hot path."""
+"""What every danlu server puts around its own endpoints: ASGI middleware in front of every request (the
+body size limit, 413, and the Prometheus request series), the API key check, and the probes (/healthz,
+/readyz, /metrics). Plain ASGI rather than BaseHTTPMiddleware: it adds no task per request on the hot
+path."""
 
 from __future__ import annotations
 
@@ -7,6 +9,65 @@ import hmac
 import json
 import time
 from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class RequestMetrics:
+    """A server's Prometheus registry (its own, so several apps can live in one process) with the request
+    series Guard records; each server adds its own series to `registry`."""
+
+    def __init__(self, latency_buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        disable_created_metrics()  # the *_created series only add noise to a scrape
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "danlu_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "danlu_request_seconds",
+            "request latency by endpoint",
+            ["endpoint"],
+            buckets=latency_buckets,
+            registry=self.registry,
+        )
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+
+def add_probes(app: FastAPI, status: dict[str, bool], metrics: RequestMetrics, ready_means: str) -> None:
+    """GET /healthz (the process is alive), /readyz (200 once status["ready"], else 503 with
+    Retry-After) and /metrics (the Prometheus text of the app's registry)."""
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", description=ready_means)
+    async def readyz() -> Response:
+        if status["ready"]:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def key_matches(expected: str | None, headers) -> bool:

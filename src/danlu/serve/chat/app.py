@@ -21,14 +21,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import Counter, Gauge, Histogram
 
 from danlu import __version__
 from danlu.errors import DanluError
@@ -36,7 +29,7 @@ from danlu.serve.chat.engine import Engine, Event, Sequence
 from danlu.serve.chat.model import ChatModel
 from danlu.serve.chat.sampling import SamplingParams
 from danlu.serve.chat.templates import Template
-from danlu.serve.guard import Guard, key_matches
+from danlu.serve.guard import Guard, RequestMetrics, add_probes, key_matches
 
 log = logging.getLogger("danlu")
 # what danlu reads from a request; anything else OpenAI defines is accepted, logged and ignored
@@ -72,21 +65,17 @@ class BadRequest(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-class ChatMetrics:
+class ChatMetrics(RequestMetrics):
+    """The request series, the engine's queue, tokens and the per-request token timings."""
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        super().__init__(latency_buckets=buckets)
         r = self.registry
-        self.requests = Counter(
-            "danlu_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
-        )
-        self.latency = Histogram(
-            "danlu_request_seconds", "request latency by endpoint", ["endpoint"], registry=r
-        )
         self.running = Gauge("danlu_chat_running_sequences", "sequences decoding", registry=r)
         self.waiting = Gauge("danlu_chat_waiting_sequences", "sequences queued (queue depth)", registry=r)
         self.prompt_tokens = Counter("danlu_chat_prompt_tokens", "prompt tokens processed", registry=r)
         self.generated_tokens = Counter("danlu_chat_generated_tokens", "tokens generated", registry=r)
-        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram(
             "danlu_chat_time_to_first_token_seconds", "time to first token", buckets=buckets, registry=r
         )
@@ -97,10 +86,6 @@ class ChatMetrics:
         self.e2e = Histogram(
             "danlu_chat_request_seconds", "request latency, submit to last token", buckets=buckets, registry=r
         )
-
-    def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
 
     def finished(self, sequence: Sequence) -> None:
         self.prompt_tokens.inc(len(sequence.prompt))
@@ -306,19 +291,7 @@ def create_chat_app(chat: ChatModel, settings: ChatSettings, engine_thread: bool
             ],
         }
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz() -> Response:
-        if status["ready"]:
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "starting"}, status_code=503)
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    add_probes(app, status, metrics, "The model is loaded and the engine is running.")
 
     page = resources.files("danlu.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
 
