@@ -110,9 +110,6 @@ def run_chat_server(args) -> int:
     args.max_batch = 8 if args.max_batch is None else args.max_batch
     args.max_queue = 64 if args.max_queue is None else args.max_queue
     args.timeout = 300.0 if args.timeout is None else args.timeout
-    for name in ("max_batch", "max_queue", "max_tokens", "prefill_chunk"):
-        if getattr(args, name) < 1:
-            raise DanluError(f"--{name.replace('_', '-')} must be at least 1", "pass a positive number")
     settings = ChatSettings(
         max_batch=args.max_batch,
         max_queue=args.max_queue,
@@ -123,6 +120,7 @@ def run_chat_server(args) -> int:
         api_key=api_key(args),
         template=args.template,
     )
+    settings.check()  # before the model loads
     chat = load_chat_model(args.run_dir, args.dtype, args.device, args.trust_remote_code, args.quantize)
     app = create_chat_app(chat, settings, engine_thread=False)
     server = uvicorn.Server(

@@ -32,7 +32,7 @@ from danlu.predictor import Predictor, nonfinite_rows
 from danlu.run import RunDir
 from danlu.serve.batching import MicroBatcher, QueueFull
 from danlu.serve.fastpath import JsonPredict
-from danlu.serve.guard import Guard, RequestMetrics, add_probes, key_matches
+from danlu.serve.guard import Guard, RequestMetrics, add_probes, check_limits, key_matches
 
 # How `--workers N` hands the settings to each worker process: the path of a file only this user can read,
 # so the API key is never in an environment that child processes inherit.
@@ -52,11 +52,9 @@ class ServeSettings:
     api_key: str | None = None
 
     def check(self) -> None:
-        for name in ("max_batch", "max_rows", "max_body_bytes", "max_queue_rows"):
-            if getattr(self, name) < 1:
-                raise DanluError(f"{name.replace('_', '-')} must be at least 1", "pass a positive number")
-        if self.max_wait_ms < 0 or self.timeout_s <= 0:
-            raise DanluError("max-wait-ms must be >= 0 and timeout must be > 0", "pass sensible limits")
+        check_limits(self, ("max_batch", "max_rows", "max_body_bytes", "max_queue_rows"))
+        if self.max_wait_ms < 0:
+            raise DanluError("--max-wait-ms must be 0 or more", "e.g. --max-wait-ms 2")
 
 
 class PredictResponse(BaseModel):

@@ -21,6 +21,18 @@ from prometheus_client import (
     generate_latest,
 )
 
+from danlu.errors import DanluError
+
+
+def check_limits(settings: Any, counts: tuple[str, ...]) -> None:
+    """Each setting in `counts` at least 1 and settings.timeout_s above 0, or one DanluError naming it."""
+    for name in counts:
+        if getattr(settings, name) < 1:
+            raise DanluError(f"{name.replace('_', '-')} must be at least 1", "pass a positive number")
+    if settings.timeout_s <= 0:
+        raise DanluError("--timeout must be above 0 seconds", "e.g. --timeout 30")
+
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 

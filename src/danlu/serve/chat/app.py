@@ -29,7 +29,7 @@ from danlu.serve.chat.engine import Engine, Event, Sequence
 from danlu.serve.chat.model import ChatModel
 from danlu.serve.chat.sampling import SamplingParams
 from danlu.serve.chat.templates import Template
-from danlu.serve.guard import Guard, RequestMetrics, add_probes, key_matches
+from danlu.serve.guard import Guard, RequestMetrics, add_probes, check_limits, key_matches
 
 log = logging.getLogger("danlu")
 # what danlu reads from a request; anything else OpenAI defines is accepted, logged and ignored
@@ -51,6 +51,9 @@ class ChatSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     api_key: str | None = None
     template: str | None = None
+
+    def check(self) -> None:
+        check_limits(self, ("max_batch", "max_queue", "max_tokens", "prefill_chunk", "max_body_bytes"))
 
 
 class BadRequest(Exception):
@@ -171,6 +174,7 @@ async def _read_json(request: Request) -> dict:
 def create_chat_app(chat: ChatModel, settings: ChatSettings, engine_thread: bool = True) -> FastAPI:
     """The app; its engine is app.state.engine. With engine_thread=False the caller drives it with
     engine.run() (danlu serve does, from the main thread) and the app's shutdown stops it."""
+    settings.check()
     metrics = ChatMetrics()
     template = Template(chat.tokenizer, settings.template)
     engine = Engine(
