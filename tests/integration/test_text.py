@@ -179,7 +179,15 @@ def test_a_text_run_packages_with_its_hf_directory(text_run, tmp_path):
     from danlu.env.package import package_run
 
     package_run(text_run.path, tmp_path / "pkg")
-    assert (tmp_path / "pkg" / "run" / "hf" / "tokenizer.json").is_file()
+    packaged = tmp_path / "pkg" / "run"
+    assert (packaged / "hf" / "tokenizer.json").is_file()
+    # the weights once: RUN/hf/model.safetensors is a hard link in the run, a relative symlink here
+    weights = packaged / "hf" / "model.safetensors"
+    assert weights.is_symlink() and weights.resolve() == (packaged / "model.safetensors").resolve()
+    assert not weights.readlink().is_absolute()
+    texts = ["great superb", "awful dull"]
+    expected = danlu.load(text_run.path).predict_proba(texts)
+    assert np.allclose(danlu.load(packaged).predict_proba(texts), expected)
     assert "\ntransformers==" in (tmp_path / "pkg" / "requirements.txt").read_text()
     assert not (tmp_path / "pkg" / "run" / "cache").exists()
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -116,6 +118,29 @@ def _cuda_for_image(table: dict) -> str:
     return entry["cuda"][-1]
 
 
+def copy_tree(source: Path, target: Path, skipped: tuple[str, ...]) -> None:
+    """shutil.copytree, except that files hard-linked to each other (a text run's hf/model.safetensors is
+    its model.safetensors) are copied once, at the shallowest path, and the others become relative
+    symlinks to it: Docker's COPY does not keep hard links, and the image would hold the weights twice."""
+    keep: dict[tuple[int, int], Path] = {}  # each linked inode's one real copy, relative to source
+    for path in sorted(source.rglob("*"), key=lambda p: (len(p.parts), p)):
+        if any(fnmatch(part, pattern) for part in path.relative_to(source).parts for pattern in skipped):
+            continue  # not copied, so never the one copy
+        info = path.lstat()
+        if path.is_file() and not path.is_symlink() and info.st_nlink > 1:
+            keep.setdefault((info.st_dev, info.st_ino), path.relative_to(source))
+
+    def copy(src: str, dst: str) -> None:
+        info = Path(src).lstat()
+        real = keep.get((info.st_dev, info.st_ino))
+        if real is None or Path(src) == source / real:
+            shutil.copy2(src, dst)
+        else:
+            Path(dst).symlink_to(os.path.relpath(target / real, Path(dst).parent))
+
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*skipped), copy_function=copy)
+
+
 def _run_payload(run_dir: str | Path, options: PackageOptions) -> _Payload:
     run = RunDir(run_dir)
     run.require_complete()
@@ -126,7 +151,7 @@ def _run_payload(run_dir: str | Path, options: PackageOptions) -> _Payload:
     family = json.loads(run.preprocess.read_text()).get("family", "tabular")
 
     def copy(target: Path) -> None:
-        shutil.copytree(run.path, target, ignore=shutil.ignore_patterns(CHECKPOINTS, CACHE))
+        copy_tree(run.path, target, (CHECKPOINTS, CACHE))
 
     return _Payload(
         folder="run",
@@ -171,7 +196,7 @@ def _chat_payload(path: Path, options: PackageOptions, gpu: bool) -> _Payload:
             target.mkdir()
             shutil.copy2(path, target / path.name)
         else:
-            shutil.copytree(path, target, ignore=shutil.ignore_patterns(*CHAT_SKIPPED))
+            copy_tree(path, target, CHAT_SKIPPED)
         if template is not None and template not in BUILTIN:
             shutil.copy2(template, target / CHAT_TEMPLATE_FILE)
 
