@@ -127,9 +127,13 @@ class Predictor:
             else:
                 inputs = self.family.inputs(self.state, items)
                 part = TensorPart(Batch(inputs, torch.zeros(self.family.count(items))))
+            restore = None
+            if hasattr(part, "by_length"):  # texts: batches of similar lengths pad less
+                part, order = part.by_length()
+                restore = np.argsort(order)
             size = getattr(self.family, "PREDICT_BATCH", PREDICT_BATCH)
             outputs, _ = collect_outputs(self.model, part.batches(size), self.device)
-            return self.state.decode(outputs)
+            return self.state.decode(outputs if restore is None else outputs[restore])
 
     def _empty(self) -> np.ndarray:
         return np.empty((0, self.state.n_outputs) if self.task == "classification" else 0)

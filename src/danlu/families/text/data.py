@@ -4,6 +4,7 @@ training batches group texts of similar length so little of each batch is paddin
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -156,6 +157,15 @@ class TextPart:
         self, batch_size: int, shuffle: torch.Generator, rank: int = 0, world: int = 1
     ) -> Iterator[tuple[Batch, int]]:
         return sharded(self.batches(batch_size, shuffle), rank, world)
+
+    def by_length(self) -> tuple[TextPart, np.ndarray]:
+        """The same rows, longest first, and the order they were taken in: batches of similar lengths
+        pad less (the Predictor puts its outputs back in the rows' order). Longest first, so a batch too
+        large for memory fails at once."""
+        order = torch.argsort(self.lengths, descending=True, stable=True)
+        part = copy.copy(self)
+        part.starts, part.lengths, part.target = self.starts[order], self.lengths[order], self.target[order]
+        return part, order.numpy()
 
     def padding_share(self) -> float | None:
         """Padding tokens over all tokens in the training batches built so far."""
