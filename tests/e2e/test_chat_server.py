@@ -4,6 +4,7 @@ as OpenAI error JSON, disconnects that free the slot, the queue limit, and the c
 
 import json
 import shutil
+import socket
 import time
 
 import httpx
@@ -165,16 +166,36 @@ def test_bad_requests_are_openai_errors_never_5xx(server, client):
     assert ok.status_code == 200  # unknown OpenAI fields are accepted and ignored
 
 
-def test_disconnects_cancel_streaming_and_whole_requests(server):
-    body = {"messages": HELLO, "max_tokens": 64, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
-        next(response.iter_text())  # the first chunk, then the client goes away
-    with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up
-        httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=0.05)
-    deadline = time.monotonic() + 10
-    while running(server) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert running(server) == 0
+def wait_until(condition, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_disconnects_cancel_streaming_and_whole_requests(tmp_path):
+    # eight layers: 200 greedy tokens with no early end take long enough to leave in the middle
+    server = Server(tiny_llama(tmp_path / "slower", layers=8), "--max-tokens", "200")
+    url = f"{server.url}/v1/chat/completions"
+    body = {"messages": HELLO, "max_tokens": 200, "temperature": 0}
+    try:
+        whole = httpx.post(url, json=body, timeout=60).json()
+        assert whole["usage"]["completion_tokens"] == 200  # left alone, it runs to the limit
+        for stream in (True, False):
+            data = json.dumps({**body, "stream": stream}).encode()
+            before = scrape(server)["danlu_chat_generated_tokens_total{}"]
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                client.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+                assert wait_until(lambda: running(server) == 1), "the request never ran"
+            # the client is gone in the middle of its generation
+            assert wait_until(lambda: running(server) == 0, 10), "the slot was not freed"
+            generated = scrape(server)["danlu_chat_generated_tokens_total{}"] - before
+            assert 0 < generated < 200, (stream, generated)  # stopped, not run to the end
+    finally:
+        server.stop()
 
 
 def test_the_queue_limit_answers_503_with_retry_after(model):
