@@ -185,3 +185,17 @@ def test_only_a_model_whose_full_batch_is_quick_gets_inline_batches():
     calls = []
     assert inline_rows(predictor(0.0, calls), 64, warm_up_s=1.0) == 0  # a slow warm-up: not timed
     assert calls == []
+
+
+def test_the_torch_thread_runs_everything_on_one_daemon_thread_and_hands_back_errors():
+    from danlu.serve.batching import TorchThread
+
+    worker = TorchThread("danlu-test")
+    names = {worker.submit(lambda: threading.current_thread().name).result() for _ in range(5)}
+    assert names == {"danlu-test"}
+    assert worker.submit(lambda: threading.current_thread().daemon).result()
+    with pytest.raises(ZeroDivisionError):
+        worker.submit(lambda: 1 / 0).result()
+    assert worker.submit(sum, [1, 2, 3]).result() == 6  # an error does not end the thread
+    worker.shutdown(wait=True)
+    assert not worker._thread.is_alive()

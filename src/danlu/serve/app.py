@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
+from concurrent.futures import Executor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -30,7 +31,7 @@ from danlu import __version__
 from danlu.errors import DanluError
 from danlu.predictor import Predictor, nonfinite_rows
 from danlu.run import RunDir
-from danlu.serve.batching import MicroBatcher, QueueFull
+from danlu.serve.batching import MicroBatcher, QueueFull, TorchThread
 from danlu.serve.fastpath import JsonPredict
 from danlu.serve.guard import Guard, RequestMetrics, add_probes, check_limits, key_matches
 
@@ -98,32 +99,22 @@ def inline_rows(predictor: Predictor, max_batch: int, warm_up_s: float) -> int:
     return max_batch
 
 
-def warm_up(predictor: Predictor, timeout_s: float) -> float:
-    """One real prediction before serving, bounded by the request timeout; returns its seconds.
+def warm_up(predictor: Predictor, timeout_s: float, torch_thread: Executor) -> float:
+    """One real prediction on the server's torch thread before serving, bounded by the request timeout;
+    returns its seconds.
 
     Raises:
         DanluError: it took longer than timeout_s (a model too slow for the timeout it is served with).
     """
-    outcome: dict[str, BaseException] = {}
-
-    def predict() -> None:
-        try:
-            predictor.decoded_items(predictor.family.warmup_items(predictor.state))
-        except BaseException as error:  # handed to the caller below
-            outcome["error"] = error
-
-    # a daemon thread: a prediction that never returns must not keep the process from exiting
-    thread = threading.Thread(target=predict, name="danlu-warmup", daemon=True)
     start = time.perf_counter()
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
+    items = predictor.family.warmup_items(predictor.state)
+    try:
+        torch_thread.submit(predictor.decoded_items, items).result(timeout_s)
+    except FutureTimeout:
         raise DanluError(
             f"the warm-up prediction took longer than the request timeout ({timeout_s:g} s)",
             "raise --timeout to cover one forward pass of this model, e.g. --timeout 120",
-        )
-    if "error" in outcome:
-        raise outcome["error"]
+        ) from None
     return time.perf_counter() - start
 
 
@@ -176,16 +167,29 @@ def _openapi_with(app: FastAPI, model: type[BaseModel]):
     return openapi
 
 
+def _load(settings: ServeSettings, torch_thread: Executor) -> tuple[Predictor, int]:
+    """The predictor, loaded and warmed up on the torch thread (/readyz turns 200 only after a real
+    prediction), and the rows a batch may have to run on the event loop."""
+    predictor = torch_thread.submit(Predictor.load, settings.run_dir, engine=settings.engine).result()
+    warm_up_s = warm_up(predictor, settings.timeout_s, torch_thread)
+    inline = torch_thread.submit(inline_rows, predictor, settings.max_batch, warm_up_s).result()
+    return predictor, inline
+
+
 def create_app(settings: ServeSettings) -> FastAPI:
     """The app for one run directory. Raises DanluError for a bad run directory, engine or limit."""
     settings.check()
-    predictor = Predictor.load(settings.run_dir, engine=settings.engine)
+    torch_thread = TorchThread()  # every torch call of this app: loading, warm-up, inference
+    try:
+        predictor, inline = _load(settings, torch_thread)
+    except BaseException:
+        torch_thread.shutdown(wait=False)
+        raise
     run = RunDir(settings.run_dir)
     report = run.read_report()
     family, state = predictor.family, predictor.state
     PredictRequest = family.request_model(state, settings.max_rows)
     metrics = Metrics()
-    warm_up_s = warm_up(predictor, settings.timeout_s)  # /readyz turns 200 only after a real prediction
     batcher = MicroBatcher(
         predictor.decoded_items,
         settings.max_batch,
@@ -193,7 +197,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         settings.max_queue_rows,
         settings.timeout_s,
         on_batch=metrics.batch_rows.observe,
-        inline_rows=inline_rows(predictor, settings.max_batch, warm_up_s),
+        inline_rows=inline,
+        executor=torch_thread,
     )
     status = {"ready": False}
     title = f"danlu: {run.path.resolve().name}"

@@ -16,11 +16,47 @@ The queue is bounded (`QueueFull` -> 503) and every caller waits at most `timeou
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
+
+
+class TorchThread(Executor):
+    """One daemon thread for every torch call of a server: loading, warm-up and inference.
+
+    torch's parallel CPU kernels (OpenMP) slow down when a second thread has used them: each thread gets
+    its own team of workers on the same cores. On a 2-core machine a 2048-wide MLP's forward pass takes
+    0.70 ms on a thread that alone ran torch and 0.97 ms once the main thread has run torch too
+    (benchmarks/torch_threads.py). A daemon thread, so a forward pass that never returns does not hold
+    the process at exit."""
+
+    def __init__(self, name: str = "danlu-torch") -> None:
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, fn, args, kwargs = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # handed to whoever waits on the future
+                    future.set_exception(exc)
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self._work.put((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._work.put(None)
+        if wait:
+            self._thread.join()
 
 
 class QueueFull(Exception):
@@ -45,6 +81,7 @@ class MicroBatcher:
         timeout_s: float = 30.0,
         on_batch: Callable[[int], None] | None = None,
         inline_rows: int = 0,
+        executor: Executor | None = None,
     ) -> None:
         self.infer, self.max_batch, self.max_wait = infer, max_batch, max_wait_ms / 1000
         self.max_queue_rows, self.timeout_s, self.on_batch = max_queue_rows, timeout_s, on_batch
@@ -52,7 +89,7 @@ class MicroBatcher:
         self.queued_rows = 0
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="danlu-infer")
+        self._executor = executor if executor is not None else TorchThread("danlu-infer")
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
