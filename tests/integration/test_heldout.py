@@ -88,9 +88,17 @@ def test_a_separate_test_file_is_stored_or_fingerprinted(tmp_path, monkeypatch):
         str(tmp_path / "train.csv"),
         str(tmp_path / "test.csv"),
     }
+    from danlu.data import sources
+
+    reads, read_csv = [], sources._read_csv
+    monkeypatch.setattr(sources, "_read_csv", lambda path, **kw: reads.append(kw) or read_csv(path, **kw))
     assert_evaluates_as_reported(run)
+    assert reads and all("chunksize" in kw for kw in reads)  # streamed once, never loaded whole to hash it
     mixed_frame(120, 2).to_csv(tmp_path / "test.csv", index=False)
     with pytest.raises(DanluError, match=r"test\.csv' has changed"):
+        danlu.evaluate(run.path)
+    (tmp_path / "test.csv").unlink()
+    with pytest.raises(DanluError, match="no longer there"):
         danlu.evaluate(run.path)
 
 

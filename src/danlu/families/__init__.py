@@ -23,7 +23,8 @@ state's target side: `task`, `classes`, `n_outputs`, `decode`, `decode_target`, 
   request_model(state, max_rows), request_items(state, body), warmup_items(state), page_schema(state)
 
 Optional: form_items (multipart uploads), report_plots, plot_predictions, PREDICT_BATCH, EVAL_BATCH,
-plan_frames (chunked tables), predict_part(state, items) (the Predictor's batches, when padding is per
+plan_frames (chunked tables), file_fingerprint(spec) (a held-out file's fingerprint without reading its
+rows), predict_part(state, items) (the Predictor's batches, when padding is per
 batch), bind(state, run_dir) (files of a finished run), write_artifacts(run, model, state) (more files at
 the end of training), train_stats(part) (report.json), DECAY_MATRICES_ONLY (no weight decay on 1-D
 parameters).

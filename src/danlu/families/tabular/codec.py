@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from danlu.data.sources import open_table, stream_frames
+from danlu.data.sources import check_path, open_table, stream_frames
+from danlu.data.sources import file_fingerprint as fingerprint_of
 from danlu.errors import DanluError
 from danlu.families.tabular.data import model_inputs
 from danlu.families.tabular.preprocess import Preprocessor
@@ -103,6 +104,11 @@ def read_stored(path: Path) -> Iterator[pd.DataFrame]:
 
 def select(source, indices: np.ndarray, pre: Preprocessor) -> pd.DataFrame:
     return source.read_all().iloc[indices]
+
+
+def file_fingerprint(spec: str) -> dict:
+    """What reopen(spec, ...).fingerprint() gives for a data file, without reading its rows."""
+    return fingerprint_of(check_path(spec))
 
 
 def reopen(spec: str, data_config, chunk_rows: int):

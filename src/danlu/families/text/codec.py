@@ -12,11 +12,19 @@ import pandas as pd
 import torch
 
 from danlu.errors import DanluError
-from danlu.families.tabular.codec import output_frame, read, read_stored, reopen, select, store_rows
+from danlu.families.tabular.codec import (
+    file_fingerprint,
+    output_frame,
+    read,
+    read_stored,
+    reopen,
+    select,
+    store_rows,
+)
 from danlu.families.text.data import TextPart, part_of
 from danlu.families.text.state import TextState
 
-__all__ = ["output_frame", "read", "read_stored", "reopen", "select", "store_rows"]
+__all__ = ["file_fingerprint", "output_frame", "read", "read_stored", "reopen", "select", "store_rows"]
 
 
 def count(items: pd.DataFrame | list[str]) -> int:
