@@ -39,21 +39,26 @@ def reference(chat, prompt_ids, max_tokens):
     return out[0, len(prompt_ids) :].tolist()
 
 
-def run_all(engine, prompts, params, stagger=0.0) -> list[Sequence]:
-    """Submit every prompt (`stagger` seconds apart, so later ones join a running batch); wait for all."""
+def run_all(engine, prompts, params, stagger: int = 0, steps: list | None = None) -> list[Sequence]:
+    """Submit every prompt, each once the engine has taken `stagger` more steps (counted in `steps`, which
+    its on_step appends to), so later ones join a running batch; wait for all."""
     done = [threading.Event() for _ in prompts]
     sequences = []
     for i, ids in enumerate(prompts):
+        if i and stagger:
+            target = len(steps) + stagger
+            deadline = time.monotonic() + 30
+            while len(steps) < target and time.monotonic() < deadline:
+                time.sleep(0.0005)
         sequence = Sequence(ids, params, lambda e, i=i: e.finish_reason and done[i].set())
         sequence.texts = []
         sequence.emit = lambda e, i=i, s=sequence: (s.texts.append(e.text), e.finish_reason and done[i].set())
         sequences.append(engine.submit(sequence))
-        time.sleep(stagger)
     assert all(d.wait(60) for d in done)
     return sequences
 
 
-@pytest.mark.parametrize("stagger", [0.0, 0.01])
+@pytest.mark.parametrize("stagger", [0, 3])
 def test_greedy_equals_generate_alone_and_in_a_batch(chat, stagger):
     chat.eos_ids = set()  # run every sequence to max_tokens, as generate(eos_token_id=None) does
     ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
@@ -66,7 +71,7 @@ def test_greedy_equals_generate_alone_and_in_a_batch(chat, stagger):
     engine.start()
     try:
         alone = [run_all(engine, [p], params)[0] for p in ids]
-        together = run_all(engine, ids, params, stagger)
+        together = run_all(engine, ids, params, stagger, widest)
     finally:
         engine.stop()
     assert max(widest) == 4  # the four sequences really decoded together
