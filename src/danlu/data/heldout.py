@@ -105,12 +105,12 @@ def _same(run: RunDir, spec: str, actual: dict, expected: dict) -> None:
         )
 
 
-def _check_file(run: RunDir, family: ModuleType, spec: str) -> None:
+def _check_file(run: RunDir, family: ModuleType, spec: str, record: dict[str, Any]) -> None:
     """check_source for a held-out file that is read again a chunk at a time: where the family can tell a
     file's fingerprint without reading its rows (tables and texts), the rows are not loaded just to be
     fingerprinted, which would hold the whole file in memory and parse it twice."""
     of_file = getattr(family, "file_fingerprint", None)
-    expected = read_record(run)["fingerprints"].get(spec)
+    expected = record["fingerprints"].get(spec)
     if of_file is None or expected is None or not Path(spec).is_file():
         check_source(run, family, spec)  # its errors: no fingerprint recorded, the file is gone
         return
@@ -126,7 +126,7 @@ def items(run: RunDir, family: ModuleType, state: Any) -> tuple[str, Iterator[An
     if kind == "stored":
         return split, family.read_stored(run.path / record.get("file", family.STORED_ROWS))
     if kind == "file":
-        _check_file(run, family, record["source"])
+        _check_file(run, family, record["source"], record)
         return split, family.read(record["source"], state)
     source = check_source(run, family, record["source"])
     if kind == "indices":

@@ -122,13 +122,18 @@ def copy_tree(source: Path, target: Path, skipped: tuple[str, ...]) -> None:
     """shutil.copytree, except that files hard-linked to each other (a text run's hf/model.safetensors is
     its model.safetensors) are copied once, at the shallowest path, and the others become relative
     symlinks to it: Docker's COPY does not keep hard links, and the image would hold the weights twice."""
-    keep: dict[tuple[int, int], Path] = {}  # each linked inode's one real copy, relative to source
-    for path in sorted(source.rglob("*"), key=lambda p: (len(p.parts), p)):
-        if any(fnmatch(part, pattern) for part in path.relative_to(source).parts for pattern in skipped):
-            continue  # not copied, so never the one copy
-        info = path.lstat()
-        if path.is_file() and not path.is_symlink() and info.st_nlink > 1:
-            keep.setdefault((info.st_dev, info.st_ino), path.relative_to(source))
+    linked = []  # files with other names for them: (depth, path relative to source, inode)
+    for folder, dirs, files in os.walk(source):
+        dirs[:] = [d for d in dirs if not any(fnmatch(d, pattern) for pattern in skipped)]  # not copied
+        for name in files:
+            path = Path(folder, name)
+            info = path.lstat()
+            if not any(fnmatch(name, p) for p in skipped) and not path.is_symlink() and info.st_nlink > 1:
+                relative = path.relative_to(source)
+                linked.append((len(relative.parts), relative, (info.st_dev, info.st_ino)))
+    keep: dict[tuple[int, int], Path] = {}  # each linked inode's one real copy, the shallowest
+    for _, relative, inode in sorted(linked):
+        keep.setdefault(inode, relative)
 
     def copy(src: str, dst: str) -> None:
         info = Path(src).lstat()

@@ -179,7 +179,7 @@ def _load(settings: ServeSettings, torch_thread: Executor) -> tuple[Predictor, i
 def create_app(settings: ServeSettings) -> FastAPI:
     """The app for one run directory. Raises DanluError for a bad run directory, engine or limit."""
     settings.check()
-    torch_thread = TorchThread()  # every torch call of this app: loading, warm-up, inference
+    torch_thread = TorchThread()  # loading, warm-up and every forward pass that is not inline
     try:
         predictor, inline = _load(settings, torch_thread)
     except BaseException:

@@ -26,7 +26,9 @@ from typing import Any
 
 
 class TorchThread(Executor):
-    """One daemon thread for every torch call of a server: loading, warm-up and inference.
+    """One daemon thread for a server's torch work: loading, warm-up and every forward pass that does not
+    run inline on the event loop (MicroBatcher.inline_rows: batches of a model whose full batch takes
+    under a millisecond).
 
     torch's parallel CPU kernels (OpenMP) slow down when a second thread has used them: each thread gets
     its own team of workers on the same cores. On a 2-core machine a 2048-wide MLP's forward pass takes
