@@ -24,7 +24,9 @@ from train_text import run_danlu, write_reviews
 from transformers import pipeline
 
 import danlu
-from danlu.families.text import PREDICT_BATCH
+from danlu.families.text import FAMILY
+
+PREDICT_BATCH = FAMILY.predict_batch
 
 
 def main() -> None:

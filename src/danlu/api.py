@@ -227,10 +227,10 @@ def plot_predictions(run_dir: str | Path, data: str | Path, out: str | Path) -> 
         DanluError: the run is not an image run.
     """
     predictor = Predictor.load(run_dir)
-    draw = getattr(predictor.family, "plot_predictions", None)
+    draw = predictor.family.plot_predictions
     if draw is None:
         raise DanluError(
-            f"--plot draws images; {run_dir} is a {predictor.family.NAME} run", "leave out --plot"
+            f"--plot draws images; {run_dir} is a {predictor.family.name} run", "leave out --plot"
         )
     items = next(iter(predictor.family.read(str(data), predictor.state, 36)))
     draw(predictor.state, items, predictor.decoded(items), Path(out))

@@ -47,8 +47,8 @@ class DataConfig(Section):
     train: str = Field(
         description="training data: CSV, Parquet, NPZ, NPY, or synthetic:classification|regression"
     )
-    family: Literal["auto", "tabular", "image", "text"] = Field(
-        "auto", description="kind of data: auto (from the source), tabular, image, text"
+    family: str = Field(
+        "auto", description="kind of data: auto (the family that claims the source), or a family's name"
     )
     text: str | None = Field(None, description="text family: the column of texts in a CSV/Parquet/JSONL")
     max_length: int = Field(
@@ -82,6 +82,16 @@ class DataConfig(Section):
     chunk_rows: int = Field(262_144, ge=1024, description="rows per chunk when training out of memory")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, name: str) -> str:
+        from danlu.families import FAMILIES  # the registry's names: no family is imported
+
+        if name != "auto" and name not in FAMILIES:
+            choices = ["auto", *FAMILIES]
+            raise ValueError(f"unknown family '{name}'{_closest(name, choices)}; choose one of {choices}")
+        return name
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 1:
@@ -108,8 +118,8 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    type: Literal["auto", "mlp", "cnn", "resnet", "pretrained"] = Field(
-        "auto", description="built-in architecture; auto: mlp (tabular), cnn (image), pretrained (text)"
+    type: str = Field(
+        "auto", description="a built-in architecture of the data's family; auto: the family's default"
     )
     pretrained: str | None = Field(
         None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -13,13 +12,12 @@ from torch import nn
 
 from danlu import families
 from danlu.config import Config, read_yaml, validate
-from danlu.data.batches import Batch, TensorPart
 from danlu.errors import DanluError
+from danlu.families.contract import Family
 from danlu.inference import collect_outputs, resolve_device
 from danlu.models.weights import load_weights
 from danlu.run import RunDir
 
-PREDICT_BATCH = 65_536  # rows per forward pass, unless the family sets its own (images, texts)
 ENGINES = ("torch", "onnx")
 
 
@@ -35,7 +33,7 @@ class Predictor:
 
     def __init__(
         self,
-        family: ModuleType,
+        family: Family,
         state: Any,
         model: nn.Module,
         config: Config,
@@ -67,10 +65,9 @@ class Predictor:
         load_weights(model, run.weights)
         runner = None
         if engine == "onnx":
-            from danlu.export import default_path
-            from danlu.export.onnx import OnnxRunner
+            from danlu.runners import OnnxRunner
 
-            path = default_path(run.path, "onnx")
+            path = run.export_path("onnx")
             if not path.is_file():
                 raise DanluError(
                     f"{run.path} has no ONNX export ({path.name})",
@@ -91,11 +88,6 @@ class Predictor:
     @property
     def classes(self) -> list[Any] | None:
         return self.state.classes
-
-    @property
-    def features(self) -> list[str]:
-        """The input columns of a table run (an image run has none)."""
-        return getattr(self.state, "features", [])
 
     def decoded(self, data: Any) -> np.ndarray:
         """Probabilities [n, k] (classification) or values in original units [n] (regression).
@@ -121,18 +113,9 @@ class Predictor:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, found by the caller
             if self.runner is not None:
                 return self.runner.run(items)
-            part_of = getattr(self.family, "predict_part", None)  # text: padded per batch
-            if part_of is not None:
-                part = part_of(self.state, items)
-            else:
-                inputs = self.family.inputs(self.state, items)
-                part = TensorPart(Batch(inputs, torch.zeros(self.family.count(items))))
-            restore = None
-            if hasattr(part, "by_length"):  # texts: batches of similar lengths pad less
-                part, order = part.by_length()
-                restore = np.argsort(order)
-            size = getattr(self.family, "PREDICT_BATCH", PREDICT_BATCH)
-            outputs, _ = collect_outputs(self.model, part.batches(size), self.device)
+            # texts: batches of similar lengths pad less; the outputs go back in the rows' order
+            part, restore = self.family.ordered(self.family.inference_part(self.state, items))
+            outputs, _ = collect_outputs(self.model, part.batches(self.family.predict_batch), self.device)
             return self.state.decode(outputs if restore is None else outputs[restore])
 
     def _empty(self) -> np.ndarray:

@@ -52,6 +52,7 @@ HELDOUT_IMAGES = "heldout.npz"
 PREDICTIONS = "predictions.csv"  # written by `danlu quickstart`
 CACHE = "cache"  # decoded data danlu can rebuild: safe to delete, never packaged
 HF = "hf"  # text runs: the model and tokenizer for transformers' from_pretrained
+EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}  # `danlu export` formats and their files
 # Every name danlu writes at the top of a run directory: only these are ever deleted from one.
 RUN_ENTRIES = frozenset(
     {CONFIG, PREPROCESS, WEIGHTS, CHECKPOINTS, METRICS, REPORT, PLOTS, EXPORT, HELDOUT, HELDOUT_ROWS}
@@ -134,6 +135,10 @@ class RunDir:
     heldout = property(lambda self: self.path / HELDOUT)
     cache = property(lambda self: self.path / CACHE)
     hf = property(lambda self: self.path / HF)
+
+    def export_path(self, fmt: str, quantize: str | None = None) -> Path:
+        """Where `danlu export` writes by default: export/model[.int8].onnx|pt."""
+        return self.export / f"model{'.int8' if quantize else ''}{EXPORT_SUFFIXES[fmt]}"
 
     def is_complete(self) -> bool:
         return self.report.is_file()
@@ -243,7 +248,7 @@ _TEMPORARY = re.compile(r"^\..+\.[^.]+\.tmp$")  # atomic_write's temporaries: .N
 
 
 def _is_run_entry(name: str) -> bool:
-    if name in RUN_ENTRIES:
+    if name in RUN_ENTRIES or name.startswith("heldout."):  # a family's stored held-out rows
         return True
     match = _TEMPORARY.match(name)
-    return bool(match) and any(name.startswith(f".{entry}.") for entry in RUN_ENTRIES)
+    return bool(match) and any(name.startswith(f".{entry}.") for entry in (*RUN_ENTRIES, "heldout"))

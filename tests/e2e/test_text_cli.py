@@ -86,7 +86,7 @@ def test_the_server_predicts_texts_and_refuses_bad_ones(text_cli_run):
             ]
         assert httpx.post(url, json={"texts": []}, timeout=30).status_code == 422
         metadata = httpx.get(f"{server.url}/v1/metadata", timeout=10).json()
-        assert metadata["kind"] == "text" and metadata["column"] == "review"
+        assert metadata["family"] == "text" and metadata["column"] == "review"
     finally:
         server.stop()
 

@@ -7,7 +7,8 @@ import pytest
 
 import danlu
 from danlu.errors import DanluError
-from danlu.export import FP32_TOLERANCE, default_path, export_run
+from danlu.export import FP32_TOLERANCE, export_run
+from danlu.run import RunDir
 from tests.conftest import mixed_frame, priced_frame, train_quietly
 
 
@@ -35,7 +36,7 @@ def test_fp32_export_matches_the_torch_model(runs, task, fmt):
     run = runs[task]
     result = export_run(run.path, fmt)
     assert result["max_abs_diff"] <= FP32_TOLERANCE and result["rows"] == run.report["rows"]["test"]
-    path = default_path(run.path, fmt)
+    path = RunDir(run.path).export_path(fmt)
     assert (
         path.is_file()
         and json.loads(path.with_name(path.name + ".json").read_text())["rows"] == result["rows"]
@@ -44,7 +45,7 @@ def test_fp32_export_matches_the_torch_model(runs, task, fmt):
     if fmt == "onnx":  # the onnx engine of Predictor runs the exported file
         exported = danlu.load(run.path, engine="onnx").decoded(new_rows(task))
     else:
-        from danlu.export.torchscript import TorchScriptRunner
+        from danlu.runners import TorchScriptRunner
 
         spec = torch_predictor.family.exporter(torch_predictor.state)
         exported = TorchScriptRunner(path, spec).run(new_rows(task))
@@ -73,7 +74,7 @@ def test_onnx_file_runs_with_only_onnxruntime_and_numpy(runs):
     script = f"""
 import json, sys
 import numpy as np, onnx, onnxruntime as ort
-path = {str(default_path(run.path, "onnx"))!r}
+path = {str(RunDir(run.path).export_path("onnx"))!r}
 model = onnx.load(path)
 onnx.checker.check_model(model, full_check=True)
 meta = {{p.key: p.value for p in model.metadata_props}}

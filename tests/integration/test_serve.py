@@ -148,7 +148,7 @@ def test_api_key(run):
 
 def test_the_page_carries_the_form_schema(client):
     page = client.get("/").text
-    assert '"name": "color", "type": "categorical", "values": ["blue", "green", "red"]' in page
+    assert '"name": "color", "kind": "select", "values": ["blue", "green", "red"]' in page
     assert "__DANLU_SCHEMA__" not in page
 
 

@@ -104,7 +104,7 @@ def test_onnx_export_takes_token_ids_of_any_length_and_is_verified(text_run):
     for texts in (["great"], ["a long and really quite superb story overall", "dull", "fun film"]):
         got = session.run(None, feeds(predictor.state, texts))[0]
         assert np.allclose(got, predictor.predict_proba(texts), atol=1e-5)
-    from danlu.export.onnx import OnnxRunner
+    from danlu.runners import OnnxRunner
 
     many = reviews(150, seed=3)["review"].tolist()  # more than one pass of the runner (64 texts)
     runner = OnnxRunner(result["path"], predictor.family.exporter(predictor.state))

@@ -7,8 +7,8 @@ import pytest
 
 from danlu.config import ModelConfig
 from danlu.errors import DanluError
-from danlu.export.quiet import quiet
 from danlu.models.custom import build_custom
+from danlu.quiet import quiet
 
 
 @pytest.mark.parametrize("caller_level", [logging.NOTSET, logging.CRITICAL])

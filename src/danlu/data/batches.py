@@ -2,14 +2,15 @@
 
 The fast path keeps a split as tensors (on the training device) and, each epoch, permutes them once and
 yields contiguous slices: no per-sample indexing or collation, which is where a DataLoader loop spends
-most of its time on small models. Families with other needs (text: per-batch padding) write their own
-part with the same methods: `n_rows`, `batches`, `train_batches`, `to`.
+most of its time on small models. Families with other needs (text: per-batch padding; tables larger than
+memory: chunks streamed from disk) write their own part: anything that is a `Part`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -38,6 +39,27 @@ class Batch:
 
 
 Augment = Callable[[Batch, torch.Generator], Batch]
+
+
+class Part(Protocol):
+    """A split the trainer, evaluation and the Predictor batch."""
+
+    uneven: bool  # ranks may take different step counts in an epoch (the trainer joins them)
+
+    @property
+    def n_rows(self) -> int: ...
+
+    def to(self, device: torch.device) -> Part: ...
+
+    def batches(self, batch_size: int, shuffle: torch.Generator | None = None) -> Iterator[Batch]:
+        """Every row once: in order without a generator, else the epoch's training order."""
+        ...
+
+    def train_batches(
+        self, batch_size: int, shuffle: torch.Generator, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[Batch, int]]:
+        """This rank's share of each of the epoch's global batches, with the global batch's row count."""
+        ...
 
 
 def run_model(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -87,6 +109,8 @@ class TensorPart:
 
     With `device` set the data stays where it is (e.g. memory-mapped from disk) and each batch is
     gathered and moved to `device` on its own, instead of the whole split living on the device."""
+
+    uneven = False
 
     def __init__(self, batch: Batch, augment: Augment | None = None, device: torch.device | None = None):
         self.data = batch

@@ -3,10 +3,16 @@ in a form the run directory can record (data/heldout.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
+from danlu.config import DataConfig
+
+# Training rows a run that holds none out keeps, for export verification
+VERIFY_SAMPLE_ROWS = 1000
 
 
 class Source(Protocol):
@@ -42,3 +48,27 @@ class Dataset:
     in_memory: bool
     source: Source  # the training source
     held_out: HeldOut | None  # None once recorded in the run directory
+
+
+def assemble(
+    config: DataConfig,
+    state: Any,
+    train: Any,
+    source: Source,
+    own: Callable[[str], tuple[Any, HeldOut | None]],
+    separate: Callable[[str, str], tuple[Any, HeldOut]],
+    sample: Callable[[int], HeldOut],
+    in_memory: bool = True,
+) -> Dataset:
+    """A family's Dataset from its parts. Validation and test are split from the source (`own(name)`, a
+    part and its HeldOut, or (None, None) when the split is empty), else read from data.validation /
+    data.test (`separate(name, spec)`). The run records the test rows, else the validation rows, else
+    `sample(VERIFY_SAMPLE_ROWS)`: that many training rows as a HeldOut of split "none"."""
+    parts: dict[str, tuple[Any, HeldOut | None]] = {}
+    for name, spec in (("validation", config.validation), ("test", config.test)):
+        part, held = own(name)
+        if part is None and spec is not None:
+            part, held = separate(name, spec)
+        parts[name] = (part, held)
+    held_out = parts["test"][1] or parts["validation"][1] or sample(VERIFY_SAMPLE_ROWS)
+    return Dataset(state, train, parts["validation"][0], parts["test"][0], in_memory, source, held_out)

@@ -15,8 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,17 +23,14 @@ from danlu.data.dataset import HeldOut, Source
 from danlu.errors import DanluError
 from danlu.run import HELDOUT_INDEX, RunDir, atomic_write, atomic_write_json
 
+if TYPE_CHECKING:
+    from danlu.families.contract import Family
+
 FORMAT_VERSION = 1
 MAX_STORED_BYTES = 64 * 2**20
 
 
-def _nbytes(items: Any) -> int:
-    if hasattr(items, "memory_usage"):  # a DataFrame
-        return int(items.memory_usage(deep=True).sum())
-    return int(getattr(items, "nbytes", MAX_STORED_BYTES + 1))
-
-
-def write(run: RunDir, family: ModuleType, held_out: HeldOut, train: Source) -> dict[str, Any]:
+def write(run: RunDir, family: Family, held_out: HeldOut, train: Source) -> dict[str, Any]:
     """Record the held-out rows and the sources' fingerprints in the run directory; returns heldout.json."""
     record: dict[str, Any] = {
         "format": FORMAT_VERSION,
@@ -46,11 +42,11 @@ def write(run: RunDir, family: ModuleType, held_out: HeldOut, train: Source) -> 
         record["fingerprints"][held_out.source.name] = held_out.source.fingerprint()
     items = held_out.items
     data = None
-    if items is not None and _nbytes(items) <= MAX_STORED_BYTES:
+    if items is not None and family.nbytes(items) <= MAX_STORED_BYTES:
         data = family.store_rows(items)
     if data is not None:
-        atomic_write(run.path / family.STORED_ROWS, lambda f: f.write(data))
-        record.update(kind="stored", file=family.STORED_ROWS, rows=family.count(items))
+        atomic_write(run.path / family.stored_rows, lambda f: f.write(data))
+        record.update(kind="stored", file=family.stored_rows, rows=family.count(items))
     elif held_out.indices is not None:
         atomic_write(run.path / HELDOUT_INDEX, lambda f: np.save(f, held_out.indices.astype(np.int64)))
         record.update(kind="indices", rows=len(held_out.indices))
@@ -77,7 +73,7 @@ def read_record(run: RunDir) -> dict[str, Any]:
     return record
 
 
-def check_source(run: RunDir, family: ModuleType, spec: str, source: Source | None = None) -> Source:
+def check_source(run: RunDir, family: Family, spec: str, source: Source | None = None) -> Source:
     """Open SPEC (or take its open source) and raise unless it is the data the run recorded."""
     record = read_record(run)
     expected = record["fingerprints"].get(spec)
@@ -105,11 +101,11 @@ def _same(run: RunDir, spec: str, actual: dict, expected: dict) -> None:
         )
 
 
-def _check_file(run: RunDir, family: ModuleType, spec: str, record: dict[str, Any]) -> None:
+def _check_file(run: RunDir, family: Family, spec: str, record: dict[str, Any]) -> None:
     """check_source for a held-out file that is read again a chunk at a time: where the family can tell a
     file's fingerprint without reading its rows (tables and texts), the rows are not loaded just to be
     fingerprinted, which would hold the whole file in memory and parse it twice."""
-    of_file = getattr(family, "file_fingerprint", None)
+    of_file = family.file_fingerprint
     expected = record["fingerprints"].get(spec)
     if of_file is None or expected is None or not Path(spec).is_file():
         check_source(run, family, spec)  # its errors: no fingerprint recorded, the file is gone
@@ -117,14 +113,14 @@ def _check_file(run: RunDir, family: ModuleType, spec: str, record: dict[str, An
     _same(run, spec, of_file(spec), expected)
 
 
-def items(run: RunDir, family: ModuleType, state: Any) -> tuple[str, Iterator[Any]]:
+def items(run: RunDir, family: Family, state: Any) -> tuple[str, Iterator[Any]]:
     """The run's held-out split name and its rows (the family's items), exactly as at the end of training.
 
     The split is "none" when the run held no rows out; its rows are then a sample of training rows."""
     record = read_record(run)
     kind, split = record["kind"], record["split"]
     if kind == "stored":
-        return split, family.read_stored(run.path / record.get("file", family.STORED_ROWS))
+        return split, family.read_stored(run.path / record.get("file", family.stored_rows))
     if kind == "file":
         _check_file(run, family, record["source"], record)
         return split, family.read(record["source"], state)
@@ -132,4 +128,6 @@ def items(run: RunDir, family: ModuleType, state: Any) -> tuple[str, Iterator[An
     if kind == "indices":
         index = np.load(run.path / HELDOUT_INDEX, allow_pickle=False)
         return split, iter([family.select(source, index, state)])
+    if family.plan_frames is None:
+        raise DanluError(f"{run.heldout} records chunks, which {family.name} runs never do", "train again")
     return split, family.plan_frames(source, record["plan"])  # chunks

@@ -153,7 +153,9 @@ def _run_payload(run_dir: str | Path, options: PackageOptions) -> _Payload:
         raise DanluError(
             "--dtype, --quantize and --template are for chat models", "leave them out when packaging a run"
         )
-    family = json.loads(run.preprocess.read_text()).get("family", "tabular")
+    from danlu import families
+
+    family = families.family_of(run.preprocess.read_text())
 
     def copy(target: Path) -> None:
         copy_tree(run.path, target, (CHECKPOINTS, CACHE))
@@ -164,8 +166,7 @@ def _run_payload(run_dir: str | Path, options: PackageOptions) -> _Payload:
         name=run.path.resolve().name,
         copy=copy,
         serve_args=["--engine", options.engine] if options.engine != "torch" else [],
-        # the tokenizer and the encoder's architecture come from transformers
-        packages=["transformers", "tokenizers"] if family == "text" else [],
+        packages=list(family.serve_packages),
         ignored=("run/checkpoints", "run/cache"),
     )
 

@@ -13,16 +13,10 @@ from danlu import __version__
 from danlu.errors import DanluError
 from danlu.evaluation.metrics import MetricStream
 from danlu.predictor import Predictor
-from danlu.run import RunDir, atomic_write, atomic_write_json
+from danlu.run import EXPORT_SUFFIXES, RunDir, atomic_write, atomic_write_json
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 FP32_TOLERANCE = 1e-4  # max abs difference: probabilities, or regression values in units of the target's std
 HEADLINE = {"classification": "accuracy", "regression": "r2"}
-
-
-def default_path(run_dir: str | Path, fmt: str, quantize: str | None = None) -> Path:
-    """Where `danlu export` writes by default: RUN/export/model[.int8].onnx|pt."""
-    return RunDir(run_dir).export / f"model{'.int8' if quantize else ''}{FORMATS[fmt]}"
 
 
 def metadata(predictor: Predictor, spec: Any) -> dict[str, str]:
@@ -30,7 +24,7 @@ def metadata(predictor: Predictor, spec: Any) -> dict[str, str]:
     state = predictor.state
     return {
         "danlu_version": __version__,
-        "family": predictor.family.NAME,
+        "family": predictor.family.name,
         "task": state.task,
         "target": state.target,
         **spec.metadata(),
@@ -71,13 +65,15 @@ def _build(predictor: Predictor, fmt: str, quantize: str | None) -> tuple[bytes,
     spec = predictor.family.exporter(predictor.state)
     module, meta = spec.module(predictor.model), metadata(predictor, spec)
     if fmt == "onnx":
-        from danlu.export.onnx import OnnxRunner, onnx_bytes, quantize_int8
+        from danlu.export.onnx import onnx_bytes, quantize_int8
+        from danlu.runners import OnnxRunner
 
         data = onnx_bytes(module, spec, meta)
         if quantize:
             data = quantize_int8(data)
         return data, OnnxRunner(data, spec)
-    from danlu.export.torchscript import TorchScriptRunner, torchscript_bytes
+    from danlu.export.torchscript import torchscript_bytes
+    from danlu.runners import TorchScriptRunner
 
     data = torchscript_bytes(module, spec, meta, int8=bool(quantize))
     return data, TorchScriptRunner(data, spec)
@@ -130,11 +126,11 @@ def export_run(
     Raises:
         DanluError: unknown format, an unexportable model, or a failed verification (with the figures).
     """
-    if fmt not in FORMATS:
-        raise DanluError(f"unknown export format '{fmt}'", f"use one of {', '.join(FORMATS)}")
+    if fmt not in EXPORT_SUFFIXES:
+        raise DanluError(f"unknown export format '{fmt}'", f"use one of {', '.join(EXPORT_SUFFIXES)}")
     if quantize not in (None, "int8"):
         raise DanluError(f"unknown quantization '{quantize}'", "use --quantize int8, or leave it out")
-    path = Path(out) if out is not None else default_path(run_dir, fmt, quantize)
+    path = Path(out) if out is not None else RunDir(run_dir).export_path(fmt, quantize)
     check_target(path)
     predictor = Predictor.load(run_dir, "cpu")
     data, runner = _build(predictor, fmt, quantize)

@@ -1,20 +1,20 @@
 """ONNX: a family's serving module through torch.onnx (the torch.export-based exporter), finished by the
-family (e.g. string lookups in front), with danlu's metadata; and OnnxRunner, the ONNX Runtime engine.
-Only onnx and onnxruntime are needed to run the file."""
+family (e.g. string lookups in front), with danlu's metadata. Only onnx and onnxruntime are needed to run
+the file (danlu.runners.OnnxRunner)."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from danlu.errors import DanluError, one_line
-from danlu.export.quiet import quiet
+from danlu.quiet import quiet
 
 OPSET = 18
 
@@ -23,8 +23,10 @@ def _torch_export(module: nn.Module, spec, path: Path) -> None:
     names = spec.input_names()
     inputs = spec.example_inputs()[: len(names)]
     # axis 0 (rows) varies for every family; a spec's dynamic_axes name more (text: tokens, axis 1)
-    axes = getattr(spec, "dynamic_axes", {0: "batch"})
-    dims = {axis: torch.export.Dim(name) for axis, name in axes.items()}
+    dims = {axis: torch.export.Dim(name) for axis, name in spec.dynamic_axes.items()}
+    shapes = tuple(dict(dims) for _ in inputs)
+    if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
+        shapes = (shapes,)  # forward(*inputs) (families.export.Served): one entry, for `inputs`
     # the exporter narrates its steps on stdout and warns about internals: keep both off the user's screen
     with contextlib.redirect_stdout(io.StringIO()), quiet():
         try:
@@ -35,7 +37,7 @@ def _torch_export(module: nn.Module, spec, path: Path) -> None:
                 dynamo=True,
                 input_names=names,
                 output_names=[spec.output_name()],
-                dynamic_shapes=tuple(dict(dims) for _ in inputs),
+                dynamic_shapes=shapes,
                 opset_version=OPSET,
                 external_data=False,
             )
@@ -75,24 +77,3 @@ def quantize_int8(model: bytes) -> bytes:
         with quiet():
             quantize_dynamic(source, target, weight_type=QuantType.QInt8)
         return target.read_bytes()
-
-
-class OnnxRunner:
-    """An ONNX Runtime session over a danlu ONNX file (a path or its bytes), fed by the family's spec."""
-
-    def __init__(self, source: str | Path | bytes, spec, threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            source if isinstance(source, bytes) else str(source), options, providers=["CPUExecutionProvider"]
-        )
-        self.spec = spec
-
-    def run(self, items) -> np.ndarray:
-        """Probabilities [n, k] or values [n] for a family's items (in the spec's chunks, if it has any)."""
-        parts = self.spec.chunks(items) if hasattr(self.spec, "chunks") else [items]
-        outputs = [self.session.run(None, self.spec.onnx_feeds(part))[0] for part in parts]
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)

@@ -1,14 +1,14 @@
 """TorchScript: a family's traced serving module, wrapped by the family where raw inputs need scripting
-(tabular: string lookups), so a consumer needs only torch (`torch.jit.load`); and TorchScriptRunner."""
+(tabular: string lookups), so a consumer needs only torch (`torch.jit.load`; in danlu, the
+TorchScriptRunner of danlu.runners)."""
 
 import io
 import json
 
-import numpy as np
 import torch
 from torch import nn
 
-from danlu.export.quiet import quiet
+from danlu.quiet import quiet
 
 METADATA_FILE = "danlu.json"  # the metadata travels inside the archive as an extra file
 
@@ -28,18 +28,3 @@ def torchscript_bytes(module: nn.Module, spec, metadata: dict[str, str], int8: b
         buffer = io.BytesIO()
         torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: json.dumps(metadata)})
     return buffer.getvalue()
-
-
-class TorchScriptRunner:
-    """A loaded danlu TorchScript archive (from a path or its bytes), on the CPU, fed by the family's spec."""
-
-    def __init__(self, source, spec) -> None:
-        with quiet():
-            self.module = torch.jit.load(io.BytesIO(source) if isinstance(source, bytes) else str(source))
-        self.spec = spec
-
-    @torch.no_grad()
-    def run(self, items) -> np.ndarray:
-        parts = self.spec.chunks(items) if hasattr(self.spec, "chunks") else [items]
-        outputs = [self.module(*self.spec.script_args(part)).numpy() for part in parts]
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)

@@ -1,76 +1,69 @@
-"""Families: one seam for tabular, image and text data.
+"""Families: one typed contract (`danlu.families.contract.Family`) for every kind of data.
 
-A family is a package whose `__init__` offers the functions below; the trainer, checkpoints, DDP/Ray,
-report, Predictor, export verification, held-out records and the server call only these (plus the
-state's target side: `task`, `classes`, `n_outputs`, `decode`, `decode_target`, `labels`, `to_json`).
-"Items" are a family's raw rows in memory: a DataFrame (tabular, text) or decoded images.
-
-  NAME, STORED_ROWS                          its name; the file its held-out rows are stored in
-  MODEL_DEFAULTS, TRAIN_DEFAULTS             model.* and train.* defaults where the config sets none
-  detect(data_cfg) -> bool                   the source is this family's (for data.family: auto)
-  load(data_cfg, device, state=None, cache=None, model_cfg=None) -> Dataset
-                                             fit preprocessing (unless given) and build the parts
-  state_from_json(text) -> state             the fitted preprocessing from preprocess.json
-  build_model(model_cfg, state) -> nn.Module called with a batch's inputs, positionally
-  read(spec, state, chunk_rows) -> Iterator[items]  a file (or folder) for evaluate and predict
-  as_items(state, data) -> items             what the Python API accepts (frames, paths, images, texts)
-  inputs(state, items) -> dict[str, Tensor]  model inputs (the Predictor, the server)
-  targets(state, items) -> np.ndarray        true class indices or values (evaluate, export checks)
-  output_frame(state, items, decoded) -> DataFrame   rows of a predictions file
-  store_rows(items) -> bytes | None, read_stored(path), select(source, indices) -> items   held-out rows
-  export_module(model, state), example_inputs(state), onnx_io(state), finish_onnx(proto, state),
-  feeds(state, items) -> dict[str, ndarray]  the exported graph's inputs, and how to feed it
-  request_model(state, max_rows), request_items(state, body), warmup_items(state), page_schema(state)
-
-Optional: form_items (multipart uploads), report_plots, plot_predictions, PREDICT_BATCH, EVAL_BATCH,
-plan_frames (chunked tables), file_fingerprint(spec) (a held-out file's fingerprint without reading its
-rows), predict_part(state, items) (the Predictor's batches, when padding is per
-batch), bind(state, run_dir) (files of a finished run), write_artifacts(run, model, state) (more files at
-the end of training), train_stats(part) (report.json), DECAY_MATRICES_ONLY (no weight decay on 1-D
-parameters).
+A family is one package (`families/tabular/`, `families/image/`, ...) whose `FAMILY` is its `Family`
+object, registered by one line in FAMILIES below. This module imports no family until one is asked for,
+so config validation knows the names without loading torch.
 """
 
 from __future__ import annotations
 
-import json
 from importlib import import_module
 from pathlib import Path
-from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from danlu.config import Config, DataConfig
 from danlu.errors import DanluError
 
-FAMILIES = {
+if TYPE_CHECKING:
+    from danlu.config import Config, DataConfig
+    from danlu.families.contract import Family
+
+# name -> the module whose FAMILY is that family's contract; auto-detection asks them in this order
+FAMILIES: dict[str, str] = {
     "tabular": "danlu.families.tabular",
     "image": "danlu.families.image",
     "text": "danlu.families.text",
 }
 
 
-def get(name: str) -> ModuleType:
+def register(name: str, module: str) -> None:
+    """Add a family whose package lives outside danlu (the tests' toy family): the same as a line in
+    FAMILIES, for this process."""
+    FAMILIES[name] = module
+
+
+def get(name: str) -> Family:
     if name not in FAMILIES:
         raise DanluError(f"unknown data.family '{name}'", f"use one of auto, {', '.join(FAMILIES)}")
-    return import_module(FAMILIES[name])
+    family = import_module(FAMILIES[name]).FAMILY
+    if family.name != name:
+        raise DanluError(
+            f"family '{name}' is registered as {FAMILIES[name]}, whose FAMILY is named '{family.name}'",
+            "register the family under its own name",
+        )
+    return family
 
 
 def name_for(data: DataConfig) -> str:
-    """data.family, or for auto the first family that claims the source."""
+    """data.family, or for auto the first family that claims the source, else the fallback (tables)."""
     if data.family != "auto":
         return data.family
-    for name in FAMILIES:
-        if name != "tabular" and get(name).detect(data):
-            return name
-    return "tabular"
+    every = [get(name) for name in FAMILIES]
+    claimed = next((f for f in every if not f.fallback and f.detect(data)), None)
+    chosen = claimed or next((f for f in every if f.fallback), None)
+    if chosen is None:
+        raise DanluError(f"no family reads '{data.train}'", "set data.family")
+    return chosen.name
 
 
 def resolve_family(config: Config) -> Config:
-    """The config as saved: data.family resolved (auto -> the family that claims the source) and the
-    family's model defaults filled in where the config left them unset."""
+    """The config as saved: data.family resolved (auto -> the family that claims the source), model.type
+    checked against what the family builds, and the family's model and train defaults filled in where
+    the config left them unset."""
     name = name_for(config.data)
     family = get(name)
-    model = {k: v for k, v in family.MODEL_DEFAULTS.items() if getattr(config.model, k) in (None, "auto")}
-    train_defaults = getattr(family, "TRAIN_DEFAULTS", {})
-    train = {k: v for k, v in train_defaults.items() if k not in config.train.model_fields_set}
+    family.check_model_type(config.model.type)
+    model = {k: v for k, v in family.model_defaults.items() if getattr(config.model, k) in (None, "auto")}
+    train = {k: v for k, v in family.train_defaults.items() if k not in config.train.model_fields_set}
     return config.model_copy(
         update={
             "data": config.data.model_copy(update={"family": name}),
@@ -80,12 +73,18 @@ def resolve_family(config: Config) -> Config:
     )
 
 
-def state_from_json(text: str, run_dir: Path | None = None):
-    """(family, state) from a run's preprocess.json; runs written before families were tabular.
+def family_of(state_json: str) -> Family:
+    """The family of a run's preprocess.json; runs written before families were tabular."""
+    import json
+
+    return get(json.loads(state_json).get("family", "tabular"))
+
+
+def state_from_json(text: str, run_dir: Path | None = None) -> tuple[Family, Any]:
+    """(family, state) from a run's preprocess.json.
     run_dir: a finished run the state may read files from (text: the tokenizer in RUN/hf)."""
-    family = get(json.loads(text).get("family", "tabular"))
+    family = family_of(text)
     state = family.state_from_json(text)
-    bind = getattr(family, "bind", None)
-    if run_dir is not None and bind is not None:
-        bind(state, run_dir)
+    if run_dir is not None:
+        family.bind(state, run_dir)
     return family, state

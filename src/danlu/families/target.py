@@ -1,14 +1,15 @@
 """What every family predicts: class indices (classification) or a standardized value (regression).
 
 `Target` maps labels of any type to indices and back, and regression values to standardized floats and
-back; `TargetFitter` fits it on training labels, chunk by chunk. Families hold one and delegate to it.
+back; `TargetFitter` fits it on training labels, chunk by chunk. Every family's fitted state is a
+`FamilyState`: it holds a Target (its `head`) and shares one preprocess.json round trip.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -225,3 +226,29 @@ class TargetSide:
         columns = {"prediction": self.labels(decoded.argmax(axis=1))}
         columns.update({f"proba_{name}": decoded[:, j] for j, name in enumerate(self.classes)})
         return columns
+
+
+class FamilyState(TargetSide):
+    """A family's fitted state: a dataclass with a `head: Target` field, stored as preprocess.json.
+
+    The JSON always carries the format version, the family's name and the target's keys; each family adds
+    its own fields (`json_fields`) and builds itself back from them (`from_json_fields`)."""
+
+    family: ClassVar[str]
+    format_version: ClassVar[int] = 1
+
+    def json_fields(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_json_fields(cls, data: dict[str, Any], head: Target) -> FamilyState:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        data = {"format": self.format_version, "family": self.family, **self.head.to_dict()}
+        return state_json({**data, **self.json_fields()})
+
+    @classmethod
+    def from_json(cls, text: str) -> FamilyState:
+        data = read_state_json(text, cls.format_version)
+        return cls.from_json_fields(data, Target.from_dict(data))

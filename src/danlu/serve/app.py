@@ -129,7 +129,7 @@ def _page(predictor: Predictor, settings: ServeSettings, title: str) -> str:
     schema = {
         "title": title,
         "task": predictor.task,
-        **predictor.family.page_schema(predictor.state),
+        **predictor.family.page_form(predictor.state),
         "classes": predictor.classes,
         "api_key_required": settings.api_key is not None,
     }
@@ -236,7 +236,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    form_items = getattr(family, "form_items", None)  # families that take file uploads (images)
+    form_items = family.form_items  # families that take file uploads (images)
 
     def parse(body: bytes) -> tuple[list, list[dict[str, Any]]]:
         """A JSON body's items and its validation errors, validated by the family's request model in one
@@ -298,10 +298,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def metadata() -> dict[str, Any]:
         """Task, features, classes, test metrics, versions and limits."""
         return {
-            "family": family.NAME,
+            "family": family.name,
             "task": state.task,
             "target": state.target,
-            **family.page_schema(state),
+            **family.metadata(state),
             "classes": state.classes,
             "test_metrics": report.get("test"),
             "test_split": report.get("test_split"),

@@ -11,7 +11,7 @@ from danlu.evaluation.metrics import MetricStream, summary
 from danlu.models.weights import save_weights
 from danlu.run import RunDir, atomic_write_json
 from danlu.training import checkpoint as ckpt
-from danlu.training.trainer import Setup, eval_batch, evaluate_part
+from danlu.training.trainer import Setup, evaluate_part
 
 log = logging.getLogger("danlu")
 
@@ -31,8 +31,9 @@ def write_plots(run: RunDir, stream: MetricStream, metrics: dict[str, Any]) -> N
 
 
 def _train_stats(s: Setup) -> dict[str, Any]:
-    stats = getattr(s.family, "train_stats", None)  # text: padding share, tokens per second
-    return {} if stats is None else {s.family.NAME: stats(s.data.train, s.state.epoch, s.state.train_seconds)}
+    """The family's figures of its training data (texts: padding share, tokens per second), under its name."""
+    stats = s.family.train_stats(s.data.train, s.state.epoch, s.state.train_seconds)
+    return {s.family.name: stats} if stats else {}
 
 
 def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
@@ -41,19 +42,17 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
     if tc.restore_best and run.best_checkpoint.is_file():
         s.bare_model.load_state_dict(ckpt.load_checkpoint(run.best_checkpoint)[ckpt.MODEL_KEY])
     save_weights(s.bare_model, run.weights)
-    artifacts = getattr(s.family, "write_artifacts", None)
-    if artifacts is not None:  # text: RUN/hf in Hugging Face format
-        artifacts(run, s.bare_model, s.data.state)
+    s.family.write_artifacts(run, s.bare_model, s.data.state)  # texts: RUN/hf in Hugging Face format
 
     state = s.data.state
     held_out, split_name = (
         (s.data.test, "test") if s.data.test is not None else (s.data.validation, "validation")
     )
-    report: dict[str, Any] = {"family": s.family.NAME, "task": state.task, "test": None}
+    report: dict[str, Any] = {"family": s.family.name, "task": state.task, "test": None}
     if held_out is None:
         log.warning("no test or validation rows: report.json has no held-out metrics")
     else:
-        _, stream = evaluate_part(s.bare_model, held_out, state, s.device, s.precision, eval_batch(s.family))
+        _, stream = evaluate_part(s.bare_model, held_out, s.family, state, s.device, s.precision)
         metrics = stream.result()
         headline = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
         report["test"] = headline
@@ -61,9 +60,7 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
         if state.task == "classification":
             report["test_details"] = {k: metrics[k] for k in ("per_class", "confusion_matrix")}
         write_plots(run, stream, metrics)
-        family_plots = getattr(s.family, "report_plots", None)
-        if family_plots is not None:  # e.g. the misclassified images of the image family
-            family_plots(run, s.bare_model, held_out, state, s.device)
+        s.family.report_plots(run, s.bare_model, held_out, state, s.device)  # images: misclassified.png
         log.debug(
             "%s metrics: %s",
             split_name,

@@ -9,7 +9,6 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from danlu.data.batches import Batch, run_model, share, shuffle_generator
 from danlu.data.dataset import Dataset
 from danlu.errors import DanluError
 from danlu.evaluation.metrics import MetricStream
+from danlu.families.contract import Family
 from danlu.inference import autocast, iter_outputs, resolve_precision
 from danlu.run import RunDir, atomic_write_text
 from danlu.training import checkpoint as ckpt
@@ -38,7 +38,6 @@ from danlu.training import distributed
 from danlu.training.distributed import World
 
 log = logging.getLogger("danlu")
-EVAL_BATCH = 65_536
 
 
 @dataclass
@@ -55,7 +54,7 @@ class TrainerState:
 @dataclass
 class Setup:
     device: torch.device
-    family: ModuleType
+    family: Family
     data: Dataset
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -181,7 +180,7 @@ def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.
         family,
         data,
         model,
-        build_optimizer(model, tc, getattr(family, "DECAY_MATRICES_ONLY", False)),
+        build_optimizer(model, tc, family.decay_matrices_only),
         scaler,
         batch_size,
         total_steps,
@@ -216,7 +215,7 @@ def _micro_batches(batch: Batch, accumulate: int) -> list[Batch]:
 
 def _uneven_inputs(s: Setup):
     """Chunked data gives ranks different step counts: Join keeps DDP's collectives matched."""
-    if s.world.multi and getattr(s.data.train, "uneven", False):
+    if s.world.multi and s.data.train.uneven:
         from torch.distributed.algorithms.join import Join
 
         return Join([s.model])
@@ -263,33 +262,23 @@ def train_epoch(s: Setup, tc: TrainConfig, task: str, epoch: int) -> float:
 
 
 def evaluate_part(
-    model: nn.Module,
-    part: Any,
-    state: Any,
-    device: torch.device,
-    precision: str,
-    batch_size: int = EVAL_BATCH,
+    model: nn.Module, part: Any, family: Family, state: Any, device: torch.device, precision: str
 ) -> tuple[float, MetricStream]:
     """Mean loss (in training units) and the metrics of one split, streamed batch by batch."""
     criterion = loss_fn(state.task, reduction="sum")
     stream = MetricStream(state.task, state.classes)
     loss_sum = 0.0
-    if hasattr(part, "by_length"):  # texts: the metrics do not depend on the order; similar lengths pad less
-        part = part.by_length()[0]
-    for outputs, targets in iter_outputs(model, part.batches(batch_size), device, precision):
+    part = family.ordered(part)[0]  # texts by length: the metrics do not depend on the order
+    for outputs, targets in iter_outputs(model, part.batches(family.eval_batch), device, precision):
         out_t, y_t = torch.from_numpy(outputs), torch.from_numpy(targets)
         loss_sum += float(criterion(out_t.squeeze(-1) if state.task == "regression" else out_t, y_t))
         stream.update(state.decode_target(targets), state.decode(outputs))
     return loss_sum / max(stream.n, 1), stream
 
 
-def eval_batch(family: ModuleType) -> int:
-    return getattr(family, "EVAL_BATCH", EVAL_BATCH)
-
-
 def validate(s: Setup, tc: TrainConfig) -> dict[str, float]:
     loss, stream = evaluate_part(
-        s.bare_model, s.data.validation, s.data.state, s.device, s.precision, eval_batch(s.family)
+        s.bare_model, s.data.validation, s.family, s.data.state, s.device, s.precision
     )
     return {"val_loss": loss, **{f"val_{k}": v for k, v in stream.epoch_result().items()}}
 

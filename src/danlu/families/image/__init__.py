@@ -1,41 +1,21 @@
 """The image family: folders of images (one subfolder per class), CSV/Parquet with a path column,
 MNIST-format IDX and NPZ arrays; a CNN, a small ResNet or the user's own module, on uint8 pixels
-decoded once. See danlu.families for what each hook does."""
+decoded once."""
 
 from __future__ import annotations
 
 from danlu.config import DataConfig
-from danlu.families.image.codec import (
-    ImageItems,
-    as_items,
-    count,
-    feeds,
-    inputs,
-    output_frame,
-    read,
-    read_stored,
-    store_rows,
-    targets,
-)
-from danlu.families.image.codec import decode_items as _decode_items
+from danlu.families.contract import Family
+from danlu.families.image import codec, serve
+from danlu.families.image.codec import ImageItems, decode_items
 from danlu.families.image.data import load
-from danlu.families.image.export import ImageExport as exporter
-from danlu.families.image.models import build_model
+from danlu.families.image.export import ImageExport
+from danlu.families.image.models import MODELS, build_model
 from danlu.families.image.plots import image_grid, misclassified
-from danlu.families.image.serve import (
-    description,
-    form_items,
-    page_schema,
-    request_items,
-    request_model,
-    warmup_items,
-)
 from danlu.families.image.sources import looks_like_images, open_source
 from danlu.families.image.state import ImageState
 from danlu.run import HELDOUT_IMAGES
 
-NAME = "image"
-MODEL_DEFAULTS = {"type": "cnn"}
 # Time to accuracy on small images (benchmarks/train_images.py): one-cycle AdamW at 3e-3, batch 64, bf16
 # autocast where the device supports it, to the end of the schedule (no early stopping).
 TRAIN_DEFAULTS = {
@@ -46,9 +26,6 @@ TRAIN_DEFAULTS = {
     "patience": 0,
     "precision": "auto",
 }
-STORED_ROWS = HELDOUT_IMAGES
-PREDICT_BATCH = 256
-EVAL_BATCH = 512
 
 
 def report_plots(run, model, part, state: ImageState, device) -> None:
@@ -71,48 +48,46 @@ def detect(data: DataConfig) -> bool:
     return data.image is not None or looks_like_images(data.train)
 
 
-def state_from_json(text: str) -> ImageState:
-    return ImageState.from_json(text)
-
-
 def select(source, indices, state: ImageState) -> ImageItems:
-    return _decode_items(source, indices, state)[0]
+    return decode_items(source, indices, state)[0]
 
 
 def reopen(spec: str, data: DataConfig, chunk_rows: int):
     return open_source(spec, data.image, data.target)
 
 
-__all__ = [
-    "EVAL_BATCH",
-    "MODEL_DEFAULTS",
-    "NAME",
-    "PREDICT_BATCH",
-    "STORED_ROWS",
-    "TRAIN_DEFAULTS",
-    "ImageItems",
-    "as_items",
-    "build_model",
-    "count",
-    "description",
-    "detect",
-    "exporter",
-    "feeds",
-    "form_items",
-    "inputs",
-    "load",
-    "output_frame",
-    "page_schema",
-    "plot_predictions",
-    "read",
-    "read_stored",
-    "reopen",
-    "report_plots",
-    "request_items",
-    "request_model",
-    "select",
-    "state_from_json",
-    "store_rows",
-    "targets",
-    "warmup_items",
-]
+FAMILY = Family(
+    name="image",
+    state_type=ImageState,
+    detect=detect,
+    model_types=tuple(MODELS),
+    model_defaults={"type": "cnn"},
+    train_defaults=TRAIN_DEFAULTS,
+    load=load,
+    build_model=build_model,
+    read=codec.read,
+    as_items=codec.as_items,
+    inputs=codec.inputs,
+    targets=codec.targets,
+    count=codec.count,
+    output_frame=codec.output_frame,
+    stored_rows=HELDOUT_IMAGES,
+    store_rows=codec.store_rows,
+    read_stored=codec.read_stored,
+    nbytes=codec.nbytes,
+    select=select,
+    reopen=reopen,
+    exporter=ImageExport,
+    request_model=serve.request_model,
+    request_items=serve.request_items,
+    form_items=serve.form_items,
+    heavy_requests=True,
+    warmup_items=serve.warmup_items,
+    metadata=serve.metadata,
+    page_form=serve.page_form,
+    description=serve.description,
+    predict_batch=256,
+    eval_batch=512,
+    report_plots=report_plots,
+    plot_predictions=plot_predictions,
+)

@@ -36,6 +36,10 @@ def count(items: ImageItems | list[np.ndarray]) -> int:
     return len(items.images) if isinstance(items, ImageItems) else len(items)
 
 
+def nbytes(items: ImageItems) -> int:
+    return items.nbytes
+
+
 def to_nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from danlu.config import DataConfig, ModelConfig
 from danlu.data.batches import Batch, TensorPart
-from danlu.data.dataset import Dataset, HeldOut
+from danlu.data.dataset import Dataset, HeldOut, assemble
 from danlu.data.split import memory_budget, split_indices
 from danlu.errors import DanluError
 from danlu.families.image.cache import cache_key, mapped_items
@@ -25,7 +25,6 @@ from danlu.families.image.state import ImageState
 from danlu.families.target import TargetFitter
 
 log = logging.getLogger("danlu")
-VERIFY_SAMPLE = 256  # training images kept for export verification when a run holds none out
 
 
 def _configured_size(config: DataConfig) -> tuple[int, int] | None:
@@ -121,9 +120,7 @@ def _part(items: ImageItems, state: ImageState, device, augment=None) -> TensorP
     return TensorPart(Batch({"images": to_nchw(items.images)}, target), augment).to(device)
 
 
-def _separate(spec: str | None, config: DataConfig, state: ImageState, name: str, device):
-    if spec is None:
-        return None, None
+def _separate(name: str, spec: str, config: DataConfig, state: ImageState, device):
     source = open_source(spec, config.image, config.target)
     if source.labels is None:
         raise DanluError(f"'{spec}' has no labels", "give validation/test images their labels")
@@ -195,26 +192,24 @@ def load(
     if skipped:
         log.warning("skipped %d unreadable images (data.skip_bad_images)", skipped)
 
-    def own(items: ImageItems, kept: np.ndarray, name: str):
+    decoded_splits = {"validation": (val, val_kept), "test": (test, test_kept)}
+
+    def own(name: str):
+        items, kept = decoded_splits[name]
         return (
             (_part(items, state, device), HeldOut(name, source, items, kept)) if len(kept) else (None, None)
         )
 
-    validation, held_val = own(val, val_kept, "validation")
-    if validation is None:
-        validation, held_val = _separate(config.validation, config, state, "validation", device)
-    test_part, held_test = own(test, test_kept, "test")
-    if test_part is None:
-        test_part, held_test = _separate(config.test, config, state, "test", device)
-    sample = ImageItems(
-        train.images[:VERIFY_SAMPLE], train.names[:VERIFY_SAMPLE], train.labels.iloc[:VERIFY_SAMPLE]
-    )
-    return Dataset(
+    def sample(rows: int) -> HeldOut:
+        items = ImageItems(train.images[:rows], train.names[:rows], train.labels.iloc[:rows])
+        return HeldOut("none", source, items, train_kept[:rows])
+
+    return assemble(
+        config,
         state,
-        train=_part(train, state, device, augmenter(config.augment, state.size)),
-        validation=validation,
-        test=test_part,
-        in_memory=True,
-        source=source,
-        held_out=held_test or held_val or HeldOut("none", source, sample, train_kept[:VERIFY_SAMPLE]),
+        _part(train, state, device, augmenter(config.augment, state.size)),
+        source,
+        own,
+        lambda name, spec: _separate(name, spec, config, state, device),
+        sample,
     )

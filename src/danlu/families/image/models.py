@@ -112,10 +112,5 @@ def build_model(config: ModelConfig, state: ImageState) -> nn.Module:
             config, in_channels=state.channels, out_features=state.n_outputs, image_size=state.size
         )
     else:
-        kind = "cnn" if config.type == "auto" else config.type
-        if kind not in MODELS:
-            raise DanluError(
-                f"model.type={config.type} is not an image model", f"use one of {', '.join(MODELS)}"
-            )
-        net = MODELS[kind](config, state)
+        net = MODELS["cnn" if config.type == "auto" else config.type](config, state)
     return ImageModel(net, state.mean, state.std).to(memory_format=torch.channels_last)

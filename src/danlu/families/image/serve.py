@@ -68,11 +68,19 @@ def description(state: ImageState) -> str:
     return f"{state.width}x{state.height} {'grayscale' if state.channels == 1 else 'RGB'} images"
 
 
-def page_schema(state: ImageState) -> dict[str, Any]:
+def metadata(state: ImageState) -> dict[str, Any]:
+    return {"height": state.height, "width": state.width, "channels": state.channels}
+
+
+def page_form(state: ImageState) -> dict[str, Any]:
+    """One image, chosen from a file or, for small grayscale models (digits), drawn on a canvas."""
+    draw = state.channels == 1 and state.height <= 64 and state.width <= 64
+    gray = ", grayscale" if state.channels == 1 else ""
+    field = {"name": "image", "kind": "upload", "draw": draw}
     return {
-        "kind": "image",
-        "height": state.height,
-        "width": state.width,
-        "channels": state.channels,
-        "draw": state.channels == 1 and state.height <= 64 and state.width <= 64,
+        "hint": f"Choose an image (resized to {state.width}x{state.height}{gray})"
+        + (" or draw one below" if draw else "")
+        + ", then press Predict.",
+        "fields": [field],
+        "request": {"shape": "list", "key": "images"},
     }

@@ -6,13 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from danlu.families.target import Target, TargetSide, read_state_json, state_json
-
-FORMAT_VERSION = 1
+from danlu.families.target import FamilyState, Target
 
 
 @dataclass
-class ImageState(TargetSide):
+class ImageState(FamilyState):
     height: int
     width: int
     channels: int  # 1 (grayscale) or 3 (RGB)
@@ -27,11 +25,8 @@ class ImageState(TargetSide):
     def size(self) -> tuple[int, int]:
         return self.height, self.width
 
-    def to_json(self) -> str:
-        data: dict[str, Any] = {
-            "format": FORMAT_VERSION,
-            "family": self.family,
-            **self.head.to_dict(),
+    def json_fields(self) -> dict[str, Any]:
+        return {
             "height": self.height,
             "width": self.width,
             "channels": self.channels,
@@ -40,17 +35,15 @@ class ImageState(TargetSide):
             "image_column": self.image_column,
             "input": "uint8 images [batch, channels, height, width]",
         }
-        return state_json(data)
 
     @classmethod
-    def from_json(cls, text: str) -> ImageState:
-        data = read_state_json(text, FORMAT_VERSION)
+    def from_json_fields(cls, data: dict[str, Any], head: Target) -> ImageState:
         return cls(
             data["height"],
             data["width"],
             data["channels"],
             data["mean"],
             data["std"],
-            Target.from_dict(data),
+            head,
             data.get("image_column"),
         )

@@ -57,6 +57,10 @@ def count(items) -> int:
     return len(items)
 
 
+def nbytes(items: pd.DataFrame) -> int:
+    return int(items.memory_usage(deep=True).sum())
+
+
 def as_items(pre: Preprocessor, data: Any) -> pd.DataFrame:
     """A DataFrame, a dict of columns, or a 2-D array (or one row) in feature order."""
     if isinstance(data, pd.DataFrame):

@@ -12,7 +12,7 @@ import torch
 
 from danlu.config import DataConfig
 from danlu.data.batches import Batch, TensorPart, sharded, slices, split_mask
-from danlu.data.dataset import Dataset, HeldOut
+from danlu.data.dataset import Dataset, HeldOut, assemble
 from danlu.data.sources import FrameTable, Table, open_table
 from danlu.data.split import memory_budget, split_fractions, split_indices
 from danlu.errors import DanluError
@@ -22,7 +22,6 @@ from danlu.families.tabular.schema import infer_schema
 log = logging.getLogger("danlu")
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
-VERIFY_SAMPLE_ROWS = 1000  # training rows kept for export verification when a run holds none out
 
 
 def fits_in_memory(table: Table, config: DataConfig) -> bool:
@@ -122,11 +121,8 @@ class ChunkedPart:
                 yield piece, piece.rows * world
 
 
-def _part_or_file(name: str, own, spec: str | None, config: DataConfig, pre: Preprocessor, device):
-    """A split of the training source when it has rows, else the separate file (if any); with the
-    HeldOut that would record it."""
-    if own[0] is not None or spec is None:
-        return own
+def _separate(name: str, spec: str, config: DataConfig, pre: Preprocessor, device):
+    """A separate validation/test file as a part, with the HeldOut that records it."""
     table = open_table(spec, config.synthetic, config.chunk_rows)
     if fits_in_memory(table, config):
         frame = table.read_all()
@@ -141,33 +137,32 @@ def _load_in_memory(table: Table, config: DataConfig, pre: Preprocessor | None, 
     schema = infer_schema(frame, config)
     labels = frame[schema.target] if schema.task == "classification" else None
     positions = split_indices(len(frame), labels, config)
-    train_frame, val_frame, test_frame = (frame.iloc[index] for index in positions)
+    train_frame = frame.iloc[positions[0]]
     _check_not_empty(train_frame, table.name)
     if pre is None:
         fitter = PreprocessorFitter(schema)
         fitter.update(train_frame)
         pre = fitter.finish()
+    index = {"validation": positions[1], "test": positions[2]}
 
-    def own(name: str, split: pd.DataFrame, index: np.ndarray):
-        if not len(split):
+    def own(name: str):
+        if not len(index[name]):
             return None, None
-        return tensor_part(pre, split, device), HeldOut(name, table, split, index)
+        split = frame.iloc[index[name]]
+        return tensor_part(pre, split, device), HeldOut(name, table, split, index[name])
 
-    validation, held_val = _part_or_file(
-        "validation", own("validation", val_frame, positions[1]), config.validation, config, pre, device
-    )
-    test, held_test = _part_or_file(
-        "test", own("test", test_frame, positions[2]), config.test, config, pre, device
-    )
-    sample = positions[0][:VERIFY_SAMPLE_ROWS]
-    return Dataset(
+    def sample(rows: int) -> HeldOut:
+        kept = positions[0][:rows]
+        return HeldOut("none", table, frame.iloc[kept], kept)
+
+    return assemble(
+        config,
         pre,
-        train=tensor_part(pre, train_frame, device),
-        validation=validation,
-        test=test,
-        in_memory=True,
-        source=table,
-        held_out=held_test or held_val or HeldOut("none", table, frame.iloc[sample], sample),
+        tensor_part(pre, train_frame, device),
+        table,
+        own,
+        lambda name, spec: _separate(name, spec, config, pre, device),
+        sample,
     )
 
 
@@ -190,29 +185,29 @@ def _load_chunked(table: Table, config: DataConfig, pre: Preprocessor | None, de
         if pre is None:
             fitter.update(frame[mask == TRAIN])
     pre = pre or fitter.finish()
+    which = {"train": TRAIN, "validation": VALIDATION, "test": TEST}
 
-    def own(which: int, name: str):
-        if counts[which] == 0:
+    def own(name: str):
+        if counts[which[name]] == 0:
             return None, None
-        plan = {"seed": split[0], "val_fraction": split[1], "test_fraction": split[2], "part": which}
+        plan = {"seed": split[0], "val_fraction": split[1], "test_fraction": split[2], "part": which[name]}
         plan["chunk_rows"] = config.chunk_rows
-        part = ChunkedPart(table, pre, device, which, split, int(counts[which]))
+        part = ChunkedPart(table, pre, device, which[name], split, int(counts[which[name]]))
         return part, HeldOut(name, table, plan=plan)
 
-    train, _ = own(TRAIN, "train")
-    validation, held_val = _part_or_file(
-        "validation", own(VALIDATION, "validation"), config.validation, config, pre, device
-    )
-    test, held_test = _part_or_file("test", own(TEST, "test"), config.test, config, pre, device)
-    sample = first[split_mask(split[0], 0, len(first), split[1], split[2]) == TRAIN].iloc[:VERIFY_SAMPLE_ROWS]
-    return Dataset(
+    def sample(rows: int) -> HeldOut:
+        kept = first[split_mask(split[0], 0, len(first), split[1], split[2]) == TRAIN].iloc[:rows]
+        return HeldOut("none", table, kept, kept.index.to_numpy())
+
+    return assemble(
+        config,
         pre,
-        train=train,
-        validation=validation,
-        test=test,
+        own("train")[0],
+        table,
+        own,
+        lambda name, spec: _separate(name, spec, config, pre, device),
+        sample,
         in_memory=False,
-        source=table,
-        held_out=held_test or held_val or HeldOut("none", table, sample, sample.index.to_numpy()),
     )
 
 

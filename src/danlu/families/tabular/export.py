@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from danlu.errors import DanluError
+from danlu.families.export import ExportSpec, OutputTail
 from danlu.families.tabular import codec
 from danlu.families.tabular.preprocess import Preprocessor
 
@@ -18,7 +19,7 @@ ML_DOMAIN = "ai.onnx.ml"
 
 
 class ServingModule(nn.Module):
-    """Mean imputation, missing indicators and standardization, the model, then softmax or un-scaling."""
+    """Mean imputation, missing indicators and standardization, the model, then the output tail."""
 
     def __init__(self, model: nn.Module, pre: Preprocessor) -> None:
         super().__init__()
@@ -28,23 +29,19 @@ class ServingModule(nn.Module):
                 "serve it with `danlu serve --engine torch` instead",
             )
         self.model = model.eval()
-        self.classification = pre.task == "classification"
+        self.tail = OutputTail(pre)
         self.has_categorical = bool(pre.categorical)
         self.register_buffer("mean", torch.tensor([c.mean for c in pre.numeric], dtype=torch.float32))
         self.register_buffer("std", torch.tensor([c.std for c in pre.numeric], dtype=torch.float32))
         indicators = [j for j, c in enumerate(pre.numeric) if c.indicator]
         self.register_buffer("indicators", torch.tensor(indicators, dtype=torch.long))
-        self.target_mean, self.target_std = float(pre.target_mean), float(pre.target_std)
 
     def forward(self, numeric: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
         missing = torch.isnan(numeric)
         x = (torch.where(missing, self.mean, numeric) - self.mean) / self.std
         if self.indicators.numel():
             x = torch.cat([x, missing[:, self.indicators].to(x.dtype)], dim=1)
-        out = self.model(x, codes) if self.has_categorical else self.model(x)
-        if self.classification:
-            return torch.softmax(out, dim=1)
-        return out.reshape(-1) * self.target_std + self.target_mean
+        return self.tail(self.model(x, codes) if self.has_categorical else self.model(x))
 
 
 class StringLookup(nn.Module):
@@ -67,10 +64,11 @@ class StringLookup(nn.Module):
         return self.inner(numeric, codes)
 
 
-class TabularExport:
-    """What `danlu export` needs from the tabular family (see danlu.export)."""
+class TabularExport(ExportSpec):
+    """The preprocessing inside the graph: raw numbers and categorical strings in."""
 
     def __init__(self, pre: Preprocessor) -> None:
+        super().__init__(pre)
         self.pre = pre
 
     def module(self, model: nn.Module) -> nn.Module:
@@ -84,9 +82,6 @@ class TabularExport:
     def input_names(self) -> list[str]:
         """The ONNX graph's inputs: the codes only with categorical features (the first inputs traced)."""
         return [NUMERIC_INPUT, CODES] if self.pre.categorical else [NUMERIC_INPUT]
-
-    def output_name(self) -> str:
-        return "probabilities" if self.pre.task == "classification" else "prediction"
 
     def metadata(self) -> dict[str, str]:
         return {

@@ -7,7 +7,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from danlu.config import ModelConfig
-from danlu.errors import DanluError
 from danlu.families.tabular.preprocess import Preprocessor
 from danlu.models.custom import build_custom
 
@@ -95,10 +94,4 @@ def build_model(config: ModelConfig, pre: Preprocessor) -> nn.Module:
         if pre.categorical:
             inputs["cardinalities"] = pre.cardinalities
         return build_custom(config, **inputs)
-    if config.type == "auto":
-        config = config.model_copy(update={"type": "mlp"})
-    if config.type not in MODELS:
-        raise DanluError(
-            f"model.type={config.type} is not a tabular model", f"use one of {', '.join(MODELS)}"
-        )
-    return MODELS[config.type](config, pre)
+    return MODELS["mlp" if config.type == "auto" else config.type](config, pre)

@@ -16,18 +16,7 @@ import pandas as pd
 
 from danlu.errors import DanluError
 from danlu.families.tabular.schema import Schema
-from danlu.families.target import (
-    RunningMoments,
-    Target,
-    TargetFitter,
-    TargetSide,
-    is_constant,
-    read_state_json,
-    row_name,
-    state_json,
-)
-
-FORMAT_VERSION = 1
+from danlu.families.target import FamilyState, RunningMoments, Target, TargetFitter, is_constant, row_name
 
 
 @dataclass
@@ -75,7 +64,7 @@ def category_strings(column: pd.Series) -> pd.Series:
 
 
 @dataclass
-class Preprocessor(TargetSide):
+class Preprocessor(FamilyState):
     """The tabular family's fitted state: numeric scalers, categorical vocabularies and the target."""
 
     numeric: list[NumericColumn]
@@ -162,23 +151,18 @@ class Preprocessor(TargetSide):
                 x_cat[:, j] = pd.Series(strings, dtype=object).map(lookup).fillna(0).to_numpy(dtype=np.int64)
         return x_num, x_cat
 
-    def to_json(self) -> str:
-        data = {
-            "format": FORMAT_VERSION,
-            "family": self.family,
-            **self.head.to_dict(),
+    def json_fields(self) -> dict[str, Any]:
+        return {
             "numeric": [asdict(c) for c in self.numeric],
             "categorical": [asdict(c) for c in self.categorical],
         }
-        return state_json(data)
 
     @classmethod
-    def from_json(cls, text: str) -> Preprocessor:
-        data = read_state_json(text, FORMAT_VERSION)
+    def from_json_fields(cls, data: dict[str, Any], head: Target) -> Preprocessor:
         return cls(
             numeric=[NumericColumn(**c) for c in data["numeric"]],
             categorical=[CategoricalColumn(**c) for c in data["categorical"]],
-            head=Target.from_dict(data),
+            head=head,
         )
 
 

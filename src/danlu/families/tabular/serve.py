@@ -75,11 +75,23 @@ def request_items(pre: Preprocessor, body) -> tuple[list[dict[str, Any]], list[d
     return rows, (check_instances(pre, rows) if body.instances is not None else [])
 
 
-def features(pre: Preprocessor) -> list[dict[str, Any]]:
-    """The features as /v1/metadata and the web form describe them."""
-    return [{"name": c.name, "type": "numeric", "mean": c.mean} for c in pre.numeric] + [
-        {"name": c.name, "type": "categorical", "values": c.values} for c in pre.categorical
-    ]
+def metadata(pre: Preprocessor) -> dict[str, Any]:
+    """The features as /v1/metadata describes them."""
+    features = [{"name": c.name, "type": "numeric", "mean": c.mean} for c in pre.numeric]
+    features += [{"name": c.name, "type": "categorical", "values": c.values} for c in pre.categorical]
+    return {"features": features}
+
+
+def page_form(pre: Preprocessor) -> dict[str, Any]:
+    """One field per feature (a number starting at the training mean, a choice of the known values),
+    sent as one record."""
+    fields = [{"name": c.name, "kind": "number", "value": c.mean} for c in pre.numeric]
+    fields += [{"name": c.name, "kind": "select", "values": c.values} for c in pre.categorical]
+    return {
+        "hint": "Fill in the features and press Predict. Leave a number empty for a missing value.",
+        "fields": fields,
+        "request": {"shape": "records", "key": "records"},
+    }
 
 
 def warmup_items(pre: Preprocessor) -> list[dict[str, Any]]:

@@ -1,37 +1,20 @@
 """The text family: CSV, Parquet or JSONL with a text column and a target, fine-tuning a local Hugging
-Face encoder (BERT, MiniLM, RoBERTa, DistilBERT...) with a classification or regression head. See
-danlu.families for what each hook does."""
+Face encoder (BERT, MiniLM, RoBERTa, DistilBERT...) with a classification or regression head."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from danlu.config import DataConfig
-from danlu.families.text.codec import (
-    as_items,
-    count,
-    feeds,
-    file_fingerprint,
-    inputs,
-    output_frame,
-    predict_part,
-    read,
-    read_stored,
-    reopen,
-    select,
-    store_rows,
-    targets,
-)
-from danlu.families.text.data import load
-from danlu.families.text.export import TextExport as exporter
+from danlu.families.contract import Family
+from danlu.families.tabular import codec as tables
+from danlu.families.text import codec, serve
+from danlu.families.text.data import TextPart, load
+from danlu.families.text.export import TextExport
 from danlu.families.text.models import build_model, write_hf
-from danlu.families.text.serve import description, page_schema, request_items, request_model, warmup_items
 from danlu.families.text.state import TextState
 from danlu.run import HELDOUT_ROWS, HF
 
-NAME = "text"
-STORED_ROWS = HELDOUT_ROWS
-MODEL_DEFAULTS = {"type": "pretrained"}
 # The fine-tuning recipe of BERT-style encoders: AdamW at 5e-5 with weight decay 0.01 on weight matrices
 # only, 10% linear warm-up then linear decay, batch 32, 3 epochs, bf16 autocast where supported.
 TRAIN_DEFAULTS = {
@@ -44,17 +27,10 @@ TRAIN_DEFAULTS = {
     "patience": 0,
     "precision": "auto",
 }
-DECAY_MATRICES_ONLY = True
-PREDICT_BATCH = 64
-EVAL_BATCH = 128
 
 
 def detect(data: DataConfig) -> bool:
     return data.text is not None
-
-
-def state_from_json(text: str) -> TextState:
-    return TextState.from_json(text)
 
 
 def bind(state: TextState, run_dir: Path) -> None:
@@ -67,7 +43,7 @@ def write_artifacts(run, model, state: TextState) -> None:
     write_hf(model, state, run.weights, run.hf)
 
 
-def train_stats(part, epochs: int, seconds: float) -> dict:
+def train_stats(part: TextPart, epochs: int, seconds: float) -> dict:
     """report.json's figures of the training data: padding share of the training batches (as built by
     this process) and text tokens (padding not counted) per second of training."""
     share = part.padding_share()
@@ -79,38 +55,45 @@ def train_stats(part, epochs: int, seconds: float) -> dict:
     }
 
 
-__all__ = [
-    "DECAY_MATRICES_ONLY",
-    "EVAL_BATCH",
-    "MODEL_DEFAULTS",
-    "NAME",
-    "PREDICT_BATCH",
-    "STORED_ROWS",
-    "TRAIN_DEFAULTS",
-    "as_items",
-    "bind",
-    "build_model",
-    "count",
-    "description",
-    "detect",
-    "exporter",
-    "feeds",
-    "file_fingerprint",
-    "inputs",
-    "load",
-    "output_frame",
-    "page_schema",
-    "predict_part",
-    "read",
-    "read_stored",
-    "reopen",
-    "request_items",
-    "request_model",
-    "select",
-    "state_from_json",
-    "store_rows",
-    "targets",
-    "train_stats",
-    "warmup_items",
-    "write_artifacts",
-]
+# Texts are table rows: files are read, and held-out rows stored, as the tabular family does.
+FAMILY = Family(
+    name="text",
+    state_type=TextState,
+    detect=detect,
+    model_types=("pretrained",),
+    model_defaults={"type": "pretrained"},
+    train_defaults=TRAIN_DEFAULTS,
+    decay_matrices_only=True,
+    load=load,
+    build_model=build_model,
+    read=tables.read,
+    as_items=codec.as_items,
+    inputs=codec.inputs,
+    targets=codec.targets,
+    count=codec.count,
+    output_frame=tables.output_frame,
+    stored_rows=HELDOUT_ROWS,
+    store_rows=tables.store_rows,
+    read_stored=tables.read_stored,
+    nbytes=tables.nbytes,
+    select=tables.select,
+    reopen=tables.reopen,
+    file_fingerprint=tables.file_fingerprint,
+    exporter=TextExport,
+    request_model=serve.request_model,
+    request_items=serve.request_items,
+    warmup_items=serve.warmup_items,
+    metadata=serve.metadata,
+    page_form=serve.page_form,
+    description=serve.description,
+    predict_batch=64,
+    eval_batch=128,
+    predict_part=codec.predict_part,
+    by_length=TextPart.by_length,
+    bind=bind,
+    write_artifacts=write_artifacts,
+    train_stats=train_stats,
+    serve_files=(HF,),
+    # the tokenizer and the encoder's architecture come from transformers
+    serve_packages=("transformers", "tokenizers"),
+)

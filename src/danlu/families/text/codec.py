@@ -1,5 +1,5 @@
 """Text items (a DataFrame with the text column, and the target when known; or a list of texts) to model
-inputs, targets and prediction files. Reading files and storing held-out rows are the tabular family's:
+inputs and targets. Reading files, prediction files and storing held-out rows are the tabular family's:
 texts are table rows."""
 
 from __future__ import annotations
@@ -12,19 +12,8 @@ import pandas as pd
 import torch
 
 from danlu.errors import DanluError
-from danlu.families.tabular.codec import (
-    file_fingerprint,
-    output_frame,
-    read,
-    read_stored,
-    reopen,
-    select,
-    store_rows,
-)
 from danlu.families.text.data import TextPart, part_of
 from danlu.families.text.state import TextState
-
-__all__ = ["file_fingerprint", "output_frame", "read", "read_stored", "reopen", "select", "store_rows"]
 
 
 def count(items: pd.DataFrame | list[str]) -> int:

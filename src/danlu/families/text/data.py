@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from danlu import __version__
 from danlu.config import DataConfig, ModelConfig
 from danlu.data.batches import Batch, sharded
-from danlu.data.dataset import Dataset, HeldOut
+from danlu.data.dataset import Dataset, HeldOut, assemble
 from danlu.data.sources import open_table
 from danlu.data.split import split_indices
 from danlu.errors import DanluError
@@ -32,7 +32,6 @@ from danlu.run import atomic_write
 log = logging.getLogger("danlu")
 TOKENIZE_CHUNK = 4096  # texts per tokenizer call (the fast tokenizer spreads a call over threads)
 GROUP_BATCHES = 50  # length grouping: sort within windows of this many batches, then shuffle the batches
-VERIFY_SAMPLE_ROWS = 256  # training rows kept for export verification when a run holds none out
 
 
 def texts_of(frame: pd.DataFrame, column: str, name: str) -> list[str]:
@@ -103,6 +102,8 @@ class TextPart:
     batches, each window sorted by length and cut into batches, and the batches shuffled; all drawn from
     the epoch's generator, so resume and any process count see the same global batches. Other batches
     keep the rows' order (the Predictor relies on it)."""
+
+    uneven = False
 
     def __init__(self, ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, target: torch.Tensor, pad_id):
         self.ids = torch.from_numpy(ids)  # int32, shared by every part of a source: no copy per split
@@ -205,9 +206,7 @@ def part_of(frame: pd.DataFrame, state: TextState, name: str, labelled: bool = T
     return TextPart(ids, offsets, np.arange(len(texts)), target, state.pad_id)
 
 
-def _separate(spec: str | None, config: DataConfig, state: TextState, name: str, device):
-    if spec is None:
-        return None, None
+def _separate(name: str, spec: str, state: TextState, device):
     table = open_table(spec)
     frame = table.read_all()
     if state.target not in frame.columns:
@@ -245,27 +244,25 @@ def load(
     ids, offsets = cached_tokens(cache, table, texts, state, progress=True)
     encoded = state.head.encode  # all rows at once: an unseen label outside training is named
 
-    def own(name: str, index: np.ndarray):
-        if not len(index):
-            return None, None
-        target = torch.from_numpy(encoded(labels.iloc[index].reset_index(drop=True)))
-        part = TextPart(ids, offsets, index, target, state.pad_id).to(device)
-        return part, HeldOut(name, table, frame.iloc[index], index)
+    index = {"train": train_idx, "validation": val_idx, "test": test_idx}
 
-    train, _ = own("train", train_idx)
-    validation, held_val = own("validation", val_idx)
-    if validation is None:
-        validation, held_val = _separate(config.validation, config, state, "validation", device)
-    test, held_test = own("test", test_idx)
-    if test is None:
-        test, held_test = _separate(config.test, config, state, "test", device)
-    sample = train_idx[:VERIFY_SAMPLE_ROWS]
-    return Dataset(
+    def own(name: str):
+        if not len(index[name]):
+            return None, None
+        target = torch.from_numpy(encoded(labels.iloc[index[name]].reset_index(drop=True)))
+        part = TextPart(ids, offsets, index[name], target, state.pad_id).to(device)
+        return part, HeldOut(name, table, frame.iloc[index[name]], index[name])
+
+    def sample(rows: int) -> HeldOut:
+        kept = train_idx[:rows]
+        return HeldOut("none", table, frame.iloc[kept], kept)
+
+    return assemble(
+        config,
         state,
-        train=train,
-        validation=validation,
-        test=test,
-        in_memory=True,
-        source=table,
-        held_out=held_test or held_val or HeldOut("none", table, frame.iloc[sample], sample),
+        own("train")[0],
+        table,
+        own,
+        lambda name, spec: _separate(name, spec, state, device),
+        sample,
     )

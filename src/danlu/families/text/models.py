@@ -62,8 +62,8 @@ def build_model(config: ModelConfig, state: TextState) -> nn.Module:
     architecture from RUN/hf/config.json (its weights are loaded from model.safetensors after)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    if config.target is not None or config.type not in ("auto", "pretrained"):
-        raise DanluError("the text family fine-tunes model.pretrained", "remove model.target and model.type")
+    if config.target is not None:
+        raise DanluError("the text family fine-tunes model.pretrained", "remove model.target")
     with quiet_transformers():
         if state.run_hf is not None:
             hf_config = AutoConfig.from_pretrained(state.run_hf, local_files_only=True)

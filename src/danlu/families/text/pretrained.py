@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from danlu.errors import DanluError
-from danlu.export.quiet import quiet
+from danlu.quiet import quiet
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")

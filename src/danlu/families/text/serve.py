@@ -46,10 +46,23 @@ def description(state: TextState) -> str:
     return f"texts (column '{state.text_column}', up to {state.max_length} tokens)"
 
 
-def page_schema(state: TextState) -> dict[str, Any]:
+def metadata(state: TextState) -> dict[str, Any]:
+    return {"column": state.text_column, "max_length": state.max_length, "max_chars": MAX_TEXT_CHARS}
+
+
+def page_form(state: TextState) -> dict[str, Any]:
+    """One text area."""
     return {
-        "kind": "text",
-        "column": state.text_column,
-        "max_length": state.max_length,
-        "max_chars": MAX_TEXT_CHARS,
+        "hint": f"Write or paste a text (up to {MAX_TEXT_CHARS} characters; the model reads its first "
+        f"{state.max_length} tokens), then press Predict.",
+        "fields": [
+            {
+                "name": "text",
+                "id": "text",
+                "label": state.text_column,
+                "kind": "textarea",
+                "max_chars": MAX_TEXT_CHARS,
+            }
+        ],
+        "request": {"shape": "list", "key": "texts"},
     }

@@ -10,13 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from danlu.families.target import Target, TargetSide, read_state_json, state_json
-
-FORMAT_VERSION = 1
+from danlu.families.target import FamilyState, Target
 
 
 @dataclass
-class TextState(TargetSide):
+class TextState(FamilyState):
     text_column: str
     max_length: int
     pretrained: str  # the encoder directory the run started from
@@ -40,11 +38,8 @@ class TextState(TargetSide):
             self._tokenizer = load_tokenizer(self.model_dir)
         return self._tokenizer
 
-    def to_json(self) -> str:
-        data: dict[str, Any] = {
-            "format": FORMAT_VERSION,
-            "family": self.family,
-            **self.head.to_dict(),
+    def json_fields(self) -> dict[str, Any]:
+        return {
             "text_column": self.text_column,
             "max_length": self.max_length,
             "pretrained": self.pretrained,
@@ -52,16 +47,14 @@ class TextState(TargetSide):
             "tokenizer_fingerprint": self.fingerprint,
             "input": "input_ids and attention_mask, int64 [batch, tokens]; tokenizer files in RUN/hf",
         }
-        return state_json(data)
 
     @classmethod
-    def from_json(cls, text: str) -> TextState:
-        data = read_state_json(text, FORMAT_VERSION)
+    def from_json_fields(cls, data: dict[str, Any], head: Target) -> TextState:
         return cls(
             data["text_column"],
             data["max_length"],
             data["pretrained"],
             data["pad_id"],
-            Target.from_dict(data),
+            head,
             data.get("tokenizer_fingerprint", ""),
         )
