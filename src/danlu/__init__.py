@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so `danlu --help` never waits for torch):
     train(config) -> Run, evaluate(run_dir, data=None) -> dict, load(run_dir) -> Predictor,
-    quickstart(...) -> Run, Run, Predictor, DanluError, __version__
+    serve(run_dir_or_model, ...), quickstart(...) -> Run, Run, Predictor, DanluError, __version__
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ _EXPORTS = {
     "Config": "danlu.config",
     "load_config": "danlu.config",
 }
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", "serve", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "serve":  # the danlu.serve package, which is callable: danlu.serve(...) is danlu.api.serve
+        return import_module("danlu.serve")
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'danlu' has no attribute {name!r}")

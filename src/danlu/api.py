@@ -1,4 +1,5 @@
-"""The Python API, mirroring the CLI: train, evaluate, load (-> Predictor), predict_file, quickstart."""
+"""The Python API, mirroring the CLI: train, evaluate, load (-> Predictor), predict_file, serve,
+quickstart."""
 
 from __future__ import annotations
 
@@ -234,6 +235,55 @@ def plot_predictions(run_dir: str | Path, data: str | Path, out: str | Path) -> 
         )
     items = next(iter(predictor.family.read(str(data), predictor.state, 36)))
     draw(predictor.state, items, predictor.decoded(items), Path(out))
+
+
+def serve(
+    source: str | Path,
+    *,
+    workers: int = 1,
+    dtype: str = "auto",
+    device: str = "cpu",
+    quantize: str | None = None,
+    trust_remote_code: bool = False,
+    **settings: Any,
+) -> int:
+    """Serve a finished run's predictions, or a local language model's chat completions (a Hugging Face
+    directory whose config.json names a *ForCausalLM architecture, or a .gguf file), until SIGINT or
+    SIGTERM; returns the exit code.
+
+    Args:
+        workers: server processes (runs only).
+        dtype, device, quantize, trust_remote_code: how a chat model is loaded (as `danlu chat`).
+        settings: the fields of danlu.serve.app.ServeSettings (runs: host, port, api_key, engine,
+            max_batch, max_rows, timeout_s, ...) or danlu.serve.chat.app.ChatSettings (chat models:
+            host, port, api_key, max_batch, max_tokens, template, ...).
+
+    Raises:
+        DanluError: a bad run directory, model, setting or warm-up, before anything is bound.
+    """
+    from danlu.serve import shell
+    from danlu.serve.chat.model import is_causal_lm, looks_like_model
+
+    if not (is_causal_lm(source) or looks_like_model(str(source))):
+        from danlu.serve.app import ServeSettings, create_app
+
+        if workers < 1:
+            raise DanluError("--workers must be at least 1", "e.g. --workers 2")
+        run_settings = ServeSettings(run_dir=str(source), **settings)
+        app = create_app(run_settings)  # fail here, before binding, on a bad run, setting or warm-up
+        if workers == 1:
+            return shell.run(app)
+        return shell.run_workers("danlu.serve.app:app_from_env", run_settings, workers)
+    from danlu.serve.chat.app import ChatSettings, create_chat_app
+    from danlu.serve.chat.model import check_path, load_chat_model
+
+    check_path(str(source))  # a hub id or a missing file is the first thing to say
+    if workers != 1:
+        raise DanluError("a chat model is served by one process", "leave out --workers; raise --max-batch")
+    chat_settings = ChatSettings(**settings)
+    chat_settings.check()  # before the model loads
+    chat = load_chat_model(str(source), dtype, device, trust_remote_code, quantize)
+    return shell.run(create_chat_app(chat, chat_settings, engine_thread=False))
 
 
 QUICKSTART = {

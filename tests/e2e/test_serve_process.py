@@ -24,16 +24,23 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m danlu serve RUN --port P ...` until stopped; ready once /readyz answers 200."""
+    """`python -m danlu serve RUN --port P ...` until stopped; ready once /readyz answers 200. With
+    `code`, `python -c CODE` instead, with the port in CODE's place of {port}."""
 
     def __init__(
-        self, run_dir: Path, *args: str, python: str = sys.executable, pythonpath: Path | None = None
+        self,
+        run_dir: Path | None,
+        *args: str,
+        python: str = sys.executable,
+        pythonpath: Path | None = None,
+        code: str | None = None,
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(pythonpath or ROOT / "tests")}
+        command = [python, "-m", "danlu", "serve", str(run_dir), "--port", str(self.port), *args]
         self.process = subprocess.Popen(
-            [python, "-m", "danlu", "serve", str(run_dir), "--port", str(self.port), *args],
+            command if code is None else [python, "-c", code.replace("{port}", str(self.port))],
             env=env,
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -113,6 +120,28 @@ def test_sigterm_finishes_the_request_in_flight(tmp_path):
     assert outcome["response"].json()["predictions"][0] in ("high", "low", "mid")
     assert time.monotonic() - started >= 0.5  # the server waited for it
     assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+def test_danlu_serve_from_python_starts_a_run_server_or_a_chat_server(run, tmp_path):
+    from tests.chat_models import tiny_llama
+
+    record = {"x0": 0.1, "x1": -0.2, "color": "green"}
+    server = Server(None, code=f"import danlu; danlu.serve({str(run.path)!r}, port={{port}}, max_rows=2)")
+    try:
+        response = httpx.post(f"{server.url}/v1/predict", json={"records": [record]}, timeout=10)
+        assert response.status_code == 200 and response.json()["predictions"][0] in ("high", "low", "mid")
+        too_many = httpx.post(f"{server.url}/v1/predict", json={"records": [record] * 3}, timeout=10)
+        assert too_many.status_code == 422  # the settings reached the server
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+    model = tiny_llama(tmp_path / "tiny")
+    server = Server(None, code=f"import danlu; danlu.serve({str(model)!r}, port={{port}}, max_tokens=8)")
+    try:
+        body = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0}
+        answer = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30).json()
+        assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] <= 8
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
 
 
 def test_serve_refuses_a_bad_run_directory_in_one_line(tmp_path):

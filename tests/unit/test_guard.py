@@ -38,7 +38,13 @@ def call(path, headers, chunks, method="POST"):
         ran.append(True)
         await echo_app(scope, receive, send)
 
-    guard = Guard(app, max_body_bytes=LIMIT, metrics=metrics, endpoints={"/v1/predict"})
+    guard = Guard(
+        app,
+        max_body_bytes=LIMIT,
+        metrics=metrics,
+        endpoints={"/v1/predict"},
+        error_body=lambda status, message: {"detail": message},
+    )
     messages = [
         {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)
     ]

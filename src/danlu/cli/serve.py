@@ -35,7 +35,7 @@ def add_serve(sub) -> None:
     )
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="batching window (default 2 ms)")
     p.add_argument("--max-rows", type=int, default=1024, help="rows per request (default 1024)")
-    p.add_argument("--max-body-mb", type=float, default=10.0, help="request body limit (default 10 MB)")
+    p.add_argument("--max-body-mb", type=float, help="request body limit (default 10 MB; chat models: 4 MB)")
     p.add_argument(
         "--max-queue",
         type=int,
@@ -44,7 +44,8 @@ def add_serve(sub) -> None:
     p.add_argument(
         "--timeout",
         type=float,
-        help="seconds before a request gets 504 (default 30; chat models: 300)",
+        help="seconds before a request gets 504, and the longest drain on SIGTERM (default 30; chat models: "
+        "300)",
     )
     p.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     key = p.add_mutually_exclusive_group()
@@ -71,96 +72,43 @@ def run_serve(args) -> int:
     from danlu.run import RunDir
     from danlu.serve.chat.model import is_causal_lm, looks_like_model
 
-    if is_causal_lm(args.run_dir) or looks_like_model(args.run_dir):
-        return run_chat_server(args)  # a missing model or a hub id is reported by the chat loader
-    RunDir(args.run_dir).require_complete()  # before torch is imported
-    args.max_batch = 64 if args.max_batch is None else args.max_batch
-    args.max_queue = 8192 if args.max_queue is None else args.max_queue
-    args.timeout = 30.0 if args.timeout is None else args.timeout
-    from danlu.errors import DanluError
-    from danlu.serve.app import ServeSettings, serve
+    chat = is_causal_lm(args.run_dir) or looks_like_model(args.run_dir)
+    if not chat:
+        RunDir(args.run_dir).require_complete()  # before torch is imported
+    import danlu
 
-    if args.workers < 1:
-        raise DanluError("--workers must be at least 1", "e.g. --workers 2")
-    settings = ServeSettings(
-        run_dir=args.run_dir,
-        engine=args.engine,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_rows=args.max_rows,
-        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-        max_queue_rows=args.max_queue,
-        timeout_s=args.timeout,
-        api_key=api_key(args),
-    )
-    serve(settings, args.host, args.port, args.workers, args.access_log)
-    return 0
-
-
-def run_chat_server(args) -> int:
-    import uvicorn
-
-    from danlu.errors import DanluError
-    from danlu.serve.chat.app import ChatSettings, create_chat_app
-    from danlu.serve.chat.model import check_path, load_chat_model
-
-    check_path(args.run_dir)  # before the options: a hub id or a missing file is the first thing to say
-    if args.workers != 1:
-        raise DanluError("a chat model is served by one process", "leave out --workers; raise --max-batch")
-    args.max_batch = 8 if args.max_batch is None else args.max_batch
-    args.max_queue = 64 if args.max_queue is None else args.max_queue
-    args.timeout = 300.0 if args.timeout is None else args.timeout
-    settings = ChatSettings(
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        max_tokens=args.max_tokens,
-        prefill_chunk=args.prefill_chunk,
-        timeout_s=args.timeout,
-        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-        api_key=api_key(args),
-        template=args.template,
-    )
-    settings.check()  # before the model loads
-    chat = load_chat_model(args.run_dir, args.dtype, args.device, args.trust_remote_code, args.quantize)
-    app = create_chat_app(chat, settings, engine_thread=False)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            access_log=args.access_log,
-            timeout_graceful_shutdown=settings.timeout_s,
-            log_level="info",
+    options = {
+        "host": args.host,
+        "port": args.port,
+        "api_key": api_key(args),
+        "access_log": args.access_log,
+        "workers": args.workers,
+        **{
+            name: value
+            for name, value in (
+                ("max_batch", args.max_batch),
+                ("max_queue", args.max_queue),
+                ("timeout_s", args.timeout),
+                ("max_body_bytes", None if args.max_body_mb is None else int(args.max_body_mb * 1024 * 1024)),
+            )
+            if value is not None
+        },
+    }
+    if chat:  # a missing model or a hub id is reported by the chat loader
+        options.update(
+            max_tokens=args.max_tokens,
+            prefill_chunk=args.prefill_chunk,
+            template=args.template,
+            dtype=args.dtype,
+            device=args.device,
+            quantize=args.quantize,
+            trust_remote_code=args.trust_remote_code,
         )
-    )
-    return serve_beside(server, app.state.engine)
-
-
-def serve_beside(server, engine) -> int:
-    """HTTP on a thread, generation on the main thread (torch's parallel CPU kernels are slower on any
-    other). SIGTERM and SIGINT go to uvicorn, which drains the running generations and then stops the
-    engine; a second SIGINT forces the exit."""
-    import signal
-    import threading
-
-    outcome = {"code": 0}
-
-    def http() -> None:
-        try:
-            server.run()
-        except SystemExit as exc:  # uvicorn exits 1 when it cannot bind
-            outcome["code"] = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            log.exception("the HTTP server failed")
-            outcome["code"] = 1
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, server.handle_exit)
-    thread = threading.Thread(target=http, name="danlu-http")
-    thread.start()
-    engine.run(until=lambda: not thread.is_alive())
-    thread.join()
-    return outcome["code"]
+    else:
+        if "max_queue" in options:
+            options["max_queue_rows"] = options.pop("max_queue")
+        options.update(engine=args.engine, max_wait_ms=args.max_wait_ms, max_rows=args.max_rows)
+    return danlu.serve(args.run_dir, **options)
 
 
 def api_key(args) -> str | None:

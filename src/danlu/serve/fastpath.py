@@ -10,8 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from danlu.serve.guard import key_matches
-
-UNAUTHORIZED = "missing or wrong API key: send 'X-API-Key: KEY' or 'Authorization: Bearer KEY'"
+from danlu.serve.shell import UNAUTHORIZED
 
 
 class JsonPredict:

@@ -1,13 +1,13 @@
-"""What every danlu server puts around its own endpoints: ASGI middleware in front of every request (the
-body size limit, 413, and the Prometheus request series), the API key check, and the probes (/healthz,
-/readyz, /metrics). Plain ASGI rather than BaseHTTPMiddleware: it adds no task per request on the hot
-path."""
+"""What the shell (danlu.serve.shell) puts in front of every request and beside every handler's routes:
+the Guard (plain ASGI: it adds no task per request on the hot path), the request metrics, the probes
+(/healthz, /readyz, /metrics), the API key comparison and the one way a body is read."""
 
 from __future__ import annotations
 
 import hmac
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,18 +20,6 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-
-from danlu.errors import DanluError
-
-
-def check_limits(settings: Any, counts: tuple[str, ...]) -> None:
-    """Each setting in `counts` at least 1 and settings.timeout_s above 0, or one DanluError naming it."""
-    for name in counts:
-        if getattr(settings, name) < 1:
-            raise DanluError(f"{name.replace('_', '-')} must be at least 1", "pass a positive number")
-    if settings.timeout_s <= 0:
-        raise DanluError("--timeout must be above 0 seconds", "e.g. --timeout 30")
-
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -90,9 +78,40 @@ def key_matches(expected: str | None, headers) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+class TooLarge(Exception):
+    """The body is over the limit."""
+
+
+async def read_body(receive: Callable[[], Awaitable[dict]], limit: int) -> bytes | None:
+    """A request's whole body, at most `limit` bytes (TooLarge past it); None when the client left before
+    sending it all. The chunks are joined once: appending to one bytes object would copy it per chunk."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            raise TooLarge
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
 class Guard:
-    def __init__(self, app, max_body_bytes: int, metrics: Any, endpoints: set[str]) -> None:
+    """In front of every request: the body limit (413, with or without Content-Length) and the request
+    metrics. Errors are in the server's shape (`error_body(status, message)`)."""
+
+    def __init__(
+        self,
+        app,
+        max_body_bytes: int,
+        metrics: Any,
+        endpoints: frozenset[str],
+        error_body: Callable[[int, str], dict],
+    ) -> None:
         self.app, self.max_body_bytes, self.metrics, self.endpoints = app, max_body_bytes, metrics, endpoints
+        self.error_body = error_body
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -114,40 +133,27 @@ class Guard:
                     await self._too_large(send_and_record)
                     return
             elif scope["method"] in ("POST", "PUT", "PATCH"):
-                receive = await self._buffered(receive)
-                if receive is None:
+                try:
+                    body = await read_body(receive, self.max_body_bytes)
+                except TooLarge:
                     await self._too_large(send_and_record)
                     return
+                if body is None:
+                    return  # the client left
+                receive = _replaying(body, receive)
             await self.app(scope, receive, send_and_record)
         finally:
             self.metrics.observe(endpoint, status["code"], time.perf_counter() - start)
 
-    async def _buffered(self, receive):
-        """Read a body sent without Content-Length up to the limit: a replaying receive, or None if over."""
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                return None
-            if not message.get("more_body", False):
-                break
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replaying():
-            return replay.pop() if replay else await receive()
-
-        return replaying
-
     async def _too_large(self, send) -> None:
-        body = json.dumps({"detail": f"request body over the limit of {self.max_body_bytes} bytes"}).encode()
+        await self._error(send, 413, f"request body over the limit of {self.max_body_bytes} bytes")
+
+    async def _error(self, send, status: int, message: str) -> None:
+        body = json.dumps(self.error_body(status, message)).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
@@ -155,3 +161,13 @@ class Guard:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _replaying(body: bytes, receive):
+    """A receive that gives the body already read, then whatever the client sends next (a disconnect)."""
+    replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replaying():
+        return replay.pop() if replay else await receive()
+
+    return replaying
