@@ -392,3 +392,78 @@ def test_the_api_key_guards_the_api_but_not_the_probes(model, tmp_path):
         assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
     finally:
         server.stop()
+
+
+HOSTILE = [  # raw bodies: Python's json writes NaN and Infinity, which strict JSON has not
+    ('{"messages": M, "max_tokens": 4, "temperature": 1, "seed": 18446744073709551616}', 400, "seed"),
+    ('{"messages": M, "max_tokens": 4, "temperature": NaN}', 400, None),
+    ('{"messages": M, "max_tokens": 4, "frequency_penalty": NaN}', 400, None),
+    ('{"messages": M, "max_tokens": 4, "presence_penalty": -Infinity}', 400, None),
+    ('{"messages": M, "max_tokens": 4, "repetition_penalty": 1e999}', 400, "repetition_penalty"),
+    ('{"messages": M, "max_tokens": 4, "top_p": 1e999}', 400, "top_p"),
+    ('{"messages": M, "max_tokens": 4, "stop": ["' + "x" * 65 + '"]}', 400, "stop"),
+    ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),
+    ('{"messages": M, "max_tokens": 4, "temperature": 1e-300}', 200, None),  # greedy, not NaN
+]
+
+
+def test_hostile_numbers_fail_only_their_own_request(tmp_path):
+    """A long greedy stream runs while requests with values that used to break the engine step (and so
+    every generation in flight) arrive: each gets its own 400 (or, for a vanishing temperature, a greedy
+    answer), and the stream ends as it does alone, token for token."""
+    import threading
+
+    server = Server(tiny_llama(tmp_path / "slower", layers=8), "--max-tokens", "200")
+    url = f"{server.url}/v1/chat/completions"
+    long = {"messages": HELLO, "max_tokens": 200, "temperature": 0, "stream": True}
+
+    def stream() -> list[dict]:
+        with httpx.stream("POST", url, json=long, timeout=120) as response:
+            raw = "".join(response.iter_text())
+        assert raw.endswith("data: [DONE]\n\n")
+        return [json.loads(e.removeprefix("data: ")) for e in raw.split("\n\n")[:-2]]
+
+    try:
+        alone = stream()
+        outcome = {}
+        victim = threading.Thread(target=lambda: outcome.update(events=stream()))
+        victim.start()
+        assert wait_until(lambda: running(server) == 1)
+        headers = {"content-type": "application/json"}
+        for body, status, param in HOSTILE:
+            raw = body.replace("M", json.dumps(HELLO), 1)
+            response = httpx.post(url, content=raw.encode(), headers=headers, timeout=60)
+            assert response.status_code == status, (body[:80], response.text[:300])
+            if status == 400:
+                error = response.json()["error"]
+                assert error["type"] == "invalid_request_error" and error["param"] == param, error
+            assert running(server) == 1, body[:80]  # the stream is still going
+        victim.join(120)
+        events = outcome["events"]
+        assert not any("error" in e for e in events)
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+        assert text == "".join(
+            e["choices"][0]["delta"].get("content") or "" for e in alone if e.get("choices")
+        )
+    finally:
+        server.stop()
+
+
+def test_a_request_over_the_token_budget_is_refused_and_one_within_it_waits(model):
+    server = Server(model, "--max-tokens", "64", "--max-batch-tokens", "60")
+    try:
+        url = f"{server.url}/v1/chat/completions"
+        over = httpx.post(url, json={"messages": HELLO, "max_tokens": 64}, timeout=30)
+        assert over.status_code == 400 and "--max-batch-tokens is 60" in over.json()["error"]["message"]
+        body = {"messages": HELLO, "max_tokens": 20, "temperature": 0}
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # room for two at a time: all get answers
+            answers = list(pool.map(lambda _: httpx.post(url, json=body, timeout=60), range(4)))
+        assert [a.status_code for a in answers] == [200] * 4
+        assert len({a.json()["choices"][0]["message"]["content"] for a in answers}) == 1
+        models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
+        assert models["data"][0]["max_batch_tokens"] == 60
+    finally:
+        server.stop()

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from danlu.errors import DanluError
 from danlu.serve.chat.engine import Engine, Sequence
 from danlu.serve.chat.model import load_chat_model
 from danlu.serve.chat.sampling import SamplingParams
@@ -132,3 +133,61 @@ def test_eos_ends_with_stop_and_the_template_renders(chat, tmp_path):
         assert events[-1].finish_reason in ("stop", "length")
     finally:
         engine.stop()
+
+
+def test_a_failure_in_one_sequence_ends_that_sequence_only(chat, monkeypatch):
+    """Sampling that raises for one request (at its first token, in prefill, or later, in a shared decode
+    step) ends that request with an error; the others in the batch finish as generate() would."""
+    from danlu.serve.chat import engine as engine_module
+
+    chat.eos_ids = set()
+    real, calls = engine_module.choose, {"late": 0}
+
+    def flaky(logits, params, generator):
+        if params.seed == 13:  # fails at once
+            raise RuntimeError("boom at the first token")
+        if params.seed == 14:
+            calls["late"] += 1
+            if calls["late"] > 5:  # fails inside a decode step with the others
+                raise RuntimeError("boom in a decode step")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "choose", flaky)
+    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
+    greedy = SamplingParams(max_tokens=16, temperature=0.0)
+    first, later = (SamplingParams(max_tokens=16, temperature=1.0, seed=s) for s in (13, 14))
+    engine = Engine(chat, max_batch=4)
+    engine.start()
+    try:
+        done = [threading.Event() for _ in range(4)]
+        sequences = [
+            engine.submit(Sequence(p, params, lambda e, i=i: e.finish_reason and done[i].set()))
+            for i, (p, params) in enumerate(zip(ids, [greedy, first, greedy, later], strict=True))
+        ]
+        assert all(d.wait(60) for d in done)
+    finally:
+        engine.stop()
+    assert [s.finish_reason for s in sequences] == ["length", "error", "length", "error"]
+    assert len(sequences[3].output) == 5  # it ran, then failed alone
+    for i in (0, 2):
+        assert sequences[i].output == reference(chat, ids[i], 16)
+
+
+def test_the_token_budget_admits_only_what_fits_and_the_rest_waits(chat):
+    """max_batch_tokens bounds rows x the longest prompt + max_tokens: with room for two, four requests
+    run two at a time (the others wait, never failing), each still generate()'s answer."""
+    chat.eos_ids = set()
+    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    longest = max(len(p) for p in ids) + 16
+    running = []
+    engine = Engine(chat, max_batch=4, max_batch_tokens=2 * longest, on_step=lambda r, w: running.append(r))
+    engine.start()
+    try:
+        sequences = run_all(engine, ids, params)
+        with pytest.raises(DanluError, match="max_batch_tokens"):  # could never fit: refused at once
+            engine.submit(Sequence(ids[1], SamplingParams(max_tokens=3 * longest), print))
+    finally:
+        engine.stop()
+    assert max(running) == 2
+    assert [s.output for s in sequences] == [reference(chat, p, 16) for p in ids]

@@ -62,6 +62,13 @@ def add_serve(sub) -> None:
     p.add_argument(
         "--prefill-chunk", type=int, default=512, help="chat models: prompt tokens per engine step (512)"
     )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        help="chat models: KV cache tokens of the running batch, counted as sequences x the longest prompt "
+        "+ max_tokens among them; a request that does not fit waits (default 16384, or the model's "
+        "context if larger)",
+    )
     from danlu.cli.chat import add_model_options
 
     add_model_options(p, serving=True)
@@ -98,6 +105,7 @@ def run_serve(args) -> int:
         options.update(
             max_tokens=args.max_tokens,
             prefill_chunk=args.prefill_chunk,
+            max_batch_tokens=args.max_batch_tokens,
             template=args.template,
             dtype=args.dtype,
             device=args.device,

@@ -8,6 +8,7 @@ around each of them:
 - the API key (`X-API-Key: KEY` or `Authorization: Bearer KEY`) on every route but the probes and the page;
 - errors in the handler's shape (`{"detail": ...}`, or OpenAI's `{"error": {...}}`), 503 with Retry-After;
 - /healthz, /readyz and /metrics, and the page at /;
+- a thread pool for heavy request parsing (image decoding, templating), so the event loop stays free;
 - the lifespan: /readyz turns 200 once the handler has started, and 503 before it stops;
 - running: uvicorn until SIGINT or SIGTERM, which drain the requests in flight for up to the timeout.
   A handler whose work must run on the main thread (the chat engine: torch's CPU kernels are slower on
@@ -16,6 +17,7 @@ around each of them:
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
@@ -23,6 +25,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,11 +109,12 @@ class Handler(Protocol):
 
 
 class Shell:
-    """What a handler's routes use of the shell: the key check and errors."""
+    """What a handler's routes use of the shell: the key check, errors, and the parsing thread pool."""
 
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.ready = {"ready": False}
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="danlu-parse")
 
     def authorize(self, request: Request) -> None:
         """Raises ServeError(401) unless the request carries the key (or no key is set)."""
@@ -124,6 +128,13 @@ class Shell:
 
     def respond(self, error: ServeError) -> JSONResponse:
         return JSONResponse(self.handler.error_body(error), status_code=error.status, headers=error.headers)
+
+    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the parsing threads: decoding and tokenizing never hold up the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def create_app(handler: Handler) -> FastAPI:
@@ -143,6 +154,7 @@ def create_app(handler: Handler) -> FastAPI:
         finally:
             shell.ready["ready"] = False
             await handler.stop()
+            shell.close()
 
     app = FastAPI(
         title=handler.title, version=__version__, description=handler.description, lifespan=lifespan

@@ -5,7 +5,8 @@ limits, probes, metrics and the drain.
 Streaming is Server-Sent Events as OpenAI clients expect: `data: {chunk}\\n\\n` per event, a usage chunk
 (`choices: []`) when `stream_options.include_usage` asks, and `data: [DONE]` always, also after an error,
 which goes in-band since the 200 has been sent. A client that goes away cancels its sequence, streaming
-or not, and frees its slot."""
+or not, and frees its slot. Before any work on a request, a full queue is a 503; templating and
+tokenizing run off the event loop."""
 
 from __future__ import annotations
 
@@ -30,12 +31,16 @@ from danlu.serve.guard import RequestMetrics
 from danlu.serve.shell import ServeError, ServerSettings, Shell, create_app, page_with
 
 STOPPED = "the server stopped before the generation finished; retry"
+FAILED = "the generation failed on the server; retry, or report it with the server's log"
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+# characters of prompt text per token of context taken before tokenizing (more cannot fit anyway)
+CHARS_PER_TOKEN = 32
 
 
 @dataclass(kw_only=True)
 class ChatSettings(ServerSettings):
     max_batch: int = 8  # running sequences
+    max_batch_tokens: int | None = None  # KV cache rows x columns of the running batch; None: see budget()
     max_queue: int = 64  # waiting sequences before 503
     max_tokens: int = 512  # the most tokens a request may ask for (and the default)
     prefill_chunk: int = 512  # prompt tokens per engine step
@@ -45,6 +50,13 @@ class ChatSettings(ServerSettings):
 
     def check(self) -> None:
         self.check_common(("max_batch", "max_queue", "max_tokens", "prefill_chunk"))
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise DanluError("max-batch-tokens must be at least 1", "pass a positive number")
+
+    def budget(self, context: int) -> int:
+        """--max-batch-tokens, or by default 16,384 cache tokens, or the model's whole context where that
+        is more (so any one request the model can take fits alone)."""
+        return self.max_batch_tokens if self.max_batch_tokens is not None else max(16_384, context)
 
 
 class ChatMetrics(RequestMetrics):
@@ -98,6 +110,7 @@ class ChatHandler:
         self.engine = Engine(
             chat,
             max_batch=settings.max_batch,
+            max_batch_tokens=settings.budget(chat.context),
             prefill_chunk=settings.prefill_chunk,
             extra_stops=self.template.stops,
             on_step=lambda running, waiting: (
@@ -109,6 +122,8 @@ class ChatHandler:
         self.drive = None if engine_thread else self.engine.run
         self.title = f"danlu chat: {chat.name}"
         self.description = f"OpenAI-compatible chat completions of {chat.name}, batched continuously."
+        self.max_prompt_chars = CHARS_PER_TOKEN * chat.context
+        self.parsing = 0  # requests past the capacity check, not yet submitted (the event loop's count)
 
     def error_body(self, error: ServeError) -> dict[str, Any]:
         return protocol.error_body(error)
@@ -135,11 +150,54 @@ class ChatHandler:
 
     # --- requests ---------------------------------------------------------------------------------
 
-    def _check_fits(self, prompt: list[int], param: str) -> None:
-        if len(prompt) >= self.chat.context:
+    def _chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of the conversation (on a parsing thread): the characters first, then the template."""
+        chars = sum(len(str(m.get("content", ""))) for m in messages)
+        if chars > self.max_prompt_chars:
             raise protocol.bad(
-                f"the prompt has {len(prompt)} tokens; the model's context is {self.chat.context}", param
+                f"'messages' hold {chars} characters; at most {self.max_prompt_chars} are taken "
+                f"(the model's context is {self.chat.context} tokens)",
+                "messages",
             )
+        try:
+            return self.template.encode(self.template.render(messages))
+        except DanluError as exc:
+            raise protocol.bad(exc.message, "messages") from None
+
+    def _text_prompt(self, text: str) -> list[int]:
+        if len(text) > self.max_prompt_chars:
+            raise protocol.bad(
+                f"'prompt' has {len(text)} characters; at most {self.max_prompt_chars} are taken", "prompt"
+            )
+        return self.chat.tokenizer(text)["input_ids"]  # a raw completion keeps the tokenizer's own BOS
+
+    def _check_fits(self, prompt: list[int], params: SamplingParams, param: str) -> None:
+        context = self.chat.context
+        if len(prompt) >= context:
+            raise protocol.bad(
+                f"the prompt has {len(prompt)} tokens; the model's context is {context}", param
+            )
+        need, budget = min(len(prompt) + params.max_tokens, context), self.engine.max_batch_tokens
+        if need > budget:
+            raise protocol.bad(
+                f"the prompt's {len(prompt)} tokens and max_tokens {params.max_tokens} need {need} cache "
+                f"tokens; this server's --max-batch-tokens is {budget}",
+                param,
+            )
+
+    async def _read(self, request: Request, shell: Shell, chat_api: bool):
+        """The body, its sampling parameters and its prompt's token ids, checked (parsing and tokenizing
+        on the shell's threads)."""
+        body = await shell.off_loop(protocol.read_json, await request.body())
+        endpoint = CHAT if chat_api else COMPLETIONS
+        protocol.log_unknown(body, protocol.CHAT_FIELDS if chat_api else protocol.COMPLETION_FIELDS, endpoint)
+        params = protocol.sampling_from(body, self.chat.defaults, self.settings.max_tokens, chat_api)
+        if chat_api:
+            prompt = await shell.off_loop(self._chat_prompt, protocol.messages_of(body))
+        else:
+            prompt = await shell.off_loop(self._text_prompt, protocol.prompt_text(body))
+        self._check_fits(prompt, params, "messages" if chat_api else "prompt")
+        return body, params, prompt
 
     def _submit(self, prompt: list[int], params: SamplingParams) -> tuple[Sequence, asyncio.Queue]:
         loop = asyncio.get_running_loop()
@@ -156,25 +214,18 @@ class ChatHandler:
 
     async def completion(self, request: Request, shell: Shell, chat_api: bool) -> Response:
         shell.authorize(request)
-        body = protocol.read_json(await request.body())
-        endpoint = CHAT if chat_api else COMPLETIONS
-        protocol.log_unknown(body, protocol.CHAT_FIELDS if chat_api else protocol.COMPLETION_FIELDS, endpoint)
-        if chat_api:
-            try:
-                template = self.template
-                prompt = template.encode(template.render(protocol.messages_of(body)))
-            except DanluError as exc:
-                raise protocol.bad(exc.message, "messages") from None
-        else:
-            # a raw completion keeps the tokenizer's own BOS
-            prompt = self.chat.tokenizer(protocol.prompt_text(body))["input_ids"]
-        params = protocol.sampling_from(body, self.chat.defaults, self.settings.max_tokens, chat_api)
-        if self.engine.load[1] >= self.settings.max_queue:
+        # capacity first, before any work on the request: a slot is held from here to the submission,
+        # so requests still being parsed count against --max-queue too
+        if self.engine.load[1] + self.parsing >= self.settings.max_queue:
             raise shell.busy()
-        self._check_fits(prompt, "messages" if chat_api else "prompt")
+        self.parsing += 1
+        try:
+            body, params, prompt = await self._read(request, shell, chat_api)
+            sequence, events = self._submit(prompt, params)
+        finally:
+            self.parsing -= 1
         options = body.get("stream_options") or {}
         usage_wanted = bool(isinstance(options, dict) and options.get("include_usage"))
-        sequence, events = self._submit(prompt, params)
         ident = f"{'chatcmpl' if chat_api else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         shape = protocol.Shape(ident, self.chat.name, chat_api)
         if body.get("stream"):
@@ -196,6 +247,7 @@ class ChatHandler:
             "weight_bytes": chat.weight_bytes,
             "generation_defaults": chat.defaults,  # from the model's generation_config.json
             "max_tokens": settings.max_tokens,
+            "max_batch_tokens": self.engine.max_batch_tokens,
             "template": self.template.name,
         }
         return {"object": "list", "data": [model]}
@@ -244,7 +296,7 @@ async def _sse(
                 yield protocol.sse_error(f"generation took over {timeout_s:g} s", "timeout", 504)
                 break
             if event.error is not None:
-                yield protocol.sse_error(event.error, "server_error", 500)
+                yield protocol.sse_error(FAILED, "server_error", 500)
                 break
             if event.text:
                 yield line(shape.chunk(event.text, None, usage=usage_wanted))
@@ -296,5 +348,5 @@ async def _whole(
     if event.finish_reason == "cancelled":
         raise ServeError(503, STOPPED, kind="server_error")
     if event.error is not None:
-        raise ServeError(500, f"generation failed: {event.error}", kind="server_error")
+        raise ServeError(500, FAILED, kind="server_error")
     return JSONResponse(shape.whole(text, event.finish_reason, _usage(sequence)))

@@ -8,7 +8,13 @@ own parameters and generator; finished or cancelled sequences leave at once.
 
 The shared cache holds the running sequences left-padded to a common length, with an attention mask and
 per-sequence position ids, as `generate` does for a batch of prompts: joining pads the shorter side,
-leaving drops the row and any columns that only padding used."""
+leaving drops the row and any columns that only padding used. So its size is rows x the longest row:
+a sequence is admitted only while (admitted sequences) x (the longest any of them may grow, prompt plus
+max_tokens) stays within `max_batch_tokens`; one that does not fit waits for others to finish, and
+never runs the process out of memory.
+
+A failure inside one sequence (its prefill, its sampling) ends that sequence with an error and no other;
+only a failed decode pass, which all running sequences share, ends those running."""
 
 from __future__ import annotations
 
@@ -71,11 +77,14 @@ class Engine:
         prefill_chunk: int = 512,
         extra_stops: list[str] | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        max_batch_tokens: int | None = None,
     ) -> None:
         self.chat = chat
         self.model = chat.model
         self.device = torch.device(chat.device)
         self.max_batch = max_batch
+        # cache cells of the running batch (rows x the longest row); None: max_batch x the context
+        self.max_batch_tokens = max_batch_tokens or max_batch * chat.context
         self.prefill_chunk = prefill_chunk
         self.extra_stops = extra_stops or []
         self.on_step = on_step  # (running, waiting) after each step: the server's gauges
@@ -124,10 +133,22 @@ class Engine:
             self._stopped.wait(timeout=30)
 
     def submit(self, sequence: Sequence) -> Sequence:
+        """Queue a sequence; it runs once it fits the batch.
+
+        Raises:
+            DanluError: it can never run: its prompt fills the context, or alone it needs more cache
+                than max_batch_tokens.
+        """
         if len(sequence.prompt) + 1 > self.chat.context:
             raise DanluError(
                 f"the prompt has {len(sequence.prompt)} tokens; the model's context is {self.chat.context}",
                 "shorten the conversation",
+            )
+        if self._reserved(sequence) > self.max_batch_tokens:
+            raise DanluError(
+                f"the prompt and max_tokens need {self._reserved(sequence)} cache tokens, over the "
+                f"engine's max_batch_tokens of {self.max_batch_tokens}",
+                "lower max_tokens or shorten the prompt",
             )
         self.inbox.put(sequence)
         return sequence
@@ -172,14 +193,8 @@ class Engine:
                 item = None
         if self._stop.is_set() or (not self.running and not self.waiting):
             return
-        try:
-            with torch.inference_mode():
-                self.step()
-        except Exception as exc:  # a failed step ends its sequences with an error, not the engine
-            log.exception("generation step failed")
-            for sequence in self.running + self.waiting:
-                self._finish(sequence, "error", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
-            self.running, self.waiting, self.cache, self.mask = [], [], None, None
+        with torch.inference_mode():
+            self.step()
 
     def step(self) -> None:
         """One engine step: drop cancelled sequences, prefill one chunk, decode every running sequence."""
@@ -187,13 +202,41 @@ class Engine:
         self._leave([i for i, s in enumerate(self.running) if s.cancelled], "cancelled")
         budget = self.prefill_chunk  # prompt tokens this step, over every sequence it admits
         for sequence in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.max_batch:
-                break
-            budget -= self._prefill(sequence, budget)
+            if budget <= 0 or not self._has_room(sequence):
+                break  # oldest first: a large request is not overtaken for ever by small ones
+            try:
+                budget -= self._prefill(sequence, budget)
+            except Exception as exc:  # this sequence's prompt or first token: it alone ends
+                self._fail([sequence], exc)
+                if sequence in self.waiting:
+                    self.waiting.remove(sequence)
         if self.running:
-            self._decode()
+            try:
+                self._decode()
+            except Exception as exc:  # the pass every running sequence shares: they end, the queue stays
+                self._fail(self.running, exc)
+                self.running, self.cache, self.mask = [], None, None
         if self.on_step is not None:
             self.on_step(*self.load)
+
+    def _fail(self, sequences: list[Sequence], exc: Exception) -> None:
+        """End sequences with an error; the details go to the log, never to another request."""
+        log.error("generation failed for %d sequence(s)", len(sequences), exc_info=exc)
+        for sequence in sequences:
+            self._finish(sequence, "error", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+
+    def _reserved(self, sequence: Sequence) -> int:
+        """The most cache positions a sequence can fill: its prompt and max_tokens, within the context."""
+        return min(len(sequence.prompt) + sequence.params.max_tokens, self.chat.context)
+
+    def _has_room(self, sequence: Sequence) -> bool:
+        """Whether the batch can take one more sequence (already prefilling counts as taken): at most
+        max_batch of them, whose rows x longest reserved length fit max_batch_tokens."""
+        if sequence.prefilled:
+            return True  # admitted in an earlier step, its prompt not yet done
+        admitted = self.running + [s for s in self.waiting if s.prefilled]
+        widths = [self._reserved(s) for s in (*admitted, sequence)]
+        return len(admitted) < self.max_batch and len(widths) * max(widths) <= self.max_batch_tokens
 
     def _dropped(self, sequence: Sequence) -> bool:
         if sequence.cancelled:
@@ -231,10 +274,18 @@ class Engine:
         else:
             shared = self.cache.get_seq_length()
             width = max(shared, length)
-            for mine, theirs in zip(self.cache.layers, own.layers, strict=True):
-                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
-            self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(own_mask, width, dim=1)])
+            # built whole before any is assigned: a failure here leaves the shared cache as it was
+            joined = [
+                (
+                    torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)]),
+                    torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)]),
+                )
+                for mine, theirs in zip(self.cache.layers, own.layers, strict=True)
+            ]
+            mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(own_mask, width, dim=1)])
+            for layer, (keys, values) in zip(self.cache.layers, joined, strict=True):
+                layer.keys, layer.values = keys, values
+            self.mask = mask
         self.running.append(sequence)
 
     def _decode(self) -> None:
@@ -255,7 +306,14 @@ class Engine:
             )
         self.cache, self.mask = out.cache, mask
         logits = out.logits[:, -1]
-        done = [i for i, s in enumerate(self.running) if self._advance(s, logits[i])]
+        done = []
+        for i, sequence in enumerate(self.running):
+            try:
+                if self._advance(sequence, logits[i]):
+                    done.append(i)
+            except Exception as exc:  # this sequence's sampling: it alone ends, the batch goes on
+                self._fail([sequence], exc)
+                done.append(i)
         self._leave(done, None)
 
     def _advance(self, sequence: Sequence, logits: torch.Tensor) -> bool:

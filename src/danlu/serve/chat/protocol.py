@@ -1,15 +1,17 @@
 """OpenAI's chat and completions API as danlu reads and writes it: the request body, checked into
-SamplingParams and a prompt, and the response objects, whole or as Server-Sent Events."""
+SamplingParams and a prompt (every value that could break generation is a 400 here, before the engine
+sees it), and the response objects, whole or as Server-Sent Events."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from danlu.serve.chat.sampling import SamplingParams
+from danlu.serve.chat.sampling import GREEDY_BELOW, SamplingParams
 from danlu.serve.shell import ServeError
 
 log = logging.getLogger("danlu")
@@ -19,17 +21,28 @@ CHAT_FIELDS = {
     "stream", "stream_options", "seed", "n", "frequency_penalty", "presence_penalty", "repetition_penalty",
 }  # fmt: skip
 COMPLETION_FIELDS = (CHAT_FIELDS - {"messages", "max_completion_tokens"}) | {"prompt"}
-MAX_STOPS = 4
+MAX_STOPS, MAX_STOP_CHARS = 4, 64
+# a seed is any integer a 64-bit generator takes
+SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_MESSAGES = 1024
+LOGGED_KEYS, LOGGED_KEY_CHARS = 8, 40
 
 
 def bad(message: str, param: str | None = None) -> ServeError:
     return ServeError(400, message, param)
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_json(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object."""
+    """The request body as a JSON object. Strict JSON: NaN and Infinity (which Python's parser accepts)
+    are refused, and so is nesting too deep to parse."""
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise bad("the body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise bad("the body is not valid JSON") from None
     if not isinstance(data, dict):
@@ -38,12 +51,14 @@ def read_json(body: bytes) -> dict[str, Any]:
 
 
 def number(body: dict, key: str, kind: type, low: float | None = None, high: float | None = None):
-    """body[key] as an int (kind int) or a number (kind float) within [low, high], or None."""
+    """body[key] as an int (kind int) or a finite number (kind float) within [low, high], or None."""
     value = body.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise bad(f"'{key}' must be {'a number' if kind is float else 'an integer'}", key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad(f"'{key}' must be a finite number", key)
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
         raise bad(f"'{key}' is {value}; it must be {bounds}", key)
@@ -57,6 +72,8 @@ def _stops(body: dict) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOPS:
         raise bad(f"'stop' must be a string or a list of up to {MAX_STOPS} strings", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad(f"a stop string may have at most {MAX_STOP_CHARS} characters", "stop")
     return stops
 
 
@@ -76,19 +93,18 @@ def sampling_from(
         value = number(body, key, kind, low, high)
         return value if value is not None else defaults.get(key, fallback)
 
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad("'seed' must be an integer", "seed")
+    temperature = pick("temperature", float, 0, 2, 1.0)
     return SamplingParams(
         max_tokens=max_tokens or max_tokens_cap,
-        temperature=pick("temperature", float, 0, 2, 1.0),
+        # below this the softmax overflows to NaN: such a temperature means greedy anyway
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_p=pick("top_p", float, 0, 1, 1.0) or 1.0,
         top_k=pick("top_k", int, 0, None, 0),
         repetition_penalty=pick("repetition_penalty", float, 0.01, 10, 1.0),
         frequency_penalty=pick("frequency_penalty", float, -2, 2, 0.0),
         presence_penalty=pick("presence_penalty", float, -2, 2, 0.0),
         stop=_stops(body),
-        seed=seed,
+        seed=number(body, "seed", int, *SEED_RANGE),
     )
 
 
@@ -96,6 +112,8 @@ def messages_of(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise bad("'messages' must be a list of {role, content} objects", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise bad(f"'messages' has {len(messages)} messages; at most {MAX_MESSAGES} are taken", "messages")
     return messages
 
 
@@ -109,9 +127,13 @@ def prompt_text(body: dict) -> str:
 
 
 def log_unknown(body: dict, known: set[str], endpoint: str) -> None:
+    """Log the fields danlu does not use: a few of them, each cut short and escaped (a key is the client's
+    text: it must not write lines of its own into the log)."""
     extra = sorted(set(body) - known)
     if extra:
-        log.info("%s: ignoring fields danlu does not use: %s", endpoint, ", ".join(extra))
+        shown = [repr(key[:LOGGED_KEY_CHARS]) for key in extra[:LOGGED_KEYS]]
+        more = f" and {len(extra) - LOGGED_KEYS} more" if len(extra) > LOGGED_KEYS else ""
+        log.info("%s: ignoring fields danlu does not use: %s%s", endpoint, ", ".join(shown), more)
 
 
 def error_body(error: ServeError) -> dict[str, Any]:

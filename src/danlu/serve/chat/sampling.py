@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Temperatures below this are greedy: logits divided by them overflow float32, and the softmax of such a
+# temperature puts all its mass on the top token anyway.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -24,7 +28,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 def generator_for(params: SamplingParams) -> torch.Generator | None:
