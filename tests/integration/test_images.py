@@ -59,7 +59,7 @@ def test_the_predictor_takes_paths_arrays_and_pil_images(folder_run, tmp_path):
     assert predictor.predict(Image.fromarray(images[1]).convert("RGB"))[0] == by_array[1]
     big = Image.fromarray(images[2]).resize((48, 48))  # resized to the model's 12x12
     assert predictor.predict_proba(big).shape == (1, 3)
-    with pytest.raises(DanluError, match="is not a readable image"):
+    with pytest.raises(DanluError, match="is not an image in a format danlu reads"):
         (tmp_path / "fake.png").write_text("not a picture")
         predictor.predict(str(tmp_path / "fake.png"))
 

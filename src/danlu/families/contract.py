@@ -72,7 +72,8 @@ class Family:
     # --- export and serving -------------------------------------------------------------------------
     exporter: Callable[[Any], Any]  # state -> an ExportSpec (danlu.families.export)
     request_model: Callable[[Any, int], type]  # (state, max_rows) -> the pydantic model of a JSON body
-    request_items: Callable[[Any, Any], tuple[list, list]]  # (state, body) -> (items, errors)
+    # (state, body) -> (items, errors); an error of type "too_large" refuses the request whole (413)
+    request_items: Callable[[Any, Any], tuple[list, list]]
     warmup_items: Callable[[Any], list]  # state -> one typical item (the server's warm-up)
     metadata: Callable[[Any], dict]  # state -> what /v1/metadata says of the inputs
     page_form: Callable[[Any], dict]  # state -> the web page's form: {"hint", "fields", "request"}
@@ -99,8 +100,8 @@ class Family:
     train_stats: Callable[[Any, int, float], dict] = _no_stats  # (part, epochs, seconds) -> report.json
     # (state, items, decoded, png path) -> `danlu predict --plot`; None: the family draws nothing
     plot_predictions: Callable[..., None] | None = None
-    # (state, multipart form) -> (items, errors), awaited; None: JSON bodies only
-    form_items: Callable[..., Any] | None = None
+    # (state, the upload's files as bytes, in order) -> (items, errors); None: JSON bodies only
+    form_items: Callable[[Any, list[bytes]], tuple[list, list]] | None = None
     heavy_requests: bool = False  # decoding a request costs real time (images): never on the event loop
     serve_files: tuple[str, ...] = ()  # run entries serving needs besides weights, config and state
     serve_packages: tuple[str, ...] = ()  # distributions a packaged server needs besides danlu's own

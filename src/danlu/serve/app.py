@@ -32,6 +32,9 @@ from danlu.serve.shell import create_app as create_shell_app
 PREDICT = "/v1/predict"
 # A batch whose forward pass takes less than this runs on the event loop (see MicroBatcher.inline_rows)
 INLINE_BUDGET_S = 0.001
+# JSON bodies up to this size are parsed on the event loop, unless the family's decoding is heavy: the hop
+# to a parsing thread costs more than parsing them
+INLINE_PARSE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -220,10 +223,34 @@ class PredictHandler:
             return [], _details([{**e, "loc": ["body", *e["loc"]]} for e in exc.errors()])
         return self.family.request_items(self.state, request)
 
+    def full(self) -> bool:
+        """No room for one more row in the queue: answered before any work on the request."""
+        return self.batcher.queued_rows >= self.settings.max_queue_rows
+
+    async def handle(self, body: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """A JSON body's answer: capacity first, then parsing (off the event loop when heavy), the model."""
+        if self.full():
+            return 503, {"detail": BUSY}, {"Retry-After": "1"}
+        if self.family.heavy_requests or len(body) > INLINE_PARSE_BYTES:
+            return await self.answer(*await self.shell.off_loop(self.parse, body))
+        return await self.answer(*self.parse(body))
+
+    async def handle_form(self, request: Request) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """A multipart upload's answer: its files, in order, decoded on the parsing threads."""
+        if self.family.form_items is None:
+            errors = [{"loc": ["body"], "msg": "this run takes a JSON body", "type": "value_error"}]
+            return await self.answer([], errors)
+        if self.full():
+            return 503, {"detail": BUSY}, {"Retry-After": "1"}
+        limit = self.settings.max_rows
+        async with request.form(max_files=limit, max_fields=limit) as form:
+            files = [await v.read() for _, v in form.multi_items() if not isinstance(v, str)]
+        return await self.answer(*await self.shell.off_loop(self.family.form_items, self.state, files))
+
     async def answer(self, items: list, errors: list) -> tuple[int, dict[str, Any], dict[str, str]]:
         """Status, JSON content and extra headers for a request's items."""
         if errors:
-            return 422, {"detail": errors}, {}
+            return 413 if any(e.get("type") == "too_large" for e in errors) else 422, {"detail": errors}, {}
         try:
             output = await self.batcher.submit(items)
         except QueueFull:
@@ -240,7 +267,8 @@ class PredictHandler:
 
     def wrap(self, app: Any) -> Any:
         """JSON bodies of /v1/predict are answered in plain ASGI before FastAPI's layers (fastpath.py)."""
-        return JsonPredict(app, PREDICT, self.settings.api_key, self.parse, self.answer)
+        settings = self.settings
+        return JsonPredict(app, PREDICT, settings.api_key, self.handle, settings.max_body_bytes)
 
     def metadata(self) -> dict[str, Any]:
         from danlu import __version__
@@ -265,7 +293,8 @@ class PredictHandler:
         }
 
     def add_routes(self, app: FastAPI, shell: Shell) -> None:
-        form_items = self.family.form_items  # families that take file uploads (images)
+        self.shell = shell
+        uploads = self.family.form_items is not None  # families that take file uploads (images)
 
         @app.exception_handler(RequestValidationError)
         async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -275,23 +304,16 @@ class PredictHandler:
             PREDICT,
             response_model=PredictResponse,
             dependencies=[Depends(shell.authorize)],
-            openapi_extra={"requestBody": request_body(self.request_model, form_items is not None)},
+            openapi_extra={"requestBody": request_body(self.request_model, uploads)},
         )
         async def predict(request: Request) -> Any:
             """Predictions, in request order."""
             # JSON bodies are answered by JsonPredict before they get here; this route documents the API
             # and takes multipart uploads
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                if form_items is None:
-                    items = []
-                    errors = [{"loc": ["body"], "msg": "this run takes a JSON body", "type": "value_error"}]
-                else:
-                    limit = self.settings.max_rows
-                    async with request.form(max_files=limit, max_fields=limit) as form:
-                        items, errors = await form_items(self.state, form)
+                code, content, headers = await self.handle_form(request)
             else:
-                items, errors = self.parse(await request.body())
-            code, content, headers = await self.answer(items, errors)
+                code, content, headers = await self.handle(await request.body())
             return JSONResponse(content, status_code=code, headers=headers)  # plain JSON: no re-validation
 
         @app.get("/v1/metadata", dependencies=[Depends(shell.authorize)])

@@ -1,7 +1,7 @@
 """POST /v1/predict with a JSON body, answered in plain ASGI. On a small model FastAPI's routing,
 dependency and response layers cost more per request than the model itself; this path gives the same
-answers (the same parse and answer functions as the FastAPI route, which still documents the API and
-takes multipart uploads) without them. Guard, outside it, still limits the body and records metrics."""
+answers (the handler's own `handle`, as the FastAPI route, which still documents the API and takes
+multipart uploads) without them. Guard, outside it, still limits the body and records metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from danlu.serve.guard import key_matches
+from danlu.serve.guard import TooLarge, key_matches, read_body
 from danlu.serve.shell import UNAUTHORIZED
 
 
@@ -19,10 +19,11 @@ class JsonPredict:
         app,
         path: str,
         api_key: str | None,
-        parse: Callable[[bytes], tuple[list, list]],
-        answer: Callable[[list, list], Awaitable[tuple[int, dict[str, Any], dict[str, str]]]],
+        handle: Callable[[bytes], Awaitable[tuple[int, dict[str, Any], dict[str, str]]]],
+        max_body_bytes: int,
     ) -> None:
-        self.app, self.path, self.api_key, self.parse, self.answer = app, path, api_key, parse, answer
+        self.app, self.path, self.api_key, self.handle = app, path, api_key, handle
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
@@ -38,16 +39,16 @@ class JsonPredict:
             if not key_matches(self.api_key, text):
                 await respond(send, 401, {"detail": UNAUTHORIZED}, {"WWW-Authenticate": "Bearer"})
                 return
-        body = b""
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left before sending its body
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        status, content, extra = await self.answer(*self.parse(body))
-        await respond(send, status, content, extra)
+        try:
+            body = await read_body(receive, self.max_body_bytes)
+        except TooLarge:  # more than the Content-Length the Guard checked
+            await respond(
+                send, 413, {"detail": f"request body over the limit of {self.max_body_bytes} bytes"}, {}
+            )
+            return
+        if body is None:
+            return  # the client left before sending its body
+        await respond(send, *await self.handle(body))
 
 
 async def respond(send, status: int, content: Any, extra: dict[str, str]) -> None:

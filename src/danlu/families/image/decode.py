@@ -1,7 +1,9 @@
 """Decoding images with Pillow into uint8 arrays [h, w, c] of the model's size and channels.
 
-Pillow's decompression-bomb limit stays on; a file that is not an image, is truncated, or is too large is
-a DanluError naming it (or, in training with data.skip_bad_images, skipped and counted)."""
+Only the formats in FORMATS are opened: Pillow would otherwise try every plugin it has, some of which
+run other programs (EPS runs Ghostscript where it is installed) or parse rarely used formats. Pillow's
+decompression-bomb limit stays on; a file that is not an image in those formats, is truncated, or is too
+large is a DanluError naming it (or, in training with data.skip_bad_images, skipped and counted)."""
 
 from __future__ import annotations
 
@@ -14,12 +16,22 @@ import numpy as np
 from danlu.errors import DanluError
 
 MAX_PIXELS = 64 * 1024 * 1024  # an image larger than this is refused (Pillow warns at 89M, fails at 179M)
+# Pillow's names of the formats danlu reads (its JPEG reader also opens phone cameras' multi-picture files)
+FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
+FORMATS_READ = "PNG, JPEG, BMP, WebP, GIF, TIFF"
 
 
 def _pil():
     from PIL import Image
 
+    Image.init()  # every plugin registered, so that each of FORMATS can be asked for (once per process)
     return Image
+
+
+def _unidentified() -> type[Exception]:
+    from PIL import UnidentifiedImageError
+
+    return UnidentifiedImageError
 
 
 def _from_pil(image, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
@@ -38,7 +50,7 @@ def open_image(source: str | Path | bytes, name: str, load: bool = True):
     anything that is not a readable, sane image."""
     Image = _pil()
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS)
         if image.width * image.height > MAX_PIXELS:
             raise DanluError(
                 f"{name} has {image.width}x{image.height} pixels, over the limit of {MAX_PIXELS}",
@@ -48,6 +60,10 @@ def open_image(source: str | Path | bytes, name: str, load: bool = True):
             image.load()
     except Image.DecompressionBombError:
         raise DanluError(f"{name} is a decompression bomb (too many pixels)", "send a real image") from None
+    except _unidentified():
+        raise DanluError(
+            f"{name} is not an image in a format danlu reads ({FORMATS_READ})", "convert it to PNG or JPEG"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow's ways of saying "not an image / truncated"
         raise DanluError(f"{name} is not a readable image ({exc})", "check or remove that file") from None
     return image

@@ -1,5 +1,8 @@
-"""Serving image runs: images as base64 in JSON (`{"images": ["<base64 PNG/JPEG...>", ...]}`), each
-decoded and checked on its own, so one bad image is a 422 naming it and never reaches the model."""
+"""Serving image runs: images as base64 in JSON (`{"images": ["<base64 PNG/JPEG...>", ...]}`) or as the
+files of a multipart upload. Before any is decoded, their headers are read and their pixels counted: a
+request over MAX_REQUEST_PIXELS in all is refused whole (413). Then each is decoded and checked on its
+own, so one bad image is a 422 naming it and never reaches the model. The server runs all of this on its
+parsing threads (the family's `heavy_requests`), never on the event loop."""
 
 from __future__ import annotations
 
@@ -11,8 +14,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from danlu.errors import DanluError
-from danlu.families.image.decode import decode
+from danlu.families.image.decode import FORMATS_READ, decode, open_image
 from danlu.families.image.state import ImageState
+
+# Pixels of the images of one request, as sent (before resizing): about 25 photos of 4 megapixels.
+MAX_REQUEST_PIXELS = 100_000_000
 
 
 def request_model(state: ImageState, max_rows: int) -> type[BaseModel]:
@@ -21,43 +27,62 @@ def request_model(state: ImageState, max_rows: int) -> type[BaseModel]:
         images: list[str] = Field(
             min_length=1,
             max_length=max_rows,
-            description=f"base64 image files (PNG, JPEG, BMP, WebP), or data: URLs; resized to "
-            f"{state.width}x{state.height}, {'grayscale' if state.channels == 1 else 'RGB'}",
+            description=f"base64 image files ({FORMATS_READ}), or data: URLs; resized to "
+            f"{state.width}x{state.height}, {'grayscale' if state.channels == 1 else 'RGB'}; at most "
+            f"{MAX_REQUEST_PIXELS:,} pixels in all",
         )
 
     return ImageRequest
 
 
-def request_items(state: ImageState, body) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-    images, errors = [], []
-    for i, text in enumerate(body.images):
-        where = ["body", "images", i]
+def _error(i: int, message: str) -> dict[str, Any]:
+    return {"loc": ["body", "images", i], "msg": message, "type": "value_error"}
+
+
+def decode_files(state: ImageState, files: list[bytes]) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    """Image files to the model's size and channels: refused whole when their pixels add up to more than
+    MAX_REQUEST_PIXELS (an error of type "too_large"), else each decoded on its own."""
+    errors, pixels = [], 0
+    for i, data in enumerate(files):
         try:
-            data = base64.b64decode(
-                text.split(",", 1)[1] if text.startswith("data:") else text, validate=True
-            )
-        except (binascii.Error, ValueError):
-            errors.append({"loc": where, "msg": "not base64", "type": "value_error"})
-            continue
+            header = open_image(data, f"images[{i}]", load=False)
+            pixels += header.width * header.height
+        except DanluError as error:
+            errors.append(_error(i, error.message))
+    if pixels > MAX_REQUEST_PIXELS:
+        message = (
+            f"the images have {pixels:,} pixels in all, over the limit of {MAX_REQUEST_PIXELS:,} per request"
+        )
+        return [], [
+            {"loc": ["body", "images"], "msg": message + "; send fewer or smaller", "type": "too_large"}
+        ]
+    if errors:
+        return [], errors
+    images = []
+    for i, data in enumerate(files):
         try:
             images.append(decode(data, state.size, state.channels, f"images[{i}]"))
         except DanluError as error:
-            errors.append({"loc": where, "msg": error.message, "type": "value_error"})
+            errors.append(_error(i, error.message))
     return images, errors
 
 
-async def form_items(state: ImageState, form) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-    """A multipart upload: every file part, in order (any field name), decoded and checked on its own."""
-    files = [value for _, value in form.multi_items() if hasattr(value, "read")]
+def request_items(state: ImageState, body) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    files, errors = [], []
+    for i, text in enumerate(body.images):
+        try:
+            data = text.split(",", 1)[1] if text.startswith("data:") else text
+            files.append(base64.b64decode(data, validate=True))
+        except (binascii.Error, ValueError):
+            errors.append(_error(i, "not base64"))
+    return ([], errors) if errors else decode_files(state, files)
+
+
+def form_items(state: ImageState, files: list[bytes]) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    """A multipart upload's files, in order (any field name)."""
     if not files:
         return [], [{"loc": ["body", "images"], "msg": "no image files in the upload", "type": "missing"}]
-    images, errors = [], []
-    for i, file in enumerate(files):
-        try:
-            images.append(decode(await file.read(), state.size, state.channels, f"images[{i}]"))
-        except DanluError as error:
-            errors.append({"loc": ["body", "images", i], "msg": error.message, "type": "value_error"})
-    return images, errors
+    return decode_files(state, files)
 
 
 def warmup_items(state: ImageState) -> list[np.ndarray]:
