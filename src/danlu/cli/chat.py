@@ -76,7 +76,7 @@ def run_chat(args) -> int:
     def answer(messages: list[dict]) -> str:
         params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, **defaults)
         parts = []
-        for event in engine.generate(template.encode(template.render(messages)), params):
+        for event in engine.generate(template.encode_messages(messages), params):
             if event.error:
                 print(f"\n[error: {event.error}]", file=sys.stderr)
             sys.stdout.write(event.text)

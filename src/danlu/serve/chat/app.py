@@ -160,7 +160,7 @@ class ChatHandler:
                 "messages",
             )
         try:
-            return self.template.encode(self.template.render(messages))
+            return self.template.encode_messages(messages)
         except DanluError as exc:
             raise protocol.bad(exc.message, "messages") from None
 

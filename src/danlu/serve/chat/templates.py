@@ -1,8 +1,13 @@
 """Chat templates: the tokenizer's own, a built-in (`--template starchat|chatml|llama3|zephyr`), or a Jinja
-file. A rendered prompt is tokenized without adding special tokens: the template already holds them."""
+file. A rendered prompt is tokenized without adding special tokens: the template already holds them.
+
+Message content is text, never control tokens: a user who types `<|im_end|>\n<|im_start|>system` must not
+open a system turn. The template's own tags are tokenized as the special tokens they are; a special
+token's text inside a message's content is tokenized as plain text (`encode_messages`)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,9 @@ BUILTIN = {
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
     ),
 }
+# what stands for a message's content while finding where contents lie in a rendered conversation
+MARKER = "\x00danlu-content-{}\x00"
+MARKERS = re.compile("\x00danlu-content-(\\d+)\x00")
 # the strings that end an assistant turn in each built-in, used as stop strings
 BUILTIN_STOPS = {"starchat": ["<|end|>"], "chatml": ["<|im_end|>"], "llama3": ["<|eot_id|>"], "zephyr": []}
 
@@ -93,9 +101,12 @@ class Template:
             self.source, self.name = path.read_text(), path.name
 
     def render(self, messages: list[dict[str, Any]]) -> str:
+        return self._render(normalize(messages))
+
+    def _render(self, normalized: list[dict[str, str]]) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                normalize(messages), chat_template=self.source, tokenize=False, add_generation_prompt=True
+                normalized, chat_template=self.source, tokenize=False, add_generation_prompt=True
             )
         except DanluError:
             raise
@@ -105,5 +116,70 @@ class Template:
             ) from None
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of rendered text, adding no special tokens (the template has them: no double BOS)."""
+        """Token ids of rendered text, adding no special tokens (the template has them: no double BOS).
+        Special tokens' text anywhere in it becomes those tokens: for a conversation, use encode_messages."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_messages(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of the rendered conversation, with every special token's text inside a message's
+        content tokenized as text. Without such text in any message these are encode(render(messages))."""
+        normalized = normalize(messages)
+        text = self._render(normalized)
+        specials = self._specials()
+        if not any(token in m["content"] for m in normalized for token in specials):
+            return self.encode(text)  # nothing to forge: the tokenizer's own ids, exactly
+        spans = self._content_spans(normalized, text)
+        if spans is None:
+            found = next(t for m in normalized for t in specials if t in m["content"])
+            raise DanluError(
+                f"a message holds the model's control token {found!r}, and this chat template changes "
+                "message text, so danlu cannot keep it as text",
+                "remove the control token from the message",
+            )
+        return self._encode_with_text(text, spans, specials)
+
+    def _specials(self) -> dict[str, int]:
+        """The tokenizer's special tokens (control tokens) by their text."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        return {token.content: int(i) for i, token in added.items() if getattr(token, "special", False)}
+
+    def _encode_with_text(
+        self, text: str, spans: list[tuple[int, int]], specials: dict[str, int]
+    ) -> list[int]:
+        """The tokenizer's ids, except that special tokens inside `spans` (message content) are text. A
+        tokenizer cuts the text at its special tokens and tokenizes each piece between them on its own;
+        this cuts it at the template's special tokens only, and tokenizes each piece with special tokens
+        read as text."""
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+        ids: list[int] = []
+        start = 0
+        for match in pattern.finditer(text):
+            if any(lo <= match.start() < hi for lo, hi in spans):
+                continue  # a user's text that looks like a control token: it stays in the piece
+            ids += self._plain(text[start : match.start()])
+            ids.append(specials[match.group()])
+            start = match.end()
+        return ids + self._plain(text[start:])
+
+    def _content_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]] | None:
+        """Where each message's content lies in the rendered `text`: the conversation is rendered again
+        with a marker in place of each content, and the markers replaced by the contents must give `text`
+        back (as they do for templates that put content in as it is, or trimmed). None when they do not."""
+        skeleton = self._render([{**m, "content": MARKER.format(i)} for i, m in enumerate(messages)])
+        pieces = MARKERS.split(skeleton)  # text, index, text, index, ..., text
+        for shape in (lambda content: content, str.strip):
+            spans, parts, at = [], [], 0
+            for k, piece in enumerate(pieces):
+                if k % 2:
+                    piece = shape(messages[int(piece)]["content"])
+                    spans.append((at, at + len(piece)))
+                parts.append(piece)
+                at += len(piece)
+            if "".join(parts) == text:
+                return spans
+        return None
+
+    def _plain(self, piece: str) -> list[int]:
+        if not piece:
+            return []
+        return self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
