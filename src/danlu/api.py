@@ -43,8 +43,10 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         return self.dir.read_metrics()
 
-    def predictor(self, device: str = "cpu", engine: str = "torch") -> Predictor:
-        return Predictor.load(self.path, device, engine)
+    def predictor(
+        self, device: str = "cpu", engine: str = "torch", trust_model_code: bool = False
+    ) -> Predictor:
+        return Predictor.load(self.path, device, engine, trust_model_code)
 
 
 def _as_config(config: Config | dict | str | Path | None, overrides: Iterable[str]) -> Config:
@@ -132,9 +134,12 @@ def _run_setup(config, overrides, out, resume, overwrite: bool, world):
     return run, cfg, setup
 
 
-def load(run_dir: str | Path, device: str = "cpu", engine: str = "torch") -> Predictor:
-    """A Predictor for a finished run directory, on the torch model or its ONNX export (engine="onnx")."""
-    return Predictor.load(run_dir, device, engine)
+def load(
+    run_dir: str | Path, device: str = "cpu", engine: str = "torch", trust_model_code: bool = False
+) -> Predictor:
+    """A Predictor for a finished run directory, on the torch model or its ONNX export (engine="onnx").
+    A run whose model comes from code (model.target) loads only with trust_model_code=True."""
+    return Predictor.load(run_dir, device, engine, trust_model_code)
 
 
 def _metrics_over(predictor: Predictor, chunks: Iterable[Any]) -> dict[str, Any]:
@@ -168,9 +173,11 @@ def held_out_items(predictor: Predictor, run_dir: str | Path) -> tuple[str, Iter
     return split, items
 
 
-def evaluate(run_dir: str | Path, data: str | Path | None = None) -> dict[str, Any]:
+def evaluate(
+    run_dir: str | Path, data: str | Path | None = None, trust_model_code: bool = False
+) -> dict[str, Any]:
     """Metrics of a finished run on DATA, or on the held-out rows recorded in its run directory."""
-    predictor = Predictor.load(run_dir)
+    predictor = Predictor.load(run_dir, trust_model_code=trust_model_code)
     if data is not None:
         return _metrics_over(predictor, predictor.family.read(str(data), predictor.state))
     return _metrics_over(predictor, held_out_items(predictor, run_dir)[1])
@@ -213,21 +220,28 @@ def write_predictions(predictor: Predictor, chunks: Iterable[Any], out: str | Pa
 
 
 def predict_file(
-    run_dir: str | Path, data: str | Path, out: str | Path, chunk_rows: int = 100_000, engine: str = "torch"
+    run_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    chunk_rows: int = 100_000,
+    engine: str = "torch",
+    trust_model_code: bool = False,
 ) -> int:
     """Stream DATA through a run's model into OUT (.csv or .parquet), rows in input order; returns rows."""
     _output_suffix(out)  # fail before loading anything
-    predictor = Predictor.load(run_dir, engine=engine)
+    predictor = Predictor.load(run_dir, engine=engine, trust_model_code=trust_model_code)
     return write_predictions(predictor, predictor.family.read(str(data), predictor.state, chunk_rows), out)
 
 
-def plot_predictions(run_dir: str | Path, data: str | Path, out: str | Path) -> None:
+def plot_predictions(
+    run_dir: str | Path, data: str | Path, out: str | Path, trust_model_code: bool = False
+) -> None:
     """A PNG grid of DATA's first images with their predicted labels (image runs).
 
     Raises:
         DanluError: the run is not an image run.
     """
-    predictor = Predictor.load(run_dir)
+    predictor = Predictor.load(run_dir, trust_model_code=trust_model_code)
     draw = predictor.family.plot_predictions
     if draw is None:
         raise DanluError(

@@ -21,6 +21,20 @@ from danlu.run import RunDir
 ENGINES = ("torch", "onnx")
 
 
+def check_model_code(run: RunDir, config: Config, trusted: bool) -> None:
+    """A run whose config names code to build its model loads only when that code is trusted: its
+    config.yaml says what to import and call, and a run directory may come from anyone.
+
+    Raises:
+        DanluError: model.target is set and trusted is False."""
+    if config.model.target is not None and not trusted:
+        raise DanluError(
+            f"run '{run.path}' builds its model by importing and calling model.target "
+            f"'{config.model.target}'; danlu runs no code named in a run unless asked",
+            "if you trust that code, pass --trust-model-code (Python: trust_model_code=True)",
+        )
+
+
 def nonfinite_rows(decoded: np.ndarray) -> list[int]:
     """Positions of rows whose decoded output holds NaN or infinity."""
     finite = np.isfinite(decoded)
@@ -49,17 +63,22 @@ class Predictor:
         self.engine = "torch" if runner is None else "onnx"
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "cpu", engine: str = "torch") -> Predictor:
+    def load(
+        cls, run_dir: str | Path, device: str = "cpu", engine: str = "torch", trust_model_code: bool = False
+    ) -> Predictor:
         """Load a finished run directory (config.yaml, preprocess.json, model.safetensors).
 
         Args:
             engine: "torch", or "onnx" to run RUN/export/model.onnx on ONNX Runtime (CPU).
+            trust_model_code: a run whose model comes from code (model.target: a class, or any callable,
+                that loading imports and calls) loads only with this set.
         """
         if engine not in ENGINES:
             raise DanluError(f"unknown engine '{engine}'", f"use one of {', '.join(ENGINES)}")
         run = RunDir(run_dir)
         run.require_complete()
         config = validate(read_yaml(run.config))
+        check_model_code(run, config, trust_model_code)
         family, state = families.state_from_json(run.preprocess.read_text(), run.path)
         model = family.build_model(config.model, state)
         load_weights(model, run.weights)

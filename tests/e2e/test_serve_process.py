@@ -103,7 +103,7 @@ def slow_run(tmp_path, seconds):
 
 def test_sigterm_finishes_the_request_in_flight(tmp_path):
     slow = slow_run(tmp_path, seconds=1.5)
-    server = Server(slow.path)
+    server = Server(slow.path, "--trust-model-code")
     outcome = {}
 
     def call():
@@ -261,6 +261,7 @@ def test_a_warm_up_slower_than_the_timeout_is_one_line(tmp_path):
             str(free_port()),
             "--timeout",
             "0.5",
+            "--trust-model-code",
         ],
         env=env,
         capture_output=True,

@@ -103,7 +103,7 @@ def test_onehot_and_custom_models(tmp_path, mixed_csv):
     )
     weights = load_file(custom.path / "model.safetensors")
     assert "head.weight" in weights
-    assert danlu.load(custom.path).predict(mixed_frame(5)).shape == (5,)
+    assert danlu.load(custom.path, trust_model_code=True).predict(mixed_frame(5)).shape == (5,)
 
 
 def test_feature_subset(tmp_path, mixed_csv):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from danlu.cli.options import add_trust_model_code
 from danlu.cli.output import fmt
 
 
@@ -21,6 +22,7 @@ def add_evaluate(sub) -> None:
         action="store_true",
         help="print one JSON object: accuracy, f1_macro, roc_auc, log_loss or mae, rmse, r2",
     )
+    add_trust_model_code(p)
     p.set_defaults(run=run_evaluate)
 
 
@@ -31,7 +33,7 @@ def run_evaluate(args) -> int:
     import danlu
     from danlu.evaluation.metrics import summary
 
-    metrics = danlu.evaluate(args.run_dir, args.data)
+    metrics = danlu.evaluate(args.run_dir, args.data, trust_model_code=args.trust_model_code)
     task = "classification" if "accuracy" in metrics else "regression"
     if args.json:
         print(json.dumps(summary(task, metrics), allow_nan=False))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from danlu.cli.options import add_trust_model_code
+
 
 def add_export(sub) -> None:
     p = sub.add_parser(
@@ -23,6 +25,7 @@ def add_export(sub) -> None:
         metavar="X",
         help="largest accepted drop of the headline metric for int8 (default 0.01)",
     )
+    add_trust_model_code(p)
     p.set_defaults(run=run_export)
 
 
@@ -32,7 +35,9 @@ def run_export(args) -> int:
     RunDir(args.run_dir).require_complete()  # before torch is imported
     from danlu.export import FP32_TOLERANCE, export_run
 
-    result = export_run(args.run_dir, args.format, args.quantize, args.output, args.max_metric_drop)
+    result = export_run(
+        args.run_dir, args.format, args.quantize, args.output, args.max_metric_drop, args.trust_model_code
+    )
     kind = f"{args.format}{' int8' if args.quantize else ''}"
     print(f"exported  {result['path']} ({kind}, {result['bytes'] / 1024:.1f} KiB)")
     print(f"verified  on {result['rows']} {result['split']} rows against the torch model")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from danlu.cli.options import add_trust_model_code
+
 
 def add_package(sub) -> None:
     p = sub.add_parser(
@@ -35,6 +37,7 @@ def add_package(sub) -> None:
         "--quantize", choices=["int8", "nf4"], help="chat models: quantized weights (nf4 needs --gpu)"
     )
     p.add_argument("--template", help="chat models: a built-in template name or a Jinja file (copied in)")
+    add_trust_model_code(p)
     p.set_defaults(run=run_package)
 
 
@@ -50,6 +53,7 @@ def run_package(args) -> int:
         dtype=args.dtype,
         quantize=args.quantize,
         template=args.template,
+        trust_model_code=args.trust_model_code,
     )
     result = package_run(args.source, args.out, options)
     kind = f"GPU, CUDA {result['cuda']}" if result["gpu"] else "CPU"

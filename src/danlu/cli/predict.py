@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from danlu.cli.options import add_trust_model_code
+
 
 def add_predict(sub) -> None:
     p = sub.add_parser(
@@ -28,6 +30,7 @@ def add_predict(sub) -> None:
     p.add_argument(
         "--plot", metavar="PNG", help="images: also draw the first 36 inputs with their predicted labels"
     )
+    add_trust_model_code(p)
     p.set_defaults(run=run_predict)
 
 
@@ -37,11 +40,13 @@ def run_predict(args) -> int:
     RunDir(args.run_dir).require_complete()  # before torch is imported
     from danlu.api import predict_file
 
-    rows = predict_file(args.run_dir, args.data, args.output, args.chunk_rows, args.engine)
+    rows = predict_file(
+        args.run_dir, args.data, args.output, args.chunk_rows, args.engine, args.trust_model_code
+    )
     print(f"wrote {rows} predictions to {args.output}")
     if args.plot:
         from danlu.api import plot_predictions
 
-        plot_predictions(args.run_dir, args.data, args.plot)
+        plot_predictions(args.run_dir, args.data, args.plot, args.trust_model_code)
         print(f"drew the first predictions in {args.plot}")
     return 0

@@ -70,7 +70,9 @@ def add_serve(sub) -> None:
         "context if larger)",
     )
     from danlu.cli.chat import add_model_options
+    from danlu.cli.options import add_trust_model_code
 
+    add_trust_model_code(p)
     add_model_options(p, serving=True)
     p.set_defaults(run=run_serve)
 
@@ -116,6 +118,7 @@ def run_serve(args) -> int:
         if "max_queue" in options:
             options["max_queue_rows"] = options.pop("max_queue")
         options.update(engine=args.engine, max_wait_ms=args.max_wait_ms, max_rows=args.max_rows)
+        options.update(trust_model_code=args.trust_model_code)
     return danlu.serve(args.run_dir, **options)
 
 

@@ -42,6 +42,7 @@ class PackageOptions:
     memory_request: str = "1Gi"
     memory_limit: str = "2Gi"
     engine: str = "torch"
+    trust_model_code: bool = False  # runs whose model comes from code (model.target): served with the flag
     # chat models only
     dtype: str = "auto"
     quantize: str | None = None
@@ -154,8 +155,13 @@ def _run_payload(run_dir: str | Path, options: PackageOptions) -> _Payload:
             "--dtype, --quantize and --template are for chat models", "leave them out when packaging a run"
         )
     from danlu import families
+    from danlu.config import read_yaml, validate
+    from danlu.predictor import check_model_code
 
     family = families.family_of(run.preprocess.read_text())
+    check_model_code(run, validate(read_yaml(run.config)), options.trust_model_code)
+    serve_args = ["--engine", options.engine] if options.engine != "torch" else []
+    serve_args += ["--trust-model-code"] if options.trust_model_code else []
 
     def copy(target: Path) -> None:
         copy_tree(run.path, target, (CHECKPOINTS, CACHE))
@@ -165,7 +171,7 @@ def _run_payload(run_dir: str | Path, options: PackageOptions) -> _Payload:
         serve_path="/app/run",
         name=run.path.resolve().name,
         copy=copy,
-        serve_args=["--engine", options.engine] if options.engine != "torch" else [],
+        serve_args=serve_args,
         packages=list(family.serve_packages),
         ignored=("run/checkpoints", "run/cache"),
     )

@@ -117,6 +117,7 @@ def export_run(
     quantize: str | None = None,
     out: str | Path | None = None,
     max_metric_drop: float = 0.01,
+    trust_model_code: bool = False,
 ) -> dict[str, Any]:
     """Export a finished run and verify it; the file is written only when verification passes.
 
@@ -132,7 +133,7 @@ def export_run(
         raise DanluError(f"unknown quantization '{quantize}'", "use --quantize int8, or leave it out")
     path = Path(out) if out is not None else RunDir(run_dir).export_path(fmt, quantize)
     check_target(path)
-    predictor = Predictor.load(run_dir, "cpu")
+    predictor = Predictor.load(run_dir, "cpu", trust_model_code=trust_model_code)
     data, runner = _build(predictor, fmt, quantize)
     check = verify(predictor, runner, run_dir)
     result = {

@@ -45,6 +45,7 @@ class ServeSettings(ServerSettings):
     max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
     max_rows: int = 1024  # rows per request
     max_queue_rows: int = 8192  # rows waiting before requests get 503
+    trust_model_code: bool = False  # a run whose model comes from code (model.target) loads only with it
 
     def check(self) -> None:
         self.check_common(("max_batch", "max_rows", "max_queue_rows"))
@@ -146,7 +147,9 @@ def _openapi_with(app: FastAPI, model: type[BaseModel]):
 def _load(settings: ServeSettings, torch_thread: Executor) -> tuple[Predictor, int]:
     """The predictor, loaded and warmed up on the torch thread (/readyz turns 200 only after a real
     prediction), and the rows a batch may have to run on the event loop."""
-    predictor = torch_thread.submit(Predictor.load, settings.run_dir, engine=settings.engine).result()
+    predictor = torch_thread.submit(
+        Predictor.load, settings.run_dir, engine=settings.engine, trust_model_code=settings.trust_model_code
+    ).result()
     warm_up_s = warm_up(predictor, settings.timeout_s, torch_thread)
     inline = torch_thread.submit(inline_rows, predictor, settings.max_batch, warm_up_s).result()
     return predictor, inline
