@@ -2,6 +2,7 @@
 kubernetes-validate against the official schemas of a current Kubernetes."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,9 @@ def test_package_passes_hadolint_and_kubernetes_schemas(run, tmp_path, gpu):
     result = package_run(run.path, out, PackageOptions(gpu=gpu, replicas=2, max_replicas=5))
     lint(out)
     dockerfile = (out / "Dockerfile").read_text()
-    assert ("FROM nvidia/cuda:" in dockerfile) == gpu and ("FROM python:3." in dockerfile) != gpu
+    python = ".".join(map(str, sys.version_info[:2]))  # the Python whose packages the pins are
+    assert f"FROM python:{python}-slim" in dockerfile
+    assert ("NVIDIA_DRIVER_CAPABILITIES=compute,utility" in dockerfile) == gpu
     assert "USER 10001" in dockerfile and "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile
     assert '"danlu", "serve", "/app/run"' in dockerfile
     deployment = yaml.safe_load((out / "k8s" / "deployment.yaml").read_text())
@@ -60,8 +63,13 @@ def test_package_passes_hadolint_and_kubernetes_schemas(run, tmp_path, gpu):
     assert yaml.safe_load((out / "k8s" / "hpa.yaml").read_text())["spec"]["maxReplicas"] == 5
     assert (out / "run" / "report.json").is_file() and not (out / "run" / "checkpoints").exists()
     assert (out / "danlu" / "serve" / "static" / "index.html").is_file()
-    requirements = (out / "requirements.txt").read_text()
-    assert ("whl/cu" in requirements) == gpu and "fastapi==" in requirements
+    requirements, torch_txt = (out / "requirements.txt").read_text(), (out / "torch.txt").read_text()
+    assert "fastapi==" in requirements and "index-url" not in requirements
+    index = [line for line in torch_txt.splitlines() if "index-url" in line]
+    assert index == [f"--index-url https://download.pytorch.org/whl/{'cu' if gpu else 'cpu'}"] or (
+        gpu and index[0].startswith("--index-url https://download.pytorch.org/whl/cu")
+    )
+    assert not any("extra-index-url" in (out / f).read_text() for f in result["files"])
     assert yaml.safe_load((out / "environment.yml").read_text())["name"] == "danlu-serve"
     assert result["gpu"] == gpu
 
@@ -157,7 +165,7 @@ def test_package_refuses_chat_options_that_cannot_work(llm, run, tmp_path):
 
 
 def test_hard_links_are_copied_once_and_never_point_into_what_is_skipped(tmp_path):
-    from danlu.env.package import copy_tree
+    from danlu.env.payload import copy_tree
 
     source = tmp_path / "src"
     (source / "checkpoints").mkdir(parents=True)
@@ -165,8 +173,60 @@ def test_hard_links_are_copied_once_and_never_point_into_what_is_skipped(tmp_pat
     (source / "checkpoints" / "w").write_bytes(b"weights")  # the shallowest, sorted first, but skipped
     os.link(source / "checkpoints" / "w", source / "hf" / "w")
     os.link(source / "checkpoints" / "w", source / "hf" / "x")
-    copy_tree(source, tmp_path / "out", ("checkpoints",))
+    left_out = copy_tree(source, tmp_path / "out", lambda relative: relative.parts[0] != "checkpoints")
+    assert left_out == ["checkpoints/"]
     out = tmp_path / "out"
     assert not (out / "checkpoints").exists()
     assert not (out / "hf" / "w").is_symlink() and (out / "hf" / "x").readlink() == Path("w")
     assert (out / "hf" / "x").read_bytes() == b"weights"
+
+
+def test_a_package_holds_what_the_server_reads_and_says_what_it_left_out(run, tmp_path):
+    """Held-out rows (heldout.*), quickstart's predictions, metrics, plots and checkpoints never go into
+    the image; the run there still serves (tests/e2e/test_env_export.py serves it)."""
+    (run.path / "predictions.csv").write_text("the held-out rows, predicted")
+    try:
+        result = package_run(run.path, tmp_path / "out", PackageOptions(gpu=False))
+    finally:
+        (run.path / "predictions.csv").unlink()
+    packaged = sorted(p.name for p in (tmp_path / "out" / "run").iterdir())
+    assert packaged == ["config.yaml", "model.safetensors", "preprocess.json", "report.json"]
+    assert {"heldout.json", "heldout.parquet", "predictions.csv", "checkpoints/", "plots/"} <= set(
+        result["left_out"]
+    )
+
+
+def test_a_link_out_of_the_run_is_refused_and_one_inside_is_copied(run, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the image")
+    copy = tmp_path / "run"
+    shutil.copytree(run.path, copy, symlinks=True)
+    (copy / "preprocess.json").unlink()
+    (copy / "preprocess.json").symlink_to(secret)
+    with pytest.raises(DanluError, match=r"is a link to .*secret.txt', outside"):
+        package_run(copy, tmp_path / "out", PackageOptions(gpu=False))
+    assert not (tmp_path / "out").exists()
+    (copy / "preprocess.json").unlink()
+    (copy / "plots" / "state.json").write_bytes((run.path / "preprocess.json").read_bytes())
+    (copy / "preprocess.json").symlink_to(Path("plots") / "state.json")  # inside the run: its content
+    package_run(copy, tmp_path / "out", PackageOptions(gpu=False))
+    packaged = tmp_path / "out" / "run" / "preprocess.json"
+    assert not packaged.is_symlink() and packaged.read_bytes() == (run.path / "preprocess.json").read_bytes()
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_kubernetes_takes_the_key_from_a_secret_and_outlasts_the_drain(run, llm, tmp_path, chat):
+    result = package_run(llm if chat else run.path, tmp_path / "out", PackageOptions(gpu=False))
+    deployment = yaml.safe_load((tmp_path / "out" / "k8s" / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["env"] == [
+        {
+            "name": "DANLU_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": result["secret"], "key": "api-key"}},
+        }
+    ]
+    drain = 300 if chat else 30  # the server's --timeout, for which SIGTERM lets requests finish
+    assert pod["terminationGracePeriodSeconds"] > drain
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]

@@ -58,8 +58,13 @@ def run_package(args) -> int:
     result = package_run(args.source, args.out, options)
     kind = f"GPU, CUDA {result['cuda']}" if result["gpu"] else "CPU"
     print(f"wrote {result['out']} ({kind}): {', '.join(result['files'])}, {result['payload']}/, danlu/")
+    if result["left_out"]:
+        shown = ", ".join(result["left_out"][:12]) + (" ..." if len(result["left_out"]) > 12 else "")
+        print(f"  left out of {result['payload']}/ (not needed to serve): {shown}")
     print(f"  docker build -t {result['image']} {result['out']}")
     print(f"  docker run {'--gpus all ' if result['gpu'] else ''}-p 8000:8000 {result['image']}")
+    secret = result["secret"]
+    print(f'  kubectl create secret generic {secret} --from-literal=api-key="$(openssl rand -hex 32)"')
     print(f"  kubectl apply -f {result['out']}/k8s/")
     return 0
 

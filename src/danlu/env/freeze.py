@@ -97,12 +97,21 @@ def pins(names: list[str]) -> list[str]:
     return [f"{_canonical(name)}{extra(name)}=={_installed(name)}" for name in names]
 
 
-def requirements_text(names: list[str], header: str) -> str:
+def torch_first() -> list[str]:
+    """Comment lines that say how to install this torch build first, when it comes from the PyTorch
+    index: with --index-url, alone (an --extra-index-url in the file would let either index answer for
+    every package)."""
     index = torch_index_url(_installed("torch"))
-    lines = [f"# {header}"]
-    if index:
-        lines.append(f"--extra-index-url {index}")
-    return "\n".join(lines + pins(names)) + "\n"
+    if not index:
+        return []
+    return [
+        f"# this torch build comes from {index}: install it first, from that index alone:",
+        f"#   pip install --index-url {index} torch=={_installed('torch')}",
+    ]
+
+
+def requirements_text(names: list[str], header: str) -> str:
+    return "\n".join([f"# {header}", *torch_first(), *pins(names)]) + "\n"
 
 
 def export_environment(fmt: str = "requirements") -> str:
@@ -112,15 +121,13 @@ def export_environment(fmt: str = "requirements") -> str:
         return requirements_text(relevant_packages(), header)
     if fmt == "lock":
         return requirements_text(closure(relevant_packages()), header + ", every installed dependency")
-    index = torch_index_url(_installed("torch"))
-    pip_lines = ([f"    - --extra-index-url {index}"] if index else []) + [
-        f"    - {pin}" for pin in pins(relevant_packages())
-    ]
+    pip_lines = [f"    - {pin}" for pin in pins(relevant_packages())]
     python = ".".join(platform.python_version_tuple()[:2])
     return (
         "\n".join(
             [
                 f"# {header}",
+                *torch_first(),
                 "name: danlu",
                 "channels:",
                 "  - conda-forge",
