@@ -156,7 +156,8 @@ def test_bad_requests_are_openai_errors_never_5xx(server, client):
         ({"messages": [{"role": "user", "content": "hello " * 400}]}, 400, "messages"),
     ]
     for body, status, param in cases:
-        response = httpx.post(url, content=body if isinstance(body, bytes) else json.dumps(body), timeout=30)
+        raw = body if isinstance(body, bytes) else json.dumps(body)
+        response = httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=30)
         assert response.status_code == status, (body, response.text)
         error = response.json()["error"]
         assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
@@ -187,7 +188,8 @@ def test_disconnects_cancel_streaming_and_whole_requests(tmp_path):
             data = json.dumps({**body, "stream": stream}).encode()
             before = scrape(server)["danlu_chat_generated_tokens_total{}"]
             with socket.create_connection(("127.0.0.1", server.port)) as client:
-                head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                head = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                head += "Content-Type: application/json\r\n"
                 client.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
                 assert wait_until(lambda: running(server) == 1), "the request never ran"
             # the client is gone in the middle of its generation
@@ -496,3 +498,17 @@ def test_special_tokens_typed_by_a_user_reach_the_model_as_text(server, model):
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1, "temperature": 0}
     answer = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30).json()
     assert answer["usage"]["prompt_tokens"] == len(expected)
+
+
+def test_the_chat_server_takes_json_only_and_its_own_names(server):
+    url = f"{server.url}/v1/chat/completions"
+    body = json.dumps({"messages": HELLO, "max_tokens": 2})
+    simple = httpx.post(url, content=body, headers={"content-type": "text/plain"}, timeout=30)
+    assert simple.status_code == 415 and simple.json()["error"]["message"].startswith("send the body as")
+    rebound = httpx.post(
+        url,
+        content=body,
+        headers={"host": "attacker.example", "content-type": "application/json"},
+        timeout=30,
+    )
+    assert rebound.status_code == 400 and "attacker.example" in rebound.json()["error"]["message"]

@@ -273,3 +273,41 @@ def test_a_warm_up_slower_than_the_timeout_is_one_line(tmp_path):
     assert len(lines) == 1 and "longer than the request timeout (0.5 s)" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 30  # it did not wait for the stuck prediction
+
+
+def test_a_loopback_server_answers_only_its_own_names_and_json_bodies(run):
+    """A keyless server on 127.0.0.1 is reachable from any web page the user opens: a page can POST
+    text/plain to it without asking (no CORS preflight), and DNS rebinding lets a page read the answers
+    under its own name. So JSON endpoints take JSON content types only (415), and a loopback-bound
+    server answers only Host headers that name it (400); bound elsewhere, any name."""
+    body = json.dumps({"records": [{"x0": 0.1, "x1": -0.2, "color": "green"}]})
+    server = Server(run.path)
+    try:
+        url = f"{server.url}/v1/predict"
+        for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", "localhost"):
+            response = httpx.post(
+                url, content=body, headers={"host": host, "content-type": "application/json"}
+            )
+            assert response.status_code == 200, (host, response.text)
+        for path in ("/v1/predict", "/", "/v1/metadata"):
+            rebound = httpx.request(
+                "POST" if path == "/v1/predict" else "GET",
+                f"{server.url}{path}",
+                content=body if path == "/v1/predict" else None,
+                headers={"host": f"attacker.example:{server.port}", "content-type": "application/json"},
+            )
+            assert rebound.status_code == 400 and "attacker.example" in rebound.json()["detail"], path
+        simple = httpx.post(url, content=body, headers={"content-type": "text/plain"})
+        assert simple.status_code == 415 and "application/json" in simple.json()["detail"]
+    finally:
+        server.stop()
+    server = Server(run.path, "--host", "0.0.0.0")
+    try:
+        named = httpx.post(
+            f"{server.url}/v1/predict",
+            content=body,
+            headers={"host": "danlu.internal.example", "content-type": "application/json"},
+        )
+        assert named.status_code == 200
+    finally:
+        server.stop()

@@ -193,6 +193,8 @@ class PredictHandler:
             inline_rows=inline,
             executor=self.torch_thread,
         )
+        uploads = ("multipart/form-data",) if self.family.form_items is not None else ()
+        self.json_paths = {PREDICT: ("application/json", *uploads)}
         self.title = f"danlu: {self.run.path.resolve().name}"
         self.description = (
             f"Predictions of a danlu {self.state.task} model with {self.family.description(self.state)}."

@@ -98,9 +98,19 @@ async def read_body(receive: Callable[[], Awaitable[dict]], limit: int) -> bytes
             return b"".join(chunks)
 
 
+def _host_name(value: bytes) -> str:
+    """The name in a Host header: without its port, brackets kept off IPv6 literals."""
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1 : text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
 class Guard:
-    """In front of every request: the body limit (413, with or without Content-Length) and the request
-    metrics. Errors are in the server's shape (`error_body(status, message)`)."""
+    """In front of every request: the body limit (413, with or without Content-Length), the Host check
+    (400 unless the Host header names an allowed name; `hosts` None allows every name), the content
+    type of POSTs to JSON endpoints (415), and the request metrics. Errors are in the server's shape
+    (`error_body(status, message)`)."""
 
     def __init__(
         self,
@@ -109,9 +119,11 @@ class Guard:
         metrics: Any,
         endpoints: frozenset[str],
         error_body: Callable[[int, str], dict],
+        hosts: frozenset[str] | None = None,
+        json_paths: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.app, self.max_body_bytes, self.metrics, self.endpoints = app, max_body_bytes, metrics, endpoints
-        self.error_body = error_body
+        self.error_body, self.hosts, self.json_paths = error_body, hosts, json_paths or {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -127,7 +139,12 @@ class Guard:
             await send(message)
 
         try:
-            length = dict(scope["headers"]).get(b"content-length")
+            refused = self._refusal(scope)
+            if refused is not None:
+                await self._error(send_and_record, *refused)
+                return
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
             if length is not None:
                 if not length.isdigit() or int(length) > self.max_body_bytes:
                     await self._too_large(send_and_record)
@@ -144,6 +161,22 @@ class Guard:
             await self.app(scope, receive, send_and_record)
         finally:
             self.metrics.observe(endpoint, status["code"], time.perf_counter() - start)
+
+    def _refusal(self, scope) -> tuple[int, str] | None:
+        headers = dict(scope["headers"])
+        if self.hosts is not None:
+            host = _host_name(headers.get(b"host", b""))
+            if host not in self.hosts:
+                return 400, (
+                    f"Host '{host[:100]}' is not this server's name; a server bound to loopback answers "
+                    "only localhost, 127.0.0.1 and [::1] (serve with --host to take other names)"
+                )
+        accepted = self.json_paths.get(scope["path"])
+        if accepted is not None and scope["method"] == "POST":
+            kind = headers.get(b"content-type", b"").split(b";")[0].strip().decode("latin-1").lower()
+            if kind not in accepted:
+                return 415, f"send the body as {' or '.join(accepted)} (Content-Type), not '{kind[:100]}'"
+        return None
 
     async def _too_large(self, send) -> None:
         await self._error(send, 413, f"request body over the limit of {self.max_body_bytes} bytes")

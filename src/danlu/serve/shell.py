@@ -4,7 +4,9 @@ A handler owns one kind of server: its routes, its model and its page (`serve/ap
 predictions; `serve/chat/app.py`: a language model's chat completions). The shell puts the same things
 around each of them:
 
-- in front of every request (Guard, plain ASGI): the body limit (413) and the request metrics;
+- in front of every request (Guard, plain ASGI): the body limit (413), the Host check that stops DNS
+  rebinding (400, while bound to loopback), JSON content types on JSON endpoints (415: a web page
+  elsewhere can POST text/plain to localhost without asking), and the request metrics;
 - the API key (`X-API-Key: KEY` or `Authorization: Bearer KEY`) on every route but the probes and the page;
 - errors in the handler's shape (`{"detail": ...}`, or OpenAI's `{"error": {...}}`), 503 with Retry-After;
 - /healthz, /readyz and /metrics, and the page at /;
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import json
 import logging
 import os
@@ -44,13 +47,14 @@ BUSY = "the server is at capacity; retry shortly"
 # How `--workers N` hands the settings to each worker process: the path of a file only this user can read,
 # so the API key is never in an environment that child processes inherit.
 SETTINGS_FILE_ENV = "DANLU_SERVE_SETTINGS_FILE"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(kw_only=True)
 class ServerSettings:
     """What every danlu server takes: where it listens, its key and its limits."""
 
-    host: str = "127.0.0.1"  # loopback: only this machine
+    host: str = "127.0.0.1"  # loopback: only this machine, and only Host headers that name it
     port: int = 8000
     api_key: str | None = None
     max_body_bytes: int = 10 * 1024 * 1024
@@ -91,6 +95,7 @@ class Handler(Protocol):
     description: str
     ready_means: str  # what /readyz's 200 promises
     endpoints: frozenset[str]  # the paths the metrics label by name (others count as "other")
+    json_paths: dict[str, tuple[str, ...]]  # POST path -> the content types it takes
     drive: Callable[[Callable[[], bool]], None] | None  # work for the main thread, until the predicate
 
     def error_body(self, error: ServeError) -> dict[str, Any]: ...
@@ -106,6 +111,17 @@ class Handler(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+def allowed_hosts(host: str) -> frozenset[str] | None:
+    """The Host header names a server bound to `host` answers: loopback names while bound to a loopback
+    address (a web page elsewhere cannot rebind its own name to 127.0.0.1 and read the answers), any
+    name once bound to a network address, which clients may reach under any of its names."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    return frozenset({*LOOPBACK_NAMES, host.strip("[]").lower()}) if loopback else None
 
 
 class Shell:
@@ -179,6 +195,8 @@ def create_app(handler: Handler) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         metrics=handler.metrics,
         endpoints=handler.endpoints,
+        hosts=allowed_hosts(settings.host),
+        json_paths=handler.json_paths,
         error_body=lambda status, message: handler.error_body(ServeError(status, message)),
     )
     return app

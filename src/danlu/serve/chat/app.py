@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -99,6 +99,10 @@ class ChatHandler:
 
     ready_means = "The model is loaded and the engine is running."
     endpoints = frozenset({"/", "/healthz", "/readyz", "/metrics", "/v1/models", CHAT, COMPLETIONS})
+    json_paths: ClassVar[dict[str, tuple[str, ...]]] = {
+        CHAT: ("application/json",),
+        COMPLETIONS: ("application/json",),
+    }
 
     def __init__(self, chat: ChatModel, settings: ChatSettings, engine_thread: bool = True) -> None:
         """engine_thread: generate on a thread of the handler's own (tests, embedding); else the shell's
