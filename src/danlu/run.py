@@ -18,13 +18,17 @@ runs/NAME/
 ```
 
 danlu deletes only what it can prove it wrote: a directory is replaced only when it is a run (config.yaml
-with report.json or checkpoints/) holding nothing but the entries above, or when it is empty.
+with report.json or checkpoints/) holding nothing but the entries above, or when it is empty. Inside the
+run's folders, only danlu's own files go (`written_by_danlu`): checkpoints and cache files by their
+names, plots by the Software tag danlu writes into each PNG, exports by the verification record beside
+them, hf/ by the list of files danlu wrote there; anything a user put in them stays.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +39,7 @@ from typing import IO, Any
 
 from danlu.errors import DanluError
 
+log = logging.getLogger("danlu")
 CONFIG = "config.yaml"
 PREPROCESS = "preprocess.json"
 WEIGHTS = "model.safetensors"
@@ -53,6 +58,9 @@ PREDICTIONS = "predictions.csv"  # written by `danlu quickstart`
 CACHE = "cache"  # decoded data danlu can rebuild: safe to delete, never packaged
 HF = "hf"  # text runs: the model and tokenizer for transformers' from_pretrained
 EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}  # `danlu export` formats and their files
+MANIFEST = ".danlu-files.json"  # in a folder danlu fills (hf/): the names of the files it wrote there
+PLOT_SOFTWARE = "danlu"  # the Software tag of every PNG danlu draws
+CACHE_NAME = re.compile(r"^[a-z]+-[0-9a-f]{16}[-.]")  # KIND-KEY.npz, KIND-KEY-SPLIT.npy: cache files
 # Every name danlu writes at the top of a run directory: only these are ever deleted from one.
 RUN_ENTRIES = frozenset(
     {CONFIG, PREPROCESS, WEIGHTS, CHECKPOINTS, METRICS, REPORT, PLOTS, EXPORT, HELDOUT, HELDOUT_ROWS}
@@ -111,6 +119,53 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def export_record_path(path: Path) -> Path:
+    """The verification record `danlu export` writes beside an exported file: PATH.json."""
+    return path.with_name(path.name + ".json")
+
+
+def is_export_record(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and {"format", "max_abs_diff", "metric"} <= record.keys()
+
+
+def _is_danlu_png(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path, formats=["PNG"]) as image:
+            return str(image.info.get("Software", "")).startswith(PLOT_SOFTWARE)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+def _manifest(folder: Path) -> set[str]:
+    try:
+        names = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return set()
+    return {n for n in names if isinstance(n, str)} | {MANIFEST} if isinstance(names, list) else set()
+
+
+def written_by_danlu(folder: str, path: Path) -> bool:
+    """Whether a file in one of a run's folders is one danlu wrote (and so may delete)."""
+    name = path.name
+    if _is_temporary(name):
+        return True
+    if folder == CHECKPOINTS:
+        return name in (LAST_CHECKPOINT, BEST_CHECKPOINT)
+    if folder == CACHE:
+        return bool(CACHE_NAME.match(name))
+    if folder == PLOTS:
+        return name.endswith(".png") and _is_danlu_png(path)
+    if folder == EXPORT:
+        return is_export_record(path) or is_export_record(export_record_path(path))
+    return name in _manifest(path.parent)
 
 
 class RunDir:
@@ -214,18 +269,24 @@ class RunDir:
         return created
 
     def remove_entries(self) -> None:
-        """Delete what danlu writes in a run directory, and nothing else; the directory itself stays."""
+        """Delete what danlu writes in a run directory, and nothing else; the directory itself stays, and
+        so do a user's files inside the run's folders (and those folders, then)."""
         if not self.path.is_dir():
             return
         # The report first, so an interrupted clean-up never leaves a run that looks complete.
         self.report.unlink(missing_ok=True)
+        kept = []
         for entry in self.path.iterdir():
             if not _is_run_entry(entry.name):
                 continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
+            if entry.is_dir() and not entry.is_symlink() and _is_temporary(entry.name):
+                shutil.rmtree(entry)  # a folder danlu was writing when it stopped (.hf.writing.tmp)
+            elif entry.is_dir() and not entry.is_symlink():
+                kept += _remove_own_files(entry)
             else:
                 entry.unlink(missing_ok=True)
+        if kept:
+            log.info("kept %d file(s) danlu did not write: %s", len(kept), ", ".join(kept[:5]))
 
     def discard(self, created: bool) -> None:
         """Undo `prepare_new` after a failed set-up: remove what danlu wrote, and the directory if new."""
@@ -245,6 +306,24 @@ class RunDir:
 
 
 _TEMPORARY = re.compile(r"^\..+\.[^.]+\.tmp$")  # atomic_write's temporaries: .NAME.XXXXXX.tmp
+
+
+def _is_temporary(name: str) -> bool:
+    return bool(_TEMPORARY.match(name))
+
+
+def _remove_own_files(folder: Path) -> list[str]:
+    """Delete danlu's files in one of a run's folders (and the folder once empty); returns the others,
+    relative to the run."""
+    entries = sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True)  # deepest first
+    files = [p for p in entries if p.is_symlink() or not p.is_dir()]
+    own = {p for p in files if written_by_danlu(folder.name, p)}  # decided before any is deleted
+    for path in own:
+        path.unlink(missing_ok=True)
+    for path in [*(p for p in entries if p not in files), folder]:
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only when empty
+    return [str(p.relative_to(folder.parent)) for p in files if p not in own]
 
 
 def _is_run_entry(name: str) -> bool:

@@ -151,3 +151,30 @@ def test_a_constant_target_and_a_diverging_run_are_one_line_errors(tmp_path):
     assert "training diverged" in result.stderr and "lower train.lr" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "diverged" / "report.json").exists()  # never looks complete
+
+
+def test_overwrite_deletes_only_danlus_files_inside_a_runs_folders(tmp_path, finished):
+    """A run's plots/, export/ and checkpoints/ are danlu's folders, but a user may put files there:
+    `--overwrite` deletes the plots danlu drew (its PNGs carry danlu's tag), the exports with danlu's
+    record beside them and its checkpoints, and keeps everything else as it was."""
+    cfg = config_for(tmp_path, finished)
+    run_dir = tmp_path / "run"
+    assert run_cli("train", cfg, "--out", str(run_dir)).returncode == 0
+    assert run_cli("export", str(run_dir)).returncode == 0
+    mine = {
+        "plots/notes.txt": b"what I saw",
+        "plots/my_chart.png": (run_dir / "plots" / "learning_curves.png").read_bytes()[:8] + b"mine",
+        "export/colleague.onnx": b"an export of someone else's",
+        "checkpoints/epoch3-backup.pt": b"my own copy",
+    }
+    for name, data in mine.items():
+        (run_dir / name).write_bytes(data)
+    danlus = [run_dir / "plots" / "learning_curves.png", run_dir / "export" / "model.onnx"]
+    stamps = {p: p.stat().st_mtime_ns for p in danlus}
+    result = run_cli("train", cfg, "--out", str(run_dir), "--overwrite", "train.epochs=2")
+    assert result.returncode == 0, result.stderr
+    for name, data in mine.items():
+        assert (run_dir / name).read_bytes() == data, name
+    assert not (run_dir / "export" / "model.onnx").exists()  # danlu's export of the old run is gone
+    assert (run_dir / "plots" / "learning_curves.png").stat().st_mtime_ns != stamps[danlus[0]]  # redrawn
+    assert json.loads((run_dir / "report.json").read_text())["epochs_run"] == 2

@@ -128,3 +128,21 @@ def test_a_run_stopped_before_its_first_checkpoint_is_still_danlus(tmp_path, mix
     with pytest.raises(DanluError, match="stopped before its first checkpoint"):
         run.require_resumable()
     assert danlu.train(None, data, out=out, overwrite=True, progress=False).report["epochs_run"] == 1
+
+
+def test_a_folder_danlu_filled_loses_only_the_files_its_manifest_names(tmp_path):
+    import json
+
+    from danlu.run import MANIFEST
+
+    run = make_run(tmp_path / "run")
+    hf = tmp_path / "run" / "hf"
+    hf.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (hf / name).write_text(name)
+    (hf / MANIFEST).write_text(json.dumps(["config.json", "tokenizer.json", "model.safetensors"]))
+    (hf / "README.md").write_text("my model card")
+    (tmp_path / "run" / ".hf.writing.tmp").mkdir()  # a write that was stopped half-way
+    (tmp_path / "run" / ".hf.writing.tmp" / "config.json").write_text("{}")
+    run.prepare_new(overwrite=True)
+    assert tree(tmp_path / "run") == ["hf", "hf/README.md"]

@@ -12,12 +12,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from danlu.run import atomic_write
+from danlu import __version__
+from danlu.run import PLOT_SOFTWARE, atomic_write
 
 
 def _save(figure, path: Path) -> None:
+    """The figure as PNG, tagged as danlu's (the tag is how `--overwrite` knows the plot is its own)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    metadata = {"Software": f"{PLOT_SOFTWARE} {__version__}"}
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata=metadata)
     plt.close(figure)
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 

@@ -13,7 +13,14 @@ from danlu import __version__
 from danlu.errors import DanluError
 from danlu.evaluation.metrics import MetricStream
 from danlu.predictor import Predictor
-from danlu.run import EXPORT_SUFFIXES, RunDir, atomic_write, atomic_write_json
+from danlu.run import (
+    EXPORT_SUFFIXES,
+    RunDir,
+    atomic_write,
+    atomic_write_json,
+    export_record_path,
+    is_export_record,
+)
 
 FP32_TOLERANCE = 1e-4  # max abs difference: probabilities, or regression values in units of the target's std
 HEADLINE = {"classification": "accuracy", "regression": "r2"}
@@ -33,27 +40,15 @@ def metadata(predictor: Predictor, spec: Any) -> dict[str, str]:
     }
 
 
-def _record_path(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-def _is_export_record(path: Path) -> bool:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(record, dict) and {"format", "max_abs_diff", "metric"} <= record.keys()
-
-
 def check_target(path: Path) -> None:
     """Raise unless PATH (and its PATH.json record) may be written: new, or an earlier danlu export.
 
     An existing file counts as danlu's only when the verification record beside it is danlu's."""
-    record = _record_path(path)
+    record = export_record_path(path)
     for target in (path, record):
         if target.is_dir():
             raise DanluError(f"'{target}' is a directory", f"pass a file path, e.g. -o {target}/model.onnx")
-    if (path.exists() or record.exists()) and not _is_export_record(record):
+    if (path.exists() or record.exists()) and not is_export_record(record):
         existing = path if path.exists() else record
         raise DanluError(
             f"'{existing}' exists and was not written by `danlu export`; nothing was replaced",
@@ -163,5 +158,5 @@ def export_run(
             "use the fp32 export, or raise --max-metric-drop if that loss is acceptable",
         )
     atomic_write(path, lambda f: f.write(data))
-    atomic_write_json(_record_path(path), result)  # the verification, beside the file
+    atomic_write_json(export_record_path(path), result)  # the verification, beside the file
     return result

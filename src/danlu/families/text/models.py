@@ -6,6 +6,7 @@ Hugging Face key names: RUN/model.safetensors is the very file RUN/hf/ needs (ha
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from danlu.config import ModelConfig
 from danlu.errors import DanluError
 from danlu.families.text.pretrained import check_dir, quiet_transformers
 from danlu.families.text.state import TextState
+from danlu.run import MANIFEST
 
 
 class TextModel(nn.Module):
@@ -101,6 +103,12 @@ def write_hf(model: TextModel, state: TextState, weights: Path, target: Path) ->
         os.link(weights, tmp / "model.safetensors")
     except OSError:
         shutil.copyfile(weights, tmp / "model.safetensors")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    # what danlu wrote here, so that --overwrite deletes these and nothing a user adds
+    names = sorted(p.name for p in tmp.iterdir())
+    (tmp / MANIFEST).write_text(json.dumps(names) + "\n")
+    if not target.exists():
+        tmp.rename(target)
+        return
+    for item in tmp.iterdir():  # a user's files that --overwrite kept there: danlu's go in beside them
+        os.replace(item, target / item.name)
+    tmp.rmdir()
