@@ -70,14 +70,16 @@ def run_cli(
     )
 
 
-def train_and_kill(config: Path, out: Path, epochs: int) -> None:
+def train_and_kill(config: Path, out: Path, epochs: int, danlu: tuple[str, ...] = ("-m", "danlu")) -> None:
     """`danlu train CONFIG --out OUT` as a real process, killed with SIGKILL once `epochs` epochs are
-    logged: no clean-up code runs. Asserts it was killed mid-run and left a resumable, incomplete run."""
+    logged: no clean-up code runs. Asserts it was killed mid-run and left a resumable, incomplete run.
+    danlu: how python starts the CLI (`-c CODE` for one with a family registered first)."""
     import time
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "danlu", "-q", "train", str(config), "--out", str(out)],
+        [sys.executable, *danlu, "-q", "train", str(config), "--out", str(out)],
         cwd=config.parent,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # the tests' own modules (models, families)
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
