@@ -192,7 +192,8 @@ def test_an_image_run_packages(folder_run, tmp_path):
     from danlu.env.package import package_run
 
     result = package_run(folder_run.path, tmp_path / "pkg")
-    assert (tmp_path / "pkg" / "run" / "heldout.npz").is_file() and "Dockerfile" in result["files"]
+    assert (tmp_path / "pkg" / "run" / "model.safetensors").is_file() and "Dockerfile" in result["files"]
+    assert not (tmp_path / "pkg" / "run" / "heldout.npz").exists() and "heldout.npz" in result["left_out"]
 
 
 def test_torchscript_and_int8_exports_of_an_image_run_are_verified(folder_run):

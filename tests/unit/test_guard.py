@@ -90,3 +90,22 @@ def test_bodies_within_the_limit_reach_the_app_whole():
 def test_unknown_paths_are_recorded_as_other():
     _, _, observed, _ = call("/secret/admin", [], [b""], method="GET")
     assert observed == [("other", 200)]
+
+
+def test_read_body_joins_many_chunks_once_and_stops_at_the_limit():
+    from danlu.serve.guard import TooLarge, read_body
+
+    def receiver(chunks, end="http.request"):
+        messages = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+        messages.append({"type": end, "body": b"", "more_body": False})
+
+        async def receive():
+            return messages.pop(0)
+
+        return receive
+
+    pieces = [bytes([i % 256]) * 7 for i in range(20_000)]
+    assert asyncio.run(read_body(receiver(pieces), 10**6)) == b"".join(pieces)
+    with pytest.raises(TooLarge):
+        asyncio.run(read_body(receiver(pieces), 1000))
+    assert asyncio.run(read_body(receiver([b"x"], end="http.disconnect"), 100)) is None  # the client left

@@ -122,8 +122,12 @@ def request_body(model: type[BaseModel], uploads: bool) -> dict[str, Any]:
         "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
     }
     if uploads:
-        files = {"type": "array", "items": {"type": "string", "format": "binary"}}
-        content["multipart/form-data"] = {"schema": {"type": "object", "properties": {"images": files}}}
+        files = {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "the files, in order; every file part counts, whatever its field name",
+        }
+        content["multipart/form-data"] = {"schema": {"type": "object", "properties": {"files": files}}}
     return {"required": True, "content": content}
 
 

@@ -139,11 +139,11 @@ class Guard:
             await send(message)
 
         try:
-            refused = self._refusal(scope)
+            headers = dict(scope["headers"])
+            refused = self._refusal(scope, headers)
             if refused is not None:
                 await self._error(send_and_record, *refused)
                 return
-            headers = dict(scope["headers"])
             length = headers.get(b"content-length")
             if length is not None:
                 if not length.isdigit() or int(length) > self.max_body_bytes:
@@ -162,8 +162,7 @@ class Guard:
         finally:
             self.metrics.observe(endpoint, status["code"], time.perf_counter() - start)
 
-    def _refusal(self, scope) -> tuple[int, str] | None:
-        headers = dict(scope["headers"])
+    def _refusal(self, scope, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
         if self.hosts is not None:
             host = _host_name(headers.get(b"host", b""))
             if host not in self.hosts:
