@@ -39,7 +39,11 @@ def test_a_fresh_venv_from_env_export_serves_the_packaged_run(tmp_path):
     assert install.returncode == 0, install.stderr[-3000:]
 
     run = train_quietly(tmp_path / "cls", mixed_frame(200), "label", "train.epochs=2")
-    assert run_cli("package", str(run.path), "--out", str(tmp_path / "context")).returncode == 0
+    packaged = run_cli("package", str(run.path), "--out", str(tmp_path / "context"))
+    assert packaged.returncode == 0
+    assert (
+        "left out of run/ (not needed to serve): " in packaged.stdout and "heldout.parquet" in packaged.stdout
+    )
     # as the image would: danlu from the build context, the fresh venv's packages, the copied run
     server = Server(tmp_path / "context" / "run", python=python, pythonpath=tmp_path / "context")
     try:

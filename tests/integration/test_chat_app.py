@@ -46,3 +46,9 @@ def test_unknown_fields_are_logged_few_short_and_escaped(client, caplog):
     assert response.status_code == 200
     (line,) = [r.getMessage() for r in caplog.records if "ignoring fields" in r.getMessage()]
     assert "\n" not in line and "and 12 more" in line and "y" * 41 not in line
+
+
+def test_the_token_budget_defaults_to_16384_or_the_whole_context():
+    assert ChatSettings().budget(256) == 16_384
+    assert ChatSettings().budget(32_768) == 32_768  # any one request the model can take fits alone
+    assert ChatSettings(max_batch_tokens=60).budget(32_768) == 60

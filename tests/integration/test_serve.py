@@ -196,3 +196,17 @@ def test_fuzzed_bodies_never_get_a_5xx(client, body):
     headers = {"content-type": "application/json"}
     response = client.post("/v1/predict", content=json.dumps(body), headers=headers)
     assert response.status_code in (200, 413, 422), response.text
+
+
+def test_a_full_queue_is_503_before_the_body_is_parsed(client):
+    """Capacity comes first: a body that would be a 422 (or costly to parse) gets the 503 at once."""
+    batcher = client.app.state.shell.handler.batcher
+    batcher.queued_rows += 8192  # as if that many rows were waiting
+    try:
+        response = client.post(
+            "/v1/predict", content=b"{not json", headers={"content-type": "application/json"}
+        )
+    finally:
+        batcher.queued_rows -= 8192
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert client.post("/v1/predict", json={"records": [RECORD]}).status_code == 200

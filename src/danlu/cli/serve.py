@@ -86,23 +86,18 @@ def run_serve(args) -> int:
         RunDir(args.run_dir).require_complete()  # before torch is imported
     import danlu
 
-    options = {
-        "host": args.host,
-        "port": args.port,
-        "api_key": api_key(args),
-        "access_log": args.access_log,
-        "workers": args.workers,
-        **{
-            name: value
-            for name, value in (
-                ("max_batch", args.max_batch),
-                ("max_queue", args.max_queue),
-                ("timeout_s", args.timeout),
-                ("max_body_bytes", None if args.max_body_mb is None else int(args.max_body_mb * 1024 * 1024)),
-            )
-            if value is not None
-        },
-    }
+    options = {"host": args.host, "port": args.port, "api_key": api_key(args), "access_log": args.access_log}
+    options["workers"] = args.workers
+    # left unset, each server's own default applies (runs: 64 rows, 8192 queued, 30 s, 10 MB; chat: 8
+    # sequences, 64 queued, 300 s, 4 MB)
+    if args.max_batch is not None:
+        options["max_batch"] = args.max_batch
+    if args.max_queue is not None:
+        options["max_queue" if chat else "max_queue_rows"] = args.max_queue
+    if args.timeout is not None:
+        options["timeout_s"] = args.timeout
+    if args.max_body_mb is not None:
+        options["max_body_bytes"] = int(args.max_body_mb * 1024 * 1024)
     if chat:  # a missing model or a hub id is reported by the chat loader
         options.update(
             max_tokens=args.max_tokens,
@@ -115,8 +110,6 @@ def run_serve(args) -> int:
             trust_remote_code=args.trust_remote_code,
         )
     else:
-        if "max_queue" in options:
-            options["max_queue_rows"] = options.pop("max_queue")
         options.update(engine=args.engine, max_wait_ms=args.max_wait_ms, max_rows=args.max_rows)
         options.update(trust_model_code=args.trust_model_code)
     return danlu.serve(args.run_dir, **options)

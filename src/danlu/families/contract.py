@@ -5,7 +5,7 @@ The trainer, checkpoints, DDP/Ray, the run directory, the report, the Predictor,
 held-out records, the server and packaging call only these fields; nothing outside `families/` probes a
 family's module or names a family. "Items" are a family's raw rows in memory (a DataFrame, decoded
 images, a list of texts); a "part" is a split the trainer batches (`danlu.data.batches.Part`); the
-"state" is the family's fitted preprocessing (a `danlu.families.state.FamilyState`, stored as
+"state" is the family's fitted preprocessing (a `danlu.families.target.FamilyState`, stored as
 preprocess.json).
 """
 

@@ -35,6 +35,7 @@ INLINE_BUDGET_S = 0.001
 # JSON bodies up to this size are parsed on the event loop, unless the family's decoding is heavy: the hop
 # to a parsing thread costs more than parsing them
 INLINE_PARSE_BYTES = 64 * 1024
+FULL = 503, {"detail": BUSY}, {"Retry-After": "1"}  # the answer while the queue is full
 
 
 @dataclass
@@ -239,18 +240,16 @@ class PredictHandler:
     async def handle(self, body: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
         """A JSON body's answer: capacity first, then parsing (off the event loop when heavy), the model."""
         if self.full():
-            return 503, {"detail": BUSY}, {"Retry-After": "1"}
+            return FULL
         if self.family.heavy_requests or len(body) > INLINE_PARSE_BYTES:
             return await self.answer(*await self.shell.off_loop(self.parse, body))
         return await self.answer(*self.parse(body))
 
     async def handle_form(self, request: Request) -> tuple[int, dict[str, Any], dict[str, str]]:
-        """A multipart upload's answer: its files, in order, decoded on the parsing threads."""
-        if self.family.form_items is None:
-            errors = [{"loc": ["body"], "msg": "this run takes a JSON body", "type": "value_error"}]
-            return await self.answer([], errors)
+        """A multipart upload's answer (only families with form_items get one past the Guard): its files,
+        in order, decoded on the parsing threads."""
         if self.full():
-            return 503, {"detail": BUSY}, {"Retry-After": "1"}
+            return FULL
         limit = self.settings.max_rows
         async with request.form(max_files=limit, max_fields=limit) as form:
             files = [await v.read() for _, v in form.multi_items() if not isinstance(v, str)]
@@ -263,7 +262,7 @@ class PredictHandler:
         try:
             output = await self.batcher.submit(items)
         except QueueFull:
-            return 503, {"detail": BUSY}, {"Retry-After": "1"}
+            return FULL
         except asyncio.TimeoutError:
             return 504, {"detail": f"inference took over {self.settings.timeout_s:g} s"}, {}
         except DanluError as exc:
@@ -276,8 +275,7 @@ class PredictHandler:
 
     def wrap(self, app: Any) -> Any:
         """JSON bodies of /v1/predict are answered in plain ASGI before FastAPI's layers (fastpath.py)."""
-        settings = self.settings
-        return JsonPredict(app, PREDICT, settings.api_key, self.handle, settings.max_body_bytes)
+        return JsonPredict(app, PREDICT, self.settings.api_key, self.handle)
 
     def metadata(self) -> dict[str, Any]:
         from danlu import __version__

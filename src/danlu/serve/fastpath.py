@@ -9,7 +9,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from danlu.serve.guard import TooLarge, key_matches, read_body
+from danlu.serve.guard import key_matches, read_body
 from danlu.serve.shell import UNAUTHORIZED
 
 
@@ -20,10 +20,8 @@ class JsonPredict:
         path: str,
         api_key: str | None,
         handle: Callable[[bytes], Awaitable[tuple[int, dict[str, Any], dict[str, str]]]],
-        max_body_bytes: int,
     ) -> None:
         self.app, self.path, self.api_key, self.handle = app, path, api_key, handle
-        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
@@ -39,13 +37,7 @@ class JsonPredict:
             if not key_matches(self.api_key, text):
                 await respond(send, 401, {"detail": UNAUTHORIZED}, {"WWW-Authenticate": "Bearer"})
                 return
-        try:
-            body = await read_body(receive, self.max_body_bytes)
-        except TooLarge:  # more than the Content-Length the Guard checked
-            await respond(
-                send, 413, {"detail": f"request body over the limit of {self.max_body_bytes} bytes"}, {}
-            )
-            return
+        body = await read_body(receive)  # its size is the Guard's to limit, in front of this
         if body is None:
             return  # the client left before sending its body
         await respond(send, *await self.handle(body))

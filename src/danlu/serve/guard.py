@@ -82,7 +82,7 @@ class TooLarge(Exception):
     """The body is over the limit."""
 
 
-async def read_body(receive: Callable[[], Awaitable[dict]], limit: int) -> bytes | None:
+async def read_body(receive: Callable[[], Awaitable[dict]], limit: float = float("inf")) -> bytes | None:
     """A request's whole body, at most `limit` bytes (TooLarge past it); None when the client left before
     sending it all. The chunks are joined once: appending to one bytes object would copy it per chunk."""
     chunks, size = [], 0

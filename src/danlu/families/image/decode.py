@@ -7,7 +7,9 @@ large is a DanluError naming it (or, in training with data.skip_bad_images, skip
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +24,19 @@ FORMATS_READ = "PNG, JPEG, BMP, WebP, GIF, TIFF"
 
 
 def _pil():
-    from PIL import Image
+    """PIL's Image, with the readers of FORMATS registered: Image.open(formats=...) looks only among
+    registered readers, and the other plugins are never loaded."""
+    from PIL import (  # noqa: F401 (imported to register them)
+        BmpImagePlugin,
+        GifImagePlugin,
+        Image,
+        JpegImagePlugin,
+        PngImagePlugin,
+        TiffImagePlugin,
+        WebPImagePlugin,
+    )
 
-    Image.init()  # every plugin registered, so that each of FORMATS can be asked for (once per process)
     return Image
-
-
-def _unidentified() -> type[Exception]:
-    from PIL import UnidentifiedImageError
-
-    return UnidentifiedImageError
 
 
 def _from_pil(image, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
@@ -45,12 +50,27 @@ def _from_pil(image, size: tuple[int, int] | None, channels: int | None) -> np.n
     return array[:, :, None] if array.ndim == 2 else array
 
 
+@contextlib.contextmanager
+def _readable(name: str) -> Iterator[None]:
+    """Pillow's ways of saying "not an image, too large, truncated" as one DanluError naming the image."""
+    Image = _pil()
+    try:
+        yield
+    except Image.DecompressionBombError:
+        raise DanluError(f"{name} is a decompression bomb (too many pixels)", "send a real image") from None
+    except Image.UnidentifiedImageError:
+        raise DanluError(
+            f"{name} is not an image in a format danlu reads ({FORMATS_READ})", "convert it to PNG or JPEG"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DanluError(f"{name} is not a readable image ({exc})", "check or remove that file") from None
+
+
 def open_image(source: str | Path | bytes, name: str, load: bool = True):
     """A Pillow image, fully loaded (or only its header read, with load=False); raises DanluError for
     anything that is not a readable, sane image."""
-    Image = _pil()
-    try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS)
+    with _readable(name):
+        image = _pil().open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS)
         if image.width * image.height > MAX_PIXELS:
             raise DanluError(
                 f"{name} has {image.width}x{image.height} pixels, over the limit of {MAX_PIXELS}",
@@ -58,15 +78,14 @@ def open_image(source: str | Path | bytes, name: str, load: bool = True):
             )
         if load:
             image.load()
-    except Image.DecompressionBombError:
-        raise DanluError(f"{name} is a decompression bomb (too many pixels)", "send a real image") from None
-    except _unidentified():
-        raise DanluError(
-            f"{name} is not an image in a format danlu reads ({FORMATS_READ})", "convert it to PNG or JPEG"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's ways of saying "not an image / truncated"
-        raise DanluError(f"{name} is not a readable image ({exc})", "check or remove that file") from None
     return image
+
+
+def decode_opened(image, size: tuple[int, int] | None, channels: int | None, name: str) -> np.ndarray:
+    """An image opened with load=False (its header read), decoded to the model's size and channels."""
+    with _readable(name):
+        image.load()
+    return _from_pil(image, size, channels)
 
 
 def decode(source: str | Path | bytes, size: tuple[int, int] | None, channels: int | None, name: str):

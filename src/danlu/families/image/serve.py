@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from danlu.errors import DanluError
-from danlu.families.image.decode import FORMATS_READ, decode, open_image
+from danlu.families.image.decode import FORMATS_READ, decode_opened, open_image
 from danlu.families.image.state import ImageState
 
 # Pixels of the images of one request, as sent (before resizing): about 25 photos of 4 megapixels.
@@ -40,15 +40,16 @@ def _error(i: int, message: str) -> dict[str, Any]:
 
 
 def decode_files(state: ImageState, files: list[bytes]) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-    """Image files to the model's size and channels: refused whole when their pixels add up to more than
-    MAX_REQUEST_PIXELS (an error of type "too_large"), else each decoded on its own."""
-    errors, pixels = [], 0
+    """Image files to the model's size and channels: their headers read first, and refused whole when
+    their pixels add up to more than MAX_REQUEST_PIXELS (an error of type "too_large"), else each
+    decoded on its own."""
+    errors, opened = [], []
     for i, data in enumerate(files):
         try:
-            header = open_image(data, f"images[{i}]", load=False)
-            pixels += header.width * header.height
+            opened.append(open_image(data, f"images[{i}]", load=False))
         except DanluError as error:
             errors.append(_error(i, error.message))
+    pixels = sum(image.width * image.height for image in opened)
     if pixels > MAX_REQUEST_PIXELS:
         message = (
             f"the images have {pixels:,} pixels in all, over the limit of {MAX_REQUEST_PIXELS:,} per request"
@@ -59,9 +60,9 @@ def decode_files(state: ImageState, files: list[bytes]) -> tuple[list[np.ndarray
     if errors:
         return [], errors
     images = []
-    for i, data in enumerate(files):
+    for i, image in enumerate(opened):
         try:
-            images.append(decode(data, state.size, state.channels, f"images[{i}]"))
+            images.append(decode_opened(image, state.size, state.channels, f"images[{i}]"))
         except DanluError as error:
             errors.append(_error(i, error.message))
     return images, errors

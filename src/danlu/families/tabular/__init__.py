@@ -17,6 +17,21 @@ def claims_every_source(data) -> bool:
     return True
 
 
+# The hooks of a family whose items are table rows (a DataFrame): files read, predictions written and
+# held-out rows stored as tables are (the text family's items are table rows too)
+TABLE_ROWS = {
+    "read": codec.read,
+    "output_frame": codec.output_frame,
+    "stored_rows": HELDOUT_ROWS,
+    "store_rows": codec.store_rows,
+    "read_stored": codec.read_stored,
+    "nbytes": codec.nbytes,
+    "select": codec.select,
+    "reopen": codec.reopen,
+    "file_fingerprint": codec.file_fingerprint,
+}
+
+
 FAMILY = Family(
     name="tabular",
     state_type=Preprocessor,
@@ -26,19 +41,11 @@ FAMILY = Family(
     model_defaults=DEFAULTS,
     load=load,
     build_model=build_model,
-    read=codec.read,
     as_items=codec.as_items,
     inputs=codec.inputs,
     targets=codec.targets,
     count=codec.count,
-    output_frame=codec.output_frame,
-    stored_rows=HELDOUT_ROWS,
-    store_rows=codec.store_rows,
-    read_stored=codec.read_stored,
-    nbytes=codec.nbytes,
-    select=codec.select,
-    reopen=codec.reopen,
-    file_fingerprint=codec.file_fingerprint,
+    **TABLE_ROWS,
     plan_frames=plan_frames,
     exporter=TabularExport,
     request_model=serve.request_model,

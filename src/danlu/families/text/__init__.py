@@ -7,13 +7,13 @@ from pathlib import Path
 
 from danlu.config import DataConfig
 from danlu.families.contract import Family
-from danlu.families.tabular import codec as tables
+from danlu.families.tabular import TABLE_ROWS
 from danlu.families.text import codec, serve
 from danlu.families.text.data import TextPart, load
 from danlu.families.text.export import TextExport
 from danlu.families.text.models import build_model, write_hf
 from danlu.families.text.state import TextState
-from danlu.run import HELDOUT_ROWS, HF
+from danlu.run import HF
 
 # The fine-tuning recipe of BERT-style encoders: AdamW at 5e-5 with weight decay 0.01 on weight matrices
 # only, 10% linear warm-up then linear decay, batch 32, 3 epochs, bf16 autocast where supported.
@@ -66,19 +66,11 @@ FAMILY = Family(
     decay_matrices_only=True,
     load=load,
     build_model=build_model,
-    read=tables.read,
     as_items=codec.as_items,
     inputs=codec.inputs,
     targets=codec.targets,
     count=codec.count,
-    output_frame=tables.output_frame,
-    stored_rows=HELDOUT_ROWS,
-    store_rows=tables.store_rows,
-    read_stored=tables.read_stored,
-    nbytes=tables.nbytes,
-    select=tables.select,
-    reopen=tables.reopen,
-    file_fingerprint=tables.file_fingerprint,
+    **TABLE_ROWS,
     exporter=TextExport,
     request_model=serve.request_model,
     request_items=serve.request_items,

@@ -175,20 +175,6 @@ class ChatHandler:
             )
         return self.chat.tokenizer(text)["input_ids"]  # a raw completion keeps the tokenizer's own BOS
 
-    def _check_fits(self, prompt: list[int], params: SamplingParams, param: str) -> None:
-        context = self.chat.context
-        if len(prompt) >= context:
-            raise protocol.bad(
-                f"the prompt has {len(prompt)} tokens; the model's context is {context}", param
-            )
-        need, budget = min(len(prompt) + params.max_tokens, context), self.engine.max_batch_tokens
-        if need > budget:
-            raise protocol.bad(
-                f"the prompt's {len(prompt)} tokens and max_tokens {params.max_tokens} need {need} cache "
-                f"tokens; this server's --max-batch-tokens is {budget}",
-                param,
-            )
-
     async def _read(self, request: Request, shell: Shell, chat_api: bool):
         """The body, its sampling parameters and its prompt's token ids, checked (parsing and tokenizing
         on the shell's threads)."""
@@ -200,7 +186,10 @@ class ChatHandler:
             prompt = await shell.off_loop(self._chat_prompt, protocol.messages_of(body))
         else:
             prompt = await shell.off_loop(self._text_prompt, protocol.prompt_text(body))
-        self._check_fits(prompt, params, "messages" if chat_api else "prompt")
+        try:  # one that could never run is this request's 400, before it takes a place in the queue
+            self.engine.check_fits(len(prompt), params.max_tokens)
+        except DanluError as exc:
+            raise protocol.bad(exc.message, "messages" if chat_api else "prompt") from None
         return body, params, prompt
 
     def _submit(self, prompt: list[int], params: SamplingParams) -> tuple[Sequence, asyncio.Queue]:

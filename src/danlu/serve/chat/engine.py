@@ -132,24 +132,31 @@ class Engine:
         elif self._driven.is_set():
             self._stopped.wait(timeout=30)
 
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raises DanluError when a sequence could never run: its prompt fills the context, or alone it
+        needs more cache than max_batch_tokens."""
+        context = self.chat.context
+        if prompt_tokens + 1 > context:
+            raise DanluError(
+                f"the prompt has {prompt_tokens} tokens; the model's context is {context}",
+                "shorten the conversation",
+            )
+        need = self.reserved(prompt_tokens, max_tokens)
+        if need > self.max_batch_tokens:
+            raise DanluError(
+                f"the prompt's {prompt_tokens} tokens and max_tokens {max_tokens} need {need} cache "
+                f"tokens, over the engine's max_batch_tokens: this server's --max-batch-tokens is "
+                f"{self.max_batch_tokens}",
+                "lower max_tokens or shorten the prompt",
+            )
+
     def submit(self, sequence: Sequence) -> Sequence:
         """Queue a sequence; it runs once it fits the batch.
 
         Raises:
-            DanluError: it can never run: its prompt fills the context, or alone it needs more cache
-                than max_batch_tokens.
+            DanluError: it can never run (check_fits).
         """
-        if len(sequence.prompt) + 1 > self.chat.context:
-            raise DanluError(
-                f"the prompt has {len(sequence.prompt)} tokens; the model's context is {self.chat.context}",
-                "shorten the conversation",
-            )
-        if self._reserved(sequence) > self.max_batch_tokens:
-            raise DanluError(
-                f"the prompt and max_tokens need {self._reserved(sequence)} cache tokens, over the "
-                f"engine's max_batch_tokens of {self.max_batch_tokens}",
-                "lower max_tokens or shorten the prompt",
-            )
+        self.check_fits(len(sequence.prompt), sequence.params.max_tokens)
         self.inbox.put(sequence)
         return sequence
 
@@ -225,9 +232,9 @@ class Engine:
         for sequence in sequences:
             self._finish(sequence, "error", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
 
-    def _reserved(self, sequence: Sequence) -> int:
+    def reserved(self, prompt_tokens: int, max_tokens: int) -> int:
         """The most cache positions a sequence can fill: its prompt and max_tokens, within the context."""
-        return min(len(sequence.prompt) + sequence.params.max_tokens, self.chat.context)
+        return min(prompt_tokens + max_tokens, self.chat.context)
 
     def _has_room(self, sequence: Sequence) -> bool:
         """Whether the batch can take one more sequence (already prefilling counts as taken): at most
@@ -235,7 +242,7 @@ class Engine:
         if sequence.prefilled:
             return True  # admitted in an earlier step, its prompt not yet done
         admitted = self.running + [s for s in self.waiting if s.prefilled]
-        widths = [self._reserved(s) for s in (*admitted, sequence)]
+        widths = [self.reserved(len(s.prompt), s.params.max_tokens) for s in (*admitted, sequence)]
         return len(admitted) < self.max_batch and len(widths) * max(widths) <= self.max_batch_tokens
 
     def _dropped(self, sequence: Sequence) -> bool:
