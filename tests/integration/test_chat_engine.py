@@ -59,12 +59,11 @@ def run_all(engine, prompts, params, stagger: int = 0, steps: list | None = None
     return sequences
 
 
-@pytest.mark.parametrize("stagger", [0, 3])
-def test_greedy_equals_generate_alone_and_in_a_batch(chat, stagger):
+def check_alone_and_together(chat, ids: list[list[int]], expected: list[list[int]], stagger: int) -> None:
+    """Greedy, 24 tokens: each prompt alone, then all four in one batch (joining `stagger` steps apart,
+    prefilled 8 tokens a step), give the expected tokens, and the streamed text is their decoding."""
     chat.eos_ids = set()  # run every sequence to max_tokens, as generate(eos_token_id=None) does
-    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
     params = SamplingParams(max_tokens=24, temperature=0.0)
-    expected = [reference(chat, p, 24) for p in ids]
     widest = []
     engine = Engine(
         chat, max_batch=4, prefill_chunk=8, on_step=lambda running, waiting: widest.append(running)
@@ -83,41 +82,57 @@ def test_greedy_equals_generate_alone_and_in_a_batch(chat, stagger):
     assert all(s.finish_reason == "length" for s in together)
 
 
+@pytest.mark.parametrize("stagger", [0, 3])
+def test_greedy_equals_generate_alone_and_in_a_batch(chat, stagger):
+    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
+    check_alone_and_together(chat, ids, [reference(chat, p, 24) for p in ids], stagger)
+
+
+def check_seeds_and_stops(engine, prompt: list[int]) -> None:
+    """A seed reproduces its sample and another seed does not; a stop string cuts the greedy text
+    before it, with finish_reason stop."""
+    sampled = SamplingParams(max_tokens=30, temperature=1.0, seed=11)
+    first = "".join(e.text for e in engine.generate(prompt, sampled))
+    second = "".join(e.text for e in engine.generate(prompt, sampled))
+    other = "".join(
+        e.text for e in engine.generate(prompt, SamplingParams(max_tokens=30, temperature=1.0, seed=12))
+    )
+    assert first == second and first != other
+    whole = "".join(e.text for e in engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0)))
+    stop = whole[8:11]
+    events = list(engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0, stop=[stop])))
+    assert "".join(e.text for e in events) == whole[: whole.index(stop)]
+    assert events[-1].finish_reason == "stop"
+
+
+def check_cancel(engine, prompt: list[int], while_running=lambda: None) -> None:
+    """A long generation cancelled once it has a few tokens ends as cancelled and leaves the engine
+    empty; while_running() runs just before the cancel."""
+    finished = threading.Event()
+    long = Sequence(
+        prompt,
+        SamplingParams(max_tokens=200, temperature=0),
+        lambda e: e.finish_reason and finished.set(),
+    )
+    engine.submit(long)
+    deadline = time.monotonic() + 10
+    while len(long.output) < 5 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    while_running()
+    long.cancel()
+    assert finished.wait(10) and long.finish_reason == "cancelled" and len(long.output) < 200
+    time.sleep(0.1)
+    assert engine.load == (0, 0)
+
+
 def test_stop_strings_seeds_and_cancel(chat):
     chat.eos_ids = set()
     engine = Engine(chat, max_batch=2)
     engine.start()
     try:
         prompt = chat.tokenizer("hello there")["input_ids"]
-        sampled = SamplingParams(max_tokens=30, temperature=1.0, seed=11)
-        first = "".join(e.text for e in engine.generate(prompt, sampled))
-        second = "".join(e.text for e in engine.generate(prompt, sampled))
-        other = "".join(
-            e.text for e in engine.generate(prompt, SamplingParams(max_tokens=30, temperature=1.0, seed=12))
-        )
-        assert first == second and first != other
-        whole = "".join(e.text for e in engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0)))
-        stop = whole[8:11]
-        events = list(engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0, stop=[stop])))
-        assert (
-            "".join(e.text for e in events) == whole[: whole.index(stop)]
-            and events[-1].finish_reason == "stop"
-        )
-
-        finished = threading.Event()
-        long = Sequence(
-            prompt,
-            SamplingParams(max_tokens=10_000, temperature=0),
-            lambda e: e.finish_reason and finished.set(),
-        )
-        engine.submit(long)
-        deadline = time.monotonic() + 10
-        while not long.output and time.monotonic() < deadline:
-            time.sleep(0.01)
-        long.cancel()
-        assert finished.wait(10) and long.finish_reason == "cancelled"
-        time.sleep(0.1)
-        assert engine.load == (0, 0)
+        check_seeds_and_stops(engine, prompt)
+        check_cancel(engine, prompt)
     finally:
         engine.stop()
 
@@ -138,10 +153,10 @@ def test_eos_ends_with_stop_and_the_template_renders(chat, tmp_path):
 def test_a_failure_in_one_sequence_ends_that_sequence_only(chat, monkeypatch):
     """Sampling that raises for one request (at its first token, in prefill, or later, in a shared decode
     step) ends that request with an error; the others in the batch finish as generate() would."""
-    from danlu.serve.chat import engine as engine_module
+    from danlu.serve.chat import output as output_module
 
     chat.eos_ids = set()
-    real, calls = engine_module.choose, {"late": 0}
+    real, calls = output_module.choose, {"late": 0}
 
     def flaky(logits, params, generator):
         if params.seed == 13:  # fails at once
@@ -152,7 +167,7 @@ def test_a_failure_in_one_sequence_ends_that_sequence_only(chat, monkeypatch):
                 raise RuntimeError("boom in a decode step")
         return real(logits, params, generator)
 
-    monkeypatch.setattr(engine_module, "choose", flaky)
+    monkeypatch.setattr(output_module, "choose", flaky)
     ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
     greedy = SamplingParams(max_tokens=16, temperature=0.0)
     first, later = (SamplingParams(max_tokens=16, temperature=1.0, seed=s) for s in (13, 14))

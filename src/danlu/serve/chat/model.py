@@ -45,6 +45,12 @@ class ChatModel:
     quantize: str | None = None  # int8 or nf4
     weight_bytes: int = 0
 
+    def executor(self, max_batch: int, max_batch_tokens: int, prefill_chunk: int):
+        """A fresh executor over this model (danlu.serve.chat.executor)."""
+        from danlu.serve.chat.executor import TorchExecutor
+
+        return TorchExecutor(self.model, self.device, max_batch_tokens)
+
 
 def looks_like_model(spec: str) -> bool:
     """A path that does not exist but names a model: a .gguf file or a hub id (owner/name)."""

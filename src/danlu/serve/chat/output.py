@@ -1,0 +1,111 @@
+"""The output processor: what happens to a sequence's next-token logits, whichever executor computed them.
+Penalties and sampling with the request's own parameters and generator, the incremental detokenizer,
+stop strings held back until they cannot start a stop, end-of-sequence tokens, max_tokens and the
+context, and the one event that says a sequence ended and why."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from danlu.serve.chat.sampling import SamplingParams, choose, generator_for, penalize
+from danlu.serve.chat.text import Detokenizer, StopStrings
+
+
+@dataclass
+class Event:
+    """What a sequence reports: text (a delta; may be empty at the end), and when done, why."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+@dataclass
+class Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]  # called on the generating thread
+    output: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    finish_reason: str | None = None
+    # the scheduler's: the executor's slot while admitted, and how many of prompt + output are in its cache
+    slot: int | None = None
+    computed: int = 0
+    preempted: int = 0  # times its cache was dropped for room and recomputed
+    # the output processor's
+    generator: torch.Generator | None = None
+    detok: Detokenizer | None = None
+    stops: StopStrings | None = None
+    prompt_tensor: torch.Tensor | None = None
+
+    def cancel(self) -> None:
+        """Stop generating at the next step boundary and free the slot (safe from any thread)."""
+        self.cancelled = True
+
+    def pending(self) -> list[int]:
+        """The tokens the executor has yet to see: the prompt's rest, or the last token sampled."""
+        done = self.computed
+        if done < len(self.prompt):
+            return self.prompt[done:] + self.output
+        return self.output[done - len(self.prompt) :]
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any, eos_ids: set[int], context: int, extra_stops: list[str]) -> None:
+        self.tokenizer, self.eos_ids, self.context = tokenizer, eos_ids, context
+        self.extra_stops = extra_stops
+
+    def _begin(self, sequence: Sequence) -> None:
+        sequence.prompt_tensor = torch.tensor(sequence.prompt, dtype=torch.long)
+        sequence.generator = generator_for(sequence.params)
+        sequence.detok = Detokenizer(self.tokenizer)
+        sequence.stops = StopStrings([*sequence.params.stop, *self.extra_stops])
+
+    def advance(self, sequence: Sequence, logits: torch.Tensor) -> bool:
+        """Sample the sequence's next token from its logits [vocab] and emit its text; True when the
+        sequence is finished (and its end emitted)."""
+        if sequence.prompt_tensor is None:
+            self._begin(sequence)
+        row = logits.float().cpu()
+        params = sequence.params
+        penalize(row, params, sequence.prompt_tensor, sequence.output)
+        token = choose(row, params, sequence.generator)
+        sequence.output.append(token)
+        if sequence.first_token_at is None:
+            sequence.first_token_at = time.perf_counter()
+        if token in self.eos_ids:
+            self.finish(sequence, "stop", flush=True)
+            return True
+        text, stopped = sequence.stops.push(sequence.detok.add(token))
+        if stopped:
+            self.finish(sequence, "stop", text)
+            return True
+        total = len(sequence.prompt) + len(sequence.output)
+        if len(sequence.output) >= params.max_tokens or total >= self.context:
+            self.finish(sequence, "length", text, flush=True)
+            return True
+        if text:
+            sequence.emit(Event(text))
+        return False
+
+    def finish(
+        self, sequence: Sequence, reason: str, text: str = "", error: str | None = None, flush: bool = False
+    ) -> None:
+        """Report the end once. flush: the text held back (an incomplete character, a possible start of
+        a stop string) goes out too, unless a stop string completes in it."""
+        if sequence.finish_reason is not None:
+            return
+        if flush and sequence.stops is not None:
+            rest, stopped = sequence.stops.push(sequence.detok.flush())
+            text += rest if stopped else rest + sequence.stops.flush()
+        sequence.finish_reason = reason
+        sequence.finished_at = time.perf_counter()
+        sequence.emit(Event(text, reason, error))
