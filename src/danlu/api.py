@@ -255,6 +255,7 @@ def serve(
     source: str | Path,
     *,
     workers: int = 1,
+    engine: str | None = None,
     dtype: str = "auto",
     device: str = "cpu",
     quantize: str | None = None,
@@ -267,6 +268,8 @@ def serve(
 
     Args:
         workers: server processes (runs only).
+        engine: runs: "torch" (default) or "onnx"; chat models: "auto" (default: llama.cpp for a .gguf
+            file when llama-cpp-python is installed, else torch), "torch" or "llama.cpp".
         dtype, device, quantize, trust_remote_code: how a chat model is loaded (as `danlu chat`).
         settings: the fields of danlu.serve.app.ServeSettings (runs: host, port, api_key, engine,
             max_batch, max_rows, timeout_s, ...) or danlu.serve.chat.app.ChatSettings (chat models:
@@ -283,7 +286,13 @@ def serve(
 
         if workers < 1:
             raise DanluError("--workers must be at least 1", "e.g. --workers 2")
-        run_settings = ServeSettings(run_dir=str(source), **settings)
+        if engine == "llama.cpp":
+            raise DanluError(
+                "--engine llama.cpp runs chat models (a .gguf file); a run serves on torch or onnx",
+                "pass --engine torch or onnx",
+            )
+        engine = "torch" if engine in (None, "auto") else engine
+        run_settings = ServeSettings(run_dir=str(source), engine=engine, **settings)
         app = create_app(run_settings)  # fail here, before binding, on a bad run, setting or warm-up
         if workers == 1:
             return shell.run(app)
@@ -292,11 +301,16 @@ def serve(
     from danlu.serve.chat.model import check_path, load_chat_model
 
     check_path(str(source))  # a hub id or a missing file is the first thing to say
+    if engine == "onnx":
+        raise DanluError(
+            "--engine onnx serves runs; a chat model runs on torch or llama.cpp",
+            "pass --engine auto, torch or llama.cpp",
+        )
     if workers != 1:
         raise DanluError("a chat model is served by one process", "leave out --workers; raise --max-batch")
     chat_settings = ChatSettings(**settings)
     chat_settings.check()  # before the model loads
-    chat = load_chat_model(str(source), dtype, device, trust_remote_code, quantize)
+    chat = load_chat_model(str(source), dtype, device, trust_remote_code, quantize, engine or "auto")
     return shell.run(create_chat_app(chat, chat_settings, engine_thread=False))
 
 

@@ -23,6 +23,13 @@ def add_model_options(p, serving: bool = False) -> None:
         "(CUDA only, bitsandbytes)",
     )
     p.add_argument("--device", default="cpu", help=f"{prefix}cpu, cuda or cuda:N (default cpu)")
+    if not serving:  # danlu serve has one --engine for runs and chat models
+        p.add_argument(
+            "--engine",
+            choices=["auto", "torch", "llama.cpp"],
+            default="auto",
+            help="auto (default): llama.cpp for a .gguf file when llama-cpp-python is installed, else torch",
+        )
     p.add_argument(
         "--template",
         help=f"{prefix}chat template when the model has none (or to replace it): starchat, chatml, llama3, "
@@ -64,7 +71,9 @@ def run_chat(args) -> int:
     from danlu.serve.chat.templates import Template
 
     check_path(args.model)
-    chat = load_chat_model(args.model, args.dtype, args.device, args.trust_remote_code, args.quantize)
+    chat = load_chat_model(
+        args.model, args.dtype, args.device, args.trust_remote_code, args.quantize, args.engine
+    )
     template = Template(chat.tokenizer, args.template)
     engine = Engine(chat, max_batch=1, extra_stops=template.stops)  # generate() steps it on this thread
     defaults = {

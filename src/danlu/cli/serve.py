@@ -26,7 +26,10 @@ def add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument(
-        "--engine", choices=["torch", "onnx"], default="torch", help="onnx needs `danlu export` first"
+        "--engine",
+        choices=["auto", "torch", "onnx", "llama.cpp"],
+        help="runs: torch (default) or onnx (needs `danlu export` first); chat models: auto (default: "
+        "llama.cpp for a .gguf file when llama-cpp-python is installed, else torch), torch or llama.cpp",
     )
     p.add_argument(
         "--max-batch",
@@ -65,9 +68,9 @@ def add_serve(sub) -> None:
     p.add_argument(
         "--max-batch-tokens",
         type=int,
-        help="chat models: KV cache tokens of the running batch, counted as sequences x the longest prompt "
-        "+ max_tokens among them; a request that does not fit waits (default 16384, or the model's "
-        "context if larger)",
+        help="chat models: KV cache tokens of the running batch, counted for torch as sequences x the "
+        "longest prompt + max_tokens among them, for llama.cpp as the sum of each one's prompt + "
+        "max_tokens; a request that does not fit waits (default 16384, or the model's context if larger)",
     )
     from danlu.cli.chat import add_model_options
     from danlu.cli.options import add_trust_model_code
@@ -87,7 +90,7 @@ def run_serve(args) -> int:
     import danlu
 
     options = {"host": args.host, "port": args.port, "api_key": api_key(args), "access_log": args.access_log}
-    options["workers"] = args.workers
+    options["workers"], options["engine"] = args.workers, args.engine
     # left unset, each server's own default applies (runs: 64 rows, 8192 queued, 30 s, 10 MB; chat: 8
     # sequences, 64 queued, 300 s, 4 MB)
     if args.max_batch is not None:
@@ -110,7 +113,7 @@ def run_serve(args) -> int:
             trust_remote_code=args.trust_remote_code,
         )
     else:
-        options.update(engine=args.engine, max_wait_ms=args.max_wait_ms, max_rows=args.max_rows)
+        options.update(max_wait_ms=args.max_wait_ms, max_rows=args.max_rows)
         options.update(trust_model_code=args.trust_model_code)
     return danlu.serve(args.run_dir, **options)
 

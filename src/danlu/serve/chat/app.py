@@ -77,6 +77,12 @@ class ChatMetrics(RequestMetrics):
             "danlu_chat_inter_token_seconds", "mean time between generated tokens, per request",
             buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1), registry=r,
         )  # fmt: skip
+        self.executor = Gauge(
+            "danlu_chat_executor_info", "the executor that runs the model (1)", ["executor"], registry=r
+        )
+        self.preemptions = Counter(
+            "danlu_chat_preemptions", "sequences whose cache was dropped for room and recomputed", registry=r
+        )
         self.e2e = Histogram(
             "danlu_chat_request_seconds", "request latency, submit to last token", buckets=buckets, registry=r
         )
@@ -117,17 +123,24 @@ class ChatHandler:
             max_batch_tokens=settings.budget(chat.context),
             prefill_chunk=settings.prefill_chunk,
             extra_stops=self.template.stops,
-            on_step=lambda running, waiting: (
-                self.metrics.running.set(running),
-                self.metrics.waiting.set(waiting),
-            ),
+            on_step=self._gauges,
         )
+        self.metrics.executor.labels(self.engine.executor.name).set(1)
+        self._preempted = 0
         self.engine_thread = engine_thread
         self.drive = None if engine_thread else self.engine.run
         self.title = f"danlu chat: {chat.name}"
         self.description = f"OpenAI-compatible chat completions of {chat.name}, batched continuously."
         self.max_prompt_chars = CHARS_PER_TOKEN * chat.context
         self.parsing = 0  # requests past the capacity check, not yet submitted (the event loop's count)
+
+    def _gauges(self, running: int, waiting: int) -> None:
+        """After each engine step (on the generating thread)."""
+        self.metrics.running.set(running)
+        self.metrics.waiting.set(waiting)
+        if self.engine.preemptions != self._preempted:
+            self.metrics.preemptions.inc(self.engine.preemptions - self._preempted)
+            self._preempted = self.engine.preemptions
 
     def error_body(self, error: ServeError) -> dict[str, Any]:
         return protocol.error_body(error)
@@ -234,6 +247,7 @@ class ChatHandler:
             "object": "model",
             "created": 0,
             "owned_by": "danlu",
+            "executor": self.engine.executor.name,
             "context_length": chat.context,
             "dtype": chat.dtype,
             "quantize": chat.quantize,

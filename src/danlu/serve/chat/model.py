@@ -44,9 +44,14 @@ class ChatModel:
     device: str = "cpu"
     quantize: str | None = None  # int8 or nf4
     weight_bytes: int = 0
+    engine: str = "torch"  # the executor that runs `model`: "torch", or "llama.cpp" (a LlamaCppModel)
 
     def executor(self, max_batch: int, max_batch_tokens: int, prefill_chunk: int):
         """A fresh executor over this model (danlu.serve.chat.executor)."""
+        if self.engine == "llama.cpp":
+            from danlu.serve.chat.llamacpp import LlamaCppExecutor
+
+            return LlamaCppExecutor(self.model, max_batch, max_batch_tokens, prefill_chunk)
         from danlu.serve.chat.executor import TorchExecutor
 
         return TorchExecutor(self.model, self.device, max_batch_tokens)
@@ -93,19 +98,65 @@ def _dtype(choice: str, device):
     return torch.float32  # CPU matmuls in fp32 are the portable choice (bf16 only where AVX512-BF16/AMX)
 
 
-def _generation_defaults(model) -> tuple[dict[str, Any], set[int]]:
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None) if config is not None else None
+ENGINES = ("auto", "torch", "llama.cpp")
+
+
+def choose_engine(path: Path, engine: str, dtype: str, device: str, quantize: str | None) -> str:
+    """The executor for a model: llama.cpp for a GGUF file when it is installed and nothing asks for
+    torch's options, else torch (with a log line saying why, for a GGUF file)."""
+    from danlu.serve.chat import llamacpp
+
+    if engine not in ENGINES:
+        raise DanluError(f"unknown chat engine '{engine}'", f"pass one of {', '.join(ENGINES)}")
+    gguf = path.is_file()
+    torch_only = [
+        name
+        for name, asked in (
+            (f"--device {device}", device != "cpu"),
+            (f"--dtype {dtype}", dtype != "auto"),
+            (f"--quantize {quantize}", quantize is not None),
+        )
+        if asked
+    ]
+    if engine == "llama.cpp":
+        if not gguf:
+            raise DanluError(
+                f"the llama.cpp engine runs GGUF files; '{path}' is a Hugging Face directory",
+                "serve it with --engine torch, or write a GGUF file first: danlu export MODEL --format gguf",
+            )
+        if torch_only:
+            raise DanluError(
+                f"{', '.join(torch_only)} are torch options; llama.cpp runs the GGUF file's own weight types "
+                "on the CPU",
+                "leave them out, or pass --engine torch",
+            )
+        if not llamacpp.available():
+            raise DanluError("the llama.cpp engine needs llama-cpp-python", llamacpp.INSTALL)
+        return "llama.cpp"
+    if engine == "torch" or not gguf:
+        return "torch"
+    if torch_only:
+        log.info("%s: serving the GGUF file with torch (dequantized)", ", ".join(torch_only))
+        return "torch"
+    if not llamacpp.available():
+        log.info("llama-cpp-python is not installed: serving the GGUF file with torch, dequantized (%s)",
+                 llamacpp.INSTALL)  # fmt: skip
+        return "torch"
+    return "llama.cpp"
+
+
+def _generation_defaults(generation_config, config) -> tuple[dict[str, Any], set[int]]:
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
     if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
+        eos = getattr(config, "eos_token_id", None)
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     defaults = {}
-    if config is not None:
+    if generation_config is not None:
         for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
-            value = getattr(config, key, None)
+            value = getattr(generation_config, key, None)
             if value is not None:
                 defaults[key] = value
-        if getattr(config, "do_sample", None) is False:
+        if getattr(generation_config, "do_sample", None) is False:
             defaults["temperature"] = 0.0
     return defaults, eos_ids
 
@@ -116,14 +167,23 @@ def load_chat_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     quantize: str | None = None,
+    engine: str = "auto",
 ) -> ChatModel:
+    """A chat model, run by torch or (a GGUF file, engine auto or llama.cpp) llama.cpp. The tokenizer,
+    chat template, context and generation defaults come from the same files either way.
+
+    Raises:
+        DanluError: a missing or unreadable model, or options the engine cannot take.
+    """
+    path = check_path(spec)
+    if choose_engine(path, engine, dtype, device, quantize) == "llama.cpp":
+        return _load_llamacpp(path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from danlu.families.text.pretrained import quiet_transformers
     from danlu.serve.chat import quantize as q
 
-    path = check_path(spec)
     target = torch.device(device)
     q.check_quantize(quantize, target)
     if trust_remote_code:
@@ -169,8 +229,8 @@ def load_chat_model(
     if quantize and target.type == "cpu":
         q.quantize_int8_cpu(model)
     q.return_freed_memory()
-    defaults, eos_ids = _generation_defaults(model)
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+    defaults, eos_ids = _generation_defaults(getattr(model, "generation_config", None), model.config)
+    context = _context(model.config)
     name = path.stem if path.is_file() else path.name
     return ChatModel(
         model,
@@ -184,3 +244,32 @@ def load_chat_model(
         quantize,
         q.weight_bytes(model),
     )
+
+
+def _context(config) -> int:
+    return int(getattr(config, "max_position_embeddings", 0) or 2048)
+
+
+def _load_llamacpp(path: Path) -> ChatModel:
+    """A GGUF file on llama.cpp; its tokenizer, template, config and generation defaults read by
+    transformers from the same file, as the torch engine reads them, so a request renders to the same
+    tokens whichever engine runs."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from danlu.families.text.pretrained import quiet_transformers
+    from danlu.serve.chat.llamacpp import LlamaCppModel
+
+    where, gguf_file = path.parent, path.name
+    with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, local_files_only=True)
+            config = AutoConfig.from_pretrained(where, gguf_file=gguf_file, local_files_only=True)
+        except Exception as exc:
+            raise DanluError(f"cannot read '{path}': {exc}".splitlines()[0], "check the GGUF file") from None
+    model = LlamaCppModel.load(path)
+    defaults, eos_ids = _generation_defaults(GenerationConfig.from_model_config(config), config)
+    file_type = model.description.split()[-1] if model.description else "gguf"
+    return ChatModel(
+        model, tokenizer, path.stem, _context(config), eos_ids, defaults, file_type, "cpu", None, model.size,
+        engine="llama.cpp",
+    )  # fmt: skip
