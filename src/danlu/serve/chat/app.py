@@ -83,6 +83,10 @@ class ChatMetrics(RequestMetrics):
         self.preemptions = Counter(
             "danlu_chat_preemptions", "sequences whose cache was dropped for room and recomputed", registry=r
         )
+        self.shared = Counter(
+            "danlu_chat_shared_prompt_tokens", "prompt tokens taken from another sequence's cache cells",
+            registry=r,
+        )  # fmt: skip
         self.e2e = Histogram(
             "danlu_chat_request_seconds", "request latency, submit to last token", buckets=buckets, registry=r
         )
@@ -126,7 +130,7 @@ class ChatHandler:
             on_step=self._gauges,
         )
         self.metrics.executor.labels(self.engine.executor.name).set(1)
-        self._preempted = 0
+        self._preempted = self._shared = 0
         self.engine_thread = engine_thread
         self.drive = None if engine_thread else self.engine.run
         self.title = f"danlu chat: {chat.name}"
@@ -141,6 +145,9 @@ class ChatHandler:
         if self.engine.preemptions != self._preempted:
             self.metrics.preemptions.inc(self.engine.preemptions - self._preempted)
             self._preempted = self.engine.preemptions
+        if self.engine.shared_tokens != self._shared:
+            self.metrics.shared.inc(self.engine.shared_tokens - self._shared)
+            self._shared = self.engine.shared_tokens
 
     def error_body(self, error: ServeError) -> dict[str, Any]:
         return protocol.error_body(error)

@@ -4,7 +4,8 @@ processor's (danlu.serve.chat.output), so every executor samples, detokenizes an
 
 Each step: (1) drop cancelled sequences and free their slots; (2) one chunk per running sequence (its last
 token, to decode) and, within `prefill_chunk` prompt tokens in all, prompt chunks of waiting sequences,
-oldest first (a long prompt takes several steps, so running streams are not stalled by it); (3) one
+oldest first (a long prompt takes several steps, so running streams are not stalled by it; with none
+running, the executor's idle_prefill, when it has one, bounds them instead); (3) one
 executor pass over all chunks; each chunk that ends a sequence's pending tokens gives its next token, and
 a sequence whose prompt is done joins the running batch.
 
@@ -14,6 +15,12 @@ not fit waits for others to finish and never runs the process out of memory. Sho
 find no room for a step, the youngest admitted sequence is preempted: its cache is dropped, and it goes
 back to the front of the queue to be recomputed (prompt and output so far), its stream unbroken, and
 nothing more is admitted until a sequence leaves (so the step that had no room is not retried as it was).
+
+Prefix sharing (executors that can, llama.cpp): a newly admitted sequence starts from the cells of the
+longest prefix of its tokens that an admitted sequence holds (the same tokens at the same positions:
+what it would compute itself), so a system prompt every request shares is computed once while any
+request holding it runs. A waiting request that shares SHARE_MIN or more leading tokens with a prompt
+prefilled in this step joins one step later, to share them.
 
 A failure inside one sequence (its prefill, its sampling) ends that sequence with an error and no other;
 only a failed shared pass ends the sequences in it."""
@@ -35,6 +42,16 @@ from danlu.serve.chat.sampling import SamplingParams
 
 __all__ = ["Engine", "Event", "Sequence"]
 log = logging.getLogger("danlu")
+SHARE_MIN = 16  # leading tokens in common with a prompt being prefilled that are worth a step's wait
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens a and b have in common, at most limit."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 class Engine:
@@ -60,6 +77,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.free_slots = list(range(max_batch - 1, -1, -1))  # popped from the end: slot 0 first
         self.preemptions = 0
+        self.shared_tokens = 0  # prompt tokens taken from another sequence's cells, not computed
         self._held = False  # after a preemption, nothing is admitted until a running sequence leaves
         self._stop = threading.Event()
         self._driven = threading.Event()  # a run() is generating, in some thread
@@ -181,10 +199,16 @@ class Engine:
         for sequence in self.running:
             chunks.append(Chunk(sequence.slot, sequence.pending(), sequence.computed, True))
             owners.append(sequence)
-        budget = self.prefill_chunk  # prompt tokens this step, over every sequence it admits
+        # prompt tokens this step, over every sequence it admits; more when none is decoding
+        budget = self.prefill_chunk if self.running else self.executor.idle_prefill or self.prefill_chunk
+        starting: list[list[int]] = []  # prompts this step prefills from their start
         for sequence in self.waiting:
+            if sequence.slot is None and self._worth_waiting(sequence, starting):
+                break  # next step it shares that prompt's cells instead of computing them again
             if budget <= 0 or not self._admit(sequence):
                 break  # oldest first: a large request is not overtaken for ever by small ones
+            if sequence.computed == 0:
+                starting.append(sequence.prompt)
             pending = sequence.pending()
             take = pending[:budget]
             chunks.append(Chunk(sequence.slot, take, sequence.computed, len(take) == len(pending)))
@@ -235,7 +259,35 @@ class Engine:
         if not self.free_slots or not self.executor.fits(widths):
             return False
         sequence.slot = self.free_slots.pop()
+        if self.executor.shares:
+            self._share(sequence, admitted)
         return True
+
+    def _share(self, sequence: Sequence, admitted: list[Sequence]) -> None:
+        """Start a newly admitted sequence from the longest prefix of its tokens that an admitted one
+        already holds in the cache (a shared system prompt, a conversation's earlier turns): the executor
+        gives it those cells, and only the rest is computed. Its last token is always its own, for the
+        logits."""
+        tokens = sequence.prompt + sequence.output
+        best, length = None, 0
+        for other in admitted:
+            held = (other.prompt + other.output)[: other.computed]
+            n = common_prefix(held, tokens, len(tokens) - 1)
+            if n > length:
+                best, length = other, n
+        if best is not None:
+            self.executor.share(best.slot, sequence.slot, length)
+            sequence.computed = length
+            self.shared_tokens += length
+
+    def _worth_waiting(self, sequence: Sequence, starting: list[list[int]]) -> bool:
+        """Whether a waiting sequence shares SHARE_MIN or more leading tokens with a prompt this step
+        prefills from its start (requests that arrive together with one system prompt): it then joins a
+        step later, sharing those cells."""
+        if not self.executor.shares:
+            return False
+        tokens = sequence.prompt + sequence.output
+        return any(common_prefix(p, tokens, len(tokens) - 1) >= SHARE_MIN for p in starting)
 
     def _preempt(self) -> None:
         """The cache had no room for the step: the youngest admitted sequence gives its slot back and

@@ -4,6 +4,7 @@ llama.cpp in danlu.serve.chat.llamacpp):
     forward(chunks) -> one result per chunk: the next-token logits [vocab] where the chunk asked for
                        them, None where it did not, or the exception that failed that chunk alone
     free(slot)      -> the slot's cache is dropped (a finished, cancelled or preempted sequence)
+    share(a, b, n)  -> slot b starts with slot a's first n positions (where `shares`: llama.cpp)
     fits(widths)    -> whether sequences that may each grow to these many cache cells fit together
 
 A chunk is some of one sequence's tokens, at the positions that follow what its slot holds. A step's
@@ -33,6 +34,12 @@ class NoRoom(Exception):
 
 class Executor(Protocol):
     name: str  # "torch" | "llama.cpp", as /v1/models and /metrics say
+    # prompt tokens one step may take while no sequence is decoding (nothing to stall); None: prefill_chunk
+    idle_prefill: int | None
+    shares: bool  # share() works: one slot may start from another's cells
+
+    def share(self, source: int, target: int, tokens: int) -> None:
+        """Give the empty slot `target` the cells of positions [0, tokens) of slot `source`."""
 
     def forward(self, chunks: list[Chunk]) -> list[torch.Tensor | Exception | None]: ...
 
@@ -51,6 +58,11 @@ class TorchExecutor:
     longest row, and that is what fits() counts against max_batch_tokens."""
 
     name = "torch"
+    idle_prefill = None  # prompts prefill one by one: a bigger step only delays the first of them
+    shares = False  # left-padded rows have no cells to share
+
+    def share(self, source: int, target: int, tokens: int) -> None:
+        raise NotImplementedError("the torch executor does not share cache cells")
 
     def __init__(self, model: Any, device: str, max_batch_tokens: int) -> None:
         self.model, self.device = model, torch.device(device)

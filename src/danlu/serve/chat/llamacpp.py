@@ -30,6 +30,7 @@ from danlu.serve.chat.executor import Chunk, NoRoom
 
 log = logging.getLogger("danlu")
 GGML_LOG_LEVEL_ERROR = 4
+IDLE_PREFILL = 2048
 INSTALL = "pip install 'danlu[llama]' (it builds llama.cpp from source where no wheel fits: minutes)"
 
 
@@ -57,9 +58,14 @@ class _Api:
         self.new_context = _first(lib, "llama_init_from_model", "llama_new_context_with_model")
         if hasattr(lib, "llama_memory_seq_rm"):
             self.seq_rm = lambda ctx, seq: lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), seq, -1, -1)
+            self.seq_cp = lambda ctx, src, dst, n: lib.llama_memory_seq_cp(
+                lib.llama_get_memory(ctx), src, dst, 0, n
+            )
         else:
             remove = _first(lib, "llama_kv_self_seq_rm", "llama_kv_cache_seq_rm")
+            copy = _first(lib, "llama_kv_self_seq_cp", "llama_kv_cache_seq_cp")
             self.seq_rm = lambda ctx, seq: remove(ctx, seq, -1, -1)
+            self.seq_cp = lambda ctx, src, dst, n: copy(ctx, src, dst, 0, n)
         if hasattr(lib, "llama_vocab_n_tokens"):
             self.n_vocab = lambda model: lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
         else:
@@ -209,6 +215,7 @@ class LlamaCppModel:
 
 class LlamaCppExecutor:
     name = "llama.cpp"
+    shares = True
 
     def __init__(
         self, model: LlamaCppModel, max_batch: int, cells: int, prefill_chunk: int, logits_all: bool = False
@@ -218,7 +225,11 @@ class LlamaCppExecutor:
         self.api = api = _Api.get()
         lib = api.lib
         self.model, self.budget, self.logits_all = model, cells, logits_all
-        self.n_batch = prefill_chunk + max_batch  # the most tokens one step can hold
+        # a step holds prefill_chunk prompt tokens and every running sequence's token; with nothing
+        # decoding, up to IDLE_PREFILL prompt tokens: prompts that arrive together get their first tokens
+        # from one llama_decode (split into n_ubatch pieces inside it), not one chunk after another
+        self.idle_prefill = max(prefill_chunk, IDLE_PREFILL)
+        self.n_batch = self.idle_prefill + max_batch
         params = lib.llama_context_default_params()
         params.n_ctx = cells
         params.n_batch = self.n_batch
@@ -244,6 +255,9 @@ class LlamaCppExecutor:
 
     def forward(self, chunks: list[Chunk]) -> list[torch.Tensor | Exception | None]:
         lib, batch = self.api.lib, self.batch
+        total = sum(len(chunk.tokens) for chunk in chunks)
+        if total > self.n_batch:  # checked before writing: the batch's arrays hold n_batch tokens
+            raise RuntimeError(f"a step of {total} tokens is over the context's batch of {self.n_batch}")
         wanted: list[tuple[int, int]] = []  # (chunk, batch index) where logits come back
         n = 0
         for i, chunk in enumerate(chunks):
@@ -258,8 +272,6 @@ class LlamaCppExecutor:
                 if wanted_here:
                     wanted.append((i, n))
                 n += 1
-        if n > self.n_batch:
-            raise RuntimeError(f"a step of {n} tokens is over the context's batch of {self.n_batch}")
         batch.n_tokens = n
         code = lib.llama_decode(self.ctx, batch)
         if code == 1:
@@ -278,7 +290,11 @@ class LlamaCppExecutor:
         return results
 
     def free(self, slot: int) -> None:
-        self.api.seq_rm(self.ctx, slot)
+        self.api.seq_rm(self.ctx, slot)  # cells another sequence shares stay, for it
+
+    def share(self, source: int, target: int, tokens: int) -> None:
+        # in the unified cache a copy adds `target` to the cells' sequences: no data moves, no cell is used
+        self.api.seq_cp(self.ctx, source, target, tokens)
 
     def close(self) -> None:
         if self.ctx:
