@@ -16,10 +16,23 @@ run. Same prompts, greedy decoding, the same max_tokens.
   llama.cpp                llama-cpp-python on the same GGUF file (its own quantized kernels), prompts one
                            after another, as its server handles them (when llama_cpp imports)
 
+--part llama: the llama.cpp executor (the GGUF file's own Q4_1 weights on llama.cpp's kernels) against
+llama.cpp itself, with the same settings on both sides (2 threads, flash attention off, weights in
+plain CPU buffers: llama.cpp's AMX buffers crash its batched matmuls on this CPU):
+
+  Llama, 1 stream          llama-cpp-python's `Llama.generate` greedy from an empty cache, in this process
+  danlu engine, 1 stream   the same prompt tokens through danlu's engine and llama.cpp executor
+  llama-cpp-python server  `python -m llama_cpp.server --interrupt_requests False` (one request at a time;
+                           by default each new request would cut off the one streaming), STREAMS clients
+  llama-server -np N       llama.cpp's own server, N parallel slots, STREAMS streaming clients (with
+                           --llama-server PATH, or built once with --build-llama-server into
+                           ~/.cache/danlu-bench from the llama.cpp sources llama-cpp-python vendors)
+  danlu serve llama.cpp    `danlu serve MODEL.gguf` (the llama.cpp executor), STREAMS streaming clients
+
 Also the memory-bandwidth ceiling of one decode step: every weight read once per step (float32), at the
 bandwidth a large numpy copy reaches here.
 
-Run: python benchmarks/chat.py [--streams 16] [--max-tokens 64]
+Run: python benchmarks/chat.py [--part all|torch|llama] [--streams 16] [--max-tokens 64]
 """
 
 from __future__ import annotations
@@ -195,12 +208,32 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--part", choices=["all", "torch", "llama"], default="all")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--single", type=int, default=4, help="prompts in the single-stream rows")
+    parser.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary")
+    parser.add_argument("--build-llama-server", action="store_true", help="build it once into the cache")
     args = parser.parse_args()
     path = model_path()
     questions = (QUESTIONS * (args.streams // len(QUESTIONS) + 1))[: args.streams]
+    if args.part in ("all", "torch"):
+        torch_part(args, path, questions)
+    if args.part in ("all", "llama"):
+        llama_part(args, path, questions)
+
+
+def show_rows(rows: list[tuple]) -> None:
+    print(f"{'':60} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'s/token':>8}")
+    for name, tps, p50, p99, per_token in rows:
+
+        def show(v):
+            return f"{v:9.3f}" if v is not None and v == v else f"{'-':>9}"
+
+        print(f"{name:60} {tps:9.1f} {show(p50)} {show(p99)} {show(per_token)[1:]}")
+
+
+def torch_part(args, path: Path, questions: list[str]) -> None:
     rows = []
 
     from danlu.serve.chat.engine import Engine, Sequence
@@ -208,7 +241,7 @@ def main() -> None:
     from danlu.serve.chat.sampling import SamplingParams
     from danlu.serve.chat.templates import Template
 
-    chat = load_chat_model(str(path))
+    chat = load_chat_model(str(path), engine="torch")
     template = Template(chat.tokenizer)
     prompts = [template.encode(template.render([{"role": "user", "content": q}])) for q in questions]
     weights = sum(p.numel() * p.element_size() for p in chat.model.parameters())
@@ -256,8 +289,8 @@ def main() -> None:
     for port, variant in ((8701, "float32"), (8702, "bfloat16"), (8703, "int8")):
         option = ["--quantize", "int8"] if variant == "int8" else ["--dtype", variant]
         server = subprocess.Popen(
-            [sys.executable, "-m", "danlu", "serve", str(path), "--port", str(port), *option,
-             "--max-batch", str(args.streams), "--max-tokens", str(args.max_tokens)],
+            [sys.executable, "-m", "danlu", "serve", str(path), "--port", str(port), "--engine", "torch",
+             *option, "--max-batch", str(args.streams), "--max-tokens", str(args.max_tokens)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:
@@ -327,14 +360,157 @@ def main() -> None:
         f"memory bandwidth {gbs:.1f} GB/s: at most {gbs * 1e9 / weights:.1f} decode steps/s "
         "(weights read once per step)"
     )
-    print(f"{'':60} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'s/token':>8}")
-    for name, tps, p50, p99, per_token in rows:
-
-        def show(v):
-            return f"{v:9.3f}" if v is not None and v == v else f"{'-':>9}"
-
-        print(f"{name:60} {tps:9.1f} {show(p50)} {show(p99)} {show(per_token)[1:]}")
+    show_rows(rows)
     print("tutorial server: TTFT is its whole response time (it does not stream)")
+
+
+CACHE = Path.home() / ".cache" / "danlu-bench"
+PLAIN_BUFFERS = """
+import sys
+from llama_cpp import llama_cpp as c_api
+default = c_api.llama_model_default_params
+def plain():
+    params = default()
+    params.use_extra_bufts = False  # as danlu's executor: AMX buffers crash on this CPU
+    return params
+c_api.llama_model_default_params = plain
+from llama_cpp.server.__main__ import main
+sys.argv[0] = "llama_cpp.server"
+main()
+"""
+
+
+def llama_server_binary(args) -> Path | None:
+    """llama.cpp's llama-server: --llama-server, or the cached build (made with --build-llama-server from
+    the llama.cpp sources in llama-cpp-python's sdist, the version danlu runs)."""
+    if args.llama_server:
+        return Path(args.llama_server)
+    import llama_cpp
+
+    version = llama_cpp.__version__
+    binary = CACHE / f"llama-server-{version}" / "bin" / "llama-server"
+    if binary.is_file() or not args.build_llama_server:
+        return binary if binary.is_file() else None
+    source = CACHE / f"llama-cpp-python-{version}"
+    if not source.is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                        "-d", str(CACHE), f"llama-cpp-python=={version}"], check=True)  # fmt: skip
+        subprocess.run(["tar", "xzf", str(CACHE / f"llama_cpp_python-{version}.tar.gz"), "-C", str(CACHE)],
+                       check=True)  # fmt: skip
+        (CACHE / f"llama_cpp_python-{version}").rename(source)
+    build = CACHE / f"llama-server-{version}-build"
+    subprocess.run(["cmake", "-S", str(source / "vendor" / "llama.cpp"), "-B", str(build), "-DLLAMA_CURL=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Release"], check=True)  # fmt: skip
+    jobs = str(os.cpu_count() or 2)
+    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs], check=True)
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    (build / "bin" / "llama-server").rename(binary)
+    return binary
+
+
+def serve_and_stream(command: list[str], port: int, ready: str, questions: list[str], max_tokens: int,
+                     model: str | None = None) -> dict | None:  # fmt: skip
+    with tempfile.TemporaryFile("w+") as log:  # not a pipe: a chatty server would block on a full one
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}{ready}", server)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            return asyncio.run(openai_streams(url, questions, max_tokens, model=model))
+        except (RuntimeError, httpx.HTTPError, KeyError, TypeError) as exc:
+            log.seek(0)
+            print(f"{command[0]}: failed ({type(exc).__name__}: {str(exc)[-300:]}): {log.read()[-600:]}")
+            return None
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def llama_part(args, path: Path, questions: list[str]) -> None:
+    from danlu.serve.chat.engine import Engine, Sequence
+    from danlu.serve.chat.llamacpp import reference_llama, threads
+    from danlu.serve.chat.model import load_chat_model
+    from danlu.serve.chat.sampling import SamplingParams
+    from danlu.serve.chat.templates import Template
+
+    rows, n = [], args.max_tokens
+    chat = load_chat_model(str(path), engine="llama.cpp")
+    chat.eos_ids = set()  # both sides generate exactly max_tokens tokens
+    template = Template(chat.tokenizer)
+    prompts = [template.encode_messages([{"role": "user", "content": q}]) for q in questions[: args.single]]
+    llama = reference_llama(path, n_ctx=2048, n_threads=threads(), n_threads_batch=threads())
+    engine = Engine(chat, max_batch=1, max_batch_tokens=2048)
+    single = {"Llama": [], "danlu": []}
+    for _ in range(3):  # alternating, best of three: the spread on 2 shared cores is wide
+        start = time.perf_counter()
+        for p in prompts:
+            llama.reset()  # an empty cache, as danlu's: generate(reset=True) would reuse a shared prefix
+            for i, _token in enumerate(llama.generate(p, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0,
+                                                      reset=True)):  # fmt: skip
+                if i + 1 == n:
+                    break
+        single["Llama"].append(len(prompts) * n / (time.perf_counter() - start))
+        start = time.perf_counter()
+        for p in prompts:
+            done = threading.Event()
+            sequence = Sequence(
+                p, SamplingParams(max_tokens=n, temperature=0), lambda e, d=done: e.finish_reason and d.set()
+            )
+            engine.submit(sequence)
+            engine.run(until=done.is_set)
+            assert len(sequence.output) == n
+        single["danlu"].append(len(prompts) * n / (time.perf_counter() - start))
+    engine.stop()
+    del llama, engine, chat
+    rows.append(("Llama.generate (llama-cpp-python), 1 stream", max(single["Llama"]), None, None, None))
+    rows.append(("danlu engine, llama.cpp executor, 1 stream", max(single["danlu"]), None, None, None))
+    spread = {k: f"{min(v):.1f}-{max(v):.1f}" for k, v in single.items()}
+
+    def stream_row(name: str, r: dict | None) -> None:
+        if r is None:
+            rows.append((f"{name} (failed)", float("nan"), None, None, None))
+            return
+        per_token = statistics.mean(r["tpot"]) if r["tpot"] else None
+        rows.append((name, r["tokens"] / r["seconds"], pct(r["ttft"], 50), pct(r["ttft"], 99), per_token))
+
+    t = str(threads())
+    r = serve_and_stream(
+        [sys.executable, "-c", PLAIN_BUFFERS, "--model", str(path), "--host", "127.0.0.1", "--port", "8710",
+         "--n_ctx", "2048", "--n_threads", t, "--n_threads_batch", t, "--interrupt_requests", "False"],
+        8710, "/v1/models", questions, n, model=str(path),
+    )  # fmt: skip
+    stream_row(f"llama-cpp-python server, {args.streams} streams", r)
+    binary = llama_server_binary(args)
+    if binary is None:
+        print("llama-server: none here (pass --llama-server PATH, or --build-llama-server)")
+    else:
+        r = serve_and_stream(
+            [str(binary), "-m", str(path), "--port", "8711", "-np", str(args.streams), "-c",
+             str(args.streams * 512), "-t", t, "-tb", t, "-fa", "off", "--no-repack", "--no-webui"],
+            8711, "/health", questions, n,
+        )  # fmt: skip
+        stream_row(f"llama-server -np {args.streams}, {args.streams} streams", r)
+    r = serve_and_stream(
+        [sys.executable, "-m", "danlu", "serve", str(path), "--port", "8712", "--engine", "llama.cpp",
+         "--max-batch", str(args.streams), "--max-tokens", str(n)],
+        8712, "/readyz", questions, n,
+    )  # fmt: skip
+    stream_row(f"danlu serve, llama.cpp executor, {args.streams} streams", r)
+
+    import llama_cpp
+
+    weights = path.stat().st_size
+    gbs = bandwidth_gbs()
+    print(f"SmolLM2-135M-Instruct {path.name} ({weights / 2**20:.0f} MiB), llama-cpp-python "
+          f"{llama_cpp.__version__}, greedy, {n} tokens per answer, {t} threads")  # fmt: skip
+    print(
+        f"memory bandwidth {gbs:.1f} GB/s: at most {gbs * 1e9 / weights:.0f} decode steps/s "
+        "(weights read once per step)"
+    )
+    print(f"1 stream, best of 3 (spread tokens/s): Llama {spread['Llama']}, danlu {spread['danlu']}")
+    show_rows(rows)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ TEXT = (
     "need to live. Farmers depend on the rain to grow their crops, and cities build reservoirs to collect "
     "water for the dry months of the year."
 )
+# the torch executor, dequantizing the GGUF file (the llama.cpp executor has its own figures in chat.py)
 VARIANTS = {"float32": {}, "bfloat16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}}
 
 
@@ -50,7 +51,7 @@ def measure(variant: str, streams: int, max_tokens: int) -> dict:
     from danlu.serve.chat.sampling import SamplingParams
     from danlu.serve.chat.templates import Template
 
-    chat = load_chat_model(str(model_path()), **VARIANTS[variant])
+    chat = load_chat_model(str(model_path()), engine="torch", **VARIANTS[variant])
     rss = psutil.Process().memory_info().rss
     template = Template(chat.tokenizer)
     questions = (QUESTIONS * (streams // len(QUESTIONS) + 1))[:streams]
