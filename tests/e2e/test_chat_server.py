@@ -22,6 +22,11 @@ ENGINES = [
 ]
 
 
+# layers that make 200 greedy tokens take about half a second under either executor (llama.cpp's tiny
+# model is 6x faster), long enough to act in the middle of a generation
+SLOWER = {"torch": 8, "llama.cpp": 64}
+
+
 @pytest.fixture(scope="module", params=ENGINES)
 def engine(request):
     """Every test of the server runs once per executor: torch on a Hugging Face directory, llama.cpp on
@@ -203,8 +208,8 @@ def wait_until(condition, seconds: float = 30) -> bool:
 
 
 def test_disconnects_cancel_streaming_and_whole_requests(tmp_path, engine):
-    # eight layers: 200 greedy tokens with no early end take long enough to leave in the middle
-    server = Server(tiny_model(tmp_path, engine, layers=8), "--max-tokens", "200")
+    # 200 greedy tokens with no early end take long enough to leave in the middle
+    server = Server(tiny_model(tmp_path, engine, layers=SLOWER[engine]), "--max-tokens", "200")
     url = f"{server.url}/v1/chat/completions"
     body = {"messages": HELLO, "max_tokens": 200, "temperature": 0}
     try:
@@ -441,7 +446,7 @@ def test_hostile_numbers_fail_only_their_own_request(tmp_path, engine):
     answer), and the stream ends as it does alone, token for token."""
     import threading
 
-    server = Server(tiny_model(tmp_path, engine, layers=8), "--max-tokens", "200")
+    server = Server(tiny_model(tmp_path, engine, layers=SLOWER[engine]), "--max-tokens", "200")
     url = f"{server.url}/v1/chat/completions"
     long = {"messages": HELLO, "max_tokens": 200, "temperature": 0, "stream": True}
 
@@ -458,15 +463,25 @@ def test_hostile_numbers_fail_only_their_own_request(tmp_path, engine):
         victim.start()
         assert wait_until(lambda: running(server) == 1)
         headers = {"content-type": "application/json"}
-        for body, status, param in HOSTILE:
+
+        def send(body: str, status: int, param: str | None) -> None:
             raw = body.replace("M", json.dumps(HELLO), 1)
             response = httpx.post(url, content=raw.encode(), headers=headers, timeout=60)
             assert response.status_code == status, (body[:80], response.text[:300])
             if status == 400:
                 error = response.json()["error"]
                 assert error["type"] == "invalid_request_error" and error["param"] == param, error
-            assert running(server) == 1, body[:80]  # the stream is still going
+
+        # llama.cpp's kernels are not batch-invariant: a request decoding beside the stream changes its
+        # rounding (over 64 layers, its tokens), so there the accepted request goes after it
+        beside = [c for c in HOSTILE if engine == "torch" or c[1] == 400]
+        for case in beside:
+            send(*case)
+            assert running(server) == 1, case[0][:80]  # the stream is still going
         victim.join(120)
+        for case in HOSTILE:
+            if case not in beside:
+                send(*case)
         events = outcome["events"]
         assert not any("error" in e for e in events)
         assert events[-1]["choices"][0]["finish_reason"] == "length"

@@ -8,7 +8,7 @@ from tests.conftest import run_cli
 
 KEYS = {
     "danlu_version", "system", "python", "packages", "torch", "torch_installs", "nvidia_smi",
-    "cuda_environment", "bitsandbytes", "checks",
+    "cuda_environment", "bitsandbytes", "llama_cpp", "checks",
 }  # fmt: skip
 
 
@@ -26,6 +26,13 @@ def test_doctor_text_names_torch_and_the_checks():
     result = run_cli("doctor")
     assert result.returncode in (0, 1), result.stderr
     assert "torch" in result.stdout and "checks" in result.stdout
+
+
+def test_doctor_reports_the_llama_cpp_build():
+    pytest.importorskip("llama_cpp")
+    report = json.loads(run_cli("doctor", "--json").stdout)
+    assert report["llama_cpp"]["version"] == __import__("llama_cpp").__version__
+    assert "AVX" in report["llama_cpp"]["cpu_features"] or "NEON" in report["llama_cpp"]["cpu_features"]
 
 
 @pytest.mark.slow

@@ -111,6 +111,11 @@ def test_no_gpu_and_a_cpu_torch_is_healthy():
             "fail",
         ),
         ({"bitsandbytes": {"error": "RuntimeError: CUDA Setup failed"}}, "bitsandbytes loads", "fail"),
+        (
+            {"llama_cpp": {"error": "OSError: libllama.so: cannot open shared object file"}},
+            "llama-cpp-python loads",
+            "fail",
+        ),
     ],
 )
 def test_broken_pieces_are_named(change, name, status):

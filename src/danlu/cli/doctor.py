@@ -67,6 +67,10 @@ def _print(report) -> None:
             lines.append(
                 ("gpu", f"{gpu['name']}, {gpu['memory_mib']} MiB, compute {gpu['compute_capability']}")
             )
+    llama = report.get("llama_cpp")
+    if llama is not None:
+        value = llama.get("error") or f"{llama['version']}, CPU build with {' '.join(llama['cpu_features'])}"
+        lines.append(("llama.cpp", value))
     env = report["cuda_environment"]
     lines.append(
         (

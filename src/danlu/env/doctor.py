@@ -46,6 +46,15 @@ def _install_command(torch_minor: str | None, driver_cuda: str | None, table: di
     )
 
 
+LOADS = (  # (report key, check name, fix) of optional packages probed in a subprocess
+    ("bitsandbytes", "bitsandbytes loads",
+     "pip install -U bitsandbytes (its wheels bundle the CUDA kernels; needs a CUDA torch)"),
+    ("llama_cpp", "llama-cpp-python loads",
+     "pip install --force-reinstall --no-cache-dir 'llama-cpp-python>=0.3.16,<0.4' (builds llama.cpp for "
+     "this machine; GGUF files are served with torch meanwhile)"),
+)  # fmt: skip
+
+
 def _check(name: str, status: str, message: str, fix: str | None = None) -> dict[str, Any]:
     return {"name": name, "status": status, "message": message, "fix": fix}
 
@@ -155,16 +164,10 @@ def evaluate_checks(report: dict[str, Any], table: dict[str, Any]) -> list[dict[
             )
         )
 
-    bnb = report.get("bitsandbytes")
-    if bnb is not None and "error" in bnb:
-        checks.append(
-            _check(
-                "bitsandbytes loads",
-                FAIL,
-                bnb["error"],
-                "pip install -U bitsandbytes (its wheels bundle the CUDA kernels; needs a CUDA torch)",
-            )
-        )
+    for key, name, fix in LOADS:  # optional packages: installed but not loading
+        probe = report.get(key)
+        if probe is not None and "error" in probe:
+            checks.append(_check(name, FAIL, probe["error"], fix))
     providers = torch.get("onnxruntime_providers")
     if providers is not None:
         gpu_provider = "CUDAExecutionProvider" in providers
@@ -204,6 +207,7 @@ def diagnose(run_checks: bool = False, timeout: float = 60.0) -> dict[str, Any]:
         "nvidia_smi": probes.nvidia_smi(min(timeout, 15.0)),
         "cuda_environment": probes.cuda_environment(),
         "bitsandbytes": probes.bitsandbytes_info(timeout),
+        "llama_cpp": probes.llama_cpp_info(timeout),
     }
     report["checks"] = evaluate_checks(report, compat_table())
     if run_checks:

@@ -18,7 +18,7 @@ from typing import Any
 
 PACKAGES = (
     "danlu", "torch", "torchvision", "torchaudio", "numpy", "transformers", "accelerate", "bitsandbytes",
-    "onnxruntime", "onnxruntime-gpu", "deepspeed", "ray", "pip",
+    "onnxruntime", "onnxruntime-gpu", "llama_cpp_python", "deepspeed", "ray", "pip",
 )  # fmt: skip
 
 
@@ -147,6 +147,28 @@ def bitsandbytes_info(timeout: float = 60.0) -> dict[str, Any] | None:
     if "bitsandbytes" not in package_versions(("bitsandbytes",)):
         return None
     return python_probe(BITSANDBYTES_PROBE, timeout)
+
+
+LLAMA_CPP_PROBE = r"""
+import json
+try:
+    import llama_cpp
+    llama_cpp.llama_backend_init()
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    features = sorted({part.split("=")[0].split(":")[-1].strip() for part in info.replace("|", ";").split(";")
+                       if part.strip().endswith("= 1")})
+    print(json.dumps({"version": llama_cpp.__version__, "cpu_features": features}))
+except Exception as exc:
+    print(json.dumps({"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}))
+"""
+
+
+def llama_cpp_info(timeout: float = 60.0) -> dict[str, Any] | None:
+    """None when llama-cpp-python is not installed; else its version and the CPU features its build
+    uses (a build that does not load, e.g. compiled for another CPU, is an error)."""
+    if "llama_cpp_python" not in package_versions(("llama_cpp_python",)):
+        return None
+    return python_probe(LLAMA_CPP_PROBE, timeout)
 
 
 def package_versions(names=PACKAGES) -> dict[str, str]:
