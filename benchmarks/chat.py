@@ -306,27 +306,24 @@ def torch_part(args, path: Path, questions: list[str]) -> None:
 
     transformers_cli = Path(sys.executable).parent / "transformers"
     for port, batching in ((8704, []), (8705, ["--continuous-batching"])):
-        server = subprocess.Popen(
-            [str(transformers_cli), "serve", str(hf_dir), "--port", str(port), "--device", "cpu", *batching],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )  # fmt: skip
+        command = [
+            str(transformers_cli),
+            "serve",
+            str(hf_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            *batching,
+        ]
         name = f"transformers serve{' --continuous-batching' if batching else ''}, {args.streams} streams"
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/health", server)
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            r = asyncio.run(openai_streams(url, questions, args.max_tokens, model=str(hf_dir)))
+        r = serve_and_stream(command, port, "/health", questions, args.max_tokens, model=str(hf_dir),
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        if r is None:
+            rows.append((f"{name} (failed)", float("nan"), None, None, None))
+        else:
             per_token = statistics.mean(r["tpot"]) if r["tpot"] else None
             rows.append((name, r["tokens"] / r["seconds"], pct(r["ttft"], 50), pct(r["ttft"], 99), per_token))
-        except (RuntimeError, httpx.HTTPError, KeyError, TypeError) as exc:
-            print(f"{name}: failed ({type(exc).__name__}: {str(exc)[-300:]})")
-            rows.append((f"{name} (failed)", float("nan"), None, None, None))
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
     workdir.cleanup()
 
     if importlib.util.find_spec("llama_cpp") is not None:
@@ -409,9 +406,11 @@ def llama_server_binary(args) -> Path | None:
 
 
 def serve_and_stream(command: list[str], port: int, ready: str, questions: list[str], max_tokens: int,
-                     model: str | None = None) -> dict | None:  # fmt: skip
+                     model: str | None = None, env: dict | None = None) -> dict | None:  # fmt: skip
+    """Start a server, stream to it from concurrent clients once `ready` answers, stop it; None when it
+    failed (said on stdout)."""
     with tempfile.TemporaryFile("w+") as log:  # not a pipe: a chatty server would block on a full one
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
         try:
             wait_ready(f"http://127.0.0.1:{port}{ready}", server)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"

@@ -7,7 +7,6 @@ behave as with torch; and --engine picks the executor as documented."""
 
 import logging
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from danlu.serve.chat.model import choose_engine, load_chat_model
 from danlu.serve.chat.sampling import SamplingParams
 from danlu.serve.chat.templates import Template
 from tests.chat_models import smollm2_gguf, tiny_gguf
+from tests.e2e.test_chat_server import wait_until
 from tests.integration.test_chat_engine import (
     PROMPTS,
     check_alone_and_together,
@@ -67,15 +67,6 @@ def test_greedy_equals_llama_cpp_alone_and_in_a_batch(chat, llama, stagger):
     check_alone_and_together(chat, ids, expected, stagger)  # one llama_batch per step for all four
 
 
-def until(condition, seconds: float = 30) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
-
-
 SYSTEM = "you are danlu, a helpful assistant; answer briefly and stream text token by token. " * 2
 
 
@@ -103,11 +94,11 @@ def test_requests_with_one_system_prompt_share_its_cells_and_answer_as_alone(cha
         staggered = run_all(engine, ids, params, 4, steps)
         first = Sequence(ids[0], SamplingParams(max_tokens=200, temperature=0.0), lambda e: None)
         engine.submit(first)
-        assert until(lambda: len(first.output) >= 3)
+        assert wait_until(lambda: len(first.output) >= 3)
         shared_before = engine.shared_tokens
         done = threading.Event()
         second = engine.submit(Sequence(ids[1], params, lambda e: e.finish_reason and done.set()))
-        assert until(lambda: second.computed > common)
+        assert wait_until(lambda: second.computed > common)
         first.cancel()  # the cells' first owner leaves; the sharer keeps them
         assert done.wait(30)
     finally:

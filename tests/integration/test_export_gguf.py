@@ -121,3 +121,11 @@ def test_a_run_exports_its_hf_folder_into_the_run(hf, tmp_path):
     assert (run / "export" / "model.f16.gguf").is_file() and (
         run / "export" / "model.f16.gguf.json"
     ).is_file()
+
+
+def test_a_nan_verification_is_refused_too(hf, tmp_path, monkeypatch):
+    """NaN logits give a NaN perplexity, which no `>` comparison catches: it must still refuse."""
+    monkeypatch.setattr(gguf, "perplexity", lambda logits, ids: float("nan"))
+    with pytest.raises(DanluError, match="nothing was written"):
+        gguf.export_gguf(hf, "f32", tmp_path / "nan.gguf")
+    assert list(tmp_path.iterdir()) == []

@@ -364,7 +364,11 @@ def export_gguf(
                 f"model's tokenizer (pre-tokenizer '{wrote['pre_tokenizer']}'); nothing was written",
                 "report this with the model's tokenizer.json",
             )
-        if check["perplexity_change"] > PPL_TOLERANCE[quantize]:
+        if (
+            not math.isfinite(check["max_abs_diff"])
+            or not check["perplexity_change"] <= PPL_TOLERANCE[quantize]
+        ):
+            # a NaN compares false with any tolerance: it must fail, never pass
             raise DanluError(
                 f"the {quantize} GGUF's perplexity is {check['perplexity_gguf']:.4g} against the torch "
                 f"model's {check['perplexity_torch']:.4g} ({check['perplexity_change']:.2%}, over "
