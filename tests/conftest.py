@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny data sets written to temp dirs, and the real CLI in a subprocess."""
+"""Shared fixtures: tiny data sets written to temp dirs, the real CLI in a subprocess, and a guard that fails
+a test on any network access."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +125,54 @@ def train_quietly(out: Path, frame: pd.DataFrame, target: str, *overrides: str):
     frame.to_csv(data, index=False)
     args = [f"data.train={data}", f"data.target={target}", "model.hidden=[16]", *overrides]
     return danlu.train(None, args, out=out, progress=False, overwrite=True)
+
+
+# what tells Hugging Face libraries to stay offline: unset under no_network, so the guard is what is tested
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "USE_HUB_KERNELS")
+
+
+def _loopback(host) -> bool:
+    if host in ("localhost", "", None):
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False  # a name other than localhost: resolving it is network access
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if anything it runs in this process looks up a host or connects outside loopback,
+    even when the caller catches the error and goes on (a library falling back quietly): every attempt
+    is recorded and the test fails at its end if there was one."""
+    for name in OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    attempts: list[str] = []
+    connect, connect_ex, getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def allowed(sock, address) -> bool:
+        return sock.family == getattr(socket, "AF_UNIX", None) or _loopback(address[0])
+
+    def guarded_connect(sock, address):
+        if not allowed(sock, address):
+            attempts.append(f"connect {address}")
+            raise OSError(f"network access in a test: connect to {address}")
+        return connect(sock, address)
+
+    def guarded_connect_ex(sock, address):
+        if not allowed(sock, address):
+            attempts.append(f"connect {address}")
+            return 111  # ECONNREFUSED
+        return connect_ex(sock, address)
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        if not _loopback(host.decode() if isinstance(host, bytes) else host):
+            attempts.append(f"lookup {host}")
+            raise socket.gaierror(f"network access in a test: lookup of {host}")
+        return getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+    yield attempts
+    assert attempts == [], f"network access: {attempts}"

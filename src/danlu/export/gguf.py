@@ -26,6 +26,7 @@ import numpy as np
 
 from danlu import __version__
 from danlu.errors import DanluError
+from danlu.hf import load_files, load_model, quiet_transformers
 
 QUANTIZE = ("f32", "f16", "q8_0", "q4_0")
 # the most the GGUF's perplexity may differ from the torch model's, relative
@@ -126,7 +127,7 @@ def write(model_dir: Path, path: Path, quantize: str) -> dict[str, Any]:
     scaling = config.get("rope_scaling") or {}
     if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
         raise _refuse(f"rope scaling '{scaling.get('rope_type') or scaling.get('type')}' is not written yet")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = load_files(AutoTokenizer, model_dir)
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
@@ -258,14 +259,11 @@ def verify(model_dir: Path, path: Path, quantize: str) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from danlu.families.text.pretrained import quiet_transformers
     from danlu.serve.chat.llamacpp import LlamaCppModel
 
     with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32
-        ).eval()
+        tokenizer = load_files(AutoTokenizer, model_dir)
+        model = load_model(AutoModelForCausalLM, model_dir, use_safetensors=True, dtype=torch.float32).eval()
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     gguf_model = LlamaCppModel.load(path)
     llama_ids = gguf_model.tokenize(TEXT)

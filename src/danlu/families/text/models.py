@@ -16,8 +16,9 @@ from torch import nn
 
 from danlu.config import ModelConfig
 from danlu.errors import DanluError
-from danlu.families.text.pretrained import check_dir, quiet_transformers
+from danlu.families.text.pretrained import check_dir
 from danlu.families.text.state import TextState
+from danlu.hf import load_files, load_model, quiet_transformers
 from danlu.run import MANIFEST
 
 
@@ -68,14 +69,12 @@ def build_model(config: ModelConfig, state: TextState) -> nn.Module:
         raise DanluError("the text family fine-tunes model.pretrained", "remove model.target")
     with quiet_transformers():
         if state.run_hf is not None:
-            hf_config = AutoConfig.from_pretrained(state.run_hf, local_files_only=True)
+            hf_config = load_files(AutoConfig, state.run_hf)
             hf = AutoModelForSequenceClassification.from_config(hf_config)
         else:
             path = check_dir(config.pretrained)
             try:
-                hf = AutoModelForSequenceClassification.from_pretrained(
-                    path, local_files_only=True, trust_remote_code=False, **_head_settings(state)
-                )
+                hf = load_model(AutoModelForSequenceClassification, path, **_head_settings(state))
             except (OSError, ValueError, KeyError) as exc:
                 raise DanluError(
                     f"cannot load '{path}' as an encoder: {str(exc).splitlines()[0]}",

@@ -3,38 +3,17 @@ without remote code, and quietly (transformers narrates loading on the user's sc
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 from danlu.errors import DanluError
-from danlu.quiet import quiet
+from danlu.hf import load_files, quiet_transformers
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 # model types whose position ids start after the padding index: two positions are not usable
 OFFSET_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No progress bars, load reports or advice from transformers while danlu loads a model."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), quiet():
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def check_dir(spec: str | None) -> Path:
@@ -104,7 +83,7 @@ def load_tokenizer(path: Path):
 
     with quiet_transformers():
         try:
-            return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            return load_files(AutoTokenizer, path)
         except Exception as exc:
             raise DanluError(
                 f"cannot load the tokenizer of '{path}': {exc}".splitlines()[0],

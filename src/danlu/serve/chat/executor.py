@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
+from danlu.hf import forward_with_cache
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -102,12 +104,11 @@ class TorchExecutor:
 
     def _prefill(self, chunk: Chunk) -> torch.Tensor | None:
         ids = torch.tensor([chunk.tokens], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, cache=self.own.get(chunk.slot), use_cache=True)
-        self.own[chunk.slot] = out.cache
+        logits, self.own[chunk.slot] = forward_with_cache(self.model, self.own.get(chunk.slot), input_ids=ids)
         if not chunk.logits:
             return None  # the rest of the prompt in later steps
         self._join(chunk.slot, self.own.pop(chunk.slot))
-        return out.logits[0, -1]
+        return logits[0, -1]
 
     def _join(self, slot: int, own: Any) -> None:
         """Add a prefilled sequence's cache to the shared one, left-padding the shorter side."""
@@ -137,21 +138,17 @@ class TorchExecutor:
         mask = torch.cat([self.mask, torch.ones((len(tokens), 1), dtype=torch.long, device=self.device)], 1)
         try:
             if bool(self.mask.all()):  # no padding (one sequence, or all alike): the model's own fast path
-                out = self.model(input_ids=ids, cache=self.cache, use_cache=True)
+                logits, cache = forward_with_cache(self.model, self.cache, input_ids=ids)
             else:
                 positions = self.mask.sum(dim=1, keepdim=True)  # each row's own next position
-                out = self.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    cache=self.cache,
-                    use_cache=True,
+                logits, cache = forward_with_cache(
+                    self.model, self.cache, input_ids=ids, attention_mask=mask, position_ids=positions
                 )
         except Exception:  # the pass every running row shares: the shared cache is gone with them
             self.rows, self.cache, self.mask = [], None, None
             raise
-        self.cache, self.mask = out.cache, mask
-        return out.logits[:, -1]
+        self.cache, self.mask = cache, mask
+        return logits[:, -1]
 
     def free(self, slot: int) -> None:
         self.own.pop(slot, None)

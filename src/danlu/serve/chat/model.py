@@ -181,7 +181,7 @@ def load_chat_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from danlu.families.text.pretrained import quiet_transformers
+    from danlu.hf import load_files, load_model, quiet_transformers
     from danlu.serve.chat import quantize as q
 
     target = torch.device(device)
@@ -202,15 +202,15 @@ def load_chat_model(
     # GGUF conversion draws its own progress bar on stderr
     with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer = load_files(
+                AutoTokenizer,
                 where,
-                local_files_only=True,
                 trust_remote_code=trust_remote_code,
                 **{k: v for k, v in extra.items() if k == "gguf_file"},
             )
-            model = AutoModelForCausalLM.from_pretrained(
+            model = load_model(
+                AutoModelForCausalLM,
                 where,
-                local_files_only=True,
                 trust_remote_code=trust_remote_code,
                 dtype=torch_dtype,
                 **extra,
@@ -256,14 +256,14 @@ def _load_llamacpp(path: Path) -> ChatModel:
     tokens whichever engine runs."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from danlu.families.text.pretrained import quiet_transformers
+    from danlu.hf import load_files, quiet_transformers
     from danlu.serve.chat.llamacpp import LlamaCppModel
 
     where, gguf_file = path.parent, path.name
     with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, local_files_only=True)
-            config = AutoConfig.from_pretrained(where, gguf_file=gguf_file, local_files_only=True)
+            tokenizer = load_files(AutoTokenizer, where, gguf_file=gguf_file)
+            config = load_files(AutoConfig, where, gguf_file=gguf_file)
         except Exception as exc:
             raise DanluError(f"cannot read '{path}': {exc}".splitlines()[0], "check the GGUF file") from None
     model = LlamaCppModel.load(path)
