@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.chat_models import smollm2_gguf, tiny_model
+from tests.chat_models import smollm2_gguf, tiny_llama, tiny_model
 from tests.conftest import run_cli
 from tests.e2e.test_serve_process import Server
 
@@ -273,6 +273,31 @@ def test_danlu_chat_keeps_history_and_follows_system_reset_and_exit(model):
     assert second != with_system.stdout  # the first exchange was in the prompt too (the model is seeded)
     assert alone != with_system.stdout  # the system prompt reached the model
     assert "/system" in session.stderr  # the help line
+
+
+def test_a_failed_answer_exits_1_and_a_prompt_over_the_context_exits_2(tmp_path):
+    """A model whose output layer is NaN: sampling its logits fails inside the engine, as any broken model
+    or library would. `danlu chat --prompt` then says why in one line and exits 1, so scripts notice; a
+    prompt longer than the context is the user's to fix: exit 2. Typed in a session, a failed turn is
+    reported and the session goes on."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tiny_llama(tmp_path / "broken")
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"] = torch.full_like(weights["lm_head.weight"], float("nan"))
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    sampled = ("--temperature", "1", "--max-tokens", "4")
+    failed = run_cli("chat", str(folder), "--prompt", "hello there", *sampled)
+    assert failed.returncode == 1, failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "generation failed" in lines[0] and "RuntimeError" in lines[0], lines
+    assert failed.stdout.strip() == ""
+    session = run_cli("chat", str(folder), *sampled, stdin="hello there\nhello again\n")
+    assert session.returncode == 0 and session.stderr.count("generation failed") == 2, session.stderr
+    too_long = run_cli("chat", str(folder), "--prompt", "hello there " * 200)
+    assert too_long.returncode == 2 and "context is 256" in too_long.stderr, too_long.stderr
+    assert "Traceback" not in failed.stderr + session.stderr + too_long.stderr
 
 
 def test_a_hub_id_is_one_line(tmp_path):

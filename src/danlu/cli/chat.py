@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+from danlu.errors import DanluError
+
 HELP_COMMANDS = "/system TEXT sets the system prompt, /reset clears the history, /exit quits"
 
 
@@ -83,21 +85,29 @@ def run_chat(args) -> int:
         defaults["temperature"] = args.temperature
 
     def answer(messages: list[dict]) -> str:
+        """Stream one answer to stdout. Raises DanluError when the conversation cannot fit the context,
+        GenerationFailed when the engine failed it (the engine has logged the cause)."""
+        prompt = template.encode_messages(messages)
+        engine.check_fits(len(prompt), args.max_tokens)
         params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, **defaults)
-        parts = []
-        for event in engine.generate(template.encode_messages(messages), params):
-            if event.error:
-                print(f"\n[error: {event.error}]", file=sys.stderr)
+        parts, error = [], None
+        for event in engine.generate(prompt, params):
             sys.stdout.write(event.text)
             sys.stdout.flush()
             parts.append(event.text)
+            error = event.error or error
         sys.stdout.write("\n")
+        if error is not None:
+            raise GenerationFailed(error)
         return "".join(parts)
 
     system = [{"role": "system", "content": args.system}] if args.system else []
     try:
         if args.prompt is not None:
-            answer([*system, {"role": "user", "content": args.prompt}])
+            try:
+                answer([*system, {"role": "user", "content": args.prompt}])
+            except GenerationFailed:
+                return 1  # the engine's log line says why; scripts see the exit status
             return 0
         print(f"danlu chat with {chat.name} ({HELP_COMMANDS})", file=sys.stderr)
         history: list[dict] = []
@@ -116,10 +126,21 @@ def run_chat(args) -> int:
                 continue
             if not line.strip():
                 continue
-            history.append({"role": "user", "content": line})
-            history.append({"role": "assistant", "content": answer([*system, *history])})
+            turn = {"role": "user", "content": line}
+            try:
+                reply = answer([*system, *history, turn])
+            except DanluError as exc:  # the conversation outgrew the context: say so and go on
+                print(f"danlu: {exc}; /reset starts again", file=sys.stderr)
+                continue
+            except GenerationFailed:
+                continue  # the turn is dropped: the next one is asked without it
+            history += [turn, {"role": "assistant", "content": reply}]
     finally:
         engine.stop()
+
+
+class GenerationFailed(Exception):
+    """The engine ended the answer with an error."""
 
 
 def read_line() -> str | None:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from danlu.errors import DanluError
+from danlu.errors import DanluError, one_line
 from danlu.serve.chat.executor import Chunk, Executor, NoRoom
 from danlu.serve.chat.model import ChatModel
 from danlu.serve.chat.output import Event, OutputProcessor, Sequence
@@ -312,9 +312,14 @@ class Engine:
 
     def _fail(self, sequences: list[Sequence], exc: Exception) -> None:
         """End sequences with an error; the details go to the log, never to another request."""
-        log.error("generation failed for %d sequence(s)", len(sequences), exc_info=exc)
+        cause = f"{type(exc).__name__}: {one_line(exc)}"
+        # one line; the traceback with --debug (a log at debug level)
+        debug = log.isEnabledFor(logging.DEBUG)
+        log.error(
+            "generation failed for %d sequence(s): %s", len(sequences), cause, exc_info=exc if debug else None
+        )
         for sequence in sequences:
-            self._release(sequence, "error", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+            self._release(sequence, "error", error=one_line(exc))
 
     def _release(self, sequence: Sequence, reason: str | None, error: str | None = None) -> None:
         """Take a sequence out of the batch and free its slot; with a reason, also report its end."""
