@@ -87,6 +87,43 @@ def test_two_processes_and_accumulation_match_one_process(config, uninterrupted,
     assert epochs == [1, 2, 3, 4]  # rank 0 alone writes the log
 
 
+# a rank's own view after danlu.train returns: the OS threads gloo started for its process group
+GLOO_THREADS = """
+import os, sys, danlu
+danlu.train(sys.argv[1], out=sys.argv[2], progress=False)
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("rank", os.environ["RANK"], "gloo threads", sorted(n for n in names if "gloo" in n), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads threads from Linux's /proc")
+def test_a_finished_two_process_run_ends_its_group_and_exits_0_every_time(config, tmp_path):
+    """Each rank's process group, with its gloo threads, ends before danlu.train returns (torch keeps the
+    group alive when DDP first imports torch._dynamo after the group exists), so nothing of it is left
+    to be torn down during interpreter exit, where a rank could abort and torchrun report the finished
+    run FAILED; and torchrun sees two clean exits, run after run."""
+    cfg = config(epochs=2)
+    script = tmp_path / "train_and_list_threads.py"
+    script.write_text(GLOO_THREADS)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    listed = subprocess.run(
+        [*torchrun, str(script), str(cfg), str(tmp_path / "listed")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(line for line in listed.stdout.splitlines() if "gloo threads" in line) == [
+        "rank 0 gloo threads []",
+        "rank 1 gloo threads []",
+    ], listed.stdout
+    for attempt in range(2):
+        result = run_cli("train", str(cfg), "--out", str(tmp_path / f"run{attempt}"), "--nproc", "2")
+        assert result.returncode == 0, result.stderr
+        assert "terminate called" not in result.stderr and "FAILED" not in result.stderr, result.stderr
+        assert (tmp_path / f"run{attempt}" / "report.json").is_file()
+
+
 def _wait_for_epochs(run_dir, n, process, seconds=240):
     deadline = time.monotonic() + seconds
     path = run_dir / "metrics.jsonl"

@@ -24,7 +24,9 @@ def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path):
     path = tmp_path / "last.pt"
     wrapped = nn.Sequential()
     wrapped.module = model  # a DDP-like wrapper: the saved keys must not carry its prefix
-    ckpt.save_checkpoint(path, wrapped, optimizer, None, {"epoch": 3, "step": 12}, {"train": {}})
+    cpu = torch.device("cpu")
+    rng = [ckpt.rng_state(cpu)]
+    ckpt.save_checkpoint(path, wrapped, optimizer, None, {"epoch": 3, "step": 12}, {"train": {}}, rng)
     expected_next = torch.rand(5)
 
     state = ckpt.load_checkpoint(path)
@@ -36,7 +38,7 @@ def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path):
     assert torch.equal(
         fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
     )
-    ckpt.set_rng_state(state[ckpt.RNG_KEY])
+    ckpt.set_rng_state(state[ckpt.RNG_KEY], cpu)
     assert torch.equal(torch.rand(5), expected_next)  # the RNG continues where the checkpoint left it
     assert state[ckpt.VERSION_KEY] and state[ckpt.SCHEMA_VERSION_KEY] == 1
 
@@ -57,3 +59,27 @@ def test_a_missing_or_damaged_checkpoint_is_one_clear_error(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(DanluError, match="no checkpoint" if content is None else "is damaged"):
         ckpt.load_checkpoint(path)
+
+
+def test_a_cpu_run_never_starts_cuda_where_a_gpu_is_visible(tmp_path, mixed_csv, monkeypatch):
+    """On a GPU machine a CPU run (train.device=cpu: gloo ranks, or the CPU chosen on purpose) must leave
+    the GPUs alone: a CUDA context in every rank costs GPU memory and was torn down at exit beside
+    gloo's threads. Here torch says a GPU is visible and fails any start of CUDA; the run must finish
+    and resume without one."""
+    import danlu
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a CPU run started CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda)
+    for name in ("get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    overrides = [f"data.train={mixed_csv}", "data.target=label", "train.device=cpu", "train.epochs=2"]
+    run = danlu.train(None, overrides, out=tmp_path / "run", progress=False)
+    state = ckpt.load_checkpoint(run.path / "checkpoints" / "last.pt")
+    assert set(state[ckpt.RNG_KEY]) == {"torch"}
+    ckpt.set_rng_state(
+        {**state[ckpt.RNG_KEY], "cuda": [torch.zeros(8, dtype=torch.uint8)]}, torch.device("cpu")
+    )

@@ -31,17 +31,27 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The RNG state this process draws from: torch's, and on a CUDA run its own GPU's. A CPU run never
+    touches CUDA, even where a GPU is visible: asking for every GPU's state would start a CUDA context on
+    each of them in every rank (memory, and a CUDA runtime torn down at exit beside gloo's threads)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, list):  # checkpoints of danlu 0.1 held every visible GPU's state
+        index = device.index or 0
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def save_checkpoint(
@@ -51,19 +61,19 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None,
     trainer_state: dict[str, Any],
     config: dict[str, Any],
-    rng_states: list[dict[str, Any]] | None = None,
+    rng_states: list[dict[str, Any]],
 ) -> None:
-    """rng_states: every rank's RNG state in a multi-process run (rank 0's is also RNG_KEY)."""
+    """rng_states: every rank's RNG state (rank_state's), rank 0's first (also stored as RNG_KEY)."""
     checkpoint = {
         MODEL_KEY: unwrap(model).state_dict(),
         OPTIMIZER_KEY: optimizer.state_dict(),
         TRAINER_STATE_KEY: trainer_state,
-        RNG_KEY: rng_states[0] if rng_states else rng_state(),
+        RNG_KEY: rng_states[0],
         CONFIG_KEY: config,
         VERSION_KEY: __version__,
         SCHEMA_VERSION_KEY: SCHEMA_VERSION,
     }
-    if rng_states and len(rng_states) > 1:
+    if len(rng_states) > 1:
         checkpoint[RANK_RNG_KEY] = rng_states
     if scaler is not None and scaler.is_enabled():
         checkpoint[SCALER_KEY] = scaler.state_dict()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import os
 import sys
@@ -70,6 +71,13 @@ def start(world: World, device_name: str, timeout_s: float) -> torch.device:
     if use_cuda:
         torch.cuda.set_device(device)
     global _OWN_GROUP
+    # DDP imports torch._dynamo when it wraps the model. Imported after the group exists, it keeps
+    # references to the default group that are never let go (torch 2.13), so destroy_process_group() leaves
+    # the group and its gloo threads running into interpreter exit, where a rank could abort ("terminate
+    # called without an active exception") and torchrun report the finished run FAILED. Imported first,
+    # it holds none, and stop() ends the group's threads.
+    importlib.import_module("torch._dynamo")
+
     if not dist.is_initialized():  # Ray Train starts the group itself
         with _held_stderr():
             try:

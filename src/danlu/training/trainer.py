@@ -305,7 +305,7 @@ def _check_finite(loss: float, epoch: int, tc: TrainConfig) -> None:
         )
 
 
-def _checkpoint(s: Setup, path, config: Config, rng_states: list | None = None) -> None:
+def _checkpoint(s: Setup, path, config: Config, rng_states: list) -> None:
     ckpt.save_checkpoint(
         path, s.model, s.optimizer, s.scaler, asdict(s.state), config.model_dump(mode="json"), rng_states
     )
@@ -349,7 +349,7 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=N
             s.state.epoch = epoch
             record["seconds"] = round(s.state.train_seconds, 3)
             # each rank's RNG (dropout masks) goes into the checkpoint, so a resume replays every rank exactly
-            rng_states = distributed.gather(ckpt.rng_state(), s.world) if s.world.multi else None
+            rng_states = distributed.gather(ckpt.rng_state(s.device), s.world)  # None on other ranks
             saved = False
             if main:
                 _track_best(s, tc, record, monitor_on, run, config, rng_states)
@@ -407,7 +407,7 @@ def resumed_setup(config: Config, run: RunDir, world: World, device: torch.devic
         s.scaler.load_state_dict(state[ckpt.SCALER_KEY])
     per_rank = state.get(ckpt.RANK_RNG_KEY)
     ckpt.set_rng_state(
-        per_rank[world.rank] if per_rank and len(per_rank) == world.size else state[ckpt.RNG_KEY]
+        per_rank[world.rank] if per_rank and len(per_rank) == world.size else state[ckpt.RNG_KEY], device
     )
     s.state = TrainerState(**state[ckpt.TRAINER_STATE_KEY])
     if world.main:
