@@ -100,13 +100,16 @@ class Template:
                 )
             self.source, self.name = path.read_text(), path.name
 
-    def render(self, messages: list[dict[str, Any]]) -> str:
-        return self._render(normalize(messages))
+    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
+        return self._render(normalize(messages), generation_prompt)
 
-    def _render(self, normalized: list[dict[str, str]]) -> str:
+    def _render(self, normalized: list[dict[str, str]], generation_prompt: bool = True) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                normalized, chat_template=self.source, tokenize=False, add_generation_prompt=True
+                normalized,
+                chat_template=self.source,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
             )
         except DanluError:
             raise
@@ -120,15 +123,17 @@ class Template:
         Special tokens' text anywhere in it becomes those tokens: for a conversation, use encode_messages."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode_messages(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_messages(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation, with every special token's text inside a message's
-        content tokenized as text. Without such text in any message these are encode(render(messages))."""
+        content tokenized as text. Without such text in any message these are encode(render(messages)).
+        generation_prompt: end with the opening of an assistant turn (a prompt to answer); False for a
+        conversation to train on, which ends with its last message."""
         normalized = normalize(messages)
-        text = self._render(normalized)
+        text = self._render(normalized, generation_prompt)
         specials = self._specials()
         if not any(token in m["content"] for m in normalized for token in specials):
             return self.encode(text)  # nothing to forge: the tokenizer's own ids, exactly
-        spans = self._content_spans(normalized, text)
+        spans = self._content_spans(normalized, text, generation_prompt)
         if spans is None:
             found = next(t for m in normalized for t in specials if t in m["content"])
             raise DanluError(
@@ -161,11 +166,14 @@ class Template:
             start = match.end()
         return ids + self._plain(text[start:])
 
-    def _content_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]] | None:
+    def _content_spans(
+        self, messages: list[dict[str, str]], text: str, generation_prompt: bool = True
+    ) -> list[tuple[int, int]] | None:
         """Where each message's content lies in the rendered `text`: the conversation is rendered again
         with a marker in place of each content, and the markers replaced by the contents must give `text`
         back (as they do for templates that put content in as it is, or trimmed). None when they do not."""
-        skeleton = self._render([{**m, "content": MARKER.format(i)} for i, m in enumerate(messages)])
+        marked = [{**m, "content": MARKER.format(i)} for i, m in enumerate(messages)]
+        skeleton = self._render(marked, generation_prompt)
         pieces = MARKERS.split(skeleton)  # text, index, text, index, ..., text
         for shape in (lambda content: content, str.strip):
             spans, parts, at = [], [], 0

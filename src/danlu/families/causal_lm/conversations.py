@@ -1,0 +1,156 @@
+"""Conversations to fine-tune on: rows of a JSONL or Parquet file in any of the common shapes, each
+normalized to a list of messages ({"role", "content"} with role system, user or assistant):
+
+- OpenAI chat: {"messages": [{"role": ..., "content": ...}, ...]} (multi-turn; content a string or a list
+  of text parts);
+- prompt and completion: {"prompt": ..., "completion": ...}, each a string (a user turn, an assistant
+  turn) or a list of messages; an optional "system" string;
+- alpaca: {"instruction": ..., "input": ..., "output": ...} ("input" optional, appended to the
+  instruction after a blank line, as the alpaca recipe does); an optional "system" string.
+
+A row in none of these shapes, or with values of the wrong type, is the file's error and names its line.
+A row that is well formed but cannot be trained on (a role other than the three, no assistant turn) is
+skipped and counted by reason, for the report."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from danlu.errors import DanluError
+from danlu.serve.chat.templates import ROLES, content_text
+
+SHAPES = "messages, prompt/completion or instruction/output"
+UNKNOWN_ROLE = "a role other than system, user and assistant"
+NO_ASSISTANT = "no assistant turn"
+
+
+@dataclass
+class Conversations:
+    """The trainable conversations of a file, in file order, with the 1-based line (JSONL) or row
+    (Parquet) each came from, and how many rows were skipped, by reason."""
+
+    messages: list[list[dict[str, str]]] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+
+
+class RowError(ValueError):
+    """A malformed row: what is wrong with it, for the caller to place in the file."""
+
+
+def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line or row number from 1, the row as parsed) of a .jsonl or .parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except ValueError as exc:
+                    raise DanluError(
+                        f"{path.name} line {number} is not JSON: {exc}", "write one JSON object per line"
+                    ) from None
+    elif suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        number = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+    else:
+        raise DanluError(
+            f"'{path}' is not a conversation file", "use JSONL (one conversation per line) or Parquet"
+        )
+
+
+def read_conversations(path: Path) -> Conversations:
+    """Every row of the file normalized to messages. Raises DanluError naming the first malformed row."""
+    found = Conversations()
+    unit = "line" if path.suffix.lower() == ".jsonl" else "row"
+    for number, row in read_rows(path):
+        try:
+            messages = to_messages(row)
+        except RowError as exc:
+            raise DanluError(f"{path.name} {unit} {number}: {exc}", f"give each row {SHAPES}") from None
+        reason = untrainable(messages)
+        if reason is not None:
+            found.skipped[reason] += 1
+            continue
+        found.messages.append(messages)
+        found.lines.append(number)
+    return found
+
+
+def to_messages(row: Any) -> list[dict[str, str]]:
+    """One row as messages. Raises RowError when the row has no known shape or a value of a wrong type."""
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object, not {type(row).__name__}")
+    system = _system(row)
+    if "messages" in row:
+        return [*system, *_message_list(row["messages"], "messages")]
+    if "prompt" in row or "completion" in row:
+        if "prompt" not in row or "completion" not in row:
+            raise RowError("a row with prompt needs completion too (and the other way round)")
+        prompt = _turns(row["prompt"], "prompt", "user")
+        return [*system, *prompt, *_turns(row["completion"], "completion", "assistant")]
+    if "instruction" in row or "output" in row:
+        if "instruction" not in row or "output" not in row:
+            raise RowError("an alpaca row needs both instruction and output")
+        instruction = _text(row["instruction"], "instruction")
+        extra = _text(row.get("input") or "", "input")
+        question = f"{instruction}\n\n{extra}" if extra else instruction
+        answer = _text(row["output"], "output")
+        return [*system, {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    keys = ", ".join(sorted(map(str, row))) or "none"
+    raise RowError(f"no conversation in it (its keys: {keys})")
+
+
+def untrainable(messages: list[dict[str, str]]) -> str | None:
+    """Why a well-formed conversation cannot be trained on, or None."""
+    if any(m["role"] not in ROLES for m in messages):
+        return UNKNOWN_ROLE
+    if not any(m["role"] == "assistant" for m in messages):
+        return NO_ASSISTANT
+    return None
+
+
+def _system(row: dict) -> list[dict[str, str]]:
+    if row.get("system") in (None, ""):
+        return []
+    return [{"role": "system", "content": _text(row["system"], "system")}]
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise RowError(f"{where} must be a string, not {type(value).__name__}")
+    return value
+
+
+def _turns(value: Any, where: str, role: str) -> list[dict[str, str]]:
+    """A prompt or completion: a string (one turn of `role`) or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return _message_list(value, where)
+
+
+def _message_list(value: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise RowError(f"{where} must be a non-empty list of messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RowError(f'{where}[{i}] must be an object with a "role" and a "content"')
+        try:
+            content = content_text(message.get("content", ""), f"{where}[{i}]")
+        except DanluError as exc:
+            raise RowError(exc.message) from None
+        messages.append({"role": message["role"], "content": content})
+    return messages

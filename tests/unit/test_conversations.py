@@ -1,0 +1,88 @@
+"""Conversation files for fine-tuning: every common row shape normalized to messages, malformed rows named
+by their line, untrainable rows counted by reason, JSONL and Parquet alike."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from danlu.errors import DanluError
+from danlu.families.causal_lm.conversations import (
+    NO_ASSISTANT,
+    UNKNOWN_ROLE,
+    read_conversations,
+    to_messages,
+)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"messages": [user("hi"), assistant("hello")]}, [user("hi"), assistant("hello")]),
+        (
+            {"messages": [user([{"type": "text", "text": "h"}, {"type": "text", "text": "i"}])]},
+            [user("hi")],
+        ),
+        ({"prompt": "2+2?", "completion": "4"}, [user("2+2?"), assistant("4")]),
+        (
+            {"prompt": [user("a"), assistant("b"), user("c")], "completion": [assistant("d")]},
+            [user("a"), assistant("b"), user("c"), assistant("d")],
+        ),
+        ({"instruction": "Add.", "input": "2 2", "output": "4"}, [user("Add.\n\n2 2"), assistant("4")]),
+        ({"instruction": "Say hi.", "input": "", "output": "hi"}, [user("Say hi."), assistant("hi")]),
+        (
+            {"system": "Be brief.", "prompt": "2+2?", "completion": "4"},
+            [{"role": "system", "content": "Be brief."}, user("2+2?"), assistant("4")],
+        ),
+    ],
+)
+def test_every_shape_becomes_messages(row, expected):
+    assert to_messages(row) == expected
+
+
+def test_a_file_keeps_its_trainable_rows_and_counts_the_rest(tmp_path):
+    rows = [
+        {"messages": [user("hi"), assistant("hello")]},
+        {"messages": [user("hi")]},  # nothing to learn from
+        {"messages": [user("hi"), {"role": "tool", "content": "{}"}, assistant("ok")]},
+        {"prompt": "2+2?", "completion": "4"},
+    ]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # a blank line at the end is fine
+    found = read_conversations(path)
+    assert found.messages == [[user("hi"), assistant("hello")], [user("2+2?"), assistant("4")]]
+    assert found.lines == [1, 4]
+    assert dict(found.skipped) == {NO_ASSISTANT: 1, UNKNOWN_ROLE: 1}
+    parquet = tmp_path / "chats.parquet"
+    pd.DataFrame({"messages": [r["messages"] for r in rows[:3]]}).to_parquet(parquet)
+    assert read_conversations(parquet).messages == [[user("hi"), assistant("hello")]]
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ("[1, 2]", "line 2: a row must be a JSON object, not list"),
+        ('{"prompt": "no completion"}', "line 2: a row with prompt needs completion"),
+        ('{"messages": []}', "line 2: messages must be a non-empty list"),
+        (
+            '{"messages": [{"content": "no role"}]}',
+            r"line 2: messages\[0\] must be an object with a \"role\"",
+        ),
+        ('{"instruction": 3, "output": "x"}', "line 2: instruction must be a string, not int"),
+        ('{"text": "just text"}', r"line 2: no conversation in it \(its keys: text\)"),
+        ("{not json", "line 2 is not JSON"),
+    ],
+)
+def test_a_malformed_row_is_one_line_naming_it(tmp_path, line, match):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"prompt": "fine", "completion": "row"}) + "\n" + line + "\n")
+    with pytest.raises(DanluError, match=match):
+        read_conversations(path)
