@@ -76,8 +76,6 @@ def train(
         DanluError: bad config or data, an existing run directory (unless overwrite), nothing to resume.
     """
     from danlu.training import distributed
-    from danlu.training.report import finish
-    from danlu.training.trainer import fit
 
     world = distributed.world_from_env()  # one process, or a rank started by torchrun / Ray Train
     try:
@@ -90,14 +88,23 @@ def train(
                 resume, config, overrides, out = target.path, None, (), None
             else:
                 overwrite = True  # it died before its first checkpoint: start it again
-        run, cfg, setup = _run_setup(config, overrides, out, resume, overwrite, world)
-        fit(cfg, run, setup, progress=progress, on_epoch=on_epoch)
-        if world.main:
-            finish(cfg, run, setup)
-        distributed.barrier(world)  # the report exists on every rank's return
+        run = _train_and_finish(config, overrides, out, resume, overwrite, world, progress, on_epoch)
     finally:
-        distributed.stop()
+        distributed.stop()  # after the trainer's objects (DDP holds the group) are released
     return Run(run.path)
+
+
+def _train_and_finish(config, overrides, out, resume, overwrite: bool, world, progress: bool, on_epoch):
+    from danlu.training import distributed
+    from danlu.training.report import finish
+    from danlu.training.trainer import fit
+
+    run, cfg, setup = _run_setup(config, overrides, out, resume, overwrite, world)
+    fit(cfg, run, setup, progress=progress, on_epoch=on_epoch)
+    if world.main:
+        finish(cfg, run, setup)
+    distributed.barrier(world)  # the report exists on every rank's return
+    return run
 
 
 def _run_setup(config, overrides, out, resume, overwrite: bool, world):

@@ -6,10 +6,12 @@ A single process is a world of one: every helper here is then a no-op, so the tr
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import importlib
 import logging
 import os
+import pickle
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -70,7 +73,8 @@ def start(world: World, device_name: str, timeout_s: float) -> torch.device:
     device = torch.device(f"cuda:{world.local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    global _OWN_GROUP
+    global _OWN_GROUP, _DEVICE
+    _DEVICE = device
     # DDP imports torch._dynamo when it wraps the model. Imported after the group exists, it keeps
     # references to the default group that are never let go (torch 2.13), so destroy_process_group() leaves
     # the group and its gloo threads running into interpreter exit, where a rank could abort ("terminate
@@ -159,23 +163,41 @@ def _attempt_store(world: World, timeout_s: float) -> dict[str, Any]:
 
 
 _OWN_GROUP = False
+# Every tensor danlu hands to a collective, kept referenced from Python until the group is gone. A gloo
+# worker thread drops its reference to a finished collective's tensors later, on its own time; when it
+# drops the last one of a tensor made in Python, it must take the GIL to free the tensor's Python object.
+# If the main thread is then tearing the group down (it holds the GIL while it waits for those threads)
+# the two wait for each other forever; if the interpreter is exiting, the thread aborts the process. So
+# no collective of danlu's leaves that work to a gloo thread (torch's *_object helpers would: danlu does
+# not use them).
+_HELD: list[torch.Tensor] = []
+_DEVICE = torch.device("cpu")  # where collective tensors live: this rank's GPU under nccl
+
+
+def _held(tensor: torch.Tensor) -> torch.Tensor:
+    _HELD.append(tensor)
+    return tensor
 
 
 def stop() -> None:
-    """Leave a process group this module started (Ray Train tears down its own)."""
+    """Leave a process group this module started (Ray Train tears down its own). Whatever holds the group
+    (DDP's reducer) should be released first: collected here, the group and its threads end now."""
     global _OWN_GROUP
     if _OWN_GROUP and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()  # the trainer's objects that held the group, so that it ends here
     _OWN_GROUP = False
+    _HELD.clear()
 
 
 def check_same_config(world: World, config_text: str) -> None:
     """Every rank must train the same config: compare digests, fail on all ranks if any differs."""
     if not world.multi:
         return
-    digests: list[Any] = [None] * world.size
-    dist.all_gather_object(digests, hashlib.sha256(config_text.encode()).hexdigest())
-    if len(set(digests)) > 1:
+    digest = torch.frombuffer(bytearray(hashlib.sha256(config_text.encode()).digest()), dtype=torch.uint8)
+    digests = [_held(torch.empty_like(digest, device=_DEVICE)) for _ in range(world.size)]
+    dist.all_gather(digests, _held(digest.to(_DEVICE)))
+    if any(not torch.equal(d, digests[0]) for d in digests):
         raise DanluError(
             "the processes were started with different configs",
             "start every rank with the same config file and overrides",
@@ -186,7 +208,7 @@ def all_sum(values: list[float], world: World, device: torch.device) -> list[flo
     """Element-wise sums over ranks (epoch loss and row counts)."""
     if not world.multi:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = _held(torch.tensor(values, dtype=torch.float64, device=device))
     dist.all_reduce(tensor)
     return tensor.tolist()
 
@@ -195,18 +217,40 @@ def broadcast(obj: Any, world: World) -> Any:
     """Rank 0's value on every rank (decisions only the main process makes)."""
     if not world.multi:
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    data = pickle.dumps(obj) if world.main else b""
+    size = _held(torch.tensor([len(data)], dtype=torch.int64, device=_DEVICE))
+    dist.broadcast(size, src=0)
+    payload = _held(_bytes_tensor(data, int(size)))
+    dist.broadcast(payload, src=0)
+    return obj if world.main else _unbytes(payload)
 
 
 def gather(obj: Any, world: World) -> list[Any] | None:
     """Every rank's value, as a list on rank 0 (None elsewhere); [obj] in a single process."""
     if not world.multi:
         return [obj]
-    box = [None] * world.size if world.main else None
-    dist.gather_object(obj, box, dst=0)
-    return box
+    data = pickle.dumps(obj)
+    size = _held(torch.tensor([len(data)], dtype=torch.int64, device=_DEVICE))
+    sizes = [_held(torch.empty_like(size)) for _ in range(world.size)]
+    dist.all_gather(sizes, size)
+    longest = max(int(s) for s in sizes)
+    payloads = [_held(torch.empty(longest, dtype=torch.uint8, device=_DEVICE)) for _ in range(world.size)]
+    dist.all_gather(payloads, _held(_bytes_tensor(data, longest)))
+    if not world.main:
+        return None
+    return [_unbytes(p[: int(n)]) for p, n in zip(payloads, sizes, strict=True)]
+
+
+def _bytes_tensor(data: bytes, size: int) -> torch.Tensor:
+    """`data` padded with zeros to `size` bytes, as a uint8 tensor on the collectives' device."""
+    padded = np.zeros(size, dtype=np.uint8)
+    padded[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return torch.from_numpy(padded).to(_DEVICE)
+
+
+def _unbytes(payload: torch.Tensor) -> Any:
+    # the ranks of one run exchange their own state: the same trust as the run's own files
+    return pickle.loads(payload.cpu().numpy().tobytes())
 
 
 def barrier(world: World) -> None:
