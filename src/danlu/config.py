@@ -21,6 +21,7 @@ TABLE_SUFFIXES = (".csv", ".parquet", ".pq", ".npy", ".jsonl")  # sources that n
 
 CLASSIFICATION_MONITORS = ("val_loss", "val_accuracy", "val_f1_macro", "train_loss")
 REGRESSION_MONITORS = ("val_loss", "val_mae", "val_rmse", "val_r2", "train_loss")
+GENERATION_MONITORS = ("val_loss", "val_perplexity", "train_loss")
 MAXIMIZED_MONITORS = ("val_accuracy", "val_f1_macro", "val_r2")  # the rest improve by going down
 
 
@@ -207,7 +208,7 @@ class TrainConfig(Section):
     @field_validator("monitor")
     @classmethod
     def _monitor(cls, value: str) -> str:
-        known = sorted(set(CLASSIFICATION_MONITORS + REGRESSION_MONITORS))
+        known = sorted(set(CLASSIFICATION_MONITORS + REGRESSION_MONITORS + GENERATION_MONITORS))
         if value not in known:
             raise ValueError(f"unknown metric '{value}'{_closest(value, known)}; choose one of {known}")
         return value

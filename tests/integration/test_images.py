@@ -159,10 +159,10 @@ def test_resume_after_a_stop_gives_identical_weights(tmp_path, monkeypatch, budg
     full = fit(tmp_path / "full", data, *settings)
     original = trainer.train_epoch
 
-    def stop_in_epoch_4(s, tc, task, epoch):
+    def stop_in_epoch_4(s, tc, epoch):
         if epoch == 4:
             raise KeyboardInterrupt
-        return original(s, tc, task, epoch)
+        return original(s, tc, epoch)
 
     monkeypatch.setattr(trainer, "train_epoch", stop_in_epoch_4)
     with pytest.raises(KeyboardInterrupt):

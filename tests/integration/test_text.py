@@ -125,10 +125,10 @@ def test_resume_after_a_stop_gives_identical_weights_and_reuses_the_tokens(
     full = fit(tmp_path / "full", data, encoder, *settings)
     original = trainer.train_epoch
 
-    def stop_in_epoch_3(s, tc, task, epoch):
+    def stop_in_epoch_3(s, tc, epoch):
         if epoch == 3:
             raise KeyboardInterrupt
-        return original(s, tc, task, epoch)
+        return original(s, tc, epoch)
 
     monkeypatch.setattr(trainer, "train_epoch", stop_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):

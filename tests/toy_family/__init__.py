@@ -16,8 +16,8 @@ from tests.toy_family.state import SequenceState
 SUFFIX = ".seq.npz"
 
 
-def detect(config: DataConfig) -> bool:
-    return config.train.endswith(SUFFIX)
+def detect(data: DataConfig, model) -> bool:
+    return data.train.endswith(SUFFIX)
 
 
 FAMILY = Family(

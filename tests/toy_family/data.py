@@ -106,7 +106,7 @@ def _part(state: SequenceState, items: SequenceItems, device) -> TensorPart:
     return TensorPart(Batch({"x": torch.from_numpy(items.x)}, target)).to(device)
 
 
-def load(config, device, state: SequenceState | None = None, cache=None, model=None):
+def load(config, device, state: SequenceState | None = None, cache=None, model=None, train=None):
     source = SequenceSource(config.train)
     if source.labels is None:
         raise DanluError(f"'{config.train}' has no labels", "add a `labels` array to the NPZ file")

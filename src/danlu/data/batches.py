@@ -95,13 +95,14 @@ def share(n: int, rank: int, world: int) -> tuple[int, int]:
     return lo, lo + base + (rank < extra)
 
 
-def sharded(batches: Iterator[Batch], rank: int, world: int) -> Iterator[tuple[Batch, int]]:
-    """Each global batch's share for this rank, with the global batch's row count (for loss scaling)."""
-    if world == 1:
-        yield from ((batch, batch.rows) for batch in batches)
-        return
+def sharded(
+    batches: Iterator[Batch], rank: int, world: int, units: Callable[[Batch], int] | None = None
+) -> Iterator[tuple[Batch, int]]:
+    """Each global batch's share for this rank, with the global batch's units for loss scaling: its rows,
+    or `units(batch)` (causal LMs: its trained tokens)."""
     for batch in batches:
-        yield batch.slice(*share(batch.rows, rank, world)), batch.rows
+        total = batch.rows if units is None else units(batch)
+        yield (batch if world == 1 else batch.slice(*share(batch.rows, rank, world))), total
 
 
 class TensorPart:

@@ -10,6 +10,7 @@ import numpy as np
 SUMMARY_KEYS = {
     "classification": ("accuracy", "f1_macro", "roc_auc", "log_loss"),
     "regression": ("mae", "rmse", "r2"),
+    "generation": ("loss", "perplexity"),  # per trained token (danlu.training.objectives.TokenStream)
 }
 EXACT_ROWS = 1_000_000  # MetricStream keeps scores for an exact ROC-AUC up to this many rows
 PROBA_FLOOR = 1e-15  # log loss clips probabilities here

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from danlu.errors import DanluError
 
 if TYPE_CHECKING:
-    from danlu.config import Config, DataConfig
+    from danlu.config import Config, DataConfig, ModelConfig
     from danlu.families.contract import Family
 
 # name -> the module whose FAMILY is that family's contract; auto-detection asks them in this order
@@ -43,12 +43,16 @@ def get(name: str) -> Family:
     return family
 
 
-def name_for(data: DataConfig) -> str:
-    """data.family, or for auto the first family that claims the source, else the fallback (tables)."""
+def name_for(data: DataConfig, model: ModelConfig | None = None) -> str:
+    """data.family, or for auto the first family that claims the source (and model), else the fallback
+    (tables)."""
     if data.family != "auto":
         return data.family
+    from danlu.config import ModelConfig
+
+    model = model if model is not None else ModelConfig()
     every = [get(name) for name in FAMILIES]
-    claimed = next((f for f in every if not f.fallback and f.detect(data)), None)
+    claimed = next((f for f in every if not f.fallback and f.detect(data, model)), None)
     chosen = claimed or next((f for f in every if f.fallback), None)
     if chosen is None:
         raise DanluError(f"no family reads '{data.train}'", "set data.family")
@@ -59,7 +63,7 @@ def resolve_family(config: Config) -> Config:
     """The config as saved: data.family resolved (auto -> the family that claims the source), model.type
     checked against what the family builds, and the family's model and train defaults filled in where
     the config left them unset."""
-    name = name_for(config.data)
+    name = name_for(config.data, config.model)
     family = get(name)
     family.check_model_type(config.model.type)
     model = {k: v for k, v in family.model_defaults.items() if getattr(config.model, k) in (None, "auto")}

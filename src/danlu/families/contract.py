@@ -44,12 +44,13 @@ class Family:
     # --- identity, and the config values it adds ---------------------------------------------------
     name: str
     state_type: type  # its fitted preprocessing: a FamilyState subclass (to_json / from_json)
-    detect: Callable[[Any], bool]  # (DataConfig) -> the source is this family's, for data.family: auto
+    # (DataConfig, ModelConfig) -> the source (and model) are this family's, for data.family: auto
+    detect: Callable[[Any, Any], bool]
     model_types: tuple[str, ...]  # the model.type values it builds (besides auto)
 
     # --- training data ------------------------------------------------------------------------------
-    # (DataConfig, device, state or None, cache dir or None, ModelConfig) -> Dataset: fit the state
-    # (unless given, as on resume) and build the parts
+    # (DataConfig, device, state or None, cache dir or None, ModelConfig, TrainConfig) -> Dataset: fit the
+    # state (unless given, as on resume) and build the parts
     load: Callable[..., Any]
     build_model: Callable[[Any, Any], Any]  # (ModelConfig, state) -> nn.Module, called with a batch's inputs
 
@@ -95,7 +96,11 @@ class Family:
     # (source, plan) -> held-out rows of a run trained in chunks; None: such runs do not exist
     plan_frames: Callable[[Any, dict], Iterator[Any]] | None = None
     bind: Callable[[Any, Path], None] = _nothing  # (state, run dir): a finished run's own files
+    # (model, TrainConfig) after the model is built for training (causal LMs: gradient checkpointing)
+    prepare_training: Callable[[Any, Any], None] = _nothing
     write_artifacts: Callable[[Any, Any, Any], None] = _nothing  # (RunDir, model, state) at the end
+    # write_artifacts writes RUN/model.safetensors itself (causal LMs: the merged model, beside RUN/hf)
+    writes_weights: bool = False
     report_plots: Callable[..., None] = _nothing  # (RunDir, model, part, state, device): more plots
     train_stats: Callable[[Any, int, float], dict] = _no_stats  # (part, epochs, seconds) -> report.json
     # (state, items, decoded, png path) -> `danlu predict --plot`; None: the family draws nothing

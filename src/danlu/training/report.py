@@ -7,7 +7,7 @@ from typing import Any
 
 from danlu import __version__
 from danlu.config import SCHEMA_VERSION, Config
-from danlu.evaluation.metrics import MetricStream, summary
+from danlu.evaluation.metrics import summary
 from danlu.models.weights import save_weights
 from danlu.run import RunDir, atomic_write_json
 from danlu.training import checkpoint as ckpt
@@ -16,7 +16,7 @@ from danlu.training.trainer import Setup, evaluate_part
 log = logging.getLogger("danlu")
 
 
-def write_plots(run: RunDir, stream: MetricStream, metrics: dict[str, Any]) -> None:
+def write_plots(run: RunDir, stream: Any, metrics: dict[str, Any]) -> None:
     from danlu.evaluation import plots  # matplotlib: only rank 0 at the end of a run needs it
 
     history = run.read_metrics()
@@ -26,7 +26,7 @@ def write_plots(run: RunDir, stream: MetricStream, metrics: dict[str, Any]) -> N
         plots.confusion_matrix(
             metrics["confusion_matrix"], stream.classes, run.plots / "confusion_matrix.png"
         )
-    else:
+    elif stream.task == "regression":
         plots.predicted_vs_actual(*stream.sample, run.plots / "predicted_vs_actual.png")
 
 
@@ -41,8 +41,9 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
     tc = config.train
     if tc.restore_best and run.best_checkpoint.is_file():
         s.bare_model.load_state_dict(ckpt.load_checkpoint(run.best_checkpoint)[ckpt.MODEL_KEY])
-    save_weights(s.bare_model, run.weights)
-    s.family.write_artifacts(run, s.bare_model, s.data.state)  # texts: RUN/hf in Hugging Face format
+    if not s.family.writes_weights:
+        save_weights(s.bare_model, run.weights)
+    s.family.write_artifacts(run, s.bare_model, s.data.state)  # texts, causal LMs: RUN/hf
 
     state = s.data.state
     held_out, split_name = (

@@ -16,26 +16,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from danlu import families
-from danlu.config import (
-    CLASSIFICATION_MONITORS,
-    MAXIMIZED_MONITORS,
-    REGRESSION_MONITORS,
-    Config,
-    TrainConfig,
-    check_batch_split,
-    dump_config,
-)
+from danlu.config import MAXIMIZED_MONITORS, Config, TrainConfig, check_batch_split, dump_config
 from danlu.data import heldout
 from danlu.data.batches import Batch, run_model, share, shuffle_generator
 from danlu.data.dataset import Dataset
 from danlu.errors import DanluError
-from danlu.evaluation.metrics import MetricStream
 from danlu.families.contract import Family
 from danlu.inference import autocast, iter_outputs, resolve_precision
 from danlu.run import RunDir, atomic_write_text
 from danlu.training import checkpoint as ckpt
 from danlu.training import distributed
 from danlu.training.distributed import World
+from danlu.training.objectives import objective_for
 
 log = logging.getLogger("danlu")
 
@@ -126,14 +118,6 @@ def build_optimizer(
     return cls(groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
-def loss_fn(task: str, reduction: str = "mean") -> nn.Module:
-    return (
-        nn.CrossEntropyLoss(reduction=reduction)
-        if task == "classification"
-        else nn.MSELoss(reduction=reduction)
-    )
-
-
 def _batch_size(tc: TrainConfig, n_rows: int, world: World) -> int:
     """The global batch: each optimizer step's rows over all processes and micro-batches."""
     if tc.batch_size == "auto":
@@ -150,7 +134,7 @@ def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.
     if precision != tc.precision and tc.precision != "auto":
         log.warning("train.precision=%s is not supported on %s; training in fp32", tc.precision, device)
     family = families.get(config.data.family)
-    data = family.load(config.data, device, state, run.cache, config.model)
+    data = family.load(config.data, device, state, run.cache, config.model, tc)
     if world.main:
         if state is None:
             atomic_write_text(run.preprocess, data.state.to_json())
@@ -159,13 +143,14 @@ def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.
             heldout.check_source(run, family, data.source.name, data.source)
     data.held_out = None  # recorded; the rows need not stay in memory while training
     state = data.state
-    allowed = CLASSIFICATION_MONITORS if state.task == "classification" else REGRESSION_MONITORS
+    allowed = objective_for(state).monitors
     if tc.monitor not in allowed:
         raise DanluError(
             f"train.monitor={tc.monitor} does not apply to {state.task}", f"use one of {', '.join(allowed)}"
         )
     torch.manual_seed(tc.seed)  # initialisation must not depend on how much randomness loading used
     model = family.build_model(config.model, state)
+    family.prepare_training(model, tc)
     model.to(device)
     if world.multi:
         # every rank starts from rank 0's weights; gradients are averaged in backward
@@ -222,16 +207,17 @@ def _uneven_inputs(s: Setup):
     return contextlib.nullcontext()
 
 
-def train_epoch(s: Setup, tc: TrainConfig, task: str, epoch: int) -> float:
-    """One pass over the training data; returns the mean loss per row over all processes.
+def train_epoch(s: Setup, tc: TrainConfig, epoch: int) -> float:
+    """One pass over the training data; returns the mean loss per unit (row, or trained token) over all
+    processes.
 
     Each step's loss is scaled so that DDP's average over ranks (and the sum over micro-batches) is the
     mean over the whole global batch: N processes, or micro-batches, give a single process's gradient.
     """
     s.model.train()
-    criterion = loss_fn(task)
+    objective = objective_for(s.data.state)
     total = torch.zeros((), device=s.device)
-    rows = 0
+    units = 0
     generator = shuffle_generator(tc.seed, epoch)
     with _uneven_inputs(s):
         for batch, n_global in s.data.train.train_batches(
@@ -248,31 +234,30 @@ def train_epoch(s: Setup, tc: TrainConfig, task: str, epoch: int) -> float:
                     with autocast(s.device, s.precision):
                         out = run_model(s.model, piece)
                         if piece.rows == 0:  # an empty share still joins the gradient all-reduce
-                            loss = out.sum() * 0.0
+                            loss, share_units = out.sum() * 0.0, 0
                         else:
-                            loss = criterion(out.squeeze(-1) if task == "regression" else out, piece.target)
-                    scale = piece.rows * s.world.size / n_global
+                            loss, share_units = objective.loss(out, piece)
+                    scale = share_units * s.world.size / n_global
                     backward(s, loss if scale == 1 else loss * scale)
-                total += loss.detach() * piece.rows  # stays on the device: no sync point per step
-                rows += piece.rows
+                total += loss.detach() * share_units  # stays on the device: no sync point per step
+                units += share_units
             optimizer_step(s, tc.grad_clip)
             s.state.step += 1
-    loss_sum, count = distributed.all_sum([float(total), float(rows)], s.world, s.device)
+    loss_sum, count = distributed.all_sum([float(total), float(units)], s.world, s.device)
     return loss_sum / max(count, 1)
 
 
 def evaluate_part(
     model: nn.Module, part: Any, family: Family, state: Any, device: torch.device, precision: str
-) -> tuple[float, MetricStream]:
-    """Mean loss (in training units) and the metrics of one split, streamed batch by batch."""
-    criterion = loss_fn(state.task, reduction="sum")
-    stream = MetricStream(state.task, state.classes)
+) -> tuple[float, Any]:
+    """Mean loss (per training unit: row or trained token) and the metrics stream of one split, streamed
+    batch by batch."""
+    objective = objective_for(state)
+    stream = objective.stream()
     loss_sum = 0.0
     part = family.ordered(part)[0]  # texts by length: the metrics do not depend on the order
     for outputs, targets in iter_outputs(model, part.batches(family.eval_batch), device, precision):
-        out_t, y_t = torch.from_numpy(outputs), torch.from_numpy(targets)
-        loss_sum += float(criterion(out_t.squeeze(-1) if state.task == "regression" else out_t, y_t))
-        stream.update(state.decode_target(targets), state.decode(outputs))
+        loss_sum += objective.update(stream, state, outputs, targets)
     return loss_sum / max(stream.n, 1), stream
 
 
@@ -338,7 +323,7 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=N
             start = time.perf_counter()
             record: dict[str, Any] = {
                 "epoch": epoch,
-                "train_loss": train_epoch(s, tc, s.data.state.task, epoch),
+                "train_loss": train_epoch(s, tc, epoch),
             }
             _check_finite(record["train_loss"], epoch, tc)  # every rank holds the same all-reduced loss
             record["lr"] = lr_at(s.state.step, s.total_steps, tc)

@@ -4,7 +4,7 @@ decoded once."""
 
 from __future__ import annotations
 
-from danlu.config import DataConfig
+from danlu.config import DataConfig, ModelConfig
 from danlu.families.contract import Family
 from danlu.families.image import codec, serve
 from danlu.families.image.codec import ImageItems, decode_items
@@ -44,7 +44,7 @@ def plot_predictions(state: ImageState, items: ImageItems, decoded, path) -> Non
     image_grid(items.images, captions, path, "predictions")
 
 
-def detect(data: DataConfig) -> bool:
+def detect(data: DataConfig, model: ModelConfig) -> bool:
     return data.image is not None or looks_like_images(data.train)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from danlu.config import DataConfig, ModelConfig
+from danlu.config import DataConfig, ModelConfig, TrainConfig
 from danlu.data.batches import Batch, TensorPart
 from danlu.data.dataset import Dataset, HeldOut, assemble
 from danlu.data.split import memory_budget, split_indices
@@ -163,6 +163,7 @@ def load(
     state: ImageState | None = None,
     cache: Path | None = None,
     model: ModelConfig | None = None,
+    train: TrainConfig | None = None,
 ) -> Dataset:
     """Split the source, fit the state on the training images (unless given), decode every image once:
     into memory, or, past the memory budget, into memory-mapped files under `cache` (RUN/cache)."""

@@ -12,7 +12,7 @@ from danlu.families.tabular.preprocess import Preprocessor
 from danlu.run import HELDOUT_ROWS
 
 
-def claims_every_source(data) -> bool:
+def claims_every_source(data, model) -> bool:
     """Tables are the fallback: every source no other family claims."""
     return True
 

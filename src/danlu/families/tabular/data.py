@@ -212,7 +212,12 @@ def _load_chunked(table: Table, config: DataConfig, pre: Preprocessor | None, de
 
 
 def load(
-    config: DataConfig, device: torch.device, state: Preprocessor | None = None, cache=None, model=None
+    config: DataConfig,
+    device: torch.device,
+    state: Preprocessor | None = None,
+    cache=None,
+    model=None,
+    train=None,
 ) -> Dataset:
     """Open the training data, split it, fit preprocessing (unless given, as on resume) and build parts.
     (Tables need no cache directory: NPY and Parquet are read from the files themselves; the model

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from danlu.config import DataConfig
+from danlu.config import DataConfig, ModelConfig
 from danlu.families.contract import Family
 from danlu.families.tabular import TABLE_ROWS
 from danlu.families.text import codec, serve
@@ -29,7 +29,7 @@ TRAIN_DEFAULTS = {
 }
 
 
-def detect(data: DataConfig) -> bool:
+def detect(data: DataConfig, model: ModelConfig) -> bool:
     return data.text is not None
 
 

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from danlu import __version__
-from danlu.config import DataConfig, ModelConfig
+from danlu.config import DataConfig, ModelConfig, TrainConfig
 from danlu.data.batches import Batch, sharded
 from danlu.data.dataset import Dataset, HeldOut, assemble
 from danlu.data.sources import open_table
@@ -220,6 +220,7 @@ def load(
     state: TextState | None = None,
     cache: Path | None = None,
     model: ModelConfig | None = None,
+    train: TrainConfig | None = None,
 ) -> Dataset:
     """Split the table, fit the state on the training rows (unless given; the tokenizer from
     model.pretrained), tokenize every text once (into `cache`, RUN/cache)."""
