@@ -14,7 +14,7 @@ FLOOR_STAMP := $(FLOOR)/.setup-stamp
 FLOOR_TESTS := tests/integration/test_chat_engine.py tests/integration/test_chat_app.py \
 	tests/integration/test_chat_llamacpp.py tests/integration/test_chat_quantize.py \
 	tests/integration/test_export_gguf.py tests/integration/test_text.py tests/integration/test_export.py \
-	tests/integration/test_offline_loading.py
+	tests/integration/test_offline_loading.py tests/integration/test_causal_lm.py tests/integration/test_sft_tokens.py
 PURELIB := import sysconfig; print(sysconfig.get_path('purelib'))
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF
 # The web page tests drive Debian's chromium and chromedriver (a matched pair); sudo when not root.
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[export,serve,ray,text,chat,bench,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[export,serve,ray,text,chat,finetune,bench,dev]"
 	# llama.cpp from source when no wheel fits (about 3 minutes on 2 cores, once: pip caches the wheel);
 	# without its multimodal library (LLAVA_BUILD), which danlu does not load
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[llama]"

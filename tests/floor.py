@@ -14,8 +14,9 @@ from packaging.version import Version
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 # the extras whose APIs moved under danlu between the versions its ranges admit: transformers (chat,
-# text encoders, GGUF reading), the GGUF writer, the llama.cpp bindings, the ONNX exporter and runtime
-PACKAGES = ("transformers", "gguf", "llama-cpp-python", "onnx", "onnxruntime", "onnxscript")
+# text encoders, GGUF reading, fine-tuning), peft (LoRA), the GGUF writer, the llama.cpp bindings, the
+# ONNX exporter and runtime
+PACKAGES = ("transformers", "peft", "gguf", "llama-cpp-python", "onnx", "onnxruntime", "onnxscript")
 
 
 def floors(pyproject: Path = PYPROJECT) -> dict[str, str]:

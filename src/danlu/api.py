@@ -286,8 +286,9 @@ def serve(
         DanluError: a bad run directory, model, setting or warm-up, before anything is bound.
     """
     from danlu.serve import shell
-    from danlu.serve.chat.model import is_causal_lm, looks_like_model
+    from danlu.serve.chat.model import is_causal_lm, looks_like_model, served_model
 
+    source = served_model(str(source))  # a fine-tuned causal LM's run: the model it holds
     if not (is_causal_lm(source) or looks_like_model(str(source))):
         from danlu.serve.app import ServeSettings, create_app
 

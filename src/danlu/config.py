@@ -53,7 +53,14 @@ class DataConfig(Section):
     )
     text: str | None = Field(None, description="text family: the column of texts in a CSV/Parquet/JSONL")
     max_length: int = Field(
-        256, ge=8, description="text family: tokens per text (longer texts are truncated)"
+        256,
+        ge=8,
+        description="text family: tokens per text (longer texts are truncated); causal LMs: tokens per "
+        "conversation (see on_long)",
+    )
+    on_long: Literal["skip", "error"] = Field(
+        "skip",
+        description="causal LMs: a conversation longer than max_length is skipped (and counted) or an error",
     )
     image: str | None = Field(None, description="image family: the column of image paths in a CSV/Parquet")
     image_size: int | list[int] | None = Field(
@@ -97,7 +104,11 @@ class DataConfig(Section):
     def _check(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("data.val_fraction + data.test_fraction must be below 1")
-        needs_target = Path(self.train).suffix.lower() in TABLE_SUFFIXES
+        from danlu.families import NO_TARGET  # the registry's names: no family is imported
+
+        # conversations (family auto) are told from tables by model.pretrained: Config checks those
+        untargeted = self.family == "auto" or self.family in NO_TARGET
+        needs_target = Path(self.train).suffix.lower() in TABLE_SUFFIXES and not untargeted
         if self.target is None and needs_target:
             raise ValueError("data.target is required: name the column to predict, e.g. data.target=label")
         size = self.image_size
@@ -125,7 +136,22 @@ class ModelConfig(Section):
     pretrained: str | None = Field(
         None,
         description="text family: a local Hugging Face encoder directory (config.json, safetensors weights, "
-        "tokenizer files); never downloaded",
+        "tokenizer files); causal LMs: a local causal-LM directory or GGUF file; never downloaded",
+    )
+    adapter: Literal["lora", "none"] = Field(
+        "lora", description="causal LMs: train a LoRA adapter (peft), or every weight (none)"
+    )
+    lora_r: int = Field(16, ge=1, description="causal LMs: the LoRA rank")
+    lora_alpha: float = Field(32, gt=0, description="causal LMs: the LoRA scale numerator (alpha / r)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="causal LMs: dropout on the LoRA input")
+    lora_targets: list[str] | None = Field(
+        None,
+        description="causal LMs: module names LoRA adapts; default every linear projection of the blocks",
+    )
+    template: str | None = Field(
+        None,
+        description="causal LMs: the chat template (chatml, llama3, zephyr, starchat or a Jinja file); "
+        "default the tokenizer's own. Stored in the run and served with it",
     )
     freeze_encoder: bool = Field(False, description="text family: train the head only")
     hidden: list[int] | None = Field(
@@ -197,6 +223,14 @@ class TrainConfig(Section):
     dist_timeout: float = Field(
         300, gt=0, description="seconds a multi-process run waits on its peers before failing"
     )
+    loss_on: Literal["assistant", "last_turn", "all"] = Field(
+        "assistant",
+        description="causal LMs: the tokens trained: every assistant turn (with its end-of-turn token), "
+        "the last one only, or every token",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="causal LMs: recompute activations in backward (less memory, about 30% slower)"
+    )
 
     @field_validator("batch_size")
     @classmethod
@@ -219,6 +253,20 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: str = Field("runs/run", description="run directory")
+
+    @model_validator(mode="after")
+    def _target(self) -> Config:
+        """A table needs data.target; conversations for a causal LM (model.pretrained) do not."""
+        from danlu.serve.chat.model import is_causal_lm  # reads config.json only
+
+        data = self.data
+        if (
+            data.family == "auto"
+            and data.target is None
+            and Path(data.train).suffix.lower() in TABLE_SUFFIXES
+        ) and (self.model.pretrained is None or not is_causal_lm(self.model.pretrained)):
+            raise ValueError("data.target is required: name the column to predict, e.g. data.target=label")
+        return self
 
 
 def _closest(name: str, candidates: list[str], prefix: str = "") -> str:

@@ -17,6 +17,7 @@ from danlu.families.contract import Family
 from danlu.inference import collect_outputs, resolve_device
 from danlu.models.weights import load_weights
 from danlu.run import RunDir
+from danlu.serve.chat.model import fine_tuned_model
 
 ENGINES = ("torch", "onnx")
 
@@ -79,6 +80,11 @@ class Predictor:
         run.require_complete()
         config = validate(read_yaml(run.config))
         check_model_code(run, config, trust_model_code)
+        if fine_tuned_model(run.path) is not None:
+            raise DanluError(
+                f"'{run.path}' is a fine-tuned language model: it answers conversations, not rows",
+                "chat with it: danlu chat RUN, or serve it: danlu serve RUN",
+            )
         family, state = families.state_from_json(run.preprocess.read_text(), run.path)
         model = family.build_model(config.model, state)
         load_weights(model, run.weights)

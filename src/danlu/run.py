@@ -56,7 +56,8 @@ HELDOUT_INDEX = "heldout.npy"
 HELDOUT_IMAGES = "heldout.npz"
 PREDICTIONS = "predictions.csv"  # written by `danlu quickstart`
 CACHE = "cache"  # decoded data danlu can rebuild: safe to delete, never packaged
-HF = "hf"  # text runs: the model and tokenizer for transformers' from_pretrained
+HF = "hf"  # text and causal-LM runs: the model and tokenizer for transformers' from_pretrained
+ADAPTER = "adapter"  # causal-LM runs with LoRA: the adapter for peft's PeftModel.from_pretrained
 EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}  # `danlu export` formats and their files
 MANIFEST = ".danlu-files.json"  # in a folder danlu fills (hf/): the names of the files it wrote there
 PLOT_SOFTWARE = "danlu"  # the Software tag of every PNG danlu draws
@@ -64,7 +65,7 @@ CACHE_NAME = re.compile(r"^[a-z]+-[0-9a-f]{16}[-.]")  # KIND-KEY.npz, KIND-KEY-S
 # Every name danlu writes at the top of a run directory: only these are ever deleted from one.
 RUN_ENTRIES = frozenset(
     {CONFIG, PREPROCESS, WEIGHTS, CHECKPOINTS, METRICS, REPORT, PLOTS, EXPORT, HELDOUT, HELDOUT_ROWS}
-    | {HELDOUT_INDEX, HELDOUT_IMAGES, PREDICTIONS, CACHE, HF}
+    | {HELDOUT_INDEX, HELDOUT_IMAGES, PREDICTIONS, CACHE, HF, ADAPTER}
 )
 
 
@@ -190,6 +191,7 @@ class RunDir:
     heldout = property(lambda self: self.path / HELDOUT)
     cache = property(lambda self: self.path / CACHE)
     hf = property(lambda self: self.path / HF)
+    adapter = property(lambda self: self.path / ADAPTER)
 
     def export_path(self, fmt: str, quantize: str | None = None) -> Path:
         """Where `danlu export` writes by default: export/model[.int8].onnx|pt."""
@@ -324,6 +326,20 @@ def _remove_own_files(folder: Path) -> list[str]:
         with contextlib.suppress(OSError):
             path.rmdir()  # only when empty
     return [str(p.relative_to(folder.parent)) for p in files if p not in own]
+
+
+def replace_folder(written: Path, target: Path) -> None:
+    """Move a folder danlu has just written beside `target` into its place. An earlier one there goes
+    first, file by file as danlu wrote it (a run finished again after a stop); a file of anyone else's in
+    it is refused, and nothing is moved."""
+    if target.exists():
+        kept = _remove_own_files(target)
+        if kept:
+            raise DanluError(
+                f"'{target}' holds files danlu did not write ({', '.join(kept[:3])})",
+                "move them out of the run directory",
+            )
+    written.rename(target)
 
 
 def _is_run_entry(name: str) -> bool:

@@ -68,14 +68,13 @@ def add_chat(sub) -> None:
 
 def run_chat(args) -> int:
     from danlu.serve.chat.engine import Engine
-    from danlu.serve.chat.model import check_path, load_chat_model
+    from danlu.serve.chat.model import check_path, load_chat_model, served_model
     from danlu.serve.chat.sampling import SamplingParams
     from danlu.serve.chat.templates import Template
 
-    check_path(args.model)
-    chat = load_chat_model(
-        args.model, args.dtype, args.device, args.trust_remote_code, args.quantize, args.engine
-    )
+    model = served_model(args.model)  # a fine-tuned causal LM's run: the model it holds
+    check_path(model)
+    chat = load_chat_model(model, args.dtype, args.device, args.trust_remote_code, args.quantize, args.engine)
     template = Template(chat.tokenizer, args.template)
     engine = Engine(chat, max_batch=1, extra_stops=template.stops)  # generate() steps it on this thread
     defaults = {

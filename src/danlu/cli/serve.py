@@ -82,8 +82,9 @@ def add_serve(sub) -> None:
 
 def run_serve(args) -> int:
     from danlu.run import RunDir
-    from danlu.serve.chat.model import is_causal_lm, looks_like_model
+    from danlu.serve.chat.model import is_causal_lm, looks_like_model, served_model
 
+    args.run_dir = served_model(args.run_dir)  # a fine-tuned causal LM's run: the model it holds
     chat = is_causal_lm(args.run_dir) or looks_like_model(args.run_dir)
     if not chat:
         RunDir(args.run_dir).require_complete()  # before torch is imported

@@ -22,7 +22,10 @@ FAMILIES: dict[str, str] = {
     "tabular": "danlu.families.tabular",
     "image": "danlu.families.image",
     "text": "danlu.families.text",
+    "causal_lm": "danlu.families.causal_lm",
 }
+# families whose training data has no target column (conversations): config checks data.target by these
+NO_TARGET = frozenset({"causal_lm"})
 
 
 def register(name: str, module: str) -> None:

@@ -71,6 +71,41 @@ def _hub_id(spec: str) -> bool:
     return not Path(spec).parent.exists()
 
 
+def fine_tuned_model(spec: str | Path) -> Path | None:
+    """RUN/hf of a run directory that holds a fine-tuned causal LM (its hf/ is a *ForCausalLM), else None.
+    Reads two files: no family, no torch."""
+    from danlu.run import RunDir
+
+    run = RunDir(spec)
+    if run.preprocess.is_file() and is_causal_lm(run.hf):
+        return run.hf
+    return None
+
+
+def served_model(spec: str) -> str:
+    """The model a spec names: a fine-tuned causal LM's finished run stands for the model directory it
+    holds (RUN/hf); anything else is itself."""
+    from danlu.run import RunDir
+
+    model = fine_tuned_model(spec)
+    if model is None:
+        return spec
+    RunDir(spec).require_complete()
+    return str(model)
+
+
+def model_name(path: Path) -> str:
+    """The name /v1/models gives a model: its file's stem, its directory's name, or for a fine-tuned
+    run's RUN/hf the run's name."""
+    from danlu.run import HF, REPORT
+
+    if path.is_file():
+        return path.stem
+    if path.name == HF and (path.parent / REPORT).is_file():
+        return path.parent.name
+    return path.name
+
+
 def check_path(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
@@ -231,7 +266,7 @@ def load_chat_model(
     q.return_freed_memory()
     defaults, eos_ids = _generation_defaults(getattr(model, "generation_config", None), model.config)
     context = _context(model.config)
-    name = path.stem if path.is_file() else path.name
+    name = model_name(path)
     return ChatModel(
         model,
         tokenizer,
@@ -248,6 +283,30 @@ def load_chat_model(
 
 def _context(config) -> int:
     return int(getattr(config, "max_position_embeddings", 0) or 2048)
+
+
+def generation_info(path: Path) -> tuple[dict[str, Any], set[int], int]:
+    """(generation defaults, end-of-sequence ids, context) of a model directory or GGUF file, from its
+    files alone (no weights), as load_chat_model finds them on the loaded model."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from danlu.hf import load_files, quiet_transformers
+
+    where, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+    with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            config = load_files(AutoConfig, where, **extra)
+            generation = (
+                load_files(GenerationConfig, where)
+                if path.is_dir() and (path / "generation_config.json").is_file()
+                else GenerationConfig.from_model_config(config)
+            )
+        except Exception as exc:
+            raise DanluError(
+                f"cannot read '{path}': {exc}".splitlines()[0], "check the model files"
+            ) from None
+    defaults, eos_ids = _generation_defaults(generation, config)
+    return defaults, eos_ids, _context(config)
 
 
 def _load_llamacpp(path: Path) -> ChatModel:

@@ -100,6 +100,19 @@ class Template:
                 )
             self.source, self.name = path.read_text(), path.name
 
+    @classmethod
+    def of_source(cls, tokenizer, source: str, name: str) -> Template:
+        """A template from its Jinja source (a fine-tuned run's stored one), named for messages."""
+        template = cls.__new__(cls)
+        template.tokenizer, template.source, template.name = tokenizer, source, name
+        template.stops = BUILTIN_STOPS.get(name, [])
+        return template
+
+    @property
+    def jinja(self) -> str:
+        """The Jinja source this template renders with."""
+        return self.source if self.source is not None else self.tokenizer.chat_template
+
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
         return self._render(normalize(messages), generation_prompt)
 

@@ -1,0 +1,236 @@
+"""Conversation data for fine-tuning: read the file, split it (or read data.validation / data.test),
+render and tokenize every conversation once with the run's chat template (tokens.py: which tokens are
+trained), and batch as texts are (per-batch padding, training batches grouped by length), with the
+labels as each batch's target."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from danlu.config import DataConfig, ModelConfig, TrainConfig
+from danlu.data.batches import Batch, sharded
+from danlu.data.dataset import Dataset, HeldOut, assemble
+from danlu.data.sources import file_fingerprint
+from danlu.data.split import split_indices
+from danlu.errors import DanluError
+from danlu.families.causal_lm.conversations import Conversations, read_conversations
+from danlu.families.causal_lm.pretrained import new_state, tokenizer_of
+from danlu.families.causal_lm.state import CausalLMState
+from danlu.families.causal_lm.tokens import encode
+from danlu.families.text.data import TextPart
+from danlu.serve.chat.templates import Template
+from danlu.training.objectives import IGNORE, trained_tokens
+
+log = logging.getLogger("danlu")
+TOO_LONG = "longer than data.max_length"
+PROGRESS_FROM = 2000  # conversations: tokenizing fewer shows no progress bar
+
+
+@dataclass
+class ConversationSource:
+    """A conversation file: its path as the config names it, and its fingerprint."""
+
+    name: str
+
+    def fingerprint(self) -> dict:
+        return file_fingerprint(self.name)
+
+
+class ChatPart(TextPart):
+    """A split's token ids and labels (flat, aligned), batched with per-batch padding; each batch's target
+    is its labels [rows, tokens] (IGNORE where not trained, and on padding). A training step's unit is a
+    trained token: each global batch comes with its count, for loss scaling over processes."""
+
+    def __init__(
+        self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int
+    ):
+        trained = np.array(
+            [trained_tokens(labels[None, offsets[r] : offsets[r + 1]]) for r in rows], np.int64
+        )
+        super().__init__(ids, offsets, rows, torch.from_numpy(trained), pad_id)
+        self.labels = torch.from_numpy(labels)  # int32, aligned with self.ids
+        self.skipped: Counter = Counter()  # conversations left out of this split, by reason
+
+    @property
+    def trained(self) -> int:
+        return int(self.target.sum())
+
+    def _batch(self, rows: torch.Tensor) -> Batch:
+        lengths = self.lengths[rows]
+        width = int(lengths.max()) if len(rows) else 0
+        position = torch.arange(width)
+        mask = position[None, :] < lengths[:, None]
+        index = (self.starts[rows][:, None] + position[None, :]).clamp_(max=max(len(self.ids) - 1, 0))
+        ids = torch.where(mask, self.ids[index], self.pad_id).long()
+        labels = torch.where(mask, self.labels[index], IGNORE).long()
+        inputs = {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
+        return Batch(inputs, labels).to(self.device)
+
+    def train_batches(
+        self, batch_size: int, shuffle: torch.Generator, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[Batch, int]]:
+        return sharded(
+            self.batches(batch_size, shuffle), rank, world, units=lambda b: trained_tokens(b.target)
+        )
+
+
+def encode_all(
+    state: CausalLMState,
+    template: Template,
+    conversations: list[list[dict[str, str]]],
+    lines: list[int],
+    on_long: str,
+    name: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], Counter]:
+    """Every conversation's ids and labels, flat, with offsets; the positions (in `conversations`) kept,
+    and the skipped ones counted by reason."""
+    ids: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    kept: list[int] = []
+    skipped: Counter = Counter()
+    bar = tqdm(
+        conversations, desc=f"tokenize {name}", unit="conv", disable=len(conversations) < PROGRESS_FROM
+    )
+    for i, messages in enumerate(bar):
+        encoded = encode(template, messages, state.loss_on, state.end_ids)
+        if len(encoded.input_ids) > state.max_length:
+            if on_long == "error":
+                raise DanluError(
+                    f"{name}: the conversation at line {lines[i]} has {len(encoded.input_ids)} tokens, over "
+                    f"data.max_length={state.max_length}",
+                    "raise data.max_length, shorten it, or set data.on_long=skip",
+                )
+            skipped[TOO_LONG] += 1
+            continue
+        ids.append(np.asarray(encoded.input_ids, dtype=np.int32))
+        labels.append(np.asarray(encoded.labels, dtype=np.int32))
+        kept.append(i)
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in ids], out=offsets[1:])
+    flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    flat_labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
+    return flat_ids, flat_labels, offsets, kept, skipped
+
+
+@dataclass
+class Encoded:
+    """Conversations rendered and tokenized: flat ids and labels with offsets, which conversations were
+    kept (positions in the file's trainable conversations), and which were skipped, by reason."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    kept: list[int]
+    skipped: Counter
+
+    def part(self, rows: np.ndarray, pad_id: int, device: torch.device) -> ChatPart:
+        """The part of kept conversations `rows` (positions in `kept`)."""
+        return ChatPart(self.ids, self.labels, self.offsets, rows, pad_id).to(device)
+
+
+def encode_file(
+    state: CausalLMState, template: Template, spec: str, on_long: str
+) -> tuple[Conversations, Encoded]:
+    found = read_conversations(Path(spec))
+    encoded = Encoded(*encode_all(state, template, found.messages, found.lines, on_long, Path(spec).name))
+    encoded.skipped += found.skipped
+    if encoded.skipped:
+        rows = len(found.messages) + sum(found.skipped.values())
+        left_out = sum(encoded.skipped.values())
+        log.warning(
+            "%s: %d of %d conversations left out (%s)", spec, left_out, rows, _counted(encoded.skipped)
+        )
+    return found, encoded
+
+
+def load(
+    config: DataConfig,
+    device: torch.device,
+    state: CausalLMState | None = None,
+    cache: Path | None = None,
+    model: ModelConfig | None = None,
+    train: TrainConfig | None = None,
+) -> Dataset:
+    """Conversations, split into parts. A new run fits its state from model.pretrained and the config;
+    a resumed one (state given) renders with the state's own template."""
+    if state is None:
+        state = new_state(config, model or ModelConfig(), train or TrainConfig())
+    template = Template.of_source(tokenizer_of(state), state.template, state.template_name)
+    found, encoded = encode_file(state, template, config.train, config.on_long)
+    if not encoded.kept:
+        reasons = _counted(encoded.skipped) or "it is empty"
+        raise DanluError(
+            f"'{config.train}' holds no conversation to train on ({reasons})",
+            "give rows with an assistant turn, within data.max_length tokens",
+        )
+    source = ConversationSource(config.train)
+    train_rows, val_rows, test_rows = split_indices(len(encoded.kept), None, config)
+
+    def held(name: str, rows: np.ndarray, where: ConversationSource, of: tuple) -> HeldOut:
+        conversations, kept = of[0].messages, of[1].kept
+        indices = np.asarray([kept[r] for r in rows], dtype=np.int64)  # in the file's conversations
+        return HeldOut(name, where, [conversations[i] for i in indices], indices)
+
+    def own(name: str):
+        rows = val_rows if name == "validation" else test_rows
+        if not len(rows):
+            return None, None
+        return encoded.part(rows, state.pad_id, device), held(name, rows, source, (found, encoded))
+
+    def separate(name: str, spec: str):
+        other = encode_file(state, template, spec, config.on_long)
+        rows = np.arange(len(other[1].kept))
+        return other[1].part(rows, state.pad_id, device), held(name, rows, ConversationSource(spec), other)
+
+    def sample(n: int) -> HeldOut:
+        return held("none", train_rows[:n], source, (found, encoded))
+
+    train_part = encoded.part(train_rows, state.pad_id, device)
+    train_part.skipped = encoded.skipped
+    return assemble(config, state, train_part, source, own, separate, sample)
+
+
+def _counted(skipped: Counter) -> str:
+    return ", ".join(f"{n} with {reason}" for reason, n in skipped.most_common())
+
+
+# --- items: conversations as the run directory stores them -------------------------------------------
+
+
+def store_rows(items: list[list[dict[str, str]]]) -> bytes:
+    return "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in items).encode()
+
+
+def read_stored(path: Path) -> Iterator[list[list[dict[str, str]]]]:
+    yield read_conversations(path).messages
+
+
+def nbytes(items: list) -> int:
+    return sum(len(m["content"]) for conversation in items for m in conversation)
+
+
+def count(items: list) -> int:
+    return len(items)
+
+
+def select(source: ConversationSource, indices: np.ndarray, state: Any) -> list:
+    messages = read_conversations(Path(source.name)).messages
+    return [messages[i] for i in indices]
+
+
+def reopen(spec: str, data: DataConfig, chunk_rows: int) -> ConversationSource:
+    return ConversationSource(spec)
+
+
+def read(spec: str, state: Any, chunk_rows: int = 0) -> Iterator[list]:
+    yield read_conversations(Path(spec)).messages

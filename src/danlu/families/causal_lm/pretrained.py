@@ -1,0 +1,83 @@
+"""The causal LM a run starts from: checked and read by the chat server's own loader functions (one loader:
+a local Hugging Face directory or GGUF file, never the hub, no remote code), its tokenizer, the chat
+template the run will train and serve with, and the tokens that end an assistant turn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from danlu.config import DataConfig, ModelConfig, TrainConfig
+from danlu.errors import DanluError
+from danlu.families.causal_lm.state import CausalLMState
+
+
+def check_pretrained(spec: str | None) -> Path:
+    from danlu.serve.chat.model import check_path
+
+    if spec is None:
+        raise DanluError(
+            "fine-tuning a causal LM needs model.pretrained",
+            "set model.pretrained=PATH, a local causal-LM directory or .gguf file",
+        )
+    return check_path(spec)
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer of a model directory or GGUF file."""
+    from transformers import AutoTokenizer
+
+    from danlu.hf import load_files, quiet_transformers
+
+    where, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+    with quiet_transformers():
+        try:
+            return load_files(AutoTokenizer, where, **extra)
+        except Exception as exc:
+            raise DanluError(
+                f"cannot load the tokenizer of '{path}': {exc}".splitlines()[0], "check the tokenizer files"
+            ) from None
+
+
+def tokenizer_of(state: CausalLMState) -> Any:
+    """The run's tokenizer: RUN/hf's for a finished run, else model.pretrained's."""
+    if state._tokenizer is None:
+        state._tokenizer = load_tokenizer(
+            state.run_hf if state.run_hf is not None else Path(state.pretrained)
+        )
+    return state._tokenizer
+
+
+def new_state(data: DataConfig, model: ModelConfig, train: TrainConfig) -> CausalLMState:
+    """A new run's state: the model, its tokenizer and template (model.template or the tokenizer's own),
+    its end-of-turn tokens (as the chat server reads them), checked against data.max_length."""
+    from danlu.serve.chat.model import generation_info
+    from danlu.serve.chat.templates import Template
+
+    path = check_pretrained(model.pretrained)
+    tokenizer = load_tokenizer(path)
+    template = Template(tokenizer, model.template)
+    _, eos_ids, context = generation_info(path)
+    end_ids = sorted(eos_ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+    if not end_ids:
+        raise DanluError(
+            f"'{path}' names no end-of-sequence token, so a fine-tuned model could not learn to stop",
+            "set eos_token_id in its generation_config.json or tokenizer",
+        )
+    if data.max_length > context:
+        raise DanluError(
+            f"data.max_length={data.max_length} is beyond the {context} positions of '{path}'",
+            f"set data.max_length={context} or lower",
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]  # masked anyway
+    state = CausalLMState(
+        str(path.resolve()),
+        template.name,
+        template.jinja,
+        data.max_length,
+        train.loss_on,
+        end_ids,
+        int(pad_id),
+    )
+    state._tokenizer = tokenizer
+    return state

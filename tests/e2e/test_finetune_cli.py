@@ -1,0 +1,81 @@
+"""Fine-tuning a causal LM as a user does it: `danlu train sft.yaml` on conversations, then the run served
+by `danlu serve RUN` and answered through the official openai client (streaming), `danlu chat RUN`, and
+row-by-row prediction refused in one line."""
+
+import pytest
+
+from tests.chat_models import tiny_llama
+from tests.conftest import run_cli, write_config
+from tests.e2e.test_serve_process import Server
+from tests.integration.test_causal_lm import question, write_conversations
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sft")
+    base = tiny_llama(folder / "tiny")
+    data = write_conversations(folder / "chats.jsonl")
+    config = write_config(
+        folder / "sft.yaml", f"data: {{train: {data}}}\nmodel: {{pretrained: {base}}}\ntrain: {{epochs: 2}}\n"
+    )
+    out = folder / "run"
+    done = run_cli("train", str(config), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "perplexity=" in done.stdout and "training" in done.stdout
+    assert "of 155,200 parameters" in done.stderr  # the trainable share, said once
+    return out
+
+
+def test_danlu_serve_run_answers_the_openai_client_streaming(run):
+    from openai import OpenAI
+
+    server = Server(run, "--max-tokens", "16")
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [run.name]
+        hello = [{"role": "user", "content": question(3)}]
+        whole = client.chat.completions.create(model=run.name, messages=hello, max_tokens=12, temperature=0)
+        chunks = list(
+            client.chat.completions.create(
+                model=run.name, messages=hello, max_tokens=12, temperature=0, stream=True
+            )
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content
+        assert whole.usage.completion_tokens > 0
+    finally:
+        server.stop()
+
+
+def test_danlu_chat_run_answers_and_row_prediction_is_refused(run, tmp_path):
+    options = ("--prompt", question(3), "--temperature", "0", "--max-tokens", "8")
+    answered = run_cli("chat", str(run), *options)
+    assert answered.returncode == 0, answered.stderr
+    same = run_cli("chat", str(run / "hf"), *options)  # RUN/hf is the model RUN stands for
+    assert same.stdout == answered.stdout
+    refused = run_cli("predict", str(run), str(run / "heldout.jsonl"), "-o", str(tmp_path / "out.csv"))
+    assert refused.returncode == 2 and "danlu chat RUN" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_weights_of_one(tmp_path):
+    """torchrun with 2 ranks and the same global batch of conversations gives one process's adapter (fp32,
+    no dropout): each rank's loss is scaled by its share of the global batch's trained tokens."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = tiny_llama(tmp_path / "tiny")
+    data = write_conversations(tmp_path / "chats.jsonl")
+    text = (
+        f"data: {{train: {data}}}\nmodel: {{pretrained: {base}, lora_dropout: 0}}\n"
+        "train: {epochs: 2, precision: fp32}\n"
+    )
+    config = write_config(tmp_path / "sft.yaml", text)
+    weights = []
+    for name, extra in (("one", ()), ("two", ("--nproc", "2"))):
+        done = run_cli("-q", "train", str(config), "--out", str(tmp_path / name), *extra, timeout=600)
+        assert done.returncode == 0, done.stderr
+        tensors = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+        weights.append(torch.cat([tensors[k].flatten() for k in sorted(tensors)]))
+    assert torch.allclose(weights[0], weights[1], rtol=1e-5, atol=1e-6)

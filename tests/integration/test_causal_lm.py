@@ -1,0 +1,202 @@
+"""Fine-tuning a causal LM end to end in-process, on a tiny random Llama with a real byte-level BPE
+tokenizer and conversations written here: LoRA and full fine-tuning, the run directory (the merged model,
+the adapter, the template), base + adapter equal to the merged model, the prompts the server renders equal
+to what training saw, gradient checkpointing that still trains the adapter, a model that learns to answer
+and stop (and answers the same from its GGUF export on llama.cpp), and the errors users meet."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import danlu
+from danlu.errors import DanluError
+from danlu.families.causal_lm.tokens import IGNORE, encode
+from danlu.serve.chat.engine import Engine
+from danlu.serve.chat.model import load_chat_model, served_model
+from danlu.serve.chat.sampling import SamplingParams
+from danlu.serve.chat.templates import Template
+from tests.chat_models import tiny_llama
+
+WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def question(i: int) -> str:
+    return f"what comes after {WORDS[i % 10]}"
+
+
+def answer(i: int) -> str:
+    return WORDS[(i + 1) % 10]
+
+
+def write_conversations(path, n: int = 120):
+    rows = [
+        {"messages": [{"role": "user", "content": question(i)}, {"role": "assistant", "content": answer(i)}]}
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def fit(out, data, model, *overrides):
+    args = [f"data.train={data}", f"model.pretrained={model}", *overrides]
+    return danlu.train(None, args, out=out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("base") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_conversations(tmp_path_factory.mktemp("chats") / "chats.jsonl")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, data, base):
+    return fit(tmp_path_factory.mktemp("lora") / "run", data, base, "train.epochs=3")
+
+
+def test_a_lora_run_learns_and_holds_its_model_adapter_and_template(lora_run):
+    report = lora_run.report
+    assert report["family"] == "causal_lm" and report["task"] == "generation"
+    assert lora_run.config.data.family == "causal_lm" and lora_run.config.model.adapter == "lora"
+    losses = [m["val_loss"] for m in lora_run.metrics]
+    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0]
+    stats = report["causal_lm"]
+    assert stats["conversations"] == report["rows"]["train"] and stats["trained_tokens_per_epoch"] > 0
+    assert report["test"]["tokens"] > 0 and report["test"]["perplexity"] > 1
+    path = lora_run.path
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in (path / "hf").iterdir()
+    }
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {
+        p.name for p in (path / "adapter").iterdir()
+    }
+    assert (path / "model.safetensors").samefile(path / "hf" / "model.safetensors")
+    stored = [json.loads(line) for line in (path / "heldout.jsonl").read_text().splitlines()]
+    assert len(stored) == report["rows"]["test"] and stored[0]["messages"][-1]["role"] == "assistant"
+
+
+def test_the_merged_model_equals_the_base_with_the_adapter(lora_run, base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60, 7]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(lora_run.path / "hf").eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base).eval()
+        before = plain(ids).logits
+        adapted = PeftModel.from_pretrained(plain, lora_run.path / "adapter").eval()(ids).logits
+    assert torch.allclose(merged, adapted, atol=1e-4)
+    assert not torch.allclose(merged, before, atol=1e-3)  # the adapter moved
+
+
+def test_the_server_renders_the_prompts_training_saw(lora_run):
+    """The run's chat model renders, for every prefix of a conversation, the very ids training used."""
+    from danlu.families import state_from_json
+
+    chat = load_chat_model(served_model(str(lora_run.path)))
+    assert chat.name == lora_run.path.name
+    served = Template(chat.tokenizer)  # RUN/hf's own template: what `danlu serve RUN` renders with
+    _, state = state_from_json((lora_run.path / "preprocess.json").read_text(), lora_run.path)
+    trained = Template.of_source(chat.tokenizer, state.template, state.template_name)
+    messages = [
+        {"role": "system", "content": "Count."},
+        {"role": "user", "content": question(1)},
+        {"role": "assistant", "content": answer(1)},
+        {"role": "user", "content": question(2)},
+        {"role": "assistant", "content": answer(2)},
+    ]
+    encoded = encode(trained, messages, "assistant", state.end_ids)
+    for turn in (2, 4):
+        prompt = served.encode_messages(messages[:turn])
+        assert encoded.input_ids[: len(prompt)] == prompt
+        assert encoded.labels[len(prompt)] != IGNORE and encoded.labels[len(prompt) - 1] == IGNORE
+    assert set(state.end_ids) <= chat.eos_ids  # the server stops where training taught the model to
+
+
+def test_gradient_checkpointing_still_trains_the_adapter(tmp_path, data, base):
+    run = fit(tmp_path / "run", data, base, "train.epochs=1", "train.gradient_checkpointing=true")
+    adapter = load_file(run.path / "adapter" / "adapter_model.safetensors")
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # LoRA's B starts at zero: it moved
+
+
+def test_a_full_fine_tune_learns_to_answer_and_to_stop(tmp_path, base):
+    data = write_conversations(tmp_path / "chats.jsonl", 200)
+    overrides = ("model.adapter=none", "train.lr=3e-3", "train.epochs=12", "train.batch_size=16")
+    run = fit(tmp_path / "run", data, base, *overrides, "data.val_fraction=0", "data.test_fraction=0")
+    assert not (run.path / "adapter").exists()
+    answers = answers_of(load_chat_model(served_model(str(run.path))))
+    assert sum(a == (answer(i), "stop") for i, a in enumerate(answers)) >= 9, answers
+    if importlib.util.find_spec("llama_cpp") is not None:
+        # the verified GGUF export of the run answers the same through the llama.cpp engine
+        from danlu.export.gguf import export_gguf
+
+        result = export_gguf(run.path, "f32")
+        assert result["path"] == str(run.path / "export" / "model.f32.gguf")
+        assert answers_of(load_chat_model(result["path"], engine="llama.cpp")) == answers
+
+
+def answers_of(chat) -> list[tuple[str, str]]:
+    """(greedy text, finish reason) for each question, rendered with the model's own template."""
+    template = Template(chat.tokenizer)
+    engine = Engine(chat, max_batch=1)
+    answers = []
+    for i in range(10):
+        prompt = template.encode_messages([{"role": "user", "content": question(i)}])
+        events = list(engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0)))
+        answers.append(("".join(e.text for e in events), events[-1].finish_reason))
+    return answers
+
+
+def test_errors_name_the_problem(tmp_path, data, base):
+    bare = tiny_llama(tmp_path / "bare", template=False)
+    with pytest.raises(DanluError, match="has no chat template"):
+        fit(tmp_path / "a", data, bare)
+    assert fit(tmp_path / "b", data, bare, "model.template=chatml", "train.epochs=1").report["test"]
+    with pytest.raises(DanluError, match=r"data.max_length=512 is beyond the 256 positions"):
+        fit(tmp_path / "c", data, base, "data.max_length=512")
+    lonely = tmp_path / "lonely.jsonl"
+    lonely.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DanluError, match=r"holds no conversation to train on .1 with no assistant turn"):
+        fit(tmp_path / "d", lonely, base)
+    long = tmp_path / "long.jsonl"
+    long.write_text(data.read_text() + json.dumps({"prompt": "x " * 300, "completion": "y"}) + "\n")
+    with pytest.raises(DanluError, match=r"line 121 has .* tokens, over data\.max_length=256"):
+        fit(tmp_path / "e", long, base, "data.on_long=error")
+    assert fit(tmp_path / "f", long, base, "train.epochs=1").report["causal_lm"]["left_out"] == {
+        "longer than data.max_length": 1
+    }
+    with pytest.raises(DanluError, match=r"needs model\.pretrained"):
+        danlu.train(None, [f"data.train={data}", "data.family=causal_lm"], out=tmp_path / "g")
+
+
+def adapter_weights(run) -> torch.Tensor:
+    tensors = load_file(run.path / "adapter" / "adapter_model.safetensors")
+    return torch.cat([tensors[k].flatten() for k in sorted(tensors)])
+
+
+def test_resume_after_a_stop_gives_identical_weights(tmp_path, data, base, monkeypatch):
+    from danlu.training import trainer
+
+    settings = ("train.epochs=3", "train.precision=fp32")  # LoRA's dropout is on: the RNG state matters
+    full = fit(tmp_path / "full", data, base, *settings)
+    original = trainer.train_epoch
+
+    def stop_in_epoch_2(s, tc, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(s, tc, epoch)
+
+    monkeypatch.setattr(trainer, "train_epoch", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "stopped", data, base, *settings)
+    monkeypatch.setattr(trainer, "train_epoch", original)
+    resumed = danlu.train(resume=tmp_path / "stopped", progress=False)
+    assert torch.equal(adapter_weights(resumed), adapter_weights(full))
+    assert [m["epoch"] for m in resumed.metrics] == [1, 2, 3]
