@@ -2,6 +2,7 @@
 
 Public API (imported lazily, so `danlu --help` never waits for torch):
     train(config) -> Run, evaluate(run_dir, data=None) -> dict, load(run_dir) -> Predictor,
+    predict_file(run_dir, data, out) -> rows (`danlu predict`),
     serve(run_dir_or_model, ...), export_gguf(model_dir, quantize) -> dict, quickstart(...) -> Run, Run,
     Predictor, DanluError, __version__
 """
@@ -17,6 +18,7 @@ _EXPORTS = {
     "train": "danlu.api",
     "evaluate": "danlu.api",
     "load": "danlu.api",
+    "predict_file": "danlu.api",
     "quickstart": "danlu.api",
     "Run": "danlu.api",
     "Predictor": "danlu.predictor",

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from danlu import families
 from danlu.config import Config, apply_overrides, load_config, read_yaml, resolve_paths, validate
 from danlu.errors import DanluError
 from danlu.families import resolve_family
@@ -183,11 +184,24 @@ def held_out_items(predictor: Predictor, run_dir: str | Path) -> tuple[str, Iter
 def evaluate(
     run_dir: str | Path, data: str | Path | None = None, trust_model_code: bool = False
 ) -> dict[str, Any]:
-    """Metrics of a finished run on DATA, or on the held-out rows recorded in its run directory."""
+    """Metrics of a finished run on DATA, or on the held-out rows recorded in its run directory (a
+    fine-tuned language model: loss per trained token before and after, and scored answers)."""
+    whole = _whole_run(run_dir)
+    if whole is not None:
+        family, state, run = whole
+        return family.evaluate_run(run, family, state, data)
     predictor = Predictor.load(run_dir, trust_model_code=trust_model_code)
     if data is not None:
         return _metrics_over(predictor, predictor.family.read(str(data), predictor.state))
     return _metrics_over(predictor, held_out_items(predictor, run_dir)[1])
+
+
+def _whole_run(run_dir: str | Path):
+    """(family, state, RunDir) of a finished run whose family evaluates and predicts whole runs, else None."""
+    run = RunDir(run_dir)
+    run.require_complete()
+    family, state = families.state_from_json(run.preprocess.read_text(), run.path)
+    return (family, state, run) if family.evaluate_run is not None else None
 
 
 def _output_suffix(out: str | Path) -> str:
@@ -234,7 +248,11 @@ def predict_file(
     engine: str = "torch",
     trust_model_code: bool = False,
 ) -> int:
-    """Stream DATA through a run's model into OUT (.csv or .parquet), rows in input order; returns rows."""
+    """Stream DATA through a run's model into OUT (.csv or .parquet), rows in input order; returns rows.
+    A fine-tuned language model answers DATA's conversations into OUT (.jsonl)."""
+    whole = _whole_run(run_dir)
+    if whole is not None:
+        return whole[0].predict_run(whole[2], data, out)
     _output_suffix(out)  # fail before loading anything
     predictor = Predictor.load(run_dir, engine=engine, trust_model_code=trust_model_code)
     return write_predictions(predictor, predictor.family.read(str(data), predictor.state, chunk_rows), out)

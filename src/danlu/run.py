@@ -55,6 +55,7 @@ HELDOUT_ROWS = "heldout.parquet"
 HELDOUT_INDEX = "heldout.npy"
 HELDOUT_IMAGES = "heldout.npz"
 PREDICTIONS = "predictions.csv"  # written by `danlu quickstart`
+SAMPLES = "samples.jsonl"  # fine-tuned language models: `danlu evaluate`'s answers to held-out questions
 CACHE = "cache"  # decoded data danlu can rebuild: safe to delete, never packaged
 HF = "hf"  # text and causal-LM runs: the model and tokenizer for transformers' from_pretrained
 ADAPTER = "adapter"  # causal-LM runs with LoRA: the adapter for peft's PeftModel.from_pretrained
@@ -65,7 +66,7 @@ CACHE_NAME = re.compile(r"^[a-z]+-[0-9a-f]{16}[-.]")  # KIND-KEY.npz, KIND-KEY-S
 # Every name danlu writes at the top of a run directory: only these are ever deleted from one.
 RUN_ENTRIES = frozenset(
     {CONFIG, PREPROCESS, WEIGHTS, CHECKPOINTS, METRICS, REPORT, PLOTS, EXPORT, HELDOUT, HELDOUT_ROWS}
-    | {HELDOUT_INDEX, HELDOUT_IMAGES, PREDICTIONS, CACHE, HF, ADAPTER}
+    | {HELDOUT_INDEX, HELDOUT_IMAGES, PREDICTIONS, SAMPLES, CACHE, HF, ADAPTER}
 )
 
 

@@ -1,6 +1,6 @@
 """Fine-tuning a causal LM as a user does it: `danlu train sft.yaml` on conversations, then the run served
-by `danlu serve RUN` and answered through the official openai client (streaming), `danlu chat RUN`, and
-row-by-row prediction refused in one line."""
+by `danlu serve RUN` and answered through the official openai client (streaming), `danlu chat RUN`,
+`danlu evaluate RUN` and `danlu predict RUN` (answers as JSONL), and two processes matching one."""
 
 import pytest
 
@@ -47,15 +47,26 @@ def test_danlu_serve_run_answers_the_openai_client_streaming(run):
         server.stop()
 
 
-def test_danlu_chat_run_answers_and_row_prediction_is_refused(run, tmp_path):
+def test_danlu_chat_evaluate_and_predict_on_the_run(run, tmp_path):
+    import json
+
     options = ("--prompt", question(3), "--temperature", "0", "--max-tokens", "8")
     answered = run_cli("chat", str(run), *options)
     assert answered.returncode == 0, answered.stderr
     same = run_cli("chat", str(run / "hf"), *options)  # RUN/hf is the model RUN stands for
     assert same.stdout == answered.stdout
+    evaluated = run_cli("evaluate", str(run), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads(evaluated.stdout)
+    assert metrics["perplexity"] > 1 and metrics["base_loss"] > 0 and metrics["samples"] > 0
+    assert (run / "samples.jsonl").is_file()
+    out = tmp_path / "answers.jsonl"
+    predicted = run_cli("predict", str(run), str(run / "heldout.jsonl"), "-o", str(out))
+    assert predicted.returncode == 0 and f"wrote {metrics['conversations']} predictions" in predicted.stdout
+    assert all("answer" in json.loads(line) for line in out.read_text().splitlines())
     refused = run_cli("predict", str(run), str(run / "heldout.jsonl"), "-o", str(tmp_path / "out.csv"))
-    assert refused.returncode == 2 and "danlu chat RUN" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
+    assert refused.returncode == 2 and "must end in .jsonl" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()
 
 
 @pytest.mark.slow

@@ -117,6 +117,8 @@ def test_the_server_renders_the_prompts_training_saw(lora_run):
         assert encoded.input_ids[: len(prompt)] == prompt
         assert encoded.labels[len(prompt)] != IGNORE and encoded.labels[len(prompt) - 1] == IGNORE
     assert set(state.end_ids) <= chat.eos_ids  # the server stops where training taught the model to
+    with pytest.raises(DanluError, match=r"answers conversations, not rows.*danlu chat RUN"):
+        danlu.load(lora_run.path)  # the row-by-row Predictor
 
 
 def test_gradient_checkpointing_still_trains_the_adapter(tmp_path, data, base):
@@ -129,10 +131,30 @@ def test_gradient_checkpointing_still_trains_the_adapter(tmp_path, data, base):
 def test_a_full_fine_tune_learns_to_answer_and_to_stop(tmp_path, base):
     data = write_conversations(tmp_path / "chats.jsonl", 200)
     overrides = ("model.adapter=none", "train.lr=3e-3", "train.epochs=12", "train.batch_size=16")
-    run = fit(tmp_path / "run", data, base, *overrides, "data.val_fraction=0", "data.test_fraction=0")
+    run = fit(tmp_path / "run", data, base, *overrides, "data.val_fraction=0")
     assert not (run.path / "adapter").exists()
     answers = answers_of(load_chat_model(served_model(str(run.path))))
     assert sum(a == (answer(i), "stop") for i, a in enumerate(answers)) >= 9, answers
+    # danlu evaluate: the held-out questions answered and scored, the loss before and after
+    metrics = danlu.evaluate(run.path)
+    assert metrics["conversations"] == run.report["rows"]["test"] == 40 and metrics["samples"] == 32
+    assert metrics["loss"] == pytest.approx(run.report["test"]["loss"], rel=1e-3)
+    assert metrics["base_loss"] > 2 * metrics["loss"] and metrics["exact_match"] >= 0.9
+    samples = [json.loads(line) for line in (run.path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == metrics["samples"] and samples[0]["messages"][-1]["role"] == "user"
+    assert sum(s["answer"] == s["reference"] for s in samples) == round(metrics["exact_match"] * len(samples))
+    # danlu predict: prompts in every shape (a reference answer is dropped and answered afresh)
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": question(2)},
+        {"instruction": question(5)},
+        {"messages": [{"role": "user", "content": question(7)}, {"role": "assistant", "content": "?"}]},
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert danlu.predict_file(run.path, prompts, tmp_path / "answers.jsonl") == 3
+    predicted = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [p["answer"] for p in predicted] == [answer(2), answer(5), answer(7)]
+    assert predicted[2]["messages"] == [{"role": "user", "content": question(7)}]
     if importlib.util.find_spec("llama_cpp") is not None:
         # the verified GGUF export of the run answers the same through the llama.cpp engine
         from danlu.export.gguf import export_gguf

@@ -10,7 +10,9 @@ from danlu.errors import DanluError
 from danlu.families.causal_lm.conversations import (
     NO_ASSISTANT,
     UNKNOWN_ROLE,
+    RowError,
     read_conversations,
+    read_prompts,
     to_messages,
 )
 
@@ -86,3 +88,23 @@ def test_a_malformed_row_is_one_line_naming_it(tmp_path, line, match):
     path.write_text(json.dumps({"prompt": "fine", "completion": "row"}) + "\n" + line + "\n")
     with pytest.raises(DanluError, match=match):
         read_conversations(path)
+
+
+def test_prompts_to_answer_take_every_shape_without_an_answer(tmp_path):
+    rows = [
+        {"prompt": "2+2?"},
+        {"instruction": "Add.", "input": "2 2"},
+        {"messages": [user("hi"), assistant("hello"), user("and?"), assistant("a reference")]},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_prompts(path) == [
+        [user("2+2?")],
+        [user("Add.\n\n2 2")],
+        [user("hi"), assistant("hello"), user("and?")],
+    ]
+    path.write_text(json.dumps({"messages": [assistant("only an answer")]}) + "\n")
+    with pytest.raises(DanluError, match="line 1: nothing to answer"):
+        read_prompts(path)
+    with pytest.raises(RowError, match="an alpaca row needs both"):
+        to_messages({"instruction": "x"})  # training still needs the answer

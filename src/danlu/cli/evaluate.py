@@ -13,7 +13,9 @@ def add_evaluate(sub) -> None:
         "evaluate",
         help="metrics of a trained run",
         description="Evaluate a finished run on DATA (a file with the target column) or, "
-        "without DATA, on the run's own test split.",
+        "without DATA, on the run's own test split. A fine-tuned language model: loss and perplexity per "
+        "trained token before and after fine-tuning, and greedy answers to up to 32 of the conversations "
+        "(RUN/samples.jsonl) scored by exact match and by containing the reference answer.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("data", nargs="?", metavar="DATA", help="CSV/Parquet/NPZ/NPY with the target column")
@@ -35,8 +37,11 @@ def run_evaluate(args) -> int:
 
     metrics = danlu.evaluate(args.run_dir, args.data, trust_model_code=args.trust_model_code)
     task = "classification" if "accuracy" in metrics else "regression"
+    if "perplexity" in metrics:  # a fine-tuned language model: every figure, and where its answers are
+        task = "generation"
     if args.json:
-        print(json.dumps(summary(task, metrics), allow_nan=False))
+        shown = metrics if task == "generation" else summary(task, metrics)
+        print(json.dumps(shown, allow_nan=False))
         return 0
     if args.data:
         print(f"data: {args.data}")

@@ -17,9 +17,17 @@ def add_predict(sub) -> None:
         "data",
         metavar="DATA",
         help="tables: CSV/Parquet/NPZ/NPY with the feature columns; images: a folder, one image, a CSV of "
-        "paths (the run's data.image column), IDX or NPZ; texts: CSV/Parquet/JSONL with the text column",
+        "paths (the run's data.image column), IDX or NPZ; texts: CSV/Parquet/JSONL with the text column; "
+        "a fine-tuned language model: JSONL or Parquet of conversations or prompts",
     )
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output .csv or .parquet")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="output .csv or .parquet; a fine-tuned language model: .jsonl of its answers to DATA's "
+        "conversations",
+    )
     p.add_argument("--chunk-rows", type=int, default=100_000, help="rows per chunk (default 100000)")
     p.add_argument(
         "--engine",

@@ -101,6 +101,10 @@ class Family:
     write_artifacts: Callable[[Any, Any, Any], None] = _nothing  # (RunDir, model, state) at the end
     # write_artifacts writes RUN/model.safetensors itself (causal LMs: the merged model, beside RUN/hf)
     writes_weights: bool = False
+    # a family whose runs are evaluated and predicted whole, not row by row through the Predictor
+    # (causal LMs: token loss and generated answers): (RunDir, family, state, data or None) -> metrics
+    evaluate_run: Callable[..., dict] | None = None
+    predict_run: Callable[..., int] | None = None  # (RunDir, data, out) -> rows written
     report_plots: Callable[..., None] = _nothing  # (RunDir, model, part, state, device): more plots
     train_stats: Callable[[Any, int, float], dict] = _no_stats  # (part, epochs, seconds) -> report.json
     # (state, items, decoded, png path) -> `danlu predict --plot`; None: the family draws nothing

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from danlu.config import DataConfig, ModelConfig
 from danlu.errors import DanluError
-from danlu.families.causal_lm import data
+from danlu.families.causal_lm import data, evaluate
 from danlu.families.causal_lm.models import build_model, prepare_training, trainable_share, write_artifacts
 from danlu.families.causal_lm.state import CausalLMState
 from danlu.families.contract import Family
@@ -124,6 +124,8 @@ FAMILY = Family(
     bind=bind,
     write_artifacts=write_artifacts,
     writes_weights=True,
+    evaluate_run=evaluate.evaluate_run,
+    predict_run=evaluate.predict_run,
     train_stats=train_stats,
     serve_files=(HF,),
     serve_packages=("transformers", "tokenizers"),

@@ -89,28 +89,55 @@ def read_conversations(path: Path) -> Conversations:
     return found
 
 
-def to_messages(row: Any) -> list[dict[str, str]]:
-    """One row as messages. Raises RowError when the row has no known shape or a value of a wrong type."""
+def to_messages(row: Any, answered: bool = True) -> list[dict[str, str]]:
+    """One row as messages. answered=False (prompts to answer): completion and output may be left out.
+    Raises RowError when the row has no known shape or a value of a wrong type."""
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, not {type(row).__name__}")
     system = _system(row)
     if "messages" in row:
         return [*system, *_message_list(row["messages"], "messages")]
     if "prompt" in row or "completion" in row:
-        if "prompt" not in row or "completion" not in row:
+        if "prompt" not in row or (answered and "completion" not in row):
             raise RowError("a row with prompt needs completion too (and the other way round)")
         prompt = _turns(row["prompt"], "prompt", "user")
+        if "completion" not in row:
+            return [*system, *prompt]
         return [*system, *prompt, *_turns(row["completion"], "completion", "assistant")]
     if "instruction" in row or "output" in row:
-        if "instruction" not in row or "output" not in row:
+        if "instruction" not in row or (answered and "output" not in row):
             raise RowError("an alpaca row needs both instruction and output")
         instruction = _text(row["instruction"], "instruction")
         extra = _text(row.get("input") or "", "input")
-        question = f"{instruction}\n\n{extra}" if extra else instruction
-        answer = _text(row["output"], "output")
-        return [*system, {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        question = [
+            *system,
+            {"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
+        ]
+        if "output" not in row:
+            return question
+        return [*question, {"role": "assistant", "content": _text(row["output"], "output")}]
     keys = ", ".join(sorted(map(str, row))) or "none"
     raise RowError(f"no conversation in it (its keys: {keys})")
+
+
+def read_prompts(path: Path) -> list[list[dict[str, str]]]:
+    """Every row of a file as messages to answer: a trailing assistant turn (a reference answer) is
+    dropped. A malformed row, or a role other than the three, is an error naming its line."""
+    prompts = []
+    unit = "line" if path.suffix.lower() == ".jsonl" else "row"
+    for number, row in read_rows(path):
+        try:
+            messages = to_messages(row, answered=False)
+        except RowError as exc:
+            raise DanluError(f"{path.name} {unit} {number}: {exc}", f"give each row {SHAPES}") from None
+        if untrainable(messages) == UNKNOWN_ROLE:
+            raise DanluError(f"{path.name} {unit} {number}: {UNKNOWN_ROLE}", "use system, user and assistant")
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise DanluError(f"{path.name} {unit} {number}: nothing to answer", "give a user message")
+        prompts.append(messages)
+    return prompts
 
 
 def untrainable(messages: list[dict[str, str]]) -> str | None:

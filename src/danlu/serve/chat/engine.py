@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from danlu.errors import DanluError, one_line
 from danlu.serve.chat.executor import Chunk, Executor, NoRoom
@@ -170,6 +171,28 @@ class Engine:
                     return
         finally:
             sequence.cancel()
+
+    def answer_all(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[str, str]]:
+        """Every prompt's whole answer and finish reason, in order, generated together in batches of
+        max_batch on the calling thread (danlu evaluate and predict on a fine-tuned model)."""
+        texts: list[list[str]] = [[] for _ in prompts]
+        reasons: list[str | None] = [None] * len(prompts)
+        bar = tqdm(total=len(prompts), desc="answer", unit="prompt", disable=len(prompts) < 16)
+
+        def emit_for(i: int) -> Callable[[Event], None]:
+            def emit(event: Event) -> None:
+                texts[i].append(event.text)
+                if event.finish_reason is not None:
+                    reasons[i] = event.finish_reason
+                    bar.update(1)
+
+            return emit
+
+        with bar:
+            for i, prompt in enumerate(prompts):
+                self.submit(Sequence(prompt, params, emit_for(i)))
+            self.run(until=lambda: all(r is not None for r in reasons))
+        return [("".join(t), str(r)) for t, r in zip(texts, reasons, strict=True)]
 
     # --- the generating thread -----------------------------------------------------------------------
 
