@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so `danlu --help` never waits for torch):
     train(config) -> Run, evaluate(run_dir, data=None) -> dict, load(run_dir) -> Predictor,
-    predict_file(run_dir, data, out) -> rows (`danlu predict`),
+    predict_file(run_dir, data, out) -> rows (`danlu predict`), show_sample(config) -> str,
     serve(run_dir_or_model, ...), export_gguf(model_dir, quantize) -> dict, quickstart(...) -> Run, Run,
     Predictor, DanluError, __version__
 """
@@ -19,6 +19,7 @@ _EXPORTS = {
     "evaluate": "danlu.api",
     "load": "danlu.api",
     "predict_file": "danlu.api",
+    "show_sample": "danlu.api",
     "quickstart": "danlu.api",
     "Run": "danlu.api",
     "Predictor": "danlu.predictor",

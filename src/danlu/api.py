@@ -108,6 +108,24 @@ def _train_and_finish(config, overrides, out, resume, overwrite: bool, world, pr
     return run
 
 
+def show_sample(config: Config | dict | str | Path, overrides: Iterable[str] = ()) -> str:
+    """One training row as the model will see it (a language model's conversation with its trained
+    tokens marked), without training.
+
+    Raises:
+        DanluError: a bad config, or a family with nothing to show.
+    """
+    cfg = resolve_family(resolve_paths(_as_config(config, overrides), Path.cwd()))
+    family = families.get(cfg.data.family)
+    if family.sample_text is None:
+        raise DanluError(
+            f"--show-sample shows the trained tokens of a language model's conversations; this is a "
+            f"{cfg.data.family} run",
+            "leave it out",
+        )
+    return family.sample_text(cfg)
+
+
 def _run_setup(config, overrides, out, resume, overwrite: bool, world):
     """The run directory, typed config and trainer set-up, new or resumed, on every rank."""
     from danlu.training import distributed

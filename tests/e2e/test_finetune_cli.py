@@ -19,10 +19,13 @@ def run(tmp_path_factory):
         folder / "sft.yaml", f"data: {{train: {data}}}\nmodel: {{pretrained: {base}}}\ntrain: {{epochs: 2}}\n"
     )
     out = folder / "run"
+    sample = run_cli("train", str(config), "--out", str(out), "--show-sample")
+    assert sample.returncode == 0 and "[[" in sample.stdout and not out.exists(), sample.stderr
     done = run_cli("train", str(config), "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert "perplexity=" in done.stdout and "training" in done.stdout
     assert "of 155,200 parameters" in done.stderr  # the trainable share, said once
+    assert "a conversation as trained" in done.stderr and "[[" in done.stderr  # and one sample
     return out
 
 

@@ -222,3 +222,15 @@ def test_resume_after_a_stop_gives_identical_weights(tmp_path, data, base, monke
     resumed = danlu.train(resume=tmp_path / "stopped", progress=False)
     assert torch.equal(adapter_weights(resumed), adapter_weights(full))
     assert [m["epoch"] for m in resumed.metrics] == [1, 2, 3]
+
+
+def test_show_sample_marks_the_trained_tokens_of_the_first_conversation(data, base, tmp_path):
+    shown = danlu.show_sample({"data": {"train": str(data)}, "model": {"pretrained": str(base)}})
+    header, text = shown.split("\n", 1)
+    assert "line 1" in header and "chat template 'model'" in header and "train.loss_on=assistant" in header
+    assert text == (
+        f"<|im_start|>user\n{question(0)}<|im_end|>\n<|im_start|>assistant\n[[{answer(0)}<|im_end|>]]\n"
+    )
+    assert not (tmp_path / "runs").exists()  # nothing written
+    with pytest.raises(DanluError, match="this is a tabular run"):
+        danlu.show_sample({"data": {"train": "synthetic:classification"}})

@@ -24,6 +24,12 @@ def add_train(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument(
+        "--show-sample",
+        action="store_true",
+        help="fine-tuning a language model: print the first conversation as trained, with its trained "
+        "tokens between [[ ]], and stop (nothing is written)",
+    )
+    p.add_argument(
         "--nproc",
         type=int,
         metavar="N",
@@ -138,6 +144,13 @@ def _check_before_launch(config, nproc: int) -> None:
 
 
 def run_train(args) -> int:
+    if args.show_sample:
+        if not args.config or args.resume:
+            raise DanluError("--show-sample takes a config", "run `danlu train CONFIG.yaml --show-sample`")
+        import danlu
+
+        print(danlu.show_sample(args.config, args.overrides))
+        return 0
     config = _config_for(args)
     if args.backend == "ray":
         return launch_ray(args, config)

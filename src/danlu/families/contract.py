@@ -105,6 +105,9 @@ class Family:
     # (causal LMs: token loss and generated answers): (RunDir, family, state, data or None) -> metrics
     evaluate_run: Callable[..., dict] | None = None
     predict_run: Callable[..., int] | None = None  # (RunDir, data, out) -> rows written
+    # (Config) -> one training row as the model sees it, for `danlu train --show-sample` (causal LMs: a
+    # conversation with its trained tokens marked); None: the family has nothing to show
+    sample_text: Callable[[Any], str] | None = None
     report_plots: Callable[..., None] = _nothing  # (RunDir, model, part, state, device): more plots
     train_stats: Callable[[Any, int, float], dict] = _no_stats  # (part, epochs, seconds) -> report.json
     # (state, items, decoded, png path) -> `danlu predict --plot`; None: the family draws nothing

@@ -126,6 +126,7 @@ FAMILY = Family(
     writes_weights=True,
     evaluate_run=evaluate.evaluate_run,
     predict_run=evaluate.predict_run,
+    sample_text=data.sample_text,
     train_stats=train_stats,
     serve_files=(HF,),
     serve_packages=("transformers", "tokenizers"),

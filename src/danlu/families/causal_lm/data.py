@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from danlu.config import DataConfig, ModelConfig, TrainConfig
+from danlu.config import Config, DataConfig, ModelConfig, TrainConfig
 from danlu.data.batches import Batch, sharded
 from danlu.data.dataset import Dataset, HeldOut, assemble
 from danlu.data.sources import file_fingerprint
@@ -26,9 +26,11 @@ from danlu.errors import DanluError
 from danlu.families.causal_lm.conversations import Conversations, read_conversations
 from danlu.families.causal_lm.pretrained import new_state, tokenizer_of
 from danlu.families.causal_lm.state import CausalLMState
-from danlu.families.causal_lm.tokens import encode
+from danlu.families.causal_lm.tokens import Encoded as TokenLabels
+from danlu.families.causal_lm.tokens import encode, show
 from danlu.families.text.data import TextPart
 from danlu.serve.chat.templates import Template
+from danlu.training import distributed
 from danlu.training.objectives import IGNORE, trained_tokens
 
 log = logging.getLogger("danlu")
@@ -167,6 +169,9 @@ def load(
         state = new_state(config, model or ModelConfig(), train or TrainConfig())
     template = Template.of_source(tokenizer_of(state), state.template, state.template_name)
     found, encoded = encode_file(state, template, config.train, config.on_long)
+    if encoded.kept and distributed.world_from_env().main:
+        first = encoded.part(np.arange(1), state.pad_id, torch.device("cpu"))
+        log.info("a conversation as trained (trained tokens between [[ ]]):\n%s", _shown(state, first))
     if not encoded.kept:
         reasons = _counted(encoded.skipped) or "it is empty"
         raise DanluError(
@@ -198,6 +203,29 @@ def load(
     train_part = encoded.part(train_rows, state.pad_id, device)
     train_part.skipped = encoded.skipped
     return assemble(config, state, train_part, source, own, separate, sample)
+
+
+def _shown(state: CausalLMState, part: ChatPart) -> str:
+    ids = part.ids[int(part.starts[0]) : int(part.starts[0] + part.lengths[0])].tolist()
+    labels = part.labels[int(part.starts[0]) : int(part.starts[0] + part.lengths[0])].tolist()
+    return show(tokenizer_of(state), TokenLabels(ids, labels))
+
+
+def sample_text(config: Config) -> str:
+    """The first trainable conversation of data.train as the model is trained on it, with its trained
+    tokens between [[ ]] and how many there are."""
+    state = new_state(config.data, config.model, config.train)
+    template = Template.of_source(tokenizer_of(state), state.template, state.template_name)
+    found, encoded = encode_file(state, template, config.data.train, config.data.on_long)
+    if not encoded.kept:
+        raise DanluError(
+            f"'{config.data.train}' holds no conversation to train on", "give rows with an assistant turn"
+        )
+    first = encoded.part(np.arange(1), state.pad_id, torch.device("cpu"))
+    return (
+        f"{config.data.train} line {found.lines[encoded.kept[0]]}, chat template '{state.template_name}', "
+        f"train.loss_on={state.loss_on}: {first.trained} trained tokens between [[ ]]\n{_shown(state, first)}"
+    )
 
 
 def _counted(skipped: Counter) -> str:
