@@ -93,3 +93,20 @@ def test_two_processes_reach_the_weights_of_one(tmp_path):
         tensors = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
         weights.append(torch.cat([tensors[k].flatten() for k in sorted(tensors)]))
     assert torch.allclose(weights[0], weights[1], rtol=1e-5, atol=1e-6)
+
+
+def test_danlu_package_run_holds_what_the_chat_server_needs_and_serves(run, tmp_path):
+    import httpx
+
+    out = tmp_path / "pkg"
+    done = run_cli("package", str(run), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert (out / "run" / "hf" / "config.json").is_file() and not (out / "run" / "adapter").exists()
+    requirements = (out / "requirements.txt").read_text()
+    assert all(f"\n{name}==" in requirements for name in ("transformers", "tokenizers", "jinja2"))
+    server = Server(out / "run", "--max-tokens", "8")  # what the image's CMD runs
+    try:
+        listed = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
+        assert listed["id"] == "run" and listed["executor"] == "torch"
+    finally:
+        server.stop()

@@ -204,6 +204,7 @@ def adapter_weights(run) -> torch.Tensor:
 
 
 def test_resume_after_a_stop_gives_identical_weights(tmp_path, data, base, monkeypatch):
+    from danlu.training import checkpoint as ckpt
     from danlu.training import trainer
 
     settings = ("train.epochs=3", "train.precision=fp32")  # LoRA's dropout is on: the RNG state matters
@@ -219,9 +220,36 @@ def test_resume_after_a_stop_gives_identical_weights(tmp_path, data, base, monke
     with pytest.raises(KeyboardInterrupt):
         fit(tmp_path / "stopped", data, base, *settings)
     monkeypatch.setattr(trainer, "train_epoch", original)
+    # the checkpoint holds the adapter alone: the frozen base is read again from model.pretrained
+    saved = ckpt.load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")[ckpt.MODEL_KEY]
+    assert saved and all("lora_" in name for name in saved)
     resumed = danlu.train(resume=tmp_path / "stopped", progress=False)
     assert torch.equal(adapter_weights(resumed), adapter_weights(full))
     assert [m["epoch"] for m in resumed.metrics] == [1, 2, 3]
+
+
+def test_resume_refuses_a_base_model_that_changed(tmp_path, data, monkeypatch):
+    from safetensors.torch import save_file
+
+    from danlu.training import trainer
+
+    base = tiny_llama(tmp_path / "tiny")
+    original = trainer.train_epoch
+
+    def stop_in_epoch_2(s, tc, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(s, tc, epoch)
+
+    monkeypatch.setattr(trainer, "train_epoch", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "stopped", data, base, "train.epochs=3")
+    monkeypatch.setattr(trainer, "train_epoch", original)
+    weights = load_file(base / "model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 1.01
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DanluError, match="have changed since the run started"):
+        danlu.train(resume=tmp_path / "stopped", progress=False)
 
 
 def test_show_sample_marks_the_trained_tokens_of_the_first_conversation(data, base, tmp_path):

@@ -33,6 +33,10 @@ def _no_stats(part: Any, epochs: int, seconds: float) -> dict[str, Any]:
     return {}
 
 
+def _every_weight(model_config: Any) -> bool:
+    return False
+
+
 def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping))
 
@@ -101,6 +105,9 @@ class Family:
     write_artifacts: Callable[[Any, Any, Any], None] = _nothing  # (RunDir, model, state) at the end
     # write_artifacts writes RUN/model.safetensors itself (causal LMs: the merged model, beside RUN/hf)
     writes_weights: bool = False
+    # ModelConfig -> checkpoints hold the trainable parameters alone (causal LMs with LoRA: the frozen
+    # base is read again from model.pretrained on resume, checked against its fingerprint)
+    checkpoint_trainable_only: Callable[[Any], bool] = _every_weight
     # a family whose runs are evaluated and predicted whole, not row by row through the Predictor
     # (causal LMs: token loss and generated answers): (RunDir, family, state, data or None) -> metrics
     evaluate_run: Callable[..., dict] | None = None

@@ -54,6 +54,32 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.cuda.set_rng_state(cuda, device)
 
 
+def model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds: all of them, or (trainable_only: a LoRA adapter's run, whose
+    frozen base is read again from model.pretrained on resume) the trainable parameters alone."""
+    bare = unwrap(model)
+    state = bare.state_dict()
+    if not trainable_only:
+        return state
+    trainable = {name for name, p in bare.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trainable}
+
+
+def restore_model(model: nn.Module, saved: dict[str, torch.Tensor], trainable_only: bool = False) -> None:
+    """Load a checkpoint's weights into the model; with trainable_only, every trainable parameter must
+    be among them and nothing else."""
+    bare = unwrap(model)
+    if not trainable_only:
+        bare.load_state_dict(saved)
+        return
+    trainable = {name for name, p in bare.named_parameters() if p.requires_grad}
+    if set(saved) != trainable:
+        raise DanluError(
+            "the checkpoint's weights are not this run's trainable parameters", "train again without --resume"
+        )
+    bare.load_state_dict(saved, strict=False)
+
+
 def save_checkpoint(
     path: Path,
     model: nn.Module,
@@ -62,10 +88,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config: dict[str, Any],
     rng_states: list[dict[str, Any]],
+    trainable_only: bool = False,
 ) -> None:
     """rng_states: every rank's RNG state (rank_state's), rank 0's first (also stored as RNG_KEY)."""
     checkpoint = {
-        MODEL_KEY: unwrap(model).state_dict(),
+        MODEL_KEY: model_state(model, trainable_only),
         OPTIMIZER_KEY: optimizer.state_dict(),
         TRAINER_STATE_KEY: trainer_state,
         RNG_KEY: rng_states[0],

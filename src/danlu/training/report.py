@@ -40,7 +40,8 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
     """Write the inference artifacts and the report; the run is complete when this returns."""
     tc = config.train
     if tc.restore_best and run.best_checkpoint.is_file():
-        s.bare_model.load_state_dict(ckpt.load_checkpoint(run.best_checkpoint)[ckpt.MODEL_KEY])
+        best = ckpt.load_checkpoint(run.best_checkpoint)[ckpt.MODEL_KEY]
+        ckpt.restore_model(s.bare_model, best, s.family.checkpoint_trainable_only(config.model))
     if not s.family.writes_weights:
         save_weights(s.bare_model, run.weights)
     s.family.write_artifacts(run, s.bare_model, s.data.state)  # texts, causal LMs: RUN/hf

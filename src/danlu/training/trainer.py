@@ -292,7 +292,14 @@ def _check_finite(loss: float, epoch: int, tc: TrainConfig) -> None:
 
 def _checkpoint(s: Setup, path, config: Config, rng_states: list) -> None:
     ckpt.save_checkpoint(
-        path, s.model, s.optimizer, s.scaler, asdict(s.state), config.model_dump(mode="json"), rng_states
+        path,
+        s.model,
+        s.optimizer,
+        s.scaler,
+        asdict(s.state),
+        config.model_dump(mode="json"),
+        rng_states,
+        s.family.checkpoint_trainable_only(config.model),
     )
 
 
@@ -386,7 +393,7 @@ def resumed_setup(config: Config, run: RunDir, world: World, device: torch.devic
     _, state = families.state_from_json(run.preprocess.read_text())
     s = _setup(config, run, state, world, device)
     state = ckpt.load_checkpoint(run.last_checkpoint)
-    s.bare_model.load_state_dict(state[ckpt.MODEL_KEY])
+    ckpt.restore_model(s.bare_model, state[ckpt.MODEL_KEY], s.family.checkpoint_trainable_only(config.model))
     s.optimizer.load_state_dict(state[ckpt.OPTIMIZER_KEY])
     if ckpt.SCALER_KEY in state:
         s.scaler.load_state_dict(state[ckpt.SCALER_KEY])

@@ -124,10 +124,11 @@ FAMILY = Family(
     bind=bind,
     write_artifacts=write_artifacts,
     writes_weights=True,
+    checkpoint_trainable_only=lambda model: model.adapter == "lora",  # the adapter; the base is read again
     evaluate_run=evaluate.evaluate_run,
     predict_run=evaluate.predict_run,
     sample_text=data.sample_text,
     train_stats=train_stats,
     serve_files=(HF,),
-    serve_packages=("transformers", "tokenizers"),
+    serve_packages=("transformers", "tokenizers", "jinja2"),  # the chat server's, as for any chat model
 )

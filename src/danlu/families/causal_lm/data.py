@@ -24,7 +24,7 @@ from danlu.data.sources import file_fingerprint
 from danlu.data.split import split_indices
 from danlu.errors import DanluError
 from danlu.families.causal_lm.conversations import Conversations, read_conversations
-from danlu.families.causal_lm.pretrained import new_state, tokenizer_of
+from danlu.families.causal_lm.pretrained import check_same_weights, new_state, tokenizer_of
 from danlu.families.causal_lm.state import CausalLMState
 from danlu.families.causal_lm.tokens import Encoded as TokenLabels
 from danlu.families.causal_lm.tokens import encode, show
@@ -167,6 +167,8 @@ def load(
     a resumed one (state given) renders with the state's own template."""
     if state is None:
         state = new_state(config, model or ModelConfig(), train or TrainConfig())
+    else:  # resuming: the checkpoints may hold a LoRA adapter alone, over these very weights
+        check_same_weights(state)
     template = Template.of_source(tokenizer_of(state), state.template, state.template_name)
     found, encoded = encode_file(state, template, config.train, config.on_long)
     if encoded.kept and distributed.world_from_env().main:

@@ -78,6 +78,30 @@ def new_state(data: DataConfig, model: ModelConfig, train: TrainConfig) -> Causa
         train.loss_on,
         end_ids,
         int(pad_id),
+        weights_fingerprint(path),
     )
     state._tokenizer = tokenizer
     return state
+
+
+def weights_fingerprint(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a model's weights: the GGUF file, or each safetensors file of the directory."""
+    from danlu.data.sources import file_fingerprint
+
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    return {f.name: file_fingerprint(f) for f in files}
+
+
+def check_same_weights(state: CausalLMState) -> None:
+    """On resume: model.pretrained still holds the weights the run started from."""
+    path = Path(state.pretrained)
+    if not path.exists():
+        raise DanluError(
+            f"the run started from '{path}', which is not there any more",
+            "put the model back where it was to resume; a finished run needs only its own RUN/hf",
+        )
+    if weights_fingerprint(path) != state.pretrained_weights:
+        raise DanluError(
+            f"the weights in '{path}' have changed since the run started",
+            "put the original model back, or train a new run",
+        )

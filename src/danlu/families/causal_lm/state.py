@@ -25,6 +25,9 @@ class CausalLMState(FamilyState):
     loss_on: str
     end_ids: list[int]  # the tokens that end an assistant turn (trained after every answer)
     pad_id: int
+    # file name -> size and SHA-256 of the weights the run started from: a LoRA run's checkpoints hold the
+    # adapter alone, and resume reads the base again, which must be the same
+    pretrained_weights: dict[str, Any] = field(default_factory=dict)
     head: Target = field(default_factory=lambda: Target(TASK, "assistant"))
     run_hf: Path | None = None  # set for a finished run: RUN/hf
     _tokenizer: Any = field(default=None, repr=False, compare=False)
@@ -40,6 +43,7 @@ class CausalLMState(FamilyState):
             "loss_on": self.loss_on,
             "end_ids": self.end_ids,
             "pad_id": self.pad_id,
+            "pretrained_weights": self.pretrained_weights,
             "input": "conversations (messages) rendered by the template; the model and tokenizer in RUN/hf",
         }
 
@@ -53,5 +57,6 @@ class CausalLMState(FamilyState):
             data["loss_on"],
             list(data["end_ids"]),
             data["pad_id"],
+            data.get("pretrained_weights", {}),
             head,
         )
