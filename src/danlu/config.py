@@ -62,6 +62,11 @@ class DataConfig(Section):
         "skip",
         description="causal LMs: a conversation longer than max_length is skipped (and counted) or an error",
     )
+    packing: bool = Field(
+        False,
+        description="causal LMs: several conversations per row of up to max_length tokens, each attending "
+        "only to itself (less padding)",
+    )
     image: str | None = Field(None, description="image family: the column of image paths in a CSV/Parquet")
     image_size: int | list[int] | None = Field(
         None, description="image family: resize to SIZE or [height, width]; default the images' own size"

@@ -7,6 +7,7 @@ and stop (and answers the same from its GGUF export on llama.cpp), and the error
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -262,3 +263,57 @@ def test_show_sample_marks_the_trained_tokens_of_the_first_conversation(data, ba
     assert not (tmp_path / "runs").exists()  # nothing written
     with pytest.raises(DanluError, match="this is a tabular run"):
         danlu.show_sample({"data": {"train": "synthetic:classification"}})
+
+
+def test_a_packed_row_gives_each_conversation_the_loss_it_gets_alone(base, tmp_path):
+    """Three conversations of different lengths in one packed row: the summed loss and the trained
+    tokens equal theirs alone (positions restart and attention stays inside each conversation)."""
+    from danlu.config import DataConfig, ModelConfig, TrainConfig
+    from danlu.families.causal_lm.data import Encoded, encode_all
+    from danlu.families.causal_lm.models import CausalLMModel, load_pretrained
+    from danlu.families.causal_lm.pretrained import new_state
+    from danlu.training.objectives import trained_tokens
+
+    data = write_conversations(tmp_path / "c.jsonl", 3)
+    state = new_state(DataConfig(train=str(data)), ModelConfig(pretrained=str(base)), TrainConfig())
+    template = Template(state._tokenizer)
+    conversations = [
+        [{"role": "user", "content": question(0)}, {"role": "assistant", "content": answer(0)}],
+        [
+            {"role": "user", "content": "hello there, how are you today?"},
+            {"role": "assistant", "content": "the quick brown fox jumps over the lazy dog"},
+            {"role": "user", "content": question(4)},
+            {"role": "assistant", "content": answer(4)},
+        ],
+        [
+            {"role": "system", "content": "Count."},
+            {"role": "user", "content": "one two"},
+            {"role": "assistant", "content": "three"},
+        ],
+    ]
+    encoded = Encoded(*encode_all(state, template, conversations, [1, 2, 3], "skip", "test"))
+    model = CausalLMModel(load_pretrained(base)).eval()
+    cpu = torch.device("cpu")
+    single = [b for i in range(3) for b in encoded.part(np.array([i]), 0, cpu).batches(1)]
+    packed_part = encoded.part(np.arange(3), 0, cpu, pack_to=256)
+    assert packed_part.n_rows == 1 and packed_part.conversations == 3
+    (batch,) = list(packed_part.batches(8))
+    with torch.no_grad():
+        alone = [model(*b.inputs.values()) for b in single]
+        packed = model(*batch.inputs.values())
+    assert trained_tokens(batch.target) == sum(trained_tokens(b.target) for b in single)
+    assert torch.allclose(packed, torch.stack(alone).sum(), rtol=1e-5)
+    # and without the block mask the conversations would see each other: the loss differs
+    unmasked = {**batch.inputs, "attention_mask": torch.ones_like(batch.inputs["input_ids"])}
+    with torch.no_grad():
+        assert not torch.allclose(model(*unmasked.values()), packed, rtol=1e-3)
+
+
+def test_packing_trains_the_same_tokens_in_fewer_rows(tmp_path, data, base):
+    plain = fit(tmp_path / "plain", data, base, "train.epochs=1")
+    packed = fit(tmp_path / "packed", data, base, "train.epochs=1", "data.packing=true")
+    stats, packed_stats = plain.report["causal_lm"], packed.report["causal_lm"]
+    assert packed_stats["conversations"] == stats["conversations"]
+    assert packed_stats["rows"] < stats["rows"] / 5  # about 25 tokens a conversation, 256 a row
+    assert packed_stats["trained_tokens_per_epoch"] == stats["trained_tokens_per_epoch"]
+    assert packed.report["test"]["loss"] < 10

@@ -58,12 +58,13 @@ def bind(state: CausalLMState, run_dir: Path) -> None:
 
 
 def train_stats(part: data.ChatPart, epochs: int, seconds: float) -> dict[str, Any]:
-    """report.json's figures of the training data: conversations left out and why, tokens trained per
-    epoch, padding share and trained tokens per second."""
+    """report.json's figures of the training data: conversations (and rows, fewer when packed), those
+    left out and why, tokens trained per epoch, padding share and trained tokens per second."""
     share = part.padding_share()
     trained = part.trained
     return {
-        "conversations": part.n_rows,
+        "conversations": part.conversations,
+        "rows": part.n_rows,  # packed: rows of several conversations
         "left_out": dict(part.skipped),
         "trained_tokens_per_epoch": trained,
         "tokens_per_epoch": int(part.lengths.sum()),

@@ -24,6 +24,7 @@ from danlu.data.sources import file_fingerprint
 from danlu.data.split import split_indices
 from danlu.errors import DanluError
 from danlu.families.causal_lm.conversations import Conversations, read_conversations
+from danlu.families.causal_lm.packing import block_mask, pack
 from danlu.families.causal_lm.pretrained import check_same_weights, new_state, tokenizer_of
 from danlu.families.causal_lm.state import CausalLMState
 from danlu.families.causal_lm.tokens import Encoded as TokenLabels
@@ -51,16 +52,31 @@ class ConversationSource:
 class ChatPart(TextPart):
     """A split's token ids and labels (flat, aligned), batched with per-batch padding; each batch's target
     is its labels [rows, tokens] (IGNORE where not trained, and on padding). A training step's unit is a
-    trained token: each global batch comes with its count, for loss scaling over processes."""
+    trained token: each global batch comes with its count, for loss scaling over processes.
+
+    Packed (packing.py), a row holds several conversations: then `positions` and `segments` (flat, aligned)
+    give each token its position in its conversation and the conversation's place in the row, and batches
+    carry position_ids and a block-diagonal attention mask."""
 
     def __init__(
-        self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int
+        self,
+        ids: np.ndarray,
+        labels: np.ndarray,
+        offsets: np.ndarray,
+        rows: np.ndarray,
+        pad_id: int,
+        positions: np.ndarray | None = None,
+        segments: np.ndarray | None = None,
+        conversations: int | None = None,
     ):
         trained = np.array(
             [trained_tokens(labels[None, offsets[r] : offsets[r + 1]]) for r in rows], np.int64
         )
         super().__init__(ids, offsets, rows, torch.from_numpy(trained), pad_id)
         self.labels = torch.from_numpy(labels)  # int32, aligned with self.ids
+        self.positions = None if positions is None else torch.from_numpy(positions)
+        self.segments = None if segments is None else torch.from_numpy(segments)
+        self.conversations = len(rows) if conversations is None else conversations
         self.skipped: Counter = Counter()  # conversations left out of this split, by reason
 
     @property
@@ -75,7 +91,18 @@ class ChatPart(TextPart):
         index = (self.starts[rows][:, None] + position[None, :]).clamp_(max=max(len(self.ids) - 1, 0))
         ids = torch.where(mask, self.ids[index], self.pad_id).long()
         labels = torch.where(mask, self.labels[index], IGNORE).long()
-        inputs = {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
+        if self.segments is None:
+            inputs = {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
+        else:
+            segments = torch.where(mask, self.segments[index], -1)
+            positions = torch.where(mask, self.positions[index], 0).long()
+            attention = block_mask(segments)
+            inputs = {
+                "input_ids": ids,
+                "attention_mask": attention,
+                "labels": labels,
+                "position_ids": positions,
+            }
         return Batch(inputs, labels).to(self.device)
 
     def train_batches(
@@ -135,9 +162,16 @@ class Encoded:
     kept: list[int]
     skipped: Counter
 
-    def part(self, rows: np.ndarray, pad_id: int, device: torch.device) -> ChatPart:
-        """The part of kept conversations `rows` (positions in `kept`)."""
-        return ChatPart(self.ids, self.labels, self.offsets, rows, pad_id).to(device)
+    def part(
+        self, rows: np.ndarray, pad_id: int, device: torch.device, pack_to: int | None = None
+    ) -> ChatPart:
+        """The part of kept conversations `rows` (positions in `kept`); with pack_to, packed into rows of
+        at most that many tokens."""
+        if pack_to is None:
+            return ChatPart(self.ids, self.labels, self.offsets, rows, pad_id).to(device)
+        ids, labels, positions, segments, offsets = pack(self.ids, self.labels, self.offsets, rows, pack_to)
+        packs = np.arange(len(offsets) - 1)
+        return ChatPart(ids, labels, offsets, packs, pad_id, positions, segments, len(rows)).to(device)
 
 
 def encode_file(
@@ -182,6 +216,7 @@ def load(
         )
     source = ConversationSource(config.train)
     train_rows, val_rows, test_rows = split_indices(len(encoded.kept), None, config)
+    pack_to = state.max_length if config.packing else None
 
     def held(name: str, rows: np.ndarray, where: ConversationSource, of: tuple) -> HeldOut:
         conversations, kept = of[0].messages, of[1].kept
@@ -192,17 +227,18 @@ def load(
         rows = val_rows if name == "validation" else test_rows
         if not len(rows):
             return None, None
-        return encoded.part(rows, state.pad_id, device), held(name, rows, source, (found, encoded))
+        return encoded.part(rows, state.pad_id, device, pack_to), held(name, rows, source, (found, encoded))
 
     def separate(name: str, spec: str):
         other = encode_file(state, template, spec, config.on_long)
         rows = np.arange(len(other[1].kept))
-        return other[1].part(rows, state.pad_id, device), held(name, rows, ConversationSource(spec), other)
+        part = other[1].part(rows, state.pad_id, device, pack_to)
+        return part, held(name, rows, ConversationSource(spec), other)
 
     def sample(n: int) -> HeldOut:
         return held("none", train_rows[:n], source, (found, encoded))
 
-    train_part = encoded.part(train_rows, state.pad_id, device)
+    train_part = encoded.part(train_rows, state.pad_id, device, pack_to)
     train_part.skipped = encoded.skipped
     return assemble(config, state, train_part, source, own, separate, sample)
 

@@ -48,10 +48,23 @@ class CausalLMModel(nn.Module):
         return inner
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """attention_mask: [rows, tokens] (1 on real tokens), or packed rows' [rows, 1, tokens, tokens]
+        boolean mask with their position_ids (packing.py)."""
         causal = self.causal_lm
-        hidden = causal.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if attention_mask.dim() == 4 and causal.config._attn_implementation == "eager":
+            # eager attention adds its mask: a boolean one becomes 0 / the float minimum
+            blocked = torch.finfo(torch.float32).min
+            zeros = torch.zeros(attention_mask.shape, device=attention_mask.device)
+            attention_mask = zeros.masked_fill(~attention_mask, blocked)
+        hidden = causal.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
         targets = labels[:, 1:]
         trained = targets != IGNORE
         logits = causal.get_output_embeddings()(hidden.last_hidden_state[:, :-1][trained])
