@@ -20,6 +20,7 @@ from danlu.serve.chat.model import load_chat_model, served_model
 from danlu.serve.chat.sampling import SamplingParams
 from danlu.serve.chat.templates import Template
 from tests.chat_models import tiny_llama
+from tests.texts import tiny_encoder
 
 WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
@@ -197,6 +198,30 @@ def test_errors_name_the_problem(tmp_path, data, base):
     }
     with pytest.raises(DanluError, match=r"needs model\.pretrained"):
         danlu.train(None, [f"data.train={data}", "data.family=causal_lm"], out=tmp_path / "g")
+    encoder = tiny_encoder(tmp_path / "bert")
+    with pytest.raises(DanluError, match="is not a causal language model"):
+        fit(tmp_path / "h", data, encoder, "data.family=causal_lm")
+    no_system = tmp_path / "no_system.jinja"  # a template that has no system role, as some models' do
+    no_system.write_text(
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    with_system = tmp_path / "system.jsonl"
+    with_system.write_text(json.dumps({"system": "Count.", "prompt": "one", "completion": "two"}) + "\n")
+    with pytest.raises(DanluError, match="the chat template failed: System role not supported"):
+        fit(tmp_path / "i", with_system, base, f"model.template={no_system}")
+    assert not (tmp_path / "i").exists()  # a failed set-up leaves nothing
+
+
+def test_a_gguf_file_fine_tunes_into_a_model_directory(tmp_path, data):
+    from tests.chat_models import tiny_gguf
+
+    gguf = tiny_gguf(tmp_path / "gguf")
+    run = fit(tmp_path / "run", data, gguf, "train.epochs=1")
+    assert run.config.data.family == "causal_lm" and run.report["test"]["loss"] > 0
+    chat = load_chat_model(served_model(str(run.path)))
+    assert chat.engine == "torch" and (run.path / "hf" / "config.json").is_file()
 
 
 def adapter_weights(run) -> torch.Tensor:

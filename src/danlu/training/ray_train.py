@@ -91,7 +91,8 @@ def train_with_ray(
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
-            "config": None if resume else config.model_dump(mode="json"),
+            # unset keys stay unset, so each worker fills in the family's defaults as one process does
+            "config": None if resume else config.model_dump(mode="json", exclude_unset=True),
             "out": None if resume else str(target),
             "resume": str(target) if resume else None,
             "overwrite": overwrite,

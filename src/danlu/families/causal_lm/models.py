@@ -88,11 +88,15 @@ def lora_targets(model: nn.Module) -> list[str]:
 
 
 def load_pretrained(path: Path) -> nn.Module:
-    """A causal LM in float32 from a local directory (safetensors only) or GGUF file (dequantized)."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM in float32 from a local directory (safetensors only) or GGUF file. A GGUF file is
+    unpacked into dense weights as it loads (else transformers may keep its blocks packed, which trains
+    nothing and cannot be saved)."""
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     where, extra = (
-        (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {"use_safetensors": True})
+        (path.parent, {"gguf_file": path.name, "quantization_config": GgufConfig(dequantize=True)})
+        if path.is_file()
+        else (path, {"use_safetensors": True})
     )
     with quiet_transformers():
         try:
