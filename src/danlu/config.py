@@ -67,6 +67,11 @@ class DataConfig(Section):
         description="causal LMs: several conversations per row of up to max_length tokens, each attending "
         "only to itself (less padding)",
     )
+    group_by_length: bool | None = Field(
+        None,
+        description="texts and causal LMs: training batches of similar lengths (less padding); default "
+        "yes for texts, no for conversations (see README: it cost held-out loss when fine-tuning)",
+    )
     image: str | None = Field(None, description="image family: the column of image paths in a CSV/Parquet")
     image_size: int | list[int] | None = Field(
         None, description="image family: resize to SIZE or [height, width]; default the images' own size"

@@ -214,6 +214,19 @@ def test_errors_name_the_problem(tmp_path, data, base):
     assert not (tmp_path / "i").exists()  # a failed set-up leaves nothing
 
 
+def test_batches_are_drawn_at_random_unless_grouped_by_length(tmp_path, base):
+    """Conversations train in random batches by default; data.group_by_length: true pads less."""
+    varied = tmp_path / "varied.jsonl"
+    rows = [{"prompt": " ".join(WORDS[: 1 + i % 10]) * (1 + i % 7), "completion": "ok"} for i in range(160)]
+    varied.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shares = {}
+    for grouped in ("false", "true"):
+        run = fit(tmp_path / grouped, varied, base, "train.epochs=1", f"data.group_by_length={grouped}")
+        shares[grouped] = run.report["causal_lm"]["padding_share"]
+    default = fit(tmp_path / "default", varied, base, "train.epochs=1").report["causal_lm"]["padding_share"]
+    assert default == shares["false"] and shares["true"] < 0.5 * shares["false"]
+
+
 def test_a_gguf_file_fine_tunes_into_a_model_directory(tmp_path, data):
     from tests.chat_models import tiny_gguf
 

@@ -51,6 +51,19 @@ def test_training_batches_group_lengths_cover_every_row_once_and_replay():
     assert p.padding_share() < 0.5 * random_pad / (random_pad + widths.sum())
 
 
+def test_ungrouped_training_batches_are_the_epochs_permutation_cut_in_order():
+    lengths = np.random.default_rng(1).integers(3, 200, size=200).tolist()
+    p = part(lengths)
+    p.group_batches = 1  # data.group_by_length: false
+    rows = [sorted(b.target.tolist()) for b, _ in p.train_batches(8, shuffle_generator(0, 1))]
+    perm = torch.randperm(200, generator=shuffle_generator(0, 1))
+    cut = [tuple(sorted(perm[i : i + 8].tolist())) for i in range(0, 200, 8)]
+    assert sorted(map(tuple, rows)) == sorted(cut)
+    grouped = part(lengths)
+    list(grouped.train_batches(8, shuffle_generator(0, 1)))
+    assert grouped.padding_share() < 0.5 * p.padding_share()
+
+
 def test_ranks_share_each_global_batch():
     p = part([4, 2, 7, 1, 3, 3, 5, 6])
     whole = [b.target.tolist() for b, _ in p.train_batches(4, shuffle_generator(1, 1))]

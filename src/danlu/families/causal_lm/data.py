@@ -29,7 +29,7 @@ from danlu.families.causal_lm.pretrained import check_same_weights, new_state, t
 from danlu.families.causal_lm.state import CausalLMState
 from danlu.families.causal_lm.tokens import Encoded as TokenLabels
 from danlu.families.causal_lm.tokens import encode, show
-from danlu.families.text.data import TextPart
+from danlu.families.text.data import GROUP_BATCHES, TextPart
 from danlu.serve.chat.templates import Template
 from danlu.training import distributed
 from danlu.training.objectives import IGNORE, trained_tokens
@@ -240,6 +240,7 @@ def load(
 
     train_part = encoded.part(train_rows, state.pad_id, device, pack_to)
     train_part.skipped = encoded.skipped
+    train_part.group_batches = GROUP_BATCHES if config.group_by_length else 1
     return assemble(config, state, train_part, source, own, separate, sample)
 
 

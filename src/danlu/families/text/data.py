@@ -104,6 +104,7 @@ class TextPart:
     keep the rows' order (the Predictor relies on it)."""
 
     uneven = False
+    group_batches = GROUP_BATCHES  # 1: batches drawn at random, not grouped by length
 
     def __init__(self, ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, target: torch.Tensor, pad_id):
         self.ids = torch.from_numpy(ids)  # int32, shared by every part of a source: no copy per split
@@ -145,7 +146,7 @@ class TextPart:
 
     def _grouped(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
         perm = torch.randperm(self.n_rows, generator=generator)
-        window = batch_size * GROUP_BATCHES
+        window = batch_size * self.group_batches
         batches = []
         for start in range(0, self.n_rows, window):
             rows = perm[start : start + window]
@@ -252,6 +253,7 @@ def load(
             return None, None
         target = torch.from_numpy(encoded(labels.iloc[index[name]].reset_index(drop=True)))
         part = TextPart(ids, offsets, index[name], target, state.pad_id).to(device)
+        part.group_batches = 1 if config.group_by_length is False else GROUP_BATCHES
         return part, HeldOut(name, table, frame.iloc[index[name]], index[name])
 
     def sample(rows: int) -> HeldOut:
