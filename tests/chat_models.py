@@ -40,10 +40,17 @@ def tiny_tokenizer():
 
 
 def tiny_llama(
-    path: Path, seed: int = 0, template: bool = True, layers: int = 2, arch: str = "llama"
+    path: Path,
+    seed: int = 0,
+    template: bool = True,
+    layers: int = 2,
+    arch: str = "llama",
+    width: int = 64,
+    heads: int = 4,
 ) -> Path:
-    """A random Llama (width 64) whose logits are spread enough that greedy choices are not near-ties; arch
-    "qwen2" or "mistral" for the same shapes in those architectures."""
+    """A random Llama (width 64, 4 heads of 16) whose logits are spread enough that greedy choices are not
+    near-ties; arch "qwen2" or "mistral" for the same shapes in those architectures. vLLM's CPU attention
+    wants heads of 32 or more: width 128, heads 2."""
     import torch
     import transformers
     from transformers import GenerationConfig
@@ -56,11 +63,11 @@ def tiny_llama(
         tokenizer.chat_template = None
     config = config_class(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=256,
         initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id,

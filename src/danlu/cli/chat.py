@@ -28,10 +28,25 @@ def add_model_options(p, serving: bool = False) -> None:
     if not serving:  # danlu serve has one --engine for runs and chat models
         p.add_argument(
             "--engine",
-            choices=["auto", "torch", "llama.cpp"],
+            choices=["auto", "torch", "llama.cpp", "vllm"],
             default="auto",
-            help="auto (default): llama.cpp for a .gguf file when llama-cpp-python is installed, else torch",
+            help="auto (default): llama.cpp for a .gguf file when llama-cpp-python is installed, else torch; "
+            "vllm: a model directory on vLLM (starts in about 100 s on a CPU)",
         )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        help=f"{prefix}vllm engine: tokens per sequence (default the model's context, as memory allows)",
+    )
+    p.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        help=f"{prefix}vllm engine: KV cache size in GiB (CPU: vLLM's KV space, default 4; CUDA: "
+        "GPU memory kept for it)",
+    )
+    p.add_argument(
+        "--tensor-parallel", type=int, default=1, help=f"{prefix}vllm engine: GPUs to shard the model over"
+    )
     p.add_argument(
         "--template",
         help=f"{prefix}chat template when the model has none (or to replace it): starchat, chatml, llama3, "
@@ -67,16 +82,17 @@ def add_chat(sub) -> None:
 
 
 def run_chat(args) -> int:
-    from danlu.serve.chat.engine import Engine
+    from danlu.serve.chat.engine import engine_for
     from danlu.serve.chat.model import check_path, load_chat_model, served_model
     from danlu.serve.chat.sampling import SamplingParams
     from danlu.serve.chat.templates import Template
 
     model = served_model(args.model)  # a fine-tuned causal LM's run: the model it holds
     check_path(model)
-    chat = load_chat_model(model, args.dtype, args.device, args.trust_remote_code, args.quantize, args.engine)
+    options = (args.dtype, args.device, args.trust_remote_code, args.quantize, args.engine)
+    chat = load_chat_model(model, *options, vllm=vllm_options(args))
     template = Template(chat.tokenizer, args.template)
-    engine = Engine(chat, max_batch=1, extra_stops=template.stops)  # generate() steps it on this thread
+    engine = engine_for(chat, max_batch=1, extra_stops=template.stops)  # generate() steps it on this thread
     defaults = {
         k: v for k, v in chat.defaults.items() if k in ("temperature", "top_p", "top_k", "repetition_penalty")
     }
@@ -154,3 +170,9 @@ def read_line() -> str | None:
     sys.stderr.flush()
     line = sys.stdin.readline()
     return line.rstrip("\n") if line else None
+
+
+def vllm_options(args):
+    from danlu.serve.chat.model import VllmOptions
+
+    return VllmOptions(args.max_model_len, args.kv_cache_gb, args.tensor_parallel)

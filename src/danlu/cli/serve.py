@@ -27,9 +27,10 @@ def add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument(
         "--engine",
-        choices=["auto", "torch", "onnx", "llama.cpp"],
+        choices=["auto", "torch", "onnx", "llama.cpp", "vllm"],
         help="runs: torch (default) or onnx (needs `danlu export` first); chat models: auto (default: "
-        "llama.cpp for a .gguf file when llama-cpp-python is installed, else torch), torch or llama.cpp",
+        "llama.cpp for a .gguf file when llama-cpp-python is installed; vllm for a directory when vLLM is "
+        "installed; else torch), torch, llama.cpp or vllm",
     )
     p.add_argument(
         "--max-batch",
@@ -81,6 +82,7 @@ def add_serve(sub) -> None:
 
 
 def run_serve(args) -> int:
+    from danlu.cli.chat import vllm_options
     from danlu.run import RunDir
     from danlu.serve.chat.model import is_causal_lm, looks_like_model, served_model
 
@@ -112,6 +114,7 @@ def run_serve(args) -> int:
             device=args.device,
             quantize=args.quantize,
             trust_remote_code=args.trust_remote_code,
+            vllm=vllm_options(args),
         )
     else:
         options.update(max_wait_ms=args.max_wait_ms, max_rows=args.max_rows)

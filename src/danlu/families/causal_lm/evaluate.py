@@ -115,13 +115,13 @@ def answer_last_turns(run: RunDir, conversations: list) -> list[tuple[list, str,
 
 def answer(run: RunDir, prompts: list[list[dict[str, str]]]) -> list[tuple[str, str]]:
     """The fine-tuned model's greedy answers to conversations, batched through the chat engine."""
-    from danlu.serve.chat.engine import Engine
+    from danlu.serve.chat.engine import engine_for
     from danlu.serve.chat.model import load_chat_model
     from danlu.serve.chat.sampling import SamplingParams
 
     chat = load_chat_model(str(run.hf))
     template = Template(chat.tokenizer)  # RUN/hf's template: the run's own
-    engine = Engine(chat, max_batch=8, extra_stops=template.stops)
+    engine = engine_for(chat, max_batch=8, extra_stops=template.stops)
     try:
         encoded = [template.encode_messages(p) for p in prompts]
         params = SamplingParams(max_tokens=MAX_ANSWER_TOKENS, temperature=0.0)

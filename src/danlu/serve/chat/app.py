@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from danlu.errors import DanluError
 from danlu.serve.chat import protocol
-from danlu.serve.chat.engine import Engine, Event, Sequence
+from danlu.serve.chat.engine import Event, Sequence, engine_for
 from danlu.serve.chat.model import ChatModel
 from danlu.serve.chat.sampling import SamplingParams
 from danlu.serve.chat.templates import Template
@@ -121,7 +121,7 @@ class ChatHandler:
         self.chat, self.settings = chat, settings
         self.metrics = ChatMetrics()
         self.template = Template(chat.tokenizer, settings.template)
-        self.engine = Engine(
+        self.engine = engine_for(
             chat,
             max_batch=settings.max_batch,
             max_batch_tokens=settings.budget(chat.context),
@@ -255,6 +255,7 @@ class ChatHandler:
             "created": 0,
             "owned_by": "danlu",
             "executor": self.engine.executor.name,
+            "engine_reason": chat.engine_reason,  # why --engine auto chose it
             "context_length": chat.context,
             "dtype": chat.dtype,
             "quantize": chat.quantize,

@@ -31,6 +31,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -175,24 +176,7 @@ class Engine:
     def answer_all(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[str, str]]:
         """Every prompt's whole answer and finish reason, in order, generated together in batches of
         max_batch on the calling thread (danlu evaluate and predict on a fine-tuned model)."""
-        texts: list[list[str]] = [[] for _ in prompts]
-        reasons: list[str | None] = [None] * len(prompts)
-        bar = tqdm(total=len(prompts), desc="answer", unit="prompt", disable=len(prompts) < 16)
-
-        def emit_for(i: int) -> Callable[[Event], None]:
-            def emit(event: Event) -> None:
-                texts[i].append(event.text)
-                if event.finish_reason is not None:
-                    reasons[i] = event.finish_reason
-                    bar.update(1)
-
-            return emit
-
-        with bar:
-            for i, prompt in enumerate(prompts):
-                self.submit(Sequence(prompt, params, emit_for(i)))
-            self.run(until=lambda: all(r is not None for r in reasons))
-        return [("".join(t), str(r)) for t, r in zip(texts, reasons, strict=True)]
+        return answer_all(self, prompts, params)
 
     # --- the generating thread -----------------------------------------------------------------------
 
@@ -361,3 +345,35 @@ class Engine:
     def reserved(self, prompt_tokens: int, max_tokens: int) -> int:
         """The most cache positions a sequence can fill: its prompt and max_tokens, within the context."""
         return min(prompt_tokens + max_tokens, self.chat.context)
+
+
+def answer_all(engine: Any, prompts: list[list[int]], params: SamplingParams) -> list[tuple[str, str]]:
+    """Every prompt's whole answer and finish reason, in order, from an engine (Engine, VllmEngine) run
+    on the calling thread until all are done."""
+    texts: list[list[str]] = [[] for _ in prompts]
+    reasons: list[str | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="answer", unit="prompt", disable=len(prompts) < 16)
+
+    def emit_for(i: int) -> Callable[[Event], None]:
+        def emit(event: Event) -> None:
+            texts[i].append(event.text)
+            if event.finish_reason is not None:
+                reasons[i] = event.finish_reason
+                bar.update(1)
+
+        return emit
+
+    with bar:
+        for i, prompt in enumerate(prompts):
+            engine.submit(Sequence(prompt, params, emit_for(i)))
+        engine.run(until=lambda: all(r is not None for r in reasons))
+    return [("".join(t), str(r)) for t, r in zip(texts, reasons, strict=True)]
+
+
+def engine_for(chat: ChatModel, **options: Any) -> Any:
+    """The scheduler for a chat model: vLLM's own for the vllm engine, danlu's Engine for the others."""
+    if chat.engine == "vllm":
+        from danlu.serve.chat.vllm import VllmEngine
+
+        return VllmEngine(chat, **options)
+    return Engine(chat, **options)

@@ -44,7 +44,8 @@ class ChatModel:
     device: str = "cpu"
     quantize: str | None = None  # int8 or nf4
     weight_bytes: int = 0
-    engine: str = "torch"  # the executor that runs `model`: "torch", or "llama.cpp" (a LlamaCppModel)
+    engine: str = "torch"  # what runs `model`: "torch", "llama.cpp" (a LlamaCppModel) or "vllm" (a VllmModel)
+    engine_reason: str = ""  # why engine auto chose it
 
     def executor(self, max_batch: int, max_batch_tokens: int, prefill_chunk: int):
         """A fresh executor over this model (danlu.serve.chat.executor)."""
@@ -133,17 +134,82 @@ def _dtype(choice: str, device):
     return torch.float32  # CPU matmuls in fp32 are the portable choice (bf16 only where AVX512-BF16/AMX)
 
 
-ENGINES = ("auto", "torch", "llama.cpp")
+ENGINES = ("auto", "torch", "llama.cpp", "vllm")
 
 
-def choose_engine(path: Path, engine: str, dtype: str, device: str, quantize: str | None) -> str:
-    """The executor for a model: llama.cpp for a GGUF file when it is installed and nothing asks for
-    torch's options, else torch (with a log line saying why, for a GGUF file)."""
-    from danlu.serve.chat import llamacpp
+@dataclass
+class VllmOptions:
+    """How the vllm engine runs a model: --max-model-len, --kv-cache-gb, --tensor-parallel."""
+
+    max_model_len: int | None = None  # None: the model's context, as far as the KV cache holds it
+    kv_cache_gb: float | None = None  # None: vLLM's default (CPU: 4 GiB; GPU: 90% of the memory)
+    tensor_parallel: int = 1
+
+    @property
+    def asked(self) -> list[str]:
+        return [
+            name
+            for name, value in (
+                ("--max-model-len", self.max_model_len),
+                ("--kv-cache-gb", self.kv_cache_gb),
+                ("--tensor-parallel", self.tensor_parallel if self.tensor_parallel != 1 else None),
+            )
+            if value is not None
+        ]
+
+
+def choose_engine(
+    path: Path,
+    engine: str,
+    dtype: str,
+    device: str,
+    quantize: str | None,
+    serving: bool = False,
+    vllm: VllmOptions | None = None,
+) -> tuple[str, str]:
+    """(the engine for a model, why auto chose it). auto: llama.cpp for a GGUF file when it is installed
+    and nothing asks for torch's options; vLLM for a directory when it is installed, danlu is serving and
+    nothing asks for --quantize (vLLM starts in about 100 s on a CPU, so a terminal chat stays on torch);
+    else torch."""
+    from danlu.serve.chat import vllm as vllm_engine
 
     if engine not in ENGINES:
         raise DanluError(f"unknown chat engine '{engine}'", f"pass one of {', '.join(ENGINES)}")
     gguf = path.is_file()
+    vllm_asked = (vllm or VllmOptions()).asked
+    if vllm_asked and engine not in ("vllm", "auto"):
+        raise DanluError(f"{', '.join(vllm_asked)} are vLLM options", "pass --engine vllm, or leave them out")
+    if engine == "vllm":
+        if gguf:
+            raise DanluError(
+                f"the vllm engine runs Hugging Face directories; '{path}' is a GGUF file",
+                "serve it with --engine llama.cpp (or torch)",
+            )
+        if quantize is not None:
+            raise DanluError(
+                f"--quantize {quantize} is a torch option", "leave it out, or pass --engine torch"
+            )
+        if not vllm_engine.available():
+            raise DanluError("the vllm engine needs vLLM", vllm_engine.INSTALL)
+        return "vllm", "asked for"
+    if engine == "auto" and not gguf:
+        if vllm_asked or (serving and quantize is None and vllm_engine.available()):
+            if not vllm_engine.available():
+                raise DanluError(f"{', '.join(vllm_asked)} need the vllm engine", vllm_engine.INSTALL)
+            why = "vLLM is installed and this is a Hugging Face directory"
+            log.info("engine auto: vllm (%s; --engine torch starts in seconds)", why)
+            return "vllm", why
+        if serving and quantize is None:
+            return "torch", f"vLLM is not installed ({vllm_engine.INSTALL})"
+        return "torch", "a Hugging Face directory" if not serving else "--quantize is torch's"
+    return _choose_for_gguf(path, engine, dtype, device, quantize, gguf)
+
+
+def _choose_for_gguf(
+    path: Path, engine: str, dtype: str, device: str, quantize: str | None, gguf: bool
+) -> tuple[str, str]:
+    from danlu.serve.chat import llamacpp
+
     torch_only = [
         name
         for name, asked in (
@@ -167,17 +233,18 @@ def choose_engine(path: Path, engine: str, dtype: str, device: str, quantize: st
             )
         if not llamacpp.available():
             raise DanluError("the llama.cpp engine needs llama-cpp-python", llamacpp.INSTALL)
-        return "llama.cpp"
+        return "llama.cpp", "asked for"
     if engine == "torch" or not gguf:
-        return "torch"
+        return "torch", "asked for" if engine == "torch" else "a Hugging Face directory"
     if torch_only:
-        log.info("%s: serving the GGUF file with torch (dequantized)", ", ".join(torch_only))
-        return "torch"
+        why = f"{', '.join(torch_only)}: the GGUF file dequantized"
+        log.info("engine auto: torch (%s)", why)
+        return "torch", why
     if not llamacpp.available():
-        log.info("llama-cpp-python is not installed: serving the GGUF file with torch, dequantized (%s)",
-                 llamacpp.INSTALL)  # fmt: skip
-        return "torch"
-    return "llama.cpp"
+        why = f"llama-cpp-python is not installed: the GGUF file dequantized ({llamacpp.INSTALL})"
+        log.info("engine auto: torch (%s)", why)
+        return "torch", why
+    return "llama.cpp", "a GGUF file, and llama-cpp-python is installed"
 
 
 def _generation_defaults(generation_config, config) -> tuple[dict[str, Any], set[int]]:
@@ -203,16 +270,30 @@ def load_chat_model(
     trust_remote_code: bool = False,
     quantize: str | None = None,
     engine: str = "auto",
+    serving: bool = False,
+    vllm: VllmOptions | None = None,
 ) -> ChatModel:
-    """A chat model, run by torch or (a GGUF file, engine auto or llama.cpp) llama.cpp. The tokenizer,
-    chat template, context and generation defaults come from the same files either way.
+    """A chat model, run by torch, llama.cpp (a GGUF file) or vLLM (a directory); see choose_engine. The
+    tokenizer, chat template, context and generation defaults come from the same files whichever runs it.
 
     Raises:
         DanluError: a missing or unreadable model, or options the engine cannot take.
     """
     path = check_path(spec)
-    if choose_engine(path, engine, dtype, device, quantize) == "llama.cpp":
-        return _load_llamacpp(path)
+    chosen, why = choose_engine(path, engine, dtype, device, quantize, serving, vllm)
+    if chosen == "llama.cpp":
+        chat = _load_llamacpp(path)
+    elif chosen == "vllm":
+        chat = _load_vllm(path, dtype, device, trust_remote_code, vllm or VllmOptions())
+    else:
+        chat = _load_torch(path, spec, dtype, device, trust_remote_code, quantize)
+    chat.engine_reason = why
+    return chat
+
+
+def _load_torch(
+    path: Path, spec: str, dtype: str, device: str, trust_remote_code: bool, quantize: str | None
+) -> ChatModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -331,4 +412,32 @@ def _load_llamacpp(path: Path) -> ChatModel:
     return ChatModel(
         model, tokenizer, path.stem, _context(config), eos_ids, defaults, file_type, "cpu", None, model.size,
         engine="llama.cpp",
+    )  # fmt: skip
+
+
+def _load_vllm(
+    path: Path, dtype: str, device: str, trust_remote_code: bool, options: VllmOptions
+) -> ChatModel:
+    """A model directory on vLLM; its tokenizer, template and generation defaults read by transformers
+    from the same files, as the torch engine reads them, so a request renders to the same prompt ids."""
+    from transformers import AutoTokenizer
+
+    from danlu.hf import load_files, quiet_transformers
+    from danlu.serve.chat.vllm import VllmModel
+
+    with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            tokenizer = load_files(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            message = f"cannot read '{path}': {exc}".splitlines()[0]
+            raise DanluError(message, "check the model files") from None
+    defaults, eos_ids, _ = generation_info(path)
+    model = VllmModel.start(
+        path, dtype, device, options.max_model_len, options.kv_cache_gb, options.tensor_parallel,
+        trust_remote_code,
+    )  # fmt: skip
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return ChatModel(
+        model, tokenizer, model_name(path), model.context, eos_ids, defaults, model.dtype, device, None,
+        weights, engine="vllm",
     )  # fmt: skip

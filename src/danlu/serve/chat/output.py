@@ -75,9 +75,15 @@ class OutputProcessor:
         if sequence.prompt_tensor is None:
             self._begin(sequence)
         row = logits.float().cpu()
+        penalize(row, sequence.params, sequence.prompt_tensor, sequence.output)
+        return self.accept(sequence, choose(row, sequence.params, sequence.generator))
+
+    def accept(self, sequence: Sequence, token: int) -> bool:
+        """The sequence's next token, sampled here or by an engine that samples itself (vLLM): emit its
+        text; True when the sequence is finished (and its end emitted)."""
+        if sequence.detok is None:
+            self._begin(sequence)
         params = sequence.params
-        penalize(row, params, sequence.prompt_tensor, sequence.output)
-        token = choose(row, params, sequence.generator)
         sequence.output.append(token)
         if sequence.first_token_at is None:
             sequence.first_token_at = time.perf_counter()
