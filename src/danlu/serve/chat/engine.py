@@ -56,43 +56,25 @@ def common_prefix(a: list[int], b: list[int], limit: int) -> int:
     return n
 
 
-class Engine:
-    def __init__(
-        self,
-        chat: ChatModel,
-        max_batch: int = 8,
-        prefill_chunk: int = 512,
-        extra_stops: list[str] | None = None,
-        on_step: Callable[[int, int], None] | None = None,
-        max_batch_tokens: int | None = None,
-    ) -> None:
-        self.chat = chat
-        self.max_batch = max_batch
-        # cache cells of the running batch, as the executor counts them; None: max_batch x the context
-        self.max_batch_tokens = max_batch_tokens or max_batch * chat.context
-        self.prefill_chunk = prefill_chunk
-        self.executor: Executor = chat.executor(max_batch, self.max_batch_tokens, prefill_chunk)
-        self.output = OutputProcessor(chat.tokenizer, chat.eos_ids, chat.context, extra_stops or [])
-        self.on_step = on_step  # (running, waiting) after each step: the server's gauges
+class Scheduler:
+    """What every scheduler shares (Engine here, VllmEngine for vLLM): generating in the calling thread or
+    a thread of its own, stopping, queueing, and the blocking iterator of one sequence's events.
+    Subclasses give _once (take what was submitted, run a step), _cancel_all, close and check_fits."""
+
+    thread_name = "danlu-chat-engine"
+
+    def __init__(self) -> None:
         self.inbox: queue.Queue[Sequence] = queue.Queue()
-        self.waiting: list[Sequence] = []
-        self.running: list[Sequence] = []
-        self.free_slots = list(range(max_batch - 1, -1, -1))  # popped from the end: slot 0 first
-        self.preemptions = 0
-        self.shared_tokens = 0  # prompt tokens taken from another sequence's cells, not computed
-        self._held = False  # after a preemption, nothing is admitted until a running sequence leaves
         self._stop = threading.Event()
         self._driven = threading.Event()  # a run() is generating, in some thread
         self._stopped = threading.Event()  # the last run() has returned
         self._thread: threading.Thread | None = None
 
-    # --- the caller's side ---------------------------------------------------------------------------
-
     def start(self) -> None:
         """Generate on a thread of its own (tests, benchmarks). The server and the terminal chat drive the
         engine from the main thread instead: torch's parallel CPU kernels run up to 1.8x slower when
         called from any other thread."""
-        self._thread = threading.Thread(target=self.run, name="danlu-chat-engine", daemon=True)
+        self._thread = threading.Thread(target=self.run, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def run(self, until: Callable[[], bool] = lambda: False) -> None:
@@ -104,9 +86,7 @@ class Engine:
             while not self._stop.is_set() and not until():
                 self._once(wait=0.5)
             if self._stop.is_set():
-                for sequence in self.running + self.waiting:
-                    self._release(sequence, "cancelled")
-                self.running, self.waiting = [], []
+                self._cancel_all()
         finally:
             self._driven.clear()
             self._stopped.set()
@@ -119,26 +99,8 @@ class Engine:
             self._thread.join(timeout=30)
         elif self._driven.is_set():
             self._stopped.wait(timeout=30)
-        if not self._driven.is_set():  # nothing generates any more: the executor's memory goes
-            self.executor.close()
-
-    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        """Raises DanluError when a sequence could never run: its prompt fills the context, or alone it
-        needs more cache than max_batch_tokens."""
-        context = self.chat.context
-        if prompt_tokens + 1 > context:
-            raise DanluError(
-                f"the prompt has {prompt_tokens} tokens; the model's context is {context}",
-                "shorten the conversation",
-            )
-        need = self.reserved(prompt_tokens, max_tokens)
-        if not self.executor.fits([need]):
-            raise DanluError(
-                f"the prompt's {prompt_tokens} tokens and max_tokens {max_tokens} need {need} cache "
-                f"tokens, over the engine's max_batch_tokens: this server's --max-batch-tokens is "
-                f"{self.max_batch_tokens}",
-                "lower max_tokens or shorten the prompt",
-            )
+        if not self._driven.is_set():  # nothing generates any more: the model's memory goes
+            self.close()
 
     def submit(self, sequence: Sequence) -> Sequence:
         """Queue a sequence; it runs once it fits the batch.
@@ -149,11 +111,6 @@ class Engine:
         self.check_fits(len(sequence.prompt), sequence.params.max_tokens)
         self.inbox.put(sequence)
         return sequence
-
-    @property
-    def load(self) -> tuple[int, int]:
-        """(running, waiting) sequences."""
-        return len(self.running), len(self.waiting) + self.inbox.qsize()
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Event]:
         """A blocking iterator of events for one sequence (the terminal chat, tests, benchmarks). With no
@@ -176,7 +133,96 @@ class Engine:
     def answer_all(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[str, str]]:
         """Every prompt's whole answer and finish reason, in order, generated together in batches of
         max_batch on the calling thread (danlu evaluate and predict on a fine-tuned model)."""
-        return answer_all(self, prompts, params)
+        texts: list[list[str]] = [[] for _ in prompts]
+        reasons: list[str | None] = [None] * len(prompts)
+        bar = tqdm(total=len(prompts), desc="answer", unit="prompt", disable=len(prompts) < 16)
+
+        def emit_for(i: int) -> Callable[[Event], None]:
+            def emit(event: Event) -> None:
+                texts[i].append(event.text)
+                if event.finish_reason is not None:
+                    reasons[i] = event.finish_reason
+                    bar.update(1)
+
+            return emit
+
+        with bar:
+            for i, prompt in enumerate(prompts):
+                self.submit(Sequence(prompt, params, emit_for(i)))
+            self.run(until=lambda: all(r is not None for r in reasons))
+        return [("".join(t), str(r)) for t, r in zip(texts, reasons, strict=True)]
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _once(self, wait: float) -> None:
+        raise NotImplementedError
+
+    def _cancel_all(self) -> None:
+        raise NotImplementedError
+
+
+class Engine(Scheduler):
+    def __init__(
+        self,
+        chat: ChatModel,
+        max_batch: int = 8,
+        prefill_chunk: int = 512,
+        extra_stops: list[str] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+        max_batch_tokens: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.chat = chat
+        self.max_batch = max_batch
+        # cache cells of the running batch, as the executor counts them; None: max_batch x the context
+        self.max_batch_tokens = max_batch_tokens or max_batch * chat.context
+        self.prefill_chunk = prefill_chunk
+        self.executor: Executor = chat.executor(max_batch, self.max_batch_tokens, prefill_chunk)
+        self.output = OutputProcessor(chat.tokenizer, chat.eos_ids, chat.context, extra_stops or [])
+        self.on_step = on_step  # (running, waiting) after each step: the server's gauges
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(max_batch - 1, -1, -1))  # popped from the end: slot 0 first
+        self.preemptions = 0
+        self.shared_tokens = 0  # prompt tokens taken from another sequence's cells, not computed
+        self._held = False  # after a preemption, nothing is admitted until a running sequence leaves
+
+    # --- the caller's side ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.executor.close()
+
+    def _cancel_all(self) -> None:
+        for sequence in self.running + self.waiting:
+            self._release(sequence, "cancelled")
+        self.running, self.waiting = [], []
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raises DanluError when a sequence could never run: its prompt fills the context, or alone it
+        needs more cache than max_batch_tokens."""
+        context = self.chat.context
+        if prompt_tokens + 1 > context:
+            raise DanluError(
+                f"the prompt has {prompt_tokens} tokens; the model's context is {context}",
+                "shorten the conversation",
+            )
+        need = self.reserved(prompt_tokens, max_tokens)
+        if not self.executor.fits([need]):
+            raise DanluError(
+                f"the prompt's {prompt_tokens} tokens and max_tokens {max_tokens} need {need} cache "
+                f"tokens, over the engine's max_batch_tokens: this server's --max-batch-tokens is "
+                f"{self.max_batch_tokens}",
+                "lower max_tokens or shorten the prompt",
+            )
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) sequences."""
+        return len(self.running), len(self.waiting) + self.inbox.qsize()
 
     # --- the generating thread -----------------------------------------------------------------------
 
@@ -347,30 +393,7 @@ class Engine:
         return min(prompt_tokens + max_tokens, self.chat.context)
 
 
-def answer_all(engine: Any, prompts: list[list[int]], params: SamplingParams) -> list[tuple[str, str]]:
-    """Every prompt's whole answer and finish reason, in order, from an engine (Engine, VllmEngine) run
-    on the calling thread until all are done."""
-    texts: list[list[str]] = [[] for _ in prompts]
-    reasons: list[str | None] = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="answer", unit="prompt", disable=len(prompts) < 16)
-
-    def emit_for(i: int) -> Callable[[Event], None]:
-        def emit(event: Event) -> None:
-            texts[i].append(event.text)
-            if event.finish_reason is not None:
-                reasons[i] = event.finish_reason
-                bar.update(1)
-
-        return emit
-
-    with bar:
-        for i, prompt in enumerate(prompts):
-            engine.submit(Sequence(prompt, params, emit_for(i)))
-        engine.run(until=lambda: all(r is not None for r in reasons))
-    return [("".join(t), str(r)) for t, r in zip(texts, reasons, strict=True)]
-
-
-def engine_for(chat: ChatModel, **options: Any) -> Any:
+def engine_for(chat: ChatModel, **options: Any) -> Scheduler:
     """The scheduler for a chat model: vLLM's own for the vllm engine, danlu's Engine for the others."""
     if chat.engine == "vllm":
         from danlu.serve.chat.vllm import VllmEngine

@@ -9,7 +9,7 @@ end-of-sequence tokens, max_tokens and the context, finish reasons. A stop strin
 that leaves and a cancelled request abort the vLLM request at once. vLLM is given no stop strings and does
 not detokenize.
 
-VllmEngine has the scheduler's interface (danlu.serve.chat.engine.Engine): the server, the terminal chat
+VllmEngine is a danlu.serve.chat.engine.Scheduler, as Engine is: the server, the terminal chat
 and danlu evaluate/predict drive it alike, from the calling thread; vLLM's engine core runs in a process
 of its own, so a step waits on it without holding the GIL."""
 
@@ -19,13 +19,13 @@ import itertools
 import logging
 import os
 import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from danlu.errors import DanluError, one_line
-from danlu.serve.chat.output import Event, OutputProcessor, Sequence
+from danlu.serve.chat.engine import Scheduler
+from danlu.serve.chat.output import OutputProcessor, Sequence
 from danlu.serve.chat.sampling import SamplingParams
 
 log = logging.getLogger("danlu")
@@ -95,8 +95,17 @@ class VllmModel:
             "disable_log_stats": True,
             "skip_tokenizer_init": True,  # danlu tokenizes and detokenizes
         }
-        if device.startswith("cuda") and kv_cache_gb is not None:  # on the CPU: VLLM_CPU_KVCACHE_SPACE
-            arguments["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+        if device.startswith("cuda"):
+            if kv_cache_gb is not None:  # on the CPU: VLLM_CPU_KVCACHE_SPACE
+                arguments["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+        else:
+            # vLLM's CPU backend reads this as the share of the machine's memory it may use, 0.92 by
+            # default, and refuses to start when less is free (another process holding a few GiB is
+            # enough): ask for what is free now, with room to spare
+            import psutil
+
+            memory = psutil.virtual_memory()
+            arguments["gpu_memory_utilization"] = round(max(0.05, 0.9 * memory.available / memory.total), 3)
         try:
             engine = LLMEngine.from_engine_args(EngineArgs(**arguments))
         except Exception as exc:
@@ -142,8 +151,10 @@ class _Executor:
     name = "vllm"
 
 
-class VllmEngine:
-    """The scheduler's interface (Engine) over vLLM's engine."""
+class VllmEngine(Scheduler):
+    """The scheduler's interface over vLLM's engine."""
+
+    thread_name = "danlu-chat-vllm"
 
     def __init__(
         self,
@@ -154,6 +165,7 @@ class VllmEngine:
         on_step: Callable[[int, int], None] | None = None,
         max_batch_tokens: int | None = None,
     ) -> None:
+        super().__init__()
         self.chat = chat
         self.vllm: VllmModel = chat.model
         self.max_batch = max_batch
@@ -162,48 +174,13 @@ class VllmEngine:
         self.executor = _Executor()
         self.output = OutputProcessor(chat.tokenizer, chat.eos_ids, chat.context, extra_stops or [])
         self.on_step = on_step
-        self.inbox: queue.Queue[Sequence] = queue.Queue()
-        self.active: dict[str, Sequence] = {}
+        self.active: dict[str, Sequence] = {}  # by vLLM request id
         self.preemptions = 0  # vLLM preempts inside; danlu's counters stay 0
         self.shared_tokens = 0
         self._ids = itertools.count()
-        self._stop = threading.Event()
-        self._driven = threading.Event()
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    # --- the caller's side (as Engine) -----------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="danlu-chat-vllm", daemon=True)
-        self._thread.start()
-
-    def run(self, until: Callable[[], bool] = lambda: False) -> None:
-        self._stopped.clear()
-        self._driven.set()
-        try:
-            while not self._stop.is_set() and not until():
-                self._once(wait=0.5)
-            if self._stop.is_set():
-                self._abort(list(self.active))
-                for sequence in list(self.active.values()) + self._drain():
-                    self.output.finish(sequence, "cancelled")
-                self.active = {}
-        finally:
-            self._driven.clear()
-            self._stopped.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.inbox.put(None)  # type: ignore[arg-type]  # wakes the loop
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        elif self._driven.is_set():
-            self._stopped.wait(timeout=30)
-        if not self._driven.is_set():
-            self.vllm.close()
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raises DanluError when the prompt fills the context (vLLM pages its cache: no batch budget)."""
         context = self.chat.context
         if prompt_tokens + 1 > context:
             raise DanluError(
@@ -211,35 +188,18 @@ class VllmEngine:
                 "shorten the conversation",
             )
 
-    def submit(self, sequence: Sequence) -> Sequence:
-        self.check_fits(len(sequence.prompt), sequence.params.max_tokens)
-        self.inbox.put(sequence)
-        return sequence
-
     @property
     def load(self) -> tuple[int, int]:
         return len(self.active), self.inbox.qsize()
 
-    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Event]:
-        events: queue.Queue[Event] = queue.Queue()
-        sequence = self.submit(Sequence(prompt, params, events.put))
-        inline = not self._driven.is_set()
-        try:
-            while True:
-                if inline and events.empty():
-                    self._once(wait=0)
-                    continue
-                event = events.get()
-                yield event
-                if event.finish_reason is not None:
-                    return
-        finally:
-            sequence.cancel()
+    def close(self) -> None:
+        self.vllm.close()
 
-    def answer_all(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[str, str]]:
-        from danlu.serve.chat.engine import answer_all
-
-        return answer_all(self, prompts, params)
+    def _cancel_all(self) -> None:
+        self._abort(list(self.active))
+        for sequence in list(self.active.values()) + self._drain():
+            self.output.finish(sequence, "cancelled")
+        self.active = {}
 
     # --- the generating thread -------------------------------------------------------------------------
 
