@@ -178,7 +178,8 @@ def choose_engine(
     gguf = path.is_file()
     vllm_asked = (vllm or VllmOptions()).asked
     if vllm_asked and engine not in ("vllm", "auto"):
-        raise DanluError(f"{', '.join(vllm_asked)} are vLLM options", "pass --engine vllm, or leave them out")
+        what = "is a vLLM option" if len(vllm_asked) == 1 else "are vLLM options"
+        raise DanluError(f"{', '.join(vllm_asked)} {what}", "pass --engine vllm, or leave them out")
     if engine == "vllm":
         if gguf:
             raise DanluError(
