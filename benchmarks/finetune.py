@@ -19,7 +19,7 @@ per trained (assistant) token, and greedy answers through the chat engine, score
 the reference JSON. Seconds are the training loops' own (TRL's train(), danlu's train_seconds), and the
 whole job from the JSONL file to a saved merged model.
 
-Run: python benchmarks/finetune.py [--train 400] [--test 100] [--epochs 2] [--seeds 1]
+Run: python benchmarks/finetune.py [--train 400] [--test 100] [--epochs 2] [--seeds 1] [--group-by-length]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def run_danlu(
-    model: Path, train: Path, test: Path, out: Path, epochs: int, seed: int
+    model: Path, train: Path, test: Path, out: Path, epochs: int, seed: int, *extra: str
 ) -> tuple[float, float, Path]:
     started = time.perf_counter()
     run = danlu.train(
@@ -106,6 +106,7 @@ def run_danlu(
             "data.val_fraction=0",
             "data.test_fraction=0",
             f"train.seed={seed}",
+            *extra,
         ],
         out=out,
         progress=False,
@@ -223,6 +224,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=1, help="runs of each trainer, seeds 0..N-1")
+    parser.add_argument(
+        "--group-by-length", action="store_true", help="danlu with data.group_by_length=true (default off)"
+    )
     args = parser.parse_args()
     logging.getLogger("danlu").setLevel(logging.WARNING)
     torch.manual_seed(0)
@@ -237,7 +241,8 @@ def main() -> None:
             with contextlib.redirect_stderr(io.StringIO()):
                 loop, job, model = run_trl(base, train, root, args.epochs, seed)
             rows.append((f"TRL SFTTrainer + peft, seed {seed}", loop, job, measure(model, base, test)))
-            loop, job, model = run_danlu(base, train, test, root / f"danlu-{seed}", args.epochs, seed)
+            extra = ("data.group_by_length=true",) if args.group_by_length else ()
+            loop, job, model = run_danlu(base, train, test, root / f"danlu-{seed}", args.epochs, seed, *extra)
             rows.append((f"danlu train, seed {seed}", loop, job, measure(model, base, test)))
         tokens = trained_tokens(root / "danlu-0") * args.epochs
     print(

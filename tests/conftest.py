@@ -98,6 +98,23 @@ def train_and_kill(config: Path, out: Path, epochs: int, danlu: tuple[str, ...] 
     assert (out / "checkpoints" / "last.pt").is_file()
 
 
+def interrupted_at_epoch(monkeypatch, epoch: int, train) -> None:
+    """train() with training interrupted (KeyboardInterrupt, as Ctrl-C) as epoch `epoch` starts."""
+    from danlu.training import trainer
+
+    original = trainer.train_epoch
+
+    def stop(s, tc, current):
+        if current == epoch:
+            raise KeyboardInterrupt
+        return original(s, tc, current)
+
+    monkeypatch.setattr(trainer, "train_epoch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    monkeypatch.setattr(trainer, "train_epoch", original)
+
+
 def same_weights(a_run: Path, b_run: Path) -> bool:
     import torch
     from safetensors.torch import load_file

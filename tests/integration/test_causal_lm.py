@@ -20,6 +20,7 @@ from danlu.serve.chat.model import load_chat_model, served_model
 from danlu.serve.chat.sampling import SamplingParams
 from danlu.serve.chat.templates import Template
 from tests.chat_models import tiny_llama
+from tests.conftest import interrupted_at_epoch
 from tests.texts import tiny_encoder
 
 WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -244,21 +245,10 @@ def adapter_weights(run) -> torch.Tensor:
 
 def test_resume_after_a_stop_gives_identical_weights(tmp_path, data, base, monkeypatch):
     from danlu.training import checkpoint as ckpt
-    from danlu.training import trainer
 
     settings = ("train.epochs=3", "train.precision=fp32")  # LoRA's dropout is on: the RNG state matters
     full = fit(tmp_path / "full", data, base, *settings)
-    original = trainer.train_epoch
-
-    def stop_in_epoch_2(s, tc, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(s, tc, epoch)
-
-    monkeypatch.setattr(trainer, "train_epoch", stop_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        fit(tmp_path / "stopped", data, base, *settings)
-    monkeypatch.setattr(trainer, "train_epoch", original)
+    interrupted_at_epoch(monkeypatch, 2, lambda: fit(tmp_path / "stopped", data, base, *settings))
     # the checkpoint holds the adapter alone: the frozen base is read again from model.pretrained
     saved = ckpt.load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")[ckpt.MODEL_KEY]
     assert saved and all("lora_" in name for name in saved)
@@ -270,20 +260,8 @@ def test_resume_after_a_stop_gives_identical_weights(tmp_path, data, base, monke
 def test_resume_refuses_a_base_model_that_changed(tmp_path, data, monkeypatch):
     from safetensors.torch import save_file
 
-    from danlu.training import trainer
-
     base = tiny_llama(tmp_path / "tiny")
-    original = trainer.train_epoch
-
-    def stop_in_epoch_2(s, tc, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(s, tc, epoch)
-
-    monkeypatch.setattr(trainer, "train_epoch", stop_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        fit(tmp_path / "stopped", data, base, "train.epochs=3")
-    monkeypatch.setattr(trainer, "train_epoch", original)
+    interrupted_at_epoch(monkeypatch, 2, lambda: fit(tmp_path / "stopped", data, base, "train.epochs=3"))
     weights = load_file(base / "model.safetensors")
     weights["lm_head.weight"] = weights["lm_head.weight"] * 1.01
     save_file(weights, base / "model.safetensors", metadata={"format": "pt"})

@@ -13,6 +13,7 @@ import danlu
 from danlu.data.batches import Batch, shuffle_generator
 from danlu.errors import DanluError
 from danlu.families.image.data import augmenter
+from tests.conftest import interrupted_at_epoch
 from tests.images import CLASSES, csv_of_paths, idx_files, image_folder, npz_file, shapes
 
 FAST = [
@@ -152,22 +153,11 @@ def test_onnx_export_takes_uint8_pixels_and_is_verified(folder_run):
 
 @pytest.mark.parametrize("budget", ["", "data.memory_budget_gb=0.000001"])  # in memory; mapped from cache
 def test_resume_after_a_stop_gives_identical_weights(tmp_path, monkeypatch, budget):
-    from danlu.training import trainer
 
     data = image_folder(tmp_path / "f", n=60)
     settings = ["model.dropout=0.3", "data.augment=light", *([budget] if budget else [])]
     full = fit(tmp_path / "full", data, *settings)
-    original = trainer.train_epoch
-
-    def stop_in_epoch_4(s, tc, epoch):
-        if epoch == 4:
-            raise KeyboardInterrupt
-        return original(s, tc, epoch)
-
-    monkeypatch.setattr(trainer, "train_epoch", stop_in_epoch_4)
-    with pytest.raises(KeyboardInterrupt):
-        fit(tmp_path / "stopped", data, *settings)
-    monkeypatch.setattr(trainer, "train_epoch", original)
+    interrupted_at_epoch(monkeypatch, 4, lambda: fit(tmp_path / "stopped", data, *settings))
     resumed = danlu.train(resume=tmp_path / "stopped", progress=False)
     a, b = load_file(full.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import danlu
 from danlu.errors import DanluError
+from tests.conftest import interrupted_at_epoch
 from tests.texts import reviews, tiny_encoder
 
 FAST = ["data.text=review", "data.max_length=64", "train.epochs=10", "train.lr=3e-3", "train.batch_size=16"]
@@ -119,21 +120,10 @@ def test_resume_after_a_stop_gives_identical_weights_and_reuses_the_tokens(
     tmp_path, data, encoder, monkeypatch
 ):
     from danlu.families.text import data as text_data
-    from danlu.training import trainer
 
     settings = ["train.epochs=4", "train.precision=fp32"]  # the encoder's dropout is on: RNG state matters
     full = fit(tmp_path / "full", data, encoder, *settings)
-    original = trainer.train_epoch
-
-    def stop_in_epoch_3(s, tc, epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return original(s, tc, epoch)
-
-    monkeypatch.setattr(trainer, "train_epoch", stop_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        fit(tmp_path / "stopped", data, encoder, *settings)
-    monkeypatch.setattr(trainer, "train_epoch", original)
+    interrupted_at_epoch(monkeypatch, 3, lambda: fit(tmp_path / "stopped", data, encoder, *settings))
     assert list((tmp_path / "stopped" / "cache").glob("tokens-*.npz"))
 
     def no_tokenizing(*args, **kwargs):

@@ -63,7 +63,24 @@ class Scheduler:
 
     thread_name = "danlu-chat-engine"
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        chat: ChatModel,
+        max_batch: int = 8,
+        prefill_chunk: int = 512,
+        extra_stops: list[str] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+        max_batch_tokens: int | None = None,
+    ) -> None:
+        self.chat = chat
+        self.max_batch = max_batch
+        # cache cells of the running batch, as the executor counts them; None: max_batch x the context
+        self.max_batch_tokens = max_batch_tokens or max_batch * chat.context
+        self.prefill_chunk = prefill_chunk
+        self.output = OutputProcessor(chat.tokenizer, chat.eos_ids, chat.context, extra_stops or [])
+        self.on_step = on_step  # (running, waiting) after each step: the server's gauges
+        self.preemptions = 0
+        self.shared_tokens = 0  # prompt tokens taken from another sequence's cells, not computed
         self.inbox: queue.Queue[Sequence] = queue.Queue()
         self._stop = threading.Event()
         self._driven = threading.Event()  # a run() is generating, in some thread
@@ -153,7 +170,13 @@ class Scheduler:
         return [("".join(t), str(r)) for t, r in zip(texts, reasons, strict=True)]
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        raise NotImplementedError
+        """Raises DanluError when a sequence could never run: its prompt fills the context."""
+        context = self.chat.context
+        if prompt_tokens + 1 > context:
+            raise DanluError(
+                f"the prompt has {prompt_tokens} tokens; the model's context is {context}",
+                "shorten the conversation",
+            )
 
     def close(self) -> None:
         raise NotImplementedError
@@ -175,20 +198,11 @@ class Engine(Scheduler):
         on_step: Callable[[int, int], None] | None = None,
         max_batch_tokens: int | None = None,
     ) -> None:
-        super().__init__()
-        self.chat = chat
-        self.max_batch = max_batch
-        # cache cells of the running batch, as the executor counts them; None: max_batch x the context
-        self.max_batch_tokens = max_batch_tokens or max_batch * chat.context
-        self.prefill_chunk = prefill_chunk
+        super().__init__(chat, max_batch, prefill_chunk, extra_stops, on_step, max_batch_tokens)
         self.executor: Executor = chat.executor(max_batch, self.max_batch_tokens, prefill_chunk)
-        self.output = OutputProcessor(chat.tokenizer, chat.eos_ids, chat.context, extra_stops or [])
-        self.on_step = on_step  # (running, waiting) after each step: the server's gauges
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.free_slots = list(range(max_batch - 1, -1, -1))  # popped from the end: slot 0 first
-        self.preemptions = 0
-        self.shared_tokens = 0  # prompt tokens taken from another sequence's cells, not computed
         self._held = False  # after a preemption, nothing is admitted until a running sequence leaves
 
     # --- the caller's side ---------------------------------------------------------------------------
@@ -204,12 +218,7 @@ class Engine(Scheduler):
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raises DanluError when a sequence could never run: its prompt fills the context, or alone it
         needs more cache than max_batch_tokens."""
-        context = self.chat.context
-        if prompt_tokens + 1 > context:
-            raise DanluError(
-                f"the prompt has {prompt_tokens} tokens; the model's context is {context}",
-                "shorten the conversation",
-            )
+        super().check_fits(prompt_tokens, max_tokens)
         need = self.reserved(prompt_tokens, max_tokens)
         if not self.executor.fits([need]):
             raise DanluError(

@@ -19,13 +19,12 @@ import itertools
 import logging
 import os
 import queue
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from danlu.errors import DanluError, one_line
 from danlu.serve.chat.engine import Scheduler
-from danlu.serve.chat.output import OutputProcessor, Sequence
+from danlu.serve.chat.output import Sequence
 from danlu.serve.chat.sampling import SamplingParams
 
 log = logging.getLogger("danlu")
@@ -156,37 +155,13 @@ class VllmEngine(Scheduler):
 
     thread_name = "danlu-chat-vllm"
 
-    def __init__(
-        self,
-        chat: Any,
-        max_batch: int = 8,
-        prefill_chunk: int = 512,
-        extra_stops: list[str] | None = None,
-        on_step: Callable[[int, int], None] | None = None,
-        max_batch_tokens: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.chat = chat
+    def __init__(self, chat: Any, **options: Any) -> None:
+        """options: Scheduler's (max_batch, prefill_chunk, extra_stops, on_step, max_batch_tokens)."""
+        super().__init__(chat, **options)
         self.vllm: VllmModel = chat.model
-        self.max_batch = max_batch
-        self.max_batch_tokens = max_batch_tokens or max_batch * chat.context
-        self.prefill_chunk = prefill_chunk
         self.executor = _Executor()
-        self.output = OutputProcessor(chat.tokenizer, chat.eos_ids, chat.context, extra_stops or [])
-        self.on_step = on_step
-        self.active: dict[str, Sequence] = {}  # by vLLM request id
-        self.preemptions = 0  # vLLM preempts inside; danlu's counters stay 0
-        self.shared_tokens = 0
+        self.active: dict[str, Sequence] = {}  # by vLLM request id; vLLM preempts inside, unseen
         self._ids = itertools.count()
-
-    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        """Raises DanluError when the prompt fills the context (vLLM pages its cache: no batch budget)."""
-        context = self.chat.context
-        if prompt_tokens + 1 > context:
-            raise DanluError(
-                f"the prompt has {prompt_tokens} tokens; the model's context is {context}",
-                "shorten the conversation",
-            )
 
     @property
     def load(self) -> tuple[int, int]:
