@@ -31,7 +31,8 @@ plain CPU buffers: llama.cpp's AMX buffers crash its batched matmuls on this CPU
 
 --part vllm: vLLM behind danlu against vLLM's own OpenAI server, on SmolLM2-135M-Instruct as a Hugging Face
 directory (the GGUF file dequantized once, as benchmarks/finetune.py writes it), in bfloat16 and float32,
-each server started with the same --max-model-len 2048 and a 4 GiB KV space (VLLM_CPU_KVCACHE_SPACE):
+each server started with the same --max-model-len 2048 and a 4 GiB KV space (VLLM_CPU_KVCACHE_SPACE),
+both up at once and measured in turns (--rounds, best of them; load from other jobs falls on both):
 
   vLLM api_server          `python -m vllm.entrypoints.openai.api_server` (vLLM's own server), 1 stream
                            (--single prompts one after another) and STREAMS concurrent streaming clients
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -221,6 +223,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--single", type=int, default=4, help="prompts in the single-stream rows")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds in turns (--part vllm)")
     parser.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary")
     parser.add_argument("--build-llama-server", action="store_true", help="build it once into the cache")
     args = parser.parse_args()
@@ -416,31 +419,47 @@ def llama_server_binary(args) -> Path | None:
     return binary
 
 
-def serve_and_stream(command: list[str], port: int, ready: str, questions: list[str], max_tokens: int,
-                     model: str | None = None, env: dict | None = None, single: int = 0,
-                     ready_s: float = 180) -> dict | None:  # fmt: skip
-    """Start a server, stream to it from concurrent clients once `ready` answers, stop it; None when it
-    failed (said on stdout). single: first that many questions one after another, as "single"."""
+@contextlib.contextmanager
+def started(command: list[str], port: int, ready: str, env: dict | None = None, ready_s: float = 180):
+    """A server process, up once `ready` answers; its URL. Stopped on leaving; its log's tail is printed
+    when it fails."""
     with tempfile.TemporaryFile("w+") as log:  # not a pipe: a chatty server would block on a full one
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
         try:
             wait_ready(f"http://127.0.0.1:{port}{ready}", server, ready_s)
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            alone = [asyncio.run(openai_streams(url, [q], max_tokens, model)) for q in questions[:single]]
-            result = asyncio.run(openai_streams(url, questions, max_tokens, model=model))
-            if alone:
-                result["single"] = sum(r["tokens"] for r in alone) / sum(r["seconds"] for r in alone)
-            return result
+            yield f"http://127.0.0.1:{port}/v1/chat/completions"
         except (RuntimeError, httpx.HTTPError, KeyError, TypeError) as exc:
             log.seek(0)
             print(f"{command[0]}: failed ({type(exc).__name__}: {str(exc)[-300:]}): {log.read()[-600:]}")
-            return None
+            raise
         finally:
             server.terminate()
             try:
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def measure(url: str, questions: list[str], max_tokens: int, model: str | None = None,
+            single: int = 0) -> dict:  # fmt: skip
+    """Concurrent streams of all questions; first, with single, that many one after another ("single":
+    their tokens/s)."""
+    alone = [asyncio.run(openai_streams(url, [q], max_tokens, model)) for q in questions[:single]]
+    result = asyncio.run(openai_streams(url, questions, max_tokens, model=model))
+    if alone:
+        result["single"] = sum(r["tokens"] for r in alone) / sum(r["seconds"] for r in alone)
+    return result
+
+
+def serve_and_stream(command: list[str], port: int, ready: str, questions: list[str], max_tokens: int,
+                     model: str | None = None, env: dict | None = None, single: int = 0,
+                     ready_s: float = 180) -> dict | None:  # fmt: skip
+    """Start a server, measure it, stop it; None when it failed (said on stdout)."""
+    try:
+        with started(command, port, ready, env, ready_s) as url:
+            return measure(url, questions, max_tokens, model, single)
+    except (RuntimeError, httpx.HTTPError, KeyError, TypeError):
+        return None
 
 
 def llama_part(args, path: Path, questions: list[str]) -> None:
@@ -534,30 +553,48 @@ def vllm_part(args, questions: list[str]) -> None:
 
     model, n = smollm2_dir(), args.max_tokens
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"}
-    rows = []
+    rows, spreads = [], []
     for dtype in ("bfloat16", "float32"):
         common = ["--dtype", dtype, "--max-model-len", "2048"]
         own = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--port", "8720", "--served-model-name", "smollm2", *common]  # fmt: skip
         ours = [sys.executable, "-m", "danlu", "serve", str(model), "--port", "8721", "--engine", "vllm",
                 "--max-batch", str(args.streams), "--max-tokens", str(n), *common]  # fmt: skip
-        for name, command, port, ready, served in (
-            ("vLLM api_server", own, 8720, "/v1/models", "smollm2"),
-            ("danlu serve --engine vllm", ours, 8721, "/readyz", None),
-        ):
-            started = time.perf_counter()
-            r = serve_and_stream(command, port, ready, questions, n, served, env, args.single, ready_s=900)
-            if r is None:
-                rows.append((f"{name}, {dtype} (failed)", float("nan"), None, None, None))
-                continue
-            per_token = statistics.mean(r["tpot"]) if r["tpot"] else None
-            took = time.perf_counter() - started - r["seconds"]
-            rows.append((f"{name}, {dtype}, 1 stream", r["single"], None, None, None))
-            rows.append((f"{name}, {dtype}, {args.streams} streams", r["tokens"] / r["seconds"],
-                         pct(r["ttft"], 50), pct(r["ttft"], 99), per_token))  # fmt: skip
-            print(f"{name}, {dtype}: start-up and single stream {took:.0f} s")
-    print(f"SmolLM2-135M-Instruct (Hugging Face directory), vLLM {vllm.__version__}, greedy, {n} tokens per "
-          f"answer at most, 4 GiB KV space")  # fmt: skip
+        names = ("vLLM api_server", "danlu serve --engine vllm")
+        results: dict[str, list[dict]] = {name: [] for name in names}
+        try:
+            # both up at once, measured in turns: load from other jobs falls on both alike
+            with (
+                started(own, 8720, "/v1/models", env, 900) as theirs,
+                started(ours, 8721, "/readyz", env, 900) as url,
+            ):
+                for _ in range(args.rounds):
+                    for name, at, served in ((names[0], theirs, "smollm2"), (names[1], url, None)):
+                        results[name].append(measure(at, questions, n, served, args.single))
+        except (RuntimeError, httpx.HTTPError, KeyError, TypeError):
+            rows.append((f"vLLM, {dtype} (failed)", float("nan"), None, None, None))
+            continue
+        best = {}
+        for name in names:
+            runs = results[name]
+            single = [r["single"] for r in runs]
+            streams = [r["tokens"] / r["seconds"] for r in runs]
+            ttft = [t for r in runs for t in r["ttft"]]
+            tpot = [t for r in runs for t in r["tpot"]]
+            best[name] = (max(single), max(streams))
+            rows.append((f"{name}, {dtype}, 1 stream", max(single), None, None, None))
+            per_token = statistics.mean(tpot) if tpot else None
+            rows.append((f"{name}, {dtype}, {args.streams} streams", max(streams), pct(ttft, 50),
+                         pct(ttft, 99), per_token))  # fmt: skip
+            spreads.append(f"{name}, {dtype}: 1 stream {min(single):.1f}-{max(single):.1f}, "
+                           f"{args.streams} streams {min(streams):.1f}-{max(streams):.1f}")  # fmt: skip
+        (one_theirs, many_theirs), (one_ours, many_ours) = best[names[0]], best[names[1]]
+        spreads.append(f"danlu / vLLM's own server, {dtype}: 1 stream {one_ours / one_theirs:.2f}x, "
+                       f"{args.streams} streams {many_ours / many_theirs:.2f}x")  # fmt: skip
+    print(f"SmolLM2-135M-Instruct (Hugging Face directory), vLLM {vllm.__version__}, greedy, {n} tokens "
+          f"per answer at most, 4 GiB KV space")  # fmt: skip
+    print(f"best of {args.rounds} rounds, taken in turns with both servers up; TTFT of all rounds")
+    print("\n".join(spreads))
     show_rows(rows)
 
 

@@ -109,6 +109,8 @@ def test_a_client_that_leaves_stops_its_generation(server):
             )
             connection.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
             assert wait_until(lambda: running(server) == 1, 60), "the request never ran"
+            # vLLM's KV cache usage reaches danlu's metrics while it runs
+            assert wait_until(lambda: scrape(server)["danlu_chat_kv_cache_usage{}"] > 0, 30)
         assert wait_until(lambda: running(server) == 0, 30), "the slot was not freed"
         generated = scrape(server)["danlu_chat_generated_tokens_total{}"] - before
         assert 0 < generated < 200, (stream, generated)

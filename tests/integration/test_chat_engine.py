@@ -195,8 +195,13 @@ def test_the_token_budget_admits_only_what_fits_and_the_rest_waits(chat):
     ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
     params = SamplingParams(max_tokens=16, temperature=0.0)
     longest = max(len(p) for p in ids) + 16
-    running = []
-    engine = Engine(chat, max_batch=4, max_batch_tokens=2 * longest, on_step=lambda r, w: running.append(r))
+    running, usage = [], []
+
+    def on_step(r: int, w: int) -> None:
+        running.append(r)
+        usage.append(engine.kv_usage)
+
+    engine = Engine(chat, max_batch=4, max_batch_tokens=2 * longest, on_step=on_step)
     engine.start()
     try:
         sequences = run_all(engine, ids, params)
@@ -205,4 +210,6 @@ def test_the_token_budget_admits_only_what_fits_and_the_rest_waits(chat):
     finally:
         engine.stop()
     assert max(running) == 2
+    # the cache tokens two running sequences hold, over the budget; nothing once all are done
+    assert 0.5 < max(usage) <= 1 and engine.kv_usage == 0
     assert [s.output for s in sequences] == [reference(chat, p, 16) for p in ids]

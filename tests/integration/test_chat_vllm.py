@@ -71,16 +71,16 @@ def vllm_greedy(chat, prompt_ids: list[int], max_tokens: int) -> list[int]:
     """vLLM's own greedy tokens for the prompt ids, on the same engine, without danlu in between."""
     from vllm import SamplingParams as VllmSamplingParams
 
-    llm = chat.model.engine
     params = VllmSamplingParams(
         temperature=0.0, max_tokens=max_tokens, stop_token_ids=sorted(chat.eos_ids), detokenize=False
     )
-    llm.add_request("reference", {"prompt_token_ids": prompt_ids}, params)
-    tokens: list[int] = []
-    ender = None
-    while llm.has_unfinished_requests():
-        for out in llm.step():
-            tokens, ender = list(out.outputs[0].token_ids), out.outputs[0].stop_reason
+
+    async def whole() -> tuple[list[int], object]:
+        request = {"prompt_token_ids": prompt_ids}
+        outputs = [o async for o in chat.model.engine.generate(request, params, "reference")]
+        return list(outputs[-1].outputs[0].token_ids), outputs[-1].outputs[0].stop_reason
+
+    tokens, ender = chat.model.loop.run_until_complete(whole())
     if isinstance(ender, int) and (not tokens or tokens[-1] != ender):
         tokens.append(ender)  # the end-of-turn token it stopped at, which danlu counts as output
     return tokens
@@ -122,7 +122,7 @@ def test_a_stop_string_ends_the_answer_and_the_vllm_request(chat, prompts):
     stopped = answer(eng, prompts[:1], SamplingParams(max_tokens=24, temperature=0.0, stop=[stop]))[0]
     got = "".join(e.text for e in stopped.texts)
     assert stopped.finish_reason == "stop" and got == text[: text.index(stop)]
-    assert not eng.active and not chat.model.engine.has_unfinished_requests()
+    assert not eng.active and not chat.model.engine.get_num_unfinished_requests()
 
 
 def test_cancelling_aborts_the_request_at_once(chat, prompts):
@@ -132,10 +132,26 @@ def test_cancelling_aborts_the_request_at_once(chat, prompts):
     sequence = Sequence(prompts[1], params, events.append)
     eng.submit(sequence)
     eng.run(until=lambda: len(sequence.output) >= 2)
+    assert 0 < eng.kv_usage <= 1  # vLLM's own figure: the running request holds cache blocks
     sequence.cancel()
     eng.run(until=lambda: sequence.finish_reason is not None)
     assert sequence.finish_reason == "cancelled" and len(sequence.output) < 200
-    assert not eng.active and not chat.model.engine.has_unfinished_requests()
+    assert not eng.active and not chat.model.engine.get_num_unfinished_requests()
+
+
+def test_max_batch_bounds_the_requests_in_vllm_and_the_rest_wait(chat, prompts):
+    from danlu.serve.chat.engine import engine_for
+
+    eng = engine_for(chat, max_batch=1)
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    first, second = (Sequence(ids, params, lambda e: None) for ids in prompts[:2])
+    eng.submit(first)
+    eng.submit(second)
+    eng.run(until=lambda: len(first.output) >= 1)
+    assert eng.load == (1, 1) and not second.output  # the second waits in danlu's queue, counted there
+    eng.run(until=lambda: second.finish_reason is not None)
+    together = answer(engine(chat), prompts[:2], params)
+    assert [first.output, second.output] == [s.output for s in together]
 
 
 def test_seeds_reproduce_and_a_bad_request_fails_alone(chat, prompts):

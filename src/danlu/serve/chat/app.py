@@ -77,6 +77,9 @@ class ChatMetrics(RequestMetrics):
             "danlu_chat_inter_token_seconds", "mean time between generated tokens, per request",
             buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1), registry=r,
         )  # fmt: skip
+        self.kv_usage = Gauge(
+            "danlu_chat_kv_cache_usage", "share of the KV cache held by running sequences (0-1)", registry=r
+        )
         self.executor = Gauge(
             "danlu_chat_executor_info", "the executor that runs the model (1)", ["executor"], registry=r
         )
@@ -142,6 +145,7 @@ class ChatHandler:
         """After each engine step (on the generating thread)."""
         self.metrics.running.set(running)
         self.metrics.waiting.set(waiting)
+        self.metrics.kv_usage.set(self.engine.kv_usage)
         if self.engine.preemptions != self._preempted:
             self.metrics.preemptions.inc(self.engine.preemptions - self._preempted)
             self._preempted = self.engine.preemptions

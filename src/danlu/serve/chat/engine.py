@@ -59,7 +59,8 @@ def common_prefix(a: list[int], b: list[int], limit: int) -> int:
 class Scheduler:
     """What every scheduler shares (Engine here, VllmEngine for vLLM): generating in the calling thread or
     a thread of its own, stopping, queueing, and the blocking iterator of one sequence's events.
-    Subclasses give _once (take what was submitted, run a step), _cancel_all, close and check_fits."""
+    Subclasses give _once (take what was submitted, run a step), _cancel_all, close, load, kv_usage and
+    check_fits."""
 
     thread_name = "danlu-chat-engine"
 
@@ -169,6 +170,11 @@ class Scheduler:
             self.run(until=lambda: all(r is not None for r in reasons))
         return [("".join(t), str(r)) for t, r in zip(texts, reasons, strict=True)]
 
+    @property
+    def kv_usage(self) -> float:
+        """The share of the KV cache that running sequences hold, 0 to 1."""
+        raise NotImplementedError
+
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raises DanluError when a sequence could never run: its prompt fills the context."""
         context = self.chat.context
@@ -232,6 +238,12 @@ class Engine(Scheduler):
     def load(self) -> tuple[int, int]:
         """(running, waiting) sequences."""
         return len(self.running), len(self.waiting) + self.inbox.qsize()
+
+    @property
+    def kv_usage(self) -> float:
+        """Cache tokens the admitted sequences hold, over max_batch_tokens."""
+        held = sum(s.computed for s in (*self.running, *self.waiting) if s.slot is not None)
+        return min(1.0, held / self.max_batch_tokens)
 
     # --- the generating thread -----------------------------------------------------------------------
 

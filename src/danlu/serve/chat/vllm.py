@@ -10,15 +10,20 @@ that leaves and a cancelled request abort the vLLM request at once. vLLM is give
 not detokenize.
 
 VllmEngine is a danlu.serve.chat.engine.Scheduler, as Engine is: the server, the terminal chat
-and danlu evaluate/predict drive it alike, from the calling thread; vLLM's engine core runs in a process
-of its own, so a step waits on it without holding the GIL."""
+and danlu evaluate/predict drive it alike, from the calling thread. It runs vLLM's async engine (AsyncLLM)
+on an event loop of the model's own, which that thread runs: a submitted request goes to vLLM's engine
+core at once (the core, a process of its own, steps without waiting for danlu), each request is a task
+that turns vLLM's outputs into danlu's events, and cancelling the task aborts the vLLM request."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import os
 import queue
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +67,11 @@ def _environment(kv_cache_gb: float | None) -> None:
 class VllmModel:
     """A started vLLM engine over one model directory."""
 
-    def __init__(self, engine: Any, context: int, dtype: str) -> None:
-        self.engine, self.context, self.dtype = engine, context, dtype
+    def __init__(
+        self, engine: Any, loop: asyncio.AbstractEventLoop, context: int, dtype: str, stats: dict[str, float]
+    ) -> None:
+        self.engine, self.loop, self.context, self.dtype = engine, loop, context, dtype
+        self.stats = stats  # vLLM's scheduler figures after its latest step: kv_cache_usage
 
     @classmethod
     def start(
@@ -80,8 +88,8 @@ class VllmModel:
             raise DanluError("the vllm engine needs vLLM", INSTALL)
         _environment(kv_cache_gb)
         try:
-            from vllm.engine.arg_utils import EngineArgs
-            from vllm.v1.engine.llm_engine import LLMEngine
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
         except Exception as exc:  # an install that does not import (a torch or transformers mismatch)
             raise DanluError(f"vLLM does not import: {one_line(exc, last=True)}", INSTALL) from None
         arguments: dict[str, Any] = {
@@ -91,7 +99,7 @@ class VllmModel:
             "max_model_len": max_model_len,
             "tensor_parallel_size": tensor_parallel,
             "trust_remote_code": trust_remote_code,
-            "disable_log_stats": True,
+            "disable_log_stats": False,  # its scheduler's figures reach danlu's metrics (stats_logger)
             "skip_tokenizer_init": True,  # danlu tokenizes and detokenizes
         }
         if device.startswith("cuda"):
@@ -105,22 +113,52 @@ class VllmModel:
 
             memory = psutil.virtual_memory()
             arguments["gpu_memory_utilization"] = round(max(0.05, 0.9 * memory.available / memory.total), 3)
+        loop = asyncio.new_event_loop()  # the engine's tasks and sockets live on it
+
+        stats = {"kv_cache_usage": 0.0}
+
+        async def started() -> Any:
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments), stat_loggers=[stats_logger(stats)])
+
         try:
-            engine = LLMEngine.from_engine_args(EngineArgs(**arguments))
+            engine = loop.run_until_complete(started())
         except Exception as exc:
+            loop.close()
             raise DanluError(
                 f"vLLM could not start on '{path}': {one_line(exc, last=True)}",
                 "run with --debug for vLLM's traceback, or serve it with --engine torch",
             ) from exc
         config = engine.model_config
-        return cls(engine, int(config.max_model_len), str(config.dtype).split(".")[-1])
+        return cls(engine, loop, int(config.max_model_len), str(config.dtype).split(".")[-1], stats)
 
     def close(self) -> None:
-        shutdown = getattr(self.engine, "shutdown", None) or getattr(
-            getattr(self.engine, "engine_core", None), "shutdown", None
-        )
-        if shutdown is not None:
-            shutdown()
+        """Stop vLLM's engine core and the loop (not while a thread runs the loop)."""
+        if self.loop.is_closed():
+            return
+        self.engine.shutdown()
+        try:
+            asyncio.get_running_loop()  # called from a coroutine (the server's shutdown): leave the loop
+        except RuntimeError:
+            self.loop.run_until_complete(asyncio.sleep(0))  # the engine's cancelled tasks end
+            self.loop.close()
+
+
+def stats_logger(into: dict[str, float]) -> Any:
+    """A vLLM stat logger factory whose loggers keep the scheduler's KV cache usage in `into`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerFigures(StatLoggerBase):
+        def __init__(self, vllm_config: Any = None, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+            if scheduler_stats is not None:
+                into["kv_cache_usage"] = float(scheduler_stats.kv_cache_usage)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return lambda vllm_config, engine_index: SchedulerFigures()
 
 
 def vllm_params(params: SamplingParams, eos_ids: set[int], room: int) -> Any:
@@ -151,7 +189,8 @@ class _Executor:
 
 
 class VllmEngine(Scheduler):
-    """The scheduler's interface over vLLM's engine."""
+    """The scheduler's interface over vLLM's async engine. At most max_batch requests are in vLLM at once;
+    the rest wait here, in order, and count as waiting (the server's --max-queue)."""
 
     thread_name = "danlu-chat-vllm"
 
@@ -159,109 +198,135 @@ class VllmEngine(Scheduler):
         """options: Scheduler's (max_batch, prefill_chunk, extra_stops, on_step, max_batch_tokens)."""
         super().__init__(chat, **options)
         self.vllm: VllmModel = chat.model
+        self.loop = self.vllm.loop
         self.executor = _Executor()
-        self.active: dict[str, Sequence] = {}  # by vLLM request id; vLLM preempts inside, unseen
+        self.waiting: deque[Sequence] = deque()
+        self.active: dict[str, tuple[Sequence, asyncio.Task]] = {}  # by vLLM request id
         self._ids = itertools.count()
+        self._progress = asyncio.Event()  # set on the loop: a submission, an output, a request's end
 
     @property
     def load(self) -> tuple[int, int]:
-        return len(self.active), self.inbox.qsize()
+        return len(self.active), len(self.waiting) + self.inbox.qsize()
+
+    @property
+    def kv_usage(self) -> float:
+        """vLLM's own figure, after its latest step."""
+        return self.vllm.stats["kv_cache_usage"]
+
+    def submit(self, sequence: Sequence) -> Sequence:
+        super().submit(sequence)
+        self._wake()
+        return sequence
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake()
+        super().stop()
 
     def close(self) -> None:
         self.vllm.close()
 
-    def _cancel_all(self) -> None:
-        self._abort(list(self.active))
-        for sequence in list(self.active.values()) + self._drain():
-            self.output.finish(sequence, "cancelled")
-        self.active = {}
+    def _wake(self) -> None:
+        """From any thread: the driving thread looks at the inbox and its flags now."""
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._progress.set)
 
     # --- the generating thread -------------------------------------------------------------------------
 
-    def _drain(self, wait: float = 0) -> list[Sequence]:
-        taken: list[Sequence] = []
-        try:
-            item = self.inbox.get(timeout=wait) if wait > 0 else self.inbox.get_nowait()
-            while True:
-                if item is not None:
-                    taken.append(item)
-                item = self.inbox.get_nowait()
-        except queue.Empty:
-            return taken
-
     def _once(self, wait: float) -> None:
-        for sequence in self._drain(wait if not self.active else 0):
-            self._add(sequence)
-        cancelled = [rid for rid, s in self.active.items() if s.cancelled]
-        if cancelled:
-            self._abort(cancelled)
-            for rid in cancelled:
-                self.output.finish(self.active.pop(rid), "cancelled")
-        if self.active:
-            self.step()
+        self.loop.run_until_complete(self._tick(wait))
         if self.on_step is not None:
             self.on_step(*self.load)
 
-    def _add(self, sequence: Sequence) -> None:
-        if sequence.cancelled:
+    async def _tick(self, wait: float) -> None:
+        """Admit what waits, as far as max_batch allows; abort the cancelled; then wait for something to
+        happen (an output, a submission, a request's end), at most `wait` seconds when nothing runs."""
+        self._progress.clear()
+        self._admit()
+        for sequence, task in self.active.values():
+            if sequence.cancelled:
+                task.cancel()  # vLLM's generate() aborts the request
+        if self.active or wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), timeout=0.5 if self.active else wait)
+
+    def _admit(self) -> None:
+        self.waiting.extend(self._drain())
+        for sequence in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(sequence)
             self.output.finish(sequence, "cancelled")
-            return
-        rid = str(next(self._ids))
-        room = self.chat.context - len(sequence.prompt)
+        while self.waiting and len(self.active) < self.max_batch:
+            sequence = self.waiting.popleft()
+            rid = str(next(self._ids))
+            task = self.loop.create_task(self._generate(rid, sequence))
+            task.add_done_callback(lambda _, rid=rid: self._ended(rid))
+            self.active[rid] = (sequence, task)
+
+    def _drain(self) -> list[Sequence]:
+        taken: list[Sequence] = []
         try:
-            self.vllm.engine.add_request(
-                rid,
-                {"prompt_token_ids": list(sequence.prompt)},
-                vllm_params(sequence.params, self.chat.eos_ids, room),
-            )
-        except Exception as exc:  # this request's parameters or prompt: it alone fails
-            log.error("vLLM refused a request: %s", one_line(exc, last=True))
+            while True:
+                item = self.inbox.get_nowait()
+                if item is not None:
+                    taken.append(item)
+        except queue.Empty:
+            return taken
+
+    def _ended(self, rid: str) -> None:
+        """A request's task is done (also one cancelled before it started): it ends, its place is free."""
+        sequence, _ = self.active.pop(rid)
+        self.output.finish(sequence, "cancelled")  # no-op when it already ended
+        self._progress.set()
+
+    async def _generate(self, rid: str, sequence: Sequence) -> None:
+        """One request through vLLM: its outputs become the sequence's events until it ends."""
+        stream = None
+        try:
+            room = self.chat.context - len(sequence.prompt)
+            params = vllm_params(sequence.params, self.chat.eos_ids, room)
+            stream = self.vllm.engine.generate({"prompt_token_ids": list(sequence.prompt)}, params, rid)
+            async for out in stream:
+                self._progress.set()
+                if self._deliver(sequence, out) and not out.finished:
+                    break  # a stop string: closing the stream aborts the vLLM request
+        except asyncio.CancelledError:
+            self.output.finish(sequence, "cancelled")
+        except Exception as exc:  # this request's parameters or prompt, or the engine: it alone ends
+            log.error("vLLM failed a request: %s", one_line(exc, last=True))
             self.output.finish(sequence, "error", error=one_line(exc, last=True))
-            return
-        self.active[rid] = sequence
+        finally:
+            if stream is not None:
+                await stream.aclose()
 
-    def step(self) -> None:
+    def _deliver(self, sequence: Sequence, out: Any) -> bool:
+        """One vLLM output (the tokens since the last) through danlu's output processor; True when the
+        sequence ended (its end emitted)."""
+        completion = out.outputs[0] if out.outputs else None
+        tokens = list(completion.token_ids) if completion is not None else []
+        ender = getattr(completion, "stop_reason", None)
+        if out.finished and isinstance(ender, int) and (not tokens or tokens[-1] != ender):
+            tokens.append(ender)  # vLLM leaves a special end-of-turn token out; danlu counts it
         try:
-            outputs = self.vllm.engine.step()
-        except Exception as exc:  # the engine itself failed: every request in it ends with the error
-            log.error("the vLLM engine failed: %s", one_line(exc, last=True))
-            for sequence in self.active.values():
-                self.output.finish(sequence, "error", error=one_line(exc, last=True))
-            self.active = {}
-            return
-        done: list[str] = []
-        for out in outputs:
-            sequence = self.active.get(out.request_id)
-            if sequence is None:
-                continue
-            completion = out.outputs[0] if out.outputs else None
-            tokens = list(completion.token_ids) if completion is not None else []
-            ender = getattr(completion, "stop_reason", None)
-            if out.finished and isinstance(ender, int) and (not tokens or tokens[-1] != ender):
-                tokens.append(ender)  # vLLM leaves a special end-of-turn token out; danlu counts it
-            ended = False
-            try:
-                for token in tokens:
-                    if self.output.accept(sequence, int(token)):
-                        ended = True
-                        break
-            except Exception as exc:  # detokenizing this sequence failed: it alone ends
-                self.output.finish(sequence, "error", error=one_line(exc, last=True))
-                ended = True
-            if ended and not out.finished:
-                self._abort([out.request_id])  # a stop string: vLLM would go on to max_tokens
-            elif out.finished and not ended:
-                reason = getattr(completion, "finish_reason", None)
-                self.output.finish(sequence, "length" if reason == "length" else "stop", flush=True)
-                ended = True
-            if ended:
-                done.append(out.request_id)
-        for rid in done:
-            self.active.pop(rid, None)
+            for token in tokens:
+                if self.output.accept(sequence, int(token)):
+                    return True
+        except Exception as exc:  # detokenizing this sequence failed: it alone ends
+            self.output.finish(sequence, "error", error=one_line(exc, last=True))
+            return True
+        if out.finished:
+            reason = getattr(completion, "finish_reason", None)
+            self.output.finish(sequence, "length" if reason == "length" else "stop", flush=True)
+            return True
+        return False
 
-    def _abort(self, request_ids: list[str]) -> None:
-        if request_ids:
-            try:
-                self.vllm.engine.abort_request(request_ids)
-            except Exception as exc:  # already finished inside vLLM
-                log.debug("vLLM abort: %s", exc)
+    def _cancel_all(self) -> None:
+        sequences = [sequence for sequence, _ in self.active.values()]
+        tasks = [task for _, task in self.active.values()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        for sequence in sequences + list(self.waiting) + self._drain():
+            self.output.finish(sequence, "cancelled")
+        self.waiting.clear()
