@@ -219,11 +219,11 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--part", choices=["all", "torch", "llama", "vllm"], default="all")
+    parser.add_argument("--part", choices=["all", "torch", "llama", "vllm", "server"], default="all")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--single", type=int, default=4, help="prompts in the single-stream rows")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds in turns (--part vllm)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds in turns (--part vllm, server)")
     parser.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary")
     parser.add_argument("--build-llama-server", action="store_true", help="build it once into the cache")
     args = parser.parse_args()
@@ -235,6 +235,8 @@ def main() -> None:
         llama_part(args, path, questions)
     if args.part == "vllm" or (args.part == "all" and importlib.util.find_spec("vllm") is not None):
         vllm_part(args, questions)
+    if args.part in ("all", "server"):
+        server_part(args, path, questions)
 
 
 def show_rows(rows: list[tuple]) -> None:
@@ -595,6 +597,135 @@ def vllm_part(args, questions: list[str]) -> None:
           f"per answer at most, 4 GiB KV space")  # fmt: skip
     print(f"best of {args.rounds} rounds, taken in turns with both servers up; TTFT of all rounds")
     print("\n".join(spreads))
+    show_rows(rows)
+
+
+def server_part(args, path: Path, questions: list[str]) -> None:
+    """The server's own cost: one stream through `danlu serve` against the engine alone in this process,
+    for each engine, on the same prompts (greedy to the end-of-turn token or max_tokens: the same tokens
+    on both sides), in turns, best of --rounds."""
+    from danlu.serve.chat.model import load_chat_model
+    from danlu.serve.chat.templates import Template
+
+    n, rows, notes = args.max_tokens, [], []
+    prompts_of = {}
+
+    def prompts(chat) -> list[list[int]]:
+        template = Template(chat.tokenizer)
+        return [template.encode_messages([{"role": "user", "content": q}]) for q in questions[: args.single]]
+
+    def compare(name: str, alone, command: list[str], port: int, env: dict | None = None) -> None:
+        """alone(): (tokens, seconds, ttfts) for the prompts one after another, in this process."""
+        results: dict[str, list[tuple]] = {"alone": [], "serve": []}
+        try:
+            with started(command, port, "/readyz", env, 900) as url:
+                for _ in range(args.rounds):
+                    results["alone"].append(alone())
+                    runs = [asyncio.run(openai_streams(url, [q], n)) for q in questions[: args.single]]
+                    results["serve"].append((sum(r["tokens"] for r in runs), sum(r["seconds"] for r in runs),
+                                             [r["ttft"][0] for r in runs]))  # fmt: skip
+        except (RuntimeError, httpx.HTTPError, KeyError, TypeError):
+            rows.append((f"{name} (failed)", float("nan"), None, None, None))
+            return
+        best = {}
+        for side, label in (("alone", f"{name} alone, in this process"), ("serve", f"danlu serve, {name}")):
+            speeds = [tokens / seconds for tokens, seconds, _ in results[side]]
+            ttft = [t for _, _, ttfts in results[side] for t in ttfts]
+            best[side] = max(speeds)
+            rows.append((label, max(speeds), pct(ttft, 50), pct(ttft, 99), None))
+            notes.append(
+                f"{label}: {results[side][0][0]} tokens, {min(speeds):.1f}-{max(speeds):.1f} tokens/s"
+            )
+        notes.append(f"{name}: danlu serve / alone {best['serve'] / best['alone']:.2f}x")
+
+    # llama.cpp: llama-cpp-python's Llama on the GGUF file
+    from danlu.serve.chat.llamacpp import reference_llama, threads
+
+    chat = load_chat_model(str(path), engine="llama.cpp")
+    prompts_of["llama"], eos = prompts(chat), chat.eos_ids
+    held = {"llama": reference_llama(path, n_ctx=2048, n_threads=threads(), n_threads_batch=threads())}
+
+    def llama_alone() -> tuple:
+        tokens, ttfts, start = 0, [], time.perf_counter()
+        llama = held["llama"]
+        for p in prompts_of["llama"]:
+            llama.reset()
+            began = time.perf_counter()
+            for i, token in enumerate(llama.generate(p, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0,
+                                                     reset=True)):  # fmt: skip
+                if i == 0:
+                    ttfts.append(time.perf_counter() - began)
+                tokens += 1
+                if token in eos or i + 1 == n:
+                    break
+        return tokens, time.perf_counter() - start, ttfts
+
+    del chat
+    compare("llama.cpp", llama_alone, [sys.executable, "-m", "danlu", "serve", str(path), "--port", "8730",
+                                       "--engine", "llama.cpp", "--max-tokens", str(n)], 8730)  # fmt: skip
+    held.clear()
+
+    # torch: transformers' generate on the same weights (float32, dequantized from the GGUF file)
+    chat = load_chat_model(str(path), engine="torch")
+    prompts_of["torch"] = prompts(chat)
+
+    class FirstToken:  # a generate() streamer that notes when the first new token comes
+        def put(self, value) -> None:
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 2:  # the first call carries the prompt
+                self.at = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    def torch_alone() -> tuple:
+        tokens, ttfts, start = 0, [], time.perf_counter()
+        for p in prompts_of["torch"]:
+            streamer, began = FirstToken(), time.perf_counter()
+            with torch.inference_mode():
+                out = chat.model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
+                                          eos_token_id=sorted(chat.eos_ids), streamer=streamer)  # fmt: skip
+            tokens += out.shape[1] - len(p)
+            ttfts.append(streamer.at - began)
+        return tokens, time.perf_counter() - start, ttfts
+
+    compare("torch", torch_alone, [sys.executable, "-m", "danlu", "serve", str(path), "--port", "8731",
+                                   "--engine", "torch", "--max-tokens", str(n)], 8731)  # fmt: skip
+    del chat
+
+    # vLLM: its async engine alone, on the Hugging Face directory
+    if importlib.util.find_spec("vllm") is not None:
+        from finetune import smollm2_dir
+        from vllm import SamplingParams as VllmSamplingParams
+
+        model = smollm2_dir()
+        chat = load_chat_model(str(model), engine="vllm", dtype="bfloat16")
+        prompts_of["vllm"], engine = prompts(chat), chat.model.engine
+        params = VllmSamplingParams(temperature=0.0, max_tokens=n, stop_token_ids=sorted(chat.eos_ids),
+                                    detokenize=False)  # fmt: skip
+
+        async def one(p: list[int], rid: str) -> tuple[int, float]:
+            began, first, last = time.perf_counter(), None, None
+            async for out in engine.generate({"prompt_token_ids": p}, params, rid):
+                first, last = first or time.perf_counter(), out.outputs[0]
+            return len(last.token_ids) + (last.stop_reason is not None), first - began
+
+        def vllm_alone() -> tuple:
+            tokens, ttfts, start = 0, [], time.perf_counter()
+            for i, p in enumerate(prompts_of["vllm"]):
+                count, ttft = chat.model.loop.run_until_complete(one(p, f"{time.time()}-{i}"))
+                tokens, ttfts = tokens + count, [*ttfts, ttft]
+            return tokens, time.perf_counter() - start, ttfts
+
+        command = [sys.executable, "-m", "danlu", "serve", str(model), "--port", "8732", "--engine", "vllm",
+                   "--dtype", "bfloat16", "--max-tokens", str(n)]  # fmt: skip
+        compare("vLLM (bfloat16)", vllm_alone, command, 8732)
+        chat.model.close()
+    else:
+        notes.append("vLLM: not installed here (run from .venv-vllm)")
+    print(f"one stream, {args.single} prompts one after another, greedy, at most {n} tokens each, "
+          f"best of {args.rounds} rounds in turns; TTFT of all rounds")  # fmt: skip
+    print("\n".join(notes))
     show_rows(rows)
 
 

@@ -52,3 +52,18 @@ def test_the_token_budget_defaults_to_16384_or_the_whole_context():
     assert ChatSettings().budget(256) == 16_384
     assert ChatSettings().budget(32_768) == 32_768  # any one request the model can take fits alone
     assert ChatSettings(max_batch_tokens=60).budget(32_768) == 60
+
+
+def test_a_request_over_the_timeout_gets_504_and_frees_its_place(tmp_path):
+    """Nothing drives the engine (engine_thread off, no run()): the request never gets a token, and at
+    --timeout the whole answer is a 504 and the stream ends with a 504 error event, then [DONE]."""
+    chat = load_chat_model(str(tiny_llama(tmp_path / "tiny")))
+    app = create_chat_app(chat, ChatSettings(max_tokens=4, timeout_s=0.3), engine_thread=False)
+    with TestClient(app, base_url="http://localhost") as stalled:
+        whole = stalled.post("/v1/chat/completions", json={"messages": HELLO})
+        streamed = stalled.post("/v1/chat/completions", json={"messages": HELLO, "stream": True}).text
+        engine = app.state.shell.handler.engine
+        assert all(s.cancelled for s in list(engine.inbox.queue))  # both gave their place up
+    assert whole.status_code == 504 and whole.json()["error"]["type"] == "timeout"
+    events = [json.loads(e.removeprefix("data: ")) for e in streamed.split("\n\n") if e.startswith("data: {")]
+    assert events[-1]["error"]["code"] == 504 and streamed.endswith("data: [DONE]\n\n")

@@ -87,6 +87,8 @@ def vllm_greedy(chat, prompt_ids: list[int], max_tokens: int) -> list[int]:
 
 
 def test_greedy_tokens_equal_vllm_alone_and_in_a_batch(chat, prompts):
+    # danlu's default KV cache on the CPU (vLLM's own would take all the memory it may use)
+    assert chat.model.engine.vllm_config.cache_config.kv_cache_memory_bytes <= 4 * 2**30
     params = SamplingParams(max_tokens=24, temperature=0.0)
     reference = [vllm_greedy(chat, ids, 24) for ids in prompts]
     alone = [answer(engine(chat), [ids], params)[0] for ids in prompts]

