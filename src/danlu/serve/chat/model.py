@@ -434,9 +434,14 @@ def _load_vllm(
             raise DanluError(message, "check the model files") from None
     defaults, eos_ids, _ = generation_info(path)
     model = VllmModel.start(
-        path, dtype, device, options.max_model_len, options.kv_cache_gb, options.tensor_parallel,
-        trust_remote_code,
-    )  # fmt: skip
+        path,
+        dtype=dtype,
+        device=device,
+        max_model_len=options.max_model_len,
+        kv_cache_gb=options.kv_cache_gb,
+        tensor_parallel=options.tensor_parallel,
+        trust_remote_code=trust_remote_code,
+    )
     weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     return ChatModel(
         model, tokenizer, model_name(path), model.context, eos_ids, defaults, model.dtype, device, None,

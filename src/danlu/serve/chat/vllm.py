@@ -111,19 +111,12 @@ class VllmModel:
         self.stats = stats  # vLLM's scheduler figures after its latest step: kv_cache_usage
 
     @classmethod
-    def start(
-        cls,
-        path: Path,
-        dtype: str,
-        device: str,
-        max_model_len: int | None,
-        kv_cache_gb: float | None,
-        tensor_parallel: int,
-        trust_remote_code: bool,
-    ) -> VllmModel:
+    def start(cls, path: Path, **options: Any) -> VllmModel:
+        """options: engine_arguments' (dtype, device, max_model_len, kv_cache_gb, tensor_parallel,
+        trust_remote_code)."""
         if not available():
             raise DanluError("the vllm engine needs vLLM", INSTALL)
-        _environment(kv_cache_gb)
+        _environment(options["kv_cache_gb"])
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -132,10 +125,7 @@ class VllmModel:
         import psutil
 
         memory = psutil.virtual_memory()
-        arguments = engine_arguments(
-            path, dtype, device, max_model_len, kv_cache_gb, tensor_parallel, trust_remote_code,
-            (memory.available, memory.total),
-        )  # fmt: skip
+        arguments = engine_arguments(path, **options, memory=(memory.available, memory.total))
         loop = asyncio.new_event_loop()  # the engine's tasks and sockets live on it
 
         stats = {"kv_cache_usage": 0.0}
