@@ -38,10 +38,15 @@ both up at once and measured in turns (--rounds, best of them; load from other j
                            (--single prompts one after another) and STREAMS concurrent streaming clients
   danlu serve --engine vllm  the same through danlu's server and output path
 
+--part server: the server's own cost, one stream through `danlu serve` (one question after another,
+streamed) against each engine alone in this process on the same prompts, in turns, best of --rounds:
+llama.cpp (`Llama.generate` on the GGUF file), torch (transformers' `generate`, float32) and, where
+vLLM imports, vLLM (its AsyncLLM on the Hugging Face directory, bfloat16); prints serve / alone.
+
 Also the memory-bandwidth ceiling of one decode step: every weight read once per step (float32), at the
 bandwidth a large numpy copy reaches here.
 
-Run: python benchmarks/chat.py [--part all|torch|llama|vllm] [--streams 16] [--max-tokens 64]
+Run: python benchmarks/chat.py [--part all|torch|llama|vllm|server] [--streams 16] [--max-tokens 64]
 (--part vllm runs where vLLM imports: .venv-vllm/bin/python benchmarks/chat.py --part vllm)
 """
 
@@ -138,9 +143,11 @@ def wait_ready(url: str, process: subprocess.Popen, seconds: float = 180) -> Non
     raise RuntimeError("server did not start")
 
 
-async def openai_streams(url: str, questions: list[str], max_tokens: int, model: str | None = None) -> dict:
-    """Concurrent streaming clients of an OpenAI-compatible server: per request TTFT, time per output
-    token; aggregate tokens/s (from the final usage chunk, else one token per content chunk)."""
+async def openai_streams(url: str, questions: list[str], max_tokens: int, model: str | None = None,
+                         one_by_one: bool = False) -> dict:  # fmt: skip
+    """Concurrent streaming clients of an OpenAI-compatible server (one_by_one: one request after another
+    on one connection pool): per request TTFT, time per output token; aggregate tokens/s (from the final
+    usage chunk, else one token per content chunk)."""
     ttft, tpot, tokens = [], [], []
 
     async def one(client: httpx.AsyncClient, question: str) -> None:
@@ -168,7 +175,11 @@ async def openai_streams(url: str, questions: list[str], max_tokens: int, model:
 
     async with httpx.AsyncClient(timeout=600) as client:
         start = time.perf_counter()
-        await asyncio.gather(*(one(client, q) for q in questions))
+        if one_by_one:
+            for q in questions:
+                await one(client, q)
+        else:
+            await asyncio.gather(*(one(client, q) for q in questions))
         seconds = time.perf_counter() - start
     return {"tokens": sum(tokens), "seconds": seconds, "ttft": ttft, "tpot": tpot}
 
@@ -446,10 +457,10 @@ def measure(url: str, questions: list[str], max_tokens: int, model: str | None =
             single: int = 0) -> dict:  # fmt: skip
     """Concurrent streams of all questions; first, with single, that many one after another ("single":
     their tokens/s)."""
-    alone = [asyncio.run(openai_streams(url, [q], max_tokens, model)) for q in questions[:single]]
+    alone = asyncio.run(openai_streams(url, questions[:single], max_tokens, model, one_by_one=True))
     result = asyncio.run(openai_streams(url, questions, max_tokens, model=model))
-    if alone:
-        result["single"] = sum(r["tokens"] for r in alone) / sum(r["seconds"] for r in alone)
+    if single:
+        result["single"] = alone["tokens"] / alone["seconds"]
     return result
 
 
@@ -621,9 +632,8 @@ def server_part(args, path: Path, questions: list[str]) -> None:
             with started(command, port, "/readyz", env, 900) as url:
                 for _ in range(args.rounds):
                     results["alone"].append(alone())
-                    runs = [asyncio.run(openai_streams(url, [q], n)) for q in questions[: args.single]]
-                    results["serve"].append((sum(r["tokens"] for r in runs), sum(r["seconds"] for r in runs),
-                                             [r["ttft"][0] for r in runs]))  # fmt: skip
+                    r = asyncio.run(openai_streams(url, questions[: args.single], n, one_by_one=True))
+                    results["serve"].append((r["tokens"], r["seconds"], r["ttft"]))
         except (RuntimeError, httpx.HTTPError, KeyError, TypeError):
             rows.append((f"{name} (failed)", float("nan"), None, None, None))
             return
@@ -708,7 +718,8 @@ def server_part(args, path: Path, questions: list[str]) -> None:
             began, first, last = time.perf_counter(), None, None
             async for out in engine.generate({"prompt_token_ids": p}, params, rid):
                 first, last = first or time.perf_counter(), out.outputs[0]
-            return len(last.token_ids) + (last.stop_reason is not None), first - began
+            ids, ender = list(last.token_ids), last.stop_reason  # counted as danlu counts them:
+            return len(ids) + (isinstance(ender, int) and ids[-1:] != [ender]), first - began  # the end too
 
         def vllm_alone() -> tuple:
             tokens, ttfts, start = 0, [], time.perf_counter()

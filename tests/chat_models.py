@@ -113,3 +113,23 @@ def tiny_model(folder: Path, engine: str, layers: int = 2) -> Path:
     if engine == "llama.cpp":
         return tiny_gguf(folder, layers=layers)
     return tiny_llama(folder / "tiny", layers=layers)
+
+
+def lora_run(base: Path, folder: Path, rank: int = 8) -> Path:
+    """A fine-tuned run's model files as danlu writes them (RUN/adapter: a peft LoRA adapter on every
+    projection of `base`, its weights random so that it changes every answer; RUN/hf: the adapter merged
+    into the base, with the base's tokenizer); returns RUN/hf."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+    adapted = get_peft_model(model, config)
+    with contextlib.redirect_stderr(io.StringIO()):
+        adapted.save_pretrained(folder / "adapter")
+        adapted.merge_and_unload().save_pretrained(folder / "hf")
+        AutoTokenizer.from_pretrained(base).save_pretrained(folder / "hf")
+    return folder / "hf"

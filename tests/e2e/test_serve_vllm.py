@@ -15,7 +15,7 @@ import threading
 import httpx
 import pytest
 
-from tests.chat_models import tiny_llama
+from tests.chat_models import lora_run, tiny_llama
 from tests.e2e.test_chat_server import HELLO, HOSTILE, running, scrape, wait_until
 from tests.e2e.test_serve_process import Server
 
@@ -28,13 +28,45 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def base(tmp_path_factory):
     # enough layers that 200 tokens take long enough to act in the middle of them
-    model = tiny_llama(tmp_path_factory.mktemp("llm") / "tiny", width=128, heads=2, layers=8)
+    return tiny_llama(tmp_path_factory.mktemp("llm") / "tiny", width=128, heads=2, layers=8)
+
+
+@pytest.fixture(scope="module")
+def run_hf(base, tmp_path_factory):
+    """A fine-tuned run's hf/, beside its LoRA adapter over `base`."""
+    return lora_run(base, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def server(run_hf):
     args = ("--engine", "vllm", "--dtype", "float32", "--max-tokens", "200", "--kv-cache-gb", "1")
-    server = Server(model, *args, python=sys.executable, ready_s=600)
+    server = Server(run_hf, *args, python=sys.executable, ready_s=600)
     yield server
     assert server.stop() == 0  # SIGTERM drains and exits 0
+
+
+def test_the_runs_lora_adapter_is_served_unmerged_and_answers_as_trained(server, client, base, run_hf):
+    """vLLM runs the base model with the run's adapter (its LoRA support, not the merged weights): the
+    greedy answer equals the torch engine's on the merged RUN/hf, and differs from the base model's."""
+    from danlu.serve.chat.engine import Engine
+    from danlu.serve.chat.model import load_chat_model
+    from danlu.serve.chat.sampling import SamplingParams
+    from danlu.serve.chat.templates import Template
+
+    listed = client.models.list().data[0].model_dump()
+    assert listed["lora_adapter"] == str(run_hf.parent / "adapter")
+    served = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=24, temperature=0)
+
+    def torch_answer(path) -> str:
+        chat = load_chat_model(str(path), dtype="float32", engine="torch")
+        events = Engine(chat).generate(
+            Template(chat.tokenizer).encode_messages(HELLO), SamplingParams(max_tokens=24, temperature=0.0)
+        )
+        return "".join(e.text for e in events)
+
+    assert served.choices[0].message.content == torch_answer(run_hf) != torch_answer(base)
 
 
 @pytest.fixture

@@ -259,6 +259,7 @@ class ChatHandler:
             "owned_by": "danlu",
             "executor": self.engine.executor.name,
             "engine_reason": chat.engine_reason,  # why --engine auto chose it
+            "lora_adapter": chat.lora,  # vllm: a fine-tuned run's adapter, over its base model
             "context_length": chat.context,
             "dtype": chat.dtype,
             "quantize": chat.quantize,

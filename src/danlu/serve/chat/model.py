@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from danlu.errors import DanluError
+from danlu.errors import DanluError, one_line
 
 log = logging.getLogger("danlu")  # no torch at import: `danlu serve` checks its argument before loading it
 
@@ -46,6 +46,7 @@ class ChatModel:
     weight_bytes: int = 0
     engine: str = "torch"  # what runs `model`: "torch", "llama.cpp" (a LlamaCppModel) or "vllm" (a VllmModel)
     engine_reason: str = ""  # why engine auto chose it
+    lora: str | None = None  # vllm: the fine-tuned run's LoRA adapter it serves over the base model
 
     def executor(self, max_batch: int, max_batch_tokens: int, prefill_chunk: int):
         """A fresh executor over this model (danlu.serve.chat.executor)."""
@@ -433,8 +434,16 @@ def _load_vllm(
             message = f"cannot read '{path}': {exc}".splitlines()[0]
             raise DanluError(message, "check the model files") from None
     defaults, eos_ids, _ = generation_info(path)
+    lora, why = run_lora(path)
+    if lora is not None:
+        log.info(
+            "vLLM serves the run's LoRA adapter %s over its base model %s, unmerged", lora.adapter, lora.base
+        )
+    elif why:
+        log.info("vLLM serves the run's merged weights: %s", why)
     model = VllmModel.start(
-        path,
+        path if lora is None else lora.base,
+        lora=lora,
         dtype=dtype,
         device=device,
         max_model_len=options.max_model_len,
@@ -443,7 +452,49 @@ def _load_vllm(
         trust_remote_code=trust_remote_code,
     )
     weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return ChatModel(
+    chat = ChatModel(
         model, tokenizer, model_name(path), model.context, eos_ids, defaults, model.dtype, device, None,
         weights, engine="vllm",
     )  # fmt: skip
+    chat.lora = None if lora is None else str(lora.adapter)
+    return chat
+
+
+@dataclass
+class RunLora:
+    """A fine-tuned run's LoRA adapter as vLLM serves it: over its base model, unmerged."""
+
+    base: Path
+    adapter: Path
+    rank: int  # the adapter's r
+    name: str  # the run's
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank choices
+
+
+def run_lora(path: Path) -> tuple[RunLora | None, str]:
+    """The LoRA adapter of the fine-tuned run whose RUN/hf `path` is, when vLLM can serve it over the
+    base model; else None and why not ("" when `path` is no LoRA run's)."""
+    adapter = path.parent / "adapter"
+    if path.name != "hf" or not (adapter / "adapter_config.json").is_file():
+        return None, ""
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        base = Path(str(config.get("base_model_name_or_path") or ""))
+        rank = int(config.get("r") or 0)
+        vocab = json.loads((path / "config.json").read_text()).get("vocab_size")
+        base_vocab = None
+        if base.is_dir() and is_causal_lm(base):
+            base_vocab = json.loads((base / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, TypeError) as exc:
+        return None, f"its adapter is unreadable ({one_line(exc)})"
+    if base_vocab is None:
+        return None, f"its base model '{base}' is no local Hugging Face directory"
+    if config.get("modules_to_save"):
+        return None, "its adapter also holds whole modules, which vLLM's LoRA does not load"
+    if vocab != base_vocab:
+        return None, f"the run changed the vocabulary ({base_vocab} to {vocab} tokens)"
+    if not 1 <= rank <= VLLM_LORA_RANKS[-1]:
+        return None, f"its rank {rank} is outside vLLM's 1-{VLLM_LORA_RANKS[-1]}"
+    return RunLora(base, adapter, rank, model_name(path)), ""

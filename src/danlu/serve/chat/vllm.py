@@ -74,8 +74,10 @@ def engine_arguments(
     tensor_parallel: int,
     trust_remote_code: bool,
     memory: tuple[int, int],
+    lora: Any = None,
 ) -> dict[str, Any]:
-    """vLLM's engine arguments for danlu's options; memory: (available, total) bytes of this machine."""
+    """vLLM's engine arguments for danlu's options; memory: (available, total) bytes of this machine;
+    lora: a fine-tuned run's danlu.serve.chat.model.RunLora, served over the base model `path`."""
     arguments: dict[str, Any] = {
         "model": str(path),
         "tokenizer": str(path),
@@ -86,6 +88,11 @@ def engine_arguments(
         "disable_log_stats": False,  # its scheduler's figures reach danlu's metrics (stats_logger)
         "skip_tokenizer_init": True,  # danlu tokenizes and detokenizes
     }
+    if lora is not None:
+        from danlu.serve.chat.model import VLLM_LORA_RANKS
+
+        rank = min(r for r in VLLM_LORA_RANKS if r >= lora.rank)
+        arguments.update(enable_lora=True, max_loras=1, max_lora_rank=rank)
     if device.startswith("cuda"):
         if kv_cache_gb is not None:  # else vLLM's own: what its share of GPU memory leaves
             arguments["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
@@ -105,15 +112,22 @@ class VllmModel:
     """A started vLLM engine over one model directory."""
 
     def __init__(
-        self, engine: Any, loop: asyncio.AbstractEventLoop, context: int, dtype: str, stats: dict[str, float]
+        self,
+        engine: Any,
+        loop: asyncio.AbstractEventLoop,
+        context: int,
+        dtype: str,
+        stats: dict[str, float],
+        lora: Any = None,
     ) -> None:
         self.engine, self.loop, self.context, self.dtype = engine, loop, context, dtype
         self.stats = stats  # vLLM's scheduler figures after its latest step: kv_cache_usage
+        self.lora = lora  # vLLM's LoRARequest every request carries, or None
 
     @classmethod
     def start(cls, path: Path, **options: Any) -> VllmModel:
         """options: engine_arguments' (dtype, device, max_model_len, kv_cache_gb, tensor_parallel,
-        trust_remote_code)."""
+        trust_remote_code, lora)."""
         if not available():
             raise DanluError("the vllm engine needs vLLM", INSTALL)
         _environment(options["kv_cache_gb"])
@@ -142,7 +156,12 @@ class VllmModel:
                 "run with --debug for vLLM's traceback, or serve it with --engine torch",
             ) from exc
         config = engine.model_config
-        return cls(engine, loop, int(config.max_model_len), str(config.dtype).split(".")[-1], stats)
+        lora, request = options.get("lora"), None
+        if lora is not None:
+            from vllm.lora.request import LoRARequest
+
+            request = LoRARequest(lora.name, 1, str(lora.adapter))
+        return cls(engine, loop, int(config.max_model_len), str(config.dtype).split(".")[-1], stats, request)
 
     def close(self) -> None:
         """Stop vLLM's engine core and the loop (not while a thread runs the loop)."""
@@ -298,7 +317,8 @@ class VllmEngine(Scheduler):
         try:
             room = self.chat.context - len(sequence.prompt)
             params = vllm_params(sequence.params, self.chat.eos_ids, room)
-            stream = self.vllm.engine.generate({"prompt_token_ids": list(sequence.prompt)}, params, rid)
+            request = {"prompt_token_ids": list(sequence.prompt)}
+            stream = self.vllm.engine.generate(request, params, rid, lora_request=self.vllm.lora)
             async for out in stream:
                 self._progress.set()
                 if self._deliver(sequence, out) and not out.finished:
