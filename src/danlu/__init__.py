@@ -1,7 +1,8 @@
 """danlu: take a PyTorch model through its whole life on your own machines.
 
 Public API (imported lazily, so `danlu --help` never waits for torch):
-    train(config) -> Run, evaluate(run_dir, data=None) -> dict, load(run_dir) -> Predictor,
+    train(config) -> Run, evaluate(run_dir, data=None) -> dict, load(run_dir) -> Predictor (a model
+    directory: its encoder), embed(model, inputs, out) (`danlu embed`),
     predict_file(run_dir, data, out) -> rows (`danlu predict`), show_sample(config) -> str,
     serve(run_dir_or_model, ...), export_gguf(model_dir, quantize) -> dict, quickstart(...) -> Run, Run,
     Predictor, DanluError, __version__
@@ -18,6 +19,7 @@ _EXPORTS = {
     "train": "danlu.api",
     "evaluate": "danlu.api",
     "load": "danlu.api",
+    "embed": "danlu.api",
     "predict_file": "danlu.api",
     "show_sample": "danlu.api",
     "quickstart": "danlu.api",

@@ -162,10 +162,45 @@ def _run_setup(config, overrides, out, resume, overwrite: bool, world):
 
 def load(
     run_dir: str | Path, device: str = "cpu", engine: str = "torch", trust_model_code: bool = False
-) -> Predictor:
+) -> Any:
     """A Predictor for a finished run directory, on the torch model or its ONNX export (engine="onnx").
-    A run whose model comes from code (model.target) loads only with trust_model_code=True."""
+    A run whose model comes from code (model.target) loads only with trust_model_code=True. A model
+    directory that is no run, a CLIP/SigLIP or encoder-only text model, loads as its encoder
+    (danlu.embeddings: embed_texts, and for image-text models embed_images and zero_shot)."""
+    if not RunDir(run_dir).preprocess.is_file() and (Path(run_dir) / "config.json").is_file():
+        from danlu.embeddings import load_encoder
+
+        return load_encoder(run_dir)
     return Predictor.load(run_dir, device, engine, trust_model_code)
+
+
+def embed(
+    model: str | Path,
+    inputs: str | Path,
+    out: str | Path,
+    column: str | None = None,
+    normalize: bool | None = None,
+    truncate: str = "end",
+    batch_size: int = 32,
+) -> Any:
+    """danlu embed: INPUTS' vectors (images or texts, see danlu.embeddings.files) by a local encoder into
+    OUT (.npy with OUT.ids.json, or .parquet), in input order; returns danlu.embeddings.files.Embedded
+    (the vectors, and how many texts were truncated).
+
+    Raises:
+        DanluError: a model, input or output danlu cannot use, or a text over the limit (truncate="error").
+    """
+    from danlu.embeddings import load_encoder
+    from danlu.embeddings.files import check_output, embed_items, read_items, write_vectors
+
+    check_output(out)  # before anything loads
+    if batch_size < 1:
+        raise DanluError("--batch-size must be at least 1", "e.g. --batch-size 32")
+    items = read_items(inputs, column)
+    encoder = load_encoder(model)
+    done = embed_items(encoder, items, normalize, truncate, batch_size)
+    write_vectors(done.vectors, items.ids, out)
+    return done
 
 
 def _metrics_over(predictor: Predictor, chunks: Iterable[Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import sys
 from danlu import __version__
 from danlu.cli.chat import add_chat
 from danlu.cli.doctor import add_doctor
+from danlu.cli.embed import add_embed
 from danlu.cli.evaluate import add_evaluate
 from danlu.cli.export import add_export
 from danlu.cli.package import add_env, add_package
@@ -26,6 +27,7 @@ EXAMPLES = """examples:
   danlu predict runs/small new.csv -o predictions.csv
   danlu train digits.yaml data.train=digits/         images: a folder with one subfolder per class
   danlu train reviews.yaml model.pretrained=DIR      texts: data.text names the column; DIR a local encoder
+  danlu embed CLIP_DIR photos/ -o vectors.parquet    embed images (or texts) with a local encoder
   danlu chat model.gguf                              chat with a local language model in the terminal
   danlu serve model.gguf                             an OpenAI-compatible chat server with a web page
 """
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_train,
         add_evaluate,
         add_predict,
+        add_embed,
         add_export,
         add_serve,
         add_chat,

@@ -1,0 +1,285 @@
+"""Encoders from local Hugging Face directories: image-text models (CLIP, SigLIP) and text encoders
+(BERT/MiniLM, with sentence-transformers' pooling files when present). They embed texts and images and
+classify images against labels named at run time (zero-shot).
+
+What the checkpoint says is what runs: the activation comes with the model's config (transformers builds
+QuickGELU where CLIP's config names it); CLIP scores labels by a softmax over logit_scale * cosine, SigLIP
+by a sigmoid of logit_scale * cosine + logit_bias, with its text padded to the length it was trained at
+(padding to the longest text instead changes its embeddings). A text over the model's limit is an error,
+or truncated at its end or start, as asked. Label embeddings are computed once per (labels, templates)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from danlu.errors import DanluError, one_line
+
+TRUNCATE = ("end", "start", "error")
+IMAGE_TEXT = {"clip": "CLIPModel", "siglip": "SiglipModel"}  # model_type -> transformers class
+
+
+def model_type(path: Path) -> str | None:
+    """The config's model_type of a local directory, None without a readable config.json."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+class TextTower:
+    """Tokenizing within a model's limit, as the model was trained to read its text."""
+
+    def __init__(self, tokenizer: Any, limit: int, pad_to_limit: bool) -> None:
+        self.tokenizer, self.limit, self.pad_to_limit = tokenizer, limit, pad_to_limit
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Each text's tokens, special tokens included, before any truncation."""
+        return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
+
+    def check(self, texts: Sequence[str], truncate: str) -> None:
+        """Raises DanluError for an unknown truncate, or (truncate="error") naming the first text over the
+        limit."""
+        if truncate not in TRUNCATE:
+            raise DanluError(f"truncate must be one of {', '.join(TRUNCATE)}, not '{truncate}'", "e.g. end")
+        if truncate == "error":
+            for i, count in enumerate(self.token_counts(texts)):
+                if count > self.limit:
+                    raise DanluError(
+                        f"text {i} has {count} tokens; this model reads at most {self.limit}",
+                        "shorten it, or truncate it (--truncate end or start)",
+                    )
+
+    def encode(self, texts: Sequence[str], truncate: str = "end") -> dict[str, torch.Tensor]:
+        """Token ids and attention mask of a batch, each text within the limit (cut at its start or end)."""
+        self.tokenizer.truncation_side = "left" if truncate == "start" else "right"
+        padding = "max_length" if self.pad_to_limit else True
+        return self.tokenizer(
+            list(texts), padding=padding, truncation=True, max_length=self.limit, return_tensors="pt"
+        )
+
+
+def _features(output: Any) -> torch.Tensor:
+    """get_*_features' answer: a tensor, or (newer transformers) an output whose pooler_output it is."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _normalized(vectors: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(vectors.float(), dim=-1)
+
+
+class ImageTextEncoder:
+    """A CLIP or SigLIP model with its tokenizer and image processor."""
+
+    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, kind: str, name: str) -> None:
+        self.model, self.image_processor, self.kind, self.name = model.eval(), image_processor, kind, name
+        text = model.config.text_config
+        self.text = TextTower(tokenizer, int(text.max_position_embeddings), pad_to_limit=kind == "siglip")
+        self.dimensions = int(model.config.projection_dim if kind == "clip" else text.hidden_size)
+
+    @torch.inference_mode()
+    def embed_texts(
+        self, texts: Sequence[str], normalize: bool = True, truncate: str = "end", batch_size: int = 64
+    ) -> np.ndarray:
+        """[len(texts), dimensions] float32, in input order."""
+        self.text.check(texts, truncate)
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            inputs = self.text.encode(texts[start : start + batch_size], truncate)
+            parts.append(_features(self.model.get_text_features(**inputs)).float())
+        return _array(parts, normalize, self.dimensions)
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[Any], normalize: bool = True, batch_size: int = 32) -> np.ndarray:
+        """[len(images), dimensions] float32, in input order; images are paths or PIL images."""
+        parts = []
+        for start in range(0, len(images), batch_size):
+            batch = [_rgb(image) for image in images[start : start + batch_size]]
+            pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
+            parts.append(_features(self.model.get_image_features(pixel_values=pixels)).float())
+        return _array(parts, normalize, self.dimensions)
+
+    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] = ("{}",)) -> np.ndarray:
+        """One normalized vector per label: its templates' embeddings averaged and renormalized (the CLIP
+        paper's prompt ensembling); computed once per (labels, templates)."""
+        return self._labels(tuple(labels), tuple(templates))
+
+    @functools.lru_cache(maxsize=32)  # noqa: B019  # an encoder lives as long as its process
+    def _labels(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> np.ndarray:
+        if not labels:
+            raise DanluError("no labels to classify the images by", 'name them, e.g. --labels "cat,dog"')
+        if any("{}" not in template for template in templates):
+            raise DanluError("a template has no {} for the label", 'e.g. --template "a photo of a {}."')
+        prompts = [template.format(label) for label in labels for template in templates]
+        vectors = self.embed_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
+        return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+    @torch.inference_mode()
+    def zero_shot(
+        self, images: Sequence[Any], labels: Sequence[str], templates: Sequence[str] = ("{}",)
+    ) -> np.ndarray:
+        """[len(images), len(labels)] probabilities: CLIP's softmax over the labels, SigLIP's sigmoid of
+        each label on its own."""
+        text = torch.from_numpy(self.label_embeddings(labels, templates))
+        image = torch.from_numpy(self.embed_images(images))
+        logits = image @ text.T * self.model.logit_scale.exp().float()
+        if self.kind == "siglip":
+            return torch.sigmoid(logits + self.model.logit_bias.float()).numpy()
+        return torch.softmax(logits, dim=-1).numpy()
+
+
+def _rgb(image: Any) -> Any:
+    from PIL import Image
+
+    if isinstance(image, str | Path):
+        try:
+            with Image.open(image) as opened:
+                return opened.convert("RGB")
+        except OSError as exc:
+            raise DanluError(f"cannot read the image '{image}': {exc}", "pass image files") from None
+    return image.convert("RGB")
+
+
+def _array(parts: list[torch.Tensor], normalize: bool, dimensions: int) -> np.ndarray:
+    if not parts:
+        return np.zeros((0, dimensions), dtype=np.float32)
+    vectors = torch.cat(parts)
+    return (_normalized(vectors) if normalize else vectors).numpy().astype(np.float32)
+
+
+class TextEncoder:
+    """An encoder-only text model (BERT, MiniLM, ...) whose token states are pooled into one vector per
+    text, as its sentence-transformers files say (1_Pooling: mean, CLS or max; 2_Normalize), else mean
+    pooling, normalized."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, pooling: str, normalizes: bool, limit: int, name: str
+    ) -> None:
+        self.model, self.pooling, self.normalizes, self.name = model.eval(), pooling, normalizes, name
+        self.text = TextTower(tokenizer, limit, pad_to_limit=False)
+        self.dimensions = int(model.config.hidden_size)
+
+    @torch.inference_mode()
+    def embed_texts(
+        self, texts: Sequence[str], normalize: bool | None = None, truncate: str = "end", batch_size: int = 64
+    ) -> np.ndarray:
+        """[len(texts), dimensions] float32, in input order; normalize None: as the model's files say."""
+        self.text.check(texts, truncate)
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            inputs = self.text.encode(texts[start : start + batch_size], truncate)
+            states = self.model(**inputs).last_hidden_state
+            parts.append(pool(states, inputs["attention_mask"], self.pooling))
+        return _array(parts, self.normalizes if normalize is None else normalize, self.dimensions)
+
+
+def pool(states: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """[batch, tokens, width] states to [batch, width]: the mean or max over the real tokens, or the first."""
+    if how == "cls":
+        return states[:, 0].float()
+    keep = mask.unsqueeze(-1).to(states.dtype)
+    if how == "max":
+        return states.masked_fill(keep == 0, float("-inf")).max(dim=1).values.float()
+    return ((states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)).float()
+
+
+def sentence_transformers_files(path: Path) -> tuple[str, bool, int | None]:
+    """(pooling, normalizes, max_seq_length) from a sentence-transformers directory's files; a plain
+    encoder directory: mean pooling, normalized, no limit of its own."""
+    modules = _json(path / "modules.json")
+    if not isinstance(modules, list):
+        return "mean", True, None
+    kinds = {
+        str(m.get("type", "")).rsplit(".", 1)[-1]: m.get("path", "") for m in modules if isinstance(m, dict)
+    }
+    pooling = _json(path / str(kinds.get("Pooling", "1_Pooling")) / "config.json") or {}
+    how = (
+        "cls"
+        if pooling.get("pooling_mode_cls_token")
+        else "max"
+        if pooling.get("pooling_mode_max_tokens")
+        else "mean"
+    )
+    limit = (_json(path / "sentence_bert_config.json") or {}).get("max_seq_length")
+    return how, "Normalize" in kinds, int(limit) if limit else None
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_text_encoder(path: Path) -> TextEncoder:
+    """An encoder-only text directory. Raises DanluError when it cannot be read as one."""
+    import transformers
+
+    from danlu.hf import load_files, load_model, quiet_transformers
+
+    how, normalizes, limit = sentence_transformers_files(path)
+    with quiet_transformers():
+        try:
+            model = load_model(transformers.AutoModel, path, dtype=torch.float32)
+            tokenizer = load_files(transformers.AutoTokenizer, path)
+        except (OSError, ValueError) as exc:
+            raise DanluError(f"cannot read '{path}': {one_line(exc)}", "check the model files") from None
+    positions = int(getattr(model.config, "max_position_embeddings", 0) or 512)
+    return TextEncoder(model, tokenizer, how, normalizes, min(limit or positions, positions), path.name)
+
+
+def load_image_text(path: Path) -> ImageTextEncoder:
+    """A CLIP or SigLIP directory. Raises DanluError when it is neither or cannot be read."""
+    import transformers
+
+    from danlu.hf import load_files, load_model, quiet_transformers
+
+    kind = model_type(path)
+    if kind not in IMAGE_TEXT:
+        raise DanluError(f"'{path}' holds no CLIP or SigLIP model", "pass a CLIP or SigLIP directory")
+    with quiet_transformers():
+        try:
+            model = load_model(getattr(transformers, IMAGE_TEXT[kind]), path, dtype=torch.float32)
+            tokenizer = load_files(transformers.AutoTokenizer, path)
+            images = load_files(transformers.AutoImageProcessor, path)
+        except (OSError, ValueError) as exc:
+            message = f"cannot read '{path}': {one_line(exc)}"
+            raise DanluError(message, "check the model files") from None
+    return ImageTextEncoder(model, tokenizer, images, kind, path.name)
+
+
+def is_text_encoder(path: Path) -> bool:
+    """A sentence-transformers directory, or one whose config names an encoder-only architecture."""
+    if (path / "modules.json").is_file():
+        return True
+    config = _json(path / "config.json") or {}
+    architectures = [str(a) for a in config.get("architectures") or []]
+    return bool(architectures) and all(a.endswith(("Model", "ForMaskedLM")) for a in architectures)
+
+
+def load_encoder(spec: str | Path) -> ImageTextEncoder | TextEncoder:
+    """The encoder in a local directory: CLIP or SigLIP, or an encoder-only text model.
+
+    Raises:
+        DanluError: a missing directory (a hub id among them: danlu never downloads) or another model.
+    """
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise DanluError(
+            f"'{spec}' is no local model directory (danlu reads models from local files, never a hub)",
+            "download it yourself, then pass its local path",
+        )
+    if model_type(path) in IMAGE_TEXT:
+        return load_image_text(path)
+    if is_text_encoder(path):
+        return load_text_encoder(path)
+    raise DanluError(
+        f"'{path}' holds no encoder danlu embeds with",
+        "pass a CLIP or SigLIP directory, or an encoder-only text model (BERT, MiniLM, ...)",
+    )

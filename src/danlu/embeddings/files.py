@@ -1,0 +1,164 @@
+"""What `danlu embed` reads and writes. Inputs: a folder of images (sorted by path), one image, a .txt of
+texts (one per line), or a CSV/Parquet/JSONL column of texts or of image paths; each item keeps an id (its
+path, or its line or row number). Outputs: .npy (the float32 matrix, with OUT.ids.json beside it) or
+.parquet (an id column and an embedding column), written atomically, rows in input order."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from danlu.errors import DanluError
+from danlu.families.image.sources import IMAGE_SUFFIXES
+from danlu.run import atomic_write, atomic_write_json
+
+TABLES = (".csv", ".parquet", ".jsonl")
+OUTPUTS = (".npy", ".parquet")
+
+
+@dataclass
+class Items:
+    """What to embed: images (paths) or texts, and an id for each."""
+
+    kind: str  # "images" | "texts"
+    values: list[str]
+    ids: list[str]
+
+
+def is_image(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def read_items(source: str | Path, column: str | None = None) -> Items:
+    """The items in SOURCE. Raises DanluError for a missing source, an empty one, or a table without
+    the column."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(str(f) for f in path.rglob("*") if f.is_file() and is_image(f))
+        if not files:
+            raise DanluError(f"'{path}' holds no images", f"put {', '.join(IMAGE_SUFFIXES[:4])} files in it")
+        return Items("images", files, [str(Path(f).relative_to(path)) for f in files])
+    if not path.is_file():
+        raise DanluError(f"'{source}' does not exist", "pass a folder of images, an image, a .txt or a table")
+    suffix = path.suffix.lower()
+    if is_image(path):
+        return Items("images", [str(path)], [path.name])
+    if suffix == ".txt":
+        texts = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines()]
+        texts = [t for t in texts if t.strip()]
+        return _checked(Items("texts", texts, [str(i) for i in range(len(texts))]), path)
+    if suffix in TABLES:
+        return _checked(_column(path, suffix, column), path)
+    raise DanluError(
+        f"cannot embed '{path.name}'",
+        f"pass a folder of images, an image, a .txt (one text per line) or a {'/'.join(TABLES)} table",
+    )
+
+
+def _column(path: Path, suffix: str, column: str | None) -> Items:
+    import pandas as pd
+
+    frame = (
+        pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path) if suffix == ".parquet" else
+        pd.read_json(path, lines=True)
+    )  # fmt: skip
+    if column is None or column not in frame.columns:
+        named = f"no column '{column}'" if column else "a table needs --column"
+        raise DanluError(
+            f"{path.name}: {named}", f"pass --column, one of: {', '.join(map(str, frame.columns))}"
+        )
+    values = ["" if v is None or v != v else str(v) for v in frame[column].tolist()]
+    ids = [str(i) for i in range(len(values))]
+    if values and all(is_image(v) for v in values):  # a column of image paths, relative to the table
+        return Items("images", [str((path.parent / v).expanduser()) for v in values], values)
+    return Items("texts", values, ids)
+
+
+def _checked(items: Items, path: Path) -> Items:
+    if not items.values:
+        raise DanluError(f"'{path}' holds nothing to embed", "give it one text per line (or per row)")
+    return items
+
+
+def check_output(out: str | Path) -> None:
+    if Path(out).suffix.lower() not in OUTPUTS:
+        raise DanluError(f"cannot write vectors to '{out}'", f"name a {' or '.join(OUTPUTS)} file")
+
+
+def write_vectors(vectors: np.ndarray, ids: list[str], out: str | Path) -> None:
+    """OUT.npy (+ OUT.ids.json) or OUT.parquet (id, embedding), atomically."""
+    check_output(out)
+    out = Path(out)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if out.suffix.lower() == ".npy":
+        atomic_write(out, lambda f: np.save(f, vectors))
+        atomic_write_json(out.with_suffix(".ids.json"), ids)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+    table = pa.table({"id": pa.array(ids, pa.string()), "embedding": embedding})
+    atomic_write(out, lambda f: pq.write_table(table, f))
+
+
+def read_vectors(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """What write_vectors wrote: the matrix and the ids."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        return np.load(path), json.loads(path.with_suffix(".ids.json").read_text())
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), table.column("id").to_pylist()
+
+
+@dataclass
+class Embedded:
+    """What embed_items did: the vectors in input order and how many texts were truncated."""
+
+    vectors: np.ndarray
+    truncated: int
+
+
+def embed_items(
+    encoder: Any,
+    items: Items,
+    normalize: bool | None = None,
+    truncate: str = "end",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> Embedded:
+    """Every item's vector, batched, with a progress bar. Raises DanluError for images given to a text
+    encoder, or a text over the limit with truncate="error"."""
+    from tqdm.auto import tqdm
+
+    from danlu.embeddings.encoders import ImageTextEncoder
+
+    if items.kind == "images" and not isinstance(encoder, ImageTextEncoder):
+        raise DanluError(f"{encoder.name} embeds texts, not images", "pass a CLIP or SigLIP model for images")
+    options: dict[str, Any] = {} if normalize is None else {"normalize": normalize}
+    if items.kind == "texts":
+        encoder.text.check(items.values, truncate)  # a text over the limit fails before any work
+    truncated, parts = 0, []
+    step = batch_size * 8  # items per progress update: whole batches
+    bar = tqdm(
+        total=len(items.values),
+        desc="embed",
+        unit=items.kind[:-1],
+        disable=not progress or len(items.values) <= step,
+    )
+    with bar:
+        for start in range(0, len(items.values), step):
+            chunk = items.values[start : start + step]
+            if items.kind == "images":
+                parts.append(encoder.embed_images(chunk, batch_size=batch_size, **options))
+            else:
+                parts.append(encoder.embed_texts(chunk, truncate=truncate, batch_size=batch_size, **options))
+                truncated += sum(n > encoder.text.limit for n in encoder.text.token_counts(chunk))
+            bar.update(len(chunk))
+    return Embedded(np.concatenate(parts), truncated)

