@@ -65,6 +65,25 @@ class TextTower:
         )
 
 
+def _longest_first(texts: Sequence[str]) -> list[int]:
+    return sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+
+
+def by_length(texts: Sequence[str], batch_size: int) -> list[list[str]]:
+    """Batches of texts of similar length (longest first, by characters): little padding in each."""
+    order = _longest_first(texts)
+    return [
+        [texts[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)
+    ]
+
+
+def in_input_order(vectors: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+    """The rows of by_length's batches back in the order of `texts`."""
+    restored = np.empty_like(vectors)
+    restored[_longest_first(texts)] = vectors
+    return restored
+
+
 def _features(output: Any) -> torch.Tensor:
     """get_*_features' answer: a tensor, or (newer transformers) an output whose pooler_output it is."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
@@ -90,10 +109,10 @@ class ImageTextEncoder:
         """[len(texts), dimensions] float32, in input order."""
         self.text.check(texts, truncate)
         parts = []
-        for start in range(0, len(texts), batch_size):
-            inputs = self.text.encode(texts[start : start + batch_size], truncate)
+        for batch in by_length(texts, batch_size):
+            inputs = self.text.encode(batch, truncate)
             parts.append(_features(self.model.get_text_features(**inputs)).float())
-        return _array(parts, normalize, self.dimensions)
+        return in_input_order(_array(parts, normalize, self.dimensions), texts)
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Any], normalize: bool = True, batch_size: int = 32) -> np.ndarray:
@@ -172,11 +191,12 @@ class TextEncoder:
         """[len(texts), dimensions] float32, in input order; normalize None: as the model's files say."""
         self.text.check(texts, truncate)
         parts = []
-        for start in range(0, len(texts), batch_size):
-            inputs = self.text.encode(texts[start : start + batch_size], truncate)
+        for batch in by_length(texts, batch_size):
+            inputs = self.text.encode(batch, truncate)
             states = self.model(**inputs).last_hidden_state
             parts.append(pool(states, inputs["attention_mask"], self.pooling))
-        return _array(parts, self.normalizes if normalize is None else normalize, self.dimensions)
+        vectors = _array(parts, self.normalizes if normalize is None else normalize, self.dimensions)
+        return in_input_order(vectors, texts)
 
 
 def pool(states: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
