@@ -34,8 +34,9 @@ directory (the GGUF file dequantized once, as benchmarks/finetune.py writes it),
 each server started with the same --max-model-len 2048 and a 4 GiB KV space (VLLM_CPU_KVCACHE_SPACE),
 both up at once and measured in turns (--rounds, best of them; load from other jobs falls on both):
 
-  vLLM api_server          `python -m vllm.entrypoints.openai.api_server` (vLLM's own server), 1 stream
-                           (--single prompts one after another) and STREAMS concurrent streaming clients
+  vLLM api_server          `python -m vllm.entrypoints.openai.api_server --disable-log-stats` (vLLM's own
+                           server, without the per-step statistics danlu keeps for its KV usage metric),
+                           1 stream (--single prompts one after another) and STREAMS concurrent clients
   danlu serve --engine vllm  the same through danlu's server and output path
 
 --part server: the server's own cost, one stream through `danlu serve` (one question after another,
@@ -569,8 +570,8 @@ def vllm_part(args, questions: list[str]) -> None:
     rows, spreads = [], []
     for dtype in ("bfloat16", "float32"):
         common = ["--dtype", dtype, "--max-model-len", "2048"]
-        own = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--port", "8720", "--served-model-name", "smollm2", *common]  # fmt: skip
+        own = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port",
+               "8720", "--served-model-name", "smollm2", "--disable-log-stats", *common]  # fmt: skip
         ours = [sys.executable, "-m", "danlu", "serve", str(model), "--port", "8721", "--engine", "vllm",
                 "--max-batch", str(args.streams), "--max-tokens", str(n), *common]  # fmt: skip
         names = ("vLLM api_server", "danlu serve --engine vllm")

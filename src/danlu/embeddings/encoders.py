@@ -43,13 +43,13 @@ class TextTower:
         """Each text's tokens, special tokens included, before any truncation."""
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
 
-    def check(self, texts: Sequence[str], truncate: str) -> None:
+    def check(self, texts: Sequence[str], truncate: str, counts: list[int] | None = None) -> None:
         """Raises DanluError for an unknown truncate, or (truncate="error") naming the first text over the
-        limit."""
+        limit; counts: token_counts(texts), when the caller has them."""
         if truncate not in TRUNCATE:
             raise DanluError(f"truncate must be one of {', '.join(TRUNCATE)}, not '{truncate}'", "e.g. end")
         if truncate == "error":
-            for i, count in enumerate(self.token_counts(texts)):
+            for i, count in enumerate(counts if counts is not None else self.token_counts(texts)):
                 if count > self.limit:
                     raise DanluError(
                         f"text {i} has {count} tokens; this model reads at most {self.limit}",

@@ -52,20 +52,17 @@ def read_items(source: str | Path, column: str | None = None) -> Items:
         texts = [t for t in texts if t.strip()]
         return _checked(Items("texts", texts, [str(i) for i in range(len(texts))]), path)
     if suffix in TABLES:
-        return _checked(_column(path, suffix, column), path)
+        return _checked(_column(path, column), path)
     raise DanluError(
         f"cannot embed '{path.name}'",
         f"pass a folder of images, an image, a .txt (one text per line) or a {'/'.join(TABLES)} table",
     )
 
 
-def _column(path: Path, suffix: str, column: str | None) -> Items:
-    import pandas as pd
+def _column(path: Path, column: str | None) -> Items:
+    from danlu.data.sources import open_table
 
-    frame = (
-        pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path) if suffix == ".parquet" else
-        pd.read_json(path, lines=True)
-    )  # fmt: skip
+    frame = open_table(str(path)).read_all()
     if column is None or column not in frame.columns:
         named = f"no column '{column}'" if column else "a table needs --column"
         raise DanluError(
@@ -142,9 +139,12 @@ def embed_items(
     if items.kind == "images" and not isinstance(encoder, ImageTextEncoder):
         raise DanluError(f"{encoder.name} embeds texts, not images", "pass a CLIP or SigLIP model for images")
     options: dict[str, Any] = {} if normalize is None else {"normalize": normalize}
-    if items.kind == "texts":
-        encoder.text.check(items.values, truncate)  # a text over the limit fails before any work
     truncated, parts = 0, []
+    if items.kind == "texts":  # one tokenizing pass counts the texts over the limit, before any work
+        counts = encoder.text.token_counts(items.values)
+        encoder.text.check(items.values, truncate, counts)
+        truncated = sum(n > encoder.text.limit for n in counts)
+        truncate = "end" if truncate == "error" else truncate  # checked: none is over
     step = batch_size * 8  # items per progress update: whole batches
     bar = tqdm(
         total=len(items.values),
@@ -159,6 +159,5 @@ def embed_items(
                 parts.append(encoder.embed_images(chunk, batch_size=batch_size, **options))
             else:
                 parts.append(encoder.embed_texts(chunk, truncate=truncate, batch_size=batch_size, **options))
-                truncated += sum(n > encoder.text.limit for n in encoder.text.token_counts(chunk))
             bar.update(len(chunk))
     return Embedded(np.concatenate(parts), truncated)

@@ -184,6 +184,18 @@ class Scheduler:
                 "shorten the conversation",
             )
 
+    def _take(self, wait: float = 0) -> list[Sequence]:
+        """Everything submitted so far, in order; with wait, up to that many seconds for the first."""
+        taken: list[Sequence] = []
+        try:
+            item = self.inbox.get(timeout=wait) if wait > 0 else self.inbox.get_nowait()
+            while True:
+                if item is not None:  # None: stop() waking the loop
+                    taken.append(item)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            return taken
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -195,20 +207,13 @@ class Scheduler:
 
 
 class Engine(Scheduler):
-    def __init__(
-        self,
-        chat: ChatModel,
-        max_batch: int = 8,
-        prefill_chunk: int = 512,
-        extra_stops: list[str] | None = None,
-        on_step: Callable[[int, int], None] | None = None,
-        max_batch_tokens: int | None = None,
-    ) -> None:
-        super().__init__(chat, max_batch, prefill_chunk, extra_stops, on_step, max_batch_tokens)
-        self.executor: Executor = chat.executor(max_batch, self.max_batch_tokens, prefill_chunk)
+    def __init__(self, chat: ChatModel, **options: Any) -> None:
+        """options: Scheduler's (max_batch, prefill_chunk, extra_stops, on_step, max_batch_tokens)."""
+        super().__init__(chat, **options)
+        self.executor: Executor = chat.executor(self.max_batch, self.max_batch_tokens, self.prefill_chunk)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
-        self.free_slots = list(range(max_batch - 1, -1, -1))  # popped from the end: slot 0 first
+        self.free_slots = list(range(self.max_batch - 1, -1, -1))  # popped from the end: slot 0 first
         self._held = False  # after a preemption, nothing is admitted until a running sequence leaves
 
     # --- the caller's side ---------------------------------------------------------------------------
@@ -250,16 +255,7 @@ class Engine(Scheduler):
     def _once(self, wait: float) -> None:
         """Take what was submitted and run one step; when idle, wait up to `wait` seconds for work."""
         idle = not self.running and not self.waiting
-        try:
-            item = self.inbox.get(timeout=wait) if idle and wait else self.inbox.get_nowait()
-        except queue.Empty:
-            item = None
-        while item is not None:
-            self.waiting.append(item)
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                item = None
+        self.waiting.extend(self._take(wait if idle else 0))
         if self._stop.is_set() or (not self.running and not self.waiting):
             return
         self.step()

@@ -22,7 +22,6 @@ import contextlib
 import itertools
 import logging
 import os
-import queue
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -284,26 +283,17 @@ class VllmEngine(Scheduler):
                 await asyncio.wait_for(self._progress.wait(), timeout=0.5 if self.active else wait)
 
     def _admit(self) -> None:
-        self.waiting.extend(self._drain())
-        for sequence in [s for s in self.waiting if s.cancelled]:
-            self.waiting.remove(sequence)
-            self.output.finish(sequence, "cancelled")
+        self.waiting.extend(self._take())
+        for sequence in self.waiting:
+            if sequence.cancelled:
+                self.output.finish(sequence, "cancelled")
+        self.waiting = deque(s for s in self.waiting if not s.cancelled)
         while self.waiting and len(self.active) < self.max_batch:
             sequence = self.waiting.popleft()
             rid = str(next(self._ids))
             task = self.loop.create_task(self._generate(rid, sequence))
             task.add_done_callback(lambda _, rid=rid: self._ended(rid))
             self.active[rid] = (sequence, task)
-
-    def _drain(self) -> list[Sequence]:
-        taken: list[Sequence] = []
-        try:
-            while True:
-                item = self.inbox.get_nowait()
-                if item is not None:
-                    taken.append(item)
-        except queue.Empty:
-            return taken
 
     def _ended(self, rid: str) -> None:
         """A request's task is done (also one cancelled before it started): it ends, its place is free."""
@@ -360,6 +350,6 @@ class VllmEngine(Scheduler):
             task.cancel()
         if tasks:
             self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        for sequence in sequences + list(self.waiting) + self._drain():
+        for sequence in sequences + list(self.waiting) + self._take():
             self.output.finish(sequence, "cancelled")
         self.waiting.clear()
