@@ -2,7 +2,8 @@
 
 Public API (imported lazily, so `danlu --help` never waits for torch):
     train(config) -> Run, evaluate(run_dir, data=None) -> dict, load(run_dir) -> Predictor (a model
-    directory: its encoder), embed(model, inputs, out) (`danlu embed`),
+    directory: its encoder), embed(model, inputs, out) (`danlu embed`), zero_shot(model, images, out,
+    labels) (`danlu predict CLIP_MODEL IMAGES --labels`),
     predict_file(run_dir, data, out) -> rows (`danlu predict`), show_sample(config) -> str,
     serve(run_dir_or_model, ...), export_gguf(model_dir, quantize) -> dict, quickstart(...) -> Run, Run,
     Predictor, DanluError, __version__
@@ -20,6 +21,7 @@ _EXPORTS = {
     "evaluate": "danlu.api",
     "load": "danlu.api",
     "embed": "danlu.api",
+    "zero_shot": "danlu.api",
     "predict_file": "danlu.api",
     "show_sample": "danlu.api",
     "quickstart": "danlu.api",

@@ -203,6 +203,47 @@ def embed(
     return done
 
 
+ZERO_SHOT_TEMPLATE = "a photo of a {}."
+
+
+def zero_shot(
+    model: str | Path,
+    images: str | Path,
+    out: str | Path,
+    labels: str | Iterable[str] | None = None,
+    labels_file: str | Path | None = None,
+    templates: Iterable[str] = (ZERO_SHOT_TEMPLATE,),
+    column: str | None = None,
+    batch_size: int = 32,
+    plot: str | Path | None = None,
+) -> Any:
+    """`danlu predict CLIP_MODEL IMAGES --labels ...`: each image's probability for each label (a CLIP or
+    SigLIP directory; labels named at run time, each prompt template filled with the label and averaged)
+    into OUT (.csv or .parquet: path, the top label, proba_<label> per label), in input order; `plot`
+    draws the first images with their top label. Returns the DataFrame.
+
+    Raises:
+        DanluError: a model without an image tower, no labels or a duplicate, a template without {}, or
+            an input or output danlu cannot use.
+    """
+    from danlu.embeddings import load_encoder
+    from danlu.embeddings.files import parse_labels, plot_zero_shot, read_items, write_frame, zero_shot_items
+
+    named = parse_labels(labels if isinstance(labels, str) or labels is None else list(labels), labels_file)
+    templates = list(templates) or [ZERO_SHOT_TEMPLATE]
+    if Path(out).suffix.lower() not in (".csv", ".parquet"):  # before anything loads
+        raise DanluError(f"output '{out}' must end in .csv or .parquet", "e.g. -o labels.csv")
+    if batch_size < 1:
+        raise DanluError("--batch-size must be at least 1", "e.g. --batch-size 32")
+    items = read_items(images, column)
+    encoder = load_encoder(model)
+    frame = zero_shot_items(encoder, items, named, templates, batch_size)
+    write_frame(frame, out)
+    if plot is not None:
+        plot_zero_shot(frame, items, plot)
+    return frame
+
+
 def _metrics_over(predictor: Predictor, chunks: Iterable[Any]) -> dict[str, Any]:
     from danlu.evaluation.metrics import MetricStream
 

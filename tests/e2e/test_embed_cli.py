@@ -3,6 +3,7 @@ and a sentence-transformers MiniLM, vectors equal to the Python API's, and bad i
 exit code 2, nothing written."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -68,3 +69,37 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(clip_dir, tmp_pat
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("v.*"))
+
+
+def test_predict_with_labels_writes_each_images_probabilities_and_a_grid(clip_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "pics").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (20, 26, 3), dtype=np.uint8)).save(
+            tmp_path / "pics" / f"{i}.jpg"
+        )
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")
+    out, plot = tmp_path / "labels.csv", tmp_path / "grid.png"
+    args = ["--labels", "car", "--labels-file", str(tmp_path / "labels.txt"), "--plot", str(plot)]
+    result = run_cli("predict", str(clip_dir), str(tmp_path / "pics"), "-o", str(out), *args)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 4 images' labels" in result.stdout
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == ["path", "label", "proba_car", "proba_cat", "proba_dog"]
+    expected = danlu.load(clip_dir).zero_shot(
+        [str(tmp_path / "pics" / p) for p in frame["path"]], ["car", "cat", "dog"], ["a photo of a {}."]
+    )
+    assert np.allclose(frame.filter(like="proba_").to_numpy(), expected, atol=1e-5)
+    assert Image.open(plot).size[0] > 100
+
+    for args, message in [
+        (("--labels", "cat,cat"), "'cat' is named twice"),
+        ((), "no labels to classify"),
+        (("--labels", "cat", "--template", "a photo"), "has no {} for the label"),
+    ]:
+        result = run_cli(
+            "predict", str(clip_dir), str(tmp_path / "pics"), "-o", str(tmp_path / "x.csv"), *args
+        )
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.csv").exists()

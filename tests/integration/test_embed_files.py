@@ -7,7 +7,14 @@ import pytest
 from PIL import Image
 
 from danlu.embeddings import load_image_text
-from danlu.embeddings.files import embed_items, read_items, read_vectors, write_vectors
+from danlu.embeddings.files import (
+    embed_items,
+    parse_labels,
+    read_items,
+    read_vectors,
+    write_vectors,
+    zero_shot_items,
+)
 from danlu.errors import DanluError
 from tests.embedding_models import tiny_image_text
 
@@ -73,3 +80,31 @@ def test_embedding_a_folder_and_texts_in_batches_equals_one_at_a_time(clip, tmp_
 def read_items_of(tmp_path, texts):
     (tmp_path / "in.txt").write_text("\n".join(texts))
     return read_items(tmp_path / "in.txt")
+
+
+def test_zero_shot_labels_each_image_with_the_models_own_probabilities(clip, tmp_path):
+    folder = images_in(tmp_path / "pics")
+    items = read_items(folder)
+    templates = ["a photo of a {}.", "a picture of a {}."]
+    frame = zero_shot_items(clip, items, ["cat", "dog", "car"], templates, batch_size=2)
+    assert list(frame.columns) == ["path", "label", "proba_cat", "proba_dog", "proba_car"]
+    assert frame["path"].tolist() == items.ids
+    expected = clip.zero_shot(items.values, ["cat", "dog", "car"], templates)
+    assert np.allclose(frame.filter(like="proba_").to_numpy(), expected, atol=1e-6)
+    assert frame["label"].tolist() == [["cat", "dog", "car"][i] for i in expected.argmax(axis=1)]
+    with pytest.raises(DanluError, match="images, not texts"):
+        (tmp_path / "t.txt").write_text("a text\n")
+        zero_shot_items(clip, read_items(tmp_path / "t.txt"), ["cat"], ["{}"])
+
+
+def test_labels_come_from_a_list_or_a_file_once_each(tmp_path):
+    (tmp_path / "labels.txt").write_text("car\n\n bird \n")
+    assert parse_labels(" cat, dog ,", tmp_path / "labels.txt") == ["cat", "dog", "car", "bird"]
+    assert parse_labels(["cat", "dog"]) == ["cat", "dog"]
+    for labels, file, message in [
+        ("", None, "no labels"),
+        ("cat,dog,cat", None, "'cat' is named twice"),
+        (None, tmp_path / "missing.txt", "cannot read --labels-file"),
+    ]:
+        with pytest.raises(DanluError, match=message):
+            parse_labels(labels, file)

@@ -10,9 +10,11 @@ def add_predict(sub) -> None:
         "predict",
         help="batch predictions for a file",
         description="Write DATA's rows in order with a `prediction` column (and `proba_<class>` "
-        "columns for classification); other columns pass through. Streams in chunks.",
+        "columns for classification); other columns pass through. Streams in chunks. With a CLIP or SigLIP "
+        "model directory and --labels: zero-shot labels for images (path, label, proba_<label> columns); "
+        "the labels' embeddings are computed once.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR|CLIP_MODEL")
     p.add_argument(
         "data",
         metavar="DATA",
@@ -38,6 +40,18 @@ def add_predict(sub) -> None:
     p.add_argument(
         "--plot", metavar="PNG", help="images: also draw the first 36 inputs with their predicted labels"
     )
+    zero = p.add_argument_group("zero-shot labels (a CLIP or SigLIP model directory)")
+    zero.add_argument("--labels", help='comma-separated labels, e.g. "cat,dog,car"')
+    zero.add_argument("--labels-file", metavar="FILE", help="labels, one per line")
+    zero.add_argument(
+        "--template",
+        action="append",
+        metavar="TEXT",
+        help='the prompt each label fills, with {} for the label (default "a photo of a {}."); repeat it '
+        "to average several per label",
+    )
+    zero.add_argument("--column", help="a CSV/Parquet/JSONL table of image paths: the column holding them")
+    zero.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     add_trust_model_code(p)
     p.set_defaults(run=run_predict)
 
@@ -45,6 +59,8 @@ def add_predict(sub) -> None:
 def run_predict(args) -> int:
     from danlu.run import RunDir
 
+    if is_zero_shot(args):
+        return run_zero_shot(args)
     RunDir(args.run_dir).require_complete()  # before torch is imported
     from danlu.api import predict_file
 
@@ -57,4 +73,45 @@ def run_predict(args) -> int:
 
         plot_predictions(args.run_dir, args.data, args.plot, args.trust_model_code)
         print(f"drew the first predictions in {args.plot}")
+    return 0
+
+
+def is_zero_shot(args) -> bool:
+    """Labels were named, or the first argument is a model directory rather than a run."""
+    from pathlib import Path
+
+    from danlu.run import RunDir
+
+    path = Path(args.run_dir)
+    model_dir = not RunDir(path).preprocess.is_file() and (path / "config.json").is_file()
+    return bool(args.labels or args.labels_file or model_dir)
+
+
+def run_zero_shot(args) -> int:
+    from danlu.errors import DanluError
+    from danlu.run import RunDir
+
+    if RunDir(args.run_dir).preprocess.is_file():
+        raise DanluError(
+            "--labels and --labels-file are for a CLIP or SigLIP model; a run predicts its own classes",
+            f"leave them out, or pass a CLIP model directory instead of '{args.run_dir}'",
+        )
+    if args.engine != "torch":
+        raise DanluError("zero-shot labels run on torch", "leave out --engine")
+    from danlu.api import ZERO_SHOT_TEMPLATE, zero_shot
+
+    frame = zero_shot(
+        args.run_dir,
+        args.data,
+        args.output,
+        labels=args.labels,
+        labels_file=args.labels_file,
+        templates=args.template or [ZERO_SHOT_TEMPLATE],
+        column=args.column,
+        batch_size=args.batch_size,
+        plot=args.plot,
+    )
+    print(f"wrote {len(frame)} images' labels to {args.output}")
+    if args.plot:
+        print(f"drew the first images with their top label in {args.plot}")
     return 0

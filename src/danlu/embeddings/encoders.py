@@ -119,7 +119,7 @@ class ImageTextEncoder:
         """[len(images), dimensions] float32, in input order; images are paths or PIL images."""
         parts = []
         for start in range(0, len(images), batch_size):
-            batch = [_rgb(image) for image in images[start : start + batch_size]]
+            batch = [open_rgb(image) for image in images[start : start + batch_size]]
             pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
             parts.append(_features(self.model.get_image_features(pixel_values=pixels)).float())
         return _array(parts, normalize, self.dimensions)
@@ -139,21 +139,26 @@ class ImageTextEncoder:
         vectors = self.embed_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
         return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
 
-    @torch.inference_mode()
     def zero_shot(
         self, images: Sequence[Any], labels: Sequence[str], templates: Sequence[str] = ("{}",)
     ) -> np.ndarray:
         """[len(images), len(labels)] probabilities: CLIP's softmax over the labels, SigLIP's sigmoid of
         each label on its own."""
+        return self.label_probabilities(self.embed_images(images), labels, templates)
+
+    @torch.inference_mode()
+    def label_probabilities(
+        self, image_vectors: np.ndarray, labels: Sequence[str], templates: Sequence[str] = ("{}",)
+    ) -> np.ndarray:
+        """zero_shot's answer for images already embedded (normalized, as embed_images returns them)."""
         text = torch.from_numpy(self.label_embeddings(labels, templates))
-        image = torch.from_numpy(self.embed_images(images))
-        logits = image @ text.T * self.model.logit_scale.exp().float()
+        logits = torch.from_numpy(image_vectors) @ text.T * self.model.logit_scale.exp().float()
         if self.kind == "siglip":
             return torch.sigmoid(logits + self.model.logit_bias.float()).numpy()
         return torch.softmax(logits, dim=-1).numpy()
 
 
-def _rgb(image: Any) -> Any:
+def open_rgb(image: Any) -> Any:
     from PIL import Image
 
     if isinstance(image, str | Path):

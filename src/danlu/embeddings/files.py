@@ -6,6 +6,7 @@ path, or its line or row number). Outputs: .npy (the float32 matrix, with OUT.id
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,69 @@ def embed_items(
                 parts.append(encoder.embed_texts(chunk, truncate=truncate, batch_size=batch_size, **options))
             bar.update(len(chunk))
     return Embedded(np.concatenate(parts), truncated)
+
+
+def parse_labels(labels: str | Sequence[str] | None, labels_file: str | Path | None = None) -> list[str]:
+    """The labels of --labels "cat,dog" (or a list) and --labels-file (one per line), blank ones dropped.
+    Raises DanluError for none at all, a duplicate, or an unreadable file."""
+    named = labels.split(",") if isinstance(labels, str) else list(labels or [])
+    if labels_file is not None:
+        try:
+            named += Path(labels_file).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DanluError(
+                f"cannot read --labels-file '{labels_file}': {exc}", "pass a text file, one label per line"
+            ) from None
+    named = [label.strip() for label in named if label.strip()]
+    if not named:
+        raise DanluError("no labels to classify the images by", 'name them, e.g. --labels "cat,dog,car"')
+    seen: set[str] = set()
+    for label in named:
+        if label in seen:
+            raise DanluError(f"the label '{label}' is named twice", "name each label once")
+        seen.add(label)
+    return named
+
+
+def zero_shot_items(
+    encoder: Any, items: Items, labels: list[str], templates: Sequence[str], batch_size: int = 32
+) -> Any:
+    """A DataFrame of one row per image in input order: path, the top label, and proba_<label> for each
+    label. Raises DanluError for texts or an encoder without an image tower."""
+    import pandas as pd
+
+    from danlu.embeddings.encoders import ImageTextEncoder
+
+    if not isinstance(encoder, ImageTextEncoder):
+        raise DanluError(f"{encoder.name} has no image tower", "pass a CLIP or SigLIP model directory")
+    if items.kind != "images":
+        raise DanluError("zero-shot labels are for images, not texts", "pass a folder of images or an image")
+    vectors = embed_items(encoder, items, batch_size=batch_size).vectors
+    probabilities = encoder.label_probabilities(vectors, labels, templates)
+    frame = pd.DataFrame({"path": items.ids, "label": [labels[i] for i in probabilities.argmax(axis=1)]})
+    for i, label in enumerate(labels):
+        frame[f"proba_{label}"] = probabilities[:, i]
+    return frame
+
+
+def write_frame(frame: Any, out: str | Path) -> None:
+    """A DataFrame into OUT (.csv or .parquet), atomically."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise DanluError(f"output '{out}' must end in .csv or .parquet", "e.g. -o labels.csv")
+    if suffix == ".csv":
+        atomic_write(Path(out), lambda f: frame.to_csv(f, index=False))
+    else:
+        atomic_write(Path(out), lambda f: frame.to_parquet(f, index=False))
+
+
+def plot_zero_shot(frame: Any, items: Items, path: str | Path) -> None:
+    """The first images with their top label and its probability, as a PNG grid."""
+    from danlu.embeddings.encoders import open_rgb
+    from danlu.families.image.plots import GRID, image_grid
+
+    shown = frame.head(GRID)
+    images = [np.asarray(open_rgb(value)) for value in items.values[: len(shown)]]
+    top = shown.filter(like="proba_").max(axis=1)
+    captions = [f"{label} ({p:.2f})" for label, p in zip(shown["label"], top, strict=True)]
+    image_grid(images, captions, Path(path), "zero-shot labels")
