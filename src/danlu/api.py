@@ -382,9 +382,11 @@ def serve(
     vllm: Any = None,
     **settings: Any,
 ) -> int:
-    """Serve a finished run's predictions, or a local language model's chat completions (a Hugging Face
-    directory whose config.json names a *ForCausalLM architecture, or a .gguf file), until SIGINT or
-    SIGTERM; returns the exit code.
+    """Serve a finished run's predictions, a local language model's chat completions (a Hugging Face
+    directory whose config.json names a *ForCausalLM architecture, or a .gguf file), or a local encoder's
+    embeddings and zero-shot labels (a CLIP, SigLIP or encoder-only text directory: OpenAI's
+    /v1/embeddings and /v1/zero-shot, danlu.serve.embeddings), until SIGINT or SIGTERM; returns the exit
+    code.
 
     Args:
         workers: server processes (runs only).
@@ -395,15 +397,26 @@ def serve(
         vllm: danlu.serve.chat.model.VllmOptions (max_model_len, kv_cache_gb, tensor_parallel).
         settings: the fields of danlu.serve.app.ServeSettings (runs: host, port, api_key, engine,
             max_batch, max_rows, timeout_s, ...) or danlu.serve.chat.app.ChatSettings (chat models:
-            host, port, api_key, max_batch, max_tokens, template, ...).
+            host, port, api_key, max_batch, max_tokens, template, ...) or
+            danlu.serve.embeddings.EmbedSettings (encoders: max_batch, max_rows, truncate, matryoshka, ...).
 
     Raises:
         DanluError: a bad run directory, model, setting or warm-up, before anything is bound.
     """
+    from danlu.embeddings.detect import is_encoder_model
     from danlu.serve import shell
     from danlu.serve.chat.model import is_causal_lm, looks_like_model, served_model
 
     source = served_model(str(source))  # a fine-tuned causal LM's run: the model it holds
+    if is_encoder_model(source):
+        from danlu.serve.embeddings import EmbedSettings, create_embed_app
+
+        if workers != 1:
+            raise DanluError("an embedding model is served by one process", "leave out --workers")
+        if engine not in (None, "auto", "torch"):
+            raise DanluError(f"an embedding model runs on torch, not {engine}", "leave out --engine")
+        settings.pop("trust_model_code", None)
+        return shell.run(create_embed_app(EmbedSettings(model=str(source), **settings)))
     if not (is_causal_lm(source) or looks_like_model(str(source))):
         from danlu.serve.app import ServeSettings, create_app
 

@@ -20,7 +20,11 @@ def add_serve(sub) -> None:
         "requests before exiting. When the argument is a causal language model (a directory whose "
         "config.json has a *ForCausalLM architecture, or a .gguf file), an OpenAI-compatible chat server: "
         "POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, a chat page "
-        "at /; concurrent requests decode together (continuous batching, --max-batch sequences).",
+        "at /; concurrent requests decode together (continuous batching, --max-batch sequences). When it is "
+        "a CLIP or SigLIP directory or an encoder-only text model (BERT, MiniLM, sentence-transformers): "
+        "OpenAI's POST /v1/embeddings (texts, and images for CLIP/SigLIP), POST /v1/zero-shot (images "
+        "against labels), GET /v1/models and a page at /; texts and images of concurrent requests are "
+        "embedded together.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR|MODEL")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -73,6 +77,18 @@ def add_serve(sub) -> None:
         "longest prompt + max_tokens among them, for llama.cpp as the sum of each one's prompt + "
         "max_tokens; a request that does not fit waits (default 16384, or the model's context if larger)",
     )
+    p.add_argument(
+        "--truncate",
+        choices=["error", "end", "start"],
+        help="embedding models: a text over the model's limit gets a 400 naming its tokens (error, the "
+        "default), or is cut at its end or start",
+    )
+    p.add_argument(
+        "--matryoshka",
+        action="store_true",
+        help="embedding models: take `dimensions` below the model's (its leading dimensions, renormalized); "
+        "only for a model trained for shorter vectors",
+    )
     from danlu.cli.chat import add_model_options
     from danlu.cli.options import add_trust_model_code
 
@@ -83,12 +99,14 @@ def add_serve(sub) -> None:
 
 def run_serve(args) -> int:
     from danlu.cli.chat import vllm_options
+    from danlu.embeddings.detect import is_encoder_model
     from danlu.run import RunDir
     from danlu.serve.chat.model import is_causal_lm, looks_like_model, served_model
 
     args.run_dir = served_model(args.run_dir)  # a fine-tuned causal LM's run: the model it holds
-    chat = is_causal_lm(args.run_dir) or looks_like_model(args.run_dir)
-    if not chat:
+    encoder = is_encoder_model(args.run_dir)
+    chat = not encoder and (is_causal_lm(args.run_dir) or looks_like_model(args.run_dir))
+    if not chat and not encoder:
         RunDir(args.run_dir).require_complete()  # before torch is imported
     import danlu
 
@@ -116,6 +134,9 @@ def run_serve(args) -> int:
             trust_remote_code=args.trust_remote_code,
             vllm=vllm_options(args),
         )
+    elif encoder:
+        options.update(max_wait_ms=args.max_wait_ms, max_rows=args.max_rows, matryoshka=args.matryoshka)
+        options.update(truncate=args.truncate or "error")
     else:
         options.update(max_wait_ms=args.max_wait_ms, max_rows=args.max_rows)
         options.update(trust_model_code=args.trust_model_code)

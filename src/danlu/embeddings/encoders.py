@@ -11,7 +11,6 @@ or truncated at its end or start, as asked. Label embeddings are computed once p
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from danlu.embeddings.detect import IMAGE_TEXT, is_text_encoder, json_file, model_type
 from danlu.errors import DanluError, one_line
 
 TRUNCATE = ("end", "start", "error")
-IMAGE_TEXT = {"clip": "CLIPModel", "siglip": "SiglipModel"}  # model_type -> transformers class
-
-
-def model_type(path: Path) -> str | None:
-    """The config's model_type of a local directory, None without a readable config.json."""
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
 
 
 class TextTower:
@@ -217,13 +208,13 @@ def pool(states: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 def sentence_transformers_files(path: Path) -> tuple[str, bool, int | None]:
     """(pooling, normalizes, max_seq_length) from a sentence-transformers directory's files; a plain
     encoder directory: mean pooling, normalized, no limit of its own."""
-    modules = _json(path / "modules.json")
+    modules = json_file(path / "modules.json")
     if not isinstance(modules, list):
         return "mean", True, None
     kinds = {
         str(m.get("type", "")).rsplit(".", 1)[-1]: m.get("path", "") for m in modules if isinstance(m, dict)
     }
-    pooling = _json(path / str(kinds.get("Pooling", "1_Pooling")) / "config.json") or {}
+    pooling = json_file(path / str(kinds.get("Pooling", "1_Pooling")) / "config.json") or {}
     how = (
         "cls"
         if pooling.get("pooling_mode_cls_token")
@@ -231,15 +222,8 @@ def sentence_transformers_files(path: Path) -> tuple[str, bool, int | None]:
         if pooling.get("pooling_mode_max_tokens")
         else "mean"
     )
-    limit = (_json(path / "sentence_bert_config.json") or {}).get("max_seq_length")
+    limit = (json_file(path / "sentence_bert_config.json") or {}).get("max_seq_length")
     return how, "Normalize" in kinds, int(limit) if limit else None
-
-
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def load_text_encoder(path: Path) -> TextEncoder:
@@ -277,15 +261,6 @@ def load_image_text(path: Path) -> ImageTextEncoder:
             message = f"cannot read '{path}': {one_line(exc)}"
             raise DanluError(message, "check the model files") from None
     return ImageTextEncoder(model, tokenizer, images, kind, path.name)
-
-
-def is_text_encoder(path: Path) -> bool:
-    """A sentence-transformers directory, or one whose config names an encoder-only architecture."""
-    if (path / "modules.json").is_file():
-        return True
-    config = _json(path / "config.json") or {}
-    architectures = [str(a) for a in config.get("architectures") or []]
-    return bool(architectures) and all(a.endswith(("Model", "ForMaskedLM")) for a in architectures)
 
 
 def load_encoder(spec: str | Path) -> ImageTextEncoder | TextEncoder:

@@ -1,0 +1,42 @@
+"""Which local directories hold an encoder danlu embeds with, read from their JSON files alone (no torch:
+the CLI asks before it imports anything heavy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+IMAGE_TEXT = {"clip": "CLIPModel", "siglip": "SiglipModel"}  # model_type -> transformers class
+
+
+def model_type(path: Path) -> str | None:
+    """The config's model_type of a local directory, None without a readable config.json."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_text_encoder(path: Path) -> bool:
+    """A sentence-transformers directory, or one whose config names an encoder-only architecture."""
+    if (path / "modules.json").is_file():
+        return True
+    config = json_file(path / "config.json") or {}
+    architectures = [str(a) for a in config.get("architectures") or []]
+    return bool(architectures) and all(a.endswith(("Model", "ForMaskedLM")) for a in architectures)
+
+
+def is_encoder_model(spec: str | Path) -> bool:
+    """A local CLIP, SigLIP or encoder-only text directory that is no danlu run."""
+    path = Path(spec).expanduser()
+    if not path.is_dir() or (path / "preprocess.json").is_file():
+        return False
+    return model_type(path) in IMAGE_TEXT or is_text_encoder(path)

