@@ -103,3 +103,12 @@ def test_predict_with_labels_writes_each_images_probabilities_and_a_grid(clip_di
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_export_writes_verified_towers(clip_dir, tmp_path):
+    result = run_cli("export", str(clip_dir), "-o", str(tmp_path / "towers"))
+    assert result.returncode == 0, result.stderr
+    assert "(image tower), verified on 5 inputs: cosine >=" in result.stdout
+    assert {p.name for p in (tmp_path / "towers").glob("*.onnx")} == {"image.onnx", "text.onnx"}
+    refused = run_cli("export", str(clip_dir), "--format", "torchscript")
+    assert refused.returncode == 2 and "export as fp32 ONNX" in refused.stderr

@@ -20,7 +20,10 @@ def add_export(sub) -> None:
         "LM (Llama, Mistral, Qwen2; a model directory, or a run's hf/ folder) as one GGUF file with its "
         "tokenizer and chat template, then verify it through llama.cpp: the same tokens as the model's "
         "tokenizer, perplexity on a fixed text within 0.1% (f32), 0.5% (f16), 2% (q8_0) or 8% (q4_0) of "
-        "the torch model's, and greedy agreement on a few prompts. Nothing is written unless it passes.",
+        "the torch model's, and greedy agreement on a few prompts. A CLIP, SigLIP or encoder-only text "
+        "model directory: its towers as ONNX (image.onnx, text.onnx) in a folder with the tokenizer and "
+        "image processor files, each verified on ONNX Runtime (cosine >= 0.9999 against torch). Nothing "
+        "is written unless it passes.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR|MODEL_DIR")
     p.add_argument("--format", choices=["onnx", "torchscript", "gguf"], default="onnx", help="default onnx")
@@ -34,7 +37,8 @@ def add_export(sub) -> None:
         "--output",
         metavar="PATH",
         help="default RUN_DIR/export/model[.int8].onnx|pt; gguf: RUN_DIR/export/model.TYPE.gguf for a run, "
-        "./MODEL_NAME.TYPE.gguf for a model directory",
+        "./MODEL_NAME.TYPE.gguf for a model directory; an encoder's towers: a folder, default "
+        "./MODEL_NAME-onnx",
     )
     p.add_argument(
         "--max-metric-drop",
@@ -48,8 +52,13 @@ def add_export(sub) -> None:
 
 
 def run_export(args) -> int:
+    from danlu.embeddings.detect import is_encoder_model
     from danlu.errors import DanluError
 
+    if is_encoder_model(args.run_dir):
+        if args.format != "onnx" or args.quantize:
+            raise DanluError("an encoder's towers export as fp32 ONNX", "leave out --format and --quantize")
+        return run_towers(args)
     if args.format == "gguf":
         if args.quantize == "int8":
             raise DanluError(
@@ -103,4 +112,18 @@ def run_gguf(args) -> int:
     agree = ", ".join(f"{g['agree']}/{g['tokens']}" for g in result["greedy"])
     print(f"  greedy agreement    {agree} tokens before the first difference, per prompt")
     print(f"serve it: danlu serve {Path(result['path'])}")
+    return 0
+
+
+def run_towers(args) -> int:
+    from danlu.export.towers import export_towers
+
+    record = export_towers(args.run_dir, args.output)
+    for name, tower in record["towers"].items():
+        print(
+            f"exported  {record['path']}/{tower['file']} ({name} tower), verified on {tower['rows_checked']} "
+            f"inputs: cosine >= {tower['min_cosine']:.6f} against torch"
+        )
+    images = " (and pixels from the image processor's)" if "image" in record["towers"] else ""
+    print(f"inputs    token ids from the tokenizer files beside them{images}; see danlu-export.json there")
     return 0
