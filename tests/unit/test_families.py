@@ -59,8 +59,9 @@ def test_config_values_come_from_the_registry():
         families.resolve_family(config)
 
 
-# OpenAI's message content parts are typed "text": the chat protocol's word, not a family's name
-PROTOCOL = {Path("serve/chat/templates.py")}
+# OpenAI's message content parts are typed "text" (and embedding inputs "text" or "image"): the
+# protocol's words, not a family's name
+PROTOCOL = {Path("serve/chat/templates.py"), Path("serve/embeddings.py")}
 
 
 def _outside_families() -> list[Path]:

@@ -124,6 +124,6 @@ def run_towers(args) -> int:
             f"exported  {record['path']}/{tower['file']} ({name} tower), verified on {tower['rows_checked']} "
             f"inputs: cosine >= {tower['min_cosine']:.6f} against torch"
         )
-    images = " (and pixels from the image processor's)" if "image" in record["towers"] else ""
+    images = " (and pixels from the image processor's)" if record["towers"].get("image") else ""
     print(f"inputs    token ids from the tokenizer files beside them{images}; see danlu-export.json there")
     return 0
