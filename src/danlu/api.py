@@ -161,16 +161,21 @@ def _run_setup(config, overrides, out, resume, overwrite: bool, world):
 
 
 def load(
-    run_dir: str | Path, device: str = "cpu", engine: str = "torch", trust_model_code: bool = False
+    run_dir: str | Path,
+    device: str = "cpu",
+    engine: str = "torch",
+    trust_model_code: bool = False,
+    dtype: str = "float32",
 ) -> Any:
     """A Predictor for a finished run directory, on the torch model or its ONNX export (engine="onnx").
     A run whose model comes from code (model.target) loads only with trust_model_code=True. A model
     directory that is no run, a CLIP/SigLIP or encoder-only text model, loads as its encoder
-    (danlu.embeddings: embed_texts, and for image-text models embed_images and zero_shot)."""
+    (danlu.embeddings: embed_texts, and for image-text models embed_images and zero_shot), in float32
+    or (dtype="bfloat16", checked against float32 at load) with bfloat16 matrix products."""
     if not RunDir(run_dir).preprocess.is_file() and (Path(run_dir) / "config.json").is_file():
         from danlu.embeddings import load_encoder
 
-        return load_encoder(run_dir)
+        return load_encoder(run_dir, dtype)
     return Predictor.load(run_dir, device, engine, trust_model_code)
 
 
@@ -182,6 +187,7 @@ def embed(
     normalize: bool | None = None,
     truncate: str = "end",
     batch_size: int = 32,
+    dtype: str = "float32",
 ) -> Any:
     """danlu embed: INPUTS' vectors (images or texts, see danlu.embeddings.files) by a local encoder into
     OUT (.npy with OUT.ids.json, or .parquet), in input order; returns danlu.embeddings.files.Embedded
@@ -197,7 +203,7 @@ def embed(
     if batch_size < 1:
         raise DanluError("--batch-size must be at least 1", "e.g. --batch-size 32")
     items = read_items(inputs, column)
-    encoder = load_encoder(model)
+    encoder = load_encoder(model, dtype)
     done = embed_items(encoder, items, normalize, truncate, batch_size)
     write_vectors(done.vectors, items.ids, out)
     return done
@@ -216,6 +222,7 @@ def zero_shot(
     column: str | None = None,
     batch_size: int = 32,
     plot: str | Path | None = None,
+    dtype: str = "float32",
 ) -> Any:
     """`danlu predict CLIP_MODEL IMAGES --labels ...`: each image's probability for each label (a CLIP or
     SigLIP directory; labels named at run time, each prompt template filled with the label and averaged)
@@ -236,7 +243,7 @@ def zero_shot(
     if batch_size < 1:
         raise DanluError("--batch-size must be at least 1", "e.g. --batch-size 32")
     items = read_items(images, column)
-    encoder = load_encoder(model)
+    encoder = load_encoder(model, dtype)
     frame = zero_shot_items(encoder, items, named, templates, batch_size)
     write_frame(frame, out)
     if plot is not None:
@@ -416,7 +423,10 @@ def serve(
         if engine not in (None, "auto", "torch"):
             raise DanluError(f"an embedding model runs on torch, not {engine}", "leave out --engine")
         settings.pop("trust_model_code", None)
-        return shell.run(create_embed_app(EmbedSettings(model=str(source), **settings)))
+        embed_settings = EmbedSettings(
+            model=str(source), dtype="float32" if dtype == "auto" else dtype, **settings
+        )
+        return shell.run(create_embed_app(embed_settings))
     if not (is_causal_lm(source) or looks_like_model(str(source))):
         from danlu.serve.app import ServeSettings, create_app
 

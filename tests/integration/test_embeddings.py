@@ -147,3 +147,21 @@ def test_a_hub_id_or_another_model_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     with pytest.raises(DanluError, match="holds no encoder"):
         load_encoder(tmp_path)
+
+
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="a CPU with native bfloat16 (AVX512-BF16, AMX)"
+)
+def test_bfloat16_is_taken_only_when_its_vectors_agree_with_float32(model_dir, images, monkeypatch):
+    from danlu.embeddings import encoders
+
+    exact = load_encoder(model_dir)
+    fast = load_encoder(model_dir, dtype="bfloat16")
+    assert fast.precision == "bfloat16" and exact.precision == "float32"
+    assert (fast.embed_texts(TEXTS) * exact.embed_texts(TEXTS)).sum(axis=1).min() >= 0.9999
+    assert (fast.embed_images(images) * exact.embed_images(images)).sum(axis=1).min() >= 0.9999
+    monkeypatch.setattr(encoders, "MIN_COSINE", 1.0 + 1e-6)  # no bfloat16 vector is that close
+    with pytest.raises(DanluError, match="bfloat16 vectors differ from float32's"):
+        load_encoder(model_dir, dtype="bfloat16")
+    with pytest.raises(DanluError, match="float32 or bfloat16, not float16"):
+        load_encoder(model_dir, dtype="float16")

@@ -52,6 +52,9 @@ def add_predict(sub) -> None:
     )
     zero.add_argument("--column", help="a CSV/Parquet/JSONL table of image paths: the column holding them")
     zero.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    from danlu.cli.embed import add_dtype
+
+    add_dtype(zero)
     add_trust_model_code(p)
     p.set_defaults(run=run_predict)
 
@@ -110,6 +113,7 @@ def run_zero_shot(args) -> int:
         column=args.column,
         batch_size=args.batch_size,
         plot=args.plot,
+        dtype=args.dtype,
     )
     print(f"wrote {len(frame)} images' labels to {args.output}")
     if args.plot:

@@ -136,7 +136,7 @@ def run_serve(args) -> int:
         )
     elif encoder:
         options.update(max_wait_ms=args.max_wait_ms, max_rows=args.max_rows, matryoshka=args.matryoshka)
-        options.update(truncate=args.truncate or "error")
+        options.update(truncate=args.truncate or "error", dtype=args.dtype)
     else:
         options.update(max_wait_ms=args.max_wait_ms, max_rows=args.max_rows)
         options.update(trust_model_code=args.trust_model_code)

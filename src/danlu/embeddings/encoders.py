@@ -22,6 +22,14 @@ from danlu.embeddings.detect import IMAGE_TEXT, is_text_encoder, json_file, mode
 from danlu.errors import DanluError, one_line
 
 TRUNCATE = ("end", "start", "error")
+PRECISIONS = ("float32", "bfloat16")
+MIN_COSINE = 0.9999  # bfloat16 is taken only where every check vector agrees with float32 this well
+CHECK_TEXTS = [
+    "a photo of a cat",
+    "an old car parked in the street at night, its lights still on",
+    "two dogs",
+    "the quick brown fox jumps over the lazy dog while the cat sleeps on a warm sofa by the window",
+]
 
 
 class TextTower:
@@ -75,6 +83,11 @@ def in_input_order(vectors: np.ndarray, texts: Sequence[str]) -> np.ndarray:
     return restored
 
 
+def _autocast(bf16: bool):
+    """bfloat16 matrix products on the CPU (oneDNN), float32 accumulation, norms and softmax."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
 def _features(output: Any) -> torch.Tensor:
     """get_*_features' answer: a tensor, or (newer transformers) an output whose pooler_output it is."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
@@ -92,6 +105,7 @@ class ImageTextEncoder:
         text = model.config.text_config
         self.text = TextTower(tokenizer, int(text.max_position_embeddings), pad_to_limit=kind == "siglip")
         self.dimensions = int(model.config.projection_dim if kind == "clip" else text.hidden_size)
+        self.precision = "float32"
 
     @torch.inference_mode()
     def embed_texts(
@@ -102,7 +116,8 @@ class ImageTextEncoder:
         parts = []
         for batch in by_length(texts, batch_size):
             inputs = self.text.encode(batch, truncate)
-            parts.append(_features(self.model.get_text_features(**inputs)).float())
+            with _autocast(self.precision == "bfloat16"):
+                parts.append(_features(self.model.get_text_features(**inputs)).float())
         return in_input_order(_array(parts, normalize, self.dimensions), texts)
 
     @torch.inference_mode()
@@ -112,7 +127,8 @@ class ImageTextEncoder:
         for start in range(0, len(images), batch_size):
             batch = [open_rgb(image) for image in images[start : start + batch_size]]
             pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
-            parts.append(_features(self.model.get_image_features(pixel_values=pixels)).float())
+            with _autocast(self.precision == "bfloat16"):
+                parts.append(_features(self.model.get_image_features(pixel_values=pixels)).float())
         return _array(parts, normalize, self.dimensions)
 
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] = ("{}",)) -> np.ndarray:
@@ -179,6 +195,7 @@ class TextEncoder:
         self.model, self.pooling, self.normalizes, self.name = model.eval(), pooling, normalizes, name
         self.text = TextTower(tokenizer, limit, pad_to_limit=False)
         self.dimensions = int(model.config.hidden_size)
+        self.precision = "float32"
 
     @torch.inference_mode()
     def embed_texts(
@@ -189,8 +206,9 @@ class TextEncoder:
         parts = []
         for batch in by_length(texts, batch_size):
             inputs = self.text.encode(batch, truncate)
-            states = self.model(**inputs).last_hidden_state
-            parts.append(pool(states, inputs["attention_mask"], self.pooling))
+            with _autocast(self.precision == "bfloat16"):
+                states = self.model(**inputs).last_hidden_state
+            parts.append(pool(states.float(), inputs["attention_mask"], self.pooling))
         vectors = _array(parts, self.normalizes if normalize is None else normalize, self.dimensions)
         return in_input_order(vectors, texts)
 
@@ -263,12 +281,17 @@ def load_image_text(path: Path) -> ImageTextEncoder:
     return ImageTextEncoder(model, tokenizer, images, kind, path.name)
 
 
-def load_encoder(spec: str | Path) -> ImageTextEncoder | TextEncoder:
-    """The encoder in a local directory: CLIP or SigLIP, or an encoder-only text model.
+def load_encoder(spec: str | Path, dtype: str = "float32") -> ImageTextEncoder | TextEncoder:
+    """The encoder in a local directory: CLIP or SigLIP, or an encoder-only text model. dtype
+    "bfloat16": matrix products in bfloat16 (autocast), taken only on a CPU that computes bfloat16
+    natively and when the vectors of a check batch agree with float32's (set_precision).
 
     Raises:
-        DanluError: a missing directory (a hub id among them: danlu never downloads) or another model.
+        DanluError: a missing directory (a hub id among them: danlu never downloads), another model, or
+            a precision the CPU or the model's vectors do not allow.
     """
+    if dtype not in PRECISIONS:
+        raise DanluError(f"an encoder runs in float32 or bfloat16, not {dtype}", "e.g. --dtype bfloat16")
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise DanluError(
@@ -276,10 +299,45 @@ def load_encoder(spec: str | Path) -> ImageTextEncoder | TextEncoder:
             "download it yourself, then pass its local path",
         )
     if model_type(path) in IMAGE_TEXT:
-        return load_image_text(path)
+        return set_precision(load_image_text(path), dtype)
     if is_text_encoder(path):
-        return load_text_encoder(path)
+        return set_precision(load_text_encoder(path), dtype)
     raise DanluError(
         f"'{path}' holds no encoder danlu embeds with",
         "pass a CLIP or SigLIP directory, or an encoder-only text model (BERT, MiniLM, ...)",
     )
+
+
+def set_precision(encoder: ImageTextEncoder | TextEncoder, precision: str) -> ImageTextEncoder | TextEncoder:
+    """The encoder computing in `precision`. bfloat16 is checked first: the CPU must compute it natively
+    (AVX512-BF16 or AMX: elsewhere it is slower than float32), and every vector of a check batch (texts,
+    and images for image-text models) must agree with float32's to cosine MIN_COSINE.
+
+    Raises:
+        DanluError: either check fails (the encoder stays in float32).
+    """
+    encoder.precision = "float32"
+    if precision == "float32":
+        return encoder
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise DanluError(
+            "this CPU has no native bfloat16 (AVX512-BF16 or AMX): it would run slower than float32",
+            "leave out --dtype (float32)",
+        )
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    checks = [lambda: encoder.embed_texts(CHECK_TEXTS, normalize=True)]
+    if isinstance(encoder, ImageTextEncoder):
+        from PIL import Image
+
+        checks.append(lambda: encoder.embed_images([Image.fromarray(p) for p in pictures]))
+    exact = [check() for check in checks]
+    encoder.precision = "bfloat16"
+    cosine = min(float((check() * want).sum(axis=1).min()) for check, want in zip(checks, exact, strict=True))
+    if cosine < MIN_COSINE:
+        encoder.precision = "float32"
+        raise DanluError(
+            f"{encoder.name}'s bfloat16 vectors differ from float32's (cosine {cosine:.6f} < {MIN_COSINE})",
+            "leave out --dtype (float32)",
+        )
+    return encoder

@@ -50,6 +50,7 @@ class EmbedSettings(ServerSettings):
     max_image_pixels: int = 40_000_000  # width x height of one image, read from its header
     truncate: str = "error"  # a text over the model's limit: 400 (error), or cut at its end or start
     matryoshka: bool = False  # `dimensions` below the model's may cut vectors (a model trained for it)
+    dtype: str = "float32"  # or bfloat16 matrix products, checked against float32 at load
 
     def check(self) -> None:
         self.check_common(("max_batch", "max_rows", "max_queue_rows", "max_text_chars", "max_image_pixels"))
@@ -135,7 +136,9 @@ class EmbedHandler:
         self.settings = settings
         self.torch_thread = TorchThread()  # loading, warm-up and every forward pass
         try:
-            self.encoder = encoder or self.torch_thread.submit(load_encoder, settings.model).result()
+            self.encoder = (
+                encoder or self.torch_thread.submit(load_encoder, settings.model, settings.dtype).result()
+            )
             self._warm_up()
         except BaseException:
             self.torch_thread.shutdown(wait=False)
@@ -420,6 +423,7 @@ class EmbedHandler:
             "max_input_tokens": encoder.text.limit,
             "truncate": self.settings.truncate,
             "matryoshka": self.settings.matryoshka,
+            "dtype": self.encoder.precision,
             "limits": {
                 "max_rows": self.settings.max_rows,
                 "max_text_chars": self.settings.max_text_chars,
