@@ -112,3 +112,36 @@ def test_export_writes_verified_towers(clip_dir, tmp_path):
     assert {p.name for p in (tmp_path / "towers").glob("*.onnx")} == {"image.onnx", "text.onnx"}
     refused = run_cli("export", str(clip_dir), "--format", "torchscript")
     assert refused.returncode == 2 and "export as fp32 ONNX" in refused.stderr
+
+
+def test_a_linear_probe_trains_from_the_cli_and_serves_images(clip_dir, tmp_path):
+    import base64
+    import io
+
+    import httpx
+
+    from tests.e2e.test_serve_process import Server
+
+    rng = np.random.default_rng(0)
+    for name, color in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
+        (tmp_path / "pics" / name).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(np.array(color) + rng.normal(0, 30, (30, 30, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "pics" / name / f"{i}.png")
+    config = tmp_path / "probe.yaml"
+    config.write_text(
+        f"data:\n  train: {tmp_path / 'pics'}\nmodel:\n  pretrained: {clip_dir}\n"
+        "train:\n  epochs: 20\n  lr: 0.05\n"
+    )
+    result = run_cli("train", str(config), "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    assert "accuracy=" in result.stdout
+    buffer = io.BytesIO()
+    Image.open(tmp_path / "pics" / "blue" / "0.png").save(buffer, format="PNG")
+    server = Server(tmp_path / "run")
+    try:
+        body = {"images": [base64.b64encode(buffer.getvalue()).decode()]}
+        answer = httpx.post(f"{server.url}/v1/predict", json=body, timeout=30)
+        assert answer.status_code == 200 and answer.json()["predictions"] == ["blue"], answer.text
+    finally:
+        server.stop()

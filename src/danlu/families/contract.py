@@ -37,6 +37,10 @@ def _every_weight(model_config: Any) -> bool:
     return False
 
 
+def _no_held_out_stats(state: Any, part: Any) -> dict[str, Any]:
+    return {}
+
+
 def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping))
 
@@ -116,6 +120,9 @@ class Family:
     # conversation with its trained tokens marked); None: the family has nothing to show
     sample_text: Callable[[Any], str] | None = None
     report_plots: Callable[..., None] = _nothing  # (RunDir, model, part, state, device): more plots
+    # (state, held-out part) -> figures for report.json beside train_stats' (image probes: the
+    # image-text model's own zero-shot accuracy on the same rows)
+    held_out_stats: Callable[[Any, Any], dict] = _no_held_out_stats
     train_stats: Callable[[Any, int, float], dict] = _no_stats  # (part, epochs, seconds) -> report.json
     # (state, items, decoded, png path) -> `danlu predict --plot`; None: the family draws nothing
     plot_predictions: Callable[..., None] | None = None

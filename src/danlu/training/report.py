@@ -30,9 +30,12 @@ def write_plots(run: RunDir, stream: Any, metrics: dict[str, Any]) -> None:
         plots.predicted_vs_actual(*stream.sample, run.plots / "predicted_vs_actual.png")
 
 
-def _train_stats(s: Setup) -> dict[str, Any]:
-    """The family's figures of its training data (texts: padding share, tokens per second), under its name."""
+def _family_stats(s: Setup, held_out: Any) -> dict[str, Any]:
+    """The family's figures of its training data (texts: padding share, tokens per second) and of the
+    held-out rows (image probes: zero-shot accuracy), under its name."""
     stats = s.family.train_stats(s.data.train, s.state.epoch, s.state.train_seconds)
+    if held_out is not None:
+        stats = {**stats, **s.family.held_out_stats(s.data.state, held_out)}
     return {s.family.name: stats} if stats else {}
 
 
@@ -88,7 +91,7 @@ def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
             "precision": s.precision,
             "processes": s.world.size,
             "in_memory": s.data.in_memory,
-            **_train_stats(s),
+            **_family_stats(s, held_out),
             "classes": state.classes,
             "danlu_version": __version__,
             "schema_version": SCHEMA_VERSION,

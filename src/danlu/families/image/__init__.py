@@ -4,6 +4,8 @@ decoded once."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from danlu.config import DataConfig, ModelConfig
 from danlu.families.contract import Family
 from danlu.families.image import codec, serve
@@ -29,9 +31,26 @@ TRAIN_DEFAULTS = {
 
 
 def report_plots(run, model, part, state: ImageState, device) -> None:
-    """plots/misclassified.png: held-out images the model gets wrong, with true and predicted labels."""
-    if state.task == "classification":
+    """plots/misclassified.png: held-out images the model gets wrong, with true and predicted labels (a
+    probe's held-out part holds features, not images: no plot)."""
+    if state.task == "classification" and state.tower is None:
         misclassified(model, part, state, device, run.plots / "misclassified.png")
+
+
+def held_out_stats(state: ImageState, part) -> dict:
+    """A probe's baseline: the image-text model's own zero-shot accuracy on the same held-out images."""
+    if state.tower is None or state.task != "classification":
+        return {}
+    from danlu.families.image.probe import zero_shot_accuracy
+
+    data = part.data
+    features, target = data.inputs["features"].float().cpu().numpy(), data.target.cpu().numpy()
+    return zero_shot_accuracy(state.tower["path"], state.classes, features, target)
+
+
+def bind(state: ImageState, run_dir: Path) -> None:
+    """A finished probe rebuilds its tower from preprocess.json, not model.pretrained."""
+    state.run_dir = Path(run_dir)
 
 
 def plot_predictions(state: ImageState, items: ImageItems, decoded, path) -> None:
@@ -89,5 +108,8 @@ FAMILY = Family(
     predict_batch=256,
     eval_batch=512,
     report_plots=report_plots,
+    held_out_stats=held_out_stats,
     plot_predictions=plot_predictions,
+    bind=bind,
+    checkpoint_trainable_only=lambda model: model.pretrained is not None,  # probes: the head alone
 )

@@ -112,6 +112,24 @@ def augmenter(kind: str, size: tuple[int, int]) -> Callable[[Batch, torch.Genera
     return augment
 
 
+def _probe_parts(tower, state: ImageState, config: DataConfig, cache: Path | None, device):
+    """part(items, source, split) for a linear probe: the items' tower features (unaugmented), computed
+    once and kept under `cache` (RUN/cache), keyed by the source, the decoding and the tower's weights."""
+    from danlu.families.image import probe
+
+    def part(items: ImageItems, source: ImageSource, split: str) -> TensorPart:
+        key = f"{cache_key(source, state, config.skip_bad_images)}-{state.tower['weights']}"
+
+        def compute() -> np.ndarray:
+            return probe.features(tower, items.images, state.mean, state.std, device)
+
+        found = probe.cached_features(cache, key, split, compute)
+        target = torch.from_numpy(state.encode_target(items.labels))
+        return TensorPart(Batch({"features": torch.from_numpy(found)}, target)).to(device)
+
+    return part
+
+
 def _part(items: ImageItems, state: ImageState, device, augment=None) -> TensorPart:
     target = torch.from_numpy(state.encode_target(items.labels))
     if isinstance(items.images, np.memmap):  # over the memory budget: batches gathered from the map
@@ -120,20 +138,33 @@ def _part(items: ImageItems, state: ImageState, device, augment=None) -> TensorP
     return TensorPart(Batch({"images": to_nchw(items.images)}, target), augment).to(device)
 
 
-def _separate(name: str, spec: str, config: DataConfig, state: ImageState, device):
+def _separate(name: str, spec: str, config: DataConfig, state: ImageState, device, probe_part=None):
     source = open_source(spec, config.image, config.target)
     if source.labels is None:
         raise DanluError(f"'{spec}' has no labels", "give validation/test images their labels")
     items, kept = decode_items(source, np.arange(len(source)), state, config.skip_bad_images)
-    return _part(items, state, device), HeldOut(name, source, items, kept)
+    part = probe_part(items, source, name) if probe_part else _part(items, state, device)
+    return part, HeldOut(name, source, items, kept)
 
 
-def _new_state(source: ImageSource, train_idx: np.ndarray, config: DataConfig, task: str) -> ImageState:
+def _new_state(
+    source: ImageSource, train_idx: np.ndarray, config: DataConfig, task: str, tower: dict | None
+) -> ImageState:
     """Size, channels and classes (the pixel statistics follow once the training images are decoded).
-    Every image of the source must agree on its size, or data.image_size says what to resize to."""
-    size, channels = _fit_geometry(source, np.arange(len(source)), config)
+    Every image of the source must agree on its size, or data.image_size says what to resize to. A
+    probe's images take its tower's size and its processor's mean and std."""
     fitter = TargetFitter(task, config.target or "label")
     fitter.update(source.labels.iloc[train_idx].reset_index(drop=True))
+    if tower is not None:
+        if config.image_size is not None:
+            raise DanluError(
+                f"a linear probe reads images at its tower's size ({tower['size'][1]}x{tower['size'][0]})",
+                "leave out data.image_size",
+            )
+        return ImageState(
+            *tower["size"], 3, tower["mean"], tower["std"], fitter.finish(), config.image, tower
+        )
+    size, channels = _fit_geometry(source, np.arange(len(source)), config)
     return ImageState(*size, channels, [0.0] * channels, [1.0] * channels, fitter.finish(), config.image)
 
 
@@ -178,13 +209,23 @@ def load(
     by_class = labels if task == "classification" else None
     train_idx, val_idx, test_idx = split_indices(len(source), by_class, config)
     fitting = state is None
+    tower = None
+    if model is not None and model.pretrained is not None:  # a linear probe on a frozen image tower
+        from danlu.families.image.probe import pretrained_tower
+
+        tower, info = pretrained_tower(model.pretrained)
+        if state is not None and state.tower is not None and state.tower["weights"] != info["weights"]:
+            raise DanluError(
+                f"the weights in model.pretrained '{model.pretrained}' changed since the run began",
+                "point model.pretrained at the model the run began with, or train again",
+            )
     if fitting:
-        state = _new_state(source, train_idx, config, task)
+        state = _new_state(source, train_idx, config, task, info if tower is not None else None)
     decoded = _decoder(source, state, config, cache)
     train, train_kept = decoded("train", train_idx)
     if not len(train_kept):
         raise DanluError(f"'{config.train}' has no readable training images", "check the images")
-    if fitting:
+    if fitting and tower is None:
         state.mean, state.std = _pixel_stats(train.images)
     skipped = len(train_idx) - len(train_kept)
     val, val_kept = decoded("validation", val_idx)
@@ -194,23 +235,30 @@ def load(
         log.warning("skipped %d unreadable images (data.skip_bad_images)", skipped)
 
     decoded_splits = {"validation": (val, val_kept), "test": (test, test_kept)}
+    # a probe: the tower runs once per image and the head trains on its features
+    probe_part = _probe_parts(tower, state, config, cache, device) if tower is not None else None
 
     def own(name: str):
         items, kept = decoded_splits[name]
-        return (
-            (_part(items, state, device), HeldOut(name, source, items, kept)) if len(kept) else (None, None)
-        )
+        if not len(kept):
+            return None, None
+        part = probe_part(items, source, name) if probe_part else _part(items, state, device)
+        return part, HeldOut(name, source, items, kept)
 
     def sample(rows: int) -> HeldOut:
         items = ImageItems(train.images[:rows], train.names[:rows], train.labels.iloc[:rows])
         return HeldOut("none", source, items, train_kept[:rows])
 
+    if probe_part is not None:
+        train_part = probe_part(train, source, "train")
+    else:
+        train_part = _part(train, state, device, augmenter(config.augment, state.size))
     return assemble(
         config,
         state,
-        _part(train, state, device, augmenter(config.augment, state.size)),
+        train_part,
         source,
         own,
-        lambda name, spec: _separate(name, spec, config, state, device),
+        lambda name, spec: _separate(name, spec, config, state, device, probe_part),
         sample,
     )

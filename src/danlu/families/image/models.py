@@ -34,6 +34,40 @@ class ImageModel(nn.Module):
         return self.net(x.contiguous(memory_format=torch.channels_last))
 
 
+class ProbeModel(ImageModel):
+    """A linear probe (probe.ProbeNet behind the pixel normalization): uint8 images [n, c, h, w] through
+    the frozen tower and the head, or (training, from the cache) the tower's features [n, dim] through
+    the head alone. Batches reach a model positionally (run_model): the rank tells the two apart."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() == 2:
+            return self.net.head(images)
+        return super().forward(images)
+
+
+def build_probe(config: ModelConfig, state: ImageState) -> nn.Module:
+    """Training: the tower's weights from model.pretrained (unchanged since the run began). A finished
+    run: the tower's architecture from preprocess.json, every weight from model.safetensors after."""
+    from danlu.families.image import probe
+
+    info = state.tower
+    if state.run_dir is not None:
+        tower = probe.tower_from_config(info)
+    else:
+        if config.pretrained is None:
+            raise DanluError(
+                "this run trained a linear probe: it needs model.pretrained", "set it as the run did"
+            )
+        tower, found = probe.pretrained_tower(config.pretrained)
+        if found["weights"] != info["weights"]:
+            raise DanluError(
+                f"the weights in model.pretrained '{config.pretrained}' changed since the run began",
+                "point model.pretrained at the model the run began with, or train again",
+            )
+    net = probe.ProbeNet(tower, info["dimensions"], state.n_outputs)
+    return ProbeModel(net, state.mean, state.std)
+
+
 def build_cnn(config: ModelConfig, state: ImageState) -> nn.Module:
     """The PyTorch MNIST example's network: conv 32 -> conv 64 -> max-pool -> dropout -> dense 128 -> classes
     (widths from model.channels and model.hidden)."""
@@ -107,6 +141,8 @@ MODELS = {"cnn": build_cnn, "resnet": build_resnet}
 def build_model(config: ModelConfig, state: ImageState) -> nn.Module:
     """The configured network behind ImageModel; a user's class (model.target) is built as
     Class(in_channels, out_features, image_size=(h, w), **kwargs) and gets normalized float images."""
+    if state.tower is not None:
+        return build_probe(config, state)
     if config.target is not None:
         net = build_custom(
             config, in_channels=state.channels, out_features=state.n_outputs, image_size=state.size

@@ -3,7 +3,8 @@ the training pixels (in [0, 1]), and the target's classes; stored as preprocess.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from danlu.families.target import FamilyState, Target
@@ -18,6 +19,9 @@ class ImageState(FamilyState):
     std: list[float]
     head: Target
     image_column: str | None = None  # the path column of a CSV/Parquet source
+    # a linear probe's frozen image tower (danlu.families.image.probe): kind, config, size, mean, std
+    tower: dict[str, Any] | None = None
+    run_dir: Path | None = field(default=None, compare=False)  # a finished run's directory (bind)
 
     family = "image"
 
@@ -33,6 +37,7 @@ class ImageState(FamilyState):
             "mean": self.mean,
             "std": self.std,
             "image_column": self.image_column,
+            "tower": self.tower,
             "input": "uint8 images [batch, channels, height, width]",
         }
 
@@ -46,4 +51,5 @@ class ImageState(FamilyState):
             data["std"],
             head,
             data.get("image_column"),
+            data.get("tower"),
         )
