@@ -314,18 +314,12 @@ def test_a_hub_id_is_one_line(tmp_path):
     reason="needs chromium and chromedriver (make setup)",
 )
 def test_the_chat_page_streams_an_answer_and_stops_one(server):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.e2e.test_web_page import CHROMEDRIVER, CHROMIUM
+    from tests.e2e.test_web_page import headless_chromium
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    browser = headless_chromium()
     try:
         browser.get(server.url + "/")
         browser.execute_script("document.getElementById('p-temperature').value = 0")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from danlu.embeddings import load_encoder
 from tests.e2e.test_serve_process import Server
-from tests.e2e.test_web_page import CHROMEDRIVER, CHROMIUM
+from tests.e2e.test_web_page import CHROMEDRIVER, CHROMIUM, headless_chromium
 from tests.embedding_models import tiny_image_text
 
 
@@ -79,19 +79,13 @@ def test_concurrent_clients_share_forward_passes(server):
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromedriver (make setup)")
 def test_the_page_labels_an_upload_and_compares_texts(server, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait
 
     picture = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(picture)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    browser = headless_chromium()
     try:
         browser.get(server.url + "/")
         browser.find_element(By.ID, "image-file").send_keys(str(picture))
