@@ -22,6 +22,7 @@ from danlu.embeddings.detect import IMAGE_TEXT, is_text_encoder, json_file, mode
 from danlu.errors import DanluError, one_line
 
 TRUNCATE = ("end", "start", "error")
+SPREAD = 0.5  # a batch's shortest text is at least this share of its longest (by_length)
 PRECISIONS = ("float32", "bfloat16")
 MIN_COSINE = 0.9999  # bfloat16 is taken only where every check vector agrees with float32 this well
 CHECK_TEXTS = [
@@ -68,12 +69,20 @@ def _longest_first(texts: Sequence[str]) -> list[int]:
     return sorted(range(len(texts)), key=lambda i: -len(texts[i]))
 
 
-def by_length(texts: Sequence[str], batch_size: int) -> list[list[str]]:
-    """Batches of texts of similar length (longest first, by characters): little padding in each."""
-    order = _longest_first(texts)
-    return [
-        [texts[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)
-    ]
+def by_length(texts: Sequence[str], batch_size: int, spread: float | None = None) -> list[list[str]]:
+    """Batches of texts of similar length, longest first (by characters): a batch ends at batch_size
+    texts, or where the next text is shorter than `spread` times the batch's first, so no text is padded
+    to more than 1/spread of its length (on a CPU a padded token costs as much as a real one)."""
+    spread = SPREAD if spread is None else spread
+    batches: list[list[str]] = []
+    for i in _longest_first(texts):
+        text = texts[i]
+        last = batches[-1] if batches else None
+        if last is None or len(last) == batch_size or len(text) < spread * len(last[0]):
+            batches.append([text])
+        else:
+            last.append(text)
+    return batches
 
 
 def in_input_order(vectors: np.ndarray, texts: Sequence[str]) -> np.ndarray:

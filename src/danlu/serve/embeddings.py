@@ -34,6 +34,9 @@ from danlu.serve.shell import ServeError, ServerSettings, Shell, create_app, pag
 EMBEDDINGS, ZERO_SHOT, MODELS = "/v1/embeddings", "/v1/zero-shot", "/v1/models"
 DEFAULT_TEMPLATE = "a photo of a {}."
 MAX_TEMPLATES = 32
+# what the event loop reads and writes itself, below which a parsing thread's hop costs more than the work:
+# bodies of texts up to INLINE_BYTES, answers of up to INLINE_VECTORS vectors
+INLINE_BYTES, INLINE_VECTORS = 4096, 8
 ENCODING_FORMATS = ("float", "base64")
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
 ZERO_SHOT_FIELDS = {"model", "images", "labels", "templates"}
@@ -372,9 +375,21 @@ class EmbedHandler:
         self.shell.authorize(request)
         if self.full():
             raise self.shell.busy()
-        inputs, encoding, dimensions = await self.shell.off_loop(self.read_embeddings, await request.body())
+        raw = await request.body()
+        # a small body of texts (a query or a few) is read on the event loop: the hop to a parsing thread
+        # and back costs more than reading it; images and large bodies never are
+        small = len(raw) <= INLINE_BYTES and b'"image' not in raw
+        if small:
+            inputs, encoding, dimensions = self.read_embeddings(raw)
+        else:
+            inputs, encoding, dimensions = await self.shell.off_loop(self.read_embeddings, raw)
         vectors = await self._embed(inputs)
-        body = await self.shell.off_loop(self.embeddings_body, vectors, encoding, dimensions, inputs.tokens)
+        if inputs.count <= INLINE_VECTORS:
+            body = self.embeddings_body(vectors, encoding, dimensions, inputs.tokens)
+        else:
+            body = await self.shell.off_loop(
+                self.embeddings_body, vectors, encoding, dimensions, inputs.tokens
+            )
         return Response(body, media_type="application/json")
 
     async def zero_shot(self, request: Request) -> Response:
