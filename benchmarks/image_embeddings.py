@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     import torch
+    from PIL import Image
 
     import danlu
 
@@ -120,6 +121,23 @@ def main() -> None:
             rate, vectors = timed(lambda p, e=encoder: e.embed_images(p, batch_size=32), paths, args.rounds)
             cosine = float((vectors * reference).sum(axis=1).min())
             print(f"{name + ' batch 32':>22} {rate:>8.1f} {rate / loop:>5.2f}x ({cosine:.6f})")
+        # the ceiling: the model's forward pass alone, on pixels already made, at batch 32 and batch 1
+        model = ours["danlu float32"].model
+        pixels = ours["danlu float32"].image_processor(
+            images=[Image.open(p).convert("RGB") for p in paths[:32]], return_tensors="pt"
+        )["pixel_values"]
+        with torch.inference_mode():
+            model.get_image_features(pixel_values=pixels)
+            start = time.perf_counter()
+            model.get_image_features(pixel_values=pixels)
+            batched = (time.perf_counter() - start) / len(pixels)
+            start = time.perf_counter()
+            for i in range(8):
+                model.get_image_features(pixel_values=pixels[i : i + 1])
+            alone = (time.perf_counter() - start) / 8
+        print(f"forward pass alone, float32: {1000 * batched:.0f} ms an image at batch 32, "
+              f"{1000 * alone:.0f} ms at batch 1: batching cannot give more than {alone / batched:.2f}x; "
+              f"the tutorial loop takes {1000 / loop:.0f} ms an image in all")  # fmt: skip
 
 
 if __name__ == "__main__":

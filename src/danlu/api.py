@@ -10,6 +10,7 @@ from typing import Any
 
 from danlu import families
 from danlu.config import Config, apply_overrides, load_config, read_yaml, resolve_paths, validate
+from danlu.embeddings.detect import DEFAULT_TEMPLATE
 from danlu.errors import DanluError
 from danlu.families import resolve_family
 from danlu.predictor import Predictor
@@ -172,7 +173,9 @@ def load(
     directory that is no run, a CLIP/SigLIP or encoder-only text model, loads as its encoder
     (danlu.embeddings: embed_texts, and for image-text models embed_images and zero_shot), in float32
     or (dtype="bfloat16", checked against float32 at load) with bfloat16 matrix products."""
-    if not RunDir(run_dir).preprocess.is_file() and (Path(run_dir) / "config.json").is_file():
+    from danlu.embeddings.detect import is_encoder_model
+
+    if is_encoder_model(run_dir):
         from danlu.embeddings import load_encoder
 
         return load_encoder(run_dir, dtype)
@@ -209,16 +212,13 @@ def embed(
     return done
 
 
-ZERO_SHOT_TEMPLATE = "a photo of a {}."
-
-
 def zero_shot(
     model: str | Path,
     images: str | Path,
     out: str | Path,
     labels: str | Iterable[str] | None = None,
     labels_file: str | Path | None = None,
-    templates: Iterable[str] = (ZERO_SHOT_TEMPLATE,),
+    templates: Iterable[str] = (DEFAULT_TEMPLATE,),
     column: str | None = None,
     batch_size: int = 32,
     plot: str | Path | None = None,
@@ -237,9 +237,8 @@ def zero_shot(
     from danlu.embeddings.files import parse_labels, plot_zero_shot, read_items, write_frame, zero_shot_items
 
     named = parse_labels(labels if isinstance(labels, str) or labels is None else list(labels), labels_file)
-    templates = list(templates) or [ZERO_SHOT_TEMPLATE]
-    if Path(out).suffix.lower() not in (".csv", ".parquet"):  # before anything loads
-        raise DanluError(f"output '{out}' must end in .csv or .parquet", "e.g. -o labels.csv")
+    templates = list(templates) or [DEFAULT_TEMPLATE]
+    _output_suffix(out)  # before anything loads
     if batch_size < 1:
         raise DanluError("--batch-size must be at least 1", "e.g. --batch-size 32")
     items = read_items(images, column)

@@ -111,7 +111,11 @@ def test_models_names_the_model_and_its_limits(client):
             "image URLs are not fetched",
         ),
         ("/v1/embeddings", {"input": [{"image": "not base64!"}]}, "is not valid base64"),
-        ("/v1/embeddings", {"input": [{"image": base64.b64encode(b"text").decode()}]}, "not an image danlu"),
+        (
+            "/v1/embeddings",
+            {"input": [{"image": base64.b64encode(b"text").decode()}]},
+            "not an image in a format danlu reads",
+        ),
         ("/v1/zero-shot", {"images": ["x"], "labels": ["cat", "cat"]}, "names a label twice"),
         ("/v1/zero-shot", {"images": ["x"], "labels": ["cat"], "templates": ["a photo"]}, "has no {} for"),
         ("/v1/zero-shot", {"images": [], "labels": ["cat"]}, "'images' must be a string or a non-empty list"),
@@ -153,3 +157,36 @@ def test_a_text_encoder_embeds_texts_and_refuses_images():
         assert image.status_code == 400 and "embeds texts, not images" in image.json()["error"]["message"]
         labels = client.post("/v1/zero-shot", json={"images": ["x"], "labels": ["cat"]})
         assert labels.status_code == 400 and "has no image tower" in labels.json()["error"]["message"]
+
+
+def test_a_long_thin_image_is_refused_before_the_processor_scales_it(client):
+    strip = data_url(Image.new("RGB", (60, 1)))  # 60 pixels, but scaled to the model's side: 60x as wide
+    answer = client.post("/v1/embeddings", json={"input": [{"image": strip}]})
+    assert (
+        answer.status_code == 400 and "sides differ more than 50 times" in answer.json()["error"]["message"]
+    )
+
+
+def test_a_full_queue_is_a_503_a_slow_pass_a_504_and_a_nan_a_500_for_that_request_alone(
+    clip_dir, monkeypatch
+):
+    import time
+
+    with client_for(clip_dir, max_queue_rows=2, timeout_s=0.5) as client:
+        full = client.post("/v1/embeddings", json={"input": ["a", "b", "c"]})
+        assert full.status_code == 503 and full.headers["Retry-After"] == "1"
+        encoder = client.app.state.shell.handler.encoder
+        exact = encoder.embed_texts
+
+        def slow(texts, **options):
+            time.sleep(1.0)
+            return exact(texts, **options)
+
+        monkeypatch.setattr(encoder, "embed_texts", slow)
+        assert client.post("/v1/embeddings", json={"input": "a cat"}).status_code == 504
+        time.sleep(1.0)  # the slow pass ends on the torch thread
+        monkeypatch.setattr(encoder, "embed_texts", lambda texts, **options: exact(texts, **options) * np.nan)
+        broken = client.post("/v1/embeddings", json={"input": "a cat"})
+        assert broken.status_code == 500 and "not a finite number" in broken.json()["error"]["message"]
+        monkeypatch.setattr(encoder, "embed_texts", exact)
+        assert client.post("/v1/embeddings", json={"input": "a cat"}).status_code == 200

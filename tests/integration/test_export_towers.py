@@ -69,8 +69,11 @@ def test_a_folder_holding_other_files_is_refused_and_an_earlier_export_replaced(
     with pytest.raises(DanluError, match="did not write; nothing was replaced"):
         export_towers(model, tmp_path / "mine")
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    (tmp_path / "mine" / "danlu-export.json").write_text("{}")  # a file of that name is not a record
+    with pytest.raises(DanluError, match="did not write; nothing was replaced"):
+        export_towers(model, tmp_path / "mine")
     (tmp_path / "earlier").mkdir()  # what an earlier export left: its record marks the folder as danlu's
-    (tmp_path / "earlier" / "danlu-export.json").write_text("{}")
+    (tmp_path / "earlier" / "danlu-export.json").write_text('{"danlu_version": "0.1.0", "towers": {}}')
     (tmp_path / "earlier" / "image.onnx").write_bytes(b"stale")
     assert export_towers(model, tmp_path / "earlier")["towers"]["image"]["rows_checked"] == 5
     assert (tmp_path / "earlier" / "image.onnx").read_bytes() != b"stale"

@@ -124,6 +124,34 @@ def test_a_model_error_reaches_the_callers_and_the_batcher_keeps_serving():
     assert time.monotonic() - start < 5
 
 
+def test_one_callers_bad_rows_in_a_shared_pass_fail_that_caller_alone():
+    passes = []
+
+    def infer(batch):
+        values = np.array([row["x"] for row in batch])
+        passes.append(values.tolist())
+        if len(passes) == 1:
+            time.sleep(0.2)  # the others queue up meanwhile and share the next pass
+        if (values < 0).any():
+            raise ValueError("negative")
+        return values
+
+    async def main():
+        batcher = MicroBatcher(infer, max_wait_ms=0)
+        await batcher.start()
+        first = asyncio.ensure_future(batcher.submit(frame(1)))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(batcher.submit(frame(x))) for x in (2, -1, 3)]
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = run(main())
+    assert [list(r) for r in (results[0], results[1], results[3])] == [[1], [2], [3]]
+    assert isinstance(results[2], ValueError)
+    assert [2, -1, 3] in passes  # they did share a pass, which failed, then ran on their own
+
+
 def test_a_steady_set_of_clients_is_served_once_all_are_in_not_after_the_window():
     calls = []
 

@@ -81,13 +81,9 @@ def run_predict(args) -> int:
 
 def is_zero_shot(args) -> bool:
     """Labels were named, or the first argument is a model directory rather than a run."""
-    from pathlib import Path
+    from danlu.embeddings.detect import is_encoder_model
 
-    from danlu.run import RunDir
-
-    path = Path(args.run_dir)
-    model_dir = not RunDir(path).preprocess.is_file() and (path / "config.json").is_file()
-    return bool(args.labels or args.labels_file or model_dir)
+    return bool(args.labels or args.labels_file or is_encoder_model(args.run_dir))
 
 
 def run_zero_shot(args) -> int:
@@ -101,7 +97,8 @@ def run_zero_shot(args) -> int:
         )
     if args.engine != "torch":
         raise DanluError("zero-shot labels run on torch", "leave out --engine")
-    from danlu.api import ZERO_SHOT_TEMPLATE, zero_shot
+    from danlu.api import zero_shot
+    from danlu.embeddings.detect import DEFAULT_TEMPLATE
 
     frame = zero_shot(
         args.run_dir,
@@ -109,7 +106,7 @@ def run_zero_shot(args) -> int:
         args.output,
         labels=args.labels,
         labels_file=args.labels_file,
-        templates=args.template or [ZERO_SHOT_TEMPLATE],
+        templates=args.template or [DEFAULT_TEMPLATE],
         column=args.column,
         batch_size=args.batch_size,
         plot=args.plot,

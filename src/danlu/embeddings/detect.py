@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 IMAGE_TEXT = {"clip": "CLIPModel", "siglip": "SiglipModel"}  # model_type -> transformers class
+DEFAULT_TEMPLATE = "a photo of a {}."  # the prompt a label fills unless told otherwise (CLI, server, probes)
 
 
 def model_type(path: Path) -> str | None:

@@ -22,6 +22,7 @@ from danlu.embeddings.detect import IMAGE_TEXT, is_text_encoder, json_file, mode
 from danlu.errors import DanluError, one_line
 
 TRUNCATE = ("end", "start", "error")
+MAX_ASPECT = 50  # the most an image's long side may exceed its short side (check_shape)
 SPREAD = 0.5  # a batch's shortest text is at least this share of its longest (by_length)
 PRECISIONS = ("float32", "bfloat16")
 MIN_COSINE = 0.9999  # bfloat16 is taken only where every check vector agrees with float32 this well
@@ -106,38 +107,62 @@ def _normalized(vectors: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(vectors.float(), dim=-1)
 
 
-class ImageTextEncoder:
+class _Encoder:
+    """What every encoder shares: its text tower, texts batched by length, the precision it runs in."""
+
+    text: TextTower
+    name: str
+    dimensions: int
+    normalizes: bool  # vectors of unit length unless the caller says otherwise
+    precision: str = "float32"
+
+    def text_vectors(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[batch, dimensions] of one tokenized batch (TextTower.encode's tensors), before normalizing."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def embed_texts(
+        self, texts: Sequence[str], normalize: bool | None = None, truncate: str = "end", batch_size: int = 64
+    ) -> np.ndarray:
+        """[len(texts), dimensions] float32, in input order; normalize None: the model's own default."""
+        self.text.check(texts, truncate)
+        parts = []
+        for batch in by_length(texts, batch_size):
+            inputs = self.text.encode(batch, truncate)
+            with _autocast(self.precision == "bfloat16"):
+                parts.append(self.text_vectors(dict(inputs)).float())
+        vectors = _array(parts, self.normalizes if normalize is None else normalize, self.dimensions)
+        return in_input_order(vectors, texts)
+
+
+class ImageTextEncoder(_Encoder):
     """A CLIP or SigLIP model with its tokenizer and image processor."""
+
+    normalizes = True
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, kind: str, name: str) -> None:
         self.model, self.image_processor, self.kind, self.name = model.eval(), image_processor, kind, name
         text = model.config.text_config
         self.text = TextTower(tokenizer, int(text.max_position_embeddings), pad_to_limit=kind == "siglip")
         self.dimensions = int(model.config.projection_dim if kind == "clip" else text.hidden_size)
-        self.precision = "float32"
 
-    @torch.inference_mode()
-    def embed_texts(
-        self, texts: Sequence[str], normalize: bool = True, truncate: str = "end", batch_size: int = 64
-    ) -> np.ndarray:
-        """[len(texts), dimensions] float32, in input order."""
-        self.text.check(texts, truncate)
-        parts = []
-        for batch in by_length(texts, batch_size):
-            inputs = self.text.encode(batch, truncate)
-            with _autocast(self.precision == "bfloat16"):
-                parts.append(_features(self.model.get_text_features(**inputs)).float())
-        return in_input_order(_array(parts, normalize, self.dimensions), texts)
+    def text_vectors(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _features(self.model.get_text_features(**inputs))
+
+    def image_vectors(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[batch, dimensions] of the image processor's pixel_values, before normalizing."""
+        return _features(self.model.get_image_features(pixel_values=pixels))
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Any], normalize: bool = True, batch_size: int = 32) -> np.ndarray:
-        """[len(images), dimensions] float32, in input order; images are paths or PIL images."""
+        """[len(images), dimensions] float32, in input order; images are paths, PIL images or uint8
+        arrays."""
         parts = []
         for start in range(0, len(images), batch_size):
             batch = [open_rgb(image) for image in images[start : start + batch_size]]
             pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
             with _autocast(self.precision == "bfloat16"):
-                parts.append(_features(self.model.get_image_features(pixel_values=pixels)).float())
+                parts.append(self.image_vectors(pixels).float())
         return _array(parts, normalize, self.dimensions)
 
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] = ("{}",)) -> np.ndarray:
@@ -174,15 +199,25 @@ class ImageTextEncoder:
         return torch.softmax(logits, dim=-1).numpy()
 
 
-def open_rgb(image: Any) -> Any:
-    from PIL import Image
+def check_shape(width: int, height: int, name: str) -> None:
+    """Raises DanluError for an image whose sides differ more than MAX_ASPECT times: the image processor
+    scales the short side to the model's size, so a 1x100,000 strip would become gigapixels."""
+    if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+        raise DanluError(
+            f"{name} is {width}x{height}: its sides differ more than {MAX_ASPECT} times", "crop it first"
+        )
+
+
+def open_rgb(image: Any, name: str | None = None) -> Any:
+    """An RGB PIL image of a path, PIL image or uint8 array, read by danlu's image reader (the formats it
+    allows, its pixel limit) and of a shape the image processor can scale."""
+    from danlu.families.image.decode import open_image, pil_from_array
 
     if isinstance(image, str | Path):
-        try:
-            with Image.open(image) as opened:
-                return opened.convert("RGB")
-        except OSError as exc:
-            raise DanluError(f"cannot read the image '{image}': {exc}", "pass image files") from None
+        image = open_image(image, name or f"'{image}'")
+    elif isinstance(image, np.ndarray):
+        image = pil_from_array(image)
+    check_shape(image.width, image.height, name or "an image")
     return image.convert("RGB")
 
 
@@ -193,7 +228,7 @@ def _array(parts: list[torch.Tensor], normalize: bool, dimensions: int) -> np.nd
     return (_normalized(vectors) if normalize else vectors).numpy().astype(np.float32)
 
 
-class TextEncoder:
+class TextEncoder(_Encoder):
     """An encoder-only text model (BERT, MiniLM, ...) whose token states are pooled into one vector per
     text, as its sentence-transformers files say (1_Pooling: mean, CLS or max; 2_Normalize), else mean
     pooling, normalized."""
@@ -204,22 +239,10 @@ class TextEncoder:
         self.model, self.pooling, self.normalizes, self.name = model.eval(), pooling, normalizes, name
         self.text = TextTower(tokenizer, limit, pad_to_limit=False)
         self.dimensions = int(model.config.hidden_size)
-        self.precision = "float32"
 
-    @torch.inference_mode()
-    def embed_texts(
-        self, texts: Sequence[str], normalize: bool | None = None, truncate: str = "end", batch_size: int = 64
-    ) -> np.ndarray:
-        """[len(texts), dimensions] float32, in input order; normalize None: as the model's files say."""
-        self.text.check(texts, truncate)
-        parts = []
-        for batch in by_length(texts, batch_size):
-            inputs = self.text.encode(batch, truncate)
-            with _autocast(self.precision == "bfloat16"):
-                states = self.model(**inputs).last_hidden_state
-            parts.append(pool(states.float(), inputs["attention_mask"], self.pooling))
-        vectors = _array(parts, self.normalizes if normalize is None else normalize, self.dimensions)
-        return in_input_order(vectors, texts)
+    def text_vectors(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        states = self.model(**inputs).last_hidden_state
+        return pool(states.float(), inputs["attention_mask"], self.pooling)
 
 
 def pool(states: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:

@@ -208,11 +208,8 @@ def zero_shot_items(
 
 
 def write_frame(frame: Any, out: str | Path) -> None:
-    """A DataFrame into OUT (.csv or .parquet), atomically."""
-    suffix = Path(out).suffix.lower()
-    if suffix not in (".csv", ".parquet"):
-        raise DanluError(f"output '{out}' must end in .csv or .parquet", "e.g. -o labels.csv")
-    if suffix == ".csv":
+    """A DataFrame into OUT, atomically: CSV for a .csv name, else Parquet (the caller checked the name)."""
+    if Path(out).suffix.lower() == ".csv":
         atomic_write(Path(out), lambda f: frame.to_csv(f, index=False))
     else:
         atomic_write(Path(out), lambda f: frame.to_parquet(f, index=False))

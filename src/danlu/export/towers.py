@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from danlu import __version__
-from danlu.embeddings.encoders import ImageTextEncoder, TextEncoder, load_encoder, pool
+from danlu.embeddings.encoders import ImageTextEncoder, TextEncoder, load_encoder
 from danlu.errors import DanluError, one_line
 from danlu.export.onnx import OPSET
 from danlu.quiet import quiet
@@ -40,41 +41,25 @@ SAMPLE_TEXTS = [
 ]
 
 
-def _features(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
+class Vectors(nn.Module):
+    """An encoder's text or image vectors as one module, as embed_texts / embed_images compute them:
+    the tensors in (by name, positionally), the vectors out, normalized as the encoder's default."""
 
-
-class ImageTower(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(
+        self, encoder: ImageTextEncoder | TextEncoder, names: list[str], vectors, normalize: bool
+    ) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.names, self.vectors, self.normalize = encoder.model, names, vectors, normalize
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        vectors = _features(self.model.get_image_features(pixel_values=pixel_values))
-        return nn.functional.normalize(vectors, dim=-1)
-
-
-class TextTower(nn.Module):
-    def __init__(self, encoder: ImageTextEncoder | TextEncoder) -> None:
-        super().__init__()
-        self.model, self.encoder = encoder.model, encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        encoder = self.encoder
-        if isinstance(encoder, ImageTextEncoder):
-            vectors = _features(
-                self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-            )
-            return nn.functional.normalize(vectors, dim=-1)
-        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        vectors = pool(states, attention_mask, encoder.pooling)
-        return nn.functional.normalize(vectors, dim=-1) if encoder.normalizes else vectors
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        found = self.vectors(dict(zip(self.names, tensors, strict=True)))
+        return nn.functional.normalize(found, dim=-1) if self.normalize else found
 
 
 def _token_inputs(encoder: ImageTextEncoder | TextEncoder, texts: list[str]) -> dict[str, torch.Tensor]:
-    """input_ids and attention_mask (a single segment: token_type_ids are zeros, left to the model)."""
-    encoded = encoder.text.encode(texts)
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    """The tokenizer's tensors as embed_texts passes them (SigLIP's: input_ids alone), less
+    token_type_ids (one segment: zeros, which the model fills in itself)."""
+    return {k: v for k, v in encoder.text.encode(texts).items() if k != "token_type_ids"}
 
 
 def sample_images(count: int) -> list[Any]:
@@ -91,7 +76,10 @@ def sample_images(count: int) -> list[Any]:
 def _export(module: nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
     names = list(inputs)
     rows = torch.export.Dim("rows")
-    shapes = tuple({0: rows, **({1: torch.export.Dim.AUTO} if v.dim() == 2 else {})} for v in inputs.values())
+    # forward(*tensors): one entry of dynamic shapes, for all of them
+    shapes = (
+        tuple({0: rows, **({1: torch.export.Dim.AUTO} if v.dim() == 2 else {})} for v in inputs.values()),
+    )
     with contextlib.redirect_stdout(io.StringIO()), quiet():
         try:
             torch.onnx.export(
@@ -126,11 +114,20 @@ def _verified(path: Path, inputs: dict[str, torch.Tensor], expected: np.ndarray,
     return cosine
 
 
+def _is_record(path: Path) -> bool:
+    """PATH is a record `danlu export` wrote (not merely a file of that name)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "danlu_version" in record and "towers" in record
+
+
 def check_folder(out: Path) -> None:
     """Raise unless OUT may be written: new or empty, or a folder an earlier `danlu export` wrote."""
     if out.exists() and not out.is_dir():
         raise DanluError(f"'{out}' is a file", "pass a folder for the towers, e.g. -o clip-onnx")
-    if out.is_dir() and any(out.iterdir()) and not (out / RECORD).is_file():
+    if out.is_dir() and any(out.iterdir()) and not _is_record(out / RECORD):
         raise DanluError(
             f"'{out}' holds files `danlu export` did not write; nothing was replaced",
             "choose another -o folder, or empty that one yourself",
@@ -153,9 +150,10 @@ def export_towers(model_dir: str | Path, out: str | Path | None = None) -> dict[
     towers: dict[str, Any] = {}
     trace_texts, check_texts = SAMPLE_TEXTS[:2], SAMPLE_TEXTS  # another batch size than the traced one
     with torch.no_grad():
+        trace = _token_inputs(encoder, trace_texts)
         built["text.onnx"], towers["text"] = _tower(
-            TextTower(encoder),
-            _token_inputs(encoder, trace_texts),
+            Vectors(encoder, list(trace), encoder.text_vectors, encoder.normalizes),
+            trace,
             _token_inputs(encoder, check_texts),
             encoder.embed_texts(check_texts),
             "text",
@@ -163,7 +161,7 @@ def export_towers(model_dir: str | Path, out: str | Path | None = None) -> dict[
         if isinstance(encoder, ImageTextEncoder):
             pixels = encoder.image_processor(images=sample_images(5), return_tensors="pt")["pixel_values"]
             built["image.onnx"], towers["image"] = _tower(
-                ImageTower(encoder.model),
+                Vectors(encoder, ["pixel_values"], lambda t: encoder.image_vectors(t["pixel_values"]), True),
                 {"pixel_values": pixels[:2]},
                 {"pixel_values": pixels},
                 encoder.embed_images(sample_images(5)),

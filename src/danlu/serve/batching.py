@@ -9,7 +9,8 @@ overflow the batch starts the next one. Batches of at most `inline_rows` rows ru
 itself: for a model whose whole batch takes well under a millisecond (measured at start-up), the hop to
 the thread and back costs more than the forward pass.
 
-The queue is bounded (`QueueFull` -> 503) and every caller waits at most `timeout_s` (`TimeoutError`
+A pass that fails runs each caller's rows again on their own: one caller's bad rows fail that caller
+alone. The queue is bounded (`QueueFull` -> 503) and every caller waits at most `timeout_s` (`TimeoutError`
 -> 504); a caller that gives up frees its queue slot at once, even while its batch is still running.
 """
 
@@ -156,22 +157,31 @@ class MicroBatcher:
             last_callers = len(live)
             if not live:
                 continue
-            batch = [row for job in live for row in job.rows] if len(live) > 1 else live[0].rows
-            try:
-                if len(batch) <= self.inline_rows:
-                    output = self.infer(batch)
-                else:
-                    output = await loop.run_in_executor(self._executor, self.infer, batch)
-            except Exception as exc:  # the callers get the error; the batcher keeps serving
+            if not await self._answer(live, loop) and len(live) > 1:
+                # one caller's rows failed the shared pass: each caller's rows run again on their own, so
+                # only the caller whose rows fail gets the error
                 for job in live:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            if self.on_batch is not None:
-                self.on_batch(len(batch))
-            start = 0
-            for job in live:
-                end = start + len(job.rows)
-                if not job.future.done():
-                    job.future.set_result(output[start:end])
-                start = end
+                    await self._answer([job], loop)
+
+    async def _answer(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> bool:
+        """One forward pass of the jobs' rows, each job answered with its own; False when it failed
+        (a lone job is then given the error; the batcher keeps serving)."""
+        batch = [row for job in jobs for row in job.rows] if len(jobs) > 1 else jobs[0].rows
+        try:
+            if len(batch) <= self.inline_rows:
+                output = self.infer(batch)
+            else:
+                output = await loop.run_in_executor(self._executor, self.infer, batch)
+        except Exception as exc:
+            if len(jobs) == 1 and not jobs[0].future.done():
+                jobs[0].future.set_exception(exc)
+            return False
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
+        start = 0
+        for job in jobs:
+            end = start + len(job.rows)
+            if not job.future.done():
+                job.future.set_result(output[start:end])
+            start = end
+        return True

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
+import copy
 import json
 import threading
 from dataclasses import dataclass, field
@@ -25,18 +25,22 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from danlu.embeddings.encoders import TRUNCATE, ImageTextEncoder, TextEncoder, load_encoder
+from danlu.embeddings.detect import DEFAULT_TEMPLATE
+from danlu.embeddings.encoders import (
+    TRUNCATE,
+    ImageTextEncoder,
+    TextEncoder,
+    check_shape,
+    load_encoder,
+)
 from danlu.errors import DanluError
 from danlu.serve.batching import MicroBatcher, QueueFull, TorchThread
 from danlu.serve.chat import protocol
 from danlu.serve.shell import ServeError, ServerSettings, Shell, create_app, page_with
 
 EMBEDDINGS, ZERO_SHOT, MODELS = "/v1/embeddings", "/v1/zero-shot", "/v1/models"
-DEFAULT_TEMPLATE = "a photo of a {}."
 MAX_TEMPLATES = 32
-# what the event loop reads and writes itself, below which a parsing thread's hop costs more than the work:
-# bodies of texts up to INLINE_BYTES, answers of up to INLINE_VECTORS vectors
-INLINE_BYTES, INLINE_VECTORS = 4096, 8
+NOT_FINITE = "the model's output is not a finite number for these inputs"
 ENCODING_FORMATS = ("float", "base64")
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
 ZERO_SHOT_FIELDS = {"model", "images", "labels", "templates"}
@@ -78,11 +82,12 @@ class Inputs:
         return len(self.texts) + len(self.images)
 
 
-def decode_image(value: Any, where: str, max_pixels: int) -> Any:
-    """A base64 string or data URL as an RGB PIL image; ServeError(400) for anything else, a URL to
-    fetch among them (the server fetches nothing), or an image over max_pixels (read from its header,
-    before decoding)."""
-    from PIL import Image
+def decode_image(value: Any, where: str, max_pixels: int) -> np.ndarray:
+    """A base64 string or data URL as uint8 RGB pixels [h, w, 3], read by danlu's image reader (the
+    formats it allows); ServeError(400) for anything else, a URL to fetch among them (the server fetches
+    nothing), or an image over max_pixels or too long and thin (both read from its header, before
+    decoding)."""
+    from danlu.families.image.decode import decode_opened, open_image
 
     if not isinstance(value, str) or not value:
         raise protocol.bad(f"{where} must be a base64 image or a data URL", where)
@@ -99,15 +104,24 @@ def decode_image(value: Any, where: str, max_pixels: int) -> Any:
     except (binascii.Error, ValueError):
         raise protocol.bad(f"{where} is not valid base64", where) from None
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise protocol.bad(
-                    f"{where} has {width}x{height} pixels; at most {max_pixels} are taken", where
-                )
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        raise protocol.bad(f"{where} is not an image danlu can read (PNG, JPEG, WebP, ...)", where) from None
+        image = open_image(data, where, load=False)
+        if image.width * image.height > max_pixels:
+            raise protocol.bad(
+                f"{where} has {image.width}x{image.height} pixels; at most {max_pixels} are taken", where
+            )
+        check_shape(image.width, image.height, where)
+        return decode_opened(image, None, 3, where)
+    except DanluError as exc:
+        raise protocol.bad(exc.message, where) from None
+
+
+def strict_json(content: dict[str, Any]) -> bytes:
+    """content as strict JSON; a vector or probability that is not finite fails this request alone
+    (ServeError 500), never with NaN in the body."""
+    try:
+        return json.dumps(content, allow_nan=False).encode()
+    except ValueError:
+        raise ServeError(500, NOT_FINITE, kind="server_error") from None
 
 
 def _image_part(item: dict) -> Any:
@@ -150,8 +164,6 @@ class EmbedHandler:
         self.metrics = Metrics()
         # token counts on the parsing threads, with a tokenizer of their own: a fast tokenizer changes
         # its truncation settings per call and must not be shared with the torch thread's
-        import copy
-
         self._counter, self._counting = copy.deepcopy(self.encoder.text.tokenizer), threading.Lock()
         truncate = "end" if settings.truncate == "error" else settings.truncate  # checked before
         batching = {
@@ -369,27 +381,15 @@ class EmbedHandler:
             for i, row in enumerate(vectors)
         ]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return json.dumps({"object": "list", "data": data, "model": self.name, "usage": usage}).encode()
+        return strict_json({"object": "list", "data": data, "model": self.name, "usage": usage})
 
     async def embeddings(self, request: Request) -> Response:
         self.shell.authorize(request)
         if self.full():
             raise self.shell.busy()
-        raw = await request.body()
-        # a small body of texts (a query or a few) is read on the event loop: the hop to a parsing thread
-        # and back costs more than reading it; images and large bodies never are
-        small = len(raw) <= INLINE_BYTES and b'"image' not in raw
-        if small:
-            inputs, encoding, dimensions = self.read_embeddings(raw)
-        else:
-            inputs, encoding, dimensions = await self.shell.off_loop(self.read_embeddings, raw)
+        inputs, encoding, dimensions = await self.shell.off_loop(self.read_embeddings, await request.body())
         vectors = await self._embed(inputs)
-        if inputs.count <= INLINE_VECTORS:
-            body = self.embeddings_body(vectors, encoding, dimensions, inputs.tokens)
-        else:
-            body = await self.shell.off_loop(
-                self.embeddings_body, vectors, encoding, dimensions, inputs.tokens
-            )
+        body = await self.shell.off_loop(self.embeddings_body, vectors, encoding, dimensions, inputs.tokens)
         return Response(body, media_type="application/json")
 
     async def zero_shot(self, request: Request) -> Response:
@@ -408,6 +408,11 @@ class EmbedHandler:
             raise ServeError(
                 504, f"labelling took over {self.settings.timeout_s:g} s", kind="server_error"
             ) from None
+        body = await self.shell.off_loop(self.zero_shot_body, probabilities, labels, templates)
+        return Response(body, media_type="application/json")
+
+    def zero_shot_body(self, probabilities: np.ndarray, labels: list[str], templates: list[str]) -> bytes:
+        """/v1/zero-shot's answer as JSON bytes (on a parsing thread: images x labels can be many)."""
         data = [
             {
                 "index": i,
@@ -416,14 +421,8 @@ class EmbedHandler:
             }
             for i, row in enumerate(probabilities)
         ]
-        content = {
-            "object": "list",
-            "model": self.name,
-            "labels": labels,
-            "templates": templates,
-            "data": data,
-        }
-        return Response(json.dumps(content).encode(), media_type="application/json")
+        content = {"object": "list", "model": self.name, "labels": labels, "templates": templates}
+        return strict_json({**content, "data": data})
 
     def models(self) -> dict[str, Any]:
         encoder = self.encoder

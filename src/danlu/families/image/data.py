@@ -114,11 +114,19 @@ def augmenter(kind: str, size: tuple[int, int]) -> Callable[[Batch, torch.Genera
 
 def _probe_parts(tower, state: ImageState, config: DataConfig, cache: Path | None, device):
     """part(items, source, split) for a linear probe: the items' tower features (unaugmented), computed
-    once and kept under `cache` (RUN/cache), keyed by the source, the decoding and the tower's weights."""
+    once and kept under `cache` (RUN/cache), keyed by the source, the decoding and the tower's weights
+    (each source's key taken once: it reads every file)."""
     from danlu.families.image import probe
 
+    keys: dict[int, str] = {}
+
     def part(items: ImageItems, source: ImageSource, split: str) -> TensorPart:
-        key = f"{cache_key(source, state, config.skip_bad_images)}-{state.tower['weights']}"
+        def key() -> str:
+            if id(source) not in keys:
+                keys[id(source)] = (
+                    f"{cache_key(source, state, config.skip_bad_images)}-{state.tower['weights']}"
+                )
+            return keys[id(source)]
 
         def compute() -> np.ndarray:
             return probe.features(tower, items.images, state.mean, state.std, device)
@@ -213,12 +221,7 @@ def load(
     if model is not None and model.pretrained is not None:  # a linear probe on a frozen image tower
         from danlu.families.image.probe import pretrained_tower
 
-        tower, info = pretrained_tower(model.pretrained)
-        if state is not None and state.tower is not None and state.tower["weights"] != info["weights"]:
-            raise DanluError(
-                f"the weights in model.pretrained '{model.pretrained}' changed since the run began",
-                "point model.pretrained at the model the run began with, or train again",
-            )
+        tower, info = pretrained_tower(model.pretrained, state.tower if state is not None else None)
     if fitting:
         state = _new_state(source, train_idx, config, task, info if tower is not None else None)
     decoded = _decoder(source, state, config, cache)

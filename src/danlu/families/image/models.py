@@ -58,12 +58,7 @@ def build_probe(config: ModelConfig, state: ImageState) -> nn.Module:
             raise DanluError(
                 "this run trained a linear probe: it needs model.pretrained", "set it as the run did"
             )
-        tower, found = probe.pretrained_tower(config.pretrained)
-        if found["weights"] != info["weights"]:
-            raise DanluError(
-                f"the weights in model.pretrained '{config.pretrained}' changed since the run began",
-                "point model.pretrained at the model the run began with, or train again",
-            )
+        tower, _ = probe.pretrained_tower(config.pretrained, info)
     net = probe.ProbeNet(tower, info["dimensions"], state.n_outputs)
     return ProbeModel(net, state.mean, state.std)
 

@@ -11,9 +11,11 @@ input size and normalized with its image processor's mean and std inside the mod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from danlu.embeddings.detect import DEFAULT_TEMPLATE
 from danlu.errors import DanluError
 
 log = logging.getLogger("danlu")
-TEMPLATE = "a photo of a {}."  # the zero-shot baseline's prompt, as danlu predict --labels uses
 # kind -> the transformers classes of the vision model inside CLIPModel / SiglipModel, and its config
 TOWERS = {
     "clip": ("CLIPVisionModel", "CLIPVisionConfig"),
@@ -63,16 +65,19 @@ class ProbeNet(nn.Module):
         return self.head(self.tower(pixels))
 
 
-def pretrained_tower(path: str | Path) -> tuple[Tower, dict[str, Any]]:
+def pretrained_tower(
+    path: str | Path, expected: dict[str, Any] | None = None
+) -> tuple[Tower, dict[str, Any]]:
     """The image tower of a local CLIP or SigLIP directory, and what the run stores of it (kind, the
     vision config, the projection's width, input size, mean and std, dimensions, a fingerprint of the
-    weights, the directory for the zero-shot baseline).
+    weights, the directory for the zero-shot baseline). expected: what a run stored, whose weights the
+    directory must still hold. The last one loaded is kept: a run's data and its model share it.
 
     Raises:
-        DanluError: the directory is missing or holds no CLIP or SigLIP model.
+        DanluError: the directory is missing, holds no CLIP or SigLIP model, or no longer the weights
+            the run began with.
     """
     from danlu.embeddings.detect import IMAGE_TEXT, model_type
-    from danlu.embeddings.encoders import load_image_text
 
     where = Path(path).expanduser()
     kind = model_type(where) if where.is_dir() else None
@@ -82,7 +87,21 @@ def pretrained_tower(path: str | Path) -> tuple[Tower, dict[str, Any]]:
             "model.pretrained trains a linear probe on its image tower)",
             "pass a CLIP or SigLIP directory saved with save_pretrained, or leave out model.pretrained",
         )
-    encoder = load_image_text(where)
+    fingerprint = weights_fingerprint(where)
+    if expected is not None and expected["weights"] != fingerprint:
+        raise DanluError(
+            f"the weights in model.pretrained '{path}' changed since the run began",
+            "point model.pretrained at the model the run began with, or train again",
+        )
+    tower, info = _load_tower(str(where.resolve()), kind, fingerprint)
+    return tower, dict(info)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_tower(where: str, kind: str, fingerprint: str) -> tuple[Tower, dict[str, Any]]:
+    from danlu.embeddings.encoders import load_image_text
+
+    encoder = load_image_text(Path(where))
     model, processor = encoder.model, encoder.image_processor
     projection = getattr(model, "visual_projection", None)
     tower = Tower(model.vision_model, projection)
@@ -91,14 +110,14 @@ def pretrained_tower(path: str | Path) -> tuple[Tower, dict[str, Any]]:
     width = int(size.get("width") or size.get("shortest_edge"))
     info = {
         "kind": kind,
-        "path": str(where.resolve()),
+        "path": where,
         "vision_config": model.config.vision_config.to_dict(),
         "projection": None if projection is None else [projection.in_features, projection.out_features],
         "size": [height, width],
         "mean": [float(v) for v in processor.image_mean],
         "std": [float(v) for v in processor.image_std],
         "dimensions": encoder.dimensions,
-        "weights": weights_fingerprint(where),
+        "weights": fingerprint,
     }
     return tower, info
 
@@ -143,14 +162,14 @@ def features(tower: Tower, images: np.ndarray, mean: list[float], std: list[floa
     return torch.cat(parts).numpy()
 
 
-def cached_features(directory: Path | None, key: str, split: str, compute) -> np.ndarray:
+def cached_features(directory: Path | None, key: Callable[[], str], split: str, compute) -> np.ndarray:
     """compute()'s features, stored once as directory/features-KEY-SPLIT.npy and read back after (a
-    resumed run); no directory: computed each time."""
+    resumed run); no directory: computed each time (and the key, which may read every file, not taken)."""
     if directory is None:
         return compute()
     from danlu.run import atomic_write
 
-    path = directory / f"features-{key}-{split}.npy"
+    path = directory / f"features-{key()}-{split}.npy"
     if path.is_file():
         return np.load(path)
     found = compute()
@@ -161,12 +180,16 @@ def cached_features(directory: Path | None, key: str, split: str, compute) -> np
 
 def zero_shot_accuracy(pretrained: str, classes: list[Any], features: np.ndarray, target: np.ndarray) -> dict:
     """The image-text model's own zero-shot accuracy on the held-out features, with the class names as
-    labels in TEMPLATE: the baseline the probe is measured against."""
+    labels in DEFAULT_TEMPLATE: the baseline the probe is measured against."""
     from danlu.embeddings.encoders import load_image_text
 
     encoder = load_image_text(Path(pretrained))
     probabilities = encoder.label_probabilities(
-        features.astype(np.float32), [str(c) for c in classes], [TEMPLATE]
+        features.astype(np.float32), [str(c) for c in classes], [DEFAULT_TEMPLATE]
     )
     accuracy = float((probabilities.argmax(axis=1) == target).mean()) if len(target) else None
-    return {"zero_shot_accuracy": accuracy, "zero_shot_template": TEMPLATE, "zero_shot_rows": len(target)}
+    return {
+        "zero_shot_accuracy": accuracy,
+        "zero_shot_template": DEFAULT_TEMPLATE,
+        "zero_shot_rows": len(target),
+    }
