@@ -84,3 +84,16 @@ def test_tensor_part_batches_cover_every_row_once_in_seeded_order():
     other_epoch = torch.cat([b.target for b in part.batches(64, shuffle_generator(0, 2))])
     assert torch.equal(first, again) and not torch.equal(first, other_epoch)
     assert torch.equal(torch.cat([b.target for b in part.batches(64)]), torch.arange(1000))
+
+
+def test_a_large_split_gathers_each_batch_and_gives_the_same_batches(monkeypatch):
+    from danlu.data import batches as module
+
+    images = torch.randint(0, 255, (301, 1, 4, 4), dtype=torch.uint8)
+    part = TensorPart(Batch({"images": images}, torch.arange(301)))
+    whole = list(part.batches(32, shuffle_generator(5, 1)))
+    monkeypatch.setattr(module, "EPOCH_GATHER_BYTES", 0)  # every split "large"
+    gathered = list(part.batches(32, shuffle_generator(5, 1)))
+    assert [b.rows for b in whole] == [b.rows for b in gathered] and len(whole) == 10
+    for a, b in zip(whole, gathered, strict=True):
+        assert torch.equal(a.inputs["images"], b.inputs["images"]) and torch.equal(a.target, b.target)

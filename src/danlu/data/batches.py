@@ -78,14 +78,29 @@ def shuffle_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+# Past this size a split is not copied whole in its epoch's order: each batch gathers its own rows
+EPOCH_GATHER_BYTES = 16 * 2**20
+
+
+def nbytes(batch: Batch) -> int:
+    return sum(t.element_size() * t.nelement() for t in (*batch.inputs.values(), batch.target))
+
+
 def slices(batch: Batch, batch_size: int, perm: torch.Tensor | None, drop_tiny: bool) -> Iterator[Batch]:
-    if perm is not None:
-        batch = batch.take(perm)  # one gather per epoch, then contiguous slices
+    """The batches of `batch` in the order `perm` gives (else as it is): one gather per epoch then
+    contiguous slices for a small split; for a large one (60,000 images) each batch's own gather, the
+    same rows, without a second copy of the split."""
+    whole = perm is not None and nbytes(batch) <= EPOCH_GATHER_BYTES
+    if whole:
+        batch = batch.take(perm)
     n = batch.rows
     for start in range(0, n, batch_size):
         if drop_tiny and n - start < 2 and start > 0:
             break  # a 1-row batch breaks batch norm and adds only noise
-        yield batch.slice(start, start + batch_size)
+        if perm is None or whole:
+            yield batch.slice(start, start + batch_size)
+        else:
+            yield batch.take(perm[start : start + batch_size])
 
 
 def share(n: int, rank: int, world: int) -> tuple[int, int]:

@@ -89,12 +89,19 @@ def check_source(run: RunDir, family: Family, spec: str, source: Source | None =
 
         data = validate(read_yaml(run.config)).data
         source = family.reopen(spec, data, record.get("plan", {}).get("chunk_rows", data.chunk_rows))
-    _same(run, spec, source.fingerprint(), expected)
+    _same(run, spec, _matches(source, expected))
     return source
 
 
-def _same(run: RunDir, spec: str, actual: dict, expected: dict) -> None:
-    if actual != expected:
+def _matches(source: Source, expected: dict) -> bool:
+    """Whether the source is the one `expected` was taken of: by its own comparison where it has one
+    (image folders compare a cheap listing first and read the files only when it differs)."""
+    matches = getattr(source, "matches", None)
+    return matches(expected) if matches is not None else source.fingerprint() == expected
+
+
+def _same(run: RunDir, spec: str, same: bool) -> None:
+    if not same:
         raise DanluError(
             f"'{spec}' has changed since run '{run.path}' was trained (its fingerprint differs)",
             "restore the original file, or pass data explicitly, e.g. `danlu evaluate RUN DATA`",
@@ -110,7 +117,7 @@ def _check_file(run: RunDir, family: Family, spec: str, record: dict[str, Any]) 
     if of_file is None or expected is None or not Path(spec).is_file():
         check_source(run, family, spec)  # its errors: no fingerprint recorded, the file is gone
         return
-    _same(run, spec, of_file(spec), expected)
+    _same(run, spec, of_file(spec) == expected)
 
 
 def items(run: RunDir, family: Family, state: Any) -> tuple[str, Iterator[Any]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pandas as pd
 import psutil
@@ -24,6 +26,9 @@ def split_indices(n: int, labels: pd.Series | None, config: DataConfig):
 
     if labels is not None and (not config.stratify or labels.isna().any()):
         labels = None  # the target check names a bad row later
+    if labels is not None:  # class codes in sorted order: the same split, without sorting strings
+        with contextlib.suppress(TypeError):  # classes that do not sort together: sklearn says so
+            labels = pd.Series(pd.factorize(labels, sort=True)[0])
 
     def split(index: np.ndarray, fraction: float, seed: int):
         if fraction == 0:

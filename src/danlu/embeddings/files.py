@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from danlu.errors import DanluError
-from danlu.families.image.sources import IMAGE_SUFFIXES
+from danlu.families.image.sources import IMAGE_SUFFIXES, list_images
 from danlu.run import atomic_write, atomic_write_json
 
 TABLES = (".csv", ".parquet", ".jsonl")
@@ -39,10 +39,10 @@ def read_items(source: str | Path, column: str | None = None) -> Items:
     the column."""
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(str(f) for f in path.rglob("*") if f.is_file() and is_image(f))
-        if not files:
+        names = list_images(path)  # the image family's listing: its suffixes, its order
+        if not names:
             raise DanluError(f"'{path}' holds no images", f"put {', '.join(IMAGE_SUFFIXES[:4])} files in it")
-        return Items("images", files, [str(Path(f).relative_to(path)) for f in files])
+        return Items("images", [str(path / name) for name in names], names)
     if not path.is_file():
         raise DanluError(f"'{source}' does not exist", "pass a folder of images, an image, a .txt or a table")
     suffix = path.suffix.lower()

@@ -13,7 +13,7 @@ from danlu.families.image.codec import ImageItems, decode_items
 from danlu.families.image.data import load
 from danlu.families.image.export import ImageExport
 from danlu.families.image.models import MODELS, build_model
-from danlu.families.image.plots import image_grid, misclassified
+from danlu.families.image.plots import EVAL_BATCH, image_grid, misclassified
 from danlu.families.image.sources import looks_like_images, open_source
 from danlu.families.image.state import ImageState
 from danlu.run import HELDOUT_IMAGES
@@ -106,7 +106,7 @@ FAMILY = Family(
     page_form=serve.page_form,
     description=serve.description,
     predict_batch=256,
-    eval_batch=512,
+    eval_batch=EVAL_BATCH,
     report_plots=report_plots,
     held_out_stats=held_out_stats,
     plot_predictions=plot_predictions,

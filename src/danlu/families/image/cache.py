@@ -1,5 +1,5 @@
 """The decoded-image cache for image sets larger than the memory budget: each split decoded once into a
-memory-mapped uint8 .npy under RUN/cache/, keyed by the source's fingerprint and the decoding settings,
+memory-mapped uint8 .npy under RUN/cache/, keyed by the source's listing and the decoding settings,
 so a resumed run maps it again instead of decoding. Safe to delete; never packaged."""
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from danlu.run import atomic_write_json
 
 
 def cache_key(source: ImageSource, state: ImageState, skip_bad: bool) -> str:
-    settings = [source.fingerprint(), state.height, state.width, state.channels, skip_bad, __version__]
+    """The source's listing (paths, sizes, modification times: no file read) and the decoding."""
+    listing = source.fingerprint(content=False)
+    settings = [listing, state.height, state.width, state.channels, skip_bad, __version__]
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

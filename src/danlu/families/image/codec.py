@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from danlu.errors import DanluError
-from danlu.families.image.decode import decode, to_array
+from danlu.families.image.decode import from_pil, pil_from_array, to_array
 from danlu.families.image.sources import ImageSource, open_source
 from danlu.families.image.state import ImageState
 
@@ -59,31 +59,22 @@ def targets(state: ImageState, items: ImageItems) -> np.ndarray:
     return state.decode_target(state.encode_target(items.labels.reset_index(drop=True)))
 
 
-def _decode_one(source: ImageSource, i: int, state: ImageState) -> np.ndarray:
-    from danlu.families.image.decode import _from_pil, pil_from_array
-
-    if source.arrays is not None:
-        return _from_pil(pil_from_array(source.arrays[i]), state.size, state.channels)
-    return decode(source.paths[i], state.size, state.channels, f"'{source.paths[i]}'")
-
-
 def decode_items(
     source: ImageSource, indices: np.ndarray, state: ImageState, skip_bad: bool = False, out=None
 ) -> tuple[ImageItems, np.ndarray]:
     """The source's images at `indices`, decoded to the model's size and channels: (items, kept indices).
 
     out: an array [len(indices), h, w, c] to decode into (a memory-mapped cache), else a new array."""
-    images = out if out is not None else np.empty((len(indices), *state.size, state.channels), np.uint8)
-    kept = []
-    for i in indices:
-        try:
-            images[len(kept)] = _decode_one(source, i, state)
-        except DanluError:
-            if not skip_bad or source.arrays is not None:
-                raise
-            continue
-        kept.append(i)
-    kept = np.asarray(kept, dtype=np.int64)
+    if source.paths is not None:  # files: one pass that reads, hashes and decodes each
+        from danlu.families.image.reader import Geometry, read_images
+
+        geometry = Geometry(state.size, state.channels)
+        [(images, kept)] = read_images(source, [indices], geometry, skip_bad, [out])
+    else:  # IDX or NPZ: decoded arrays, resized and converted where the model needs it
+        images = out if out is not None else np.empty((len(indices), *state.size, state.channels), np.uint8)
+        for row, i in enumerate(indices):
+            images[row] = from_pil(pil_from_array(source.arrays[i]), state.size, state.channels)
+        kept = np.asarray(indices, dtype=np.int64)
     labels = None if source.labels is None else source.labels.iloc[kept].reset_index(drop=True)
     return ImageItems(images[: len(kept)], source.names(kept), labels), kept
 

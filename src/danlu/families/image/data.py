@@ -20,6 +20,7 @@ from danlu.errors import DanluError
 from danlu.families.image.cache import cache_key, mapped_items
 from danlu.families.image.codec import ImageItems, decode_items, to_nchw
 from danlu.families.image.decode import open_image
+from danlu.families.image.reader import GRAY_MODES, Geometry, read_images
 from danlu.families.image.sources import ImageSource, open_source
 from danlu.families.image.state import ImageState
 from danlu.families.target import TargetFitter
@@ -48,6 +49,46 @@ def _shape_of(source: ImageSource, i: int, skip_bad: bool) -> tuple[int, int, st
     return image.height, image.width, image.mode
 
 
+def _channels(config: DataConfig, gray: bool) -> int:
+    if config.color != "auto":
+        return 1 if config.color == "grayscale" else 3
+    return 1 if gray else 3
+
+
+def _first_image(source: ImageSource, config: DataConfig) -> Geometry:
+    """The geometry a pass over a new run's files starts from: the configured size or the first readable
+    image's (which every other must then have), and its channels (data.color auto: one for a gray
+    image, widened at the first colour image)."""
+    for i in range(len(source)):
+        shape = _shape_of(source, i, config.skip_bad_images)
+        if shape is not None:
+            configured = _configured_size(config)
+            return Geometry(
+                configured or shape[:2],
+                _channels(config, shape[2] in GRAY_MODES),
+                resize=configured is not None,
+                widen=config.color == "auto",
+                first=f"'{source.paths[i]}'",
+            )
+    raise DanluError(f"'{source.name}' has no readable images", "check the images")
+
+
+def _decoded_bytes(n: int, geometry: Geometry) -> int:
+    return n * geometry.size[0] * geometry.size[1] * geometry.channels
+
+
+def _decode_fitting(
+    source: ImageSource, splits: list[np.ndarray], config: DataConfig, geometry: Geometry
+) -> list[tuple[ImageItems, np.ndarray]]:
+    """A new run's splits decoded in one pass over the files (reader.py), fitting the geometry on the
+    way; `geometry` ends as the images were decoded."""
+    decoded = []
+    for images, kept in read_images(source, splits, geometry, config.skip_bad_images):
+        labels = source.labels.iloc[kept].reset_index(drop=True)
+        decoded.append((ImageItems(images, source.names(kept), labels), kept))
+    return decoded
+
+
 def _fit_geometry(
     source: ImageSource, indices: np.ndarray, config: DataConfig
 ) -> tuple[tuple[int, int], int]:
@@ -65,24 +106,22 @@ def _fit_geometry(
                 "set data.image_size, e.g. data.image_size=64 or data.image_size=[48,64] (height, width)",
             )
         size = sizes.pop()
-    if config.color != "auto":
-        channels = 1 if config.color == "grayscale" else 3
-    else:
-        channels = 1 if all(mode in ("L", "1", "I", "I;16", "F") for _, _, mode in shapes) else 3
-    return size, channels
+    return size, _channels(config, all(mode in GRAY_MODES for _, _, mode in shapes))
 
 
 def _pixel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images [n, h, w, c] in [0, 1], in chunks of float64."""
+    """Per-channel mean and std of uint8 images [n, h, w, c] in [0, 1], from each channel's histogram of
+    the 256 pixel values (exact counts; no float copy of the images)."""
     c = images.shape[3]
-    total, total_sq, n = np.zeros(c), np.zeros(c), 0
+    counts = np.zeros((c, 256), np.int64)
     for start in range(0, len(images), 4096):
-        chunk = images[start : start + 4096].reshape(-1, c).astype(np.float64) / 255.0
-        total += chunk.sum(axis=0)
-        total_sq += np.square(chunk).sum(axis=0)
-        n += len(chunk)
-    mean = total / n
-    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))  # pixels in [0, 1]: no cancellation to fear
+        pixels = torch.from_numpy(np.ascontiguousarray(images[start : start + 4096])).reshape(-1, c)
+        for channel in range(c):  # torch counts uint8 as it is (numpy would widen every pixel to int64)
+            counts[channel] += torch.bincount(pixels[:, channel], minlength=256).numpy()
+    values = np.arange(256) / 255.0
+    n = counts.sum(axis=1)
+    mean = counts @ values / n
+    std = np.sqrt(np.maximum(counts @ values**2 / n - mean**2, 0.0))
     return mean.tolist(), np.where(std > 1e-6, std, 1.0).tolist()
 
 
@@ -156,11 +195,17 @@ def _separate(name: str, spec: str, config: DataConfig, state: ImageState, devic
 
 
 def _new_state(
-    source: ImageSource, train_idx: np.ndarray, config: DataConfig, task: str, tower: dict | None
+    source: ImageSource,
+    train_idx: np.ndarray,
+    config: DataConfig,
+    task: str,
+    tower: dict | None,
+    geometry: tuple[tuple[int, int], int] | None = None,
 ) -> ImageState:
     """Size, channels and classes (the pixel statistics follow once the training images are decoded).
-    Every image of the source must agree on its size, or data.image_size says what to resize to. A
-    probe's images take its tower's size and its processor's mean and std."""
+    Every image of the source must agree on its size, or data.image_size says what to resize to: the
+    geometry the decoding pass found, else a pass over the images' headers. A probe's images take its
+    tower's size and its processor's mean and std."""
     fitter = TargetFitter(task, config.target or "label")
     fitter.update(source.labels.iloc[train_idx].reset_index(drop=True))
     if tower is not None:
@@ -172,7 +217,7 @@ def _new_state(
         return ImageState(
             *tower["size"], 3, tower["mean"], tower["std"], fitter.finish(), config.image, tower
         )
-    size, channels = _fit_geometry(source, np.arange(len(source)), config)
+    size, channels = geometry or _fit_geometry(source, np.arange(len(source)), config)
     return ImageState(*size, channels, [0.0] * channels, [1.0] * channels, fitter.finish(), config.image)
 
 
@@ -222,17 +267,26 @@ def load(
         from danlu.families.image.probe import pretrained_tower
 
         tower, info = pretrained_tower(model.pretrained, state.tower if state is not None else None)
-    if fitting:
-        state = _new_state(source, train_idx, config, task, info if tower is not None else None)
-    decoded = _decoder(source, state, config, cache)
-    train, train_kept = decoded("train", train_idx)
+    splits = [train_idx, val_idx, test_idx]
+    files = fitting and tower is None and source.paths is not None
+    geometry = _first_image(source, config) if files else None
+    if geometry is not None and _decoded_bytes(len(source), geometry) <= memory_budget(config):
+        parts = _decode_fitting(source, splits, config, geometry)
+        state = _new_state(source, train_idx, config, task, None, (geometry.size, geometry.channels))
+        (train, train_kept), (val, val_kept), (test, test_kept) = parts
+    else:
+        if fitting:
+            state = _new_state(source, train_idx, config, task, info if tower is not None else None)
+        decoded = _decoder(source, state, config, cache)
+        names = ("train", "validation", "test")
+        (train, train_kept), (val, val_kept), (test, test_kept) = (
+            decoded(name, indices) for name, indices in zip(names, splits, strict=True)
+        )
     if not len(train_kept):
         raise DanluError(f"'{config.train}' has no readable training images", "check the images")
     if fitting and tower is None:
         state.mean, state.std = _pixel_stats(train.images)
     skipped = len(train_idx) - len(train_kept)
-    val, val_kept = decoded("validation", val_idx)
-    test, test_kept = decoded("test", test_idx)
     skipped += len(val_idx) - len(val_kept) + len(test_idx) - len(test_kept)
     if skipped:
         log.warning("skipped %d unreadable images (data.skip_bad_images)", skipped)

@@ -8,6 +8,7 @@ large is a DanluError naming it (or, in training with data.skip_bad_images, skip
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
 FORMATS_READ = "PNG, JPEG, BMP, WebP, GIF, TIFF"
 
 
+@functools.cache
 def _pil():
     """PIL's Image, with the readers of FORMATS registered: Image.open(formats=...) looks only among
     registered readers, and the other plugins are never loaded."""
@@ -39,9 +41,10 @@ def _pil():
     return Image
 
 
-def _from_pil(image, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
+def from_pil(image, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
     if channels is not None:
-        image = image.convert("L" if channels == 1 else "RGB")
+        mode = "L" if channels == 1 else "RGB"
+        image = image if image.mode == mode else image.convert(mode)
     elif image.mode not in ("L", "RGB"):
         image = image.convert("RGB" if image.mode in ("RGBA", "P", "CMYK", "YCbCr", "LA") else "L")
     if size is not None and (image.height, image.width) != size:
@@ -85,11 +88,11 @@ def decode_opened(image, size: tuple[int, int] | None, channels: int | None, nam
     """An image opened with load=False (its header read), decoded to the model's size and channels."""
     with _readable(name):
         image.load()
-    return _from_pil(image, size, channels)
+    return from_pil(image, size, channels)
 
 
 def decode(source: str | Path | bytes, size: tuple[int, int] | None, channels: int | None, name: str):
-    return _from_pil(open_image(source, name), size, channels)
+    return from_pil(open_image(source, name), size, channels)
 
 
 def to_array(data: Any, size: tuple[int, int], channels: int) -> np.ndarray:
@@ -100,7 +103,7 @@ def to_array(data: Any, size: tuple[int, int], channels: int) -> np.ndarray:
     if isinstance(data, bytes):
         return decode(data, size, channels, "the image")
     if hasattr(data, "convert") and hasattr(data, "resize"):  # a PIL image
-        return _from_pil(data, size, channels)
+        return from_pil(data, size, channels)
     array = np.asarray(data)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise DanluError(
@@ -111,7 +114,7 @@ def to_array(data: Any, size: tuple[int, int], channels: int) -> np.ndarray:
         raise DanluError(
             f"an image array has {array.shape[2]} channels", "pass 1 (gray), 3 (RGB) or 4 (RGBA)"
         )
-    return _from_pil(pil_from_array(array), size, channels)
+    return from_pil(pil_from_array(array), size, channels)
 
 
 def pil_from_array(array: np.ndarray):

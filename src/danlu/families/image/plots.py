@@ -10,6 +10,8 @@ import torch
 from danlu.data.batches import run_model
 
 GRID = 36  # images in a grid
+# images per forward pass when evaluating (a CNN's activations for 64 28x28 images: about 20 MB)
+EVAL_BATCH = 64
 
 
 def image_grid(images: np.ndarray, captions: list[str], path: Path, title: str) -> None:
@@ -37,7 +39,7 @@ def misclassified(model, part, state, device, path: Path) -> int:
     were wrong in all. Classification only."""
     model.eval()
     wrong_images, captions, total = [], [], 0
-    for batch in part.batches(512):
+    for batch in part.batches(EVAL_BATCH):
         predicted = run_model(model, batch.to(device)).argmax(dim=1).cpu()
         wrong = (predicted != batch.target.cpu()).nonzero().flatten()
         total += len(wrong)

@@ -50,15 +50,75 @@ def idx_labels_path(images: Path) -> Path:
     return images.with_name(name)
 
 
+class FileNames:
+    """File paths (root/name, as strings) kept as one UTF-8 blob and an array of offsets rather than a
+    Python object per file: 60,000 names take about 2 MB, not 30."""
+
+    def __init__(self, root: str, names: list[str]):
+        encoded = [os.fsencode(name) for name in names]
+        root = "" if root == "." else root  # as Path(".", name) is name
+        self.root = root + "/" if root and not root.endswith("/") else root
+        self._blob = b"".join(encoded)
+        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def blob(self) -> bytes:
+        """Every name and where it ends: the list's content in bytes."""
+        return os.fsencode(self.root) + b"\0" + self._blob + self._ends.astype("<i8").tobytes()
+
+    def name(self, i: int) -> str:
+        start = int(self._ends[i - 1]) if i else 0
+        return os.fsdecode(self._blob[start : int(self._ends[i])])
+
+    def __getitem__(self, i: int) -> str:
+        return self.root + self.name(i)
+
+
+def _parts(name: str) -> list[str]:
+    return name.split("/")
+
+
+def list_images(root: Path, recursive: bool = True) -> list[str]:
+    """The image files under root as names relative to it ("a/b.png"), in path order (component by
+    component, as sorted Path objects), listed with os.scandir: no Path object per file."""
+    names: list[str] = []
+
+    def walk(folder: str, prefix: str) -> None:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir() and recursive:
+                    walk(entry.path, f"{prefix}{entry.name}/")
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+                    names.append(prefix + entry.name)
+
+    walk(str(root), "")
+    nested = any("/" in name for name in names)
+    return sorted(names, key=_parts) if nested else sorted(names)  # one level: the same order
+
+
+def _stat(path) -> tuple[int, int]:
+    try:
+        stat = os.stat(path)
+    except OSError:  # gone: a listing that matches nothing (reading it names the file)
+        return -1, -1
+    return stat.st_size, stat.st_mtime_ns
+
+
 class ImageSource:
     """Images and (when known) labels of one source. `arrays` holds decoded images for IDX/NPZ; `paths`
-    the files of a folder or CSV, decoded when `read` asks for them."""
+    the files of a folder or CSV, decoded when `read` asks for them.
+
+    The fingerprint of files has two parts: a listing (each file's path, size and modification time,
+    cheap to take again) and a content hash (each file's bytes, taken as the decoding pass reads them, or
+    read on demand). `matches` compares the listing first and reads the files only when it differs."""
 
     def __init__(
         self,
         name: str,
         labels: pd.Series | None,
-        paths: list[Path] | None = None,
+        paths: FileNames | None = None,
         arrays: np.ndarray | None = None,
         files: list[Path] | None = None,
     ):
@@ -66,47 +126,105 @@ class ImageSource:
         self.labels = labels
         self.paths = paths
         self.arrays = arrays  # uint8 [n, h, w] or [n, h, w, c]
-        self.files = files or []  # what the fingerprint covers
+        self.files = files or []  # IDX/NPZ: the data files; for paths: files besides them (a CSV)
+        n = 0 if paths is None else len(paths)
+        self._digests = np.zeros((n, 32), np.uint8)  # of each file's bytes, as they were read
+        self._stats = np.zeros((n, 2), np.int64)  # its size and modification time (ns) then
+        self._hashed = np.zeros(n, bool)
 
     def __len__(self) -> int:
         return len(self.paths) if self.paths is not None else len(self.arrays)
 
     def names(self, indices: np.ndarray) -> list[str]:
         if self.paths is not None:
-            return [str(self.paths[i]) for i in indices]
+            return [self.paths[i] for i in indices]
         return [f"{self.name}#{i}" for i in indices]
 
-    def fingerprint(self) -> dict:
-        if self.arrays is not None and len(self.files) <= 2:
-            return {str(Path(f).name): file_fingerprint(f) for f in self.files}
+    def read_file(self, i: int) -> bytes:
+        """The bytes of image file i, its hash noted for the fingerprint (read once, not again)."""
+        path = self.paths[i]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+                stat = os.fstat(f.fileno())
+        except OSError as exc:
+            raise DanluError(f"'{path}' cannot be read ({exc.strerror})", "check or remove it") from None
+        digest = np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+        self.note(np.array([i]), digest[None], np.array([[stat.st_size, stat.st_mtime_ns]]))
+        return data
+
+    def note(self, indices: np.ndarray, digests: np.ndarray, stats: np.ndarray) -> None:
+        """Files read elsewhere (the decoding pass): the SHA-256 of their bytes [n, 32] and their size
+        and modification time when read [n, 2]."""
+        self._digests[indices] = digests
+        self._stats[indices] = stats
+        self._hashed[indices] = True
+
+    def listing(self) -> dict:
+        """Files, bytes and a hash of every file's path, size and modification time (as read by this
+        source where it was read, else from the file system; -1 for a file that is gone)."""
         digest = hashlib.sha256()
-        total = 0
-        for path in self.files:  # every image file: its place and its bytes
-            data = path.read_bytes()
-            total += len(data)
-            digest.update(os.fsencode(str(path)) + b"\0" + hashlib.sha256(data).digest())
-        return {"files": len(self.files), "bytes": total, "sha256": digest.hexdigest()}
+        stats = [_stat(path) for path in self.files]
+        for path in self.files:
+            digest.update(os.fsencode(str(path)) + b"\0")
+        table = np.asarray(stats, dtype="<i8").reshape(-1, 2)
+        if self.paths is not None:
+            found = self._stats.copy()
+            for i in np.flatnonzero(~self._hashed):
+                found[i] = _stat(self.paths[i])
+            digest.update(self.paths.blob())
+            table = np.concatenate([table, found])
+        digest.update(table.tobytes())
+        return {"files": len(table), "bytes": int(table[:, 0].clip(0).sum()), "listing": digest.hexdigest()}
+
+    def _content(self) -> str:
+        digest = hashlib.sha256()
+        for path in self.files:
+            digest.update(os.fsencode(str(path)) + b"\0" + hashlib.sha256(Path(path).read_bytes()).digest())
+        if self.paths is not None:
+            for i in range(len(self.paths)):
+                if not self._hashed[i]:
+                    self.read_file(i)
+                digest.update(os.fsencode(str(self.paths[i])) + b"\0" + self._digests[i].tobytes())
+        return digest.hexdigest()
+
+    def fingerprint(self, content: bool = True) -> dict:
+        """The listing and (with content) the hash of every file's place and bytes."""
+        if self.paths is None:  # IDX or NPZ: one or two data files
+            return {str(Path(f).name): file_fingerprint(f) for f in self.files}
+        found = self.listing()
+        return {**found, "sha256": self._content()} if content else found
+
+    def matches(self, expected: dict) -> bool:
+        """Whether this is the content `expected` (a fingerprint) was taken of: the same listing, or,
+        when the listing differs (files copied or touched), the same bytes."""
+        if self.paths is None:
+            return self.fingerprint() == expected
+        listing = self.listing()
+        if "listing" in expected and listing == {k: expected.get(k) for k in listing}:
+            return True
+        found = {**listing, "sha256": self._content()}
+        return all(found[k] == expected.get(k) for k in ("files", "bytes", "sha256"))
 
 
 def _folder(path: Path) -> ImageSource:
-    classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files, labels = [], []
-    for folder in classes:
-        for file in sorted(folder.rglob("*")):
-            if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
-                files.append(file)
-                labels.append(folder.name)
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:  # a flat folder of images: unlabelled (for predict)
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        if not files:
+        names = list_images(path, recursive=False)
+        if not names:
             raise DanluError(f"'{path}' holds no images", f"put {', '.join(IMAGE_SUFFIXES[:4])} files in it")
-        return ImageSource(str(path), None, paths=files, files=files)
-    if not files:
+        return ImageSource(str(path), None, paths=FileNames(str(path), names))
+    names, labels = [], []
+    for label in classes:  # one str per class, shared by its files
+        found = list_images(path / label)
+        names += [f"{label}/{name}" for name in found]
+        labels += [label] * len(found)
+    if not names:
         raise DanluError(
             f"'{path}' has class folders but no images in them",
             f"put images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) in {classes[0]}/ and the other class folders",
         )
-    return ImageSource(str(path), pd.Series(labels, name="label"), paths=files, files=files)
+    return ImageSource(str(path), pd.Series(labels, name="label"), paths=FileNames(str(path), names))
 
 
 def _table(path: Path, image_column: str | None, target: str | None) -> ImageSource:
@@ -118,13 +236,13 @@ def _table(path: Path, image_column: str | None, target: str | None) -> ImageSou
             f"'{path}' has no image-path column '{image_column}'",
             f"name it with data.image=COLUMN; columns: {', '.join(map(str, frame.columns[:20]))}",
         )
-    paths = [(path.parent / str(p)).resolve() for p in frame[image_column]]
+    paths = FileNames("", [str((path.parent / str(p)).resolve()) for p in frame[image_column]])
     labels = None
     if target is not None:
         if target not in frame.columns:
             raise DanluError(f"'{path}' has no target column '{target}'", "check data.target")
         labels = frame[target].reset_index(drop=True)
-    return ImageSource(str(path), labels, paths=paths, files=[path, *paths])
+    return ImageSource(str(path), labels, paths=paths, files=[path])
 
 
 def _npz(path: Path) -> ImageSource:
@@ -178,7 +296,7 @@ def open_source(spec: str, image_column: str | None = None, target: str | None =
     if suffix in (".csv", ".parquet", ".pq"):
         return _table(path, image_column, target)
     if suffix in IMAGE_SUFFIXES:
-        return ImageSource(str(path), None, paths=[path], files=[path])
+        return ImageSource(str(path), None, paths=FileNames("", [str(path)]))
     raise DanluError(
         f"'{spec}' is not an image source",
         "pass a folder (one subfolder per class), a CSV/Parquet with data.image, IDX or NPZ (images, labels)",
