@@ -41,9 +41,12 @@ def mixed_folder(root: Path) -> Path:
 def fitting_pass(folder: Path, **data):
     config = validate({"data": {"train": str(folder), "skip_bad_images": True, **data}}).data
     source = open_source(str(folder))
-    splits = [np.arange(0, len(source), 2), np.arange(1, len(source), 2)]
     geometry = _first_image(source, config)
-    return source, geometry, _decode_fitting(source, splits, config, geometry)
+    splits, parts = _decode_fitting(
+        source, lambda: [np.arange(0, len(source), 2), np.arange(1, len(source), 2)], config, geometry
+    )
+    assert [len(ix) for ix in splits] == [(len(source) + 1) // 2, len(source) // 2]
+    return source, geometry, parts
 
 
 @pytest.mark.parametrize("workers", [False, True])

@@ -69,7 +69,7 @@ def decode_items(
         from danlu.families.image.reader import Geometry, read_images
 
         geometry = Geometry(state.size, state.channels)
-        [(images, kept)] = read_images(source, [indices], geometry, skip_bad, [out])
+        _, [(images, kept)] = read_images(source, [indices], geometry, skip_bad, [out])
     else:  # IDX or NPZ: decoded arrays, resized and converted where the model needs it
         images = out if out is not None else np.empty((len(indices), *state.size, state.channels), np.uint8)
         for row, i in enumerate(indices):

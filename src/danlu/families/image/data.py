@@ -78,15 +78,17 @@ def _decoded_bytes(n: int, geometry: Geometry) -> int:
 
 
 def _decode_fitting(
-    source: ImageSource, splits: list[np.ndarray], config: DataConfig, geometry: Geometry
-) -> list[tuple[ImageItems, np.ndarray]]:
-    """A new run's splits decoded in one pass over the files (reader.py), fitting the geometry on the
-    way; `geometry` ends as the images were decoded."""
-    decoded = []
-    for images, kept in read_images(source, splits, geometry, config.skip_bad_images):
+    source: ImageSource, split: Callable[[], list[np.ndarray]], config: DataConfig, geometry: Geometry
+) -> tuple[list[np.ndarray], list[tuple[ImageItems, np.ndarray]]]:
+    """A new run's images decoded in one pass over the files (reader.py), fitting the geometry on the
+    way (`geometry` ends as the images were decoded); `split()` runs while the workers read. Returns
+    the splits and each split's (items, kept positions)."""
+    splits, decoded = read_images(source, split, geometry, config.skip_bad_images)
+    parts = []
+    for images, kept in decoded:
         labels = source.labels.iloc[kept].reset_index(drop=True)
-        decoded.append((ImageItems(images, source.names(kept), labels), kept))
-    return decoded
+        parts.append((ImageItems(images, source.names(kept), labels), kept))
+    return splits, parts
 
 
 def _fit_geometry(
@@ -260,21 +262,26 @@ def load(
     task = "regression" if config.task == "regression" else "classification"
     labels = source.labels
     by_class = labels if task == "classification" else None
-    train_idx, val_idx, test_idx = split_indices(len(source), by_class, config)
+
+    def split() -> list[np.ndarray]:
+        return list(split_indices(len(source), by_class, config))
+
     fitting = state is None
     tower = None
     if model is not None and model.pretrained is not None:  # a linear probe on a frozen image tower
         from danlu.families.image.probe import pretrained_tower
 
         tower, info = pretrained_tower(model.pretrained, state.tower if state is not None else None)
-    splits = [train_idx, val_idx, test_idx]
     files = fitting and tower is None and source.paths is not None
     geometry = _first_image(source, config) if files else None
     if geometry is not None and _decoded_bytes(len(source), geometry) <= memory_budget(config):
-        parts = _decode_fitting(source, splits, config, geometry)
+        splits, parts = _decode_fitting(source, split, config, geometry)
+        train_idx, val_idx, test_idx = splits
         state = _new_state(source, train_idx, config, task, None, (geometry.size, geometry.channels))
         (train, train_kept), (val, val_kept), (test, test_kept) = parts
     else:
+        splits = split()
+        train_idx, val_idx, test_idx = splits
         if fitting:
             state = _new_state(source, train_idx, config, task, info if tower is not None else None)
         decoded = _decoder(source, state, config, cache)

@@ -10,9 +10,11 @@ three."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -44,9 +46,7 @@ class Geometry:
 
 @dataclass
 class _Task:
-    split: int
-    start: int  # position of the chunk's first file in the split
-    indices: np.ndarray
+    indices: np.ndarray  # positions in the source, increasing
     paths: list[str]
     size: tuple[int, int]
     channels: int
@@ -130,48 +130,65 @@ def _workers(files: int) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), 8))
 
 
-def _results(tasks: list[_Task]):
-    """The tasks' chunks in order: from forked workers, or here (one core, few files, or a pool that
-    broke: then the rest is read here)."""
+@contextlib.contextmanager
+def _chunks(tasks: list[_Task]) -> Iterator[Iterator[_Chunk]]:
+    """The tasks' chunks in order. With workers, every task is handed out on entering, so they read
+    while this process does other work (the split) before it takes the first chunk; otherwise (one
+    core, few files) they are read here as they are taken."""
     workers = _workers(sum(len(t.paths) for t in tasks))
     if workers == 1:
-        yield from map(_read_chunk, tasks)
+        yield map(_read_chunk, tasks)
         return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        yield _guarded(pool.map(_read_chunk, tasks), tasks)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _guarded(chunks: Iterator[_Chunk], tasks: list[_Task]) -> Iterator[_Chunk]:
+    """A pool's chunks; if it breaks (a worker killed), the rest read here."""
     done = 0
     try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            for chunk in pool.map(_read_chunk, tasks):
-                done += 1
-                yield chunk
+        for chunk in chunks:
+            done += 1
+            yield chunk
     except BrokenProcessPool:
         yield from map(_read_chunk, tasks[done:])
 
 
 class _Pass:
+    """Where each decoded image goes: its split's array, at the next row of that split (each split's
+    positions increase and chunks come in source order, so rows fill in the split's order)."""
+
     def __init__(self, source: ImageSource, geometry: Geometry, splits: list[np.ndarray], outs):
         self.source, self.geometry = source, geometry
         self.arrays = [
             out if out is not None else np.empty((len(ix), *geometry.size, geometry.channels), np.uint8)
             for ix, out in zip(splits, outs, strict=True)
         ]
+        self.owner = np.full(len(source), -1, np.int8)  # each position's split
+        for s, ix in enumerate(splits):
+            self.owner[ix] = s
         self.filled = [0] * len(splits)
         self.kept: list[list[np.ndarray]] = [[] for _ in splits]
-        self.regray: list[tuple[int, int, int]] = []  # (split, row, source index)
+        self.regray: list[tuple[int, int, int]] = []  # (split, row, source position)
 
     def widen(self) -> None:
         """From one channel to three: every array so far repeated, the other gray modes decoded again."""
         self.geometry.channels = 3
         self.arrays = [np.repeat(a, 3, axis=3) for a in self.arrays]
-        size, paths = self.geometry.size, self.source.paths
         for split, row, i in self.regray:
-            image = open_image(self.source.read_file(i), f"'{paths[i]}'", load=False)
-            self.arrays[split][row] = decode_opened(image, size, 3, f"'{paths[i]}'")
+            self.arrays[split][row] = self._decoded(i, 3)
         self.regray = []
 
-    def take(self, chunk: _Chunk) -> None:
-        task = chunk.task
-        read = len(chunk.digests)
-        self.source.note(task.indices[:read], chunk.digests, chunk.stats)
+    def _decoded(self, i: int, channels: int) -> np.ndarray:
+        name = f"'{self.source.paths[i]}'"
+        return decode_opened(
+            open_image(self.source.read_file(i), name, load=False), self.geometry.size, channels, name
+        )
+
+    def _raise(self, chunk: _Chunk) -> None:
         if chunk.error is not None:
             raise DanluError(*chunk.error)
         if chunk.other_size is not None:
@@ -182,58 +199,70 @@ class _Pass:
                 f"{size[1]}x{size[0]}",
                 "set data.image_size, e.g. data.image_size=64 or data.image_size=[48,64] (height, width)",
             )
-        images = chunk.images
+
+    def take(self, chunk: _Chunk) -> None:
+        task = chunk.task
+        self.source.note(task.indices[: len(chunk.digests)], chunk.digests, chunk.stats)
+        self._raise(chunk)
+        images, positions = chunk.images, task.indices[chunk.kept]
+        regray = set(chunk.regray)
         if images.shape[3] < self.geometry.channels:  # read before a colour image widened the pass
             images = np.repeat(images, 3, axis=3)
-            for row in chunk.regray:
-                i = task.indices[chunk.kept[row]]
-                name = f"'{self.source.paths[i]}'"
-                image = open_image(self.source.read_file(i), name, load=False)
-                images[row] = decode_opened(image, self.geometry.size, 3, name)
-        elif self.geometry.widen and self.geometry.channels == 1:
-            filled = self.filled[task.split]
-            self.regray += [(task.split, filled + r, task.indices[chunk.kept[r]]) for r in chunk.regray]
-        at = self.filled[task.split]
-        self.arrays[task.split][at : at + len(images)] = images
-        self.filled[task.split] += len(images)
-        self.kept[task.split].append(task.indices[chunk.kept])
+            for row in regray:
+                images[row] = self._decoded(positions[row], 3)
+            regray = set()
+        owners = self.owner[positions]
+        for s in np.unique(owners):
+            rows = np.flatnonzero(owners == s)
+            at = self.filled[s]
+            self.arrays[s][at : at + len(rows)] = images[rows]
+            self.regray += [(s, at + k, positions[r]) for k, r in enumerate(rows) if r in regray]
+            self.filled[s] += len(rows)
+            self.kept[s].append(positions[rows])
         if chunk.stop is not None:  # a colour image: three channels from here on
             if self.geometry.channels == 1:
                 self.widen()
             rest = dataclasses.replace(
-                task,
-                start=task.start + chunk.stop,
-                channels=3,
-                indices=task.indices[chunk.stop :],
-                paths=task.paths[chunk.stop :],
+                task, channels=3, indices=task.indices[chunk.stop :], paths=task.paths[chunk.stop :]
             )
             self.take(_read_chunk(rest))
 
 
 def read_images(
     source: ImageSource,
-    splits: list[np.ndarray],
+    splits: list[np.ndarray] | Callable[[], list[np.ndarray]],
     geometry: Geometry,
     skip_bad: bool,
     outs: list[np.ndarray | None] | None = None,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The images of each split of a source of files (positions in `splits`), decoded in one pass:
-    per split (images [kept, h, w, channels], kept positions). `geometry.channels` ends as decoded.
-    outs: arrays to decode into (memory-mapped caches; no widening), else new arrays."""
-    outs = outs or [None] * len(splits)
-    if geometry.widen and any(out is not None for out in outs):
-        raise ValueError("a pass into given arrays cannot widen them")
-    state = _Pass(source, geometry, splits, outs)
+) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+    """The images of each split of a source of files, decoded in one pass in the source's order.
+
+    splits: each split's positions in the source, increasing; or a function giving them, for splits of
+    the whole source, called once the workers are reading (a split that imports scikit-learn then
+    costs no time). Returns the splits and per split (images [kept, h, w, channels], kept positions).
+    `geometry.channels` ends as decoded. outs: arrays to decode into (memory-mapped caches; no
+    widening), else new arrays."""
+    if callable(splits):
+        order = np.arange(len(source))
+    else:
+        if any(len(ix) > 1 and not np.all(np.diff(ix) > 0) for ix in splits):
+            raise ValueError("the positions of a split must increase")
+        order = np.unique(np.concatenate(splits)) if splits else np.empty(0, np.int64)
     g = geometry
     tasks = [
-        _Task(s, start, ix, [source.paths[i] for i in ix], g.size, g.channels, g.resize, g.widen, skip_bad)
-        for s, split in enumerate(splits)
-        for start in range(0, len(split), CHUNK)
-        if len(ix := split[start : start + CHUNK])
+        _Task(ix, [source.paths[i] for i in ix], g.size, g.channels, g.resize, g.widen, skip_bad)
+        for start in range(0, len(order), CHUNK)
+        if len(ix := order[start : start + CHUNK])
     ]
-    for chunk in _results(tasks):
-        state.take(chunk)
-    return [
+    with _chunks(tasks) as chunks:
+        splits = splits() if callable(splits) else splits
+        outs = outs or [None] * len(splits)
+        if geometry.widen and any(out is not None for out in outs):
+            raise ValueError("a pass into given arrays cannot widen them")
+        state = _Pass(source, geometry, splits, outs)
+        for chunk in chunks:
+            state.take(chunk)
+    return splits, [
         (array[:filled], np.concatenate(kept) if kept else np.empty(0, np.int64))
         for array, filled, kept in zip(state.arrays, state.filled, state.kept, strict=True)
     ]
