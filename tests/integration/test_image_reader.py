@@ -187,3 +187,17 @@ def test_pixel_statistics_from_histograms_equal_float_arithmetic():
     pixels = images.reshape(-1, 3) / 255.0
     np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-9)
+
+
+def test_a_listed_file_that_is_gone_is_named_or_skipped(tmp_path):
+    from tests.images import csv_of_paths
+
+    table = csv_of_paths(tmp_path, n=45, size=10)
+    gone = next((tmp_path / "pictures").rglob("*.png"))
+    gone.unlink()
+    data = [f"data.train={table}", "data.image=file", "data.target=shape"]
+    args = [*data, "train.epochs=1", "model.channels=[4]"]
+    with pytest.raises(DanluError, match=rf"'{gone}' cannot be read"):
+        danlu.train(None, args, out=tmp_path / "run", progress=False)
+    run = danlu.train(None, [*args, "data.skip_bad_images=true"], out=tmp_path / "skipped", progress=False)
+    assert sum(run.report["rows"].values()) == 44  # train, validation and test: all but the one gone

@@ -16,7 +16,9 @@ VERIFY_SAMPLE_ROWS = 1000
 
 
 class Source(Protocol):
-    """A data source: its config string and a fingerprint of its content."""
+    """A data source: its config string and a fingerprint of its content. A source may also have
+    `matches(fingerprint) -> bool` for a cheaper comparison than taking its fingerprint again (image
+    folders compare a listing of sizes and times first)."""
 
     name: str
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from danlu.errors import DanluError
 from danlu.families.image.decode import decode_opened, from_pil, open_image
-from danlu.families.image.sources import ImageSource
+from danlu.families.image.sources import ImageSource, read_with_stat
 
 CHUNK = 512
 PARALLEL_FILES = 4096  # fewer files are read in this process: starting workers would cost more
@@ -68,19 +68,6 @@ class _Chunk:
     other_size: tuple[str, int, int] | None = None  # (name, height, width) of an image of another size
 
 
-def _read_file(path: str) -> tuple[bytes, os.stat_result]:
-    """A file's bytes and its stat, with two or three system calls (no file object)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        stat = os.fstat(fd)
-        parts = [os.read(fd, stat.st_size + 1)]
-        while len(parts[-1]) and sum(map(len, parts)) > stat.st_size:  # it grew: read to its end
-            parts.append(os.read(fd, 1 << 20))
-        return b"".join(parts) if len(parts) > 1 else parts[0], stat
-    finally:
-        os.close(fd)
-
-
 def _read_chunk(task: _Task) -> _Chunk:
     """Read, hash and decode the task's files (in a worker or in this process)."""
     import hashlib
@@ -95,11 +82,11 @@ def _read_chunk(task: _Task) -> _Chunk:
         name = f"'{path}'"
         try:
             try:
-                data, stat = _read_file(path)
-            except OSError as exc:  # noted as unreadable: no bytes, size and time -1
+                data, stat = read_with_stat(path)
+            except DanluError:  # noted as unreadable: no bytes, size and time -1
                 digests.append(bytes(32))
                 stats.append((-1, -1))
-                raise DanluError(f"{name} cannot be read ({exc.strerror})", "check or remove it") from None
+                raise
             digests.append(hashlib.sha256(data).digest())
             stats.append((stat.st_size, stat.st_mtime_ns))
             image = open_image(data, name)  # header and pixels
