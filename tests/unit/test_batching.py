@@ -12,6 +12,23 @@ def frame(*values):
     return [{"x": v} for v in values]
 
 
+def refusing_negatives(passes: list | None = None, pause_first: float = 0.0):
+    """A model that returns each row's x and raises on a negative one; `passes` records each pass's
+    rows, and the first pass sleeps `pause_first` seconds (so later callers queue up meanwhile)."""
+
+    def infer(batch):
+        values = np.array([row["x"] for row in batch])
+        if passes is not None:
+            passes.append(values.tolist())
+            if len(passes) == 1:
+                time.sleep(pause_first)
+        if (values < 0).any():
+            raise ValueError("negative")
+        return values
+
+    return infer
+
+
 def run(coroutine):
     return asyncio.run(coroutine)
 
@@ -104,14 +121,8 @@ def test_a_full_queue_refuses_and_a_stuck_inference_times_out_and_frees_its_slot
 
 
 def test_a_model_error_reaches_the_callers_and_the_batcher_keeps_serving():
-    def infer(batch):
-        values = np.array([row["x"] for row in batch])
-        if (values < 0).any():
-            raise ValueError("negative")
-        return values
-
     async def main():
-        batcher = MicroBatcher(infer, max_wait_ms=0)
+        batcher = MicroBatcher(refusing_negatives(), max_wait_ms=0)
         await batcher.start()
         with pytest.raises(ValueError):
             await batcher.submit(frame(-1))
@@ -126,15 +137,7 @@ def test_a_model_error_reaches_the_callers_and_the_batcher_keeps_serving():
 
 def test_one_callers_bad_rows_in_a_shared_pass_fail_that_caller_alone():
     passes = []
-
-    def infer(batch):
-        values = np.array([row["x"] for row in batch])
-        passes.append(values.tolist())
-        if len(passes) == 1:
-            time.sleep(0.2)  # the others queue up meanwhile and share the next pass
-        if (values < 0).any():
-            raise ValueError("negative")
-        return values
+    infer = refusing_negatives(passes, pause_first=0.2)  # the others queue up and share the next pass
 
     async def main():
         batcher = MicroBatcher(infer, max_wait_ms=0)

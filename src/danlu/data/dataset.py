@@ -16,13 +16,25 @@ VERIFY_SAMPLE_ROWS = 1000
 
 
 class Source(Protocol):
-    """A data source: its config string and a fingerprint of its content. A source may also have
-    `matches(fingerprint) -> bool` for a cheaper comparison than taking its fingerprint again (image
-    folders compare a listing of sizes and times first)."""
+    """A data source: its config string, a fingerprint of its content, and whether it still matches a
+    fingerprint taken before (Fingerprinted: by taking it again; image folders compare a listing of
+    sizes and times first)."""
 
     name: str
 
     def fingerprint(self) -> dict: ...
+
+    def matches(self, expected: dict) -> bool: ...
+
+
+class Fingerprinted:
+    """The comparison most sources make: their fingerprint, taken again, equals the one recorded."""
+
+    def fingerprint(self) -> dict:
+        raise NotImplementedError
+
+    def matches(self, expected: dict) -> bool:
+        return self.fingerprint() == expected
 
 
 @dataclass

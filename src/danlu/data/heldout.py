@@ -89,15 +89,8 @@ def check_source(run: RunDir, family: Family, spec: str, source: Source | None =
 
         data = validate(read_yaml(run.config)).data
         source = family.reopen(spec, data, record.get("plan", {}).get("chunk_rows", data.chunk_rows))
-    _same(run, spec, _matches(source, expected))
+    _same(run, spec, source.matches(expected))
     return source
-
-
-def _matches(source: Source, expected: dict) -> bool:
-    """Whether the source is the one `expected` was taken of: by its own comparison where it has one
-    (image folders compare a cheap listing first and read the files only when it differs)."""
-    matches = getattr(source, "matches", None)
-    return matches(expected) if matches is not None else source.fingerprint() == expected
 
 
 def _same(run: RunDir, spec: str, same: bool) -> None:

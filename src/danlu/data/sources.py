@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from danlu.config import SYNTHETIC_PREFIX, SyntheticConfig
+from danlu.data.dataset import Fingerprinted
 from danlu.errors import DanluError
 
 SUFFIXES = (".csv", ".parquet", ".pq", ".npz", ".npy", ".jsonl")
@@ -52,7 +53,7 @@ def frame_fingerprint(frame: pd.DataFrame) -> dict:
     return {"rows": len(frame), "sha256": digest.hexdigest()}
 
 
-class FrameTable:
+class FrameTable(Fingerprinted):
     """A table already in memory (CSV, NPZ, synthetic data)."""
 
     def __init__(self, frame: pd.DataFrame, name: str, chunk_rows: int = 262_144, path: Path | None = None):
@@ -87,7 +88,7 @@ class FrameTable:
         return self.frame
 
 
-class NpyTable:
+class NpyTable(Fingerprinted):
     """A 2-D numeric .npy file; columns are named x0..x{n-1}."""
 
     def __init__(self, path: Path, chunk_rows: int = 262_144):
@@ -133,7 +134,7 @@ class NpyTable:
         return pd.DataFrame(np.array(self._map()), columns=self.columns)
 
 
-class ParquetTable:
+class ParquetTable(Fingerprinted):
     """A Parquet file; chunks are its row groups."""
 
     def __init__(self, path: Path):

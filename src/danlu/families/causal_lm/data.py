@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from danlu.config import Config, DataConfig, ModelConfig, TrainConfig
 from danlu.data.batches import Batch, sharded
-from danlu.data.dataset import Dataset, HeldOut, assemble
+from danlu.data.dataset import Dataset, Fingerprinted, HeldOut, assemble
 from danlu.data.sources import file_fingerprint
 from danlu.data.split import split_indices
 from danlu.errors import DanluError
@@ -40,7 +40,7 @@ PROGRESS_FROM = 2000  # conversations: tokenizing fewer shows no progress bar
 
 
 @dataclass
-class ConversationSource:
+class ConversationSource(Fingerprinted):
     """A conversation file: its path as the config names it, and its fingerprint."""
 
     name: str

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from danlu.data.dataset import Fingerprinted
 from danlu.data.sources import file_fingerprint
 from danlu.errors import DanluError
 
@@ -123,7 +124,7 @@ def _stat(path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-class ImageSource:
+class ImageSource(Fingerprinted):
     """Images and (when known) labels of one source. `arrays` holds decoded images for IDX/NPZ; `paths`
     the files of a folder or CSV, decoded when `read` asks for them.
 
