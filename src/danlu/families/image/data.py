@@ -156,7 +156,7 @@ def augmenter(kind: str, size: tuple[int, int]) -> Callable[[Batch, torch.Genera
 def _probe_parts(tower, state: ImageState, config: DataConfig, cache: Path | None, device):
     """part(items, source, split) for a linear probe: the items' tower features (unaugmented), computed
     once and kept under `cache` (RUN/cache), keyed by the source, the decoding and the tower's weights
-    (each source's key taken once: it reads every file)."""
+    (each source's key taken once: its listing stats every file)."""
     from danlu.families.image import probe
 
     keys: dict[int, str] = {}

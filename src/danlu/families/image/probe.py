@@ -164,7 +164,7 @@ def features(tower: Tower, images: np.ndarray, mean: list[float], std: list[floa
 
 def cached_features(directory: Path | None, key: Callable[[], str], split: str, compute) -> np.ndarray:
     """compute()'s features, stored once as directory/features-KEY-SPLIT.npy and read back after (a
-    resumed run); no directory: computed each time (and the key, which may read every file, not taken)."""
+    resumed run); no directory: computed each time (and the key, which stats every file, not taken)."""
     if directory is None:
         return compute()
     from danlu.run import atomic_write
