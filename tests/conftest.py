@@ -73,14 +73,19 @@ def run_cli(
     )
 
 
-def train_and_kill(config: Path, out: Path, epochs: int, danlu: tuple[str, ...] = ("-m", "danlu")) -> None:
-    """`danlu train CONFIG --out OUT` as a real process, killed with SIGKILL once `epochs` epochs are
-    logged: no clean-up code runs. Asserts it was killed mid-run and left a resumable, incomplete run.
-    danlu: how python starts the CLI (`-c CODE` for one with a family registered first)."""
+def train_and_kill(
+    config: Path, out: Path, epochs: int, danlu: tuple[str, ...] = ("-m", "danlu"), *flags: str
+) -> None:
+    """`danlu train CONFIG --out OUT FLAGS` as a real process, killed with SIGKILL (with every process it
+    started, torchrun's ranks) once `epochs` epochs are logged: no clean-up code runs. Asserts it was
+    killed mid-run and left a resumable, incomplete run. danlu: how python starts the CLI (`-c CODE` for
+    one with a family registered first)."""
     import time
 
+    import psutil
+
     process = subprocess.Popen(
-        [sys.executable, *danlu, "-q", "train", str(config), "--out", str(out)],
+        [sys.executable, *danlu, "-q", "train", str(config), "--out", str(out), *flags],
         cwd=config.parent,
         env={**os.environ, "PYTHONPATH": str(ROOT)},  # the tests' own modules (models, families)
         stdout=subprocess.DEVNULL,
@@ -91,6 +96,8 @@ def train_and_kill(config: Path, out: Path, epochs: int, danlu: tuple[str, ...] 
         if metrics.exists() and len(metrics.read_text().splitlines()) >= epochs:
             break
         time.sleep(0.01)
+    for child in psutil.Process(process.pid).children(recursive=True):
+        child.kill()
     process.kill()
     process.wait()
     assert process.returncode == -9, "the run finished before it could be killed; make it longer"

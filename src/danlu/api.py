@@ -99,12 +99,13 @@ def train(
 def _train_and_finish(config, overrides, out, resume, overwrite: bool, world, progress: bool, on_epoch):
     from danlu.training import distributed
     from danlu.training.report import finish
-    from danlu.training.trainer import fit
+    from danlu.training.trainer import final_setup, fit
 
     run, cfg, setup = _run_setup(config, overrides, out, resume, overwrite, world)
     fit(cfg, run, setup, progress=progress, on_epoch=on_epoch)
-    if world.main:
-        finish(cfg, run, setup)
+    final = final_setup(cfg, run, setup)  # every rank: a sharded model is gathered
+    if final is not None:
+        finish(cfg, run, final)
     distributed.barrier(world)  # the report exists on every rank's return
     return run
 

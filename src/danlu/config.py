@@ -230,6 +230,11 @@ class TrainConfig(Section):
     accumulate: int = Field(
         1, ge=1, description="micro-batches per optimizer step (batch_size is the whole step, all processes)"
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="several processes: ddp (each holds the whole model, its gradients and optimizer "
+        "state) or fsdp (PyTorch's FSDP2: each holds 1/N of them)",
+    )
     dist_timeout: float = Field(
         300, gt=0, description="seconds a multi-process run waits on its peers before failing"
     )

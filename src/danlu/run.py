@@ -160,6 +160,8 @@ def written_by_danlu(folder: str, path: Path) -> bool:
     if _is_temporary(name):
         return True
     if folder == CHECKPOINTS:
+        if path.parent.name != CHECKPOINTS:  # a sharded checkpoint's folder, or one being written
+            return _is_shard_file(path)
         return name in (LAST_CHECKPOINT, BEST_CHECKPOINT)
     if folder == CACHE:
         return bool(CACHE_NAME.match(name))
@@ -309,6 +311,20 @@ class RunDir:
 
 
 _TEMPORARY = re.compile(r"^\..+\.[^.]+\.tmp$")  # atomic_write's temporaries: .NAME.XXXXXX.tmp
+
+
+# what torch.distributed.checkpoint writes in a sharded checkpoint's folder (checkpoints/shards-EPOCH/,
+# or .shards-EPOCH.writing.tmp while it is written)
+_SHARD_FOLDER = re.compile(r"^(shards-\d{6}|\.shards-\d{6}\.writing\.tmp)$")
+_SHARD_FILE = re.compile(r"^(\.metadata|__\d+_\d+\.distcp)$")
+
+
+def _is_shard_file(path: Path) -> bool:
+    return (
+        path.parent.parent.name == CHECKPOINTS
+        and bool(_SHARD_FOLDER.match(path.parent.name))
+        and bool(_SHARD_FILE.match(path.name))
+    )
 
 
 def _is_temporary(name: str) -> bool:

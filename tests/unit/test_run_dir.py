@@ -146,3 +146,23 @@ def test_a_folder_danlu_filled_loses_only_the_files_its_manifest_names(tmp_path)
     (tmp_path / "run" / ".hf.writing.tmp" / "config.json").write_text("{}")
     run.prepare_new(overwrite=True)
     assert tree(tmp_path / "run") == ["hf", "hf/README.md"]
+
+
+def test_a_sharded_checkpoints_files_go_and_a_users_file_beside_them_stays(tmp_path):
+    run = make_run(tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for folder in ("shards-000004", ".shards-000005.writing.tmp"):  # done, and stopped half-way
+        (checkpoints / folder).mkdir()
+        for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+            (checkpoints / folder / name).write_bytes(b"shard")
+    (checkpoints / "shards-000004" / "notes.txt").write_text("mine")
+    (checkpoints / "shards-mine").mkdir()  # not a name danlu gives its folders
+    (checkpoints / "shards-mine" / "__0_0.distcp").write_bytes(b"someone else's")
+    run.remove_entries()
+    assert tree(tmp_path / "run") == [
+        "checkpoints",
+        "checkpoints/shards-000004",
+        "checkpoints/shards-000004/notes.txt",
+        "checkpoints/shards-mine",
+        "checkpoints/shards-mine/__0_0.distcp",
+    ]

@@ -42,6 +42,18 @@ def add_train(sub) -> None:
         metavar="K",
         help="with --nproc: restart the processes up to K times after a failure, from the last checkpoint",
     )
+    nodes = p.add_argument_group(
+        "several machines (torchrun)",
+        "Start the same command on every machine, with its own --node-rank; each starts --nproc "
+        "processes. The run directory should be on storage every machine sees (checkpoints are "
+        "read back by every process on --resume).",
+    )
+    nodes.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines in the run (default 1)")
+    nodes.add_argument("--node-rank", type=int, default=0, metavar="R", help="this machine's place, 0 to M-1")
+    nodes.add_argument("--master-addr", metavar="HOST", help="the address of machine 0, reachable from all")
+    nodes.add_argument(
+        "--master-port", type=int, default=29500, metavar="PORT", help="a free port on machine 0 (29500)"
+    )
     p.add_argument(
         "--backend",
         choices=["torchrun", "ray"],
@@ -84,8 +96,11 @@ def launch_ray(args, config) -> int:
     from danlu.config import resolve_paths
     from danlu.training.ray_train import train_with_ray
 
-    if args.nproc or args.max_restarts:
-        raise DanluError("--nproc and --max-restarts are torchrun's", "with --backend ray use --workers N")
+    if args.nproc or args.max_restarts or args.nnodes != 1:
+        raise DanluError(
+            "--nproc, --nnodes and --max-restarts are torchrun's",
+            "with --backend ray use --workers N (Ray places them on the cluster's machines)",
+        )
     use_gpu = config.train.device != "cpu" and torch.cuda.is_available()
     new = None if args.resume else resolve_paths(config, Path.cwd())
     run, result = train_with_ray(
@@ -104,14 +119,9 @@ def launch_torchrun(args, config) -> int:
 
     if args.nproc < 1:
         raise DanluError("--nproc must be at least 1", "e.g. --nproc 2")
-    _check_before_launch(config, args.nproc)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={args.nproc}",
-    ]
+    _check_before_launch(config, args.nproc, args.nnodes)
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}"]
+    command += _rendezvous(args)
     command += [f"--max-restarts={args.max_restarts}", "-m", "danlu"]
     command += ["--debug"] * args.debug + ["--quiet"] * args.quiet + ["train"]
     command += [args.config] if args.config else []
@@ -128,14 +138,44 @@ def launch_torchrun(args, config) -> int:
     return subprocess.run(command, env=env).returncode
 
 
-def _check_before_launch(config, nproc: int) -> None:
-    """Catch what every rank would fail on (an indivisible batch, CUDA without GPUs) in this process, as
-    one line, before starting any."""
+def _rendezvous(args) -> list[str]:
+    """How torchrun's processes find each other: on this machine alone, or on machine 0's address."""
+    if args.nnodes < 1:
+        raise DanluError("--nnodes must be at least 1", "e.g. --nnodes 2")
+    if args.nnodes == 1:
+        return ["--standalone"]
+    if not 0 <= args.node_rank < args.nnodes:
+        raise DanluError(
+            f"--node-rank {args.node_rank} is outside 0 to {args.nnodes - 1}",
+            "give each machine its own rank, 0 on the machine at --master-addr",
+        )
+    if not args.master_addr:
+        raise DanluError(
+            f"--nnodes {args.nnodes} needs --master-addr", "pass machine 0's address on every machine"
+        )
+    return [
+        f"--nnodes={args.nnodes}",
+        f"--node-rank={args.node_rank}",
+        f"--master-addr={args.master_addr}",
+        f"--master-port={args.master_port}",
+    ]
+
+
+def _check_before_launch(config, nproc: int, nnodes: int = 1) -> None:
+    """Catch what every rank would fail on (an indivisible batch, CUDA without GPUs, a sharded strategy
+    in one process) in this process, as one line, before starting any."""
     import torch
 
     from danlu.config import check_batch_split
+    from danlu.training.sharding import shards
 
-    check_batch_split(config.train, nproc)
+    tc = config.train
+    if shards(tc.strategy) and nproc * nnodes == 1:
+        raise DanluError(
+            f"train.strategy={tc.strategy} shards the model over several processes; --nproc 1 starts one",
+            "use --nproc 2 or more, or train without --nproc (one process: nothing to shard)",
+        )
+    check_batch_split(tc, nproc * nnodes)
     if config.train.device == "cuda" and torch.cuda.device_count() < nproc:
         raise DanluError(
             f"train.device=cuda (nccl) needs {nproc} GPUs; this machine has {torch.cuda.device_count()}",

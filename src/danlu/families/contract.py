@@ -1,7 +1,7 @@
 """The family contract: everything the rest of danlu may ask of a family, as one typed object.
 
 A family's package builds one `Family` (its `FAMILY`), registered by one line in `danlu.families.FAMILIES`.
-The trainer, checkpoints, DDP/Ray, the run directory, the report, the Predictor, export verification,
+The trainer, checkpoints, DDP/FSDP/Ray, the run directory, the report, the Predictor, export verification,
 held-out records, the server and packaging call only these fields; nothing outside `families/` probes a
 family's module or names a family. "Items" are a family's raw rows in memory (a DataFrame, decoded
 images, a list of texts); a "part" is a split the trainer batches (`danlu.data.batches.Part`); the
@@ -35,6 +35,25 @@ def _no_stats(part: Any, epochs: int, seconds: float) -> dict[str, Any]:
 
 def _every_weight(model_config: Any) -> bool:
     return False
+
+
+def _whole(model: Any) -> list:
+    return []
+
+
+def repeated_blocks(model: Any) -> list:
+    """The elements of the model's largest ModuleList by parameters: a transformer's layers (for
+    shard_blocks: FSDP then gathers one layer's parameters at a time)."""
+    from torch import nn
+
+    best: list = []
+    best_size = 0
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = list(module), size
+    return best
 
 
 def _no_held_out_stats(state: Any, part: Any) -> dict[str, Any]:
@@ -106,6 +125,9 @@ class Family:
     bind: Callable[[Any, Path], None] = _nothing  # (state, run dir): a finished run's own files
     # (model, TrainConfig) after the model is built for training (causal LMs: gradient checkpointing)
     prepare_training: Callable[[Any, Any], None] = _nothing
+    # model -> the blocks train.strategy=fsdp shards one by one (a transformer's layers), before the
+    # whole model; []: the model is sharded as one
+    shard_blocks: Callable[[Any], list] = _whole
     write_artifacts: Callable[[Any, Any, Any], None] = _nothing  # (RunDir, model, state) at the end
     # write_artifacts writes RUN/model.safetensors itself (causal LMs: the merged model, beside RUN/hf)
     writes_weights: bool = False

@@ -1,7 +1,17 @@
-"""Training checkpoints: full state for --resume, written atomically, loaded with weights_only=True."""
+"""Training checkpoints: full state for --resume, written atomically, loaded with weights_only=True.
+
+A checkpoint is one file (checkpoints/last.pt, best.pt). A sharded run's (train.strategy=fsdp) holds the
+loop state alone and names the folder beside it where every rank wrote its shard of the model and
+optimizer with `torch.distributed.checkpoint` (checkpoints/shards-EPOCH/); the file is written after the
+folder is complete, so either the old checkpoint or the new one is whole at any moment."""
 
 from __future__ import annotations
 
+import contextlib
+import re
+import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +21,7 @@ from torch import nn
 from danlu import __version__
 from danlu.config import SCHEMA_VERSION
 from danlu.errors import DanluError
-from danlu.run import atomic_write
+from danlu.run import BEST_CHECKPOINT, LAST_CHECKPOINT, atomic_write
 
 MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
@@ -22,6 +32,8 @@ RNG_KEY = "rng"
 CONFIG_KEY = "config"
 VERSION_KEY = "danlu_version"
 SCHEMA_VERSION_KEY = "schema_version"
+SHARDS_KEY = "shards"  # a sharded checkpoint: the folder (in checkpoints/) that holds its shards
+SHARDS_FOLDER = re.compile(r"^shards-\d{6}$")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -94,6 +106,13 @@ def save_checkpoint(
     checkpoint = {
         MODEL_KEY: model_state(model, trainable_only),
         OPTIMIZER_KEY: optimizer.state_dict(),
+        **_loop_state(scaler, trainer_state, config, rng_states),
+    }
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def _loop_state(scaler, trainer_state, config, rng_states) -> dict[str, Any]:
+    state = {
         TRAINER_STATE_KEY: trainer_state,
         RNG_KEY: rng_states[0],
         CONFIG_KEY: config,
@@ -101,10 +120,110 @@ def save_checkpoint(
         SCHEMA_VERSION_KEY: SCHEMA_VERSION,
     }
     if len(rng_states) > 1:
-        checkpoint[RANK_RNG_KEY] = rng_states
+        state[RANK_RNG_KEY] = rng_states
     if scaler is not None and scaler.is_enabled():
-        checkpoint[SCALER_KEY] = scaler.state_dict()
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
+        state[SCALER_KEY] = scaler.state_dict()
+    return state
+
+
+def save_sharded(
+    paths: list[Path],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    trainer_state: dict[str, Any],
+    config: dict[str, Any],
+    rng_states: list[dict[str, Any]] | None,
+    trainable_only: bool,
+    world: Any,
+) -> None:
+    """Called on every rank: each writes its shards once into checkpoints/shards-EPOCH/ (in a temporary
+    folder first), then rank 0 (rng_states: every rank's, gathered there) writes each file in `paths`
+    naming it, and removes the shard folders no checkpoint names any more."""
+    import torch.distributed.checkpoint as dcp
+
+    from danlu.training import distributed
+
+    folder = paths[0].parent
+    name = f"shards-{trainer_state['epoch']:06d}"
+    writing = folder / f".{name}.writing.tmp"
+    if world.main and writing.exists():
+        shutil.rmtree(writing)  # left by a run stopped while it wrote
+    distributed.barrier(world)
+    with _single_process_quiet():
+        dcp.save(_sharded_state(model, optimizer, trainable_only), checkpoint_id=writing)
+    if not world.main:
+        return
+    final = folder / name
+    if final.exists():  # written by a stopped run before a checkpoint named it (a resume replays the epoch)
+        shutil.rmtree(final)
+    writing.rename(final)
+    record = {SHARDS_KEY: name, **_loop_state(scaler, trainer_state, config, rng_states)}
+    for path in paths:
+        atomic_write(path, lambda f: torch.save(record, f))
+    records = [folder / LAST_CHECKPOINT, folder / BEST_CHECKPOINT]
+    named = {load_checkpoint(p).get(SHARDS_KEY) for p in records if p.is_file()}
+    for entry in folder.iterdir():
+        if entry.is_dir() and SHARDS_FOLDER.match(entry.name) and entry.name not in named:
+            shutil.rmtree(entry)
+
+
+def load_sharded(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, trainable_only: bool
+) -> None:
+    """Every rank reads its own shards of a sharded checkpoint's model (and optimizer), whatever the
+    number of processes that wrote it: torch.distributed.checkpoint reshards on load."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _sharded_state(model, optimizer, trainable_only)
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=folder)
+    except Exception as exc:  # a missing folder, or shards of another model
+        raise DanluError(
+            f"cannot load the sharded checkpoint '{folder}': {exc}".splitlines()[0],
+            "the checkpoint is damaged or not this run's; train again",
+        ) from None
+    # the kernels are this world's choice (no fused SGD over sharded parameters), not the writer's
+    kernels = [{k: g[k] for k in _KERNEL_OPTIONS if k in g} for g in getattr(optimizer, "param_groups", [])]
+    set_state_dict(
+        model,
+        optimizer if optimizer is not None else [],
+        model_state_dict=state["model"],
+        optim_state_dict=state.get("optimizer", {}),
+        options=StateDictOptions(strict=not trainable_only),
+    )
+    for group, chosen in zip(getattr(optimizer, "param_groups", []), kernels, strict=True):
+        group.update(chosen)
+
+
+_KERNEL_OPTIONS = ("fused", "foreach")
+
+
+def _sharded_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, trainable_only: bool
+) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        weights, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": weights, "optimizer": optimizer_state}
+    if trainable_only:
+        trainable = {name for name, p in unwrap(model).named_parameters() if p.requires_grad}
+        state["model"] = {k: v for k, v in state["model"].items() if k in trainable}
+    return state
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """torch.distributed.checkpoint warns that it assumes one process when no group exists: that is
+    how a sharded run goes on (or ends) in one process, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single")
+        yield
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

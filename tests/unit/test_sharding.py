@@ -1,0 +1,34 @@
+"""What train.strategy=fsdp shards and refuses, without starting processes (tests/e2e/test_sharded.py
+trains with them)."""
+
+import pytest
+
+from danlu.errors import DanluError
+from danlu.families.contract import repeated_blocks
+from danlu.training.distributed import World
+from danlu.training.sharding import check
+from tests.chat_models import tiny_llama
+from tests.texts import tiny_encoder
+
+
+def test_the_blocks_sharded_one_by_one_are_a_transformers_layers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama(tmp_path / "llama"))
+    assert repeated_blocks(llama) == list(llama.model.layers) and len(llama.model.layers) == 2
+    bert = AutoModelForSequenceClassification.from_pretrained(tiny_encoder(tmp_path / "bert"))
+    assert repeated_blocks(bert) == list(bert.bert.encoder.layer)
+    from torch import nn
+
+    assert repeated_blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) == []  # a small model: sharded whole
+
+
+def test_what_a_sharded_strategy_refuses_before_training():
+    two = World(rank=0, size=2)
+    with pytest.raises(DanluError, match="streamed in chunks"):
+        check("fsdp", two, uneven=True, precision="fp32")
+    with pytest.raises(DanluError, match="fp16 is not supported with train"):
+        check("fsdp", two, uneven=False, precision="fp16")
+    check("fsdp", World(), uneven=True, precision="fp16")  # one process: nothing is sharded
+    check("ddp", two, uneven=True, precision="fp16")  # DDP joins uneven ranks and scales fp16
+    check("fsdp", two, uneven=False, precision="bf16")
