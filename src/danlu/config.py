@@ -230,10 +230,17 @@ class TrainConfig(Section):
     accumulate: int = Field(
         1, ge=1, description="micro-batches per optimizer step (batch_size is the whole step, all processes)"
     )
-    strategy: Literal["ddp", "fsdp"] = Field(
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",
         description="several processes: ddp (each holds the whole model, its gradients and optimizer "
-        "state) or fsdp (PyTorch's FSDP2: each holds 1/N of them)",
+        "state), fsdp (PyTorch's FSDP2: each holds 1/N of them) or deepspeed (ZeRO, train.zero_stage)",
+    )
+    zero_stage: int = Field(
+        2,
+        ge=1,
+        le=3,
+        description="train.strategy=deepspeed: ZeRO stage; 1 shards the optimizer state, 2 also the "
+        "gradients, 3 also the parameters",
     )
     dist_timeout: float = Field(
         300, gt=0, description="seconds a multi-process run waits on its peers before failing"

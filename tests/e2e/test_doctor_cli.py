@@ -8,7 +8,7 @@ from tests.conftest import run_cli
 
 KEYS = {
     "danlu_version", "system", "python", "packages", "torch", "torch_installs", "nvidia_smi",
-    "cuda_environment", "bitsandbytes", "llama_cpp", "checks",
+    "cuda_environment", "bitsandbytes", "llama_cpp", "deepspeed", "checks",
 }  # fmt: skip
 
 
@@ -28,11 +28,20 @@ def test_doctor_text_names_torch_and_the_checks():
     assert "torch" in result.stdout and "checks" in result.stdout
 
 
-def test_doctor_reports_the_llama_cpp_build():
+def test_doctor_reports_the_llama_cpp_build_and_deepspeeds_accelerator():
     pytest.importorskip("llama_cpp")
     report = json.loads(run_cli("doctor", "--json").stdout)
     assert report["llama_cpp"]["version"] == __import__("llama_cpp").__version__
     assert "AVX" in report["llama_cpp"]["cpu_features"] or "NEON" in report["llama_cpp"]["cpu_features"]
+    from importlib import metadata
+
+    deepspeed = report["deepspeed"]  # make setup installs it: CI sees what this machine picks
+    assert deepspeed["version"] == metadata.version("deepspeed")
+    import torch
+
+    expected = ("cuda", "nccl") if torch.cuda.is_available() else ("cpu", "gloo")
+    assert (deepspeed["accelerator"], deepspeed["backend"]) == expected
+    assert "cpu_adam" in deepspeed["ops"]
 
 
 @pytest.mark.slow

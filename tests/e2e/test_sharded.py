@@ -1,6 +1,7 @@
-"""Sharded training (train.strategy=fsdp, PyTorch's FSDP2) over gloo with real torchrun processes: the
-weights of one process for a table, a text encoder and a causal LM; sharded checkpoints that resume on
-the same or another number of processes; two "machines" on 127.0.0.1; the refusals.
+"""Sharded training over gloo with real torchrun processes (train.strategy=fsdp, PyTorch's FSDP2, and
+deepspeed, ZeRO stages 1-3): the weights of one process for a table, a text encoder and a causal LM;
+sharded checkpoints that resume on the same (and for FSDP another) number of processes; two "machines"
+on 127.0.0.1; Ray Train workers; the refusals.
 
 The runs train with plain SGD: its step is proportional to the gradient, so a gradient summed over the
 ranks instead of averaged (pytorch#162338's failure) moves the weights by about the whole update and
@@ -21,10 +22,10 @@ from tests.conftest import ROOT, mixed_frame, run_cli, train_and_kill, write_con
 from tests.integration.test_causal_lm import write_conversations
 from tests.texts import reviews, tiny_encoder
 
-SGD = "optimizer: sgd, lr: 0.05, precision: fp32, strategy: fsdp"
+SGD = "optimizer: sgd, lr: 0.05, precision: fp32"
 TABLE = f"""data: {{train: {{data}}, target: label}}
 model: {{hidden: [32, 32], dropout: 0.0}}
-train: {{epochs: {{epochs}}, batch_size: 64, patience: 0, grad_clip: {{clip}}, {SGD}}}
+train: {{epochs: {{epochs}}, batch_size: 64, patience: 0, grad_clip: {{clip}}, {SGD}, strategy: {{strategy}}}}
 """
 
 
@@ -47,16 +48,24 @@ def table(tmp_path_factory):
     folder = tmp_path_factory.mktemp("table")
     mixed_frame(2000).to_csv(folder / "data.csv", index=False)
 
-    def config(epochs: int, clip: float | None = 1.0):
+    def config(epochs: int, clip: float | None = 1.0, strategy: str = "fsdp"):
         text = TABLE.replace("{epochs}", str(epochs)).replace("{data}", str(folder / "data.csv"))
-        return write_config(folder / f"table{epochs}.yaml", text.replace("{clip}", str(clip or "null")))
+        text = text.replace("{clip}", str(clip or "null")).replace("{strategy}", strategy)
+        return write_config(folder / f"table{epochs}_{clip}_{strategy}.yaml", text)
 
     return config
 
 
-def test_two_processes_and_two_machines_reach_one_process_weights_of_a_table(table, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(table, tmp_path_factory):
+    """The 4-epoch table's weights trained in one process (this process)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    return weights(danlu.train(table(4), ["train.strategy=ddp"], out=out, progress=False).path)
+
+
+def test_two_processes_and_two_machines_reach_one_process_weights_of_a_table(table, one_process, tmp_path):
     config = table(4)
-    one = weights(danlu.train(config, out=tmp_path / "one", progress=False).path)
+    one = one_process
     doubled = weights(danlu.train(config, ["train.lr=0.1"], out=tmp_path / "doubled", progress=False).path)
     assert largest_difference(one, doubled) > 1e-2  # a doubled gradient would be seen: 1000x the tolerance
     train(config, tmp_path / "two", "--nproc", "2", "train.accumulate=2")  # micro-batches without a sync
@@ -83,6 +92,25 @@ def test_two_processes_and_two_machines_reach_one_process_weights_of_a_table(tab
     ]
 
 
+def test_zero_stages_reach_one_process_weights_of_a_table_under_torchrun_and_ray(
+    table, one_process, tmp_path
+):
+    config = table(4, strategy="deepspeed")
+    for stage, extra in ((1, ["train.accumulate=2"]), (2, []), (3, [])):
+        train(config, tmp_path / f"zero{stage}", "--nproc", "2", f"train.zero_stage={stage}", *extra)
+        assert largest_difference(one_process, weights(tmp_path / f"zero{stage}")) < 1e-5, stage
+    files = sorted(p.name for p in (tmp_path / "zero3" / "checkpoints" / "shards-000004" / "zero").iterdir())
+    assert files == [
+        f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")
+    ]
+    # Ray Train places the processes and starts their group; the strategy runs inside (ZeRO-3 here;
+    # FSDP takes the same group)
+    ray = ("--backend", "ray", "--workers", "2", "--ray-storage", str(tmp_path / "ray_results"))
+    ran = run_cli("-q", "train", str(config), "train.zero_stage=3", "--out", str(tmp_path / "ray"), *ray)
+    assert ran.returncode == 0, ran.stderr
+    assert largest_difference(one_process, weights(tmp_path / "ray")) < 1e-5
+
+
 def test_a_sharded_run_resumes_on_another_number_of_processes(table, tmp_path):
     config = table(16, clip=None)  # over many steps clipping's kink turns rounding into 1e-3
     full = weights(danlu.train(config, out=tmp_path / "full", progress=False).path)
@@ -99,6 +127,15 @@ def test_a_sharded_run_resumes_on_another_number_of_processes(table, tmp_path):
     assert largest_difference(full, weights(tmp_path / "one")) < 1e-5
     epochs = [r["epoch"] for r in danlu.Run(tmp_path / "one").metrics]
     assert epochs == list(range(1, 17))
+    # ZeRO: resumed in the number of processes that wrote it (DeepSpeed's files do not reshard)
+    zero = table(16, clip=None, strategy="deepspeed")
+    train_and_kill(zero, tmp_path / "zero", 5, ("-m", "danlu"), "--nproc", "2")
+    alone = run_cli("-q", "train", "--resume", str(tmp_path / "zero"), timeout=600)
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr
+    assert "train.strategy=deepspeed trains in several processes" in alone.stderr
+    resumed = run_cli("-q", "train", "--resume", str(tmp_path / "zero"), "--nproc", "2", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert largest_difference(full, weights(tmp_path / "zero")) < 1e-5
 
 
 def test_a_text_encoder_and_a_causal_lm_shard_by_layer_to_one_process_weights(tmp_path):
@@ -120,13 +157,13 @@ def test_a_text_encoder_and_a_causal_lm_shard_by_layer_to_one_process_weights(tm
     for config in (text, lm):
         name = config.stem
         one = danlu.train(config, out=tmp_path / f"{name}1", progress=False).path
-        train(config, tmp_path / f"{name}2", "--nproc", "2")
-        assert largest_difference(weights(one), weights(tmp_path / f"{name}2")) < 1e-5
-        # the consolidated model is written whole for serving, as a one-process run's is
-        assert (
-            load_file(one / "hf" / "model.safetensors").keys()
-            == load_file(tmp_path / f"{name}2" / "hf" / "model.safetensors").keys()
-        )
+        for strategy in ("fsdp", "deepspeed"):  # ZeRO-3: the parameters sharded too
+            run = tmp_path / f"{name}_{strategy}"
+            train(config, run, "--nproc", "2", f"train.strategy={strategy}", "train.zero_stage=3")
+            assert largest_difference(weights(one), weights(run)) < 1e-5, strategy
+            # the consolidated model is written whole for serving, as a one-process run's is
+            hf = load_file(run / "hf" / "model.safetensors")
+            assert hf.keys() == load_file(one / "hf" / "model.safetensors").keys()
 
 
 def test_sharding_refusals_are_one_line(table, tmp_path):
@@ -136,6 +173,13 @@ def test_sharding_refusals_are_one_line(table, tmp_path):
     assert "train.strategy=fsdp shards the model over several processes" in one.stderr
     nodes = run_cli("train", str(config), "--nproc", "1", "--nnodes", "2", cwd=config.parent)
     assert nodes.returncode == 2 and "--nnodes 2 needs --master-addr" in nodes.stderr
+    stage = run_cli("train", str(config), "train.strategy=deepspeed", "train.zero_stage=4", "--nproc", "2")
+    assert (
+        stage.returncode == 2 and "train.zero_stage: Input should be less than or equal to 3" in stage.stderr
+    )
+    alone = run_cli("train", str(config), "train.strategy=deepspeed", "--out", str(tmp_path / "alone"))
+    assert alone.returncode == 2 and "train.strategy=deepspeed trains in several processes" in alone.stderr
+    assert not (tmp_path / "alone").exists()
     # a stopped sharded run whose config.yaml was changed to another strategy
     run = tmp_path / "changed"
     danlu.train(config, ["train.epochs=2"], out=run, progress=False)
@@ -143,7 +187,7 @@ def test_sharding_refusals_are_one_line(table, tmp_path):
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("fsdp", "ddp"))
     changed = run_cli("train", "--resume", str(run))
     assert changed.returncode == 2 and "Traceback" not in changed.stderr
-    assert "is a sharded checkpoint (train.strategy=fsdp) but its config.yaml says" in changed.stderr
+    assert "checkpoint was written by train.strategy=fsdp but its config.yaml says" in changed.stderr
 
 
 def free_port() -> int:

@@ -116,6 +116,11 @@ def test_no_gpu_and_a_cpu_torch_is_healthy():
             "llama-cpp-python loads",
             "fail",
         ),
+        (
+            {"deepspeed": {"error": "RuntimeError: DS_ACCELERATOR must be one of cuda, cpu, xpu, npu, mps"}},
+            "DeepSpeed loads",
+            "fail",
+        ),
     ],
 )
 def test_broken_pieces_are_named(change, name, status):

@@ -32,3 +32,16 @@ def test_what_a_sharded_strategy_refuses_before_training():
     check("fsdp", World(), uneven=True, precision="fp16")  # one process: nothing is sharded
     check("ddp", two, uneven=True, precision="fp16")  # DDP joins uneven ranks and scales fp16
     check("fsdp", two, uneven=False, precision="bf16")
+
+
+def test_deepspeed_refuses_one_process_and_names_the_install(monkeypatch):
+    with pytest.raises(DanluError, match="trains in several processes; this is one"):
+        check("deepspeed", World(), uneven=False, precision="fp32")
+    check("deepspeed", World(rank=1, size=2), uneven=False, precision="bf16")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "deepspeed" else real(name))
+    with pytest.raises(DanluError) as missing:
+        check("deepspeed", World(rank=0, size=2), uneven=False, precision="fp32")
+    assert missing.value.hint == "pip install 'danlu[deepspeed]'"

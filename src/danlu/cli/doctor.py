@@ -67,6 +67,13 @@ def _print(report) -> None:
             lines.append(
                 ("gpu", f"{gpu['name']}, {gpu['memory_mib']} MiB, compute {gpu['compute_capability']}")
             )
+    deepspeed = report.get("deepspeed")
+    if deepspeed is not None:
+        value = deepspeed.get("error") or (
+            f"{deepspeed['version']}, {deepspeed['accelerator']} accelerator over {deepspeed['backend']}; "
+            f"ops that can build: {', '.join(deepspeed['ops']) or 'none (none needed)'}"
+        )
+        lines.append(("deepspeed", value))
     llama = report.get("llama_cpp")
     if llama is not None:
         value = llama.get("error") or f"{llama['version']}, CPU build with {' '.join(llama['cpu_features'])}"

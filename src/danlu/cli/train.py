@@ -164,19 +164,22 @@ def _rendezvous(args) -> list[str]:
 def _check_before_launch(config, nproc: int, nnodes: int = 1) -> None:
     """Catch what every rank would fail on (an indivisible batch, CUDA without GPUs, a sharded strategy
     in one process) in this process, as one line, before starting any."""
-    import torch
-
     from danlu.config import check_batch_split
-    from danlu.training.sharding import shards
+    from danlu.training.strategies import check_installed, shards
 
     tc = config.train
+    check_installed(tc.strategy)
     if shards(tc.strategy) and nproc * nnodes == 1:
         raise DanluError(
             f"train.strategy={tc.strategy} shards the model over several processes; --nproc 1 starts one",
             "use --nproc 2 or more, or train without --nproc (one process: nothing to shard)",
         )
     check_batch_split(tc, nproc * nnodes)
-    if config.train.device == "cuda" and torch.cuda.device_count() < nproc:
+    if config.train.device != "cuda":
+        return  # torch is imported only to count GPUs: the ranks import it soon enough
+    import torch
+
+    if torch.cuda.device_count() < nproc:
         raise DanluError(
             f"train.device=cuda (nccl) needs {nproc} GPUs; this machine has {torch.cuda.device_count()}",
             "use --nproc up to the GPU count, or train.device=cpu (gloo)",

@@ -49,6 +49,9 @@ def _install_command(torch_minor: str | None, driver_cuda: str | None, table: di
 LOADS = (  # (report key, check name, fix) of optional packages probed in a subprocess
     ("bitsandbytes", "bitsandbytes loads",
      "pip install -U bitsandbytes (its wheels bundle the CUDA kernels; needs a CUDA torch)"),
+    ("deepspeed", "DeepSpeed loads",
+     "pip install --force-reinstall 'deepspeed>=0.19.8' (danlu's ZeRO builds none of its ops); on a machine "
+     "without GPUs set DS_ACCELERATOR=cpu"),
     ("llama_cpp", "llama-cpp-python loads",
      "pip install --force-reinstall --no-cache-dir 'llama-cpp-python>=0.3.16,<0.4' (builds llama.cpp for "
      "this machine; GGUF files are served with torch meanwhile)"),
@@ -208,6 +211,7 @@ def diagnose(run_checks: bool = False, timeout: float = 60.0) -> dict[str, Any]:
         "cuda_environment": probes.cuda_environment(),
         "bitsandbytes": probes.bitsandbytes_info(timeout),
         "llama_cpp": probes.llama_cpp_info(timeout),
+        "deepspeed": probes.deepspeed_info(timeout),
     }
     report["checks"] = evaluate_checks(report, compat_table())
     if run_checks:

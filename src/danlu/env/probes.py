@@ -171,6 +171,38 @@ def llama_cpp_info(timeout: float = 60.0) -> dict[str, Any] | None:
     return python_probe(LLAMA_CPP_PROBE, timeout)
 
 
+DEEPSPEED_PROBE = r"""
+import json, logging
+logging.disable(logging.WARNING)  # DeepSpeed logs its accelerator choice at import
+try:
+    import deepspeed
+    import deepspeed.ops.op_builder.all_ops as all_ops
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    loadable = []
+    for name, builder in sorted(all_ops.ALL_OPS.items()):
+        try:
+            if builder.is_compatible(verbose=False):
+                loadable.append(name)
+        except Exception:
+            pass
+    print(json.dumps({"version": deepspeed.__version__, "accelerator": accelerator.device_name(),
+                      "backend": accelerator.communication_backend_name(), "ops": loadable}))
+except Exception as exc:
+    print(json.dumps({"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}))
+"""
+
+
+def deepspeed_info(timeout: float = 60.0) -> dict[str, Any] | None:
+    """None when DeepSpeed is not installed; else its version, the accelerator and communication
+    backend it picks, and which of its compiled ops could be built here (danlu's ZeRO needs none:
+    it runs with torch's optimizers). One that does not import or find an accelerator is an error."""
+    if "deepspeed" not in package_versions(("deepspeed",)):
+        return None
+    return python_probe(DEEPSPEED_PROBE, timeout)
+
+
 def package_versions(names=PACKAGES) -> dict[str, str]:
     """Installed versions, read from package metadata (nothing is imported)."""
     versions = {}

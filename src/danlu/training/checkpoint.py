@@ -21,7 +21,7 @@ from torch import nn
 from danlu import __version__
 from danlu.config import SCHEMA_VERSION
 from danlu.errors import DanluError
-from danlu.run import BEST_CHECKPOINT, LAST_CHECKPOINT, atomic_write
+from danlu.run import BEST_CHECKPOINT, DEEPSPEED_TAG, LAST_CHECKPOINT, atomic_write
 
 MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
@@ -33,6 +33,7 @@ CONFIG_KEY = "config"
 VERSION_KEY = "danlu_version"
 SCHEMA_VERSION_KEY = "schema_version"
 SHARDS_KEY = "shards"  # a sharded checkpoint: the folder (in checkpoints/) that holds its shards
+STRATEGY_KEY = "strategy"  # a sharded checkpoint: the train.strategy that wrote its shards
 SHARDS_FOLDER = re.compile(r"^shards-\d{6}$")
 
 
@@ -139,10 +140,11 @@ def save_sharded(
 ) -> None:
     """Called on every rank: each writes its shards once into checkpoints/shards-EPOCH/ (in a temporary
     folder first), then rank 0 (rng_states: every rank's, gathered there) writes each file in `paths`
-    naming it, and removes the shard folders no checkpoint names any more."""
+    naming it, and removes the shard folders no checkpoint names any more. A DeepSpeed engine writes
+    its own files (in a DEEPSPEED_TAG folder); any other model, torch.distributed.checkpoint's."""
     import torch.distributed.checkpoint as dcp
 
-    from danlu.training import distributed
+    from danlu.training import distributed, sharding
 
     folder = paths[0].parent
     name = f"shards-{trainer_state['epoch']:06d}"
@@ -150,15 +152,25 @@ def save_sharded(
     if world.main and writing.exists():
         shutil.rmtree(writing)  # left by a run stopped while it wrote
     distributed.barrier(world)
-    with _single_process_quiet():
-        dcp.save(_sharded_state(model, optimizer, trainable_only), checkpoint_id=writing)
+    if sharding.is_deepspeed(model):
+        model.save_checkpoint(
+            str(writing), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=trainable_only
+        )
+        distributed.barrier(world)  # every rank's files are written before rank 0 renames the folder
+    else:
+        with _single_process_quiet():
+            dcp.save(_sharded_state(model, optimizer, trainable_only), checkpoint_id=writing)
     if not world.main:
         return
     final = folder / name
     if final.exists():  # written by a stopped run before a checkpoint named it (a resume replays the epoch)
         shutil.rmtree(final)
     writing.rename(final)
-    record = {SHARDS_KEY: name, **_loop_state(scaler, trainer_state, config, rng_states)}
+    record = {
+        SHARDS_KEY: name,
+        STRATEGY_KEY: config["train"]["strategy"],
+        **_loop_state(scaler, trainer_state, config, rng_states),
+    }
     for path in paths:
         atomic_write(path, lambda f: torch.save(record, f))
     records = [folder / LAST_CHECKPOINT, folder / BEST_CHECKPOINT]
@@ -172,10 +184,24 @@ def load_sharded(
     folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, trainable_only: bool
 ) -> None:
     """Every rank reads its own shards of a sharded checkpoint's model (and optimizer), whatever the
-    number of processes that wrote it: torch.distributed.checkpoint reshards on load."""
+    number of processes that wrote it: torch.distributed.checkpoint reshards on load. (A DeepSpeed
+    engine reads its own files, written by as many processes as read them.)"""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    from danlu.training import sharding
+
+    if sharding.is_deepspeed(model):
+        loaded, _ = model.load_checkpoint(
+            str(folder),
+            tag=DEEPSPEED_TAG,
+            load_optimizer_states=optimizer is not None,
+            load_lr_scheduler_states=False,
+            load_module_strict=not trainable_only,
+        )
+        if loaded is None:
+            raise DanluError(f"cannot load the DeepSpeed checkpoint '{folder}'", "train again")
+        return
     state = _sharded_state(model, optimizer, trainable_only)
     try:
         with _single_process_quiet():

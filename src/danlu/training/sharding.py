@@ -1,15 +1,19 @@
-"""How several processes hold the model (train.strategy): DDP, where every rank holds all of it, or FSDP2
+"""How several processes hold the model (train.strategy): DDP, where every rank holds all of it; FSDP2
 (`torch.distributed.fsdp.fully_shard`), where each rank holds 1/N of the parameters, gradients and
-optimizer state, and gathers one block's parameters at a time for its forward and backward.
+optimizer state and gathers one block's parameters at a time for its forward and backward; or DeepSpeed's
+ZeRO (stage 1: the optimizer state sharded, 2: and the gradients, 3: and the parameters) with danlu's own
+torch optimizer and schedule.
 
-Sharded runs checkpoint with `torch.distributed.checkpoint` (danlu.training.checkpoint) and end with one
-consolidated model (`consolidated_model`), so evaluate, export and serve see the same run either way."""
+Sharded runs checkpoint shard by shard (danlu.training.checkpoint) and end with one consolidated model
+(`full_state`), so evaluate, export and serve see the same run either way."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import os
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -17,20 +21,19 @@ from torch import nn
 
 from danlu.errors import DanluError
 from danlu.training.distributed import World
+from danlu.training.strategies import check_installed, shards
 
 log = logging.getLogger("danlu")
-
-SHARDED_STRATEGIES = ("fsdp",)
-
-
-def shards(strategy: str) -> bool:
-    """Whether a run of this strategy keeps sharded checkpoints (in every process count, so that a run
-    can go on in another: 2 -> 1, 1 -> 2)."""
-    return strategy in SHARDED_STRATEGIES
 
 
 def check(strategy: str, world: World, uneven: bool, precision: str) -> None:
     """What a strategy cannot do, as one line before training starts."""
+    check_installed(strategy)
+    if strategy == "deepspeed" and not world.multi:
+        raise DanluError(
+            "train.strategy=deepspeed trains in several processes; this is one",
+            "start it with --nproc 2 or more, or use train.strategy=fsdp (it also trains in one process)",
+        )
     if not (shards(strategy) and world.multi):
         return
     if uneven:
@@ -48,20 +51,31 @@ def check(strategy: str, world: World, uneven: bool, precision: str) -> None:
 
 def wrap(
     model: nn.Module,
-    strategy: str,
+    tc: Any,
     blocks: list[nn.Module],
     world: World,
     device: torch.device,
     precision: str,
-) -> nn.Module:
-    """The model as this strategy trains it in this world. One process trains the bare model."""
+    batch_size: int,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+) -> tuple[nn.Module, Any]:
+    """The model as this strategy trains it in this world, and its optimizer (made by make_optimizer
+    over the parameters as the strategy holds them). One process trains the bare model."""
     if not world.multi:
-        return model
-    if not shards(strategy):
-        # every rank starts from rank 0's weights; gradients are averaged in backward
-        return nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
+        model.to(device)
+        return model, make_optimizer(model)
+    if tc.strategy == "deepspeed":
+        return _deepspeed(model, tc, world, device, precision, batch_size, make_optimizer(model))
+    if tc.strategy == "fsdp":
+        model = _fsdp(model, blocks, world, device, precision)
+        return model, make_optimizer(model)
+    # every rank starts from rank 0's weights; gradients are averaged in backward
+    model.to(device)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return ddp, make_optimizer(ddp)
+
+
+def _fsdp(model: nn.Module, blocks: list[nn.Module], world: World, device: torch.device, precision: str):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # bf16: blocks gather and compute in bf16, gradients are reduced and kept in fp32 beside fp32
@@ -71,25 +85,82 @@ def wrap(
     )
     for block in blocks:
         fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)  # what no block holds: embeddings, heads, a small model whole
+    # what no block holds (embeddings, heads, a small model whole); its parameters stay gathered from
+    # the forward into the backward, which begins with them
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
     log.debug("fsdp: %d blocks sharded over %d processes", len(blocks), world.size)
-    return model
+    return model.to(device)  # each rank's shards alone reach its device
+
+
+def _deepspeed(model, tc, world: World, device: torch.device, precision: str, batch_size: int, optimizer):
+    """DeepSpeed's engine over the model and danlu's optimizer. The engine's step reduces, clips
+    (train.grad_clip) and steps at each optimizer step's last micro-batch; danlu sets the learning
+    rate on its parameter groups as for any optimizer."""
+    os.environ.setdefault("DS_ACCELERATOR", device.type)  # no probing for other accelerators
+    with _deepspeed_quiet():
+        import deepspeed
+
+        config = {
+            "train_batch_size": batch_size,
+            "gradient_accumulation_steps": tc.accumulate,
+            "train_micro_batch_size_per_gpu": batch_size // (world.size * tc.accumulate),
+            "zero_optimization": {"stage": tc.zero_stage},
+            "gradient_clipping": tc.grad_clip or 0.0,
+            "bf16": {"enabled": precision == "bf16"},
+            # danlu's own torch optimizer: no DeepSpeed kernels to build
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+        }
+        engine, zero_optimizer, _, _ = deepspeed.initialize(
+            model=model.to(device), optimizer=optimizer, config=config, dist_init_required=False
+        )
+    engine.checkpoint_engine.load = _weights_only_load
+    log.debug("deepspeed: ZeRO stage %d over %d processes", tc.zero_stage, world.size)
+    return engine, zero_optimizer
+
+
+@contextlib.contextmanager
+def _deepspeed_quiet() -> Iterator[None]:
+    """DeepSpeed logs its configuration and every checkpoint at INFO: danlu's --debug shows them."""
+    logger = logging.getLogger("DeepSpeed")
+    if not log.isEnabledFor(logging.DEBUG):
+        logger.setLevel(logging.WARNING)
+    yield
+
+
+def _weights_only_load(path: str, map_location: Any = None) -> Any:
+    """DeepSpeed's checkpoint files, loaded without unpickling arbitrary objects: tensors and plain
+    values, and the three small state classes DeepSpeed stores in them."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def is_deepspeed(model: Any) -> bool:
+    deepspeed = sys.modules.get("deepspeed")
+    return deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine)
 
 
 def is_sharded(model: nn.Module) -> bool:
+    """Each process holds a part of this model: every process takes part in its forward (validation),
+    its checkpoints and its consolidation."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule)
+    return isinstance(model, FSDPModule) or is_deepspeed(model)
 
 
 def gradient_sync(model: nn.Module, sync: bool) -> Any:
     """A context in which backward reduces the gradients over the processes (sync) or only accumulates
-    them locally (the micro-batches before an optimizer step's last)."""
-    if sync:
+    them locally (the micro-batches before an optimizer step's last). DeepSpeed counts the
+    micro-batches itself."""
+    if sync or is_deepspeed(model):
         return contextlib.nullcontext()
-    if is_sharded(model):
-        return _fsdp_no_sync(model)
-    return model.no_sync()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return _fsdp_no_sync(model)
 
 
 @contextlib.contextmanager
@@ -103,7 +174,36 @@ def _fsdp_no_sync(model: Any) -> Iterator[None]:
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A sharded model's whole state on rank 0's CPU (empty on the other ranks), gathered one
-    parameter at a time: no device ever holds more than the shard and one gathered parameter."""
+    parameter at a time: no device ever holds more than the shard and one gathered parameter. Called
+    on every rank. DeepSpeed's parameters come from the fp32 master copies its optimizer keeps."""
+    if is_deepspeed(model):
+        return _deepspeed_full_state(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _deepspeed_full_state(engine: Any) -> dict[str, torch.Tensor]:
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    main = dist.get_rank() == 0
+    parameters = {id(p): p for p in engine.module.parameters()}
+    gathered: dict[int, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in engine.module.state_dict(keep_vars=True).items():
+        if id(tensor) not in parameters:  # a buffer: every rank holds it whole
+            value = tensor.detach()
+        elif id(tensor) in gathered:  # a tied weight, gathered under its first name (on every rank)
+            value = gathered[id(tensor)]
+        else:
+            value = safe_get_full_fp32_param(tensor) if tensor.requires_grad else None
+            if value is None:  # frozen: no master copy (ZeRO-3: gathered from its partitions)
+                with deepspeed.zero.GatheredParameters([tensor]):
+                    value = tensor.detach().clone()
+            value = value.detach().cpu() if main else None
+            gathered[id(tensor)] = value
+        if main:
+            state[name] = value.cpu()
+    return state

@@ -164,10 +164,18 @@ def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.
     torch.manual_seed(tc.seed)  # initialisation must not depend on how much randomness loading used
     model = family.build_model(config.model, state)
     family.prepare_training(model, tc)
-    model.to(device)
     sharding.check(tc.strategy, world, data.train.uneven, precision)
-    model = sharding.wrap(model, tc.strategy, family.shard_blocks(model), world, device, precision)
     batch_size = _batch_size(tc, data.train.n_rows, world)
+    model, optimizer = sharding.wrap(  # on the device: a sharded model's shards only
+        model,
+        tc,
+        family.shard_blocks(model),
+        world,
+        device,
+        precision,
+        batch_size,
+        lambda module: build_optimizer(module, tc, family.decay_matrices_only),
+    )
     total_steps = tc.epochs * max(1, math.ceil(data.train.n_rows / batch_size))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     return Setup(
@@ -175,7 +183,7 @@ def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.
         family,
         data,
         model,
-        build_optimizer(model, tc, family.decay_matrices_only),
+        optimizer,
         scaler,
         batch_size,
         total_steps,
@@ -186,10 +194,16 @@ def _setup(config: Config, run: RunDir, state: Any, world: World, device: torch.
 
 
 def backward(s: Setup, loss: torch.Tensor) -> None:
+    if sharding.is_deepspeed(s.model):  # its step reduces, clips and steps at the last micro-batch
+        s.model.backward(loss, scale_wrt_gas=False)  # the loss is already scaled for the micro-batches
+        s.model.step()
+        return
     (s.scaler.scale(loss) if s.scaler.is_enabled() else loss).backward()
 
 
 def optimizer_step(s: Setup, grad_clip: float | None) -> None:
+    if sharding.is_deepspeed(s.model):
+        return  # stepped in backward, at the last micro-batch
     if not s.scaler.is_enabled():  # fp32/bf16: skip the scaler's bookkeeping on the hot path
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(s.model.parameters(), grad_clip)
@@ -236,7 +250,8 @@ def train_epoch(s: Setup, tc: TrainConfig, epoch: int) -> float:
             lr = lr_at(s.state.step, s.total_steps, tc)
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
-            s.optimizer.zero_grad(set_to_none=True)
+            if not sharding.is_deepspeed(s.model):  # DeepSpeed's step clears them itself
+                s.optimizer.zero_grad(set_to_none=True)
             micro = _micro_batches(batch, tc.accumulate)
             for i, piece in enumerate(micro):
                 last = i == len(micro) - 1
@@ -427,15 +442,24 @@ def _restore(s: Setup, record: dict[str, Any], run: RunDir, config: Config, with
     written by another number of processes)."""
     trainable_only = s.family.checkpoint_trainable_only(config.model)
     sharded = ckpt.SHARDS_KEY in record
-    if sharded != sharding.shards(config.train.strategy):
-        written = "a sharded checkpoint (train.strategy=fsdp)" if sharded else "a whole-model checkpoint"
+    written = record.get(ckpt.STRATEGY_KEY, "fsdp" if sharded else "ddp")  # older records: by layout
+    strategy = config.train.strategy
+    if sharded != sharding.shards(strategy) or (sharded and written != strategy):
         raise DanluError(
-            f"the run's checkpoint is {written} but its config.yaml says "
-            f"train.strategy={config.train.strategy}",
+            f"the run's checkpoint was written by train.strategy={written} but its config.yaml says "
+            f"train.strategy={strategy}",
             "put train.strategy back as the run was trained, or train again",
         )
+    writers = len(record.get(ckpt.RANK_RNG_KEY) or [None])
+    if strategy == "deepspeed" and writers != s.world.size:
+        raise DanluError(
+            f"a deepspeed run resumes in the number of processes that wrote its checkpoint ({writers}); "
+            f"this is {s.world.size}",
+            f"resume with --nproc {writers} (train.strategy=fsdp reshards on load)",
+        )
     if sharded:
-        optimizer = s.optimizer if with_optimizer else None
+        # DeepSpeed's full weights live in its optimizer's fp32 copies: they are always restored
+        optimizer = s.optimizer if with_optimizer or strategy == "deepspeed" else None
         ckpt.load_sharded(run.checkpoints / record[ckpt.SHARDS_KEY], s.model, optimizer, trainable_only)
         return
     ckpt.restore_model(s.bare_model, record[ckpt.MODEL_KEY], trainable_only)
@@ -454,7 +478,8 @@ def final_setup(config: Config, run: RunDir, s: Setup) -> Setup | None:
         _restore(s, ckpt.load_checkpoint(run.best_checkpoint), run, config, with_optimizer=False)
     if not s.sharded:
         return s if s.world.main else None
-    s.optimizer.state.clear()  # no more steps: its memory goes before the model is gathered
+    if not sharding.is_deepspeed(s.model):  # DeepSpeed's full weights come from its optimizer
+        s.optimizer.state.clear()  # no more steps: its memory goes before the model is gathered
     whole = sharding.full_state(s.model)
     if not s.world.main:
         return None
