@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +25,8 @@ from danlu.training.distributed import World
 from danlu.training.strategies import check_installed, shards
 
 log = logging.getLogger("danlu")
+
+BUCKET_ELEMENTS = 25_000_000
 
 
 def check(strategy: str, world: World, uneven: bool, precision: str) -> None:
@@ -97,6 +100,9 @@ def _deepspeed(model, tc, world: World, device: torch.device, precision: str, ba
     (train.grad_clip) and steps at each optimizer step's last micro-batch; danlu sets the learning
     rate on its parameter groups as for any optimizer."""
     os.environ.setdefault("DS_ACCELERATOR", device.type)  # no probing for other accelerators
+    # DeepSpeed's buckets default to 5e8 elements (2 GB in fp32, allocated whole by ZeRO-3): a 16th of
+    # the model, at most 25M elements (100 MB in fp32; DDP's bucket is 25 MB)
+    bucket = max(1, min(BUCKET_ELEMENTS, sum(p.numel() for p in model.parameters()) // 16))
     with _deepspeed_quiet():
         import deepspeed
 
@@ -104,7 +110,12 @@ def _deepspeed(model, tc, world: World, device: torch.device, precision: str, ba
             "train_batch_size": batch_size,
             "gradient_accumulation_steps": tc.accumulate,
             "train_micro_batch_size_per_gpu": batch_size // (world.size * tc.accumulate),
-            "zero_optimization": {"stage": tc.zero_stage},
+            "zero_optimization": {
+                "stage": tc.zero_stage,
+                "reduce_bucket_size": bucket,
+                "allgather_bucket_size": bucket,
+                "stage3_prefetch_bucket_size": bucket,
+            },
             "gradient_clipping": tc.grad_clip or 0.0,
             "bf16": {"enabled": precision == "bf16"},
             # danlu's own torch optimizer: no DeepSpeed kernels to build
@@ -121,10 +132,17 @@ def _deepspeed(model, tc, world: World, device: torch.device, precision: str, ba
 
 @contextlib.contextmanager
 def _deepspeed_quiet() -> Iterator[None]:
-    """DeepSpeed logs its configuration and every checkpoint at INFO: danlu's --debug shows them."""
+    """DeepSpeed logs its configuration and every checkpoint at INFO: danlu's --debug shows them. Its
+    collectives use two torch.distributed names torch has deprecated: that warning is DeepSpeed's to
+    act on, not the user's."""
     logger = logging.getLogger("DeepSpeed")
     if not log.isEnabledFor(logging.DEBUG):
         logger.setLevel(logging.WARNING)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
     yield
 
 
