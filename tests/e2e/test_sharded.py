@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import danlu
 from tests.chat_models import tiny_llama
 from tests.conftest import ROOT, mixed_frame, run_cli, train_and_kill, write_config
+from tests.images import image_folder
 from tests.integration.test_causal_lm import write_conversations
 from tests.texts import reviews, tiny_encoder
 
@@ -164,6 +165,22 @@ def test_a_text_encoder_and_a_causal_lm_shard_by_layer_to_one_process_weights(tm
             # the consolidated model is written whole for serving, as a one-process run's is
             hf = load_file(run / "hf" / "model.safetensors")
             assert hf.keys() == load_file(one / "hf" / "model.safetensors").keys()
+
+
+def test_an_image_cnn_shards_to_the_weights_of_two_ddp_processes(tmp_path):
+    """Its channels-last convolution weights are made contiguous for sharding. Dropout and batch norm
+    draw per rank, so two processes are compared with two DDP processes (one process differs by design)."""
+    config = write_config(
+        tmp_path / "img.yaml",
+        f"data: {{train: {image_folder(tmp_path / 'imgs', n=120)}}}\n"
+        f"train: {{epochs: 2, batch_size: 16, {SGD}}}\n",
+    )
+    runs = {}
+    for strategy in ("ddp", "fsdp", "deepspeed"):
+        train(config, tmp_path / strategy, "--nproc", "2", f"train.strategy={strategy}")
+        runs[strategy] = weights(tmp_path / strategy)
+    assert largest_difference(runs["ddp"], runs["fsdp"]) < 1e-5
+    assert largest_difference(runs["ddp"], runs["deepspeed"]) < 1e-5  # ZeRO-2, the default stage
 
 
 def test_sharding_refusals_are_one_line(table, tmp_path):

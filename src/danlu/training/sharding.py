@@ -67,6 +67,8 @@ def wrap(
     if not world.multi:
         model.to(device)
         return model, make_optimizer(model)
+    if shards(tc.strategy):
+        _contiguous(model)
     if tc.strategy == "deepspeed":
         return _deepspeed(model, tc, world, device, precision, batch_size, make_optimizer(model))
     if tc.strategy == "fsdp":
@@ -76,6 +78,14 @@ def wrap(
     model.to(device)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return ddp, make_optimizer(ddp)
+
+
+def _contiguous(model: nn.Module) -> None:
+    """FSDP and DeepSpeed flatten parameters, which must be contiguous: the image family's convolution
+    weights are channels-last (its inputs stay so; the convolutions take either layout)."""
+    for p in model.parameters():
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
 
 
 def _fsdp(model: nn.Module, blocks: list[nn.Module], world: World, device: torch.device, precision: str):
