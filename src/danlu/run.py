@@ -338,12 +338,18 @@ def _is_temporary(name: str) -> bool:
     return bool(_TEMPORARY.match(name))
 
 
-def _remove_own_files(folder: Path) -> list[str]:
-    """Delete danlu's files in one of a run's folders (and the folder once empty); returns the others,
-    relative to the run."""
+def remove_shards(folder: Path) -> list[str]:
+    """Delete a sharded checkpoint's folder (checkpoints/shards-EPOCH/ or its temporary) file by file as
+    danlu wrote it, and the folder once empty; returns the files of anyone else's, which stay."""
+    return _remove_own_files(folder, CHECKPOINTS)
+
+
+def _remove_own_files(folder: Path, kind: str | None = None) -> list[str]:
+    """Delete danlu's files in one of a run's folders (kind: which, by default the folder's own name)
+    and the folder once empty; returns the others, relative to the folder's parent."""
     entries = sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True)  # deepest first
     files = [p for p in entries if p.is_symlink() or not p.is_dir()]
-    own = {p for p in files if written_by_danlu(folder.name, p)}  # decided before any is deleted
+    own = {p for p in files if written_by_danlu(kind or folder.name, p)}  # decided before any is deleted
     for path in own:
         path.unlink(missing_ok=True)
     for path in [*(p for p in entries if p not in files), folder]:

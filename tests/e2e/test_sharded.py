@@ -8,7 +8,6 @@ ranks instead of averaged (pytorch#162338's failure) moves the weights by about 
 fails the comparisons (Adam would hide it: its step barely depends on the gradient's scale)."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 import danlu
 from tests.chat_models import tiny_llama
 from tests.conftest import ROOT, mixed_frame, run_cli, train_and_kill, write_config
+from tests.e2e.test_distributed import free_port
 from tests.images import image_folder
 from tests.integration.test_causal_lm import write_conversations
 from tests.texts import reviews, tiny_encoder
@@ -205,9 +205,3 @@ def test_sharding_refusals_are_one_line(table, tmp_path):
     changed = run_cli("train", "--resume", str(run))
     assert changed.returncode == 2 and "Traceback" not in changed.stderr
     assert "checkpoint was written by train.strategy=fsdp but its config.yaml says" in changed.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -177,3 +177,16 @@ def test_a_sharded_checkpoints_files_go_and_a_users_file_beside_them_stays(tmp_p
         "checkpoints/shards-mine",
         "checkpoints/shards-mine/__0_0.distcp",
     ]
+
+
+def test_an_unnamed_shard_folder_loses_only_danlus_files(tmp_path):
+    from danlu.run import remove_shards
+
+    folder = tmp_path / "run" / "checkpoints" / "shards-000003"  # as save_sharded clears one
+    folder.mkdir(parents=True)
+    (folder / "__0_0.distcp").write_bytes(b"shard")
+    (folder / "notes.txt").write_text("mine")
+    assert remove_shards(folder) == ["shards-000003/notes.txt"]
+    assert tree(folder) == ["notes.txt"]
+    (folder / "notes.txt").unlink()
+    assert remove_shards(folder) == [] and not folder.exists()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch import nn
 from danlu import __version__
 from danlu.config import SCHEMA_VERSION
 from danlu.errors import DanluError
-from danlu.run import BEST_CHECKPOINT, DEEPSPEED_TAG, LAST_CHECKPOINT, atomic_write
+from danlu.run import BEST_CHECKPOINT, DEEPSPEED_TAG, LAST_CHECKPOINT, atomic_write, remove_shards
 
 MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
@@ -150,7 +149,7 @@ def save_sharded(
     name = f"shards-{trainer_state['epoch']:06d}"
     writing = folder / f".{name}.writing.tmp"
     if world.main and writing.exists():
-        shutil.rmtree(writing)  # left by a run stopped while it wrote
+        remove_shards(writing)  # left by a run stopped while it wrote
     distributed.barrier(world)
     if sharding.is_deepspeed(model):
         model.save_checkpoint(
@@ -163,8 +162,12 @@ def save_sharded(
     if not world.main:
         return
     final = folder / name
-    if final.exists():  # written by a stopped run before a checkpoint named it (a resume replays the epoch)
-        shutil.rmtree(final)
+    # written by a stopped run before a checkpoint named it (a resume replays the epoch)
+    if final.exists() and remove_shards(final):
+        raise DanluError(
+            f"'{final}' holds files danlu did not write; nothing was replaced",
+            "move them out of the run's checkpoints/ and resume again",
+        )
     writing.rename(final)
     record = {
         SHARDS_KEY: name,
@@ -173,11 +176,11 @@ def save_sharded(
     }
     for path in paths:
         atomic_write(path, lambda f: torch.save(record, f))
-    records = [folder / LAST_CHECKPOINT, folder / BEST_CHECKPOINT]
-    named = {load_checkpoint(p).get(SHARDS_KEY) for p in records if p.is_file()}
+    others = [p for p in (folder / LAST_CHECKPOINT, folder / BEST_CHECKPOINT) if p not in paths]
+    named = {name} | {load_checkpoint(p).get(SHARDS_KEY) for p in others if p.is_file()}
     for entry in folder.iterdir():
         if entry.is_dir() and SHARDS_FOLDER.match(entry.name) and entry.name not in named:
-            shutil.rmtree(entry)
+            remove_shards(entry)  # a user's file in it stays, with its folder
 
 
 def load_sharded(
