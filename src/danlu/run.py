@@ -316,17 +316,12 @@ _TEMPORARY = re.compile(r"^\..+\.[^.]+\.tmp$")  # atomic_write's temporaries: .N
 # what torch.distributed.checkpoint writes in a sharded checkpoint's folder (checkpoints/shards-EPOCH/,
 # or .shards-EPOCH.writing.tmp while it is written)
 _SHARD_FOLDER = re.compile(r"^(shards-\d{6}|\.shards-\d{6}\.writing\.tmp)$")
-# torch.distributed.checkpoint's files, and DeepSpeed's (in its tag folder, with the two recovery
-# scripts it copies beside it)
-_SHARD_FILE = re.compile(
-    r"^(\.metadata|__\d+_\d+\.distcp|zero_to_fp32\.py|zero_to_torch\.py"
-    r"|(bf16_)?(zero_pp_rank_\d+_)?mp_rank_\d+_(model|optim)_states\.pt)$"
-)
-DEEPSPEED_TAG = "zero"  # the folder DeepSpeed writes its files in, inside a shard folder
+# torch.distributed.checkpoint's files, and danlu's ZeRO fragments (training/zero_checkpoint.py)
+_SHARD_FILE = re.compile(r"^(\.metadata|__\d+_\d+\.distcp|zero-\d{5}-of-\d{5}\.safetensors)$")
 
 
 def _is_shard_file(path: Path) -> bool:
-    folder = path.parent.parent if path.parent.name == DEEPSPEED_TAG else path.parent
+    folder = path.parent
     return (
         folder.parent.name == CHECKPOINTS
         and bool(_SHARD_FOLDER.match(folder.name))

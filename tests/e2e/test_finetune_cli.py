@@ -1,12 +1,13 @@
 """Fine-tuning a causal LM as a user does it: `danlu train sft.yaml` on conversations, then the run served
 by `danlu serve RUN` and answered through the official openai client (streaming), `danlu chat RUN`,
-`danlu evaluate RUN` and `danlu predict RUN` (answers as JSONL), torchrun and Ray matching one process,
+`danlu evaluate RUN` and `danlu predict RUN` (answers as JSONL), torchrun matching one process,
 exact resume after SIGKILL, and the packaged run serving."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import danlu
 from tests.chat_models import tiny_llama
 from tests.conftest import run_cli, train_and_kill, write_config
 from tests.e2e.test_serve_process import Server
@@ -76,10 +77,10 @@ def test_danlu_chat_evaluate_and_predict_on_the_run(run, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_and_ray_workers_reach_the_weights_of_one_process(tmp_path):
-    """2 ranks under torchrun, and 2 Ray Train workers, with the same global batch of conversations give
-    one process's adapter (fp32, no dropout): each rank's loss is scaled by its share of the global
-    batch's trained tokens."""
+def test_torchrun_ranks_reach_the_weights_of_one_process(tmp_path):
+    """2 ranks under torchrun with the same global batch of conversations give one process's adapter
+    (fp32, no dropout): each rank's loss is scaled by its share of the global batch's trained tokens.
+    (Ray Train runs the same ranks: tests/e2e/test_distributed.py and test_sharded.py train on it.)"""
     base = tiny_llama(tmp_path / "tiny")
     data = write_conversations(tmp_path / "chats.jsonl")
     text = (
@@ -87,14 +88,10 @@ def test_torchrun_and_ray_workers_reach_the_weights_of_one_process(tmp_path):
         "train: {epochs: 2, precision: fp32}\n"
     )
     config = write_config(tmp_path / "sft.yaml", text)
-    ray = ("--backend", "ray", "--workers", "2", "--ray-storage", str(tmp_path / "ray_results"))
-    weights = []
-    for name, extra in (("one", ()), ("two", ("--nproc", "2")), ("ray", ray)):
-        done = run_cli("-q", "train", str(config), "--out", str(tmp_path / name), *extra, timeout=600)
-        assert done.returncode == 0, done.stderr
-        weights.append(adapter(tmp_path / name))
-    assert torch.allclose(weights[0], weights[1], rtol=1e-5, atol=1e-6)
-    assert torch.allclose(weights[0], weights[2], rtol=1e-5, atol=1e-6)
+    danlu.train(config, out=tmp_path / "one", progress=False)  # in this process: no imports to wait for
+    done = run_cli("-q", "train", str(config), "--out", str(tmp_path / "two"), "--nproc", "2", timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert torch.allclose(adapter(tmp_path / "one"), adapter(tmp_path / "two"), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -104,8 +101,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     data = write_conversations(tmp_path / "chats.jsonl", 240)
     text = f"data: {{train: {data}}}\nmodel: {{pretrained: {base}}}\ntrain: {{epochs: 6, precision: fp32}}\n"
     config = write_config(tmp_path / "sft.yaml", text)
-    full = run_cli("-q", "train", str(config), "--out", str(tmp_path / "full"), timeout=600)
-    assert full.returncode == 0, full.stderr
+    danlu.train(config, out=tmp_path / "full", progress=False)
     train_and_kill(config, tmp_path / "killed", epochs=2)
     resumed = run_cli("-q", "train", "--resume", str(tmp_path / "killed"), timeout=600)
     assert resumed.returncode == 0, resumed.stderr

@@ -7,6 +7,7 @@ The runs train with plain SGD: its step is proportional to the gradient, so a gr
 ranks instead of averaged (pytorch#162338's failure) moves the weights by about the whole update and
 fails the comparisons (Adam would hide it: its step barely depends on the gradient's scale)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -97,13 +98,12 @@ def test_zero_stages_reach_one_process_weights_of_a_table_under_torchrun_and_ray
     table, one_process, tmp_path
 ):
     config = table(4, strategy="deepspeed")
-    for stage, extra in ((1, ["train.accumulate=2"]), (2, []), (3, [])):
+    # (ZeRO-3 under torchrun: test_a_sharded_run_resumes_on_another_number_of_processes)
+    for stage, extra in ((1, ["train.accumulate=2"]), (2, [])):
         train(config, tmp_path / f"zero{stage}", "--nproc", "2", f"train.zero_stage={stage}", *extra)
         assert largest_difference(one_process, weights(tmp_path / f"zero{stage}")) < 1e-5, stage
-    files = sorted(p.name for p in (tmp_path / "zero3" / "checkpoints" / "shards-000004" / "zero").iterdir())
-    assert files == [
-        f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")
-    ]
+    files = sorted(p.name for p in (tmp_path / "zero2" / "checkpoints" / "shards-000004").iterdir())
+    assert files == ["zero-00000-of-00002.safetensors", "zero-00001-of-00002.safetensors"]
     # Ray Train places the processes and starts their group; the strategy runs inside (ZeRO-3 here;
     # FSDP takes the same group)
     ray = ("--backend", "ray", "--workers", "2", "--ray-storage", str(tmp_path / "ray_results"))
@@ -128,15 +128,45 @@ def test_a_sharded_run_resumes_on_another_number_of_processes(table, tmp_path):
     assert largest_difference(full, weights(tmp_path / "one")) < 1e-5
     epochs = [r["epoch"] for r in danlu.Run(tmp_path / "one").metrics]
     assert epochs == list(range(1, 17))
-    # ZeRO: resumed in the number of processes that wrote it (DeepSpeed's files do not reshard)
+    # ZeRO-3 (each parameter partitioned) stopped in two processes, finished in four: every rank reads
+    # its new partition of the weights and of SGD's momentum from the fragments the two wrote
     zero = table(16, clip=None, strategy="deepspeed")
-    train_and_kill(zero, tmp_path / "zero", 5, ("-m", "danlu"), "--nproc", "2")
+    train_and_kill(zero, tmp_path / "zero", 5, ("-m", "danlu"), "--nproc", "2", "train.zero_stage=3")
     alone = run_cli("-q", "train", "--resume", str(tmp_path / "zero"), timeout=600)
     assert alone.returncode == 2 and "Traceback" not in alone.stderr
     assert "train.strategy=deepspeed trains in several processes" in alone.stderr
-    resumed = run_cli("-q", "train", "--resume", str(tmp_path / "zero"), "--nproc", "2", timeout=600)
+    resumed = run_cli("-q", "train", "--resume", str(tmp_path / "zero"), "--nproc", "4", timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert largest_difference(full, weights(tmp_path / "zero")) < 1e-5
+    assert danlu.Run(tmp_path / "zero").report["processes"] == 4
+
+
+def test_zero_fragments_restore_weights_and_adam_moments_in_another_number_of_processes(tmp_path):
+    """ZeRO-2 in fp32 and ZeRO-1 in bf16 (DeepSpeed's bf16 optimizer), written by 2 processes and read
+    by 3: the fp32 weights and both Adam moments come back exactly, and three more steps (Adam's step
+    count restored too) land where the 2 processes' went on to."""
+    for mode, nproc in (("save", 2), ("load", 3)):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+        command += [
+            "--master-port",
+            str(free_port()),
+            str(ROOT / "tests" / "zero_ranks.py"),
+            mode,
+            str(tmp_path),
+        ]
+        ran = subprocess.run(
+            command, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+        )
+        assert ran.returncode == 0, ran.stderr[-3000:]
+    saved, loaded = (json.loads((tmp_path / f"{m}.json").read_text()) for m in ("save", "load"))
+    for case, tolerance in (("zero2_fp32", 1e-6), ("zero1_bf16", 1e-3)):
+        for part in ("weights", "exp_avg", "exp_avg_sq"):
+            assert loaded[case][part] == saved[case][part], (case, part)
+        after = {k: torch.tensor(v) for k, v in loaded[case]["after"].items()}
+        expected = {k: torch.tensor(v) for k, v in saved[case]["after"].items()}
+        moved = {k: torch.tensor(v) for k, v in saved[case]["weights"].items()}
+        assert largest_difference(after, expected) < tolerance, case
+        assert largest_difference(moved, expected) > 10 * tolerance, case  # the steps moved the weights
 
 
 def test_a_text_encoder_and_a_causal_lm_shard_by_layer_to_one_process_weights(tmp_path):

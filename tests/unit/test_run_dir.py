@@ -156,14 +156,11 @@ def test_a_sharded_checkpoints_files_go_and_a_users_file_beside_them_stays(tmp_p
         for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
             (checkpoints / folder / name).write_bytes(b"shard")
     (checkpoints / "shards-000004" / "notes.txt").write_text("mine")
-    deepspeed = checkpoints / "shards-000006"  # DeepSpeed's files, in its tag folder
-    (deepspeed / "zero").mkdir(parents=True)
-    for name in ("zero_to_fp32.py", "zero_to_torch.py"):
-        (deepspeed / name).write_text("# copied by DeepSpeed")
-    written = ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
-    for name in [*written, "mp_rank_00_model_states.pt"]:
-        (deepspeed / "zero" / name).write_bytes(b"state")
-    (deepspeed / "zero" / "extra.pt").write_bytes(b"not a name DeepSpeed writes")
+    zero = checkpoints / "shards-000006"  # ZeRO fragments, one file per rank
+    zero.mkdir()
+    for name in ("zero-00000-of-00002.safetensors", "zero-00001-of-00002.safetensors"):
+        (zero / name).write_bytes(b"fragments")
+    (zero / "zero-1-of-2.safetensors").write_bytes(b"not a name danlu writes")
     (checkpoints / "shards-mine").mkdir()  # not a name danlu gives its folders
     (checkpoints / "shards-mine" / "__0_0.distcp").write_bytes(b"someone else's")
     run.remove_entries()
@@ -172,8 +169,7 @@ def test_a_sharded_checkpoints_files_go_and_a_users_file_beside_them_stays(tmp_p
         "checkpoints/shards-000004",
         "checkpoints/shards-000004/notes.txt",
         "checkpoints/shards-000006",
-        "checkpoints/shards-000006/zero",
-        "checkpoints/shards-000006/zero/extra.pt",
+        "checkpoints/shards-000006/zero-1-of-2.safetensors",
         "checkpoints/shards-mine",
         "checkpoints/shards-mine/__0_0.distcp",
     ]

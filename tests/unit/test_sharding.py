@@ -45,3 +45,32 @@ def test_deepspeed_refuses_one_process_and_names_the_install(monkeypatch):
     with pytest.raises(DanluError) as missing:
         check("deepspeed", World(rank=0, size=2), uneven=False, precision="fp32")
     assert missing.value.hint == "pip install 'danlu[deepspeed]'"
+
+
+def test_zero_fragments_are_read_across_the_files_of_the_ranks_that_wrote_them(tmp_path):
+    """A parameter of 5 elements written by 2 ranks ([0, 3) and [3, 5)) and read as 3 ranks' ranges
+    would be; a range no file covers is one line, never zeros."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from danlu.training.zero_checkpoint import _Reader
+
+    w = torch.arange(5, dtype=torch.float32)
+    save_file(
+        {"w": w[:3].clone(), "w::exp_avg": -w[:3]}, str(tmp_path / "a"), {"starts": json.dumps({"w": 0})}
+    )
+    save_file(
+        {"w": w[3:].clone(), "w::exp_avg": -w[3:]}, str(tmp_path / "b"), {"starts": json.dumps({"w": 3})}
+    )
+    handles = [safe_open(str(tmp_path / name), framework="pt") for name in ("a", "b")]
+    reader = _Reader(handles, tmp_path)
+    assert reader.read("w", 2, 2).tolist() == [2.0, 3.0]  # across both files
+    assert reader.read("w::exp_avg", 0, 5).tolist() == [-0.0, -1.0, -2.0, -3.0, -4.0]
+    assert reader.state_keys() == ["exp_avg"]
+    with pytest.raises(DanluError, match="lacks part of 'w'"):
+        reader.read("w", 4, 2)  # [4, 6): element 5 is in no file
+    with pytest.raises(DanluError, match="lacks part of 'v'"):
+        reader.read("v", 0, 1)

@@ -20,7 +20,8 @@ from torch import nn
 from danlu import __version__
 from danlu.config import SCHEMA_VERSION
 from danlu.errors import DanluError
-from danlu.run import BEST_CHECKPOINT, DEEPSPEED_TAG, LAST_CHECKPOINT, atomic_write, remove_shards
+from danlu.run import BEST_CHECKPOINT, LAST_CHECKPOINT, atomic_write, remove_shards
+from danlu.training import zero_checkpoint
 
 MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
@@ -140,7 +141,7 @@ def save_sharded(
     """Called on every rank: each writes its shards once into checkpoints/shards-EPOCH/ (in a temporary
     folder first), then rank 0 (rng_states: every rank's, gathered there) writes each file in `paths`
     naming it, and removes the shard folders no checkpoint names any more. A DeepSpeed engine writes
-    its own files (in a DEEPSPEED_TAG folder); any other model, torch.distributed.checkpoint's."""
+    its partitions' fragments (zero_checkpoint); any other model, torch.distributed.checkpoint's."""
     import torch.distributed.checkpoint as dcp
 
     from danlu.training import distributed, sharding
@@ -152,10 +153,9 @@ def save_sharded(
         remove_shards(writing)  # left by a run stopped while it wrote
     distributed.barrier(world)
     if sharding.is_deepspeed(model):
-        model.save_checkpoint(
-            str(writing), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=trainable_only
-        )
-        distributed.barrier(world)  # every rank's files are written before rank 0 renames the folder
+        writing.mkdir(parents=True, exist_ok=True)
+        zero_checkpoint.save(model, writing, world.rank, world.size)
+        distributed.barrier(world)  # every rank's file is written before rank 0 renames the folder
     else:
         with _single_process_quiet():
             dcp.save(_sharded_state(model, optimizer, trainable_only), checkpoint_id=writing)
@@ -187,23 +187,17 @@ def load_sharded(
     folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, trainable_only: bool
 ) -> None:
     """Every rank reads its own shards of a sharded checkpoint's model (and optimizer), whatever the
-    number of processes that wrote it: torch.distributed.checkpoint reshards on load. (A DeepSpeed
-    engine reads its own files, written by as many processes as read them.)"""
+    number of processes that wrote it: torch.distributed.checkpoint reshards on load, and a DeepSpeed
+    engine reads the ranges of its own partition from its fragments (zero_checkpoint)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     from danlu.training import sharding
 
     if sharding.is_deepspeed(model):
-        loaded, _ = model.load_checkpoint(
-            str(folder),
-            tag=DEEPSPEED_TAG,
-            load_optimizer_states=optimizer is not None,
-            load_lr_scheduler_states=False,
-            load_module_strict=not trainable_only,
-        )
-        if loaded is None:
-            raise DanluError(f"cannot load the DeepSpeed checkpoint '{folder}'", "train again")
+        import torch.distributed as dist
+
+        zero_checkpoint.load(model, folder, dist.get_rank(), with_optimizer=optimizer is not None)
         return
     state = _sharded_state(model, optimizer, trainable_only)
     try:

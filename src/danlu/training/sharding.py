@@ -135,7 +135,6 @@ def _deepspeed(model, tc, world: World, device: torch.device, precision: str, ba
         engine, zero_optimizer, _, _ = deepspeed.initialize(
             model=model.to(device), optimizer=optimizer, config=config, dist_init_required=False
         )
-    engine.checkpoint_engine.load = _weights_only_load
     log.debug("deepspeed: ZeRO stage %d over %d processes", tc.zero_stage, world.size)
     return engine, zero_optimizer
 
@@ -154,17 +153,6 @@ def _deepspeed_quiet() -> Iterator[None]:
         category=FutureWarning,
     )
     yield
-
-
-def _weights_only_load(path: str, map_location: Any = None) -> Any:
-    """DeepSpeed's checkpoint files, loaded without unpickling arbitrary objects: tensors and plain
-    values, and the three small state classes DeepSpeed stores in them."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def is_deepspeed(model: Any) -> bool:

@@ -453,16 +453,8 @@ def _restore(s: Setup, record: dict[str, Any], run: RunDir, config: Config, with
             f"train.strategy={strategy}",
             "put train.strategy back as the run was trained, or train again",
         )
-    writers = len(record.get(ckpt.RANK_RNG_KEY) or [None])
-    if strategy == "deepspeed" and writers != s.world.size:
-        raise DanluError(
-            f"a deepspeed run resumes in the number of processes that wrote its checkpoint ({writers}); "
-            f"this is {s.world.size}",
-            f"resume with --nproc {writers} (train.strategy=fsdp reshards on load)",
-        )
     if sharded:
-        # DeepSpeed's full weights live in its optimizer's fp32 copies: they are always restored
-        optimizer = s.optimizer if with_optimizer or strategy == "deepspeed" else None
+        optimizer = s.optimizer if with_optimizer else None
         ckpt.load_sharded(run.checkpoints / record[ckpt.SHARDS_KEY], s.model, optimizer, trainable_only)
         return
     ckpt.restore_model(s.bare_model, record[ckpt.MODEL_KEY], trainable_only)
