@@ -135,8 +135,30 @@ def _deepspeed(model, tc, world: World, device: torch.device, precision: str, ba
         engine, zero_optimizer, _, _ = deepspeed.initialize(
             model=model.to(device), optimizer=optimizer, config=config, dist_init_required=False
         )
+    if tc.zero_stage == 3:
+        _share_fp32_masters(zero_optimizer)
     log.debug("deepspeed: ZeRO stage %d over %d processes", tc.zero_stage, world.size)
     return engine, zero_optimizer
+
+
+def _share_fp32_masters(zero: Any) -> None:
+    """ZeRO-3 with fp32 parameters: the fp32 master partitions its optimizer steps become the
+    parameters' own partitions, as DeepSpeed intends when they are fp32 already. Its check compares
+    the partition's torch.device with a device name (a string), which is never equal, so it keeps a
+    second fp32 copy of every partition: half the model per process at 2 processes. (In bf16 the
+    masters are a copy by design.) The master keeps its identity, which the optimizer's state is
+    keyed by; DeepSpeed's copy from master to partition after each step becomes a copy onto itself."""
+    for partition, master in zip(
+        zero.fp16_partitioned_groups_flat, zero.fp32_partitioned_groups_flat, strict=True
+    ):
+        if (
+            partition is not None
+            and master is not partition
+            and master.dtype == partition.dtype
+            and master.device == partition.device
+            and master.shape == partition.shape
+        ):
+            master.data = partition.data
 
 
 @contextlib.contextmanager
