@@ -53,8 +53,13 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# The suite runs in PYTEST_WORKERS processes (pytest-xdist), each test file whole in one of them so its
+# module fixtures are built once: most of its time is torch, torchrun and server processes starting up
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
+
 test: setup lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 	$(MAKE) test-floor
 	$(MAKE) test-vllm
 
@@ -103,7 +108,7 @@ test-gpu:
 	$(BIN)/python -m pytest -p no:cacheprovider tests/gpu
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(FLOOR) $(VLLM) runs .pytest_cache .ruff_cache src/*.egg-info

@@ -143,8 +143,8 @@ def _launch(cfg, out, log, *args):
 
 @pytest.mark.slow
 def test_a_killed_two_process_run_resumes_identically_with_torchrun_or_ray(config, uninterrupted, tmp_path):
-    cfg = config(epochs=40, dropout=0.3)  # dropout: every rank's RNG must be restored too
-    full = uninterrupted(epochs=40, dropout=0.3, nproc=2)
+    cfg = config(epochs=20, dropout=0.3)  # dropout: every rank's RNG must be restored too
+    full = uninterrupted(epochs=20, dropout=0.3, nproc=2)
     process = _launch(cfg, tmp_path / "killed", (tmp_path / "killed.log").open("w"))
     _wait_for_epochs(tmp_path / "killed", 3, process)
     for child in psutil.Process(process.pid).children(recursive=True):
@@ -166,8 +166,8 @@ def test_a_killed_two_process_run_resumes_identically_with_torchrun_or_ray(confi
 
 @pytest.mark.slow
 def test_torchrun_restarts_after_a_killed_rank_and_finishes_the_same(config, uninterrupted, tmp_path):
-    cfg = config(epochs=40, dropout=0.3)
-    full = uninterrupted(epochs=40, dropout=0.3, nproc=2)
+    cfg = config(epochs=20, dropout=0.3)
+    full = uninterrupted(epochs=20, dropout=0.3, nproc=2)
     log = tmp_path / "restarted.log"
     process = _launch(cfg, tmp_path / "restarted", log.open("w"), "--max-restarts", "1")
     _wait_for_epochs(tmp_path / "restarted", 3, process)
@@ -182,7 +182,7 @@ def test_torchrun_restarts_after_a_killed_rank_and_finishes_the_same(config, uni
         json.loads(line)["epoch"]
         for line in (tmp_path / "restarted" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert epochs == list(range(1, 41))
+    assert epochs == list(range(1, 21))
 
 
 def free_port() -> int:

@@ -140,7 +140,7 @@ def test_an_image_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     config = write_config(
         tmp_path / "c.yaml",
         f"data:\n  train: {folder}\n  augment: light\nmodel:\n  channels: [8, 16]\n  hidden: [32]\n"
-        "train:\n  epochs: 80\n  batch_size: 16\n",  # dropout and augmentation on: RNG state matters
+        "train:\n  epochs: 16\n  batch_size: 16\n",  # dropout and augmentation on: RNG state matters
     )
     full = danlu.train(config, out=tmp_path / "full", progress=False).path
     killed = tmp_path / "killed"

@@ -146,7 +146,7 @@ def test_a_text_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
         tmp_path / "c.yaml",
         f"data:\n  train: {tmp_path / 'r.csv'}\n  text: review\n  target: label\n  max_length: 64\n"
         f"model:\n  pretrained: {tmp_path / 'bert'}\n"
-        "train:\n  epochs: 60\n  batch_size: 16\n  precision: fp32\n",
+        "train:\n  epochs: 15\n  batch_size: 16\n  precision: fp32\n",
     )
     full = danlu.train(config, out=tmp_path / "full", progress=False).path
     killed = tmp_path / "killed"
