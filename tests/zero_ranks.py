@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-CASES = {"zero2_fp32": (2, False), "zero1_bf16": (1, True)}
+CASES = {"zero2_fp32": (2, False), "zero1_bf16": (1, True), "zero3_fp32": (3, False)}
 BATCH = 12  # divides among 2 and 3 processes
 
 
@@ -32,7 +32,20 @@ def engine(stage: int, bf16: bool):
         "steps_per_print": 2**31 - 1,
     }
     ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    if stage == 3:
+        from danlu.training.sharding import _share_fp32_masters
+
+        _share_fp32_masters(ds.optimizer)
     return ds
+
+
+def shared(ds) -> bool:
+    """Whether ZeRO-3's fp32 masters are the parameters' own partitions (one copy of the weights)."""
+    zero = ds.optimizer
+    pairs = zip(zero.fp16_partitioned_groups_flat, zero.fp32_partitioned_groups_flat, strict=True)
+    return all(
+        low.untyped_storage().data_ptr() == master.untyped_storage().data_ptr() for low, master in pairs
+    )
 
 
 def steps(ds, first: int, n: int) -> None:
@@ -76,6 +89,7 @@ def main() -> None:
             "weights": full(ds),
             "exp_avg": full(ds, "exp_avg"),
             "exp_avg_sq": full(ds, "exp_avg_sq"),
+            "shared": shared(ds) if stage == 3 else None,
         }
         steps(ds, 3, 3)
         results[case]["after"] = full(ds)

@@ -316,15 +316,16 @@ _TEMPORARY = re.compile(r"^\..+\.[^.]+\.tmp$")  # atomic_write's temporaries: .N
 # what torch.distributed.checkpoint writes in a sharded checkpoint's folder (checkpoints/shards-EPOCH/,
 # or .shards-EPOCH.writing.tmp while it is written)
 _SHARD_FOLDER = re.compile(r"^(shards-\d{6}|\.shards-\d{6}\.writing\.tmp)$")
-# torch.distributed.checkpoint's files, and danlu's ZeRO fragments (training/zero_checkpoint.py)
-_SHARD_FILE = re.compile(r"^(\.metadata|__\d+_\d+\.distcp|zero-\d{5}-of-\d{5}\.safetensors)$")
+# danlu's ZeRO fragments, one file per rank (training/zero_checkpoint.py): its rank and the ranks' number
+ZERO_FILE = re.compile(r"zero-(\d{5})-of-(\d{5})\.safetensors")
+# torch.distributed.checkpoint's files, and the ZeRO fragments
+_SHARD_FILE = re.compile(rf"^(\.metadata|__\d+_\d+\.distcp|{ZERO_FILE.pattern})$")
 
 
 def _is_shard_file(path: Path) -> bool:
-    folder = path.parent
     return (
-        folder.parent.name == CHECKPOINTS
-        and bool(_SHARD_FOLDER.match(folder.name))
+        path.parent.parent.name == CHECKPOINTS
+        and bool(_SHARD_FOLDER.match(path.parent.name))
         and bool(_SHARD_FILE.match(path.name))
     )
 

@@ -142,9 +142,10 @@ def test_a_sharded_run_resumes_on_another_number_of_processes(table, tmp_path):
 
 
 def test_zero_fragments_restore_weights_and_adam_moments_in_another_number_of_processes(tmp_path):
-    """ZeRO-2 in fp32 and ZeRO-1 in bf16 (DeepSpeed's bf16 optimizer), written by 2 processes and read
-    by 3: the fp32 weights and both Adam moments come back exactly, and three more steps (Adam's step
-    count restored too) land where the 2 processes' went on to."""
+    """ZeRO-2 in fp32, ZeRO-1 in bf16 (DeepSpeed's bf16 optimizer) and ZeRO-3 in fp32, written by 2
+    processes and read by 3: the fp32 weights and both Adam moments come back exactly, and three more
+    steps (Adam's step count restored too) land where the 2 processes' went on to. ZeRO-3's fp32
+    masters are the parameters' own memory (sharding._share_fp32_masters), on both sides."""
     for mode, nproc in (("save", 2), ("load", 3)):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
         command += [
@@ -159,7 +160,8 @@ def test_zero_fragments_restore_weights_and_adam_moments_in_another_number_of_pr
         )
         assert ran.returncode == 0, ran.stderr[-3000:]
     saved, loaded = (json.loads((tmp_path / f"{m}.json").read_text()) for m in ("save", "load"))
-    for case, tolerance in (("zero2_fp32", 1e-6), ("zero1_bf16", 1e-3)):
+    assert saved["zero3_fp32"]["shared"] and loaded["zero3_fp32"]["shared"]
+    for case, tolerance in (("zero2_fp32", 1e-6), ("zero1_bf16", 1e-3), ("zero3_fp32", 1e-6)):
         for part in ("weights", "exp_avg", "exp_avg_sq"):
             assert loaded[case][part] == saved[case][part], (case, part)
         after = {k: torch.tensor(v) for k, v in loaded[case]["after"].items()}

@@ -74,3 +74,19 @@ def test_zero_fragments_are_read_across_the_files_of_the_ranks_that_wrote_them(t
         reader.read("w", 4, 2)  # [4, 6): element 5 is in no file
     with pytest.raises(DanluError, match="lacks part of 'v'"):
         reader.read("v", 0, 1)
+
+
+def test_a_zero_checkpoint_missing_a_ranks_file_is_one_line(tmp_path):
+    from danlu.training.zero_checkpoint import _rank_files
+
+    for rank in range(3):
+        (tmp_path / f"zero-{rank:05d}-of-00003.safetensors").write_bytes(b"")
+    assert [p.name[:10] for p in _rank_files(tmp_path)] == ["zero-00000", "zero-00001", "zero-00002"]
+    (tmp_path / "zero-00001-of-00003.safetensors").unlink()  # a rank's file lost
+    with pytest.raises(DanluError, match="does not hold one whole ZeRO checkpoint"):
+        _rank_files(tmp_path)
+    (tmp_path / "zero-00001-of-00002.safetensors").write_bytes(b"")  # another run's count
+    with pytest.raises(DanluError, match="does not hold one whole ZeRO checkpoint"):
+        _rank_files(tmp_path)
+    with pytest.raises(DanluError, match="its files: none"):
+        _rank_files(tmp_path / "absent")

@@ -26,8 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from danlu.errors import DanluError
+from danlu.run import ZERO_FILE
 
-FILE = "zero-{rank:05d}-of-{world:05d}.safetensors"
+FILE = "zero-{rank:05d}-of-{world:05d}.safetensors"  # ZERO_FILE's form
 _SEP = "::"  # between a parameter's name and an optimizer state's key
 _BUFFER = "buffer" + _SEP
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
@@ -60,7 +61,7 @@ def save(engine: Any, folder: Path, rank: int, world: int) -> None:
     if rank == 0:
         for name, buffer in engine.module.named_buffers():
             tensors[_BUFFER + name] = buffer.detach().cpu().clone()
-        metadata["scalars"] = json.dumps(_scalars(zero.optimizer))
+        metadata["scalars"] = json.dumps(_scalars(zero.optimizer), allow_nan=False)
         metadata["counters"] = json.dumps({k: int(getattr(engine, k, 0)) for k in _COUNTERS})
     save_file(tensors, str(folder / FILE.format(rank=rank, world=world)), metadata=metadata)
 
@@ -70,32 +71,44 @@ def load(engine: Any, folder: Path, rank: int, with_optimizer: bool) -> None:
     """Called on every rank, in any number of processes: fills this rank's partition of the master
     weights (and with_optimizer, of the optimizer's state, its step and the engine's counters) from the
     files in `folder`, then the model's own weights from the master weights."""
-    files = sorted(folder.glob("zero-*-of-*.safetensors"))
-    if not files:
-        raise DanluError(
-            f"'{folder}' holds no ZeRO checkpoint files danlu can read",
-            "the checkpoint is damaged or was written by an earlier danlu; train again",
-        )
+    files = _rank_files(folder)
     zero = engine.optimizer
+    fragments = _fragments(engine, rank)
     with ExitStack() as stack:
         reader = _Reader([stack.enter_context(safe_open(str(f), framework="pt")) for f in files], folder)
-        for f in _fragments(engine, rank):
+        for f in fragments:
             f.flat.narrow(0, f.offset, f.numel).copy_(reader.read(f.name, f.start, f.numel))
         if with_optimizer:
-            _load_optimizer(zero.optimizer, _flats(zero), _fragments(engine, rank), reader)
+            _load_optimizer(zero.optimizer, _flats(zero), fragments, reader)
             link = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
             if link is not None:  # ZeRO-1/2: each parameter's view of the state, as after a step
                 link()
             for key, value in reader.first("counters").items():
                 setattr(engine, key, value)
-        buffers = dict(engine.module.named_buffers())
-        for name, buffer in buffers.items():
+        for name, buffer in engine.module.named_buffers():
             buffer.copy_(reader.whole(_BUFFER + name))
     if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3: each parameter's partition
         for group in range(len(zero.fp16_groups)):
             zero._reassign_or_swap_out_partitioned_parameters(group)
     else:  # ZeRO-1/2: every rank's whole copy, gathered from the partitions
         zero.update_lp_params()
+
+
+def _rank_files(folder: Path) -> list[Path]:
+    """Every rank's file of one checkpoint, all N of them, or one line saying what is wrong."""
+    files = {}
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = ZERO_FILE.fullmatch(path.name)
+        if match:
+            files[int(match[1]), int(match[2])] = path
+    counts = {world for _, world in files}
+    if len(counts) != 1 or sorted(files) != [(rank, *counts) for rank in range(*counts)]:
+        found = ", ".join(sorted(p.name for p in files.values())) or "none"
+        raise DanluError(
+            f"'{folder}' does not hold one whole ZeRO checkpoint (its files: {found})",
+            "the checkpoint is damaged or was written by an earlier danlu; train again",
+        )
+    return [files[key] for key in sorted(files)]
 
 
 def _flats(zero: Any) -> list[torch.Tensor]:
