@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[export,serve,ray,text,chat,finetune,deepspeed,bench,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[export,serve,ray,text,chat,finetune,deepspeed,track,bench,dev]"
 	# llama.cpp from source when no wheel fits (about 3 minutes on 2 cores, once: pip caches the wheel);
 	# without its multimodal library (LLAVA_BUILD), which danlu does not load
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[llama]"

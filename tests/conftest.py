@@ -111,10 +111,10 @@ def interrupted_at_epoch(monkeypatch, epoch: int, train) -> None:
 
     original = trainer.train_epoch
 
-    def stop(s, tc, current):
+    def stop(s, tc, current, *rest):
         if current == epoch:
             raise KeyboardInterrupt
-        return original(s, tc, current)
+        return original(s, tc, current, *rest)
 
     monkeypatch.setattr(trainer, "train_epoch", stop)
     with pytest.raises(KeyboardInterrupt):

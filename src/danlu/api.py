@@ -97,15 +97,23 @@ def train(
 
 
 def _train_and_finish(config, overrides, out, resume, overwrite: bool, world, progress: bool, on_epoch):
+    from danlu.tracking import open_trackers
     from danlu.training import distributed
     from danlu.training.report import finish
     from danlu.training.trainer import final_setup, fit
 
     run, cfg, setup = _run_setup(config, overrides, out, resume, overwrite, world)
-    fit(cfg, run, setup, progress=progress, on_epoch=on_epoch)
-    final = final_setup(cfg, run, setup)  # every rank: a sharded model is gathered
-    if final is not None:
-        finish(cfg, run, final)
+    resumed_step = setup.state.step if resume is not None else None
+    trackers = open_trackers(cfg, run, world.main, resumed_step)
+    try:
+        fit(cfg, run, setup, progress=progress, on_epoch=on_epoch, trackers=trackers)
+        final = final_setup(cfg, run, setup)  # every rank: a sharded model is gathered
+        if final is not None:
+            trackers.finish(cfg, run, finish(cfg, run, final))
+    except BaseException:
+        trackers.close(failed=True)
+        raise
+    trackers.close()
     distributed.barrier(world)  # the report exists on every rank's return
     return run
 
@@ -130,6 +138,7 @@ def show_sample(config: Config | dict | str | Path, overrides: Iterable[str] = (
 
 def _run_setup(config, overrides, out, resume, overwrite: bool, world):
     """The run directory, typed config and trainer set-up, new or resumed, on every rank."""
+    from danlu.tracking import check_installed
     from danlu.training import distributed
     from danlu.training.trainer import new_setup, resumed_setup
 
@@ -141,6 +150,7 @@ def _run_setup(config, overrides, out, resume, overwrite: bool, world):
         run = RunDir(resume)
         run.require_resumable()
         cfg = resolve_family(validate(read_yaml(run.config)))
+        check_installed(cfg.train.log_to)
         device = distributed.start(world, cfg.train.device, cfg.train.dist_timeout)
         distributed.check_same_config(world, run.config.read_text())
         return run, cfg, resumed_setup(cfg, run, world, device)
@@ -148,6 +158,7 @@ def _run_setup(config, overrides, out, resume, overwrite: bool, world):
     if out is not None:
         cfg = cfg.model_copy(update={"output": str(out)})
     cfg = resolve_family(resolve_paths(cfg, Path.cwd()))
+    check_installed(cfg.train.log_to)
     device = distributed.start(world, cfg.train.device, cfg.train.dist_timeout)
     distributed.check_same_config(world, cfg.model_dump_json())
     run = RunDir(cfg.output)

@@ -253,6 +253,14 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="causal LMs: recompute activations in backward (less memory, about 30% slower)"
     )
+    log_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="experiment tracking: tensorboard (event files in RUN/tensorboard/), mlflow (a run in "
+        "MLflow's tracking store: MLFLOW_TRACKING_URI, else MLflow's default in the working directory)",
+    )
+    experiment: str | None = Field(
+        None, description="log_to mlflow: the MLflow experiment (default MLFLOW_EXPERIMENT_NAME, else danlu)"
+    )
 
     @field_validator("batch_size")
     @classmethod

@@ -15,6 +15,9 @@ runs/NAME/
   export/            written by `danlu export`
   cache/             decoded images over the memory budget (memory-mapped), token ids; safe to delete
   hf/                text runs: the fine-tuned model and tokenizer in Hugging Face format
+  tensorboard/       train.log_to tensorboard: TensorBoard's event files
+  tracking.json      train.log_to mlflow: the MLflow store, experiment and run id
+  trial.json         a trial of `danlu tune`: its number, parameters, state (complete, pruned) and value
 ```
 
 danlu deletes only what it can prove it wrote: a directory is replaced only when it is a run (config.yaml
@@ -59,6 +62,10 @@ SAMPLES = "samples.jsonl"  # fine-tuned language models: `danlu evaluate`'s answ
 CACHE = "cache"  # decoded data danlu can rebuild: safe to delete, never packaged
 HF = "hf"  # text and causal-LM runs: the model and tokenizer for transformers' from_pretrained
 ADAPTER = "adapter"  # causal-LM runs with LoRA: the adapter for peft's PeftModel.from_pretrained
+TENSORBOARD = "tensorboard"  # train.log_to tensorboard: the event files
+TRACKING = "tracking.json"  # train.log_to mlflow: where the run is tracked (store, experiment, run id)
+TUNE_TRIAL = "trial.json"  # a `danlu tune` trial: its number, parameters, state and value
+EVENT_FILE = re.compile(r"^events\.out\.tfevents\.\d+\.")  # TensorBoard's event files
 EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}  # `danlu export` formats and their files
 MANIFEST = ".danlu-files.json"  # in a folder danlu fills (hf/): the names of the files it wrote there
 PLOT_SOFTWARE = "danlu"  # the Software tag of every PNG danlu draws
@@ -66,7 +73,8 @@ CACHE_NAME = re.compile(r"^[a-z]+-[0-9a-f]{16}[-.]")  # KIND-KEY.npz, KIND-KEY-S
 # Every name danlu writes at the top of a run directory: only these are ever deleted from one.
 RUN_ENTRIES = frozenset(
     {CONFIG, PREPROCESS, WEIGHTS, CHECKPOINTS, METRICS, REPORT, PLOTS, EXPORT, HELDOUT, HELDOUT_ROWS}
-    | {HELDOUT_INDEX, HELDOUT_IMAGES, PREDICTIONS, SAMPLES, CACHE, HF, ADAPTER}
+    | {HELDOUT_INDEX, HELDOUT_IMAGES, PREDICTIONS, SAMPLES, CACHE, HF, ADAPTER, TENSORBOARD, TRACKING}
+    | {TUNE_TRIAL}
 )
 
 
@@ -169,6 +177,8 @@ def written_by_danlu(folder: str, path: Path) -> bool:
         return name.endswith(".png") and _is_danlu_png(path)
     if folder == EXPORT:
         return is_export_record(path) or is_export_record(export_record_path(path))
+    if folder == TENSORBOARD:
+        return bool(EVENT_FILE.match(name))
     return name in _manifest(path.parent)
 
 
@@ -195,6 +205,9 @@ class RunDir:
     cache = property(lambda self: self.path / CACHE)
     hf = property(lambda self: self.path / HF)
     adapter = property(lambda self: self.path / ADAPTER)
+    tensorboard = property(lambda self: self.path / TENSORBOARD)
+    tracking = property(lambda self: self.path / TRACKING)
+    trial = property(lambda self: self.path / TUNE_TRIAL)
 
     def export_path(self, fmt: str, quantize: str | None = None) -> Path:
         """Where `danlu export` writes by default: export/model[.int8].onnx|pt."""

@@ -24,6 +24,12 @@ def add_train(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument(
+        "--log-to",
+        metavar="TRACKERS",
+        help="track the run in tensorboard, mlflow or both (comma-separated; sets train.log_to): "
+        "TensorBoard event files in RUN/tensorboard/, an MLflow run in MLFLOW_TRACKING_URI's store",
+    )
+    p.add_argument(
         "--show-sample",
         action="store_true",
         help="fine-tuning a language model: print the first conversation as trained, with its trained "
@@ -186,6 +192,20 @@ def _check_before_launch(config, nproc: int, nnodes: int = 1) -> None:
         )
 
 
+def log_to_override(value: str, resume: str | None) -> str:
+    """--log-to tensorboard,mlflow as the override train.log_to=[tensorboard,mlflow]."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ("tensorboard", "mlflow")]
+    if unknown or not names:
+        raise DanluError(
+            f"--log-to {value}: unknown tracker {', '.join(unknown) or '(none)'}",
+            "use tensorboard, mlflow or tensorboard,mlflow",
+        )
+    if resume:
+        raise DanluError("--log-to is not for --resume", "a resumed run tracks as its config.yaml says")
+    return f"train.log_to=[{','.join(names)}]"
+
+
 def run_train(args) -> int:
     if args.show_sample:
         if not args.config or args.resume:
@@ -194,7 +214,12 @@ def run_train(args) -> int:
 
         print(danlu.show_sample(args.config, args.overrides))
         return 0
+    if args.log_to:
+        args.overrides = [*args.overrides, log_to_override(args.log_to, args.resume)]
     config = _config_for(args)
+    from danlu.tracking import check_installed
+
+    check_installed(config.train.log_to)
     if args.backend == "ray":
         return launch_ray(args, config)
     if args.nproc:

@@ -234,9 +234,10 @@ def _uneven_inputs(s: Setup):
     return contextlib.nullcontext()
 
 
-def train_epoch(s: Setup, tc: TrainConfig, epoch: int) -> float:
+def train_epoch(s: Setup, tc: TrainConfig, epoch: int, steps: list | None = None) -> float:
     """One pass over the training data; returns the mean loss per unit (row, or trained token) over all
-    processes.
+    processes. steps: when a list, each step's (step, lr, loss sum, units) of this process is appended,
+    the loss sum left on the device (experiment tracking reads them once, after the epoch).
 
     Each step's loss is scaled so that DDP's average over ranks (and the sum over micro-batches) is the
     mean over the whole global batch: N processes, or micro-batches, give a single process's gradient.
@@ -256,6 +257,7 @@ def train_epoch(s: Setup, tc: TrainConfig, epoch: int) -> float:
             if not sharding.is_deepspeed(s.model):  # DeepSpeed's step clears them itself
                 s.optimizer.zero_grad(set_to_none=True)
             micro = _micro_batches(batch, tc.accumulate)
+            step_sum, step_units = None, 0
             for i, piece in enumerate(micro):
                 last = i == len(micro) - 1
                 with sharding.gradient_sync(s.model, last or not s.world.multi):
@@ -267,10 +269,17 @@ def train_epoch(s: Setup, tc: TrainConfig, epoch: int) -> float:
                             loss, share_units = objective.loss(out, piece)
                     scale = share_units * s.world.size / n_global
                     backward(s, loss if scale == 1 else loss * scale)
-                total += loss.detach() * share_units  # stays on the device: no sync point per step
+                piece_sum = loss.detach() * share_units
+                total += piece_sum  # stays on the device: no sync point per step
                 units += share_units
+                step_sum, step_units = (
+                    piece_sum if step_sum is None else step_sum + piece_sum,
+                    step_units + share_units,
+                )
             optimizer_step(s, tc.grad_clip)
             s.state.step += 1
+            if steps is not None:
+                steps.append((s.state.step, lr, step_sum, step_units))
     loss_sum, count = distributed.all_sum([float(total), float(units)], s.world, s.device)
     return loss_sum / max(count, 1)
 
@@ -330,11 +339,12 @@ def _checkpoint(s: Setup, paths: list, config: Config, rng_states: list | None) 
         ckpt.save_checkpoint(path, s.model, *args, trainable_only)
 
 
-def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=None) -> None:
+def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=None, trackers=None) -> None:
     """Run epochs from s.state.epoch + 1 until the last epoch or early stopping.
 
-    on_epoch(record, checkpoint_dir) is called on every rank after each epoch (Ray Train's reporting);
-    checkpoint_dir is set on rank 0, in the epochs that wrote a checkpoint.
+    on_epoch(record, checkpoint_dir) is called on every rank after each epoch (Ray Train's reporting,
+    `danlu tune`'s pruning); checkpoint_dir is set on rank 0, in the epochs that wrote a checkpoint.
+    trackers: rank 0's experiment tracking (danlu.tracking.Trackers), given each epoch's record and steps.
 
     Every process trains; only rank 0 validates, logs, writes metrics and checkpoints, and decides early
     stopping, which it hands to the other ranks after each epoch."""
@@ -355,9 +365,10 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=N
             if s.state.stopped_early:
                 break
             start = time.perf_counter()
+            steps: list | None = [] if trackers else None
             record: dict[str, Any] = {
                 "epoch": epoch,
-                "train_loss": train_epoch(s, tc, epoch),
+                "train_loss": train_epoch(s, tc, epoch, steps),
             }
             _check_finite(record["train_loss"], epoch, tc)  # every rank holds the same all-reduced loss
             record["lr"] = lr_at(s.state.step, s.total_steps, tc)
@@ -375,6 +386,8 @@ def fit(config: Config, run: RunDir, s: Setup, progress: bool = True, on_epoch=N
                 best = _track_best(s, tc, record, monitor_on)
                 metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
                 metrics_file.flush()
+                if trackers:
+                    trackers.epoch(record, s.state.step, steps)
                 saved = epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or s.state.stopped_early
             state, best, saved = distributed.broadcast((asdict(s.state), best, saved), s.world)
             s.state = TrainerState(**state)

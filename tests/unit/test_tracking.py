@@ -1,0 +1,55 @@
+"""danlu.tracking's own logic: one failing writer is dropped with a warning and the others go on; the
+config flattened as trackers store it."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from danlu.tracking import Trackers, flatten, numbers
+
+
+class _Writer:
+    def __init__(self, name: str, fail_at: str | None = None) -> None:
+        self.name, self.fail_at, self.calls, self.closed = name, fail_at, [], None
+
+    def _call(self, method: str, *args) -> None:
+        if method == self.fail_at:
+            raise OSError("No space left on device")
+        self.calls.append((method, args))
+
+    def epoch(self, *args):
+        self._call("epoch", *args)
+
+    def finish(self, *args):
+        self._call("finish", *args)
+
+    def close(self, failed):
+        self.closed = failed
+
+
+def test_a_failing_writer_is_dropped_with_one_warning_and_the_others_go_on(caplog):
+    good, bad = _Writer("good"), _Writer("bad", fail_at="epoch")
+    trackers = Trackers([bad, good])
+    steps = [(1, 0.1, torch.tensor(6.0), 3), (2, 0.05, torch.tensor(0.0), 0), (3, 0.01, torch.tensor(2.0), 4)]
+    with caplog.at_level(logging.WARNING, logger="danlu"):
+        trackers.epoch({"epoch": 1, "val_loss": 0.5}, 3, steps)
+        trackers.epoch({"epoch": 2, "val_loss": 0.4}, 6, [])
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad tracking failed (No space left on device); training goes on without it"
+    ]
+    assert bad.closed is True and trackers.writers == [good]
+    # per step: the loss per row; a step where this process had no rows is left out
+    assert good.calls[0] == ("epoch", ({"epoch": 1, "val_loss": 0.5}, 3, [(1, 0.1, 2.0), (3, 0.01, 0.5)]))
+    trackers.finish("config", "run", {"test": {}})
+    trackers.close()
+    assert good.closed is False and not trackers
+
+
+def test_flatten_and_numbers():
+    config = {"train": {"lr": 0.01, "log_to": ["mlflow"], "grad_clip": None}, "output": "runs/a"}
+    assert flatten(config) == {
+        "train.lr": 0.01, "train.log_to": '["mlflow"]', "train.grad_clip": "null", "output": "runs/a"
+    }  # fmt: skip
+    assert numbers({"a": 1, "b": float("nan"), "c": True, "d": "x", "e": 2.5}) == {"a": 1.0, "e": 2.5}
