@@ -5,6 +5,8 @@ Public API (imported lazily, so `danlu --help` never waits for torch):
     directory: its encoder), embed(model, inputs, out) (`danlu embed`), zero_shot(model, images, out,
     labels) (`danlu predict CLIP_MODEL IMAGES --labels`),
     predict_file(run_dir, data, out) -> rows (`danlu predict`), show_sample(config) -> str,
+    tune(config, space, trials=...) -> TuneResult (`danlu tune`), runs(folder) -> rows and
+    compare(run_a, run_b) -> dict (`danlu runs`),
     serve(run_dir_or_model, ...), export_gguf(model_dir, quantize) -> dict, quickstart(...) -> Run, Run,
     Predictor, DanluError, __version__
 """
@@ -24,6 +26,9 @@ _EXPORTS = {
     "zero_shot": "danlu.api",
     "predict_file": "danlu.api",
     "show_sample": "danlu.api",
+    "tune": "danlu.api",
+    "runs": "danlu.api",
+    "compare": "danlu.api",
     "quickstart": "danlu.api",
     "Run": "danlu.api",
     "Predictor": "danlu.predictor",

@@ -118,6 +118,83 @@ def _train_and_finish(config, overrides, out, resume, overwrite: bool, world, pr
     return run
 
 
+def tune(
+    config: Config | dict | str | Path,
+    space: dict | str | Path,
+    overrides: Iterable[str] = (),
+    *,
+    trials: int = 20,
+    out: str | Path | None = None,
+    timeout: float | None = None,
+    jobs: int = 1,
+    backend: str = "optuna",
+    sampler: str = "tpe",
+    prune: bool = True,
+    seed: int = 0,
+    ray_address: str | None = None,
+) -> Any:
+    """danlu tune: search the space (a YAML file or mapping of config keys to ranges and choices) over
+    runs of `config` in `out` (default: the config's output + "-tune"); returns
+    danlu.tracking.tune.TuneResult (the trials, the best one, its config in OUT/best.yaml).
+
+    An Optuna study in OUT/study.db: TPE (sampler="random": Optuna's RandomSampler), median pruning on
+    train.monitor after every epoch (prune=False: none), `jobs` processes sharing it; backend="ray": the
+    same on Ray Tune. A search in an existing OUT continues where it stopped.
+
+    Raises:
+        DanluError: a bad config or space (before any trial runs), an OUT that holds something else.
+    """
+    from danlu.config import read_yaml
+    from danlu.tracking import tune as search
+    from danlu.tracking.space import parse_space
+
+    cfg = _as_config(config, overrides)
+    if trials < 1 or jobs < 1 or (timeout is not None and timeout <= 0):
+        raise DanluError("--trials and --jobs must be at least 1, --timeout above 0", "e.g. --trials 30")
+    if backend not in ("optuna", "ray") or sampler not in ("tpe", "random"):
+        raise DanluError(
+            f"unknown backend {backend!r} or sampler {sampler!r}", "backend optuna|ray, sampler tpe|random"
+        )
+    target = Path(out if out is not None else f"{cfg.output}-tune")
+    raw_space = space if isinstance(space, dict) else read_yaml(space)
+    spec = search.SearchSpec(
+        base=search.base_config(cfg),
+        space=raw_space,
+        out=str(target.resolve()),
+        trials=trials,
+        timeout_s=timeout,
+        sampler=sampler,
+        prune=prune,
+        seed=seed,
+        monitor=cfg.train.monitor,
+    )
+    parse_space(raw_space, spec.base, "the search space")  # one line before any trial runs
+    search.check_out(target)
+    target.mkdir(parents=True, exist_ok=True)
+    if backend == "ray":
+        from danlu.tracking.ray_tune import tune_with_ray
+
+        return tune_with_ray(spec, jobs, ray_address)
+    search.run_jobs(spec, jobs)
+    return search.finish_search(spec)
+
+
+def runs(folder: str | Path = "runs") -> list[dict[str, Any]]:
+    """danlu runs: a row per run directory under `folder` (path, state, family, task, test, seconds,
+    epochs, when). Raises DanluError for a folder that does not exist."""
+    from danlu.tracking.runs import list_runs
+
+    return list_runs(folder)
+
+
+def compare(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
+    """danlu runs compare: {"runs", "config": {key: [a, b]} where they differ, "metrics": {name: [a, b]}}.
+    Raises DanluError unless both are finished runs."""
+    from danlu.tracking.runs import compare as compare_runs
+
+    return compare_runs(run_a, run_b)
+
+
 def show_sample(config: Config | dict | str | Path, overrides: Iterable[str] = ()) -> str:
     """One training row as the model will see it (a language model's conversation with its trained
     tokens marked), without training.

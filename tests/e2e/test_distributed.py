@@ -246,9 +246,15 @@ def test_ray_train_with_two_workers_matches_one_process(config, uninterrupted, t
     one = uninterrupted()
     ray_run, storage = tmp_path / "ray", tmp_path / "ray_results"
     args = ("--out", str(ray_run), "--backend", "ray", "--workers", "2", "--ray-storage", str(storage))
-    result = run_cli("-q", "train", str(cfg), *args, timeout=600)
+    result = run_cli("-q", "train", str(cfg), *args, "--log-to", "tensorboard", timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert torch.allclose(one, weights(ray_run), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(one, weights(ray_run), rtol=1e-5, atol=1e-7)  # tracked, and the same weights
+    # only rank 0's worker tracks: one event file, each epoch's validation loss once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((ray_run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(ray_run / "tensorboard")).Reload()
+    assert len(events.Scalars("val_loss")) == 4
     assert json.loads((ray_run / "report.json").read_text())["processes"] == 2
     assert "last epoch reported 4" in result.stdout  # metrics went through ray.train.report
     checkpoint = result.stdout.split("checkpoint ")[-1].strip()

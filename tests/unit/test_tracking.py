@@ -53,3 +53,22 @@ def test_flatten_and_numbers():
         "train.lr": 0.01, "train.log_to": '["mlflow"]', "train.grad_clip": "null", "output": "runs/a"
     }  # fmt: skip
     assert numbers({"a": 1, "b": float("nan"), "c": True, "d": "x", "e": 2.5}) == {"a": 1.0, "e": 2.5}
+
+
+def test_a_space_reads_ranges_as_ints_or_floats_and_sets_values_as_typed():
+    from danlu.tracking.space import parse_space, with_values
+
+    base = {"data": {"train": "synthetic:classification"}}
+    dims = parse_space(
+        {
+            "train.epochs": {"low": 10, "high": 50, "step": 10},
+            "train.lr": {"low": 1.0e-5, "high": 0.1, "log": True},
+            "model.hidden": {"choices": [[8], [32, 32]]},
+        },
+        base,
+    )
+    assert [d.kind for d in dims] == ["int", "float", "choice"]
+    assert [d.decode(d.encode(c)) for c in dims[2].choices for d in dims[2:]] == [[8], [32, 32]]
+    raw = with_values(base, {"train.lr": 1e-05, "model.hidden": [8]})
+    assert raw["train"]["lr"] == 1e-05 and raw["model"]["hidden"] == [8]  # a float, not the text "1e-05"
+    assert base == {"data": {"train": "synthetic:classification"}}  # the base is not changed

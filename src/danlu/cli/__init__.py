@@ -15,14 +15,18 @@ from danlu.cli.evaluate import add_evaluate
 from danlu.cli.export import add_export
 from danlu.cli.package import add_env, add_package
 from danlu.cli.predict import add_predict
+from danlu.cli.runs import add_runs
 from danlu.cli.serve import add_serve
 from danlu.cli.train import add_quickstart, add_train
+from danlu.cli.tune import add_tune
 from danlu.errors import DanluError
 
 EXAMPLES = """examples:
   danlu quickstart                                   train the tutorial workload end to end
   danlu train cfg.yaml train.epochs=5 model.hidden=[64,32] --out runs/small
   danlu train --resume runs/small                    continue a stopped run
+  danlu tune cfg.yaml --space space.yaml --trials 30 an Optuna search; runs/cfg-tune/best.yaml
+  danlu runs [runs/]                                 the runs under a folder; danlu runs compare A B
   danlu evaluate runs/small [test.csv] [--json]      metrics on the test split or on a file
   danlu predict runs/small new.csv -o predictions.csv
   danlu train digits.yaml data.train=digits/         images: a folder with one subfolder per class
@@ -47,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         add_doctor,
         add_train,
+        add_tune,
+        add_runs,
         add_evaluate,
         add_predict,
         add_embed,

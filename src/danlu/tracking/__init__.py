@@ -47,7 +47,7 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def numbers(values: dict[str, Any]) -> dict[str, float]:
     """The finite numbers of a record (bools and strings left out)."""
     return {
-        k: float(v)
+        k: v
         for k, v in values.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     }

@@ -30,6 +30,29 @@ def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
         ) from None
 
 
+def init_ray(address: str | None) -> None:
+    """Connect to the Ray cluster at `address` (None: start a local one), unless already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    _check_reachable(address)
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {POLL_ENV: os.environ.get(POLL_ENV, "0.1")}},
+        )
+    except Exception as error:  # ConnectionError, an auth error, a version mismatch...
+        where = address or "a new local instance"
+        raise DanluError(
+            f"cannot start or reach Ray at {where}: {one_line(error, last=True)}",
+            "check --ray-address (the head's host:port, or ray://host:10001) and `ray status` there",
+        ) from error
+
+
 def _report_epoch(record: dict[str, Any], checkpoint_dir: Path | None) -> None:
     import ray.train
 
@@ -71,22 +94,7 @@ def train_with_ray(
         raise DanluError("--workers must be at least 1", "e.g. --workers 2")
     if resume is None and out is None:
         out = config.output
-    if not ray.is_initialized():
-        _check_reachable(address)
-        try:
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-                runtime_env={"env_vars": {POLL_ENV: os.environ.get(POLL_ENV, "0.1")}},
-            )
-        except Exception as error:  # ConnectionError, an auth error, a version mismatch...
-            where = address or "a new local instance"
-            raise DanluError(
-                f"cannot start or reach Ray at {where}: {one_line(error, last=True)}",
-                "check --ray-address (the head's host:port, or ray://host:10001) and `ray status` there",
-            ) from error
+    init_ray(address)
     target = Path(resume or out).resolve()
     trainer = TorchTrainer(
         _worker_loop,

@@ -1,0 +1,200 @@
+"""`danlu tune --backend ray`: the same search on Ray Tune, each trial a danlu run on one of the cluster's
+workers. Ray Tune's OptunaSearch samples (TPE, or random), its MedianStoppingRule prunes on the same
+monitored metric after every epoch; the trial folders, trial.json, best.yaml and plots are those of the
+Optuna backend. Ray keeps its own experiment state in OUT/ray/."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+from danlu.config import MAXIMIZED_MONITORS, validate
+from danlu.errors import DanluError
+from danlu.run import RunDir, atomic_write_text
+from danlu.tracking.space import with_values
+from danlu.tracking.tune import (
+    RAY_FOLDER,
+    STARTUP_TRIALS,
+    TRIALS,
+    UNPRUNED_EPOCHS,
+    SearchSpec,
+    TuneResult,
+    _best_value,
+    _write_trial,
+    trial_dir,
+    write_result,
+)
+
+log = logging.getLogger("danlu")
+CLAIMS = "claims"  # OUT/claims/RAY_TRIAL_ID: the trial number that Ray trial took
+OBJECTIVE = "objective"  # what each trial reports: the best monitored value so far (what a trial scores)
+
+
+def _claim_folder(out: str, ray_trial: str) -> tuple[int, Path]:
+    """The trial's OUT/trials/NNN: its own when Ray starts it again (a restarted actor; OUT/claims/ names
+    each Ray trial's number), else the next free one, made here. mkdir is atomic, so trials starting at
+    once on any of the cluster's machines (OUT on storage they share) never take the same number."""
+    claims = Path(out) / CLAIMS
+    claim = claims / ray_trial
+    if claim.is_file():
+        number = int(claim.read_text())
+        return number, trial_dir(out, number)
+    folder = Path(out) / TRIALS
+    folder.mkdir(parents=True, exist_ok=True)
+    claims.mkdir(exist_ok=True)
+    number = len(list(folder.iterdir()))
+    while True:
+        try:
+            trial_dir(out, number).mkdir()
+            break
+        except FileExistsError:
+            number += 1
+    atomic_write_text(claim, str(number))
+    return number, trial_dir(out, number)
+
+
+def _trainable(params: dict[str, Any], spec: SearchSpec) -> None:
+    """One trial, in a Ray worker: a danlu run, reporting the best monitored value after every epoch."""
+    from ray import tune
+
+    import danlu
+
+    dims = {d.key: d for d in spec.dimensions}
+    values = {key: dims[key].decode(value) for key, value in params.items()}
+    ray_trial = tune.get_context().get_trial_id()
+    number, out = _claim_folder(spec.out, ray_trial)
+    config = validate(with_values(spec.base, values))
+    record = {"number": number, "params": values, "monitor": spec.monitor, "ray_trial": ray_trial}
+    maximize = spec.monitor in MAXIMIZED_MONITORS
+    best: list[float] = []
+
+    def report(epoch_record: dict[str, Any], _checkpoint: Path | None) -> None:
+        value = epoch_record.get(spec.monitor)
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            return
+        best[:] = [value if not best else (max if maximize else min)(best[0], value)]
+        _write_trial(out, {**record, "state": "running", "epoch": epoch_record["epoch"], "value": best[0]})
+        tune.report({"epoch": epoch_record["epoch"], OBJECTIVE: best[0], "trial": number})
+
+    try:
+        run = danlu.train(config, out=out, overwrite=True, progress=False, on_epoch=report)
+    except DanluError as error:
+        _write_trial(out, {**record, "state": "failed", "error": str(error)})
+        raise
+    value = _best_value(run.metrics, spec.monitor, config.train.restore_best)
+    _write_trial(out, {**record, "state": "complete", "value": value, "test": run.report.get("test")})
+
+
+def _rows(spec: SearchSpec, results: Any) -> list[dict[str, Any]]:
+    """The trials from their folders' trial.json. A trial the scheduler stopped (pruned) or that failed
+    between two epochs never wrote its end: Ray's result says which."""
+    import json
+
+    reported = {r.metrics["trial"]: r for r in results if (r.metrics or {}).get("trial") is not None}
+    rows = []
+    for folder in sorted((Path(spec.out) / TRIALS).iterdir()):
+        try:
+            trial = json.loads(RunDir(folder).trial.read_text())
+        except (OSError, ValueError):
+            continue  # stopped before it wrote anything
+        result = reported.get(trial["number"])
+        if trial["state"] == "running":
+            trial["state"] = "failed" if result is None or result.error else "pruned"
+            _write_trial(folder, trial)
+        metrics = result.metrics if result is not None else {}
+        rows.append(
+            {
+                "number": trial["number"],
+                "state": trial["state"],
+                "value": trial.get("value"),
+                "epochs": metrics.get("epoch"),
+                "params": trial["params"],
+                "seconds": round(metrics["time_total_s"], 3) if "time_total_s" in metrics else None,
+                "test": trial.get("test"),
+                "error": trial.get("error"),
+            }
+        )
+    return rows
+
+
+def _study_of(spec: SearchSpec, rows: list[dict[str, Any]]) -> Any:
+    """An in-memory Optuna study of the finished trials, for Optuna's plots."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=spec.direction)
+    dims = spec.dimensions
+    distributions = {d.key: d.distribution() for d in dims}
+    for row in rows:
+        if row["state"] not in ("complete", "pruned"):
+            continue
+        complete = row["state"] == "complete" and row["value"] is not None
+        study.add_trial(
+            create_trial(
+                params={d.key: d.encode(row["params"][d.key]) for d in dims},
+                distributions=distributions,
+                value=row["value"] if complete else None,
+                state=TrialState.COMPLETE if complete else TrialState.PRUNED,
+            )
+        )
+    return study
+
+
+def tune_with_ray(spec: SearchSpec, jobs: int, address: str | None) -> TuneResult:
+    """Run the search on Ray Tune (a local Ray, or the cluster at `address`), `jobs` trials at once."""
+    try:
+        import optuna
+        from ray import tune
+        from ray.tune.schedulers import MedianStoppingRule
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise DanluError("--backend ray needs Ray Tune", "pip install 'danlu[ray,track]'") from None
+    from danlu.training.ray_train import init_ray
+
+    init_ray(address)
+    import ray
+
+    mode = "max" if spec.direction == "maximize" else "min"
+    sampler = (
+        optuna.samplers.RandomSampler(seed=spec.seed)
+        if spec.sampler == "random"
+        else optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, constant_liar=True)
+    )
+    searcher = OptunaSearch(
+        space={d.key: d.distribution() for d in spec.dimensions}, metric=OBJECTIVE, mode=mode, sampler=sampler
+    )
+    scheduler = (
+        MedianStoppingRule(
+            time_attr="epoch",
+            metric=OBJECTIVE,
+            mode=mode,
+            grace_period=UNPRUNED_EPOCHS + 1,  # stops only when epoch >= grace_period
+            min_samples_required=STARTUP_TRIALS,
+        )
+        if spec.prune
+        else None
+    )
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, spec=spec), {"cpu": max(1, cpus // jobs)}
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=spec.trials,
+            max_concurrent_trials=jobs,
+            time_budget_s=spec.timeout_s,
+        ),
+        run_config=tune.RunConfig(storage_path=str(Path(spec.out) / RAY_FOLDER), name="tune", verbose=0),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # OptunaSearch's notes on steps it saw twice
+        results = tuner.fit()
+    rows = _rows(spec, results)
+    return write_result(spec, rows, _study_of(spec, rows))
