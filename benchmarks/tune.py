@@ -77,7 +77,7 @@ def lightgbm(paths: dict[str, Path]) -> dict:
 
     def frame(name):
         data = pd.read_csv(paths[name])
-        for column in data.select_dtypes(include="object").columns:
+        for column in [c for c in data.columns if not pd.api.types.is_numeric_dtype(data[c])]:
             data[column] = data[column].astype("category")
         return data.drop(columns=["Status"]), (data["Status"] == "good").astype(int)
 

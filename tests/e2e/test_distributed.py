@@ -73,7 +73,7 @@ def train_here(config, out, *overrides):
 def test_two_processes_and_accumulation_match_one_process(config, uninterrupted, tmp_path):
     cfg = config()
     one = uninterrupted()
-    two = weights(train(cfg, tmp_path / "two", "--nproc", "2"))
+    two = weights(train(cfg, tmp_path / "two", "--nproc", "2", "--log-to", "tensorboard"))
     accumulated = weights(train_here(cfg, tmp_path / "acc", "train.accumulate=4"))
     both = weights(train(cfg, tmp_path / "both", "train.accumulate=2", "--nproc", "2"))
     for other in (two, accumulated, both):
@@ -85,6 +85,15 @@ def test_two_processes_and_accumulation_match_one_process(config, uninterrupted,
         json.loads(line)["epoch"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     ]
     assert epochs == [1, 2, 3, 4]  # rank 0 alone writes the log
+    # and alone tracks (and tracking leaves the weights as they were): one event file, every step once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    steps = [
+        e.step for e in EventAccumulator(str(tmp_path / "two" / "tensorboard")).Reload().Scalars("step/loss")
+    ]
+    steps_per_epoch = -(-report["rows"]["train"] // report["batch_size"])
+    assert steps == list(range(1, 4 * steps_per_epoch + 1))
 
 
 # a rank's own view after danlu.train returns: the OS threads gloo started for its process group

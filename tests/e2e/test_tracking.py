@@ -1,6 +1,6 @@
 """train.log_to: a run tracked in TensorBoard and MLflow, read back with TensorBoard's own reader and
-MLflow's client, its MLflow model loaded with mlflow.pyfunc; resumed, under torchrun, and with an MLflow
-server that cannot be reached."""
+MLflow's client, its MLflow model loaded with mlflow.pyfunc; resumed, and with an MLflow server that
+cannot be reached. Under torchrun and Ray Train: tests/e2e/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -141,17 +141,6 @@ def test_an_unreachable_mlflow_server_is_a_warning_and_the_run_completes(tmp_pat
     assert len(warnings) == 1 and "cannot reach the MLflow server" in warnings[0], result.stderr
     assert (out / "report.json").is_file() and not (out / "tracking.json").exists()
     assert _scalars(_events(out / "tensorboard"), "val_loss")  # the other tracker carried on
-
-
-def test_under_torchrun_only_rank_0_tracks(tmp_path):
-    cfg, out = _config(tmp_path, epochs=2, extra=", log_to: [tensorboard]"), tmp_path / "run"
-    result = run_cli("train", str(cfg), "--out", str(out), "--nproc", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    report = json.loads((out / "report.json").read_text())
-    steps_per_epoch = -(-report["rows"]["train"] // report["batch_size"])
-    steps = [s for s, _ in _scalars(_events(out / "tensorboard"), "step/loss")]
-    assert report["processes"] == 2 and steps == list(range(1, 2 * steps_per_epoch + 1))
 
 
 def test_log_to_names_what_it_takes(tmp_path):

@@ -186,3 +186,15 @@ def test_an_unnamed_shard_folder_loses_only_danlus_files(tmp_path):
     assert tree(folder) == ["notes.txt"]
     (folder / "notes.txt").unlink()
     assert remove_shards(folder) == [] and not folder.exists()
+
+
+def test_tracking_files_go_with_the_run_and_a_users_file_in_tensorboard_stays(tmp_path):
+    run = make_run(tmp_path / "run")
+    board = tmp_path / "run" / "tensorboard"
+    board.mkdir()
+    (board / "events.out.tfevents.1796487245.host.14799.0").write_bytes(b"events")
+    (board / "my-notes.txt").write_text("mine")
+    (tmp_path / "run" / "tracking.json").write_text("{}")
+    (tmp_path / "run" / "trial.json").write_text("{}")
+    run.prepare_new(overwrite=True)
+    assert tree(tmp_path / "run") == ["tensorboard", "tensorboard/my-notes.txt"]

@@ -94,8 +94,9 @@ def _rows(spec: SearchSpec, results: Any) -> list[dict[str, Any]]:
     import json
 
     reported = {r.metrics["trial"]: r for r in results if (r.metrics or {}).get("trial") is not None}
-    rows = []
-    for folder in sorted((Path(spec.out) / TRIALS).iterdir()):
+    rows: list[dict[str, Any]] = []
+    trials = Path(spec.out) / TRIALS
+    for folder in sorted(trials.iterdir()) if trials.is_dir() else ():
         try:
             trial = json.loads(RunDir(folder).trial.read_text())
         except (OSError, ValueError):

@@ -255,7 +255,7 @@ def run_worker(spec: SearchSpec, worker: int = 0, threads: int | None = None) ->
         done, running = _finished(study)
         if done + running >= spec.trials:
             break
-        study.optimize(objective, n_trials=1, catch=(DanluError,), callbacks=[_say])
+        study.optimize(objective, n_trials=1, catch=(DanluError,), callbacks=[_say(spec.trials)])
 
 
 def _fail_reason(trial: Any) -> str | None:
@@ -263,15 +263,22 @@ def _fail_reason(trial: Any) -> str | None:
     return trial.user_attrs.get("error")
 
 
-def _say(study: Any, trial: Any) -> None:
-    value = "" if trial.value is None else f" {study.user_attrs['danlu']['monitor']}={trial.value:.6g}"
-    reason = _fail_reason(trial)
-    note = f" ({reason})" if reason else ""
-    log.info("trial %d %s%s%s", trial.number, trial.state.name.lower(), value, note)
+def _say(total: int):
+    """A callback saying one line per finished trial, with how far the whole search is."""
+
+    def say(study: Any, trial: Any) -> None:
+        value = "" if trial.value is None else f" {study.user_attrs['danlu']['monitor']}={trial.value:.6g}"
+        reason = _fail_reason(trial)
+        note = f" ({reason})" if reason else ""
+        state = "failed" if trial.state.name == "FAIL" else trial.state.name.lower()
+        done, _ = _finished(study)
+        log.info("trial %03d %s%s%s [%d/%d]", trial.number, state, value, note, done, total)
+
+    return say
 
 
-def _worker_main(spec: SearchSpec, worker: int, threads: int) -> None:
-    logging.basicConfig(level=logging.INFO, format="danlu: %(message)s")
+def _worker_main(spec: SearchSpec, worker: int, threads: int, level: int) -> None:
+    logging.basicConfig(level=level, format="danlu: %(message)s")  # the parent's: -q stays quiet
     run_worker(spec, worker, threads)
 
 
@@ -283,7 +290,8 @@ def run_jobs(spec: SearchSpec, jobs: int) -> None:
     open_study(spec)  # the storage's tables and the study, made once before processes race to make them
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker_main, args=(spec, i, threads)) for i in range(jobs)]
+    level = logging.getLogger("danlu").getEffectiveLevel()
+    workers = [context.Process(target=_worker_main, args=(spec, i, threads, level)) for i in range(jobs)]
     for worker in workers:
         worker.start()
     for worker in workers:
