@@ -97,7 +97,7 @@ def train(
 
 
 def _train_and_finish(config, overrides, out, resume, overwrite: bool, world, progress: bool, on_epoch):
-    from danlu.tracking import open_trackers
+    from danlu.tracking import end_status, open_trackers
     from danlu.training import distributed
     from danlu.training.report import finish
     from danlu.training.trainer import final_setup, fit
@@ -110,8 +110,8 @@ def _train_and_finish(config, overrides, out, resume, overwrite: bool, world, pr
         final = final_setup(cfg, run, setup)  # every rank: a sharded model is gathered
         if final is not None:
             trackers.finish(cfg, run, finish(cfg, run, final))
-    except BaseException:
-        trackers.close(failed=True)
+    except BaseException as error:
+        trackers.close(end_status(error))
         raise
     trackers.close()
     distributed.barrier(world)  # the report exists on every rank's return
@@ -174,9 +174,13 @@ def tune(
     if backend == "ray":
         from danlu.tracking.ray_tune import tune_with_ray
 
-        return tune_with_ray(spec, jobs, ray_address)
-    search.run_jobs(spec, jobs)
-    return search.finish_search(spec)
+        result = tune_with_ray(spec, jobs, ray_address)
+    else:
+        search.start_tracking(spec, target.name, search.open_study(spec))
+        search.run_jobs(spec, jobs)
+        result = search.finish_search(spec)
+    search.end_tracking(spec, result)
+    return result
 
 
 def runs(folder: str | Path = "runs") -> list[dict[str, Any]]:

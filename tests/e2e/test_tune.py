@@ -96,14 +96,18 @@ def test_a_search_keeps_its_trials_in_the_study_and_resumes(tmp_path):
 
 def test_a_trial_far_below_the_median_is_pruned_and_kept(tmp_path, monkeypatch):
     """Five good trials, then one with a learning rate that learns nothing: the median pruner stops it
-    after its second epoch; its run stays, marked pruned, and resumable."""
+    after its second epoch; its run stays, marked pruned, and resumable. The trials log to MLflow, each
+    under the search's own run; the pruned one ends KILLED."""
+    from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
     monkeypatch.chdir(tmp_path)  # the config's data path is relative, as danlu train reads it
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     from danlu.config import load_config
     from danlu.tracking import tune
 
-    config, _ = _setup(tmp_path, epochs=6)
+    config, _ = _setup(tmp_path, epochs=6, extra=", log_to: [mlflow]")
     spec = tune.SearchSpec(
         base=tune.base_config(load_config(config)),
         space={"train.lr": {"low": 1e-7, "high": 0.1, "log": True}},
@@ -111,11 +115,22 @@ def test_a_trial_far_below_the_median_is_pruned_and_kept(tmp_path, monkeypatch):
         trials=6,
     )
     study = tune.open_study(spec)
+    tune.start_tracking(spec, "pruning", study)
     for lr in (0.05, 0.06, 0.07, 0.08, 0.09, 1e-7):
         study.enqueue_trial({"train.lr": lr})
     tune.run_worker(spec)
+    tune.end_tracking(spec, tune.finish_search(spec))
     states = [t.state for t in _study(Path(spec.out)).get_trials()]
     assert states == [TrialState.COMPLETE] * 5 + [TrialState.PRUNED]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("danlu").experiment_id])
+    parent = next(r for r in runs if r.info.run_id == spec.mlflow_parent)
+    children = sorted((r for r in runs if r is not parent), key=lambda r: r.info.run_name)
+    assert [r.info.run_name for r in children] == ["000", "001", "002", "003", "004", "005"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {spec.mlflow_parent}
+    assert [r.info.status for r in children] == ["FINISHED"] * 5 + ["KILLED"]
+    best = _study(Path(spec.out)).best_value
+    assert parent.info.status == "FINISHED" and parent.data.metrics["best_val_loss"] == best
     pruned = Path(spec.out) / "trials" / "005"
     record = _trial_json(Path(spec.out), 5)
     assert record["state"] == "pruned" and record["at"].startswith("epoch 2:")

@@ -25,8 +25,8 @@ class _Writer:
     def finish(self, *args):
         self._call("finish", *args)
 
-    def close(self, failed):
-        self.closed = failed
+    def close(self, status):
+        self.closed = status
 
 
 def test_a_failing_writer_is_dropped_with_one_warning_and_the_others_go_on(caplog):
@@ -39,12 +39,12 @@ def test_a_failing_writer_is_dropped_with_one_warning_and_the_others_go_on(caplo
     assert [r.getMessage() for r in caplog.records] == [
         "bad tracking failed (No space left on device); training goes on without it"
     ]
-    assert bad.closed is True and trackers.writers == [good]
+    assert bad.closed == "FAILED" and trackers.writers == [good]
     # per step: the loss per row; a step where this process had no rows is left out
     assert good.calls[0] == ("epoch", ({"epoch": 1, "val_loss": 0.5}, 3, [(1, 0.1, 2.0), (3, 0.01, 0.5)]))
     trackers.finish("config", "run", {"test": {}})
     trackers.close()
-    assert good.closed is False and not trackers
+    assert good.closed == "FINISHED" and not trackers
 
 
 def test_flatten_and_numbers():
@@ -72,3 +72,12 @@ def test_a_space_reads_ranges_as_ints_or_floats_and_sets_values_as_typed():
     raw = with_values(base, {"train.lr": 1e-05, "model.hidden": [8]})
     assert raw["train"]["lr"] == 1e-05 and raw["model"]["hidden"] == [8]  # a float, not the text "1e-05"
     assert base == {"data": {"train": "synthetic:classification"}}  # the base is not changed
+
+
+def test_a_stopped_run_ends_killed_and_a_failed_one_failed():
+    from danlu.tracking import end_status
+    from danlu.tracking.tune import pruned
+
+    assert end_status(None) == "FINISHED"
+    assert end_status(KeyboardInterrupt()) == end_status(pruned("epoch 2")) == "KILLED"
+    assert end_status(ValueError("boom")) == "FAILED"

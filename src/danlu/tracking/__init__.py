@@ -11,6 +11,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable
+from contextvars import ContextVar
 from typing import Any
 
 from danlu.errors import DanluError, one_line
@@ -19,6 +20,19 @@ log = logging.getLogger("danlu")
 
 # what each train.log_to value imports, and the extra that installs it
 NEEDS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+# the MLflow run a `danlu tune` trial belongs to (its search's): set around the trial's danlu.train
+MLFLOW_PARENT: ContextVar[str | None] = ContextVar("danlu_mlflow_parent", default=None)
+
+
+class Stopped(BaseException):
+    """A run stopped on purpose (a pruned search trial), not failed: its trackers end it as killed."""
+
+
+def end_status(error: BaseException | None) -> str:
+    """How trackers end a run: FINISHED, KILLED (stopped: Ctrl-C, a pruned trial) or FAILED."""
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, Stopped)) else "FAILED"
 
 
 def check_installed(names: Iterable[str]) -> None:
@@ -71,7 +85,7 @@ class Trackers:
                     "%s tracking failed (%s); training goes on without it", writer.name, one_line(error)
                 )
                 self.writers.remove(writer)
-                _close_quietly(writer, failed=True)
+                _close_quietly(writer, "FAILED")
 
     def epoch(self, record: dict[str, Any], step: int, steps: list[tuple]) -> None:
         """One epoch's record (at optimizer step `step`) and its steps' (step, lr, loss sum, units)."""
@@ -85,15 +99,16 @@ class Trackers:
     def finish(self, config: Any, run: Any, report: dict[str, Any]) -> None:
         self._each("finish", config, run, report)
 
-    def close(self, failed: bool = False) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """End every writer's run: FINISHED, KILLED or FAILED (see end_status)."""
         for writer in self.writers:
-            _close_quietly(writer, failed)
+            _close_quietly(writer, status)
         self.writers = []
 
 
-def _close_quietly(writer: Any, failed: bool) -> None:
+def _close_quietly(writer: Any, status: str) -> None:
     try:
-        writer.close(failed)
+        writer.close(status)
     except Exception as error:
         log.warning("%s tracking did not close cleanly (%s)", writer.name, one_line(error))
 

@@ -22,7 +22,7 @@ from danlu import __version__
 from danlu.errors import DanluError
 from danlu.quiet import quiet
 from danlu.run import atomic_write_json
-from danlu.tracking import flatten, numbers
+from danlu.tracking import MLFLOW_PARENT, flatten, numbers
 
 DEFAULT_EXPERIMENT = "danlu"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # the pyfunc model MLflow loads (models from code)
@@ -64,13 +64,12 @@ class MlflowWriter:
             self.run_id = previous
             self.client.update_run(self.run_id, status="RUNNING")
             return
-        name = config.train.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        with quiet():  # a new local store logs its table creation
-            experiment = self.client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
-        created = self.client.create_run(
-            experiment_id, run_name=run.path.name, tags={"danlu.run_dir": str(run.path.resolve())}
-        )
+        experiment_id = _experiment(self.client, config)
+        tags = {"danlu.run_dir": str(run.path.resolve())}
+        parent = MLFLOW_PARENT.get()
+        if parent is not None:  # a search's trial: under its search's run in MLflow's UI
+            tags["mlflow.parentRunId"] = parent
+        created = self.client.create_run(experiment_id, run_name=run.path.name, tags=tags)
         self.run_id = created.info.run_id
         atomic_write_json(
             run.tracking,
@@ -128,8 +127,8 @@ class MlflowWriter:
                 )
             self.client.log_artifacts(self.run_id, str(model), "model")
 
-    def close(self, failed: bool) -> None:
-        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
 
 
 @contextlib.contextmanager
@@ -145,6 +144,43 @@ def _no_progress_bars() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = before
+
+
+def _experiment(client: Any, config: Any) -> str:
+    """The id of the config's MLflow experiment, created when new."""
+    name = config.train.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    with quiet():  # a new local store logs its table creation
+        experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def start_search_run(config: Any, name: str, space: dict[str, Any]) -> str:
+    """A `danlu tune` search's own MLflow run, the parent of its trials' runs; returns its id."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = mlflow.get_tracking_uri()
+    _check_reachable(uri)
+    client = MlflowClient(uri)
+    run = client.create_run(_experiment(client, config), run_name=name, tags={"danlu.search": name})
+    client.log_text(run.info.run_id, json.dumps(space, indent=2), "space.json")
+    return run.info.run_id
+
+
+def end_search_run(run_id: str, result: Any) -> None:
+    """The search's best value (at the number of trials so far), best.yaml and plots, and its end."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow.get_tracking_uri())
+    if result.best is not None:
+        client.log_metric(run_id, f"best_{result.monitor}", result.best["value"], step=len(result.trials))
+        client.set_tag(run_id, "danlu.best_trial", f"{result.best['number']:03d}")
+        client.log_artifact(run_id, str(result.best_config))
+        plots = result.out / "plots"
+        if plots.is_dir():
+            client.log_artifacts(run_id, str(plots), "plots")
+    client.set_terminated(run_id, "FINISHED")
 
 
 def _previous(run: Any, uri: str) -> str | None:

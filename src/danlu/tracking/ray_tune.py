@@ -24,7 +24,9 @@ from danlu.tracking.tune import (
     TuneResult,
     _best_value,
     _write_trial,
+    start_tracking,
     trial_dir,
+    trial_of,
     write_result,
 )
 
@@ -80,7 +82,8 @@ def _trainable(params: dict[str, Any], spec: SearchSpec) -> None:
         tune.report({"epoch": epoch_record["epoch"], OBJECTIVE: best[0], "trial": number})
 
     try:
-        run = danlu.train(config, out=out, overwrite=True, progress=False, on_epoch=report)
+        with trial_of(spec):
+            run = danlu.train(config, out=out, overwrite=True, progress=False, on_epoch=report)
     except DanluError as error:
         _write_trial(out, {**record, "state": "failed", "error": str(error)})
         raise
@@ -158,6 +161,8 @@ def tune_with_ray(spec: SearchSpec, jobs: int, address: str | None) -> TuneResul
 
     init_ray(address)
     import ray
+
+    start_tracking(spec, Path(spec.out).name)  # before the trials: each is handed its parent run
 
     mode = "max" if spec.direction == "maximize" else "min"
     sampler = (

@@ -54,5 +54,5 @@ class TensorBoardWriter:
             self.writer.add_image(f"plots/{png.stem}", pixels, self.step, dataformats="HWC")
         self.writer.flush()
 
-    def close(self, failed: bool) -> None:
+    def close(self, status: str) -> None:
         self.writer.close()

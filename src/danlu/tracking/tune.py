@@ -25,6 +25,7 @@ import yaml
 from danlu.config import MAXIMIZED_MONITORS, Config, resolve_paths, validate
 from danlu.errors import DanluError, one_line
 from danlu.run import RunDir, atomic_write_json, atomic_write_text
+from danlu.tracking import MLFLOW_PARENT, Stopped
 from danlu.tracking.space import Dimension, parse_space, with_values
 
 log = logging.getLogger("danlu")
@@ -55,6 +56,11 @@ class SearchSpec:
     seed: int = 0
     monitor: str = "val_loss"
     started: float = field(default_factory=time.monotonic)
+    mlflow_parent: str | None = None  # the search's MLflow run, when its runs log to MLflow
+
+    @property
+    def tracks_mlflow(self) -> bool:
+        return "mlflow" in (self.base.get("train") or {}).get("log_to", [])
 
     @property
     def direction(self) -> str:
@@ -173,6 +179,58 @@ def open_study(spec: SearchSpec, worker: int = 0) -> Any:
     return study
 
 
+def start_tracking(spec: SearchSpec, name: str, study: Any = None) -> None:
+    """When the trials log to MLflow: the search's own MLflow run, their parent (kept in the study, so
+    a resumed search and every process of it use the same one). A failure is a warning."""
+    if not spec.tracks_mlflow:
+        return
+    from danlu.tracking.mlflow_writer import start_search_run
+
+    parent = study.user_attrs.get("mlflow_parent") if study is not None else None
+    if parent is None:
+        try:
+            parent = start_search_run(validate(spec.base), name, spec.space)
+        except Exception as error:
+            log.warning(
+                "the search's own MLflow run was not made (%s); its trials log alone", one_line(error)
+            )
+            return
+        if study is not None:
+            study.set_user_attr("mlflow_parent", parent)
+    spec.mlflow_parent = parent
+
+
+def end_tracking(spec: SearchSpec, result: TuneResult) -> None:
+    if spec.mlflow_parent is None:
+        return
+    from danlu.tracking.mlflow_writer import end_search_run
+
+    try:
+        end_search_run(spec.mlflow_parent, result)
+    except Exception as error:
+        log.warning("the search's MLflow run did not end cleanly (%s)", one_line(error))
+
+
+@contextlib.contextmanager
+def trial_of(spec: SearchSpec) -> Iterator[None]:
+    """A trial's danlu.train: its MLflow run under the search's."""
+    token = MLFLOW_PARENT.set(spec.mlflow_parent)
+    try:
+        yield
+    finally:
+        MLFLOW_PARENT.reset(token)
+
+
+def pruned(message: str) -> BaseException:
+    """Optuna's TrialPruned that is also danlu's Stopped: the trial's trackers end it as killed."""
+    import optuna
+
+    class Pruned(optuna.TrialPruned, Stopped):
+        pass
+
+    return Pruned(message)
+
+
 def _best_value(history: list[dict[str, Any]], monitor: str, restore_best: bool) -> float | None:
     values = [r[monitor] for r in history if isinstance(r.get(monitor), (int, float))]
     if not values:
@@ -203,12 +261,13 @@ def _objective(spec: SearchSpec, dimensions: list[Dimension]):
             if isinstance(value, (int, float)) and math.isfinite(value):
                 trial.report(value, epoch_record["epoch"])
                 if trial.should_prune():
-                    raise optuna.TrialPruned(f"epoch {epoch_record['epoch']}: {spec.monitor}={value:.4g}")
+                    raise pruned(f"epoch {epoch_record['epoch']}: {spec.monitor}={value:.4g}")
 
         try:
-            run = danlu.train(config, out=out, overwrite=True, progress=False, on_epoch=report)
-        except optuna.TrialPruned as pruned:
-            _write_trial(out, {**record, "state": "pruned", "at": str(pruned)})
+            with trial_of(spec):
+                run = danlu.train(config, out=out, overwrite=True, progress=False, on_epoch=report)
+        except optuna.TrialPruned as stop:
+            _write_trial(out, {**record, "state": "pruned", "at": str(stop)})
             raise
         except DanluError as error:
             trial.set_user_attr("error", str(error))
