@@ -204,3 +204,33 @@ def test_a_search_whose_every_trial_fails_says_why(tmp_path):
     assert result.returncode == 2
     assert "danlu: error: all 2 trials failed; trial 000: data file" in result.stderr
     assert "not found" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_trial_whose_process_died_is_failed_by_the_next_search_and_not_counted_running(
+    tmp_path, monkeypatch
+):
+    """A trial left RUNNING by a process that died (its heartbeat stopped) is marked failed once the
+    grace period has passed, and the search goes on to its number of trials."""
+    import time
+
+    from optuna.trial import TrialState
+
+    from danlu.config import load_config
+    from danlu.tracking import tune
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tune, "GRACE_S", 1)  # the storage's grace period, 20 s in use
+    config, _ = _setup(tmp_path, epochs=2)
+    spec = tune.SearchSpec(
+        base=tune.base_config(load_config(config)),
+        space={"train.lr": {"low": 1e-3, "high": 0.1, "log": True}},
+        out=str(tmp_path / "died"),
+        trials=2,
+    )
+    study = tune.open_study(spec)
+    orphan = study.ask()  # as a process's trial when it was killed: RUNNING, one heartbeat, then none
+    study._storage.record_heartbeat(orphan._trial_id)
+    time.sleep(2.5)
+    tune.run_worker(spec)
+    states = [t.state for t in _study(Path(spec.out)).get_trials()]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE]

@@ -23,6 +23,7 @@ from danlu.tracking.tune import (
     SearchSpec,
     TuneResult,
     _best_value,
+    _sampler,
     _write_trial,
     start_tracking,
     trial_dir,
@@ -151,7 +152,7 @@ def _study_of(spec: SearchSpec, rows: list[dict[str, Any]]) -> Any:
 def tune_with_ray(spec: SearchSpec, jobs: int, address: str | None) -> TuneResult:
     """Run the search on Ray Tune (a local Ray, or the cluster at `address`), `jobs` trials at once."""
     try:
-        import optuna
+        import optuna  # noqa: F401  (the samplers: danlu[track])
         from ray import tune
         from ray.tune.schedulers import MedianStoppingRule
         from ray.tune.search.optuna import OptunaSearch
@@ -165,11 +166,7 @@ def tune_with_ray(spec: SearchSpec, jobs: int, address: str | None) -> TuneResul
     start_tracking(spec, Path(spec.out).name)  # before the trials: each is handed its parent run
 
     mode = "max" if spec.direction == "maximize" else "min"
-    sampler = (
-        optuna.samplers.RandomSampler(seed=spec.seed)
-        if spec.sampler == "random"
-        else optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, constant_liar=True)
-    )
+    sampler = _sampler(spec, worker=0)  # the Optuna backend's: TPE or random, seeded alike
     searcher = OptunaSearch(
         space={d.key: d.distribution() for d in spec.dimensions}, metric=OBJECTIVE, mode=mode, sampler=sampler
     )

@@ -53,7 +53,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "task": report.get("task"),
         "test": report.get("test"),
         "seconds": report.get("train_seconds"),
-        "epochs": report.get("epochs_run", len(run.read_metrics()) if run.metrics.is_file() else 0),
+        "epochs": report["epochs_run"] if report else len(run.read_metrics()),
         "when": datetime.fromtimestamp(stamp.stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -107,7 +107,7 @@ def compare(a: str | Path, b: str | Path) -> dict[str, Any]:
         }
         for r in reports
     ]
-    names = [k for k in {**figures[0], **figures[1]}]
+    names = list({**figures[0], **figures[1]})
     return {
         "runs": [str(run.path) for run in runs],
         "config": differing,

@@ -107,9 +107,12 @@ def _dimension(key: str, spec: Any) -> Dimension:
     return Dimension(key, "int" if whole else "float", low, high, log, step)
 
 
-def parse_space(raw: Any, base: dict[str, Any], source: str = "the search space") -> list[Dimension]:
+def parse_space(
+    raw: Any, base: dict[str, Any], source: str = "the search space", check: bool = True
+) -> list[Dimension]:
     """The dimensions of a space mapping, each checked against the config `base` (a raw config dict):
-    every bound and choice must give a valid config. One line naming the key otherwise.
+    every bound and choice must give a valid config. One line naming the key otherwise. check=False:
+    a space already checked (a search's own), read without validating a config per value again.
 
     Raises:
         DanluError: an empty space, a malformed entry, an unknown key or a value of the wrong type.
@@ -117,7 +120,7 @@ def parse_space(raw: Any, base: dict[str, Any], source: str = "the search space"
     if not isinstance(raw, dict) or not raw:
         raise DanluError(f"{source} must be a non-empty mapping of config keys", _FIX)
     dimensions = [_dimension(str(key), spec) for key, spec in raw.items()]
-    for dim in dimensions:
+    for dim in dimensions if check else ():
         for value in dim.values():
             try:
                 validate(with_values(base, {dim.key: value}))

@@ -68,7 +68,8 @@ class SearchSpec:
 
     @property
     def dimensions(self) -> list[Dimension]:
-        return parse_space(self.space, self.base)
+        """The space's dimensions (checked against the config once, by danlu.tune, before any trial)."""
+        return parse_space(self.space, self.base, check=False)
 
 
 @dataclass

@@ -272,10 +272,11 @@ def train_epoch(s: Setup, tc: TrainConfig, epoch: int, steps: list | None = None
                 piece_sum = loss.detach() * share_units
                 total += piece_sum  # stays on the device: no sync point per step
                 units += share_units
-                step_sum, step_units = (
-                    piece_sum if step_sum is None else step_sum + piece_sum,
-                    step_units + share_units,
-                )
+                if steps is not None:  # tracked: this step's own loss, kept on the device
+                    step_sum, step_units = (
+                        piece_sum if step_sum is None else step_sum + piece_sum,
+                        step_units + share_units,
+                    )
             optimizer_step(s, tc.grad_clip)
             s.state.step += 1
             if steps is not None:
