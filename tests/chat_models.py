@@ -47,10 +47,11 @@ def tiny_llama(
     arch: str = "llama",
     width: int = 64,
     heads: int = 4,
+    **config: object,
 ) -> Path:
     """A random Llama (width 64, 4 heads of 16) whose logits are spread enough that greedy choices are not
     near-ties; arch "qwen2" or "mistral" for the same shapes in those architectures. vLLM's CPU attention
-    wants heads of 32 or more: width 128, heads 2."""
+    wants heads of 32 or more: width 128, heads 2. config: more of the config's settings."""
     import torch
     import transformers
     from transformers import GenerationConfig
@@ -68,12 +69,12 @@ def tiny_llama(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=256,
         initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **{"max_position_embeddings": 256, **config},
     )
     torch.manual_seed(seed)
     model = model_class(config)

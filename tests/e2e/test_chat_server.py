@@ -527,6 +527,8 @@ def test_a_request_over_the_token_budget_is_refused_and_one_within_it_waits(mode
         assert len({a.json()["choices"][0]["message"]["content"] for a in answers}) == 1
         models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
         assert models["data"][0]["max_batch_tokens"] == 60
+        decode = {"torch": "eager", "llama.cpp": None}[models["data"][0]["executor"]]  # no CUDA graphs here
+        assert models["data"][0]["decode"] == decode
     finally:
         server.stop()
 

@@ -213,3 +213,65 @@ def test_the_token_budget_admits_only_what_fits_and_the_rest_waits(chat):
     # the cache tokens two running sequences hold, over the budget; nothing once all are done
     assert 0.5 < max(usage) <= 1 and engine.kv_usage == 0
     assert [s.output for s in sequences] == [reference(chat, p, 16) for p in ids]
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_sequences_leave_and_join_around_running_rows(chat, pad):
+    """Six requests of different lengths through four slots: early ones leave rows between running ones
+    (holes the decode step writes past), later ones take those rows (their old keys still there) and
+    prefill 8 tokens a step while the others decode; every answer is still generate()'s. pad: decode
+    batches padded to their bucket, as for CUDA graphs (the rows past the last running one are holes)."""
+    chat.eos_ids = set()
+    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS + PROMPTS[:2]]
+    lengths = [4, 30, 8, 26, 12, 20]
+    done = [threading.Event() for _ in ids]
+    running = []
+    engine = Engine(chat, max_batch=4, prefill_chunk=8, on_step=lambda r, w: running.append(r))
+    engine.executor.pad = pad
+    batches = []
+    decode = engine.executor._decode_pass
+    engine.executor._decode_pass = lambda ids, *rest: (batches.append(len(ids)), decode(ids, *rest))[1]
+    engine.start()
+    try:
+        sequences = [
+            engine.submit(
+                Sequence(
+                    p,
+                    SamplingParams(max_tokens=n, temperature=0),
+                    lambda e, i=i: e.finish_reason and done[i].set(),
+                )
+            )
+            for i, (p, n) in enumerate(zip(ids, lengths, strict=True))
+        ]
+        assert all(d.wait(60) for d in done)
+    finally:
+        engine.stop()
+    assert max(running) == 4
+    assert [s.output for s in sequences] == [reference(chat, p, n) for p, n in zip(ids, lengths, strict=True)]
+    assert set(batches) <= {1, 2, 3, 4} and 4 in batches and (3 in batches) != pad  # 3 rows pad to 4
+
+
+@pytest.mark.parametrize(
+    ("arch", "settings"),
+    [
+        ("mistral", {"sliding_window": 6}),  # every layer slides
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),  # one of two
+    ],
+)
+def test_sliding_window_models_equal_generate(tmp_path, arch, settings):
+    """Sliding-window attention (all layers, or some) sees only its window of the cache, as generate's own
+    masks do: 24 tokens from prompts longer than the window, alone and together."""
+    chat = load_chat_model(str(tiny_llama(tmp_path / arch, arch=arch, **settings)))
+    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
+    expected = [reference(chat, p, 24) for p in ids]
+    check_alone_and_together(chat, ids, expected, stagger=2)
+    unbounded = load_chat_model(str(tiny_llama(tmp_path / "plain", arch=arch)))  # same weights, no window
+    assert [reference(unbounded, p, 24) for p in ids] != expected  # the window really changes answers
+
+
+def test_attention_the_cache_cannot_serve_is_refused_at_once(chat, monkeypatch):
+    monkeypatch.setattr(
+        chat.model.config, "layer_types", ["linear_attention", "full_attention"], raising=False
+    )
+    with pytest.raises(DanluError, match="linear_attention"):
+        Engine(chat, max_batch=2)

@@ -282,17 +282,18 @@ def test_smollm2_greedy_equals_llama_cpp_and_a_batch_mostly_agrees():
     params = SamplingParams(max_tokens=32, temperature=0.0)
     steps, first = [], {}
     engine = Engine(chat, max_batch=3, on_step=lambda r, w: steps.append(r))
-    advance = engine.output.advance
+    sample = engine.output.sample
 
-    def recording(sequence, logits):  # each sequence's first-token logits, as the batch computed them
-        first.setdefault(tuple(sequence.prompt), logits.numpy().copy())
-        return advance(sequence, logits)
+    def recording(ready):  # each sequence's first-token logits, as the batch computed them
+        for sequence, logits in ready:
+            first.setdefault(tuple(sequence.prompt), logits.numpy().copy())
+        return sample(ready)
 
     engine.start()
     try:
         alone = [run_all(engine, [p], params)[0] for p in prompts]
         first.clear()
-        engine.output.advance = recording
+        engine.output.sample = recording
         together = run_all(engine, prompts, params, 2, steps)
     finally:
         engine.stop()

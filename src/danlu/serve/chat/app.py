@@ -258,6 +258,8 @@ class ChatHandler:
             "created": 0,
             "owned_by": "danlu",
             "executor": self.engine.executor.name,
+            # the torch executor's decode steps: "cuda graphs" or "eager" (None: the engine's own)
+            "decode": getattr(self.engine.executor, "decode_mode", None),
             "engine_reason": chat.engine_reason,  # why --engine auto chose it
             "lora_adapter": chat.lora,  # vllm: a fine-tuned run's adapter, over its base model
             "context_length": chat.context,

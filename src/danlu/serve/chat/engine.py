@@ -213,7 +213,7 @@ class Engine(Scheduler):
         self.executor: Executor = chat.executor(self.max_batch, self.max_batch_tokens, self.prefill_chunk)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
-        self.free_slots = list(range(self.max_batch - 1, -1, -1))  # popped from the end: slot 0 first
+        self.free_slots = list(range(self.max_batch))
         self._held = False  # after a preemption, nothing is admitted until a running sequence leaves
 
     # --- the caller's side ---------------------------------------------------------------------------
@@ -299,6 +299,7 @@ class Engine(Scheduler):
         except Exception as exc:  # the pass the step's sequences share: they end, the queue stays
             self._fail(owners, exc)
             return
+        ready: list[tuple[Sequence, torch.Tensor]] = []  # sequences with their next token's logits
         for chunk, sequence, result in zip(chunks, owners, results, strict=True):
             if isinstance(result, Exception):
                 self._fail([sequence], result)
@@ -309,9 +310,20 @@ class Engine(Scheduler):
             if sequence in self.waiting:  # its prompt is done: it runs from now on
                 self.waiting.remove(sequence)
                 self.running.append(sequence)
+            ready.append((sequence, result))
+        if not ready:
+            return
+        try:
+            tokens = self.output.sample(ready)
+        except Exception as exc:  # the step's sampling as a whole (stacking the rows): its sequences end
+            self._fail([s for s, _ in ready], exc)
+            return
+        for (sequence, _), token in zip(ready, tokens, strict=True):
             try:
-                done = self.output.advance(sequence, result)
-            except Exception as exc:  # this sequence's sampling: it alone ends, the batch goes on
+                if isinstance(token, Exception):
+                    raise token
+                done = self.output.accept(sequence, token)
+            except Exception as exc:  # this sequence's sampling or text: it alone ends, the batch goes on
                 self._fail([sequence], exc)
                 continue
             if done:
@@ -328,7 +340,9 @@ class Engine(Scheduler):
         widths = [self.reserved(len(s.prompt), s.params.max_tokens) for s in (*admitted, sequence)]
         if not self.free_slots or not self.executor.fits(widths):
             return False
-        sequence.slot = self.free_slots.pop()
+        # the lowest free slot: the torch executor's cache holds rows up to the highest slot in use
+        sequence.slot = min(self.free_slots)
+        self.free_slots.remove(sequence.slot)
         if self.executor.shares:
             self._share(sequence, admitted)
         return True

@@ -14,12 +14,18 @@ any other exception fails every sequence of the step."""
 
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
+from danlu.errors import DanluError, one_line
 from danlu.hf import forward_with_cache
+from danlu.serve.chat.kvcache import GROW, LAYER_TYPES, SlotCache, attention_masks, bucket, supported
+
+log = logging.getLogger("danlu")
 
 
 @dataclass(frozen=True)
@@ -53,128 +59,187 @@ class Executor(Protocol):
 
 
 class TorchExecutor:
-    """A Hugging Face causal LM. A prompt is prefilled into a cache of its own; once done it joins the
-    shared cache, where the running sequences sit left-padded to a common length with an attention mask
-    and per-sequence position ids, as `generate` does for a batch of prompts: joining pads the shorter
-    side, leaving drops the row and any columns that only padding used. So the cache holds rows x the
-    longest row, and that is what fits() counts against max_batch_tokens."""
+    """A Hugging Face causal LM over a slot cache (danlu.serve.chat.kvcache): each slot's keys and values
+    sit in a row of their own, written in place at the sequence's positions, so joining and leaving copy
+    nothing and a decode step costs what the rows hold, not rows x the longest. A prompt chunk is one
+    pass of its own; the running sequences' tokens are one pass over batch rows [0, B), B the highest
+    running slot + 1 (on a GPU, rounded up to its bucket), where rows that hold no running sequence write
+    to a scratch row and are ignored.
+
+    On a GPU each bucket's decode step is a CUDA graph, captured the first time the bucket runs (after
+    two warm-up passes) and replayed with the step's tokens, positions and rows copied into its inputs:
+    one launch instead of one per kernel. A graph attends over every position the cache holds (its
+    shapes are fixed), and is captured again when the cache grows. A capture that fails turns graphs off
+    with one log line; decoding goes on eagerly. fits() counts rows x the longest, as max_batch_tokens is
+    documented."""
 
     name = "torch"
     idle_prefill = None  # prompts prefill one by one: a bigger step only delays the first of them
-    shares = False  # left-padded rows have no cells to share
+    shares = False
 
     def share(self, source: int, target: int, tokens: int) -> None:
         raise NotImplementedError("the torch executor does not share cache cells")
 
-    def __init__(self, model: Any, device: str, max_batch_tokens: int) -> None:
+    def __init__(
+        self, model: Any, device: str, max_batch: int, max_batch_tokens: int, graphs: bool | None = None
+    ) -> None:
+        """graphs: decode steps as CUDA graphs (None: on a CUDA device)."""
+        if not supported(model.config):
+            kinds = sorted(set(model.config.layer_types) - LAYER_TYPES)
+            raise DanluError(
+                "the torch engine serves full and sliding-window attention; this model has "
+                f"{', '.join(kinds)} layers",
+                "serve it with --engine vllm where vLLM supports it",
+            )
         self.model, self.device = model, torch.device(device)
-        self.max_batch_tokens = max_batch_tokens
-        self.own: dict[int, Any] = {}  # slot -> the cache of a prompt being prefilled
-        self.rows: list[int] = []  # slots in the shared cache, in row order
-        self.cache: Any = None
-        self.mask: torch.Tensor | None = None  # [rows, cached tokens]: 1 where a token is real
+        self.config = model.config
+        self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
+        # the masks' dtype: the activations' (quantized weights compute in float)
+        self.dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+        self.graphs_on = self.device.type == "cuda" if graphs is None else graphs
+        self.pad = self.graphs_on  # decode batches padded to their bucket: a graph per bucket, not per size
+        # on a GPU the cache grows in bigger steps: each growth captures the graphs again
+        self.cache = SlotCache(grow=4 * GROW if self.graphs_on else GROW)
+        self.graphs: dict[int, _Graph] = {}  # bucket -> its captured decode step, for the cache's storage
+        self.graphs_storage = -1  # the cache storage the graphs were captured on
+        self.graph_pool: Any = None
+        self.held: set[int] = set()  # slots with positions in the cache (running or mid-prompt)
+        self.running: set[int] = set()  # slots whose prompt is done: one token per step from now on
+        self.last_logits = _takes_logits_to_keep(model)
+
+    @property
+    def decode_mode(self) -> str:
+        """How decode steps run, for /v1/models: "cuda graphs" or "eager"."""
+        return "cuda graphs" if self.graphs_on else "eager"
 
     def fits(self, widths: list[int]) -> bool:
         return len(widths) * max(widths) <= self.max_batch_tokens
 
     def forward(self, chunks: list[Chunk]) -> list[torch.Tensor | Exception | None]:
         results: list[torch.Tensor | Exception | None] = [None] * len(chunks)
+        decoding = {c.slot: i for i, c in enumerate(chunks) if c.slot in self.running}
+        one_each = all(len(chunks[i].tokens) == 1 for i in decoding.values())
+        if sorted(decoding) != sorted(self.running) or not one_each:
+            raise RuntimeError("a decode step must give every running row exactly one token")
+        rows = max(c.slot for c in chunks) + 1
+        if decoding and self.pad:
+            rows = max(rows, bucket(max(decoding) + 1, self.max_batch))
+        self.cache.reserve(rows, max(c.start + len(c.tokens) for c in chunks))
         with torch.inference_mode():
-            decoding = {c.slot: i for i, c in enumerate(chunks) if c.slot in self.rows}
-            if decoding:  # first, while the shared cache holds only the running rows
-                one_each = all(len(chunks[i].tokens) == 1 for i in decoding.values())
-                if sorted(decoding) != sorted(self.rows) or not one_each:
-                    raise RuntimeError("a decode step must give every running row exactly one token")
-                rows = list(self.rows)
+            if decoding:  # first: a hole's row may be a prompt's, which must not be written yet
                 try:
-                    logits = self._decode([chunks[decoding[slot]].tokens[0] for slot in rows])
+                    logits = self._decode({slot: chunks[i] for slot, i in decoding.items()})
                 except Exception as exc:  # the pass the running rows share: they fail, prompts go on
-                    logits = [exc] * len(rows)
-                for row, slot in enumerate(rows):
-                    results[decoding[slot]] = logits[row]
+                    logits = {slot: exc for slot in decoding}
+                for slot, i in decoding.items():
+                    results[i] = logits[slot]
             for i, chunk in enumerate(chunks):
                 if chunk.slot in decoding:
                     continue
                 try:
                     results[i] = self._prefill(chunk)
                 except Exception as exc:  # this sequence's prompt: it alone fails
-                    self.own.pop(chunk.slot, None)
                     results[i] = exc
         return results
 
     def _prefill(self, chunk: Chunk) -> torch.Tensor | None:
+        count = len(chunk.tokens)
         ids = torch.tensor([chunk.tokens], dtype=torch.long, device=self.device)
-        logits, self.own[chunk.slot] = forward_with_cache(self.model, self.own.get(chunk.slot), input_ids=ids)
+        positions = torch.arange(chunk.start, chunk.start + count, device=self.device)[None]
+        mask = attention_masks(self.config, positions, chunk.start + count, self.dtype)
+        self.held.add(chunk.slot)
+        self.cache.prefill(chunk.slot, chunk.start, count)
+        extra = {"logits_to_keep": 1} if self.last_logits else {}
+        logits, _ = forward_with_cache(
+            self.model, self.cache, input_ids=ids, attention_mask=mask, position_ids=positions, **extra
+        )
         if not chunk.logits:
             return None  # the rest of the prompt in later steps
-        self._join(chunk.slot, self.own.pop(chunk.slot))
+        self.running.add(chunk.slot)
         return logits[0, -1]
 
-    def _join(self, slot: int, own: Any) -> None:
-        """Add a prefilled sequence's cache to the shared one, left-padding the shorter side."""
-        length = own.get_seq_length()
-        own_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
-        if self.cache is None:
-            self.cache, self.mask = own, own_mask
+    def _decode(self, chunks: dict[int, Chunk]) -> dict[int, torch.Tensor]:
+        top = max(chunks) + 1
+        batch = bucket(top, self.max_batch) if self.pad else top
+        scratch = self.cache.scratch
+        tokens = [chunks[r].tokens[0] if r in chunks else 0 for r in range(batch)]
+        where = [chunks[r].start if r in chunks else 0 for r in range(batch)]
+        # one copy to the device: tokens, positions and write rows (a hole writes to the scratch row)
+        inputs = torch.tensor(
+            [tokens, where, [r if r in chunks else scratch for r in range(batch)]], dtype=torch.long
+        ).to(self.device, non_blocking=True)
+        graph = self._graph(batch) if self.graphs_on else None
+        if graph is not None:
+            logits = graph.run(inputs)
         else:
-            shared = self.cache.get_seq_length()
-            width = max(shared, length)
-            # built whole before any is assigned: a failure here leaves the shared cache as it was
-            joined = [
-                (
-                    torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)]),
-                    torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)]),
-                )
-                for mine, theirs in zip(self.cache.layers, own.layers, strict=True)
-            ]
-            mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(own_mask, width, dim=1)])
-            for layer, (keys, values) in zip(self.cache.layers, joined, strict=True):
-                layer.keys, layer.values = keys, values
-            self.mask = mask
-        self.rows.append(slot)
+            logits = self._decode_pass(inputs[0][:, None], inputs[1][:, None], inputs[2], max(where) + 1)
+        return {r: logits[r, -1] for r in chunks}
 
-    def _decode(self, tokens: list[int]) -> torch.Tensor:
-        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
-        mask = torch.cat([self.mask, torch.ones((len(tokens), 1), dtype=torch.long, device=self.device)], 1)
-        try:
-            if bool(self.mask.all()):  # no padding (one sequence, or all alike): the model's own fast path
-                logits, cache = forward_with_cache(self.model, self.cache, input_ids=ids)
-            else:
-                positions = self.mask.sum(dim=1, keepdim=True)  # each row's own next position
-                logits, cache = forward_with_cache(
-                    self.model, self.cache, input_ids=ids, attention_mask=mask, position_ids=positions
-                )
-        except Exception:  # the pass every running row shares: the shared cache is gone with them
-            self.rows, self.cache, self.mask = [], None, None
-            raise
-        self.cache, self.mask = cache, mask
-        return logits[:, -1]
+    def _decode_pass(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, width: int):
+        self.cache.decode(rows, positions[:, 0], width)
+        mask = attention_masks(self.config, positions, width, self.dtype)
+        logits, _ = forward_with_cache(
+            self.model, self.cache, input_ids=ids, attention_mask=mask, position_ids=positions
+        )
+        return logits
+
+    def _graph(self, batch: int) -> _Graph | None:
+        """The bucket's captured decode step (captured now when it has none for this storage); None when
+        capturing fails, which turns graphs off."""
+        if self.graphs_storage != self.cache.storage:
+            self.graphs, self.graphs_storage = {}, self.cache.storage
+        if batch not in self.graphs:
+            try:
+                if self.graph_pool is None:
+                    self.graph_pool = torch.cuda.graph_pool_handle()
+                self.graphs[batch] = _Graph(self, batch)
+            except Exception as exc:
+                log.warning("CUDA graphs off: capturing a decode step failed: %s", one_line(exc))
+                self.graphs_on, self.graphs = False, {}
+                return None
+        return self.graphs[batch]
 
     def free(self, slot: int) -> None:
-        self.own.pop(slot, None)
-        if slot not in self.rows:
-            return
-        keep = [i for i, s in enumerate(self.rows) if s != slot]
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache, self.mask = None, None
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.mask = self.mask[index]
-        first = int((self.mask.sum(dim=0) > 0).nonzero()[0])  # columns only padding used go
-        self.mask = self.mask[:, first:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+        self.running.discard(slot)
+        self.held.discard(slot)
+        if not self.held:  # nothing in the cache: its memory goes back until the next request
+            self.cache.release()
 
     def close(self) -> None:
-        self.own, self.rows, self.cache, self.mask = {}, [], None, None
+        self.held, self.running, self.graphs = set(), set(), {}
+        self.cache.release()
 
 
-def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+class _Graph:
+    """One bucket's decode step as a CUDA graph: static input buffers (token, position, write row per
+    batch row), the step captured over them, and its logits buffer, valid until the next replay."""
+
+    def __init__(self, executor: TorchExecutor, batch: int) -> None:
+        device, cache = executor.device, executor.cache
+        self.inputs = torch.zeros((3, batch), dtype=torch.long, device=device)
+        self.inputs[2] = cache.scratch  # every row a hole while warming up and capturing
+
+        def step() -> torch.Tensor:
+            ids, positions = self.inputs[0][:, None], self.inputs[1][:, None]
+            return executor._decode_pass(ids, positions, self.inputs[2], cache.cap)
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: lazy initialisations happen outside the capture
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=executor.graph_pool):
+            self.logits = step()
+
+    def run(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.inputs.copy_(inputs)
+        self.graph.replay()
+        return self.logits
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    """Whether the model computes logits for only the last positions when asked (a prompt chunk needs
+    one row of logits, not one per token: the vocabulary projection is a large share of a prefill)."""
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters

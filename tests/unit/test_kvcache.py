@@ -1,0 +1,103 @@
+"""The torch executor's slot cache on tensors: writes land at each row's own positions, growing keeps
+every row's contents, a hole writes only to the scratch row, masks keep rows to their own positions (and
+sliding-window layers to their window), and batches pad to their bucket."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from danlu.serve.chat.kvcache import GROW, SlotCache, attention_masks, bucket, supported
+
+
+def kv(batch: int, count: int, fill: float) -> torch.Tensor:
+    """Keys [batch, 2 heads, count, 4] whose every value says which batch row and position wrote it."""
+    rows = torch.arange(batch, dtype=torch.float32)[:, None, None, None]
+    positions = torch.arange(count, dtype=torch.float32)[None, None, :, None]
+    return (fill + 100 * rows + positions).expand(batch, 2, count, 4).clone()
+
+
+def test_prefill_and_decode_write_at_each_rows_own_positions():
+    cache = SlotCache()
+    cache.reserve(3, 5)
+    assert (cache.rows, cache.cap) == (3, GROW)
+    cache.prefill(1, 0, 5)
+    keys, values = cache.update(kv(1, 5, 0), kv(1, 5, 0.5), 0)
+    assert keys.shape == (1, 2, 5, 4) and torch.equal(keys, kv(1, 5, 0))
+    assert torch.equal(values, kv(1, 5, 0.5))
+    cache.prefill(1, 5, 2)  # a prompt's second chunk attends to the first
+    keys, _ = cache.update(kv(1, 2, 1000), kv(1, 2, 1000), 0)
+    assert keys.shape == (1, 2, 7, 4) and torch.equal(keys[:, :, 5:], kv(1, 2, 1000))
+    # decode: row 0 at position 3, row 1 at position 7, row 2 a hole (written to the scratch row)
+    before = cache.keys[0][2].clone()
+    cache.decode(torch.tensor([0, 1, cache.scratch]), torch.tensor([3, 7, 0]), 8)
+    keys, _ = cache.update(kv(3, 1, 5000), kv(3, 1, 5000), 0)
+    assert keys.shape == (3, 2, 8, 4)
+    assert keys.data_ptr() == cache.keys[0].data_ptr()  # a view of the storage: nothing copied
+    assert float(cache.keys[0][0, 0, 3, 0]) == 5000 and float(cache.keys[0][1, 0, 7, 0]) == 5100
+    assert torch.equal(cache.keys[0][2], before)  # the hole's row is untouched
+    assert float(cache.keys[0][cache.scratch, 0, 0, 0]) == 5200
+    assert len(cache) == 1
+
+
+def test_growing_keeps_every_row_and_release_frees():
+    cache = SlotCache()
+    cache.reserve(2, 10)
+    cache.prefill(1, 0, 10)
+    cache.update(kv(1, 10, 7), kv(1, 10, 7), 0)
+    cache.reserve(5, GROW + 1)  # more rows and more positions: the storage moves
+    assert (cache.rows, cache.cap) == (5, 2 * GROW)
+    assert cache.keys[0].shape == (6, 2, 2 * GROW, 4)
+    assert torch.equal(cache.keys[0][1, :, :10], kv(1, 10, 7)[0])
+    assert cache.nbytes == 2 * 6 * 2 * 2 * GROW * 4 * 4
+    cache.reserve(1, 3)  # never shrinks while in use
+    assert (cache.rows, cache.cap) == (5, 2 * GROW)
+    cache.release()
+    assert cache.nbytes == 0 and (cache.rows, cache.cap) == (0, 0)
+
+
+def test_copy_gives_a_row_anothers_positions():
+    cache = SlotCache()
+    cache.reserve(2, 6)
+    cache.prefill(0, 0, 6)
+    cache.update(kv(1, 6, 3), kv(1, 6, 3), 0)
+    cache.copy(0, 1, 4)
+    assert torch.equal(cache.keys[0][1, :, :4], cache.keys[0][0, :, :4])
+    assert not torch.equal(cache.keys[0][1, :, 4:6], cache.keys[0][0, :, 4:6])
+
+
+def allowed(mask: torch.Tensor) -> list[list[int]]:
+    """Which key positions each query of batch row 0 sees."""
+    return [row.nonzero().flatten().tolist() for row in (mask[0, 0] == 0)]
+
+
+def test_masks_keep_each_row_to_its_positions_and_window():
+    llama = SimpleNamespace()
+    mask = attention_masks(llama, torch.tensor([[2], [0]]), 4, torch.float32)
+    assert mask.shape == (2, 1, 1, 4) and mask.dtype == torch.float32
+    assert allowed(mask) == [[0, 1, 2]] and allowed(mask[1:]) == [[0]]
+    assert float(mask.min()) == torch.finfo(torch.float32).min  # finite: a hole's row cannot be NaN
+    causal = attention_masks(llama, torch.arange(2, 5)[None], 5, torch.bfloat16)  # a prompt chunk at 2..4
+    assert causal.dtype == torch.bfloat16 and allowed(causal) == [[0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3, 4]]
+    mistral = SimpleNamespace(sliding_window=2)
+    assert allowed(attention_masks(mistral, torch.arange(3)[None], 3, torch.float32)) == [[0], [0, 1], [1, 2]]
+    off = SimpleNamespace(sliding_window=2, use_sliding_window=False)
+    assert allowed(attention_masks(off, torch.tensor([[2]]), 3, torch.float32)) == [[0, 1, 2]]
+    hybrid = SimpleNamespace(sliding_window=2, layer_types=["sliding_attention", "full_attention"])
+    masks = attention_masks(hybrid, torch.tensor([[2]]), 3, torch.float32)
+    assert allowed(masks["sliding_attention"]) == [[1, 2]] and allowed(masks["full_attention"]) == [[0, 1, 2]]
+    full = SimpleNamespace(sliding_window=2, layer_types=["full_attention"] * 2)
+    assert isinstance(attention_masks(full, torch.tensor([[2]]), 3, torch.float32), torch.Tensor)
+
+
+@pytest.mark.parametrize(
+    ("rows", "most", "size"), [(1, 8, 1), (3, 8, 4), (5, 8, 8), (9, 12, 12), (17, 64, 32), (40, 40, 40)]
+)
+def test_a_batch_pads_to_its_bucket_within_max_batch(rows, most, size):
+    assert bucket(rows, most) == size
+
+
+def test_supported_attention_kinds():
+    assert supported(SimpleNamespace()) and supported(SimpleNamespace(layer_types=["full_attention"]))
+    assert supported(SimpleNamespace(layer_types=["sliding_attention", "full_attention"]))
+    assert not supported(SimpleNamespace(layer_types=["linear_attention", "full_attention"]))
