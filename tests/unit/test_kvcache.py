@@ -17,20 +17,26 @@ def kv(batch: int, count: int, fill: float) -> torch.Tensor:
     return (fill + 100 * rows + positions).expand(batch, 2, count, 4).clone()
 
 
+def prefill(cache: SlotCache, row: int, start: int, count: int) -> None:
+    """One prompt chunk of `count` tokens from `start` into `row`."""
+    positions = torch.arange(start, start + count)[None]
+    cache.set_pass(torch.full((1, count), row), positions, slice(row, row + 1), start + count)
+
+
 def test_prefill_and_decode_write_at_each_rows_own_positions():
     cache = SlotCache()
     cache.reserve(3, 5)
     assert (cache.rows, cache.cap) == (3, GROW)
-    cache.prefill(1, 0, 5)
+    prefill(cache, 1, 0, 5)
     keys, values = cache.update(kv(1, 5, 0), kv(1, 5, 0.5), 0)
     assert keys.shape == (1, 2, 5, 4) and torch.equal(keys, kv(1, 5, 0))
     assert torch.equal(values, kv(1, 5, 0.5))
-    cache.prefill(1, 5, 2)  # a prompt's second chunk attends to the first
+    prefill(cache, 1, 5, 2)  # a prompt's second chunk attends to the first
     keys, _ = cache.update(kv(1, 2, 1000), kv(1, 2, 1000), 0)
     assert keys.shape == (1, 2, 7, 4) and torch.equal(keys[:, :, 5:], kv(1, 2, 1000))
     # decode: row 0 at position 3, row 1 at position 7, row 2 a hole (written to the scratch row)
     before = cache.keys[0][2].clone()
-    cache.decode(torch.tensor([0, 1, cache.scratch]), torch.tensor([3, 7, 0]), 8)
+    cache.set_pass(torch.tensor([[0], [1], [cache.scratch]]), torch.tensor([[3], [7], [0]]), slice(0, 3), 8)
     keys, _ = cache.update(kv(3, 1, 5000), kv(3, 1, 5000), 0)
     assert keys.shape == (3, 2, 8, 4)
     assert keys.data_ptr() == cache.keys[0].data_ptr()  # a view of the storage: nothing copied
@@ -40,10 +46,29 @@ def test_prefill_and_decode_write_at_each_rows_own_positions():
     assert len(cache) == 1
 
 
+def test_prompts_prefilled_together_left_padded_write_only_their_own_positions():
+    """Two chunks in one pass: row 2's 3 tokens at 0..2 and row 0's 1 token at 4 (its first 4 already
+    there), left-padded to 3; the padding writes to the scratch row; rows 2 and 0 are read (a gather)."""
+    cache = SlotCache()
+    cache.reserve(3, 8)
+    prefill(cache, 0, 0, 4)
+    cache.update(kv(1, 4, 300), kv(1, 4, 300), 0)
+    before = cache.keys[0][0, :, :4].clone()
+    s = cache.scratch
+    rows, positions = torch.tensor([[2, 2, 2], [s, s, 0]]), torch.tensor([[0, 1, 2], [0, 0, 4]])
+    cache.set_pass(rows, positions, torch.tensor([2, 0]), 5)
+    keys, _ = cache.update(kv(2, 3, 9000), kv(2, 3, 9000), 0)
+    assert keys.shape == (2, 2, 5, 4)
+    assert torch.equal(cache.keys[0][2, :, :3], kv(2, 3, 9000)[0])
+    assert torch.equal(cache.keys[0][0, :, :4], before)  # its first four positions kept
+    assert float(cache.keys[0][0, 0, 4, 0]) == 9000 + 100 + 2  # its one token: batch row 1, column 2
+    assert torch.equal(keys[1, :, :4], before) and torch.equal(keys[0, :, :3], kv(2, 3, 9000)[0])
+
+
 def test_growing_keeps_every_row_and_release_frees():
     cache = SlotCache()
     cache.reserve(2, 10)
-    cache.prefill(1, 0, 10)
+    prefill(cache, 1, 0, 10)
     cache.update(kv(1, 10, 7), kv(1, 10, 7), 0)
     cache.reserve(5, GROW + 1)  # more rows and more positions: the storage moves
     assert (cache.rows, cache.cap) == (5, 2 * GROW)
@@ -59,7 +84,7 @@ def test_growing_keeps_every_row_and_release_frees():
 def test_copy_gives_a_row_anothers_positions():
     cache = SlotCache()
     cache.reserve(2, 6)
-    cache.prefill(0, 0, 6)
+    prefill(cache, 0, 0, 6)
     cache.update(kv(1, 6, 3), kv(1, 6, 3), 0)
     cache.copy(0, 1, 4)
     assert torch.equal(cache.keys[0][1, :, :4], cache.keys[0][0, :, :4])

@@ -124,7 +124,11 @@ class TorchExecutor:
         rows = max(c.slot for c in chunks) + 1
         if decoding and self.pad:
             rows = max(rows, bucket(max(decoding) + 1, self.max_batch))
-        self.cache.reserve(rows, max(c.start + len(c.tokens) for c in chunks))
+        prompts = [i for i, c in enumerate(chunks) if c.slot not in decoding]
+        groups = _groups([chunks[i] for i in prompts])
+        # room for every position a pass writes: a left-padded chunk's too
+        longest = max((len(g[0].tokens) for g in groups), default=1)
+        self.cache.reserve(rows, max(c.start + longest for c in chunks))
         with torch.inference_mode():
             if decoding:  # first: a hole's row may be a prompt's, which must not be written yet
                 try:
@@ -133,30 +137,54 @@ class TorchExecutor:
                     logits = {slot: exc for slot in decoding}
                 for slot, i in decoding.items():
                     results[i] = logits[slot]
-            for i, chunk in enumerate(chunks):
-                if chunk.slot in decoding:
-                    continue
-                try:
-                    results[i] = self._prefill(chunk)
-                except Exception as exc:  # this sequence's prompt: it alone fails
-                    results[i] = exc
+            done: dict[int, torch.Tensor | Exception | None] = {}
+            for group in groups:
+                done.update(self._prefill(group))
+            for i in prompts:
+                results[i] = done[chunks[i].slot]
         return results
 
-    def _prefill(self, chunk: Chunk) -> torch.Tensor | None:
-        count = len(chunk.tokens)
-        ids = torch.tensor([chunk.tokens], dtype=torch.long, device=self.device)
-        positions = torch.arange(chunk.start, chunk.start + count, device=self.device)[None]
-        mask = attention_masks(self.config, positions, chunk.start + count, self.dtype)
-        self.held.add(chunk.slot)
-        self.cache.prefill(chunk.slot, chunk.start, count)
+    def _prefill(self, group: list[Chunk]) -> dict[int, torch.Tensor | Exception | None]:
+        """Prompt chunks in one pass, left-padded to the longest; when it fails, each alone, so that only
+        the chunk at fault fails."""
+        try:
+            return self._prefill_pass(group)
+        except Exception as exc:
+            if len(group) == 1:
+                return {group[0].slot: exc}
+        done: dict[int, torch.Tensor | Exception | None] = {}
+        for chunk in group:
+            done.update(self._prefill([chunk]))
+        return done
+
+    def _prefill_pass(self, group: list[Chunk]) -> dict[int, torch.Tensor | None]:
+        width = max(len(c.tokens) for c in group)
+        scratch, tokens, where, rows = self.cache.scratch, [], [], []
+        for c in group:  # padding: position 0, written to the scratch row
+            pad = width - len(c.tokens)
+            tokens.append([0] * pad + c.tokens)
+            where.append([0] * pad + list(range(c.start, c.start + len(c.tokens))))
+            rows.append([scratch] * pad + [c.slot] * len(c.tokens))
+        inputs = torch.tensor([tokens, where, rows], dtype=torch.long).to(self.device, non_blocking=True)
+        slots = [c.slot for c in group]
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        read = slice(slots[0], slots[0] + len(slots))
+        if not consecutive:  # rows gathered: a copy of what they hold
+            read = torch.tensor(slots, device=self.device)
+        seen = max(c.start + len(c.tokens) for c in group)
+        self.held.update(slots)
+        self.cache.set_pass(inputs[2], inputs[1], read, seen)
+        mask = attention_masks(self.config, inputs[1], seen, self.dtype)
         extra = {"logits_to_keep": 1} if self.last_logits else {}
         logits, _ = forward_with_cache(
-            self.model, self.cache, input_ids=ids, attention_mask=mask, position_ids=positions, **extra
+            self.model, self.cache, input_ids=inputs[0], attention_mask=mask, position_ids=inputs[1], **extra
         )
-        if not chunk.logits:
-            return None  # the rest of the prompt in later steps
-        self.running.add(chunk.slot)
-        return logits[0, -1]
+        done: dict[int, torch.Tensor | None] = {}
+        for i, c in enumerate(group):
+            done[c.slot] = logits[i, -1] if c.logits else None  # None: the rest of the prompt in later steps
+            if c.logits:
+                self.running.add(c.slot)
+        return done
 
     def _decode(self, chunks: dict[int, Chunk]) -> dict[int, torch.Tensor]:
         top = max(chunks) + 1
@@ -172,14 +200,15 @@ class TorchExecutor:
         if graph is not None:
             logits = graph.run(inputs)
         else:
-            logits = self._decode_pass(inputs[0][:, None], inputs[1][:, None], inputs[2], max(where) + 1)
+            logits = self._decode_pass(inputs[:, :, None], max(where) + 1)
         return {r: logits[r, -1] for r in chunks}
 
-    def _decode_pass(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, width: int):
-        self.cache.decode(rows, positions[:, 0], width)
-        mask = attention_masks(self.config, positions, width, self.dtype)
+    def _decode_pass(self, inputs: torch.Tensor, width: int) -> torch.Tensor:
+        """inputs [3, B, 1]: each batch row's token, position and write row."""
+        self.cache.set_pass(inputs[2], inputs[1], slice(0, inputs.shape[1]), width)
+        mask = attention_masks(self.config, inputs[1], width, self.dtype)
         logits, _ = forward_with_cache(
-            self.model, self.cache, input_ids=ids, attention_mask=mask, position_ids=positions
+            self.model, self.cache, input_ids=inputs[0], attention_mask=mask, position_ids=inputs[1]
         )
         return logits
 
@@ -202,7 +231,9 @@ class TorchExecutor:
     def free(self, slot: int) -> None:
         self.running.discard(slot)
         self.held.discard(slot)
-        if not self.held:  # nothing in the cache: its memory goes back until the next request
+        # nothing in the cache: its memory goes back until the next request (not where graphs were
+        # captured over it: they would be captured again for every request after a pause)
+        if not self.held and not self.graphs:
             self.cache.release()
 
     def close(self) -> None:
@@ -220,8 +251,7 @@ class _Graph:
         self.inputs[2] = cache.scratch  # every row a hole while warming up and capturing
 
         def step() -> torch.Tensor:
-            ids, positions = self.inputs[0][:, None], self.inputs[1][:, None]
-            return executor._decode_pass(ids, positions, self.inputs[2], cache.cap)
+            return executor._decode_pass(self.inputs[:, :, None], cache.cap)
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -237,6 +267,21 @@ class _Graph:
         self.inputs.copy_(inputs)
         self.graph.replay()
         return self.logits
+
+
+def _groups(chunks: list[Chunk], waste: float = 1.25) -> list[list[Chunk]]:
+    """Prompt chunks in groups that share a pass: longest first, each group as long as padding every
+    chunk to its longest adds at most `waste` - 1 to the tokens it computes."""
+    groups: list[list[Chunk]] = []
+    for chunk in sorted(chunks, key=lambda c: len(c.tokens), reverse=True):
+        group = groups[-1] if groups else None
+        if group and (len(group) + 1) * len(group[0].tokens) <= waste * (
+            sum(len(c.tokens) for c in group) + len(chunk.tokens)
+        ):
+            group.append(chunk)
+        else:
+            groups.append([chunk])
+    return groups
 
 
 def _takes_logits_to_keep(model: Any) -> bool:

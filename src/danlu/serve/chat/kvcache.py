@@ -71,8 +71,8 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class SlotCache(Cache):
     """Per-slot rows of keys and values for every attention layer, allocated on the first pass and grown
-    in steps. Before each forward the executor says what the pass writes: prefill(row, start, count) for
-    one sequence's prompt chunk, or decode(rows, positions, width) for one token per batch row."""
+    in steps. Before each forward the executor says what the pass writes and reads (set_pass): the prompt
+    chunks of some sequences, or one token of every running sequence."""
 
     def __init__(self, grow: int = GROW) -> None:
         # Cache.__init__'s arguments differ between transformers versions; the model only calls update()
@@ -113,12 +113,11 @@ class SlotCache(Cache):
             for layer in store:
                 layer[target, :, :positions] = layer[source, :, :positions]
 
-    def prefill(self, row: int, start: int, count: int) -> None:
-        self._pass = ("prefill", row, start, count)
-
-    def decode(self, rows: torch.Tensor, positions: torch.Tensor, width: int) -> None:
-        """Batch row b writes at (rows[b], positions[b]); rows[b] is the scratch row for a hole."""
-        self._pass = ("decode", rows, positions, width)
+    def set_pass(self, rows: torch.Tensor, positions: torch.Tensor, read: slice | torch.Tensor, width: int):
+        """What the next forward pass writes and reads: its token (i, j) writes at storage row rows[i, j],
+        position positions[i, j] (the scratch row for padding and holes); its batch row i attends to
+        storage row read[i] up to `width` (read a slice: a view, nothing copied)."""
+        self._pass = (rows, positions, read, width)
 
     @property
     def scratch(self) -> int:
@@ -138,22 +137,15 @@ class SlotCache(Cache):
             self.keys.append(keys.new_zeros(shape))
             self.values.append(values.new_zeros((*shape[:3], values.shape[3])))
         stored_keys, stored_values = self.keys[layer_idx], self.values[layer_idx]
-        kind, *where = self._pass
-        if kind == "prefill":
-            row, start, count = where
-            stored_keys[row, :, start : start + count] = keys[0]
-            stored_values[row, :, start : start + count] = values[0]
-            end = start + count
-            return stored_keys[row : row + 1, :, :end], stored_values[row : row + 1, :, :end]
-        rows, positions, width = where
-        stored_keys[rows, :, positions] = keys[:, :, 0]
-        stored_values[rows, :, positions] = values[:, :, 0]
-        batch = keys.shape[0]
-        return stored_keys[:batch, :, :width], stored_values[:batch, :, :width]
+        rows, positions, read, width = self._pass
+        # keys [B, kv_heads, q, head_dim]: token (i, j)'s at (rows[i, j], positions[i, j])
+        stored_keys[rows, :, positions] = keys.transpose(1, 2)
+        stored_values[rows, :, positions] = values.transpose(1, 2)
+        return stored_keys[read, :, :width], stored_values[read, :, :width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Positions before this pass's first query (the model asks only when not given position ids)."""
-        return self._pass[2] if self._pass and self._pass[0] == "prefill" else 0
+        """Not known to the cache: the executor always passes position ids, so the model never asks."""
+        return 0
 
     def __len__(self) -> int:
         return len(self.keys)
