@@ -298,3 +298,45 @@ def test_prompts_prefill_together_and_a_bad_one_fails_alone(chat):
     assert [s.finish_reason for s in sequences] == ["length", "length", "error", "length", "length"]
     good = [s for s in sequences if s.finish_reason == "length"]
     assert [s.output for s in good] == [reference(chat, p, 12) for p in ids]
+
+
+def test_prompts_with_one_system_turn_share_its_cells_and_answer_as_generate(chat):
+    """Four conversations with one long system turn, arriving together and later: the later ones start
+    from the cells an earlier one holds (copied into their own rows), so the shared turn is computed
+    once, and every answer is still generate()'s; cancelling the sequence whose cells were copied leaves
+    the others' answers whole."""
+    chat.eos_ids = set()
+    template = Template(chat.tokenizer)
+    system = "danlu serves local chat models on the machine you have, streaming text token by token"
+    ids = [
+        template.encode_messages([{"role": "system", "content": system}, {"role": "user", "content": q}])
+        for q in ("hello there", "one two three", "the quick brown fox", "how are you today?")
+    ]
+    common = next(i for i, t in enumerate(zip(*ids, strict=False)) if len(set(t)) > 1)
+    assert common > 16  # the shared part: the system turn
+    expected = [reference(chat, p, 16) for p in ids]
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    steps = []
+    engine = Engine(chat, max_batch=4, on_step=lambda r, w: steps.append(r))
+    engine.start()
+    try:
+        together = run_all(engine, ids, params)
+        assert engine.shared_tokens >= 3 * common  # the three later ones took the system turn's cells
+        staggered = run_all(engine, ids, params, 3, steps)
+        first = Sequence(ids[0], SamplingParams(max_tokens=200, temperature=0.0), lambda e: None)
+        engine.submit(first)
+        deadline = time.monotonic() + 30
+        while len(first.output) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        shared_before = engine.shared_tokens
+        done = threading.Event()
+        second = engine.submit(Sequence(ids[1], params, lambda e: e.finish_reason and done.set()))
+        while second.computed <= common and time.monotonic() < deadline:
+            time.sleep(0.002)
+        first.cancel()  # the cells' first owner leaves; the sharer has its own copy
+        assert done.wait(30)
+    finally:
+        engine.stop()
+    assert [s.output for s in together] == expected
+    assert [s.output for s in staggered] == expected
+    assert engine.shared_tokens - shared_before >= common and second.output == expected[1]

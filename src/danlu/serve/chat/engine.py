@@ -16,7 +16,7 @@ find no room for a step, the youngest admitted sequence is preempted: its cache 
 back to the front of the queue to be recomputed (prompt and output so far), its stream unbroken, and
 nothing more is admitted until a sequence leaves (so the step that had no room is not retried as it was).
 
-Prefix sharing (executors that can, llama.cpp): a newly admitted sequence starts from the cells of the
+Prefix sharing (executors that can: llama.cpp, torch): a newly admitted sequence starts from the cells of the
 longest prefix of its tokens that an admitted sequence holds (the same tokens at the same positions:
 what it would compute itself), so a system prompt every request shares is computed once while any
 request holding it runs. A waiting request that shares SHARE_MIN or more leading tokens with a prompt

@@ -61,10 +61,11 @@ class Executor(Protocol):
 class TorchExecutor:
     """A Hugging Face causal LM over a slot cache (danlu.serve.chat.kvcache): each slot's keys and values
     sit in a row of their own, written in place at the sequence's positions, so joining and leaving copy
-    nothing and a decode step costs what the rows hold, not rows x the longest. A prompt chunk is one
-    pass of its own; the running sequences' tokens are one pass over batch rows [0, B), B the highest
-    running slot + 1 (on a GPU, rounded up to its bucket), where rows that hold no running sequence write
-    to a scratch row and are ignored.
+    nothing and a decode step costs what the rows hold, not rows x the longest. The running sequences'
+    tokens are one pass over batch rows [0, B), B the highest running slot + 1 (on a GPU, rounded up to
+    its bucket), where rows that hold no running sequence write to a scratch row and are ignored. The
+    step's prompt chunks follow, in passes of their own, left-padded together. A new sequence whose
+    prompt starts with what another holds starts from a copy of those positions (share).
 
     On a GPU each bucket's decode step is a CUDA graph, captured the first time the bucket runs (after
     two warm-up passes) and replayed with the step's tokens, positions and rows copied into its inputs:
@@ -74,11 +75,17 @@ class TorchExecutor:
     documented."""
 
     name = "torch"
-    idle_prefill = None  # prompts prefill one by one: a bigger step only delays the first of them
-    shares = False
+    # a step's prompt tokens stay within prefill_chunk while none is decoding too: more in one step
+    # delays every first token of them
+    idle_prefill = None
+    shares = True
 
     def share(self, source: int, target: int, tokens: int) -> None:
-        raise NotImplementedError("the torch executor does not share cache cells")
+        """Give the empty slot `target` a copy of slot `source`'s positions [0, tokens)."""
+        with torch.inference_mode():  # the storage is made of inference tensors
+            self.cache.reserve(target + 1, tokens)
+            self.cache.copy(source, target, tokens)
+        self.held.add(target)
 
     def __init__(
         self, model: Any, device: str, max_batch: int, max_batch_tokens: int, graphs: bool | None = None
