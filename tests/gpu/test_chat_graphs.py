@@ -46,6 +46,8 @@ def reference(chat, ids: list[int], n: int) -> list[int]:
 
 
 def answers(engine: Engine, prompts: list[list[int]], lengths: list[int], seed: int | None = None) -> list:
+    """Each prompt's tokens, all submitted at once and generated on this thread; every one must end
+    with its full length."""
     done = [threading.Event() for _ in prompts]
     temperature = 0 if seed is None else 1.0
     params = [SamplingParams(max_tokens=n, temperature=temperature, seed=seed) for n in lengths]
@@ -54,6 +56,7 @@ def answers(engine: Engine, prompts: list[list[int]], lengths: list[int], seed: 
         for i, (p, q) in enumerate(zip(prompts, params, strict=True))
     ]
     engine.run(until=lambda: all(d.is_set() for d in done))
+    assert [s.finish_reason for s in sequences] == ["length"] * len(prompts)
     return [s.output for s in sequences]
 
 
@@ -95,13 +98,14 @@ def test_a_failed_capture_decodes_eagerly_with_one_log_line(chat, monkeypatch, c
 
 @pytest.mark.parametrize("quantize", ["int8", "nf4"])
 def test_quantized_models_decode_with_or_without_graphs(tmp_path, quantize):
+    """bitsandbytes' kernels: captured where they allow it, eager otherwise; either way every answer
+    arrives whole (their results may depend on the batch, so answers are not compared)."""
     pytest.importorskip("bitsandbytes")
     chat = load_chat_model(str(tiny_llama(tmp_path / "tiny")), device="cuda", quantize=quantize)
     chat.eos_ids = set()
     ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
     engine = Engine(chat, max_batch=4)
-    together = answers(engine, ids, [12, 12, 12])
-    alone = [answers(engine, [p], [12])[0] for p in ids]
+    got = answers(engine, ids, [12, 12, 12])
     print(f"{quantize}: decode steps {engine.executor.decode_mode}")
-    assert all(len(t) == 12 for t in together) and together == alone
+    assert all(len(a) == 12 for a in got)
     engine.close()
