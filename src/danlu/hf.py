@@ -60,9 +60,13 @@ def load_files(auto_class: Any, where: Any, *, trust_remote_code: bool = False, 
 
 
 @functools.cache
+def takes(model_class: type, keyword: str) -> bool:
+    """Whether a model class's forward() has a parameter of that name."""
+    return keyword in inspect.signature(model_class.forward).parameters
+
+
 def _cache_keyword(model_class: type) -> str:
-    parameters = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    return "cache" if takes(model_class, "cache") else "past_key_values"
 
 
 def forward_with_cache(model: Any, cache: Any, **inputs: Any) -> tuple[Any, Any]:

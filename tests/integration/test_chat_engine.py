@@ -14,6 +14,7 @@ from danlu.serve.chat.model import load_chat_model
 from danlu.serve.chat.sampling import SamplingParams
 from danlu.serve.chat.templates import Template
 from tests.chat_models import tiny_llama
+from tests.e2e.test_chat_server import wait_until
 
 PROMPTS = [
     "hello there",
@@ -300,43 +301,45 @@ def test_prompts_prefill_together_and_a_bad_one_fails_alone(chat):
     assert [s.output for s in good] == [reference(chat, p, 12) for p in ids]
 
 
-def test_prompts_with_one_system_turn_share_its_cells_and_answer_as_generate(chat):
+def check_shared_system_turn(chat, system: str, expected_for, stagger: int, tokens: int, common_over: int):
     """Four conversations with one long system turn, arriving together and later: the later ones start
-    from the cells an earlier one holds (copied into their own rows), so the shared turn is computed
-    once, and every answer is still generate()'s; cancelling the sequence whose cells were copied leaves
-    the others' answers whole."""
+    from the cells an earlier one holds (a step's wait when they arrive together), so the shared turn is
+    computed once, and every answer is expected_for(prompt, tokens)'s; cancelling the sequence whose cells
+    were shared leaves the others' answers whole."""
     chat.eos_ids = set()
     template = Template(chat.tokenizer)
-    system = "danlu serves local chat models on the machine you have, streaming text token by token"
     ids = [
         template.encode_messages([{"role": "system", "content": system}, {"role": "user", "content": q}])
         for q in ("hello there", "one two three", "the quick brown fox", "how are you today?")
     ]
     common = next(i for i, t in enumerate(zip(*ids, strict=False)) if len(set(t)) > 1)
-    assert common > 16  # the shared part: the system turn
-    expected = [reference(chat, p, 16) for p in ids]
-    params = SamplingParams(max_tokens=16, temperature=0.0)
+    assert common > common_over  # the shared part: the system turn
+    expected = [expected_for(p, tokens) for p in ids]
+    params = SamplingParams(max_tokens=tokens, temperature=0.0)
     steps = []
     engine = Engine(chat, max_batch=4, on_step=lambda r, w: steps.append(r))
     engine.start()
     try:
         together = run_all(engine, ids, params)
         assert engine.shared_tokens >= 3 * common  # the three later ones took the system turn's cells
-        staggered = run_all(engine, ids, params, 3, steps)
+        staggered = run_all(engine, ids, params, stagger, steps)
         first = Sequence(ids[0], SamplingParams(max_tokens=200, temperature=0.0), lambda e: None)
         engine.submit(first)
-        deadline = time.monotonic() + 30
-        while len(first.output) < 3 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        assert wait_until(lambda: len(first.output) >= 3)
         shared_before = engine.shared_tokens
         done = threading.Event()
         second = engine.submit(Sequence(ids[1], params, lambda e: e.finish_reason and done.set()))
-        while second.computed <= common and time.monotonic() < deadline:
-            time.sleep(0.002)
-        first.cancel()  # the cells' first owner leaves; the sharer has its own copy
+        assert wait_until(lambda: second.computed > common)
+        first.cancel()  # the cells' first owner leaves; the sharer keeps them
         assert done.wait(30)
     finally:
         engine.stop()
     assert [s.output for s in together] == expected
     assert [s.output for s in staggered] == expected
     assert engine.shared_tokens - shared_before >= common and second.output == expected[1]
+
+
+def test_prompts_with_one_system_turn_share_its_cells_and_answer_as_generate(chat):
+    """Under torch the shared positions are copied into the new sequence's own row."""
+    system = "danlu serves local chat models on the machine you have, streaming text token by token"
+    check_shared_system_turn(chat, system, lambda p, n: reference(chat, p, n), 3, tokens=16, common_over=16)

@@ -19,12 +19,12 @@ from danlu.serve.chat.model import VllmOptions, choose_engine, load_chat_model
 from danlu.serve.chat.sampling import SamplingParams
 from danlu.serve.chat.templates import Template
 from tests.chat_models import smollm2_gguf, tiny_gguf
-from tests.e2e.test_chat_server import wait_until
 from tests.integration.test_chat_engine import (
     PROMPTS,
     check_alone_and_together,
     check_cancel,
     check_seeds_and_stops,
+    check_shared_system_turn,
     run_all,
 )
 
@@ -71,41 +71,10 @@ SYSTEM = "you are danlu, a helpful assistant; answer briefly and stream text tok
 
 
 def test_requests_with_one_system_prompt_share_its_cells_and_answer_as_alone(chat, llama):
-    """Four conversations with one long system prompt, arriving together and later: the later ones start
-    from the cells an earlier one holds (a step's wait when they arrive together), so the shared
-    prompt is computed once, and every answer is still llama.cpp's own alone; cancelling the sequence
-    whose cells were shared leaves the others' answers whole."""
-    chat.eos_ids = set()
-    template = Template(chat.tokenizer)
-    ids = [
-        template.encode_messages([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
-        for q in ("hello there", "one two three", "the quick brown fox", "how are you today?")
-    ]
-    common = next(i for i, t in enumerate(zip(*ids, strict=False)) if len(set(t)) > 1)
-    assert common > 40  # the shared part: the system turn
-    expected = [llama_greedy(llama, p, 24) for p in ids]
-    params = SamplingParams(max_tokens=24, temperature=0.0)
-    steps = []
-    engine = Engine(chat, max_batch=4, on_step=lambda r, w: steps.append(r))
-    engine.start()
-    try:
-        together = run_all(engine, ids, params)
-        assert engine.shared_tokens >= 3 * common  # the three later ones took the system turn's cells
-        staggered = run_all(engine, ids, params, 4, steps)
-        first = Sequence(ids[0], SamplingParams(max_tokens=200, temperature=0.0), lambda e: None)
-        engine.submit(first)
-        assert wait_until(lambda: len(first.output) >= 3)
-        shared_before = engine.shared_tokens
-        done = threading.Event()
-        second = engine.submit(Sequence(ids[1], params, lambda e: e.finish_reason and done.set()))
-        assert wait_until(lambda: second.computed > common)
-        first.cancel()  # the cells' first owner leaves; the sharer keeps them
-        assert done.wait(30)
-    finally:
-        engine.stop()
-    assert [s.output for s in together] == expected
-    assert [s.output for s in staggered] == expected
-    assert engine.shared_tokens - shared_before >= common and second.output == expected[1]
+    """In llama.cpp's unified cache the shared cells are the same cells (llama_memory_seq_cp), and every
+    answer is llama.cpp's own alone."""
+    alone = lambda p, n: llama_greedy(llama, p, n)  # noqa: E731
+    check_shared_system_turn(chat, SYSTEM, alone, 4, tokens=24, common_over=40)
 
 
 def test_both_engines_render_the_same_prompt_and_defaults(gguf):

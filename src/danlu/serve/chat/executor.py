@@ -14,7 +14,6 @@ any other exception fails every sequence of the step."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from danlu.errors import DanluError, one_line
-from danlu.hf import forward_with_cache
+from danlu.hf import forward_with_cache, takes
 from danlu.serve.chat.kvcache import GROW, LAYER_TYPES, SlotCache, attention_masks, bucket, supported
 
 log = logging.getLogger("danlu")
@@ -112,7 +111,9 @@ class TorchExecutor:
         self.graph_pool: Any = None
         self.held: set[int] = set()  # slots with positions in the cache (running or mid-prompt)
         self.running: set[int] = set()  # slots whose prompt is done: one token per step from now on
-        self.last_logits = _takes_logits_to_keep(model)
+        # a prompt chunk needs one row of logits, not one per token: the vocabulary projection is a large
+        # share of a prefill
+        self.last_logits = takes(type(model), "logits_to_keep")
 
     @property
     def decode_mode(self) -> str:
@@ -289,9 +290,3 @@ def _groups(chunks: list[Chunk], waste: float = 1.25) -> list[list[Chunk]]:
         else:
             groups.append([chunk])
     return groups
-
-
-def _takes_logits_to_keep(model: Any) -> bool:
-    """Whether the model computes logits for only the last positions when asked (a prompt chunk needs
-    one row of logits, not one per token: the vocabulary projection is a large share of a prefill)."""
-    return "logits_to_keep" in inspect.signature(type(model).forward).parameters

@@ -123,10 +123,6 @@ class SlotCache(Cache):
     def scratch(self) -> int:
         return self.rows
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
     # --- the model's side ------------------------------------------------------------------------------
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
