@@ -92,7 +92,12 @@ def generate_run(streams: int, max_tokens: int, dtype: str) -> dict:
         out = chat.model.generate(batch, attention_mask=mask, **options)
         seconds = time.perf_counter() - start
     new = (out.shape[1] - width) * streams
-    return {"tokens_s": new / seconds, "seconds": seconds}
+    config = chat.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_bytes = (
+        config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * chat.model.dtype.itemsize
+    )
+    return {"tokens_s": new / seconds, "seconds": seconds, "kv_bytes": kv_bytes, "width": width}
 
 
 def baseline_run(ref: str, args) -> dict | None:
@@ -157,6 +162,22 @@ def main() -> None:
         first, last = r.get("first_ms"), r.get("last_ms")
         steps = f"{first:>15.1f}{last:>14.1f}{last / first:>12.2f}" if first else ""
         print(f"{name:<36}{r['tokens_s']:>10.1f}{r['tokens_s'] / base:>12.2f}x{steps}")
+    attention_floor(rows[0][1], mine, args)
+
+
+def attention_floor(generated: dict, mine: dict, args) -> None:
+    """What the cache's growth alone must add to a step: a decode step reads every row's keys and values
+    up to the longest position, so the last steps read (max_tokens - a tenth) more positions per row than
+    the first; at the bandwidth of a large copy here, that many bytes take at least this long."""
+    from chat import bandwidth_gbs
+
+    tenth = max(1, (args.max_tokens - 1) // 10)
+    more = args.streams * (args.max_tokens - tenth) * generated["kv_bytes"]  # last steps' extra bytes read
+    floor_ms = 1000 * more / (bandwidth_gbs() * 1e9)
+    print(f"attention floor: the last steps read {more / 2**20:.0f} MiB more keys and values than the first "
+          f"({generated['kv_bytes'] / 1024:.0f} KiB per position and row); at this machine's copy bandwidth "
+          f"that adds at least {floor_ms:.1f} ms a step, so last/first >= "
+          f"{(mine['first_ms'] + floor_ms) / mine['first_ms']:.2f} for these first steps")  # fmt: skip
 
 
 if __name__ == "__main__":

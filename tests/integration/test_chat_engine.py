@@ -10,6 +10,7 @@ import torch
 
 from danlu.errors import DanluError
 from danlu.serve.chat.engine import Engine, Sequence
+from danlu.serve.chat.executor import Chunk, PackedHead, TorchExecutor
 from danlu.serve.chat.model import load_chat_model
 from danlu.serve.chat.sampling import SamplingParams
 from danlu.serve.chat.templates import Template
@@ -268,6 +269,66 @@ def test_sliding_window_models_equal_generate(tmp_path, arch, settings):
     check_alone_and_together(chat, ids, expected, stagger=2)
     unbounded = load_chat_model(str(tiny_llama(tmp_path / "plain", arch=arch)))  # same weights, no window
     assert [reference(unbounded, p, 24) for p in ids] != expected  # the window really changes answers
+
+
+def test_the_engine_projects_to_the_vocabulary_through_the_packed_head_and_generate_does_not(
+    chat, monkeypatch
+):
+    calls = []
+    packed_call = PackedHead.__call__
+    monkeypatch.setattr(
+        PackedHead, "__call__", lambda self, h: (calls.append(h.shape), packed_call(self, h))[1]
+    )
+    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
+    expected = [reference(chat, p, 24) for p in ids]
+    assert calls == []  # generate on the same model object: its own Linear
+    check_alone_and_together(chat, ids, expected, stagger=0)
+    assert any(shape[0] == 4 and shape[1] == 1 for shape in calls)  # a decode step of four rows
+    assert any(shape[1] == 1 and shape[0] < 4 for shape in calls)  # prompts: the last position only
+    assert "forward" not in vars(chat.model.lm_head)  # the model is left as it was
+
+
+def test_the_packed_head_is_swapped_back_when_a_pass_fails_and_skipped_where_it_cannot_apply(chat):
+    head = PackedHead.of(chat.model)
+    assert head is not None
+    hidden = torch.randn(2, 1, chat.model.config.hidden_size)
+    with torch.inference_mode():
+        plain = chat.model.lm_head(hidden)
+        with pytest.raises(ValueError), head.swapped():
+            assert torch.allclose(chat.model.lm_head(hidden), plain, rtol=1e-4, atol=1e-4)
+            assert vars(chat.model.lm_head)["forward"] is head
+            raise ValueError("a failed pass")
+        assert torch.equal(chat.model.lm_head(hidden), plain) and "forward" not in vars(chat.model.lm_head)
+
+    class Model(torch.nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def get_output_embeddings(self):
+            return self.head
+
+    class QuantizedLinear(torch.nn.Linear):
+        pass
+
+    wrapped = torch.nn.Linear(8, 16)
+    wrapped.forward = lambda x: x  # as accelerate's offloading hooks wrap a module
+    assert PackedHead.of(Model(torch.nn.Linear(8, 16))) is not None
+    for other in (torch.nn.Linear(8, 16, dtype=torch.bfloat16), QuantizedLinear(8, 16), wrapped):
+        assert PackedHead.of(Model(other)) is None
+
+
+def test_the_cache_grows_by_batch_buckets_as_prompts_arrive_one_by_one(chat):
+    executor = TorchExecutor(chat.model, "cpu", max_batch=6, max_batch_tokens=4096)
+    ids = chat.tokenizer(PROMPTS[0])["input_ids"]
+    rows, storages = [], []
+    for slot in range(6):  # one prompt a step, each in the next slot (logits=False: none decodes yet)
+        assert executor.forward([Chunk(slot, ids, 0, False)]) == [None]
+        rows.append(executor.cache.rows)
+        storages.append(executor.cache.storage)
+    assert rows == [1, 2, 4, 4, 6, 6]  # buckets, and --max-batch the last
+    assert storages == [1, 2, 3, 3, 4, 4]  # reallocated at a new bucket only
+    executor.close()
 
 
 def test_attention_the_cache_cannot_serve_is_refused_at_once(chat, monkeypatch):
