@@ -12,7 +12,11 @@ of the steps in which all streams decode and no prompt is prefilled.
 
 With --rounds N each engine runs N times, the two in turns, and the best run of each is shown.
 
+With --at 75,540 only the executor's decode step is timed, every row at each of those positions (the
+step's growth with length, without the run's load swings).
+
 Run: python benchmarks/chat_steps.py [--streams 16] [--max-tokens 500] [--baseline 0a263cf] [--rounds 3]
+     python benchmarks/chat_steps.py --at 75,540
 """
 
 from __future__ import annotations
@@ -100,6 +104,29 @@ def generate_run(streams: int, max_tokens: int, dtype: str) -> dict:
     return {"tokens_s": new / seconds, "seconds": seconds, "kv_bytes": kv_bytes, "width": width}
 
 
+def steps_at(streams: int, positions: list[int], dtype: str) -> list[float]:
+    """ms of one decode step of the executor alone (this tree), every one of `streams` rows at each of
+    `positions` (random prompts of that length prefilled first); the mean of 10 steps after 3."""
+    from danlu.serve.chat.executor import Chunk, TorchExecutor
+    from danlu.serve.chat.model import load_chat_model
+
+    chat = load_chat_model(str(model_path()), engine="torch", dtype=dtype)
+    times = []
+    for length in positions:
+        executor = TorchExecutor(chat.model, "cpu", streams, 1 << 30)
+        ids = torch.randint(100, 40000, (streams, length), generator=torch.Generator().manual_seed(0))
+        executor.forward([Chunk(row, ids[row].tolist(), 0, True) for row in range(streams)])
+        step = [Chunk(row, [5], length, True) for row in range(streams)]
+        for _ in range(3):
+            executor.forward(step)
+        start = time.perf_counter()
+        for _ in range(10):
+            executor.forward(step)
+        times.append(100 * (time.perf_counter() - start))  # ms per step: 1000 x seconds / 10
+        executor.close()
+    return times
+
+
 def baseline_run(ref: str, args) -> dict | None:
     """The engine from commit `ref` of this repository, in a subprocess importing that commit's danlu."""
     root = HERE.parent
@@ -141,7 +168,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--baseline", default=None, help="a git ref whose engine to measure alongside")
     parser.add_argument("--rounds", type=int, default=1, help="engine runs of each side, in turns: the best")
+    parser.add_argument("--at", default=None, help="only time the executor's decode step at these "
+                        "positions (comma-separated, e.g. 75,540), several times in turns")  # fmt: skip
     args = parser.parse_args()
+    if args.at:
+        positions = [int(p) for p in args.at.split(",")]
+        rounds = [steps_at(args.streams, positions, args.dtype) for _ in range(max(args.rounds, 2))]
+        for i, p in enumerate(positions):
+            print(f"{args.streams} rows at position {p}: {min(r[i] for r in rounds):.1f} ms a step (best)")
+        return
     print(f"SmolLM2-135M-Instruct, {args.dtype}, {args.streams} streams x {args.max_tokens} tokens, greedy, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
     rows = [("HF generate, one padded batch", generate_run(args.streams, args.max_tokens, args.dtype))]
