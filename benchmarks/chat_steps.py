@@ -13,7 +13,8 @@ of the steps in which all streams decode and no prompt is prefilled.
 With --rounds N each engine runs N times, the two in turns, and the best run of each is shown.
 
 With --at 75,540 only the executor's decode step is timed, every row at each of those positions (the
-step's growth with length, without the run's load swings).
+step's growth with length, without the run's load swings), and the vocabulary projection alone: the
+model's Linear against the executor's packed head.
 
 Run: python benchmarks/chat_steps.py [--streams 16] [--max-tokens 500] [--baseline 0a263cf] [--rounds 3]
      python benchmarks/chat_steps.py --at 75,540
@@ -127,6 +128,28 @@ def steps_at(streams: int, positions: list[int], dtype: str) -> list[float]:
     return times
 
 
+def head_ms(streams: int, dtype: str) -> tuple[float, float | None]:
+    """ms of the vocabulary projection of `streams` rows: the model's own Linear, and the executor's packed
+    head (None where it does not apply); the best of 20 each."""
+    from danlu.serve.chat.executor import PackedHead
+    from danlu.serve.chat.model import load_chat_model
+
+    model = load_chat_model(str(model_path()), engine="torch", dtype=dtype).model
+    head, packed = model.get_output_embeddings(), PackedHead.of(model)
+    hidden = torch.randn(streams, 1, head.in_features, dtype=head.weight.dtype)
+
+    def best(project) -> float:
+        times = []
+        with torch.inference_mode():
+            for _ in range(20):
+                start = time.perf_counter()
+                project(hidden)
+                times.append(1000 * (time.perf_counter() - start))
+        return min(times)
+
+    return best(head), None if packed is None else best(packed)
+
+
 def baseline_run(ref: str, args) -> dict | None:
     """The engine from commit `ref` of this repository, in a subprocess importing that commit's danlu."""
     root = HERE.parent
@@ -176,6 +199,9 @@ def main() -> None:
         rounds = [steps_at(args.streams, positions, args.dtype) for _ in range(max(args.rounds, 2))]
         for i, p in enumerate(positions):
             print(f"{args.streams} rows at position {p}: {min(r[i] for r in rounds):.1f} ms a step (best)")
+        plain, packed = head_ms(args.streams, args.dtype)
+        print(f"the vocabulary projection of {args.streams} rows: {plain:.1f} ms through the model's Linear, "
+              + (f"{packed:.1f} ms packed" if packed is not None else "not packed here"))  # fmt: skip
         return
     print(f"SmolLM2-135M-Instruct, {args.dtype}, {args.streams} streams x {args.max_tokens} tokens, greedy, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
