@@ -266,7 +266,7 @@ class PackedHead:
     """The vocabulary projection of a CPU model through oneDNN with its weight packed once in the kernel's
     blocked layout. The projection reads the largest matrix of a small model once per step for a few
     rows, where the plain matmul is far from this CPU's bandwidth: SmolLM2-135M's [49152, 576] head at
-    16 rows takes about 10 ms instead of 22 (a fifth of a decode step). The packed copy costs the head's
+    16 rows takes about 9 ms instead of 20 (benchmarks/chat_steps.py --at). The packed copy costs the head's
     size in memory (the original stays: it is often the embedding too). It is swapped in only for the
     executor's own passes, so the model object, and `generate` on it, is unchanged. Results differ from
     the plain matmul in the last bits, as a different batch size already makes them differ."""
@@ -278,8 +278,9 @@ class PackedHead:
 
     @classmethod
     def of(cls, model: Any) -> PackedHead | None:
-        """The model's packed head; None where this torch has no such kernel, the head is not a plain
-        float32 Linear (quantized, tied to something else) or the packed kernel disagrees with it."""
+        """The model's packed head; None where this torch or CPU has no such kernel, the head is not a
+        plain float32 Linear (quantized, bfloat16, wrapped by hooks) or the packed kernel disagrees with
+        it. A head tied to the embedding is packed too: the embedding keeps the original."""
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if type(head) is not torch.nn.Linear or head.weight.dtype != torch.float32 or head.weight.is_meta:
             return None
