@@ -102,19 +102,17 @@ def generate_run(streams: int, max_tokens: int, dtype: str) -> dict:
     kv_bytes = (
         config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * chat.model.dtype.itemsize
     )
-    return {"tokens_s": new / seconds, "seconds": seconds, "kv_bytes": kv_bytes, "width": width}
+    return {"tokens_s": new / seconds, "seconds": seconds, "kv_bytes": kv_bytes}
 
 
-def steps_at(streams: int, positions: list[int], dtype: str) -> list[float]:
+def steps_at(model, streams: int, positions: list[int]) -> list[float]:
     """ms of one decode step of the executor alone (this tree), every one of `streams` rows at each of
     `positions` (random prompts of that length prefilled first); the mean of 10 steps after 3."""
     from danlu.serve.chat.executor import Chunk, TorchExecutor
-    from danlu.serve.chat.model import load_chat_model
 
-    chat = load_chat_model(str(model_path()), engine="torch", dtype=dtype)
     times = []
     for length in positions:
-        executor = TorchExecutor(chat.model, "cpu", streams, 1 << 30)
+        executor = TorchExecutor(model, "cpu", streams, 1 << 30)
         ids = torch.randint(100, 40000, (streams, length), generator=torch.Generator().manual_seed(0))
         executor.forward([Chunk(row, ids[row].tolist(), 0, True) for row in range(streams)])
         step = [Chunk(row, [5], length, True) for row in range(streams)]
@@ -128,13 +126,11 @@ def steps_at(streams: int, positions: list[int], dtype: str) -> list[float]:
     return times
 
 
-def head_ms(streams: int, dtype: str) -> tuple[float, float | None]:
+def head_ms(model, streams: int) -> tuple[float, float | None]:
     """ms of the vocabulary projection of `streams` rows: the model's own Linear, and the executor's packed
     head (None where it does not apply); the best of 20 each."""
     from danlu.serve.chat.executor import PackedHead
-    from danlu.serve.chat.model import load_chat_model
 
-    model = load_chat_model(str(model_path()), engine="torch", dtype=dtype).model
     head, packed = model.get_output_embeddings(), PackedHead.of(model)
     hidden = torch.randn(streams, 1, head.in_features, dtype=head.weight.dtype)
 
@@ -195,11 +191,14 @@ def main() -> None:
                         "positions (comma-separated, e.g. 75,540), several times in turns")  # fmt: skip
     args = parser.parse_args()
     if args.at:
+        from danlu.serve.chat.model import load_chat_model
+
+        model = load_chat_model(str(model_path()), engine="torch", dtype=args.dtype).model
         positions = [int(p) for p in args.at.split(",")]
-        rounds = [steps_at(args.streams, positions, args.dtype) for _ in range(max(args.rounds, 2))]
+        rounds = [steps_at(model, args.streams, positions) for _ in range(max(args.rounds, 2))]
         for i, p in enumerate(positions):
             print(f"{args.streams} rows at position {p}: {min(r[i] for r in rounds):.1f} ms a step (best)")
-        plain, packed = head_ms(args.streams, args.dtype)
+        plain, packed = head_ms(model, args.streams)
         print(f"the vocabulary projection of {args.streams} rows: {plain:.1f} ms through the model's Linear, "
               + (f"{packed:.1f} ms packed" if packed is not None else "not packed here"))  # fmt: skip
         return
