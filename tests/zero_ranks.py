@@ -18,7 +18,9 @@ BATCH = 12  # divides among 2 and 3 processes
 
 
 def engine(stage: int, bf16: bool):
-    import deepspeed
+    from danlu.training.sharding import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))

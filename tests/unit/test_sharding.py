@@ -90,3 +90,39 @@ def test_a_zero_checkpoint_missing_a_ranks_file_is_one_line(tmp_path):
         _rank_files(tmp_path)
     with pytest.raises(DanluError, match="its files: none"):
         _rank_files(tmp_path / "absent")
+
+
+IMPORT_DEEPSPEED = """
+import sys
+from danlu.training.sharding import import_deepspeed
+first = sys.argv[1] == "mlflow-first"
+if first:
+    import mlflow
+deepspeed = import_deepspeed()
+print("autotuner sees mlflow:", sys.modules["deepspeed.autotuning.autotuner"].has_mlflow)
+print("mlflow still loaded:", "mlflow" in sys.modules and sys.modules["mlflow"] is not None)
+import mlflow  # a run tracked to MLflow after the model was wrapped
+print("mlflow imports after:", hasattr(mlflow, "start_run"))
+print("same deepspeed:", import_deepspeed() is deepspeed)
+"""
+
+
+@pytest.mark.parametrize("order", ["deepspeed-first", "mlflow-first"])
+def test_deepspeed_is_imported_without_mlflow_and_leaves_mlflow_importable(order):
+    """DeepSpeed's autotuner imports MLflow when it is installed (seconds of each rank's start): danlu's
+    import holds it back, unless MLflow is already loaded, and MLflow imports normally afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}  # as danlu sets it: no accelerator probe, no log line
+    command = [sys.executable, "-c", IMPORT_DEEPSPEED, order]
+    ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    first = order == "mlflow-first"
+    assert ran.stdout.splitlines() == [
+        f"autotuner sees mlflow: {first}",
+        f"mlflow still loaded: {first}",
+        "mlflow imports after: True",
+        "same deepspeed: True",
+    ]

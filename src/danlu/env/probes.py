@@ -172,8 +172,9 @@ def llama_cpp_info(timeout: float = 60.0) -> dict[str, Any] | None:
 
 
 DEEPSPEED_PROBE = r"""
-import json, logging
+import json, logging, sys
 logging.disable(logging.WARNING)  # DeepSpeed logs its accelerator choice at import
+sys.modules["mlflow"] = None  # its autotuner imports MLflow when installed: seconds for nothing probed here
 try:
     import deepspeed
     import deepspeed.ops.op_builder.all_ops as all_ops

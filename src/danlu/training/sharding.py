@@ -114,8 +114,7 @@ def _deepspeed(model, tc, world: World, device: torch.device, precision: str, ba
     # the model, at most 25M elements (100 MB in fp32; DDP's bucket is 25 MB)
     bucket = max(1, min(BUCKET_ELEMENTS, sum(p.numel() for p in model.parameters()) // 16))
     with _deepspeed_quiet():
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         config = {
             "train_batch_size": batch_size,
             "gradient_accumulation_steps": tc.accumulate,
@@ -159,6 +158,23 @@ def _share_fp32_masters(zero: Any) -> None:
             and master.shape == partition.shape
         ):
             master.data = partition.data
+
+
+def import_deepspeed() -> Any:
+    """DeepSpeed, imported without the MLflow import its autotuner makes when MLflow is installed: MLflow
+    takes 1.5-2 s of each rank's start (more than DeepSpeed itself), for a tool danlu never runs. An
+    MLflow already imported (a run tracked there) is left in place; one imported later loads as usual."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    held = "mlflow" not in sys.modules
+    if held:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
+    try:
+        import deepspeed
+    finally:
+        if held and sys.modules.get("mlflow", ...) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
 
 
 @contextlib.contextmanager
