@@ -18,7 +18,7 @@ BATCH = 12  # divides among 2 and 3 processes
 
 
 def engine(stage: int, bf16: bool):
-    from danlu.training.sharding import import_deepspeed
+    from danlu.training.strategies import import_deepspeed
 
     deepspeed = import_deepspeed()
 

@@ -182,6 +182,9 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
         ["predict", str(tmp_path / "no_run"), "new.csv", "-o", "out.csv"],
         ["export", str(tmp_path / "no_run")],
         ["serve", str(tmp_path / "no_run")],
+        ["serve", "org/model"],  # a hub id: danlu never downloads
+        ["serve", str(tmp_path / "missing.gguf")],
+        ["chat", "org/model", "--prompt", "hi"],
     ):
         code = f"import sys; from danlu.cli import main; print(main({args!r}), 'torch' in sys.modules)"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

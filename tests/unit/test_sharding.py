@@ -94,7 +94,7 @@ def test_a_zero_checkpoint_missing_a_ranks_file_is_one_line(tmp_path):
 
 IMPORT_DEEPSPEED = """
 import sys
-from danlu.training.sharding import import_deepspeed
+from danlu.training.strategies import import_deepspeed
 first = sys.argv[1] == "mlflow-first"
 if first:
     import mlflow

@@ -82,13 +82,14 @@ def add_chat(sub) -> None:
 
 
 def run_chat(args) -> int:
-    from danlu.serve.chat.engine import engine_for
     from danlu.serve.chat.model import check_path, load_chat_model, served_model
+
+    model = served_model(args.model)  # a fine-tuned causal LM's run: the model it holds
+    check_path(model)  # a missing path or a hub id: one line before torch is imported
+    from danlu.serve.chat.engine import engine_for
     from danlu.serve.chat.sampling import SamplingParams
     from danlu.serve.chat.templates import Template
 
-    model = served_model(args.model)  # a fine-tuned causal LM's run: the model it holds
-    check_path(model)
     options = (args.dtype, args.device, args.trust_remote_code, args.quantize, args.engine)
     chat = load_chat_model(model, *options, vllm=vllm_options(args))
     template = Template(chat.tokenizer, args.template)

@@ -101,12 +101,14 @@ def run_serve(args) -> int:
     from danlu.cli.chat import vllm_options
     from danlu.embeddings.detect import is_encoder_model
     from danlu.run import RunDir
-    from danlu.serve.chat.model import is_causal_lm, looks_like_model, served_model
+    from danlu.serve.chat.model import check_path, is_causal_lm, looks_like_model, served_model
 
     args.run_dir = served_model(args.run_dir)  # a fine-tuned causal LM's run: the model it holds
     encoder = is_encoder_model(args.run_dir)
     chat = not encoder and (is_causal_lm(args.run_dir) or looks_like_model(args.run_dir))
-    if not chat and not encoder:
+    if chat:
+        check_path(args.run_dir)  # a missing .gguf file or a hub id: one line before torch is imported
+    elif not encoder:
         RunDir(args.run_dir).require_complete()  # before torch is imported
     import danlu
 
@@ -122,7 +124,7 @@ def run_serve(args) -> int:
         options["timeout_s"] = args.timeout
     if args.max_body_mb is not None:
         options["max_body_bytes"] = int(args.max_body_mb * 1024 * 1024)
-    if chat:  # a missing model or a hub id is reported by the chat loader
+    if chat:
         options.update(
             max_tokens=args.max_tokens,
             prefill_chunk=args.prefill_chunk,

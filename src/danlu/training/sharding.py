@@ -22,7 +22,7 @@ from torch import nn
 
 from danlu.errors import DanluError
 from danlu.training.distributed import World
-from danlu.training.strategies import check_installed, shards
+from danlu.training.strategies import check_installed, import_deepspeed, shards
 
 log = logging.getLogger("danlu")
 
@@ -158,23 +158,6 @@ def _share_fp32_masters(zero: Any) -> None:
             and master.shape == partition.shape
         ):
             master.data = partition.data
-
-
-def import_deepspeed() -> Any:
-    """DeepSpeed, imported without the MLflow import its autotuner makes when MLflow is installed: MLflow
-    takes 1.5-2 s of each rank's start (more than DeepSpeed itself), for a tool danlu never runs. An
-    MLflow already imported (a run tracked there) is left in place; one imported later loads as usual."""
-    if "deepspeed" in sys.modules:
-        return sys.modules["deepspeed"]
-    held = "mlflow" not in sys.modules
-    if held:
-        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
-    try:
-        import deepspeed
-    finally:
-        if held and sys.modules.get("mlflow", ...) is None:
-            del sys.modules["mlflow"]
-    return deepspeed
 
 
 @contextlib.contextmanager

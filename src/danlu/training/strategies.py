@@ -5,6 +5,8 @@ danlu.training.sharding."""
 from __future__ import annotations
 
 import importlib.util
+import sys
+from typing import Any
 
 from danlu.errors import DanluError
 
@@ -22,3 +24,24 @@ def check_installed(strategy: str) -> None:
     if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         missing = "train.strategy=deepspeed needs DeepSpeed, which is not installed"
         raise DanluError(missing, INSTALL_DEEPSPEED)
+
+
+def import_deepspeed() -> Any:
+    """DeepSpeed (None when it is not installed), imported without the MLflow import its autotuner makes
+    when MLflow is installed: MLflow takes 1-2 s (more than DeepSpeed itself) of every start that imports
+    DeepSpeed, for a tool danlu never runs. Those are each ZeRO rank's, and each causal LM run's end
+    (transformers' save_pretrained imports DeepSpeed when installed). An MLflow already imported (a run
+    tracked there) is left in place; one imported later loads as usual."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    if importlib.util.find_spec("deepspeed") is None:
+        return None
+    held = "mlflow" not in sys.modules
+    if held:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
+    try:
+        import deepspeed
+    finally:
+        if held and sys.modules.get("mlflow", ...) is None:
+            del sys.modules["mlflow"]
+    return deepspeed

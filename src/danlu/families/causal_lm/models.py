@@ -29,6 +29,7 @@ from danlu.families.causal_lm.state import CausalLMState
 from danlu.hf import load_model, quiet_transformers
 from danlu.run import MANIFEST, replace_folder
 from danlu.training.objectives import IGNORE
+from danlu.training.strategies import import_deepspeed
 
 log = logging.getLogger("danlu")
 
@@ -157,6 +158,7 @@ def trainable_share(model: nn.Module) -> tuple[int, int]:
 
 def write_artifacts(run: Any, model: CausalLMModel, state: CausalLMState) -> None:
     """RUN/adapter (with LoRA), then RUN/hf with the adapter merged in, and RUN/model.safetensors."""
+    import_deepspeed()  # save_pretrained imports it when installed: without the MLflow it would bring
     inner = model.model
     if hasattr(inner, "merge_and_unload"):
         with quiet_transformers():
