@@ -107,11 +107,11 @@ print("rank", os.environ["RANK"], "gloo threads", sorted(n for n in names if "gl
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads threads from Linux's /proc")
-def test_a_finished_two_process_run_ends_its_group_and_exits_0_every_time(config, tmp_path):
+def test_a_finished_two_process_run_ends_its_group_and_exits_0(config, tmp_path):
     """Each rank's process group, with its gloo threads, ends before danlu.train returns (torch keeps the
     group alive when DDP first imports torch._dynamo after the group exists), so nothing of it is left
     to be torn down during interpreter exit, where a rank could abort and torchrun report the finished
-    run FAILED; and torchrun sees two clean exits, run after run."""
+    run FAILED; and torchrun sees two clean exits. (Every other test's --nproc run checks its exit too.)"""
     cfg = config(epochs=2)
     script = tmp_path / "train_and_list_threads.py"
     script.write_text(GLOO_THREADS)
@@ -126,11 +126,10 @@ def test_a_finished_two_process_run_ends_its_group_and_exits_0_every_time(config
         "rank 0 gloo threads []",
         "rank 1 gloo threads []",
     ], listed.stdout
-    for attempt in range(2):
-        result = run_cli("train", str(cfg), "--out", str(tmp_path / f"run{attempt}"), "--nproc", "2")
-        assert result.returncode == 0, result.stderr
-        assert "terminate called" not in result.stderr and "FAILED" not in result.stderr, result.stderr
-        assert (tmp_path / f"run{attempt}" / "report.json").is_file()
+    result = run_cli("train", str(cfg), "--out", str(tmp_path / "run"), "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    assert "terminate called" not in result.stderr and "FAILED" not in result.stderr, result.stderr
+    assert (tmp_path / "run" / "report.json").is_file()
 
 
 def _wait_for_epochs(run_dir, n, process, seconds=240):
@@ -247,24 +246,3 @@ def test_bad_multi_process_settings_are_one_line_before_any_process_starts(confi
     result = run_cli("train", str(config()), "--backend", "ray", "--ray-address", address)
     assert result.returncode == 2 and f"cannot reach the Ray head at {address}" in result.stderr
     assert result.stderr.strip().count("\n") == 0
-
-
-@pytest.mark.slow
-def test_ray_train_with_two_workers_matches_one_process(config, uninterrupted, tmp_path):
-    cfg = config()
-    one = uninterrupted()
-    ray_run, storage = tmp_path / "ray", tmp_path / "ray_results"
-    args = ("--out", str(ray_run), "--backend", "ray", "--workers", "2", "--ray-storage", str(storage))
-    result = run_cli("-q", "train", str(cfg), *args, "--log-to", "tensorboard", timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert torch.allclose(one, weights(ray_run), rtol=1e-5, atol=1e-7)  # tracked, and the same weights
-    # only rank 0's worker tracks: one event file, each epoch's validation loss once
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    assert len(list((ray_run / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    events = EventAccumulator(str(ray_run / "tensorboard")).Reload()
-    assert len(events.Scalars("val_loss")) == 4
-    assert json.loads((ray_run / "report.json").read_text())["processes"] == 2
-    assert "last epoch reported 4" in result.stdout  # metrics went through ray.train.report
-    checkpoint = result.stdout.split("checkpoint ")[-1].strip()
-    assert checkpoint.startswith(str(storage)) and (Path(checkpoint) / "last.pt").is_file()

@@ -1,7 +1,7 @@
 """Sharded training over gloo with real torchrun processes (train.strategy=fsdp, PyTorch's FSDP2, and
 deepspeed, ZeRO stages 1-3): the weights of one process for a table; sharded checkpoints that resume in
-another number of processes; two "machines" on 127.0.0.1; Ray Train workers; the refusals. The other
-families and ZeRO's checkpoint fragments: test_sharded_families.py.
+another number of processes; two "machines" on 127.0.0.1; Ray Train workers, tracked; the refusals.
+The other families and ZeRO's checkpoint fragments: test_sharded_families.py.
 
 The runs train with plain SGD: its step is proportional to the gradient, so a gradient summed over the
 ranks instead of averaged (pytorch#162338's failure) moves the weights by about the whole update and
@@ -10,6 +10,7 @@ fails the comparisons (Adam would hide it: its step barely depends on the gradie
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,11 +101,21 @@ def test_zero_stages_reach_one_process_weights_of_a_table_under_torchrun_and_ray
     files = sorted(p.name for p in (tmp_path / "zero2" / "checkpoints" / "shards-000004").iterdir())
     assert files == ["zero-00000-of-00002.safetensors", "zero-00001-of-00002.safetensors"]
     # Ray Train places the processes and starts their group; the strategy runs inside (ZeRO-3 here;
-    # FSDP takes the same group)
-    ray = ("--backend", "ray", "--workers", "2", "--ray-storage", str(tmp_path / "ray_results"))
-    ran = run_cli("-q", "train", str(config), "train.zero_stage=3", "--out", str(tmp_path / "ray"), *ray)
+    # FSDP and DDP take the same group: test_distributed resumes a DDP run on Ray)
+    run, storage = tmp_path / "ray", tmp_path / "ray_results"
+    ray = ("--backend", "ray", "--workers", "2", "--ray-storage", str(storage), "--log-to", "tensorboard")
+    ran = run_cli("-q", "train", str(config), "train.zero_stage=3", "--out", str(run), *ray, timeout=600)
     assert ran.returncode == 0, ran.stderr
-    assert largest_difference(one_process, weights(tmp_path / "ray")) < 1e-5
+    assert largest_difference(one_process, weights(run)) < 1e-5
+    assert danlu.Run(run).report["processes"] == 2
+    # only rank 0's worker tracks: one event file, each epoch's validation loss once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert len(EventAccumulator(str(run / "tensorboard")).Reload().Scalars("val_loss")) == 4
+    assert "last epoch reported 4" in ran.stdout  # every epoch went through ray.train.report
+    checkpoint = ran.stdout.split("checkpoint ")[-1].strip()
+    assert checkpoint.startswith(str(storage)) and (Path(checkpoint) / "last.pt").is_file()
 
 
 def test_a_sharded_run_resumes_on_another_number_of_processes(table, tmp_path):
@@ -124,9 +135,11 @@ def test_a_sharded_run_resumes_on_another_number_of_processes(table, tmp_path):
     epochs = [r["epoch"] for r in danlu.Run(tmp_path / "one").metrics]
     assert epochs == list(range(1, 17))
     # ZeRO-3 (each parameter partitioned) stopped in two processes, finished in four: every rank reads
-    # its new partition of the weights and of SGD's momentum from the fragments the two wrote
-    zero = table(16, clip=None, strategy="deepspeed")
-    train_and_kill(zero, tmp_path / "zero", 5, ("-m", "danlu"), "--nproc", "2", "train.zero_stage=3")
+    # its new partition of the weights and of SGD's momentum from the fragments the two wrote (8 epochs:
+    # ZeRO-3's collectives per parameter make an epoch in four processes on two cores take seconds)
+    zero = table(8, clip=None, strategy="deepspeed")
+    full = weights(danlu.train(zero, ["train.strategy=ddp"], out=tmp_path / "full8", progress=False).path)
+    train_and_kill(zero, tmp_path / "zero", 3, ("-m", "danlu"), "--nproc", "2", "train.zero_stage=3")
     alone = run_cli("-q", "train", "--resume", str(tmp_path / "zero"), timeout=600)
     assert alone.returncode == 2 and "Traceback" not in alone.stderr
     assert "train.strategy=deepspeed trains in several processes" in alone.stderr
