@@ -110,12 +110,13 @@ print("same deepspeed:", import_deepspeed() is deepspeed)
 @pytest.mark.parametrize("order", ["deepspeed-first", "mlflow-first"])
 def test_deepspeed_is_imported_without_mlflow_and_leaves_mlflow_importable(order):
     """DeepSpeed's autotuner imports MLflow when it is installed (seconds of each rank's start): danlu's
-    import holds it back, unless MLflow is already loaded, and MLflow imports normally afterwards."""
+    import holds it back, unless MLflow is already loaded, and MLflow imports normally afterwards. Its
+    accelerator warning at import stays off stdout (the lines compared are all there is)."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}  # as danlu sets it: no accelerator probe, no log line
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # DeepSpeed guesses, quietly
     command = [sys.executable, "-c", IMPORT_DEEPSPEED, order]
     ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr

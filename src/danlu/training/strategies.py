@@ -5,6 +5,7 @@ danlu.training.sharding."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from typing import Any
 
@@ -31,7 +32,8 @@ def import_deepspeed() -> Any:
     when MLflow is installed: MLflow takes 1-2 s (more than DeepSpeed itself) of every start that imports
     DeepSpeed, for a tool danlu never runs. Those are each ZeRO rank's, and each causal LM run's end
     (transformers' save_pretrained imports DeepSpeed when installed). An MLflow already imported (a run
-    tracked there) is left in place; one imported later loads as usual."""
+    tracked there) is left in place; one imported later loads as usual. DeepSpeed's guess of the
+    accelerator at import, a warning on stdout, shows only with --debug."""
     if "deepspeed" in sys.modules:
         return sys.modules["deepspeed"]
     if importlib.util.find_spec("deepspeed") is None:
@@ -39,9 +41,16 @@ def import_deepspeed() -> Any:
     held = "mlflow" not in sys.modules
     if held:
         sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
+    logger = logging.getLogger("DeepSpeed")  # DeepSpeed sets its level and handler; a filter stays
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or logging.getLogger("danlu").isEnabledFor(logging.DEBUG)
+
+    logger.addFilter(errors_only)
     try:
         import deepspeed
     finally:
+        logger.removeFilter(errors_only)
         if held and sys.modules.get("mlflow", ...) is None:
             del sys.modules["mlflow"]
     return deepspeed
