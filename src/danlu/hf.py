@@ -1,7 +1,8 @@
 """transformers as danlu uses it, on every version its range admits (`transformers>=5.18,<6`, tested at
 both ends): models, tokenizers and configs from local files only, with no code from the model's folder
 unless asked (--trust-remote-code) and no kernels from the hub, quietly; and the model call whose names
-moved between those versions. Every transformers load in danlu goes through here."""
+moved between those versions. Every transformers load in danlu goes through here, and every model
+save."""
 
 from __future__ import annotations
 
@@ -57,6 +58,18 @@ def load_files(auto_class: Any, where: Any, *, trust_remote_code: bool = False, 
     return auto_class.from_pretrained(
         where, local_files_only=True, trust_remote_code=trust_remote_code, **kwargs
     )
+
+
+def save_model(model: Any, folder: Any) -> None:
+    """model.save_pretrained(folder) in safetensors, quietly. transformers unwraps the model through
+    accelerate first, which imports DeepSpeed whenever it is installed: danlu imports it beforehand,
+    without the MLflow import DeepSpeed's autotuner would add (danlu.training.strategies.import_deepspeed;
+    benchmarks/deepspeed_import.py times the difference) and without its import-time warning on stdout."""
+    from danlu.training.strategies import import_deepspeed
+
+    import_deepspeed()
+    with quiet_transformers():
+        model.save_pretrained(folder, safe_serialization=True)
 
 
 @functools.cache

@@ -138,14 +138,14 @@ def test_a_sharded_run_resumes_on_another_number_of_processes(table, tmp_path):
     # its new partition of the weights and of SGD's momentum from the fragments the two wrote (8 epochs:
     # ZeRO-3's collectives per parameter make an epoch in four processes on two cores take seconds)
     zero = table(8, clip=None, strategy="deepspeed")
-    full = weights(danlu.train(zero, ["train.strategy=ddp"], out=tmp_path / "full8", progress=False).path)
+    full8 = weights(danlu.train(zero, ["train.strategy=ddp"], out=tmp_path / "full8", progress=False).path)
     train_and_kill(zero, tmp_path / "zero", 3, ("-m", "danlu"), "--nproc", "2", "train.zero_stage=3")
     alone = run_cli("-q", "train", "--resume", str(tmp_path / "zero"), timeout=600)
     assert alone.returncode == 2 and "Traceback" not in alone.stderr
     assert "train.strategy=deepspeed trains in several processes" in alone.stderr
     resumed = run_cli("-q", "train", "--resume", str(tmp_path / "zero"), "--nproc", "4", timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    assert largest_difference(full, weights(tmp_path / "zero")) < 1e-5
+    assert largest_difference(full8, weights(tmp_path / "zero")) < 1e-5
     assert danlu.Run(tmp_path / "zero").report["processes"] == 4
 
 

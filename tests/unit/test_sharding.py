@@ -127,3 +127,29 @@ def test_deepspeed_is_imported_without_mlflow_and_leaves_mlflow_importable(order
         "mlflow imports after: True",
         "same deepspeed: True",
     ]
+
+
+SAVE_MODEL = """
+import sys
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+from danlu.hf import save_model
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+save_model(model, Path(sys.argv[2]))
+print("deepspeed:", "deepspeed" in sys.modules, "| mlflow:", sys.modules.get("mlflow") is not None)
+"""
+
+
+def test_a_model_is_saved_without_deepspeeds_mlflow_import_or_its_warning(tmp_path):
+    """transformers' save_pretrained imports DeepSpeed when it is installed (every causal LM run's end):
+    danlu's save imports it first, without MLflow, and stdout stays the caller's."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    command = [sys.executable, "-c", SAVE_MODEL, str(tiny_llama(tmp_path / "llama")), str(tmp_path / "saved")]
+    ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == ["deepspeed: True | mlflow: False"]
+    assert (tmp_path / "saved" / "model.safetensors").is_file()

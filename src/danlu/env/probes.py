@@ -172,11 +172,12 @@ def llama_cpp_info(timeout: float = 60.0) -> dict[str, Any] | None:
 
 
 DEEPSPEED_PROBE = r"""
-import json, logging, sys
+import json, logging
 logging.disable(logging.WARNING)  # DeepSpeed logs its accelerator choice at import
-sys.modules["mlflow"] = None  # its autotuner imports MLflow when installed: seconds for nothing probed here
 try:
-    import deepspeed
+    from danlu.training.strategies import import_deepspeed
+
+    deepspeed = import_deepspeed()  # as training imports it: without MLflow
     import deepspeed.ops.op_builder.all_ops as all_ops
     from deepspeed.accelerator import get_accelerator
 

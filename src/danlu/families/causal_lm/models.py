@@ -26,10 +26,9 @@ from danlu.config import ModelConfig, TrainConfig
 from danlu.errors import DanluError
 from danlu.families.causal_lm.pretrained import check_pretrained, tokenizer_of
 from danlu.families.causal_lm.state import CausalLMState
-from danlu.hf import load_model, quiet_transformers
+from danlu.hf import load_model, quiet_transformers, save_model
 from danlu.run import MANIFEST, replace_folder
 from danlu.training.objectives import IGNORE
-from danlu.training.strategies import import_deepspeed
 
 log = logging.getLogger("danlu")
 
@@ -158,11 +157,10 @@ def trainable_share(model: nn.Module) -> tuple[int, int]:
 
 def write_artifacts(run: Any, model: CausalLMModel, state: CausalLMState) -> None:
     """RUN/adapter (with LoRA), then RUN/hf with the adapter merged in, and RUN/model.safetensors."""
-    import_deepspeed()  # save_pretrained imports it when installed: without the MLflow it would bring
     inner = model.model
     if hasattr(inner, "merge_and_unload"):
+        _write_dir(run.adapter, lambda tmp: save_model(inner, tmp))
         with quiet_transformers():
-            _write_dir(run.adapter, lambda tmp: inner.save_pretrained(tmp, safe_serialization=True))
             merged = inner.merge_and_unload()  # in place: the model evaluated after this is the merged one
         model.model = merged
     causal = model.causal_lm
@@ -173,8 +171,8 @@ def write_artifacts(run: Any, model: CausalLMModel, state: CausalLMState) -> Non
         causal.generation_config.eos_token_id = list(state.end_ids)
         causal.generation_config.pad_token_id = state.pad_id
         causal.config.use_cache = True
+        save_model(causal, tmp)
         with quiet_transformers():
-            causal.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
     _write_dir(run.hf, hf)
