@@ -41,7 +41,9 @@ __all__ = ["__version__", "serve", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "serve":  # the danlu.serve package, which is callable: danlu.serve(...) is danlu.api.serve
+    if (
+        name == "serve"
+    ):  # the danlu.serve package, which is callable: danlu.serve(...) is danlu.serve.start.serve
         return import_module("danlu.serve")
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)

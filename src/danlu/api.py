@@ -1,5 +1,5 @@
-"""The Python API, mirroring the CLI: train, evaluate, load (-> Predictor), predict_file, serve,
-quickstart."""
+"""The Python API, mirroring the CLI: train, evaluate, load (-> Predictor), predict_file, quickstart;
+serve is danlu.serve.start.serve (`danlu.serve(...)`), which imports nothing heavy before its checks."""
 
 from __future__ import annotations
 
@@ -467,91 +467,6 @@ def plot_predictions(
         )
     items = next(iter(predictor.family.read(str(data), predictor.state, 36)))
     draw(predictor.state, items, predictor.decoded(items), Path(out))
-
-
-def serve(
-    source: str | Path,
-    *,
-    workers: int = 1,
-    engine: str | None = None,
-    dtype: str = "auto",
-    device: str = "cpu",
-    quantize: str | None = None,
-    trust_remote_code: bool = False,
-    vllm: Any = None,
-    **settings: Any,
-) -> int:
-    """Serve a finished run's predictions, a local language model's chat completions (a Hugging Face
-    directory whose config.json names a *ForCausalLM architecture, or a .gguf file), or a local encoder's
-    embeddings and zero-shot labels (a CLIP, SigLIP or encoder-only text directory: OpenAI's
-    /v1/embeddings and /v1/zero-shot, danlu.serve.embeddings), until SIGINT or SIGTERM; returns the exit
-    code.
-
-    Args:
-        workers: server processes (runs only).
-        engine: runs: "torch" (default) or "onnx"; chat models: "auto" (default: llama.cpp for a .gguf
-            file when llama-cpp-python is installed, vllm for a directory when vLLM is installed, else
-            torch), "torch", "llama.cpp" or "vllm".
-        dtype, device, quantize, trust_remote_code: how a chat model is loaded (as `danlu chat`).
-        vllm: danlu.serve.chat.model.VllmOptions (max_model_len, kv_cache_gb, tensor_parallel).
-        settings: the fields of danlu.serve.app.ServeSettings (runs: host, port, api_key, engine,
-            max_batch, max_rows, timeout_s, ...) or danlu.serve.chat.app.ChatSettings (chat models:
-            host, port, api_key, max_batch, max_tokens, template, ...) or
-            danlu.serve.embeddings.EmbedSettings (encoders: max_batch, max_rows, truncate, matryoshka, ...).
-
-    Raises:
-        DanluError: a bad run directory, model, setting or warm-up, before anything is bound.
-    """
-    from danlu.embeddings.detect import is_encoder_model
-    from danlu.serve import shell
-    from danlu.serve.chat.model import is_causal_lm, looks_like_model, served_model
-
-    source = served_model(str(source))  # a fine-tuned causal LM's run: the model it holds
-    if is_encoder_model(source):
-        from danlu.serve.embeddings import EmbedSettings, create_embed_app
-
-        if workers != 1:
-            raise DanluError("an embedding model is served by one process", "leave out --workers")
-        if engine not in (None, "auto", "torch"):
-            raise DanluError(f"an embedding model runs on torch, not {engine}", "leave out --engine")
-        settings.pop("trust_model_code", None)
-        embed_settings = EmbedSettings(
-            model=str(source), dtype="float32" if dtype == "auto" else dtype, **settings
-        )
-        return shell.run(create_embed_app(embed_settings))
-    if not (is_causal_lm(source) or looks_like_model(str(source))):
-        from danlu.serve.app import ServeSettings, create_app
-
-        if workers < 1:
-            raise DanluError("--workers must be at least 1", "e.g. --workers 2")
-        if engine in ("llama.cpp", "vllm"):
-            raise DanluError(
-                f"--engine {engine} runs chat models; a run serves on torch or onnx",
-                "pass --engine torch or onnx",
-            )
-        engine = "torch" if engine in (None, "auto") else engine
-        run_settings = ServeSettings(run_dir=str(source), engine=engine, **settings)
-        app = create_app(run_settings)  # fail here, before binding, on a bad run, setting or warm-up
-        if workers == 1:
-            return shell.run(app)
-        return shell.run_workers("danlu.serve.app:app_from_env", run_settings, workers)
-    from danlu.serve.chat.app import ChatSettings, create_chat_app
-    from danlu.serve.chat.model import check_path, load_chat_model
-
-    check_path(str(source))  # a hub id or a missing file is the first thing to say
-    if engine == "onnx":
-        raise DanluError(
-            "--engine onnx serves runs; a chat model runs on torch, llama.cpp or vllm",
-            "pass --engine auto, torch, llama.cpp or vllm",
-        )
-    if workers != 1:
-        raise DanluError("a chat model is served by one process", "leave out --workers; raise --max-batch")
-    chat_settings = ChatSettings(**settings)
-    chat_settings.check()  # before the model loads
-    chat = load_chat_model(
-        str(source), dtype, device, trust_remote_code, quantize, engine or "auto", serving=True, vllm=vllm
-    )
-    return shell.run(create_chat_app(chat, chat_settings, engine_thread=False))
 
 
 QUICKSTART = {

@@ -191,6 +191,31 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
         assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)
 
 
+def test_server_limits_out_of_range_are_one_line_before_torch_loads(tmp_path):
+    """Each server's settings are checked before torch, transformers or the model load: a causal LM
+    directory whose weights would fail to load, a .gguf file that is none, an encoder and a finished run."""
+    chat, encoder, run = tmp_path / "chat", tmp_path / "encoder", tmp_path / "run"
+    for folder, config in ((chat, "LlamaForCausalLM"), (encoder, "BertModel")):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"architectures": [config]}))
+        (folder / "model.safetensors").write_bytes(b"not weights")  # loading it would fail differently
+    (tmp_path / "model.gguf").write_bytes(b"not a gguf file")
+    run.mkdir()
+    (run / "report.json").write_text("{}")
+    chat_limits = ["max-batch", "max-queue", "prefill-chunk", "timeout", "max-batch-tokens"]
+    cases = [(model, name, "0", name) for model in (chat, tmp_path / "model.gguf") for name in chat_limits]
+    cases += [(encoder, "max-batch", "0", "max-batch"), (encoder, "max-wait-ms", "-1", "max-wait-ms")]
+    cases += [(encoder, "max-body-mb", "0", "max-body-bytes"), (run, "max-queue", "0", "max-queue-rows")]
+    cases += [(run, "max-wait-ms", "-1", "max-wait-ms"), (run, "timeout", "0", "timeout")]
+    for model, option, value, named in cases:
+        args = ["serve", str(model), f"--{option}", value, "--port", "1"]
+        code = f"import sys; from danlu.cli import main; print(main({args!r}), 'torch' in sys.modules)"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)
+        line = result.stderr.strip()
+        assert "\n" not in line and f"{named} must be" in line, (args, line)
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "train", str(tmp_path / "nope.yaml"), cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" in result.stderr and "DanluError" in result.stderr

@@ -9,6 +9,7 @@ from typing import Any
 
 IMAGE_TEXT = {"clip": "CLIPModel", "siglip": "SiglipModel"}  # model_type -> transformers class
 DEFAULT_TEMPLATE = "a photo of a {}."  # the prompt a label fills unless told otherwise (CLI, server, probes)
+TRUNCATE = ("end", "start", "error")  # what becomes of a text over the model's limit
 
 
 def model_type(path: Path) -> str | None:

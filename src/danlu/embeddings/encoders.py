@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from danlu.embeddings.detect import IMAGE_TEXT, is_text_encoder, json_file, model_type
+from danlu.embeddings.detect import IMAGE_TEXT, TRUNCATE, is_text_encoder, json_file, model_type
 from danlu.errors import DanluError, one_line
 
-TRUNCATE = ("end", "start", "error")
 MAX_ASPECT = 50  # the most an image's long side may exceed its short side (check_shape)
 SPREAD = 0.5  # a batch's shortest text is at least this share of its longest (by_length)
 PRECISIONS = ("float32", "bfloat16")

@@ -138,7 +138,7 @@ def _run_payload(run_dir: str | Path, options: PackageOptions) -> _Payload:
     from danlu import families
     from danlu.config import read_yaml, validate
     from danlu.predictor import check_model_code
-    from danlu.serve.shell import ServerSettings
+    from danlu.serve.settings import ServeSettings
 
     # the files the server reads must be the run's own before any is read here
     plan(run.path, lambda relative: relative.parts[0] in RUN_SERVING, links_may_leave=False)
@@ -158,16 +158,16 @@ def _run_payload(run_dir: str | Path, options: PackageOptions) -> _Payload:
         serve_path="/app/run",
         name=run.path.resolve().name,
         copy=lambda target: copy_tree(run.path, target, wanted, links_may_leave=False),
-        drain_s=int(ServerSettings().timeout_s),
+        drain_s=int(ServeSettings.timeout_s),
         serve_args=serve_args,
         packages=list(family.serve_packages),
     )
 
 
 def _chat_payload(path: Path, options: PackageOptions, gpu: bool) -> _Payload:
-    from danlu.serve.chat.app import ChatSettings
     from danlu.serve.chat.quantize import CHOICES
     from danlu.serve.chat.templates import BUILTIN
+    from danlu.serve.settings import ChatSettings
 
     if options.engine != "torch":
         raise DanluError("--engine is for runs; a chat model is served by danlu's engine", "leave it out")
@@ -212,7 +212,7 @@ def _chat_payload(path: Path, options: PackageOptions, gpu: bool) -> _Payload:
         serve_path=f"/app/model/{path.name}" if path.is_file() else "/app/model",
         name=path.stem if path.is_file() else path.resolve().name,
         copy=copy,
-        drain_s=int(ChatSettings().timeout_s),
+        drain_s=int(ChatSettings.timeout_s),
         serve_args=args,
         packages=packages,
         memory=chat_memory(path, options, gpu),

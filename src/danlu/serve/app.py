@@ -10,7 +10,6 @@ import asyncio
 import time
 from concurrent.futures import Executor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,8 @@ from danlu.run import RunDir
 from danlu.serve.batching import MicroBatcher, QueueFull, TorchThread
 from danlu.serve.fastpath import JsonPredict
 from danlu.serve.guard import RequestMetrics
-from danlu.serve.shell import BUSY, ServeError, ServerSettings, Shell, page_with, settings_from_env
+from danlu.serve.settings import ServeSettings
+from danlu.serve.shell import BUSY, ServeError, Shell, page_with, settings_from_env
 from danlu.serve.shell import create_app as create_shell_app
 
 PREDICT = "/v1/predict"
@@ -36,22 +36,6 @@ INLINE_BUDGET_S = 0.001
 # to a parsing thread costs more than parsing them
 INLINE_PARSE_BYTES = 64 * 1024
 FULL = 503, {"detail": BUSY}, {"Retry-After": "1"}  # the answer while the queue is full
-
-
-@dataclass
-class ServeSettings(ServerSettings):
-    run_dir: str
-    engine: str = "torch"
-    max_batch: int = 64  # rows per forward pass
-    max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
-    max_rows: int = 1024  # rows per request
-    max_queue_rows: int = 8192  # rows waiting before requests get 503
-    trust_model_code: bool = False  # a run whose model comes from code (model.target) loads only with it
-
-    def check(self) -> None:
-        self.check_common(("max_batch", "max_rows", "max_queue_rows"))
-        if self.max_wait_ms < 0:
-            raise DanluError("--max-wait-ms must be 0 or more", "e.g. --max-wait-ms 2")
 
 
 class PredictResponse(BaseModel):

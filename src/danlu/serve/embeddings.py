@@ -27,7 +27,6 @@ from fastapi.responses import Response
 
 from danlu.embeddings.detect import DEFAULT_TEMPLATE
 from danlu.embeddings.encoders import (
-    TRUNCATE,
     ImageTextEncoder,
     TextEncoder,
     check_shape,
@@ -36,7 +35,8 @@ from danlu.embeddings.encoders import (
 from danlu.errors import DanluError
 from danlu.serve.batching import MicroBatcher, QueueFull, TorchThread
 from danlu.serve.chat import protocol
-from danlu.serve.shell import ServeError, ServerSettings, Shell, create_app, page_with
+from danlu.serve.settings import EmbedSettings
+from danlu.serve.shell import ServeError, Shell, create_app, page_with
 
 EMBEDDINGS, ZERO_SHOT, MODELS = "/v1/embeddings", "/v1/zero-shot", "/v1/models"
 MAX_TEMPLATES = 32
@@ -44,27 +44,6 @@ NOT_FINITE = "the model's output is not a finite number for these inputs"
 ENCODING_FORMATS = ("float", "base64")
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
 ZERO_SHOT_FIELDS = {"model", "images", "labels", "templates"}
-
-
-@dataclass(kw_only=True)
-class EmbedSettings(ServerSettings):
-    model: str
-    max_batch: int = 64  # texts or images per forward pass
-    max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
-    max_rows: int = 1024  # inputs per request (texts and images; labels of a zero-shot request)
-    max_queue_rows: int = 8192  # inputs waiting before requests get 503
-    max_text_chars: int = 20_000  # characters of one text (or label)
-    max_image_pixels: int = 40_000_000  # width x height of one image, read from its header
-    truncate: str = "error"  # a text over the model's limit: 400 (error), or cut at its end or start
-    matryoshka: bool = False  # `dimensions` below the model's may cut vectors (a model trained for it)
-    dtype: str = "float32"  # or bfloat16 matrix products, checked against float32 at load
-
-    def check(self) -> None:
-        self.check_common(("max_batch", "max_rows", "max_queue_rows", "max_text_chars", "max_image_pixels"))
-        if self.max_wait_ms < 0:
-            raise DanluError("--max-wait-ms must be 0 or more", "e.g. --max-wait-ms 2")
-        if self.truncate not in TRUNCATE:
-            raise DanluError(f"--truncate must be one of {', '.join(TRUNCATE)}", "e.g. --truncate error")
 
 
 @dataclass

@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,8 +38,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from danlu import __version__
-from danlu.errors import DanluError
 from danlu.serve.guard import Guard, RequestMetrics, add_probes, key_matches
+from danlu.serve.settings import ServerSettings
 
 log = logging.getLogger("danlu")
 UNAUTHORIZED = "missing or wrong API key: send 'X-API-Key: KEY' or 'Authorization: Bearer KEY'"
@@ -48,26 +48,6 @@ BUSY = "the server is at capacity; retry shortly"
 # so the API key is never in an environment that child processes inherit.
 SETTINGS_FILE_ENV = "DANLU_SERVE_SETTINGS_FILE"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-
-
-@dataclass(kw_only=True)
-class ServerSettings:
-    """What every danlu server takes: where it listens, its key and its limits."""
-
-    host: str = "127.0.0.1"  # loopback: only this machine, and only Host headers that name it
-    port: int = 8000
-    api_key: str | None = None
-    max_body_bytes: int = 10 * 1024 * 1024
-    timeout_s: float = 30.0  # a request running longer is ended; SIGTERM drains for as long
-    access_log: bool = False
-
-    def check_common(self, counts: tuple[str, ...]) -> None:
-        """Each setting in `counts` at least 1 and timeout_s above 0, or one DanluError naming it."""
-        for name in (*counts, "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise DanluError(f"{name.replace('_', '-')} must be at least 1", "pass a positive number")
-        if self.timeout_s <= 0:
-            raise DanluError("--timeout must be above 0 seconds", "e.g. --timeout 30")
 
 
 class ServeError(Exception):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -27,35 +26,14 @@ from danlu.serve.chat.model import ChatModel
 from danlu.serve.chat.sampling import SamplingParams
 from danlu.serve.chat.templates import Template
 from danlu.serve.guard import RequestMetrics
-from danlu.serve.shell import ServeError, ServerSettings, Shell, create_app, page_with
+from danlu.serve.settings import ChatSettings
+from danlu.serve.shell import ServeError, Shell, create_app, page_with
 
 STOPPED = "the server stopped before the generation finished; retry"
 FAILED = "the generation failed on the server; retry, or report it with the server's log"
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 # characters of prompt text per token of context taken before tokenizing (more cannot fit anyway)
 CHARS_PER_TOKEN = 32
-
-
-@dataclass(kw_only=True)
-class ChatSettings(ServerSettings):
-    max_batch: int = 8  # running sequences
-    max_batch_tokens: int | None = None  # KV cache rows x columns of the running batch; None: see budget()
-    max_queue: int = 64  # waiting sequences before 503
-    max_tokens: int = 512  # the most tokens a request may ask for (and the default)
-    prefill_chunk: int = 512  # prompt tokens per engine step
-    timeout_s: float = 300.0
-    max_body_bytes: int = 4 * 1024 * 1024
-    template: str | None = None
-
-    def check(self) -> None:
-        self.check_common(("max_batch", "max_queue", "max_tokens", "prefill_chunk"))
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise DanluError("max-batch-tokens must be at least 1", "pass a positive number")
-
-    def budget(self, context: int) -> int:
-        """--max-batch-tokens, or by default 16,384 cache tokens, or the model's whole context where that
-        is more (so any one request the model can take fits alone)."""
-        return self.max_batch_tokens if self.max_batch_tokens is not None else max(16_384, context)
 
 
 class ChatMetrics(RequestMetrics):
