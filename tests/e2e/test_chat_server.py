@@ -238,17 +238,11 @@ def test_the_queue_limit_answers_503_with_retry_after(model):
         server.stop()
 
 
-def test_danlu_chat_prompt_answers_once(model):
-    result = run_cli(
-        "chat", str(model), "--prompt", "hello there", "--temperature", "0", "--max-tokens", "12"
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip()
-
-
 def test_danlu_chat_keeps_history_and_follows_system_reset_and_exit(model):
     options = ("--temperature", "0", "--max-tokens", "12")
-    alone = run_cli("chat", str(model), "--prompt", "hello there", *options).stdout
+    once = run_cli("chat", str(model), "--prompt", "hello there", *options)
+    assert once.returncode == 0 and once.stdout.strip(), once.stderr
+    alone = once.stdout
     with_system = run_cli("chat", str(model), "--prompt", "hello there", "--system", "Be brief.", *options)
     typed = "hello there\n/system Be brief.\nhello there\n/reset\nhello there\n/exit\nnever answered\n"
     session = run_cli("chat", str(model), *options, stdin=typed)

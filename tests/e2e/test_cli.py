@@ -207,6 +207,7 @@ def test_server_limits_out_of_range_are_one_line_before_torch_loads(tmp_path):
     cases += [(encoder, "max-batch", "0", "max-batch"), (encoder, "max-wait-ms", "-1", "max-wait-ms")]
     cases += [(encoder, "max-body-mb", "0", "max-body-bytes"), (run, "max-queue", "0", "max-queue-rows")]
     cases += [(run, "max-wait-ms", "-1", "max-wait-ms"), (run, "timeout", "0", "timeout")]
+    cases += [(run, "max-batch", "0", "max-batch")]
     for model, option, value, named in cases:
         args = ["serve", str(model), f"--{option}", value, "--port", "1"]
         code = f"import sys; from danlu.cli import main; print(main({args!r}), 'torch' in sys.modules)"

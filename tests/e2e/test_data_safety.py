@@ -2,6 +2,7 @@
 every JSON file it writes is strict."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -87,20 +88,6 @@ def test_package_never_writes_into_a_users_folder(tmp_path, finished):
     )
 
 
-def test_a_run_is_replaced_only_while_it_holds_nothing_but_its_own_files(tmp_path, finished):
-    cfg = config_for(tmp_path, finished)
-    run_dir = tmp_path / "run"
-    assert run_cli("train", cfg, "--out", str(run_dir)).returncode == 0
-    (run_dir / "my_notes.md").write_text("observations")
-    before = snapshot(run_dir)
-    result = run_cli("train", cfg, "--out", str(run_dir), "--overwrite")
-    assert_refused(result, run_dir, before, "files danlu did not write (my_notes.md)")
-    (run_dir / "my_notes.md").unlink()
-    result = run_cli("train", cfg, "--out", str(run_dir), "--overwrite", "train.epochs=2")
-    assert result.returncode == 0, result.stderr
-    assert json.loads((run_dir / "report.json").read_text())["epochs_run"] == 2
-
-
 def strict(text):
     def refuse(constant):
         raise ValueError(f"non-strict JSON constant {constant}")
@@ -153,13 +140,21 @@ def test_a_constant_target_and_a_diverging_run_are_one_line_errors(tmp_path):
     assert not (tmp_path / "diverged" / "report.json").exists()  # never looks complete
 
 
-def test_overwrite_deletes_only_danlus_files_inside_a_runs_folders(tmp_path, finished):
-    """A run's plots/, export/ and checkpoints/ are danlu's folders, but a user may put files there:
-    `--overwrite` deletes the plots danlu drew (its PNGs carry danlu's tag), the exports with danlu's
-    record beside them and its checkpoints, and keeps everything else as it was."""
+def test_overwrite_replaces_a_run_holding_only_danlus_files_and_keeps_users_files_in_its_folders(
+    tmp_path, finished
+):
+    """A run with a file of the user's at its top is not replaced. A run's plots/, export/ and
+    checkpoints/ are danlu's folders, but a user may put files there: `--overwrite` deletes the plots
+    danlu drew (its PNGs carry danlu's tag), the exports with danlu's record beside them and its
+    checkpoints, and keeps everything else as it was."""
     cfg = config_for(tmp_path, finished)
     run_dir = tmp_path / "run"
-    assert run_cli("train", cfg, "--out", str(run_dir)).returncode == 0
+    shutil.copytree(finished.path, run_dir)  # a finished run of 2 epochs
+    (run_dir / "my_notes.md").write_text("observations")
+    before = snapshot(run_dir)
+    result = run_cli("train", cfg, "--out", str(run_dir), "--overwrite")
+    assert_refused(result, run_dir, before, "files danlu did not write (my_notes.md)")
+    (run_dir / "my_notes.md").unlink()
     assert run_cli("export", str(run_dir)).returncode == 0
     mine = {
         "plots/notes.txt": b"what I saw",
@@ -171,10 +166,10 @@ def test_overwrite_deletes_only_danlus_files_inside_a_runs_folders(tmp_path, fin
         (run_dir / name).write_bytes(data)
     danlus = [run_dir / "plots" / "learning_curves.png", run_dir / "export" / "model.onnx"]
     stamps = {p: p.stat().st_mtime_ns for p in danlus}
-    result = run_cli("train", cfg, "--out", str(run_dir), "--overwrite", "train.epochs=2")
+    result = run_cli("train", cfg, "--out", str(run_dir), "--overwrite", "train.epochs=3")
     assert result.returncode == 0, result.stderr
     for name, data in mine.items():
         assert (run_dir / name).read_bytes() == data, name
     assert not (run_dir / "export" / "model.onnx").exists()  # danlu's export of the old run is gone
     assert (run_dir / "plots" / "learning_curves.png").stat().st_mtime_ns != stamps[danlus[0]]  # redrawn
-    assert json.loads((run_dir / "report.json").read_text())["epochs_run"] == 2
+    assert json.loads((run_dir / "report.json").read_text())["epochs_run"] == 3

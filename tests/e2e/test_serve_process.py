@@ -151,17 +151,6 @@ def test_serve_refuses_a_bad_run_directory_in_one_line(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
 
 
-@pytest.mark.parametrize(
-    ("option", "value", "named"),
-    [("--max-batch", "0", "max-batch"), ("--max-queue", "0", "max-queue"), ("--timeout", "0", "--timeout"),
-     ("--max-wait-ms", "-1", "--max-wait-ms")],
-)  # fmt: skip
-def test_a_limit_out_of_range_is_one_line(run, option, value, named):
-    result = run_cli("serve", str(run.path), option, value, "--port", str(free_port()))
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and named in result.stderr, result.stderr
-
-
 def test_export_cli_verifies_and_predict_uses_the_onnx_engine(run, tmp_path):
     result = run_cli("export", str(run.path), "--format", "onnx")
     assert result.returncode == 0, result.stderr
