@@ -144,6 +144,30 @@ def is_export_record(path: Path) -> bool:
     return isinstance(record, dict) and {"format", "max_abs_diff", "metric"} <= record.keys()
 
 
+def check_export_target(path: Path) -> None:
+    """Raise unless PATH (and its PATH.json record) may be written: new, or an earlier danlu export.
+
+    An existing file counts as danlu's only when the verification record beside it is danlu's."""
+    record = export_record_path(path)
+    for target in (path, record):
+        if target.is_dir():
+            raise DanluError(f"'{target}' is a directory", f"pass a file path, e.g. -o {target}/model.onnx")
+    if (path.exists() or record.exists()) and not is_export_record(record):
+        existing = path if path.exists() else record
+        raise DanluError(
+            f"'{existing}' exists and was not written by `danlu export`; nothing was replaced",
+            "choose another -o path, or move that file away yourself",
+        )
+
+
+def export_target(run_dir: str | Path, fmt: str, quantize: str | None, out: str | Path | None) -> Path:
+    """Where `danlu export` writes a run's export: OUT, or RUN/export/model[.int8].SUFFIX; raises unless
+    it may be written (check_export_target). Needs no torch: the CLI asks before loading the model."""
+    path = Path(out) if out is not None else RunDir(run_dir).export_path(fmt, quantize)
+    check_export_target(path)
+    return path
+
+
 def _is_danlu_png(path: Path) -> bool:
     from PIL import Image, UnidentifiedImageError
 

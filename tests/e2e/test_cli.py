@@ -174,6 +174,10 @@ def test_errors_are_one_line_exit_2_no_traceback(tmp_path, case):
 
 def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_path):
     bad_key = _cfg(tmp_path, tmp_path / "data.csv")
+    run = tmp_path / "run"  # a finished run, as far as a check before torch can tell
+    run.mkdir()
+    (run / "report.json").write_text("{}")
+    (tmp_path / "thesis.txt").write_text("mine")
     for args in (
         ["train", str(tmp_path / "nope.yaml")],
         ["train", bad_key, "train.epoch=3"],
@@ -181,6 +185,8 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
         ["evaluate", str(tmp_path / "no_run")],
         ["predict", str(tmp_path / "no_run"), "new.csv", "-o", "out.csv"],
         ["export", str(tmp_path / "no_run")],
+        ["export", str(run), "-o", str(tmp_path)],  # a folder
+        ["export", str(run), "-o", str(tmp_path / "thesis.txt")],  # a file danlu did not write
         ["serve", str(tmp_path / "no_run")],
         ["serve", "org/model"],  # a hub id: danlu never downloads
         ["serve", str(tmp_path / "missing.gguf")],

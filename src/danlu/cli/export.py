@@ -69,9 +69,10 @@ def run_export(args) -> int:
         raise DanluError(
             f"--quantize {args.quantize} is a GGUF type", "pass --format gguf, or --quantize int8"
         )
-    from danlu.run import RunDir
+    from danlu.run import RunDir, export_target
 
-    RunDir(args.run_dir).require_complete()  # before torch is imported
+    RunDir(args.run_dir).require_complete()  # before torch is imported, as is the target's check
+    export_target(args.run_dir, args.format, args.quantize, args.output)
     from danlu.export import FP32_TOLERANCE, export_run
 
     result = export_run(

@@ -19,7 +19,7 @@ from danlu.run import (
     atomic_write,
     atomic_write_json,
     export_record_path,
-    is_export_record,
+    export_target,
 )
 
 FP32_TOLERANCE = 1e-4  # max abs difference: probabilities, or regression values in units of the target's std
@@ -38,22 +38,6 @@ def metadata(predictor: Predictor, spec: Any) -> dict[str, str]:
         "classes": json.dumps(state.classes),
         "output": spec.output_name(),
     }
-
-
-def check_target(path: Path) -> None:
-    """Raise unless PATH (and its PATH.json record) may be written: new, or an earlier danlu export.
-
-    An existing file counts as danlu's only when the verification record beside it is danlu's."""
-    record = export_record_path(path)
-    for target in (path, record):
-        if target.is_dir():
-            raise DanluError(f"'{target}' is a directory", f"pass a file path, e.g. -o {target}/model.onnx")
-    if (path.exists() or record.exists()) and not is_export_record(record):
-        existing = path if path.exists() else record
-        raise DanluError(
-            f"'{existing}' exists and was not written by `danlu export`; nothing was replaced",
-            "choose another -o path, or move that file away yourself",
-        )
 
 
 def _build(predictor: Predictor, fmt: str, quantize: str | None) -> tuple[bytes, Any]:
@@ -126,8 +110,7 @@ def export_run(
         raise DanluError(f"unknown export format '{fmt}'", f"use one of {', '.join(EXPORT_SUFFIXES)}")
     if quantize not in (None, "int8"):
         raise DanluError(f"unknown quantization '{quantize}'", "use --quantize int8, or leave it out")
-    path = Path(out) if out is not None else RunDir(run_dir).export_path(fmt, quantize)
-    check_target(path)
+    path = export_target(run_dir, fmt, quantize, out)
     predictor = Predictor.load(run_dir, "cpu", trust_model_code=trust_model_code)
     data, runner = _build(predictor, fmt, quantize)
     check = verify(predictor, runner, run_dir)

@@ -326,8 +326,7 @@ def export_gguf(
     Raises:
         DanluError: an unsupported model, no llama.cpp, or a failed verification (with the figures).
     """
-    from danlu.export import check_target
-    from danlu.run import atomic_write_json, export_record_path
+    from danlu.run import atomic_write_json, check_export_target, export_record_path
     from danlu.serve.chat import llamacpp
 
     if quantize not in QUANTIZE:
@@ -337,7 +336,7 @@ def export_gguf(
         raise DanluError("GGUF export verifies the file through llama.cpp, which is not installed",
                          llamacpp.INSTALL)  # fmt: skip
     path = Path(out) if out is not None else default
-    check_target(path)
+    check_export_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     started = time.perf_counter()
