@@ -169,7 +169,7 @@ def tune(
         monitor=cfg.train.monitor,
     )
     parse_space(raw_space, spec.base, "the search space")  # one line before any trial runs
-    search.check_out(target)
+    search.check_out(target, backend)
     target.mkdir(parents=True, exist_ok=True)
     if backend == "ray":
         from danlu.tracking.ray_tune import tune_with_ray

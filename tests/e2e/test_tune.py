@@ -5,7 +5,12 @@ the trials."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
+from subprocess import DEVNULL
 
 import pytest
 import yaml
@@ -174,27 +179,74 @@ def test_a_bad_space_is_one_line_before_any_trial(tmp_path, space, message):
     assert not out.exists()
 
 
-def test_the_python_api_and_ray_tune(tmp_path, monkeypatch):
-    """danlu.tune(..., backend="ray"): the trials run as Ray Tune trials on a local Ray, each a danlu run
-    tracked in TensorBoard (Ray workers track like any run)."""
+def test_a_ray_search_killed_midway_continues_from_ray_tunes_state(tmp_path, monkeypatch):
+    """danlu tune --backend ray, killed (SIGKILL, with Ray's processes) once a trial has finished and a
+    third has started, continues when run again (here through the Python API): the trial that finished
+    first is kept as it was, the others run (one killed mid-run starts again in its own folder), and
+    each trial is a danlu run tracked in TensorBoard. A search of another space or other settings, or on
+    the other backend, is refused in the same folder."""
+    import psutil
+
     import danlu
 
     monkeypatch.chdir(tmp_path)
     config, _ = _setup(tmp_path, epochs=3, extra=", log_to: [tensorboard]")
     space = {"train.lr": {"low": 1e-3, "high": 1e-1, "log": True}, "model.dropout": {"low": 0, "high": 0.5}}
-    result = danlu.tune(config, space, trials=3, jobs=2, out=tmp_path / "ray-search", backend="ray")
+    space_file = write_config(tmp_path / "ray-space.yaml", yaml.safe_dump(space))
+    out = tmp_path / "ray-search"
+    command = [sys.executable, "-m", "danlu", "-q", "tune", str(config), "--space", str(space_file)]
+    command += ["--trials", "3", "--jobs", "2", "--out", str(out), "--backend", "ray"]
+    # Ray saves its experiment's state every second rather than every ten
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=DEVNULL, stderr=DEVNULL)
+    third, experiment = out / "trials" / "002", out / "ray" / "tune"
+
+    def saved_after_the_third_started() -> bool:
+        states = list(experiment.glob("experiment_state-*.json"))
+        return third.is_dir() and any(s.stat().st_mtime > third.stat().st_mtime + 0.5 for s in states)
+
+    deadline = time.monotonic() + 180
+    while process.poll() is None and time.monotonic() < deadline and not saved_after_the_third_started():
+        time.sleep(0.1)
+    for child in psutil.Process(process.pid).children(recursive=True):
+        child.kill()
+    process.kill()
+    assert process.wait() == -9, "the search finished before it could be killed"
+    done = [t for t in range(3) if (out / "trials" / f"{t:03d}" / "report.json").is_file()]
+    assert done and len(done) < 3
+    # the first to finish did so before the third trial was scheduled: Ray's saved state has it finished
+    first = min(done, key=lambda t: (out / "trials" / f"{t:03d}" / "report.json").stat().st_mtime)
+    report = out / "trials" / f"{first:03d}" / "report.json"
+    stamp = report.stat().st_mtime_ns
+
+    result = danlu.tune(config, space, trials=3, jobs=2, out=out, backend="ray")
     assert [r["number"] for r in result.trials] == [0, 1, 2]
     assert all(r["state"] == "complete" for r in result.trials)
+    assert report.stat().st_mtime_ns == stamp  # kept, not trained again
     for row in result.trials:
         run = result.out / "trials" / f"{row['number']:03d}"
         assert _trial_json(result.out, row["number"])["params"] == row["params"]
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))
         config_used = yaml.safe_load((run / "config.yaml").read_text())
         assert config_used["train"]["lr"] == row["params"]["train.lr"]
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["000", "001", "002"]
     assert result.best["value"] == min(r["value"] for r in result.trials)
     assert result.best_config.is_file() and (result.out / "plots" / "optimization_history.png").is_file()
-    with pytest.raises(danlu.DanluError, match="Ray Tune ran; it does not continue"):
-        danlu.tune(config, space, trials=3, out=result.out, backend="ray")
+
+    refusals = [
+        ({"space": {"train.lr": space["train.lr"]}}, "holds a search of another config, space or monitor"),
+        ({"trials": 4}, "holds a Ray search of --trials 3 --sampler tpe --seed 0"),
+        ({"backend": "optuna"}, "holds a search Ray Tune ran"),
+    ]
+    for change, message in refusals:
+        arguments = {"space": space, "trials": 3, "out": out, "backend": "ray", **change}
+        with pytest.raises(danlu.DanluError, match=message):
+            danlu.tune(config, arguments.pop("space"), **arguments)
+    optuna_search = tmp_path / "optuna-search"
+    optuna_search.mkdir()
+    (optuna_search / "study.db").write_bytes(b"")
+    with pytest.raises(danlu.DanluError, match="holds an Optuna search"):
+        danlu.tune(config, space, trials=3, out=optuna_search, backend="ray")
 
 
 def test_a_search_whose_every_trial_fails_says_why(tmp_path):

@@ -1,10 +1,13 @@
 """`danlu tune --backend ray`: the same search on Ray Tune, each trial a danlu run on one of the cluster's
 workers. Ray Tune's OptunaSearch samples (TPE, or random), its MedianStoppingRule prunes on the same
 monitored metric after every epoch; the trial folders, trial.json, best.yaml and plots are those of the
-Optuna backend. Ray keeps its own experiment state in OUT/ray/."""
+Optuna backend. Ray keeps its own experiment state in OUT/ray/tune/, and danlu what the search is in
+OUT/ray/danlu.json: run again, a stopped search continues from Ray Tune's state (Tuner.restore), its
+finished trials kept and its unfinished ones started again, each in its own folder."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -13,7 +16,7 @@ from typing import Any
 
 from danlu.config import MAXIMIZED_MONITORS, validate
 from danlu.errors import DanluError
-from danlu.run import RunDir, atomic_write_text
+from danlu.run import RunDir, atomic_write_json, atomic_write_text
 from danlu.tracking.space import with_values
 from danlu.tracking.tune import (
     RAY_FOLDER,
@@ -34,6 +37,8 @@ from danlu.tracking.tune import (
 log = logging.getLogger("danlu")
 CLAIMS = "claims"  # OUT/claims/RAY_TRIAL_ID: the trial number that Ray trial took
 OBJECTIVE = "objective"  # what each trial reports: the best monitored value so far (what a trial scores)
+EXPERIMENT = "tune"  # OUT/ray/tune: Ray Tune's experiment
+RECORD = "danlu.json"  # OUT/ray/danlu.json: the search (config, space, settings) and its MLflow run
 
 
 def _claim_folder(out: str, ray_trial: str) -> tuple[int, Path]:
@@ -95,8 +100,6 @@ def _trainable(params: dict[str, Any], spec: SearchSpec) -> None:
 def _rows(spec: SearchSpec, results: Any) -> list[dict[str, Any]]:
     """The trials from their folders' trial.json. A trial the scheduler stopped (pruned) or that failed
     between two epochs never wrote its end: Ray's result says which."""
-    import json
-
     reported = {r.metrics["trial"]: r for r in results if (r.metrics or {}).get("trial") is not None}
     rows: list[dict[str, Any]] = []
     trials = Path(spec.out) / TRIALS
@@ -149,8 +152,44 @@ def _study_of(spec: SearchSpec, rows: list[dict[str, Any]]) -> Any:
     return study
 
 
+def _settings(spec: SearchSpec) -> dict[str, Any]:
+    """What Ray Tune keeps of a search when it continues it: the settings its sampler and scheduler
+    were made with."""
+    return {"trials": spec.trials, "sampler": spec.sampler, "prune": spec.prune, "seed": spec.seed}
+
+
+def _continued(spec: SearchSpec) -> dict[str, Any] | None:
+    """The record of the Ray search already in OUT, None when there is none; raises when the search
+    asked for is another one (Ray Tune restores a search's sampler, scheduler and trial count as they
+    were, so a change would be ignored)."""
+    try:
+        recorded = json.loads((Path(spec.out) / RAY_FOLDER / RECORD).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise DanluError(
+            f"cannot read the Ray search's {RECORD} in '{spec.out}': {error}", "choose another --out"
+        ) from None
+    mine = {"base": spec.base, "space": spec.space, "monitor": spec.monitor}
+    if json.dumps({k: recorded.get(k) for k in mine}, sort_keys=True) != json.dumps(mine, sort_keys=True):
+        raise DanluError(
+            f"'{spec.out}' holds a search of another config, space or monitor",
+            "continue it with the same config and --space, or choose another --out",
+        )
+    settings = _settings(spec)
+    if {k: recorded.get(k) for k in settings} != settings:
+        was = recorded.get("prune")
+        raise DanluError(
+            f"'{spec.out}' holds a Ray search of --trials {recorded.get('trials')} --sampler "
+            f"{recorded.get('sampler')} --seed {recorded.get('seed')}{'' if was else ' --no-prune'}",
+            "continue it with those (Ray Tune keeps a search's settings), or choose another --out",
+        )
+    return recorded
+
+
 def tune_with_ray(spec: SearchSpec, jobs: int, address: str | None) -> TuneResult:
-    """Run the search on Ray Tune (a local Ray, or the cluster at `address`), `jobs` trials at once."""
+    """Run the search on Ray Tune (a local Ray, or the cluster at `address`), `jobs` trials at once; or
+    continue the one in OUT/ray/ where it stopped."""
     try:
         import optuna  # noqa: F401  (the samplers: danlu[track])
         from ray import tune
@@ -160,10 +199,14 @@ def tune_with_ray(spec: SearchSpec, jobs: int, address: str | None) -> TuneResul
         raise DanluError("--backend ray needs Ray Tune", "pip install 'danlu[ray,track]'") from None
     from danlu.training.ray_train import init_ray
 
+    recorded = _continued(spec)
+    spec.mlflow_parent = recorded.get("mlflow_parent") if recorded is not None else None
+    if spec.mlflow_parent is None:
+        start_tracking(spec, Path(spec.out).name)  # before the trials: each is handed its parent run
+    record = {"base": spec.base, "space": spec.space, "monitor": spec.monitor, **_settings(spec)}
+    atomic_write_json(Path(spec.out) / RAY_FOLDER / RECORD, {**record, "mlflow_parent": spec.mlflow_parent})
     init_ray(address)
     import ray
-
-    start_tracking(spec, Path(spec.out).name)  # before the trials: each is handed its parent run
 
     mode = "max" if spec.direction == "maximize" else "min"
     sampler = _sampler(spec, worker=0)  # the Optuna backend's: TPE or random, seeded alike
@@ -185,7 +228,24 @@ def tune_with_ray(spec: SearchSpec, jobs: int, address: str | None) -> TuneResul
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, spec=spec), {"cpu": max(1, cpus // jobs)}
     )
-    tuner = tune.Tuner(
+    experiment = Path(spec.out) / RAY_FOLDER / EXPERIMENT
+    if tune.Tuner.can_restore(str(experiment)):
+        log.info("continuing the Ray search in %s", experiment)
+        # the trials it had not finished start again, each in the folder it claimed (_claim_folder)
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True)
+    else:
+        tuner = _new_tuner(spec, trainable, searcher, scheduler, jobs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # OptunaSearch's notes on steps it saw twice
+        results = tuner.fit()
+    rows = _rows(spec, results)
+    return write_result(spec, rows, _study_of(spec, rows))
+
+
+def _new_tuner(spec: SearchSpec, trainable: Any, searcher: Any, scheduler: Any, jobs: int) -> Any:
+    from ray import tune
+
+    return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
@@ -194,10 +254,5 @@ def tune_with_ray(spec: SearchSpec, jobs: int, address: str | None) -> TuneResul
             max_concurrent_trials=jobs,
             time_budget_s=spec.timeout_s,
         ),
-        run_config=tune.RunConfig(storage_path=str(Path(spec.out) / RAY_FOLDER), name="tune", verbose=0),
+        run_config=tune.RunConfig(storage_path=str(Path(spec.out) / RAY_FOLDER), name=EXPERIMENT, verbose=0),
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # OptunaSearch's notes on steps it saw twice
-        results = tuner.fit()
-    rows = _rows(spec, results)
-    return write_result(spec, rows, _study_of(spec, rows))

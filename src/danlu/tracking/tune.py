@@ -98,17 +98,24 @@ def base_config(config: Config) -> dict[str, Any]:
     return resolved.model_dump(mode="json", exclude_unset=True)
 
 
-def check_out(out: Path) -> None:
-    """A search writes into a new or empty folder, or continues the search already there."""
+def check_out(out: Path, backend: str = "optuna") -> None:
+    """A search writes into a new or empty folder, or continues the search of the same backend there."""
     if out.exists() and not out.is_dir():
         raise DanluError(f"'{out}' is a file", "choose another --out folder")
-    if (out / RAY_FOLDER).is_dir():
+    ray, study = (out / RAY_FOLDER).is_dir(), (out / STUDY_FILE).is_file()
+    if ray and backend != "ray":
         raise DanluError(
-            f"'{out}' holds a search Ray Tune ran; it does not continue", "choose another --out folder"
+            f"'{out}' holds a search Ray Tune ran", "continue it with --backend ray, or choose another --out"
         )
-    if out.is_dir() and any(out.iterdir()) and not (out / STUDY_FILE).is_file():
+    if study and backend == "ray":
         raise DanluError(
-            f"'{out}' is not empty and holds no search ({STUDY_FILE})", "choose a new or empty --out folder"
+            f"'{out}' holds an Optuna search ({STUDY_FILE})",
+            "continue it without --backend ray, or choose another --out",
+        )
+    if out.is_dir() and any(out.iterdir()) and not (ray or study):
+        raise DanluError(
+            f"'{out}' is not empty and holds no search ({STUDY_FILE} or {RAY_FOLDER}/)",
+            "choose a new or empty --out folder",
         )
 
 
