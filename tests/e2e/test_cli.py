@@ -211,7 +211,8 @@ def test_server_limits_out_of_range_are_one_line_before_torch_loads(tmp_path):
     chat_limits = ["max-batch", "max-queue", "prefill-chunk", "timeout", "max-batch-tokens"]
     cases = [(model, name, "0", name) for model in (chat, tmp_path / "model.gguf") for name in chat_limits]
     cases += [(encoder, "max-batch", "0", "max-batch"), (encoder, "max-wait-ms", "-1", "max-wait-ms")]
-    cases += [(encoder, "max-body-mb", "0", "max-body-bytes"), (run, "max-queue", "0", "max-queue-rows")]
+    cases += [(encoder, "max-body-mb", "0", "--max-body-mb (max_body_bytes)")]
+    cases += [(run, "max-queue", "0", "--max-queue (max_queue_rows)")]
     cases += [(run, "max-wait-ms", "-1", "max-wait-ms"), (run, "timeout", "0", "timeout")]
     cases += [(run, "max-batch", "0", "max-batch")]
     for model, option, value, named in cases:

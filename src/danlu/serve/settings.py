@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from danlu.embeddings.detect import TRUNCATE
 from danlu.errors import DanluError
 
+# settings whose `danlu serve` option has another name (the others are their name with dashes)
+OPTIONS = {"max_queue_rows": "--max-queue", "max_body_bytes": "--max-body-mb"}
+
 
 @dataclass(kw_only=True)
 class ServerSettings:
@@ -25,10 +28,12 @@ class ServerSettings:
     access_log: bool = False
 
     def check_common(self, counts: tuple[str, ...]) -> None:
-        """Each setting in `counts` at least 1 and timeout_s above 0, or one DanluError naming it."""
+        """Each setting in `counts` at least 1 and timeout_s above 0, or one DanluError naming it (and
+        the CLI option that sets it, where that has another name)."""
         for name in (*counts, "max_body_bytes"):
             if getattr(self, name) < 1:
-                raise DanluError(f"{name.replace('_', '-')} must be at least 1", "pass a positive number")
+                named = f"{OPTIONS[name]} ({name})" if name in OPTIONS else name.replace("_", "-")
+                raise DanluError(f"{named} must be at least 1", "pass a positive number")
         if self.timeout_s <= 0:
             raise DanluError("--timeout must be above 0 seconds", "e.g. --timeout 30")
 

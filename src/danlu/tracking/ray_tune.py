@@ -152,10 +152,13 @@ def _study_of(spec: SearchSpec, rows: list[dict[str, Any]]) -> Any:
     return study
 
 
-def _settings(spec: SearchSpec) -> dict[str, Any]:
-    """What Ray Tune keeps of a search when it continues it: the settings its sampler and scheduler
-    were made with."""
-    return {"trials": spec.trials, "sampler": spec.sampler, "prune": spec.prune, "seed": spec.seed}
+SEARCH = ("base", "space", "monitor")  # what the search is, as the Optuna backend's study records it
+# what Ray Tune keeps of a search when it continues it: the settings its sampler and scheduler were made with
+SETTINGS = ("trials", "sampler", "prune", "seed")
+
+
+def _record(spec: SearchSpec) -> dict[str, Any]:
+    return {key: getattr(spec, key) for key in (*SEARCH, *SETTINGS)}
 
 
 def _continued(spec: SearchSpec) -> dict[str, Any] | None:
@@ -170,14 +173,13 @@ def _continued(spec: SearchSpec) -> dict[str, Any] | None:
         raise DanluError(
             f"cannot read the Ray search's {RECORD} in '{spec.out}': {error}", "choose another --out"
         ) from None
-    mine = {"base": spec.base, "space": spec.space, "monitor": spec.monitor}
-    if json.dumps({k: recorded.get(k) for k in mine}, sort_keys=True) != json.dumps(mine, sort_keys=True):
+    mine = json.loads(json.dumps(_record(spec)))  # as JSON reads it back
+    if any(recorded.get(key) != mine[key] for key in SEARCH):
         raise DanluError(
             f"'{spec.out}' holds a search of another config, space or monitor",
             "continue it with the same config and --space, or choose another --out",
         )
-    settings = _settings(spec)
-    if {k: recorded.get(k) for k in settings} != settings:
+    if any(recorded.get(key) != mine[key] for key in SETTINGS):
         was = recorded.get("prune")
         raise DanluError(
             f"'{spec.out}' holds a Ray search of --trials {recorded.get('trials')} --sampler "
@@ -203,8 +205,8 @@ def tune_with_ray(spec: SearchSpec, jobs: int, address: str | None) -> TuneResul
     spec.mlflow_parent = recorded.get("mlflow_parent") if recorded is not None else None
     if spec.mlflow_parent is None:
         start_tracking(spec, Path(spec.out).name)  # before the trials: each is handed its parent run
-    record = {"base": spec.base, "space": spec.space, "monitor": spec.monitor, **_settings(spec)}
-    atomic_write_json(Path(spec.out) / RAY_FOLDER / RECORD, {**record, "mlflow_parent": spec.mlflow_parent})
+    record = {**_record(spec), "mlflow_parent": spec.mlflow_parent}
+    atomic_write_json(Path(spec.out) / RAY_FOLDER / RECORD, record)
     init_ray(address)
     import ray
 
