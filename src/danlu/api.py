@@ -6,15 +6,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from danlu import families
 from danlu.config import Config, apply_overrides, load_config, read_yaml, resolve_paths, validate
 from danlu.embeddings.detect import DEFAULT_TEMPLATE
 from danlu.errors import DanluError
 from danlu.families import resolve_family
-from danlu.predictor import Predictor
 from danlu.run import PREDICTIONS, RunDir, atomic_write
+
+if TYPE_CHECKING:
+    from danlu.predictor import Predictor
 
 log = logging.getLogger("danlu")
 
@@ -48,7 +50,17 @@ class Run:
     def predictor(
         self, device: str = "cpu", engine: str = "torch", trust_model_code: bool = False
     ) -> Predictor:
-        return Predictor.load(self.path, device, engine, trust_model_code)
+        return _predictor(self.path, device, engine, trust_model_code)
+
+
+def _predictor(
+    run_dir: str | Path, device: str = "cpu", engine: str = "torch", trust_model_code: bool = False
+) -> Predictor:
+    """Predictor.load, imported here: `import danlu.api` loads no torch, so the commands' checks of their
+    arguments answer before it does."""
+    from danlu.predictor import Predictor
+
+    return Predictor.load(run_dir, device, engine, trust_model_code)
 
 
 def _as_config(config: Config | dict | str | Path | None, overrides: Iterable[str]) -> Config:
@@ -272,7 +284,7 @@ def load(
         from danlu.embeddings import load_encoder
 
         return load_encoder(run_dir, dtype)
-    return Predictor.load(run_dir, device, engine, trust_model_code)
+    return _predictor(run_dir, device, engine, trust_model_code)
 
 
 def embed(
@@ -292,12 +304,15 @@ def embed(
     Raises:
         DanluError: a model, input or output danlu cannot use, or a text over the limit (truncate="error").
     """
-    from danlu.embeddings import load_encoder
+    from danlu.embeddings.detect import local_model_dir
     from danlu.embeddings.files import check_output, embed_items, read_items, write_vectors
 
-    check_output(out)  # before anything loads
+    check_output(out)  # before anything loads (torch among it)
     if batch_size < 1:
         raise DanluError("--batch-size must be at least 1", "e.g. --batch-size 32")
+    local_model_dir(model)
+    from danlu.embeddings import load_encoder
+
     items = read_items(inputs, column)
     encoder = load_encoder(model, dtype)
     done = embed_items(encoder, items, normalize, truncate, batch_size)
@@ -326,14 +341,25 @@ def zero_shot(
         DanluError: a model without an image tower, no labels or a duplicate, a template without {}, or
             an input or output danlu cannot use.
     """
-    from danlu.embeddings import load_encoder
-    from danlu.embeddings.files import parse_labels, plot_zero_shot, read_items, write_frame, zero_shot_items
+    from danlu.embeddings.detect import local_model_dir
+    from danlu.embeddings.files import (
+        check_templates,
+        parse_labels,
+        plot_zero_shot,
+        read_items,
+        write_frame,
+        zero_shot_items,
+    )
 
     named = parse_labels(labels if isinstance(labels, str) or labels is None else list(labels), labels_file)
     templates = list(templates) or [DEFAULT_TEMPLATE]
-    _output_suffix(out)  # before anything loads
+    check_templates(templates)
+    _output_suffix(out)  # before anything loads (torch among it)
     if batch_size < 1:
         raise DanluError("--batch-size must be at least 1", "e.g. --batch-size 32")
+    local_model_dir(model)
+    from danlu.embeddings import load_encoder
+
     items = read_items(images, column)
     encoder = load_encoder(model, dtype)
     frame = zero_shot_items(encoder, items, named, templates, batch_size)
@@ -383,7 +409,7 @@ def evaluate(
     if whole is not None:
         family, state, run = whole
         return family.evaluate_run(run, family, state, data)
-    predictor = Predictor.load(run_dir, trust_model_code=trust_model_code)
+    predictor = _predictor(run_dir, trust_model_code=trust_model_code)
     if data is not None:
         return _metrics_over(predictor, predictor.family.read(str(data), predictor.state))
     return _metrics_over(predictor, held_out_items(predictor, run_dir)[1])
@@ -447,7 +473,7 @@ def predict_file(
     if whole is not None:
         return whole[0].predict_run(whole[2], data, out)
     _output_suffix(out)  # fail before loading anything
-    predictor = Predictor.load(run_dir, engine=engine, trust_model_code=trust_model_code)
+    predictor = _predictor(run_dir, engine=engine, trust_model_code=trust_model_code)
     return write_predictions(predictor, predictor.family.read(str(data), predictor.state, chunk_rows), out)
 
 
@@ -459,7 +485,7 @@ def plot_predictions(
     Raises:
         DanluError: the run is not an image run.
     """
-    predictor = Predictor.load(run_dir, trust_model_code=trust_model_code)
+    predictor = _predictor(run_dir, trust_model_code=trust_model_code)
     draw = predictor.family.plot_predictions
     if draw is None:
         raise DanluError(

@@ -178,6 +178,10 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
     run.mkdir()
     (run / "report.json").write_text("{}")
     (tmp_path / "thesis.txt").write_text("mine")
+    clip = tmp_path / "clip"  # an image-text model, as far as its config tells
+    clip.mkdir()
+    (clip / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    pics = str(tmp_path / "pics")
     for args in (
         ["train", str(tmp_path / "nope.yaml")],
         ["train", bad_key, "train.epoch=3"],
@@ -191,6 +195,11 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
         ["serve", "org/model"],  # a hub id: danlu never downloads
         ["serve", str(tmp_path / "missing.gguf")],
         ["chat", "org/model", "--prompt", "hi"],
+        ["embed", "org/model", pics, "-o", str(tmp_path / "v.npy")],
+        ["embed", str(clip), pics, "-o", str(tmp_path / "v.csv")],  # vectors go to .npy or .parquet
+        ["predict", str(clip), pics, "-o", str(tmp_path / "l.csv")],  # no labels
+        ["predict", str(clip), pics, "-o", str(tmp_path / "l.csv"), "--labels", "cat,cat"],
+        ["predict", str(clip), pics, "-o", str(tmp_path / "l.csv"), "--labels", "cat", "--template", "cat"],
     ):
         code = f"import sys; from danlu.cli import main; print(main({args!r}), 'torch' in sys.modules)"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

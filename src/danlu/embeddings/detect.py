@@ -7,9 +7,23 @@ import json
 from pathlib import Path
 from typing import Any
 
+from danlu.errors import DanluError
+
 IMAGE_TEXT = {"clip": "CLIPModel", "siglip": "SiglipModel"}  # model_type -> transformers class
 DEFAULT_TEMPLATE = "a photo of a {}."  # the prompt a label fills unless told otherwise (CLI, server, probes)
 TRUNCATE = ("end", "start", "error")  # what becomes of a text over the model's limit
+
+
+def local_model_dir(spec: str | Path) -> Path:
+    """SPEC as a local directory; DanluError for anything else (a hub id among them: danlu never
+    downloads)."""
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise DanluError(
+            f"'{spec}' is no local model directory (danlu reads models from local files, never a hub)",
+            "download it yourself, then pass its local path",
+        )
+    return path
 
 
 def model_type(path: Path) -> str | None:

@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from danlu.embeddings.detect import IMAGE_TEXT, TRUNCATE, is_text_encoder, json_file, model_type
+from danlu.embeddings.detect import (
+    IMAGE_TEXT,
+    TRUNCATE,
+    is_text_encoder,
+    json_file,
+    local_model_dir,
+    model_type,
+)
+from danlu.embeddings.files import check_templates
 from danlu.errors import DanluError, one_line
 
 MAX_ASPECT = 50  # the most an image's long side may exceed its short side (check_shape)
@@ -173,8 +181,7 @@ class ImageTextEncoder(_Encoder):
     def _labels(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> np.ndarray:
         if not labels:
             raise DanluError("no labels to classify the images by", 'name them, e.g. --labels "cat,dog"')
-        if any("{}" not in template for template in templates):
-            raise DanluError("a template has no {} for the label", 'e.g. --template "a photo of a {}."')
+        check_templates(templates)
         prompts = [template.format(label) for label in labels for template in templates]
         vectors = self.embed_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
         return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
@@ -323,12 +330,7 @@ def load_encoder(spec: str | Path, dtype: str = "float32") -> ImageTextEncoder |
     """
     if dtype not in PRECISIONS:
         raise DanluError(f"an encoder runs in float32 or bfloat16, not {dtype}", "e.g. --dtype bfloat16")
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise DanluError(
-            f"'{spec}' is no local model directory (danlu reads models from local files, never a hub)",
-            "download it yourself, then pass its local path",
-        )
+    path = local_model_dir(spec)
     if model_type(path) in IMAGE_TEXT:
         return set_precision(load_image_text(path), dtype)
     if is_text_encoder(path):

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from danlu.errors import DanluError
-from danlu.families.image.sources import IMAGE_SUFFIXES, list_images
 from danlu.run import atomic_write, atomic_write_json
 
 TABLES = (".csv", ".parquet", ".jsonl")
@@ -31,12 +30,16 @@ class Items:
 
 
 def is_image(path: str | Path) -> bool:
+    from danlu.families.image.sources import IMAGE_SUFFIXES  # the image family's (it imports torch)
+
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
 def read_items(source: str | Path, column: str | None = None) -> Items:
     """The items in SOURCE. Raises DanluError for a missing source, an empty one, or a table without
     the column."""
+    from danlu.families.image.sources import IMAGE_SUFFIXES, list_images
+
     path = Path(source).expanduser()
     if path.is_dir():
         names = list_images(path)  # the image family's listing: its suffixes, its order
@@ -184,6 +187,12 @@ def parse_labels(labels: str | Sequence[str] | None, labels_file: str | Path | N
             raise DanluError(f"the label '{label}' is named twice", "name each label once")
         seen.add(label)
     return named
+
+
+def check_templates(templates: Sequence[str]) -> None:
+    """Each prompt template holds {} for the label."""
+    if any("{}" not in template for template in templates):
+        raise DanluError("a template has no {} for the label", 'e.g. --template "a photo of a {}."')
 
 
 def zero_shot_items(
