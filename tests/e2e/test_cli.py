@@ -182,6 +182,9 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
     clip.mkdir()
     (clip / "config.json").write_text(json.dumps({"model_type": "clip"}))
     pics = str(tmp_path / "pics")
+    llm = tmp_path / "llm"  # a causal LM, as far as its config tells
+    llm.mkdir()
+    (llm / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     for args in (
         ["train", str(tmp_path / "nope.yaml")],
         ["train", bad_key, "train.epoch=3"],
@@ -195,6 +198,8 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
         ["serve", "org/model"],  # a hub id: danlu never downloads
         ["serve", str(tmp_path / "missing.gguf")],
         ["chat", "org/model", "--prompt", "hi"],
+        ["chat", str(llm), "--prompt", "hi", "--max-tokens", "0"],
+        ["chat", str(llm), "--prompt", "hi", "--temperature", "-1"],
         ["embed", "org/model", pics, "-o", str(tmp_path / "v.npy")],
         ["embed", str(clip), pics, "-o", str(tmp_path / "v.csv")],  # vectors go to .npy or .parquet
         ["predict", str(clip), pics, "-o", str(tmp_path / "l.csv")],  # no labels

@@ -86,6 +86,10 @@ def run_chat(args) -> int:
 
     model = served_model(args.model)  # a fine-tuned causal LM's run: the model it holds
     check_path(model)  # a missing path or a hub id: one line before torch is imported
+    if args.max_tokens < 1:
+        raise DanluError("--max-tokens must be at least 1", "e.g. --max-tokens 256")
+    if args.temperature is not None and not 0 <= args.temperature <= 2:  # the chat server's bounds
+        raise DanluError("--temperature must be between 0 and 2", "0 is greedy; e.g. --temperature 0.7")
     from danlu.serve.chat.engine import engine_for
     from danlu.serve.chat.sampling import SamplingParams
     from danlu.serve.chat.templates import Template
