@@ -201,14 +201,15 @@ def tune_with_ray(spec: SearchSpec, jobs: int, address: str | None) -> TuneResul
         raise DanluError("--backend ray needs Ray Tune", "pip install 'danlu[ray,track]'") from None
     from danlu.training.ray_train import init_ray
 
-    recorded = _continued(spec)
+    recorded = _continued(spec)  # before Ray starts
+    init_ray(address)
+    import ray
+
     spec.mlflow_parent = recorded.get("mlflow_parent") if recorded is not None else None
     if spec.mlflow_parent is None:
         start_tracking(spec, Path(spec.out).name)  # before the trials: each is handed its parent run
-    record = {**_record(spec), "mlflow_parent": spec.mlflow_parent}
+    record = {**_record(spec), "mlflow_parent": spec.mlflow_parent}  # once Ray runs: OUT/ray/ is its
     atomic_write_json(Path(spec.out) / RAY_FOLDER / RECORD, record)
-    init_ray(address)
-    import ray
 
     mode = "max" if spec.direction == "maximize" else "min"
     sampler = _sampler(spec, worker=0)  # the Optuna backend's: TPE or random, seeded alike
