@@ -200,6 +200,9 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
         ["chat", "org/model", "--prompt", "hi"],
         ["chat", str(llm), "--prompt", "hi", "--max-tokens", "0"],
         ["chat", str(llm), "--prompt", "hi", "--temperature", "-1"],
+        ["chat", str(llm), "--prompt", "hi", "--engine", "vllm", "--kv-cache-gb", "0"],
+        ["serve", str(llm), "--engine", "vllm", "--max-model-len", "0"],
+        ["serve", str(llm), "--engine", "vllm", "--tensor-parallel", "0"],
         ["embed", "org/model", pics, "-o", str(tmp_path / "v.npy")],
         ["embed", str(clip), pics, "-o", str(tmp_path / "v.csv")],  # vectors go to .npy or .parquet
         ["predict", str(clip), pics, "-o", str(tmp_path / "l.csv")],  # no labels

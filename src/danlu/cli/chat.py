@@ -90,12 +90,13 @@ def run_chat(args) -> int:
         raise DanluError("--max-tokens must be at least 1", "e.g. --max-tokens 256")
     if args.temperature is not None and not 0 <= args.temperature <= 2:  # the chat server's bounds
         raise DanluError("--temperature must be between 0 and 2", "0 is greedy; e.g. --temperature 0.7")
+    vllm = vllm_options(args)  # checked here too
     from danlu.serve.chat.engine import engine_for
     from danlu.serve.chat.sampling import SamplingParams
     from danlu.serve.chat.templates import Template
 
     options = (args.dtype, args.device, args.trust_remote_code, args.quantize, args.engine)
-    chat = load_chat_model(model, *options, vllm=vllm_options(args))
+    chat = load_chat_model(model, *options, vllm=vllm)
     template = Template(chat.tokenizer, args.template)
     engine = engine_for(chat, max_batch=1, extra_stops=template.stops)  # generate() steps it on this thread
     defaults = {

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,8 @@ SETTINGS = ("trials", "sampler", "prune", "seed")
 
 
 def _record(spec: SearchSpec) -> dict[str, Any]:
-    return {key: getattr(spec, key) for key in (*SEARCH, *SETTINGS)}
+    values = asdict(spec)
+    return {key: values[key] for key in (*SEARCH, *SETTINGS)}
 
 
 def _continued(spec: SearchSpec) -> dict[str, Any] | None:

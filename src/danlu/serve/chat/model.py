@@ -146,6 +146,15 @@ class VllmOptions:
     kv_cache_gb: float | None = None  # None: CPU 4 GiB or half the free memory; GPU vLLM's default
     tensor_parallel: int = 1
 
+    def __post_init__(self) -> None:
+        """Values vLLM could never run with are refused here, before anything loads."""
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise DanluError("--max-model-len must be at least 1", "e.g. --max-model-len 4096")
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
+            raise DanluError("--kv-cache-gb must be above 0", "e.g. --kv-cache-gb 4")
+        if self.tensor_parallel < 1:
+            raise DanluError("--tensor-parallel must be at least 1", "the GPUs to shard over, e.g. 2")
+
     @property
     def asked(self) -> list[str]:
         return [
