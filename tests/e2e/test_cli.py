@@ -172,6 +172,12 @@ def test_errors_are_one_line_exit_2_no_traceback(tmp_path, case):
     assert not (tmp_path / "r" / "report.json").exists()
 
 
+def main_in_a_fresh_interpreter(args: list[str]) -> subprocess.CompletedProcess:
+    """danlu.cli.main(ARGS) in a new Python; its stdout: the exit code, then whether torch was imported."""
+    code = f"import sys; from danlu.cli import main; print(main({args!r}), 'torch' in sys.modules)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
 def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_path):
     bad_key = _cfg(tmp_path, tmp_path / "data.csv")
     run = tmp_path / "run"  # a finished run, as far as a check before torch can tell
@@ -209,8 +215,7 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
         ["predict", str(clip), pics, "-o", str(tmp_path / "l.csv"), "--labels", "cat,cat"],
         ["predict", str(clip), pics, "-o", str(tmp_path / "l.csv"), "--labels", "cat", "--template", "cat"],
     ):
-        code = f"import sys; from danlu.cli import main; print(main({args!r}), 'torch' in sys.modules)"
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        result = main_in_a_fresh_interpreter(args)
         assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)
 
 
@@ -234,8 +239,7 @@ def test_server_limits_out_of_range_are_one_line_before_torch_loads(tmp_path):
     cases += [(run, "max-batch", "0", "max-batch")]
     for model, option, value, named in cases:
         args = ["serve", str(model), f"--{option}", value, "--port", "1"]
-        code = f"import sys; from danlu.cli import main; print(main({args!r}), 'torch' in sys.modules)"
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        result = main_in_a_fresh_interpreter(args)
         assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)
         line = result.stderr.strip()
         assert "\n" not in line and f"{named} must be" in line, (args, line)

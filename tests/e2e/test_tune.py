@@ -242,6 +242,10 @@ def test_a_ray_search_killed_midway_continues_from_ray_tunes_state(tmp_path, mon
         arguments = {"space": space, "trials": 3, "out": out, "backend": "ray", **change}
         with pytest.raises(danlu.DanluError, match=message):
             danlu.tune(config, arguments.pop("space"), **arguments)
+    unrecorded = tmp_path / "unrecorded"  # Ray's state, but not danlu's record of the search
+    (unrecorded / "ray" / "tune").mkdir(parents=True)
+    with pytest.raises(danlu.DanluError, match="holds a Ray search danlu cannot check"):
+        danlu.tune(config, space, trials=3, out=unrecorded, backend="ray")
     optuna_search = tmp_path / "optuna-search"
     optuna_search.mkdir()
     (optuna_search / "study.db").write_bytes(b"")

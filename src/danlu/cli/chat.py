@@ -83,13 +83,16 @@ def add_chat(sub) -> None:
 
 def run_chat(args) -> int:
     from danlu.serve.chat.model import check_path, load_chat_model, served_model
+    from danlu.serve.settings import MAX_TEMPERATURE
 
     model = served_model(args.model)  # a fine-tuned causal LM's run: the model it holds
     check_path(model)  # a missing path or a hub id: one line before torch is imported
     if args.max_tokens < 1:
         raise DanluError("--max-tokens must be at least 1", "e.g. --max-tokens 256")
-    if args.temperature is not None and not 0 <= args.temperature <= 2:  # the chat server's bounds
-        raise DanluError("--temperature must be between 0 and 2", "0 is greedy; e.g. --temperature 0.7")
+    if args.temperature is not None and not 0 <= args.temperature <= MAX_TEMPERATURE:  # the server's
+        raise DanluError(
+            f"--temperature must be between 0 and {MAX_TEMPERATURE:g}", "0 is greedy; e.g. --temperature 0.7"
+        )
     vllm = vllm_options(args)  # checked here too
     from danlu.serve.chat.engine import engine_for
     from danlu.serve.chat.sampling import SamplingParams

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from danlu.embeddings.detect import TRUNCATE
 from danlu.errors import DanluError
 
+MAX_TEMPERATURE = 2.0  # sampling temperatures run 0 (greedy) to this, as OpenAI's API allows (server, CLI)
 # settings whose `danlu serve` option has another name (the others are their name with dashes)
 OPTIONS = {"max_queue_rows": "--max-queue", "max_body_bytes": "--max-body-mb"}
 

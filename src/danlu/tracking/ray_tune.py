@@ -167,9 +167,15 @@ def _continued(spec: SearchSpec) -> dict[str, Any] | None:
     """The record of the Ray search already in OUT, None when there is none; raises when the search
     asked for is another one (Ray Tune restores a search's sampler, scheduler and trial count as they
     were, so a change would be ignored)."""
+    folder = Path(spec.out) / RAY_FOLDER
     try:
-        recorded = json.loads((Path(spec.out) / RAY_FOLDER / RECORD).read_text())
+        recorded = json.loads((folder / RECORD).read_text())
     except FileNotFoundError:
+        if (folder / EXPERIMENT).exists():  # Ray's state with no record of what it searched
+            raise DanluError(
+                f"'{spec.out}' holds a Ray search danlu cannot check (no {RAY_FOLDER}/{RECORD})",
+                "choose another --out",
+            ) from None
         return None
     except (OSError, ValueError) as error:
         raise DanluError(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from danlu.serve.chat.sampling import GREEDY_BELOW, SamplingParams
+from danlu.serve.settings import MAX_TEMPERATURE
 from danlu.serve.shell import ServeError
 
 log = logging.getLogger("danlu")
@@ -93,7 +94,7 @@ def sampling_from(
         value = number(body, key, kind, low, high)
         return value if value is not None else defaults.get(key, fallback)
 
-    temperature = pick("temperature", float, 0, 2, 1.0)
+    temperature = pick("temperature", float, 0, MAX_TEMPERATURE, 1.0)
     return SamplingParams(
         max_tokens=max_tokens or max_tokens_cap,
         # below this the softmax overflows to NaN: such a temperature means greedy anyway
