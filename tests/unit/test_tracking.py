@@ -1,5 +1,5 @@
 """danlu.tracking's own logic: one failing writer is dropped with a warning and the others go on; the
-config flattened as trackers store it."""
+config flattened as trackers store it; a search's processes never both start its last trial."""
 
 from __future__ import annotations
 
@@ -81,3 +81,42 @@ def test_a_stopped_run_ends_killed_and_a_failed_one_failed():
     assert end_status(None) == "FINISHED"
     assert end_status(KeyboardInterrupt()) == end_status(pruned("epoch 2")) == "KILLED"
     assert end_status(ValueError("boom")) == "FAILED"
+
+
+def test_two_processes_counting_the_last_trial_at_once_start_it_once(monkeypatch):
+    """The first searcher pauses between counting the trials and starting its own: the second, counting
+    meanwhile, must wait for the first's trial to be in the study, and then finds none left."""
+    import threading
+    import time
+
+    import optuna
+
+    from danlu.tracking import tune
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    study.set_user_attr("danlu", {"monitor": "val_loss"})
+    counted, finished = threading.Event(), tune._finished
+
+    def slow_count(study):
+        result = finished(study)
+        if threading.current_thread().name == "first":
+            counted.set()
+            time.sleep(0.5)  # the second searcher counts now, unless the claim keeps it out
+        return result
+
+    monkeypatch.setattr(tune, "_finished", slow_count)
+    claim, started = threading.Lock(), []
+
+    def search():
+        started.append(tune._next_trial(study, lambda trial: 1.0, claim, trials=1))
+
+    first = threading.Thread(target=search, name="first")
+    first.start()
+    counted.wait(10)
+    second = threading.Thread(target=search, name="second")
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert sorted(started) == [False, True]
+    assert len(study.trials) == 1

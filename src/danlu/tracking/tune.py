@@ -13,9 +13,10 @@ import logging
 import math
 import multiprocessing
 import os
+import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,9 +305,11 @@ def _finished(study: Any) -> tuple[int, int]:
     return done, states.count(TrialState.RUNNING)
 
 
-def run_worker(spec: SearchSpec, worker: int = 0, threads: int | None = None) -> None:
+def run_worker(spec: SearchSpec, worker: int = 0, threads: int | None = None, claim: Any = None) -> None:
     """Start trials until the search has spec.trials of them (finished or running, in any process) or
-    its timeout has passed. One process of a search: `danlu tune --jobs K` starts K."""
+    its timeout has passed. One process of a search: `danlu tune --jobs K` starts K, sharing `claim`, a
+    lock held from counting the trials to the next one's start: without it two processes could both
+    count one trial left and both start it."""
     import optuna
 
     if threads:
@@ -316,13 +319,36 @@ def run_worker(spec: SearchSpec, worker: int = 0, threads: int | None = None) ->
     dimensions = spec.dimensions
     study = open_study(spec, worker)
     objective = _objective(spec, dimensions)
+    claim = claim if claim is not None else threading.Lock()
     while spec.timeout_s is None or time.monotonic() - spec.started < spec.timeout_s:
         with _stable():
             optuna.storages.fail_stale_trials(study)  # trials of a process that stopped
-        done, running = _finished(study)
-        if done + running >= spec.trials:
+        if not _next_trial(study, objective, claim, spec.trials):
             break
-        study.optimize(objective, n_trials=1, catch=(DanluError,), callbacks=[_say(spec.trials)])
+
+
+def _next_trial(study: Any, objective: Callable[[Any], float], claim: Any, trials: int) -> bool:
+    """Run one more trial, unless the search has all its trials. `claim` is held until the trial is in
+    the study as running (Optuna adds it before calling the objective), so another process counts it."""
+    held = [claim.acquire()]
+
+    def release() -> None:
+        if held:
+            held.pop()
+            claim.release()
+
+    def started(trial: Any) -> float:
+        release()
+        return objective(trial)
+
+    try:
+        done, running = _finished(study)
+        if done + running >= trials:
+            return False
+        study.optimize(started, n_trials=1, catch=(DanluError,), callbacks=[_say(trials)])
+        return True
+    finally:
+        release()
 
 
 def _fail_reason(trial: Any) -> str | None:
@@ -344,9 +370,9 @@ def _say(total: int):
     return say
 
 
-def _worker_main(spec: SearchSpec, worker: int, threads: int, level: int) -> None:
+def _worker_main(spec: SearchSpec, worker: int, threads: int, level: int, claim: Any) -> None:
     logging.basicConfig(level=level, format="danlu: %(message)s")  # the parent's: -q stays quiet
-    run_worker(spec, worker, threads)
+    run_worker(spec, worker, threads, claim)
 
 
 def run_jobs(spec: SearchSpec, jobs: int) -> None:
@@ -357,8 +383,10 @@ def run_jobs(spec: SearchSpec, jobs: int) -> None:
     open_study(spec)  # the storage's tables and the study, made once before processes race to make them
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
-    level = logging.getLogger("danlu").getEffectiveLevel()
-    workers = [context.Process(target=_worker_main, args=(spec, i, threads, level)) for i in range(jobs)]
+    level, claim = logging.getLogger("danlu").getEffectiveLevel(), context.Lock()
+    workers = [
+        context.Process(target=_worker_main, args=(spec, i, threads, level, claim)) for i in range(jobs)
+    ]
     for worker in workers:
         worker.start()
     for worker in workers:
