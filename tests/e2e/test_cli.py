@@ -194,6 +194,7 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
     for args in (
         ["train", str(tmp_path / "nope.yaml")],
         ["train", bad_key, "train.epoch=3"],
+        ["train", bad_key, "train.strategy=deepspeed", "--out", str(tmp_path / "one")],  # needs --nproc 2+
         ["train", "--resume", str(tmp_path / "no_run")],
         ["evaluate", str(tmp_path / "no_run")],
         ["predict", str(tmp_path / "no_run"), "new.csv", "-o", "out.csv"],

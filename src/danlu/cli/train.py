@@ -224,6 +224,9 @@ def run_train(args) -> int:
         return launch_ray(args, config)
     if args.nproc:
         return launch_torchrun(args, config)
+    from danlu.training.strategies import check_processes
+
+    check_processes(config.train.strategy, int(os.environ.get("WORLD_SIZE", "1")))  # before torch
     import danlu
     from danlu.training.distributed import world_from_env
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from danlu.errors import DanluError
 from danlu.training.distributed import World
-from danlu.training.strategies import check_installed, import_deepspeed, shards
+from danlu.training.strategies import check_installed, check_processes, import_deepspeed, shards
 
 log = logging.getLogger("danlu")
 
@@ -32,11 +32,7 @@ BUCKET_ELEMENTS = 25_000_000
 def check(strategy: str, world: World, uneven: bool, precision: str) -> None:
     """What a strategy cannot do, as one line before training starts."""
     check_installed(strategy)
-    if strategy == "deepspeed" and not world.multi:
-        raise DanluError(
-            "train.strategy=deepspeed trains in several processes; this is one",
-            "start it with --nproc 2 or more, or use train.strategy=fsdp (it also trains in one process)",
-        )
+    check_processes(strategy, world.size)
     if not (shards(strategy) and world.multi):
         return
     if uneven:

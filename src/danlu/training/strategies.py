@@ -27,6 +27,15 @@ def check_installed(strategy: str) -> None:
         raise DanluError(missing, INSTALL_DEEPSPEED)
 
 
+def check_processes(strategy: str, processes: int) -> None:
+    """DeepSpeed's ZeRO shards over several processes and has no one-process mode."""
+    if strategy == "deepspeed" and processes == 1:
+        raise DanluError(
+            "train.strategy=deepspeed trains in several processes; this is one",
+            "start it with --nproc 2 or more, or use train.strategy=fsdp (it also trains in one process)",
+        )
+
+
 def import_deepspeed() -> Any:
     """DeepSpeed (None when it is not installed), imported without the MLflow import its autotuner makes
     when MLflow is installed: MLflow takes 1-2 s (more than DeepSpeed itself) of every start that imports
