@@ -70,6 +70,7 @@ def train_here(config, out, *overrides):
     return danlu.train(config, overrides, out=out, progress=False).path
 
 
+@pytest.mark.slow
 def test_two_processes_and_accumulation_match_one_process(config, uninterrupted, tmp_path):
     cfg = config()
     one = uninterrupted()

@@ -61,6 +61,7 @@ def one_process(table, tmp_path_factory):
     return weights(danlu.train(table(4), ["train.strategy=ddp"], out=out, progress=False).path)
 
 
+@pytest.mark.slow
 def test_two_processes_and_two_machines_reach_one_process_weights_of_a_table(table, one_process, tmp_path):
     config = table(4)
     one = one_process
@@ -90,6 +91,7 @@ def test_two_processes_and_two_machines_reach_one_process_weights_of_a_table(tab
     ]
 
 
+@pytest.mark.slow
 def test_zero_stages_reach_one_process_weights_of_a_table_under_torchrun_and_ray(
     table, one_process, tmp_path
 ):
@@ -118,6 +120,7 @@ def test_zero_stages_reach_one_process_weights_of_a_table_under_torchrun_and_ray
     assert checkpoint.startswith(str(storage)) and (Path(checkpoint) / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_sharded_run_resumes_on_another_number_of_processes(table, tmp_path):
     config = table(16, clip=None)  # over many steps clipping's kink turns rounding into 1e-3
     full = weights(danlu.train(config, out=tmp_path / "full", progress=False).path)

@@ -70,6 +70,7 @@ def test_the_toy_family_trains_from_the_cli_and_evaluates(run):
     assert (run.path / "heldout.seq.npz").is_file()  # its own held-out file, recorded in the run
 
 
+@pytest.mark.slow
 def test_a_killed_toy_run_resumes_to_the_weights_of_an_uninterrupted_one(toy, data, tmp_path):
     config = tmp_path / "long.yaml"
     config.write_text((data / "toy.yaml").read_text().replace("epochs: 20", "epochs: 30\n  batch_size: 16"))
