@@ -83,7 +83,7 @@ def test_a_stopped_run_ends_killed_and_a_failed_one_failed():
     assert end_status(ValueError("boom")) == "FAILED"
 
 
-def test_two_processes_counting_the_last_trial_at_once_start_it_once(monkeypatch):
+def test_two_processes_counting_the_last_trial_at_once_start_it_once(monkeypatch, tmp_path):
     """The first searcher pauses between counting the trials and starting its own: the second, counting
     meanwhile, must wait for the first's trial to be in the study, and then finds none left."""
     import threading
@@ -106,10 +106,10 @@ def test_two_processes_counting_the_last_trial_at_once_start_it_once(monkeypatch
         return result
 
     monkeypatch.setattr(tune, "_finished", slow_count)
-    claim, started = threading.Lock(), []
+    started = []
 
-    def search():
-        started.append(tune._next_trial(study, lambda trial: 1.0, claim, trials=1))
+    def search():  # each its own claim on the file, as each process has
+        started.append(tune._next_trial(study, lambda trial: 1.0, tune.Claim(tmp_path), trials=1))
 
     first = threading.Thread(target=search, name="first")
     first.start()

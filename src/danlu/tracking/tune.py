@@ -13,7 +13,6 @@ import logging
 import math
 import multiprocessing
 import os
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from danlu.tracking.space import Dimension, parse_space, with_values
 log = logging.getLogger("danlu")
 
 STUDY_FILE = "study.db"
+LOCK_FILE = "study.lock"
 STUDY_NAME = "danlu"
 TRIALS = "trials"
 BEST_CONFIG = "best.yaml"
@@ -305,11 +305,10 @@ def _finished(study: Any) -> tuple[int, int]:
     return done, states.count(TrialState.RUNNING)
 
 
-def run_worker(spec: SearchSpec, worker: int = 0, threads: int | None = None, claim: Any = None) -> None:
+def run_worker(spec: SearchSpec, worker: int = 0, threads: int | None = None) -> None:
     """Start trials until the search has spec.trials of them (finished or running, in any process) or
-    its timeout has passed. One process of a search: `danlu tune --jobs K` starts K, sharing `claim`, a
-    lock held from counting the trials to the next one's start: without it two processes could both
-    count one trial left and both start it."""
+    its timeout has passed. One process of a search: `danlu tune --jobs K` starts K, and other commands
+    on the same --out join them."""
     import optuna
 
     if threads:
@@ -319,12 +318,31 @@ def run_worker(spec: SearchSpec, worker: int = 0, threads: int | None = None, cl
     dimensions = spec.dimensions
     study = open_study(spec, worker)
     objective = _objective(spec, dimensions)
-    claim = claim if claim is not None else threading.Lock()
+    claim = Claim(spec.out)
     while spec.timeout_s is None or time.monotonic() - spec.started < spec.timeout_s:
         with _stable():
             optuna.storages.fail_stale_trials(study)  # trials of a process that stopped
         if not _next_trial(study, objective, claim, spec.trials):
             break
+
+
+class Claim:
+    """An exclusive lock on OUT/study.lock, which every process searching OUT takes from counting the
+    trials to its next trial's start: without it two processes could both count one trial left and
+    both start it. (Its own file: SQLite's locks on study.db are of another kind.)"""
+
+    def __init__(self, out: str | Path) -> None:
+        self.path = Path(out) / LOCK_FILE
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        self.file = self.path.open("a")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        return True
+
+    def release(self) -> None:
+        self.file.close()  # closing the file releases its lock
 
 
 def _next_trial(study: Any, objective: Callable[[Any], float], claim: Any, trials: int) -> bool:
@@ -370,9 +388,9 @@ def _say(total: int):
     return say
 
 
-def _worker_main(spec: SearchSpec, worker: int, threads: int, level: int, claim: Any) -> None:
+def _worker_main(spec: SearchSpec, worker: int, threads: int, level: int) -> None:
     logging.basicConfig(level=level, format="danlu: %(message)s")  # the parent's: -q stays quiet
-    run_worker(spec, worker, threads, claim)
+    run_worker(spec, worker, threads)
 
 
 def run_jobs(spec: SearchSpec, jobs: int) -> None:
@@ -383,10 +401,8 @@ def run_jobs(spec: SearchSpec, jobs: int) -> None:
     open_study(spec)  # the storage's tables and the study, made once before processes race to make them
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
-    level, claim = logging.getLogger("danlu").getEffectiveLevel(), context.Lock()
-    workers = [
-        context.Process(target=_worker_main, args=(spec, i, threads, level, claim)) for i in range(jobs)
-    ]
+    level = logging.getLogger("danlu").getEffectiveLevel()
+    workers = [context.Process(target=_worker_main, args=(spec, i, threads, level)) for i in range(jobs)]
     for worker in workers:
         worker.start()
     for worker in workers:
