@@ -179,6 +179,7 @@ def test_a_bad_space_is_one_line_before_any_trial(tmp_path, space, message):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_ray_search_killed_midway_continues_from_ray_tunes_state(tmp_path, monkeypatch):
     """danlu tune --backend ray, killed (SIGKILL, with Ray's processes) once a trial has finished and a
     third has started, continues when run again (here through the Python API): the trial that finished
