@@ -93,7 +93,7 @@ def run_chat(args) -> int:
         raise DanluError(
             f"--temperature must be between 0 and {MAX_TEMPERATURE:g}", "0 is greedy; e.g. --temperature 0.7"
         )
-    vllm = vllm_options(args)  # checked here too
+    vllm = vllm_options(args)  # its values are refused here, before torch
     from danlu.serve.chat.engine import engine_for
     from danlu.serve.chat.sampling import SamplingParams
     from danlu.serve.chat.templates import Template

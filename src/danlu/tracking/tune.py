@@ -329,34 +329,33 @@ def run_worker(spec: SearchSpec, worker: int = 0, threads: int | None = None) ->
 class Claim:
     """An exclusive lock on OUT/study.lock, which every process searching OUT takes from counting the
     trials to its next trial's start: without it two processes could both count one trial left and
-    both start it. (Its own file: SQLite's locks on study.db are of another kind.)"""
+    both start it. (Its own file: SQLite's locks on study.db are POSIX record locks, which closing any
+    descriptor of that file in the process would drop.)"""
 
     def __init__(self, out: str | Path) -> None:
         self.path = Path(out) / LOCK_FILE
+        self.file: Any = None
 
-    def acquire(self) -> bool:
+    def acquire(self) -> None:
         import fcntl
 
         self.file = self.path.open("a")
         fcntl.flock(self.file, fcntl.LOCK_EX)
-        return True
 
     def release(self) -> None:
-        self.file.close()  # closing the file releases its lock
+        """Closing the file releases its lock; a claim already released stays so."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
-def _next_trial(study: Any, objective: Callable[[Any], float], claim: Any, trials: int) -> bool:
+def _next_trial(study: Any, objective: Callable[[Any], float], claim: Claim, trials: int) -> bool:
     """Run one more trial, unless the search has all its trials. `claim` is held until the trial is in
     the study as running (Optuna adds it before calling the objective), so another process counts it."""
-    held = [claim.acquire()]
-
-    def release() -> None:
-        if held:
-            held.pop()
-            claim.release()
+    claim.acquire()
 
     def started(trial: Any) -> float:
-        release()
+        claim.release()
         return objective(trial)
 
     try:
@@ -366,7 +365,7 @@ def _next_trial(study: Any, objective: Callable[[Any], float], claim: Any, trial
         study.optimize(started, n_trials=1, catch=(DanluError,), callbacks=[_say(trials)])
         return True
     finally:
-        release()
+        claim.release()
 
 
 def _fail_reason(trial: Any) -> str | None:
