@@ -429,6 +429,23 @@ def resolve_paths(config: Config, base: Path) -> Config:
     return config.model_copy(update={"data": data.model_copy(update=updates), "model": model})
 
 
+def existing_data(spec: str, what: str = "data file") -> Path:
+    """The path a data.train/validation/test value names, which must exist (a file or a folder)."""
+    path = Path(spec)
+    if not path.exists():
+        raise DanluError(f"{what} '{spec}' not found", "check the path in the config or on the command line")
+    return path
+
+
+def check_data_paths(data: DataConfig) -> None:
+    """Every data file the config names exists: a mistyped path, the commonest mistake, is said before
+    torch and the data load (paths relative to the working directory, as training reads them)."""
+    for name in ("train", "validation", "test"):
+        value = getattr(data, name)
+        if value is not None and not value.startswith(SYNTHETIC_PREFIX):
+            existing_data(value, f"data file (data.{name})")
+
+
 def dump_config(config: Config) -> str:
     header = (
         f"# danlu resolved config (schema {SCHEMA_VERSION}); `danlu train` this file to reproduce the run\n"

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -180,6 +181,7 @@ def main_in_a_fresh_interpreter(args: list[str]) -> subprocess.CompletedProcess:
 
 def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_path):
     bad_key = _cfg(tmp_path, tmp_path / "data.csv")
+    (tmp_path / "data.csv").write_text("x,label\n1,a\n")  # exists, so each case is refused for its own
     run = tmp_path / "run"  # a finished run, as far as a check before torch can tell
     run.mkdir()
     (run / "report.json").write_text("{}")
@@ -218,6 +220,33 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
     ):
         result = main_in_a_fresh_interpreter(args)
         assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)
+
+
+def test_a_missing_data_file_is_named_before_torch_loads(tmp_path):
+    """A mistyped data path (train, validation or test; for train, tune, and a resumed run whose data
+    moved) is one line naming the key and the path, before torch and the data load."""
+    data = tmp_path / "data.csv"
+    data.write_text("x,label\n1,a\n")
+    config, missing = _cfg(tmp_path, data), tmp_path / "gone.csv"
+    space = write_config(tmp_path / "space.yaml", "train.lr: {low: 0.001, high: 0.1, log: true}\n")
+    stopped = tmp_path / "stopped"  # a stopped run, as far as a check before torch can tell
+    (stopped / "checkpoints").mkdir(parents=True)
+    (stopped / "checkpoints" / "last.pt").write_bytes(b"")
+    (stopped / "config.yaml").write_text(Path(_cfg(tmp_path, missing)).read_text())
+    for args, key in (
+        (["train", _cfg(tmp_path, missing), "--out", str(tmp_path / "a")], "train"),
+        (["train", config, f"data.validation={missing}", "--out", str(tmp_path / "b")], "validation"),
+        (["train", config, f"data.test={missing}", "--out", str(tmp_path / "c")], "test"),
+        (["tune", _cfg(tmp_path, missing), "--space", str(space), "--out", str(tmp_path / "d")], "train"),
+        (["train", "--resume", str(stopped)], "train"),
+    ):
+        result = main_in_a_fresh_interpreter(args)
+        assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)
+        line = result.stderr.strip()
+        assert line == (
+            f"danlu: error: data file (data.{key}) '{missing}' not found "
+            "(fix: check the path in the config or on the command line)"
+        ), line
 
 
 def test_server_limits_out_of_range_are_one_line_before_torch_loads(tmp_path):

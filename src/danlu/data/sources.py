@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from danlu.config import SYNTHETIC_PREFIX, SyntheticConfig
+from danlu.config import SYNTHETIC_PREFIX, SyntheticConfig, existing_data
 from danlu.data.dataset import Fingerprinted
 from danlu.errors import DanluError
 
@@ -251,11 +251,7 @@ def _read_npz(path: Path) -> pd.DataFrame:
 
 
 def check_path(spec: str) -> Path:
-    path = Path(spec)
-    if not path.exists():
-        raise DanluError(
-            f"data file '{spec}' not found", "check the path in the config or on the command line"
-        )
+    path = existing_data(spec)
     if path.suffix.lower() not in SUFFIXES:
         raise DanluError(
             f"'{spec}' has an unsupported type '{path.suffix}'", f"use one of {', '.join(SUFFIXES)}"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from danlu.config import existing_data
 from danlu.data.dataset import Fingerprinted
 from danlu.data.sources import file_fingerprint
 from danlu.errors import DanluError
@@ -293,11 +294,7 @@ def _idx(path: Path) -> ImageSource:
 
 def open_source(spec: str, image_column: str | None = None, target: str | None = None) -> ImageSource:
     """Open an image source by its config string (a folder, a CSV/Parquet of paths, IDX or NPZ)."""
-    path = Path(spec)
-    if not path.exists():
-        raise DanluError(
-            f"image data '{spec}' not found", "check the path in the config or on the command line"
-        )
+    path = existing_data(spec, "image data")
     if path.is_dir():
         return _folder(path)
     if is_idx(path):
