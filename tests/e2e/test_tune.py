@@ -256,11 +256,12 @@ def test_a_ray_search_killed_midway_continues_from_ray_tunes_state(tmp_path, mon
 
 def test_a_search_whose_every_trial_fails_says_why(tmp_path):
     config, space = _setup(tmp_path)
-    (tmp_path / "mixed.csv").unlink()  # the config is valid; every trial fails on its data
+    # the config and its data file are valid; every trial fails on what the data holds
+    mixed_frame(600).assign(label="same").to_csv(tmp_path / "mixed.csv", index=False)
     result = run_cli("tune", str(config), "--space", str(space), "--trials", "2", cwd=tmp_path)
     assert result.returncode == 2
-    assert "danlu: error: all 2 trials failed; trial 000: data file" in result.stderr
-    assert "not found" in result.stderr.strip().splitlines()[-1]
+    assert "danlu: error: all 2 trials failed; trial 000: " in result.stderr
+    assert "single class" in result.stderr.strip().splitlines()[-1]
 
 
 def test_a_trial_whose_process_died_is_failed_by_the_next_search_and_not_counted_running(
