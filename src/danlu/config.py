@@ -418,15 +418,17 @@ def resolve_paths(config: Config, base: Path) -> Config:
     """Make data paths and model.pretrained absolute (relative to `base`) so the saved config reproduces
     the run anywhere (a model.pretrained that does not exist stays as written, for its error message)."""
     data = config.data
-    updates = {}
-    for name in ("train", "validation", "test"):
-        value = getattr(data, name)
-        if value is not None and not value.startswith(SYNTHETIC_PREFIX):
-            updates[name] = str((base / value).resolve())
+    updates = {name: str((base / value).resolve()) for name, value in data_files(data).items()}
     model = config.model
     if model.pretrained is not None and Path(base / model.pretrained).expanduser().exists():
         model = model.model_copy(update={"pretrained": str((base / model.pretrained).expanduser().resolve())})
     return config.model_copy(update={"data": data.model_copy(update=updates), "model": model})
+
+
+def data_files(data: DataConfig) -> dict[str, str]:
+    """data.train, validation and test where they name a file or folder (not synthetic data), by key."""
+    values = {"train": data.train, "validation": data.validation, "test": data.test}
+    return {k: v for k, v in values.items() if v is not None and not v.startswith(SYNTHETIC_PREFIX)}
 
 
 def existing_data(spec: str, what: str = "data file") -> Path:
@@ -440,10 +442,8 @@ def existing_data(spec: str, what: str = "data file") -> Path:
 def check_data_paths(data: DataConfig) -> None:
     """Every data file the config names exists: a mistyped path, the commonest mistake, is said before
     torch and the data load (paths relative to the working directory, as training reads them)."""
-    for name in ("train", "validation", "test"):
-        value = getattr(data, name)
-        if value is not None and not value.startswith(SYNTHETIC_PREFIX):
-            existing_data(value, f"data file (data.{name})")
+    for name, value in data_files(data).items():
+        existing_data(value, f"data file (data.{name})")
 
 
 def dump_config(config: Config) -> str:
