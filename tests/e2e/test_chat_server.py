@@ -49,6 +49,15 @@ def server(model):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory, engine):
+    """A deeper model whose 200 greedy tokens take long enough to act in the middle of a generation."""
+    model = tiny_model(tmp_path_factory.mktemp("slow"), engine, layers=SLOWER[engine])
+    server = Server(model, "--max-tokens", "200")
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def client(server):
     from openai import OpenAI
@@ -195,28 +204,24 @@ def wait_until(condition, seconds: float = 30) -> bool:
     return True
 
 
-def test_disconnects_cancel_streaming_and_whole_requests(tmp_path, engine):
-    # 200 greedy tokens with no early end take long enough to leave in the middle
-    server = Server(tiny_model(tmp_path, engine, layers=SLOWER[engine]), "--max-tokens", "200")
+def test_disconnects_cancel_streaming_and_whole_requests(slow_server):
+    server = slow_server  # 200 greedy tokens with no early end take long enough to leave in the middle
     url = f"{server.url}/v1/chat/completions"
     body = {"messages": HELLO, "max_tokens": 200, "temperature": 0}
-    try:
-        whole = httpx.post(url, json=body, timeout=60).json()
-        assert whole["usage"]["completion_tokens"] == 200  # left alone, it runs to the limit
-        for stream in (True, False):
-            data = json.dumps({**body, "stream": stream}).encode()
-            before = scrape(server)["danlu_chat_generated_tokens_total{}"]
-            with socket.create_connection(("127.0.0.1", server.port)) as client:
-                head = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-                head += "Content-Type: application/json\r\n"
-                client.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
-                assert wait_until(lambda: running(server) == 1), "the request never ran"
-            # the client is gone in the middle of its generation
-            assert wait_until(lambda: running(server) == 0, 10), "the slot was not freed"
-            generated = scrape(server)["danlu_chat_generated_tokens_total{}"] - before
-            assert 0 < generated < 200, (stream, generated)  # stopped, not run to the end
-    finally:
-        server.stop()
+    whole = httpx.post(url, json=body, timeout=60).json()
+    assert whole["usage"]["completion_tokens"] == 200  # left alone, it runs to the limit
+    for stream in (True, False):
+        data = json.dumps({**body, "stream": stream}).encode()
+        before = scrape(server)["danlu_chat_generated_tokens_total{}"]
+        with socket.create_connection(("127.0.0.1", server.port)) as client:
+            head = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+            head += "Content-Type: application/json\r\n"
+            client.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+            assert wait_until(lambda: running(server) == 1), "the request never ran"
+        # the client is gone in the middle of its generation
+        assert wait_until(lambda: running(server) == 0, 10), "the slot was not freed"
+        generated = scrape(server)["danlu_chat_generated_tokens_total{}"] - before
+        assert 0 < generated < 200, (stream, generated)  # stopped, not run to the end
 
 
 def test_the_queue_limit_answers_503_with_retry_after(model):
@@ -441,13 +446,13 @@ HOSTILE = [  # raw bodies: Python's json writes NaN and Infinity, which strict J
 ]
 
 
-def test_hostile_numbers_fail_only_their_own_request(tmp_path, engine):
+def test_hostile_numbers_fail_only_their_own_request(slow_server, engine):
     """A long greedy stream runs while requests with values that used to break the engine step (and so
     every generation in flight) arrive: each gets its own 400 (or, for a vanishing temperature, a greedy
     answer), and the stream ends as it does alone, token for token."""
     import threading
 
-    server = Server(tiny_model(tmp_path, engine, layers=SLOWER[engine]), "--max-tokens", "200")
+    server = slow_server
     url = f"{server.url}/v1/chat/completions"
     long = {"messages": HELLO, "max_tokens": 200, "temperature": 0, "stream": True}
 
@@ -457,41 +462,36 @@ def test_hostile_numbers_fail_only_their_own_request(tmp_path, engine):
         assert raw.endswith("data: [DONE]\n\n")
         return [json.loads(e.removeprefix("data: ")) for e in raw.split("\n\n")[:-2]]
 
-    try:
-        alone = stream()
-        outcome = {}
-        victim = threading.Thread(target=lambda: outcome.update(events=stream()))
-        victim.start()
-        assert wait_until(lambda: running(server) == 1)
-        headers = {"content-type": "application/json"}
+    alone = stream()
+    outcome = {}
+    victim = threading.Thread(target=lambda: outcome.update(events=stream()))
+    victim.start()
+    assert wait_until(lambda: running(server) == 1)
+    headers = {"content-type": "application/json"}
 
-        def send(body: str, status: int, param: str | None) -> None:
-            raw = body.replace("M", json.dumps(HELLO), 1)
-            response = httpx.post(url, content=raw.encode(), headers=headers, timeout=60)
-            assert response.status_code == status, (body[:80], response.text[:300])
-            if status == 400:
-                error = response.json()["error"]
-                assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    def send(body: str, status: int, param: str | None) -> None:
+        raw = body.replace("M", json.dumps(HELLO), 1)
+        response = httpx.post(url, content=raw.encode(), headers=headers, timeout=60)
+        assert response.status_code == status, (body[:80], response.text[:300])
+        if status == 400:
+            error = response.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["param"] == param, error
 
-        # llama.cpp's kernels are not batch-invariant: a request decoding beside the stream changes its
-        # rounding (over 64 layers, its tokens), so there the accepted request goes after it
-        beside = [c for c in HOSTILE if engine == "torch" or c[1] == 400]
-        for case in beside:
+    # llama.cpp's kernels are not batch-invariant: a request decoding beside the stream changes its
+    # rounding (over 64 layers, its tokens), so there the accepted request goes after it
+    beside = [c for c in HOSTILE if engine == "torch" or c[1] == 400]
+    for case in beside:
+        send(*case)
+        assert running(server) == 1, case[0][:80]  # the stream is still going
+    victim.join(120)
+    for case in HOSTILE:
+        if case not in beside:
             send(*case)
-            assert running(server) == 1, case[0][:80]  # the stream is still going
-        victim.join(120)
-        for case in HOSTILE:
-            if case not in beside:
-                send(*case)
-        events = outcome["events"]
-        assert not any("error" in e for e in events)
-        assert events[-1]["choices"][0]["finish_reason"] == "length"
-        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
-        assert text == "".join(
-            e["choices"][0]["delta"].get("content") or "" for e in alone if e.get("choices")
-        )
-    finally:
-        server.stop()
+    events = outcome["events"]
+    assert not any("error" in e for e in events)
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    assert text == "".join(e["choices"][0]["delta"].get("content") or "" for e in alone if e.get("choices"))
 
 
 def test_a_request_over_the_token_budget_is_refused_and_one_within_it_waits(model):

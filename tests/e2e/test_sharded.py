@@ -96,20 +96,19 @@ def test_zero_stages_reach_one_process_weights_of_a_table_under_torchrun_and_ray
     table, one_process, tmp_path
 ):
     config = table(4, strategy="deepspeed")
-    # (ZeRO-3 under torchrun: test_a_sharded_run_resumes_on_another_number_of_processes)
-    for stage, extra in ((1, ["train.accumulate=2"]), (2, [])):
-        train(config, tmp_path / f"zero{stage}", "--nproc", "2", f"train.zero_stage={stage}", *extra)
-        assert largest_difference(one_process, weights(tmp_path / f"zero{stage}")) < 1e-5, stage
-    files = sorted(p.name for p in (tmp_path / "zero2" / "checkpoints" / "shards-000004").iterdir())
-    assert files == ["zero-00000-of-00002.safetensors", "zero-00001-of-00002.safetensors"]
-    # Ray Train places the processes and starts their group; the strategy runs inside (ZeRO-3 here;
-    # FSDP and DDP take the same group: test_distributed resumes a DDP run on Ray)
+    # ZeRO-1 under torchrun (ZeRO-3 under torchrun: test_a_sharded_run_resumes_on_another_number_of_processes)
+    train(config, tmp_path / "zero1", "--nproc", "2", "train.zero_stage=1", "train.accumulate=2")
+    assert largest_difference(one_process, weights(tmp_path / "zero1")) < 1e-5
+    # ZeRO-2 on Ray Train's workers: Ray places the processes and starts their group, the strategy runs
+    # inside (FSDP and DDP take the same group: test_distributed resumes a DDP run on Ray)
     run, storage = tmp_path / "ray", tmp_path / "ray_results"
     ray = ("--backend", "ray", "--workers", "2", "--ray-storage", str(storage), "--log-to", "tensorboard")
-    ran = run_cli("-q", "train", str(config), "train.zero_stage=3", "--out", str(run), *ray, timeout=600)
+    ran = run_cli("-q", "train", str(config), "train.zero_stage=2", "--out", str(run), *ray, timeout=600)
     assert ran.returncode == 0, ran.stderr
     assert largest_difference(one_process, weights(run)) < 1e-5
     assert danlu.Run(run).report["processes"] == 2
+    files = sorted(p.name for p in (run / "checkpoints" / "shards-000004").iterdir())
+    assert files == ["zero-00000-of-00002.safetensors", "zero-00001-of-00002.safetensors"]
     # only rank 0's worker tracks: one event file, each epoch's validation loss once
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
