@@ -86,10 +86,13 @@ $(FLOOR_STAMP): $(STAMP) tests/floor.py
 	$(FLOOR)/bin/python tests/floor.py --check
 	touch $(FLOOR_STAMP)
 
-# the tests that touch transformers, GGUF, llama.cpp and ONNX, again at the oldest versions danlu admits
+# the tests that touch transformers, GGUF, llama.cpp and ONNX, again at the oldest versions danlu admits, in
+# the suite's workers: in `make test` the floor's llama.cpp build runs beside the vLLM suite, so the floor's
+# suite runs mostly after it, alone, where one process would leave a core idle
 test-floor: $(FLOOR_STAMP)
 	$(FLOOR)/bin/python tests/floor.py --check
-	$(FLOOR)/bin/python -m pytest -p no:cacheprovider $(FLOOR_TESTS)
+	OMP_NUM_THREADS=$(TEST_THREADS) $(FLOOR)/bin/python -m pytest -p no:cacheprovider $(PYTEST_PARALLEL) \
+		$(FLOOR_TESTS)
 
 setup-vllm: $(VLLM_STAMP)
 
