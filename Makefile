@@ -76,11 +76,16 @@ test: setup lint
 	# the floor's and vLLM's suites side by side, each in its share of the cores
 	OMP_NUM_THREADS=$(TEST_THREADS) $(MAKE) -j2 --output-sync=target test-floor test-vllm
 
-$(FLOOR_STAMP): $(STAMP) tests/floor.py
-	test -x $(FLOOR)/bin/python || $(PYTHON) -m venv $(FLOOR)
-	# .venv's packages after the floor environment's own: the floor pins shadow them, the rest is shared
+# $(call over_venv,DIR): an environment in DIR that sees .venv's packages after its own, so what it installs
+# (the floor's pins, vLLM and what vLLM pins) shadows them and the rest is shared
+define over_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	echo "import site; site.addsitedir('$$($(BIN)/python -c "$(PURELIB)")')" \
-		> "$$($(FLOOR)/bin/python -c "$(PURELIB)")/danlu-base.pth"
+		> "$$($(1)/bin/python -c "$(PURELIB)")/danlu-base.pth"
+endef
+
+$(FLOOR_STAMP): $(STAMP) tests/floor.py
+	$(call over_venv,$(FLOOR))
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
 		$(FLOOR)/bin/python $(INSTALL) $$($(BIN)/python tests/floor.py)
 	$(FLOOR)/bin/python tests/floor.py --check
@@ -97,9 +102,7 @@ test-floor: $(FLOOR_STAMP)
 setup-vllm: $(VLLM_STAMP)
 
 $(VLLM_STAMP): $(STAMP)
-	test -x $(VLLM)/bin/python || $(PYTHON) -m venv $(VLLM)
-	echo "import site; site.addsitedir('$$($(BIN)/python -c "$(PURELIB)")')" \
-		> "$$($(VLLM)/bin/python -c "$(PURELIB)")/danlu-base.pth"
+	$(call over_venv,$(VLLM))
 	$(VLLM)/bin/python $(INSTALL) "$(VLLM_SPEC)"
 	# pip brings CUDA builds of torchvision, torchaudio and torchcodec beside the CPU torch, and they break
 	# transformers' and vLLM's imports; nothing danlu runs needs them

@@ -19,4 +19,10 @@ status=0
 end=$(date +%s)
 # a step's time runs from its line to the next timestamped line
 grep -v 'WARNING: Location' "$log" | awk '{t = $1; $1 = ""; if (p != "" && t > p) printf "%6d s %s\n", t - p, substr(prev, 1, 110); p = t; prev = $0}'
+# make test runs the floor's and vLLM's targets side by side with --output-sync, so each target's lines
+# arrive together when it ends and the step times above do not split that phase; when each environment
+# was ready and each pytest run ended, in seconds from the start, does
+echo "ended, seconds from the start:"
+grep -E 'touch .*setup-stamp|(passed|failed).* in [0-9.]+s' "$log" | grep -v 'WARNING: Location' |
+	awk -v start="$start" '{t = $1; $1 = ""; printf "%6d s %s\n", t - start, substr($0, 1, 110)}'
 echo "make $targets at $commit: $((end - start)) s in all, exit $status (log: $log; delete $work when done)"
