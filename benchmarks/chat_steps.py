@@ -13,8 +13,10 @@ of the steps in which all streams decode and no prompt is prefilled.
 With --rounds N each engine runs N times, the two in turns, and the best run of each is shown.
 
 With --at 75,540 only the executor's decode step is timed, every row at each of those positions (the
-step's growth with length, without the run's load swings), and the vocabulary projection alone: the
-model's Linear against the executor's packed head.
+step's growth with length, without the run's load swings), with every linear layer packed for oneDNN
+(the executor's default where memory allows), with the vocabulary projection alone packed, and with
+nothing packed, in turns; and the vocabulary projection alone: the model's Linear against its packed
+copy.
 
 Run: python benchmarks/chat_steps.py [--streams 16] [--max-tokens 500] [--baseline 0a263cf] [--rounds 3]
      python benchmarks/chat_steps.py --at 75,540
@@ -80,6 +82,7 @@ def engine_run(streams: int, max_tokens: int, dtype: str) -> dict:
 
 def generate_run(streams: int, max_tokens: int, dtype: str) -> dict:
     """Hugging Face generate on one left-padded batch of every prompt, greedy, max_tokens new tokens."""
+    from danlu.serve.chat.kvcache import bytes_per_token
     from danlu.serve.chat.model import load_chat_model
 
     chat = load_chat_model(str(model_path()), engine="torch", dtype=dtype)
@@ -97,22 +100,23 @@ def generate_run(streams: int, max_tokens: int, dtype: str) -> dict:
         out = chat.model.generate(batch, attention_mask=mask, **options)
         seconds = time.perf_counter() - start
     new = (out.shape[1] - width) * streams
-    config = chat.model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_bytes = (
-        config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * chat.model.dtype.itemsize
-    )
+    kv_bytes = bytes_per_token(chat.model.config, chat.model.dtype)
     return {"tokens_s": new / seconds, "seconds": seconds, "kv_bytes": kv_bytes}
 
 
-def steps_at(model, streams: int, positions: list[int]) -> list[float]:
+def steps_at(model, streams: int, positions: list[int], packing: str = "every") -> list[float]:
     """ms of one decode step of the executor alone (this tree), every one of `streams` rows at each of
-    `positions` (random prompts of that length prefilled first); the mean of 10 steps after 3."""
-    from danlu.serve.chat.executor import Chunk, TorchExecutor
+    `positions` (random prompts of that length prefilled first); the mean of 10 steps after 3. packing:
+    "every" linear layer packed for oneDNN (the executor's default where memory allows), the vocabulary
+    projection alone ("head"), or "none"."""
+    from danlu.serve.chat.executor import Chunk, Packed, TorchExecutor
 
+    head_bytes = model.get_output_embeddings().weight.nbytes
     times = []
     for length in positions:
         executor = TorchExecutor(model, "cpu", streams, 1 << 30)
+        if packing != "every":
+            executor.packed = Packed.of(model, room=head_bytes) if packing == "head" else None
         ids = torch.randint(100, 40000, (streams, length), generator=torch.Generator().manual_seed(0))
         executor.forward([Chunk(row, ids[row].tolist(), 0, True) for row in range(streams)])
         step = [Chunk(row, [5], length, True) for row in range(streams)]
@@ -129,9 +133,11 @@ def steps_at(model, streams: int, positions: list[int]) -> list[float]:
 def head_ms(model, streams: int) -> tuple[float, float | None]:
     """ms of the vocabulary projection of `streams` rows: the model's own Linear, and the executor's packed
     head (None where it does not apply); the best of 20 each."""
-    from danlu.serve.chat.executor import PackedHead
+    from danlu.serve.chat.executor import Packed
 
-    head, packed = model.get_output_embeddings(), PackedHead.of(model)
+    head = model.get_output_embeddings()
+    packed = Packed.of(model, room=head.weight.nbytes)  # the head alone
+    packed = None if packed is None else packed.layers[0]
     hidden = torch.randn(streams, 1, head.in_features, dtype=head.weight.dtype)
 
     def best(project) -> float:
@@ -195,9 +201,17 @@ def main() -> None:
 
         model = load_chat_model(str(model_path()), engine="torch", dtype=args.dtype).model
         positions = [int(p) for p in args.at.split(",")]
-        rounds = [steps_at(model, args.streams, positions) for _ in range(max(args.rounds, 2))]
+        packings = ("every", "head", "none")  # in turns, so that load from elsewhere falls on each
+        rounds = [
+            {k: steps_at(model, args.streams, positions, k) for k in packings}
+            for _ in range(max(args.rounds, 2))
+        ]
+        names = {"every": "every linear layer packed", "head": "the vocabulary projection packed",
+                 "none": "nothing packed"}  # fmt: skip
         for i, p in enumerate(positions):
-            print(f"{args.streams} rows at position {p}: {min(r[i] for r in rounds):.1f} ms a step (best)")
+            best_ms = {k: min(r[k][i] for r in rounds) for k in packings}
+            print(f"{args.streams} rows at position {p}, ms a step (best): "
+                  + ", ".join(f"{names[k]} {best_ms[k]:.1f}" for k in packings))  # fmt: skip
         plain, packed = head_ms(model, args.streams)
         print(f"the vocabulary projection of {args.streams} rows: {plain:.1f} ms through the model's Linear, "
               + (f"{packed:.1f} ms packed" if packed is not None else "not packed here"))  # fmt: skip

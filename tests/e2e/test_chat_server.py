@@ -4,6 +4,7 @@ as OpenAI error JSON, disconnects that free the slot, the queue limit, and the c
 
 import importlib.util
 import json
+import math
 import socket
 import time
 
@@ -511,6 +512,13 @@ def test_a_request_over_the_token_budget_is_refused_and_one_within_it_waits(mode
         assert models["data"][0]["max_batch_tokens"] == 60
         decode = {"torch": "eager", "llama.cpp": None}[models["data"][0]["executor"]]  # no CUDA graphs here
         assert models["data"][0]["decode"] == decode
+        if decode == "eager":  # float32 on this CPU: every linear layer packed, a copy of its weight
+            from safetensors import safe_open
+
+            with safe_open(str(model / "model.safetensors"), "pt") as weights:
+                names = [k for k in weights.keys() if k.endswith(("proj.weight", "lm_head.weight"))]  # noqa: SIM118
+                expected = sum(4 * math.prod(weights.get_slice(k).get_shape()) for k in names)
+            assert models["data"][0]["packed_bytes"] == expected > 0
     finally:
         server.stop()
 

@@ -5,12 +5,14 @@ equals the whole text; per-request seeds; cancelling frees the slot."""
 import threading
 import time
 
+import psutil
 import pytest
 import torch
 
 from danlu.errors import DanluError
 from danlu.serve.chat.engine import Engine, Sequence
-from danlu.serve.chat.executor import Chunk, PackedHead, TorchExecutor
+from danlu.serve.chat.executor import Chunk, Packed, PackedLinear, TorchExecutor
+from danlu.serve.chat.kvcache import bytes_per_token
 from danlu.serve.chat.model import load_chat_model
 from danlu.serve.chat.sampling import SamplingParams
 from danlu.serve.chat.templates import Template
@@ -271,39 +273,50 @@ def test_sliding_window_models_equal_generate(tmp_path, arch, settings):
     assert [reference(unbounded, p, 24) for p in ids] != expected  # the window really changes answers
 
 
-def test_the_engine_projects_to_the_vocabulary_through_the_packed_head_and_generate_does_not(
-    chat, monkeypatch
-):
+def test_the_engine_computes_through_packed_layers_and_generate_does_not(chat, monkeypatch):
     calls = []
-    packed_call = PackedHead.__call__
+    packed_call = PackedLinear.__call__
     monkeypatch.setattr(
-        PackedHead, "__call__", lambda self, h: (calls.append(h.shape), packed_call(self, h))[1]
+        PackedLinear,
+        "__call__",
+        lambda self, h: (calls.append((self.linear, h.shape)), packed_call(self, h))[1],
     )
     ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
     expected = [reference(chat, p, 24) for p in ids]
-    assert calls == []  # generate on the same model object: its own Linear
+    assert calls == []  # generate on the same model object: its own Linear layers
     check_alone_and_together(chat, ids, expected, stagger=0)
-    assert any(shape[0] == 4 and shape[1] == 1 for shape in calls)  # a decode step of four rows
-    assert any(shape[1] == 1 and shape[0] < 4 for shape in calls)  # prompts: the last position only
-    assert "forward" not in vars(chat.model.lm_head)  # the model is left as it was
+    linears = [m for m in chat.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert {layer for layer, _ in calls} == set(linears)  # every one, the vocabulary projection too
+    head = [shape for layer, shape in calls if layer is chat.model.lm_head]
+    assert any(shape[0] == 4 and shape[1] == 1 for shape in head)  # a decode step of four rows
+    assert any(shape[1] == 1 and shape[0] < 4 for shape in head)  # prompts: the last position only
+    assert all("forward" not in vars(m) for m in linears)  # the model is left as it was
 
 
-def test_the_packed_head_is_swapped_back_when_a_pass_fails_and_skipped_where_it_cannot_apply(chat):
-    head = PackedHead.of(chat.model)
-    assert head is not None
+def test_packed_layers_are_swapped_back_when_a_pass_fails_and_skipped_where_they_cannot_apply(chat):
+    packed = Packed.of(chat.model)
+    linears = [m for m in chat.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert packed is not None and packed.every and len(packed.layers) == len(linears)
+    assert packed.nbytes == sum(m.weight.nbytes for m in linears)
     hidden = torch.randn(2, 1, chat.model.config.hidden_size)
     with torch.inference_mode():
         plain = chat.model.lm_head(hidden)
-        with pytest.raises(ValueError), head.swapped():
+        with pytest.raises(ValueError), packed.swapped():
             assert torch.allclose(chat.model.lm_head(hidden), plain, rtol=1e-4, atol=1e-4)
-            assert vars(chat.model.lm_head)["forward"] is head
+            assert all(isinstance(vars(m)["forward"], PackedLinear) for m in linears)
             raise ValueError("a failed pass")
-        assert torch.equal(chat.model.lm_head(hidden), plain) and "forward" not in vars(chat.model.lm_head)
+        assert torch.equal(chat.model.lm_head(hidden), plain)
+        assert all("forward" not in vars(m) for m in linears)
+
+    # not room for every copy: the vocabulary projection alone, always
+    for room in (sum(m.weight.nbytes for m in linears) - 1, 0):
+        head_only = Packed.of(chat.model, room=room)
+        assert not head_only.every and [p.linear for p in head_only.layers] == [chat.model.lm_head]
 
     class Model(torch.nn.Module):
-        def __init__(self, head):
+        def __init__(self, head, *others):
             super().__init__()
-            self.head = head
+            self.head, self.others = head, torch.nn.ModuleList(others)
 
         def get_output_embeddings(self):
             return self.head
@@ -313,9 +326,37 @@ def test_the_packed_head_is_swapped_back_when_a_pass_fails_and_skipped_where_it_
 
     wrapped = torch.nn.Linear(8, 16)
     wrapped.forward = lambda x: x  # as accelerate's offloading hooks wrap a module
-    assert PackedHead.of(Model(torch.nn.Linear(8, 16))) is not None
+    inner = torch.nn.Linear(8, 8)
     for other in (torch.nn.Linear(8, 16, dtype=torch.bfloat16), QuantizedLinear(8, 16), wrapped):
-        assert PackedHead.of(Model(other)) is None
+        assert Packed.of(Model(other)) is None
+        mixed = Packed.of(Model(other, inner))  # the layers that can be packed are
+        assert [p.linear for p in mixed.layers] == [inner] and mixed.every
+
+
+def test_the_executor_packs_what_memory_leaves_room_for(chat, tmp_path, monkeypatch):
+    """Every layer where their copies fit in half of what the process can still take once the KV budget
+    is counted, else the vocabulary projection alone. A container's cgroup limit counts (v2 files first,
+    then v1), not only the memory the host reports."""
+    from danlu.serve.chat import executor as module
+
+    linears = sum(m.weight.nbytes for m in chat.model.modules() if isinstance(m, torch.nn.Linear))
+    head = chat.model.lm_head.weight.nbytes
+    per_token = bytes_per_token(chat.model.config, torch.float32)
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    monkeypatch.setattr(module, "CGROUP_MEMORY", ((str(limit), str(usage)), ("/nonexistent", "/nonexistent")))
+    usage.write_text("1000000\n")
+    for room, every in [(2 * linears, True), (2 * linears - 2, False), (0, False)]:
+        limit.write_text(f"{1_000_000 + room + 100 * per_token}\n")
+        assert module.memory_room() == room + 100 * per_token
+        executor = TorchExecutor(chat.model, "cpu", max_batch=4, max_batch_tokens=100)
+        assert executor.packed.every == every
+        assert executor.packed_bytes == (linears if every else head)
+    limit.write_text("1000\n")  # over the limit already: no room, still the vocabulary projection
+    assert module.memory_room() == 0
+    limit.write_text("max\n")  # no limit: the memory available, as psutil reports it
+    assert 0 < module.memory_room() <= psutil.virtual_memory().total
+    monkeypatch.setattr(module, "CGROUP_MEMORY", (("/nonexistent", "/nonexistent"),))
+    assert 0 < module.memory_room() <= psutil.virtual_memory().total
 
 
 def test_the_cache_grows_by_batch_buckets_as_prompts_arrive_one_by_one(chat):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from danlu.serve.chat.kvcache import GROW, SlotCache, attention_masks, bucket, supported
+from danlu.serve.chat.kvcache import GROW, SlotCache, attention_masks, bucket, bytes_per_token, supported
 
 
 def nbytes(cache: SlotCache) -> int:
@@ -130,3 +130,15 @@ def test_supported_attention_kinds():
     assert supported(SimpleNamespace()) and supported(SimpleNamespace(layer_types=["full_attention"]))
     assert supported(SimpleNamespace(layer_types=["sliding_attention", "full_attention"]))
     assert not supported(SimpleNamespace(layer_types=["linear_attention", "full_attention"]))
+
+
+def test_bytes_per_token_counts_keys_and_values_of_every_layer():
+    """SmolLM2-135M: 30 layers x (keys + values) x 3 KV heads x 64 = 11,520 numbers a position."""
+    smollm = SimpleNamespace(
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576
+    )
+    assert bytes_per_token(smollm, torch.float32) == 30 * 2 * 3 * 64 * 4 == 46_080
+    assert bytes_per_token(smollm, torch.bfloat16) == 23_040
+    explicit = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, head_dim=32, hidden_size=64)
+    assert bytes_per_token(explicit, torch.float32) == 2 * 2 * 4 * 32 * 4  # no KV heads named: every head
+    assert bytes_per_token(SimpleNamespace(), torch.float32) == 0

@@ -238,6 +238,8 @@ class ChatHandler:
             "executor": self.engine.executor.name,
             # the torch executor's decode steps: "cuda graphs" or "eager" (None: the engine's own)
             "decode": getattr(self.engine.executor, "decode_mode", None),
+            # the torch executor on a CPU: the memory its oneDNN-packed copies of the layers take
+            "packed_bytes": getattr(self.engine.executor, "packed_bytes", None),
             "engine_reason": chat.engine_reason,  # why --engine auto chose it
             "lora_adapter": chat.lora,  # vllm: a fine-tuned run's adapter, over its base model
             "context_length": chat.context,

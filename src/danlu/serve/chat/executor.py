@@ -18,13 +18,22 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from danlu.errors import DanluError, one_line
 from danlu.hf import forward_with_cache, takes
-from danlu.serve.chat.kvcache import GROW, LAYER_TYPES, SlotCache, attention_masks, bucket, supported
+from danlu.serve.chat.kvcache import (
+    GROW,
+    LAYER_TYPES,
+    SlotCache,
+    attention_masks,
+    bucket,
+    bytes_per_token,
+    supported,
+)
 
 log = logging.getLogger("danlu")
 
@@ -116,7 +125,20 @@ class TorchExecutor:
         # a prompt chunk needs one row of logits, not one per token: the vocabulary projection is a large
         # share of a prefill
         self.last_logits = takes(type(model), "logits_to_keep")
-        self.head = PackedHead.of(model) if self.device.type == "cpu" else None
+        self.packed = None
+        if (
+            self.device.type == "cpu"
+        ):  # every layer's copy where they fit in half of what the KV budget leaves
+            kv_budget = max_batch_tokens * bytes_per_token(self.config, self.dtype)
+            self.packed = Packed.of(model, room=max(memory_room() - kv_budget, 0) // 2)
+        if self.packed is not None:
+            what = "every linear layer" if self.packed.every else "the vocabulary projection"
+            log.debug("%s packed for oneDNN (%d MiB)", what, self.packed.nbytes >> 20)
+
+    @property
+    def packed_bytes(self) -> int:
+        """The memory the packed copies of the model's layers take, for /v1/models (0: none packed)."""
+        return 0 if self.packed is None else self.packed.nbytes
 
     @property
     def decode_mode(self) -> str:
@@ -187,7 +209,7 @@ class TorchExecutor:
         self.cache.set_pass(inputs[2], inputs[1], read, seen)
         mask = attention_masks(self.config, inputs[1], seen, self.dtype)
         extra = {"logits_to_keep": 1} if self.last_logits else {}
-        with self._head():
+        with self._packed():
             logits, _ = forward_with_cache(
                 self.model,
                 self.cache,
@@ -224,14 +246,14 @@ class TorchExecutor:
         """inputs [3, B, 1]: each batch row's token, position and write row."""
         self.cache.set_pass(inputs[2], inputs[1], slice(0, inputs.shape[1]), width)
         mask = attention_masks(self.config, inputs[1], width, self.dtype)
-        with self._head():
+        with self._packed():
             logits, _ = forward_with_cache(
                 self.model, self.cache, input_ids=inputs[0], attention_mask=mask, position_ids=inputs[1]
             )
         return logits
 
-    def _head(self) -> contextlib.AbstractContextManager:
-        return self.head.swapped() if self.head is not None else contextlib.nullcontext()
+    def _packed(self) -> contextlib.AbstractContextManager:
+        return self.packed.swapped() if self.packed is not None else contextlib.nullcontext()
 
     def _graph(self, batch: int) -> _Graph | None:
         """The bucket's captured decode step (captured now when it has none for this storage); None when
@@ -262,53 +284,120 @@ class TorchExecutor:
         self.cache.release()
 
 
-class PackedHead:
-    """The vocabulary projection of a CPU model through oneDNN with its weight packed once in the kernel's
-    blocked layout. The projection reads the largest matrix of a small model once per step for a few
-    rows, where the plain matmul is far from this CPU's bandwidth: SmolLM2-135M's [49152, 576] head at
-    16 rows takes about 9 ms instead of 20 (benchmarks/chat_steps.py --at). The packed copy costs the head's
-    size in memory (the original stays: it is often the embedding too). It is swapped in only for the
-    executor's own passes, so the model object, and `generate` on it, is unchanged. Results differ from
-    the plain matmul in the last bits, as a different batch size already makes them differ."""
+class PackedLinear:
+    """One float32 Linear through oneDNN with its weight packed once in the kernel's blocked layout. Called
+    in the Linear's place (its forward swapped for the block of a pass: Packed.swapped)."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         self.linear = linear
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
         self.bias = None if linear.bias is None else linear.bias.detach()
 
-    @classmethod
-    def of(cls, model: Any) -> PackedHead | None:
-        """The model's packed head; None where this torch or CPU has no such kernel, the head is not a
-        plain float32 Linear (quantized, bfloat16, wrapped by hooks) or the packed kernel disagrees with
-        it. A head tied to the embedding is packed too: the embedding keeps the original."""
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if type(head) is not torch.nn.Linear or head.weight.dtype != torch.float32 or head.weight.is_meta:
-            return None
-        if "forward" in vars(head):  # wrapped already (accelerate's offloading hooks): left alone
-            return None
-        if not torch.backends.mkldnn.is_available():
-            return None
-        try:
-            packed = cls(head)
-            probe = torch.randn(3, 1, head.in_features, generator=torch.Generator().manual_seed(0))
-            with torch.inference_mode():
-                agree = torch.allclose(packed(probe), head(probe), rtol=1e-4, atol=1e-4)
-        except (RuntimeError, AttributeError) as exc:  # no oneDNN kernel for this CPU, torch or shape
-            log.debug("vocabulary projection unpacked: %s", one_line(exc))
-            return None
-        return packed if agree else None
-
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(hidden, self.weight, self.bias, "none", [], "")
 
+
+class Packed:
+    """A CPU model's float32 Linear layers through oneDNN, each weight packed once in the kernel's blocked
+    layout. A decode step reads every weight for a few rows, where the plain matmul is far from this CPU's
+    bandwidth: SmolLM2-135M's 16-row step takes about 82 ms instead of 91 with only the vocabulary
+    projection packed and 117 with nothing packed, the [49152, 576] projection alone 8 ms instead of 19
+    (benchmarks/chat_steps.py --at). The packed copies cost the weights' size in memory (the originals
+    stay: the vocabulary projection is often the embedding too, and `generate` on the same model object
+    must be unchanged). The vocabulary projection, the largest matrix of a small model, is always packed;
+    every other layer too where their copies fit in the room the executor gives (half of what this
+    process can still take once the KV cache's budget is counted: memory_room, in a container under its
+    limit). The packed layers are swapped in only for the executor's own passes. Results differ from the
+    plain matmul's in the last bits, as a different batch size already makes them differ."""
+
+    def __init__(self, layers: list[PackedLinear], every: bool) -> None:
+        self.layers = layers
+        self.every = every  # every layer packed, not the vocabulary projection alone
+        self.nbytes = sum(p.linear.weight.nbytes for p in layers)
+
+    @classmethod
+    def of(cls, model: Any, room: int | None = None) -> Packed | None:
+        """The model's packed layers: every one where their copies fit in `room` bytes (default: half of
+        memory_room()), else the vocabulary projection alone; None where this torch or CPU has no such
+        kernel or no such layer is a plain float32 Linear (quantized, bfloat16, wrapped by hooks) whose
+        packed kernel agrees with it."""
+        if not torch.backends.mkldnn.is_available():
+            return None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        linears = [m for m in model.modules() if _packable(m) and m is not head]
+        if _packable(head):
+            linears.insert(0, head)
+        if room is None:
+            room = memory_room() // 2
+        every = sum(m.weight.nbytes for m in linears) <= room
+        if not every:  # the vocabulary projection alone: the largest matrix of a small model
+            linears = linears[:1] if linears and linears[0] is head else []
+        agree: dict[tuple[int, int, bool], bool] = {}  # one probe per shape: the same kernel for each
+        layers = []
+        for linear in linears:
+            shape = (linear.in_features, linear.out_features, linear.bias is not None)
+            try:
+                packed = PackedLinear(linear)
+                ok = agree[shape] if shape in agree else agree.setdefault(shape, _agrees(packed))
+            except (RuntimeError, AttributeError) as exc:  # no oneDNN kernel for this CPU, torch or shape
+                log.debug("linear layer %s unpacked: %s", shape, one_line(exc))
+                ok = agree[shape] = False
+            if ok:
+                layers.append(packed)
+        return cls(layers, every) if layers else None
+
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
-        """The model's head computes through the packed weight inside the block."""
-        self.linear.forward = self
+        """The packed layers compute in place of the model's inside the block."""
         try:
+            for packed in self.layers:
+                packed.linear.forward = packed
             yield
         finally:
-            del self.linear.forward
+            for packed in self.layers:
+                vars(packed.linear).pop("forward", None)
+
+
+# (limit, usage) files of the process's memory cgroup, v2 then v1: a container's limit, which the memory
+# psutil reports (the host's /proc/meminfo) does not show
+CGROUP_MEMORY = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def memory_room() -> int:
+    """Bytes this process can still take: the memory available, or what is left under its cgroup's limit
+    (a container's) where that is less."""
+    import psutil
+
+    room = psutil.virtual_memory().available
+    for limit, usage in CGROUP_MEMORY:
+        try:
+            most = Path(limit).read_text().strip()
+            if most != "max":
+                room = min(room, int(most) - int(Path(usage).read_text()))
+            break
+        except (OSError, ValueError):
+            continue
+    return max(room, 0)
+
+
+def _packable(module: Any) -> bool:
+    """A plain float32 Linear with real weights that nothing wraps (accelerate's offloading hooks set
+    forward on the module)."""
+    return (
+        type(module) is torch.nn.Linear
+        and module.weight.dtype == torch.float32
+        and not module.weight.is_meta
+        and "forward" not in vars(module)
+    )
+
+
+def _agrees(packed: PackedLinear) -> bool:
+    probe = torch.randn(3, 1, packed.linear.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        return torch.allclose(packed(probe), packed.linear(probe), rtol=1e-4, atol=1e-4)
 
 
 class _Graph:

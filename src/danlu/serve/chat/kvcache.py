@@ -33,6 +33,17 @@ def bucket(rows: int, most: int) -> int:
     return most
 
 
+def bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one cached position takes over every layer (0 where the config does not
+    say its shapes)."""
+    layers, heads = getattr(config, "num_hidden_layers", 0), getattr(config, "num_attention_heads", 0)
+    if not layers or not heads:
+        return 0
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return layers * 2 * kv_heads * head_dim * dtype.itemsize
+
+
 def supported(config: Any) -> bool:
     """Whether a model's attention is what the slot cache and its masks serve: every layer full or
     sliding-window attention over the cache (not linear attention, state spaces or chunked attention)."""
