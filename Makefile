@@ -59,8 +59,8 @@ demo: setup
 	$(BIN)/danlu quickstart
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 
 # The suite runs in PYTEST_WORKERS processes (pytest-xdist), each test file whole in one of them so its
 # module fixtures are built once: most of its time is torch, torchrun and server processes starting up
