@@ -126,9 +126,7 @@ class TorchExecutor:
         # share of a prefill
         self.last_logits = takes(type(model), "logits_to_keep")
         self.packed = None
-        if (
-            self.device.type == "cpu"
-        ):  # every layer's copy where they fit in half of what the KV budget leaves
+        if self.device.type == "cpu":  # every layer where the copies fit in half of what the KV budget leaves
             kv_budget = max_batch_tokens * bytes_per_token(self.config, self.dtype)
             self.packed = Packed.of(model, room=max(memory_room() - kv_budget, 0) // 2)
         if self.packed is not None:
