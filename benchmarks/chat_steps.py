@@ -108,15 +108,14 @@ def steps_at(model, streams: int, positions: list[int], packing: str = "every") 
     """ms of one decode step of the executor alone (this tree), every one of `streams` rows at each of
     `positions` (random prompts of that length prefilled first); the mean of 10 steps after 3. packing:
     "every" linear layer packed for oneDNN (the executor's default where memory allows), the vocabulary
-    projection alone ("head"), or "none"."""
-    from danlu.serve.chat.executor import Chunk, Packed, TorchExecutor
+    projection alone ("head"), or "none": set here, whatever the executor chose from this machine's
+    memory."""
+    from danlu.serve.chat.executor import Chunk, TorchExecutor
 
-    head_bytes = model.get_output_embeddings().weight.nbytes
     times = []
     for length in positions:
         executor = TorchExecutor(model, "cpu", streams, 1 << 30)
-        if packing != "every":
-            executor.packed = Packed.of(model, room=head_bytes) if packing == "head" else None
+        executor.packed = packed_layers(model, packing)
         ids = torch.randint(100, 40000, (streams, length), generator=torch.Generator().manual_seed(0))
         executor.forward([Chunk(row, ids[row].tolist(), 0, True) for row in range(streams)])
         step = [Chunk(row, [5], length, True) for row in range(streams)]
@@ -130,13 +129,23 @@ def steps_at(model, streams: int, positions: list[int], packing: str = "every") 
     return times
 
 
+def packed_layers(model, packing: str):
+    """The executor's packed layers: "every" linear layer, the vocabulary projection alone ("head"), or
+    None ("none")."""
+    from danlu.serve.chat.executor import Packed
+
+    if packing == "none":
+        return None
+    room = 1 << 62 if packing == "every" else 0  # no room for every copy: the vocabulary projection alone
+    packed = Packed.of(model, room=room)
+    assert packed is None or packed.every == (packing == "every"), packing
+    return packed
+
+
 def head_ms(model, streams: int) -> tuple[float, float | None]:
     """ms of the vocabulary projection of `streams` rows: the model's own Linear, and the executor's packed
     head (None where it does not apply); the best of 20 each."""
-    from danlu.serve.chat.executor import Packed
-
-    head = model.get_output_embeddings()
-    packed = Packed.of(model, room=head.weight.nbytes)  # the head alone
+    head, packed = model.get_output_embeddings(), packed_layers(model, "head")
     packed = None if packed is None else packed.layers[0]
     hidden = torch.randn(streams, 1, head.in_features, dtype=head.weight.dtype)
 
@@ -212,6 +221,10 @@ def main() -> None:
             best_ms = {k: min(r[k][i] for r in rounds) for k in packings}
             print(f"{args.streams} rows at position {p}, ms a step (best): "
                   + ", ".join(f"{names[k]} {best_ms[k]:.1f}" for k in packings))  # fmt: skip
+        every = packed_layers(model, "every")
+        if every is not None:
+            print(f"every linear layer packed: {len(every.layers)} layers, {every.nbytes / 2**20:.0f} MiB of "
+                  "copies (/v1/models: packed_bytes)")  # fmt: skip
         plain, packed = head_ms(model, args.streams)
         print(f"the vocabulary projection of {args.streams} rows: {plain:.1f} ms through the model's Linear, "
               + (f"{packed:.1f} ms packed" if packed is not None else "not packed here"))  # fmt: skip

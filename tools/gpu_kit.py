@@ -10,20 +10,22 @@ PyTorch image that cannot download danlu's other needs): one folder, KIT, with
 Then, on the GPU machine, from the checkout with KIT in it: tools/gpu_check.sh KIT. It unpacks the wheels
 over the image's packages (no resolver, no network) and runs tests/gpu and benchmarks/chat_gpu.py.
 
-Run: .venv/bin/python tools/gpu_kit.py [--out .gpu-kit] [--python 3.12] (about 40 MB; .gpu-kit is
-ignored by git)
+Run: .venv/bin/python tools/gpu_kit.py [--out .gpu-kit] [--python 3.12] (about 45 MiB; .gpu-kit is
+ignored by git). An existing OUT is replaced only when this script made it (its kit.json); else refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata as metadata
+import json
 import re
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import NoReturn
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
@@ -41,6 +43,7 @@ SKIP = {
     "pyyaml", "markupsafe", "jinja2", "packaging", "pytest", "pluggy", "iniconfig", "pygments", "uvloop",
 }  # fmt: skip
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 28, 31, 34, 35)] + ["manylinux2014_x86_64"]
+MARKER = "kit.json"  # what this script wrote into OUT: the packages and the Python they are for
 CUDA_KEEP = re.compile(r"libbitsandbytes_(cpu|cuda13\d)\.so$")  # the image's torch is built for CUDA 13
 
 
@@ -48,32 +51,28 @@ def closure(roots: list[Requirement], python: str) -> dict[str, str]:
     """name -> version in this environment of every package the requirements need, transitively, with the
     markers evaluated for the target's Python (extras followed); SKIP left out with what only it needs."""
     environment = {**default_environment(), "python_version": python, "python_full_version": f"{python}.0"}
-    found: dict[str, str] = {}
+    versions: dict[str, str] = {}
+    followed: set[tuple[str, frozenset[str]]] = set()  # (name, extras) whose requirements were read
     todo = [(r, "") for r in roots]
     while todo:
         requirement, extra = todo.pop()
         if requirement.marker and not requirement.marker.evaluate({**environment, "extra": extra}):
             continue
         name = canonicalize_name(requirement.name)
-        if name in SKIP or name.startswith("nvidia-"):
+        if name in SKIP or name.startswith("nvidia-") or (name, frozenset(requirement.extras)) in followed:
             continue
+        followed.add((name, frozenset(requirement.extras)))
         try:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
             if name == "bitsandbytes":  # GPU only: not in a CPU .venv, fetched at its newest
-                found.setdefault(name, "")
+                versions[name] = ""
                 continue
-            raise SystemExit(f"gpu_kit: {name} is needed but not in this environment: make setup") from None
-        key = f"{name}[{','.join(sorted(requirement.extras))}]"
-        if key in found:
-            continue
-        found.setdefault(name, dist.version)
-        found[key] = dist.version  # an extra seen: its requirements followed once
+            fail(f"{name} is needed but not in this environment: make setup")
+        versions[name] = dist.version
         for line in dist.requires or []:
-            needed = Requirement(line)
-            for wanted in requirement.extras or {""}:
-                todo.append((needed, wanted))
-    return {n: v for n, v in found.items() if "[" not in n}
+            todo.extend((Requirement(line), wanted) for wanted in requirement.extras or {""})
+    return versions
 
 
 def download(packages: dict[str, str], python: str, folder: Path) -> None:
@@ -105,7 +104,9 @@ def main() -> None:
     parser.add_argument("--python", default="3.12", help="the GPU machine's Python (major.minor)")
     args = parser.parse_args()
     out = Path(args.out)
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            fail(f"{out} is not empty and not a kit this script made: choose another --out")
         shutil.rmtree(out)
     wheels = out / "wheels"
     wheels.mkdir(parents=True)
@@ -124,8 +125,15 @@ def main() -> None:
         ],
         check=True,
     )
+    (out / MARKER).write_text(json.dumps({"python": args.python, "packages": needed}, indent=1) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"{out}: {size / 2**20:.1f} MiB; on the GPU machine: tools/gpu_check.sh {out.name}")
+
+
+def fail(message: str) -> NoReturn:
+    """One line naming the problem and the fix, exit 2."""
+    print(f"gpu_kit: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

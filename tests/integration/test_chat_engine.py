@@ -336,8 +336,10 @@ def test_packed_layers_are_swapped_back_when_a_pass_fails_and_skipped_where_they
 def test_the_executor_packs_what_memory_leaves_room_for(chat, tmp_path, monkeypatch):
     """Every layer where their copies fit in half of what the process can still take once the KV budget
     is counted, else the vocabulary projection alone. A container's cgroup limit counts (v2 files first,
-    then v1), not only the memory the host reports."""
-    from danlu.serve.chat import executor as module
+    then v1), not only the memory the host reports; the data budget is sized by the same room."""
+    from danlu.config import DataConfig
+    from danlu.data.split import memory_budget
+    from danlu.env import probes as module
 
     linears = sum(m.weight.nbytes for m in chat.model.modules() if isinstance(m, torch.nn.Linear))
     head = chat.model.lm_head.weight.nbytes
@@ -348,6 +350,7 @@ def test_the_executor_packs_what_memory_leaves_room_for(chat, tmp_path, monkeypa
     for room, every in [(2 * linears, True), (2 * linears - 2, False), (0, False)]:
         limit.write_text(f"{1_000_000 + room + 100 * per_token}\n")
         assert module.memory_room() == room + 100 * per_token
+        assert memory_budget(DataConfig(train="data.csv")) == (room + 100 * per_token) // 4
         executor = TorchExecutor(chat.model, "cpu", max_batch=4, max_batch_tokens=100)
         assert executor.packed.every == every
         assert executor.packed_bytes == (linears if every else head)

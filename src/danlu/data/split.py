@@ -6,9 +6,9 @@ import contextlib
 
 import numpy as np
 import pandas as pd
-import psutil
 
 from danlu.config import DataConfig
+from danlu.env.probes import memory_room
 
 
 def split_fractions(config: DataConfig) -> tuple[int, float, float]:
@@ -46,7 +46,8 @@ def split_indices(n: int, labels: pd.Series | None, config: DataConfig):
 
 
 def memory_budget(config: DataConfig) -> int:
-    """Bytes a data set may take in memory: data.memory_budget_gb, else a quarter of available RAM."""
+    """Bytes a data set may take in memory: data.memory_budget_gb, else a quarter of the memory this
+    process can still take (in a container, under its limit)."""
     if config.memory_budget_gb is not None:
         return int(config.memory_budget_gb * 2**30)
-    return psutil.virtual_memory().available // 4
+    return memory_room() // 4

@@ -286,3 +286,29 @@ def cuda_environment() -> dict[str, Any]:
         "nvcc": nvcc,
         "nvcc_version": version,
     }
+
+
+# (limit, usage) files of the process's memory cgroup, v2 then v1: a container's limit, which the memory
+# psutil reports (the host's /proc/meminfo) does not show
+CGROUP_MEMORY = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def memory_room() -> int:
+    """Bytes this process can still take: the memory available, or what is left under its cgroup's limit
+    (a container's) where that is less. What danlu sizes memory by: the chunked data budget, the torch
+    executor's packed layers, vLLM's CPU KV space."""
+    import psutil
+
+    room = psutil.virtual_memory().available
+    for limit, usage in CGROUP_MEMORY:
+        try:
+            most = Path(limit).read_text().strip()
+            if most != "max":
+                room = min(room, int(most) - int(Path(usage).read_text()))
+            break
+        except (OSError, ValueError):
+            continue
+    return max(room, 0)

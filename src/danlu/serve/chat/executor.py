@@ -18,11 +18,11 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from danlu.env.probes import memory_room
 from danlu.errors import DanluError, one_line
 from danlu.hf import forward_with_cache, takes
 from danlu.serve.chat.kvcache import (
@@ -298,15 +298,16 @@ class PackedLinear:
 class Packed:
     """A CPU model's float32 Linear layers through oneDNN, each weight packed once in the kernel's blocked
     layout. A decode step reads every weight for a few rows, where the plain matmul is far from this CPU's
-    bandwidth: SmolLM2-135M's 16-row step takes about 82 ms instead of 91 with only the vocabulary
-    projection packed and 117 with nothing packed, the [49152, 576] projection alone 8 ms instead of 19
-    (benchmarks/chat_steps.py --at). The packed copies cost the weights' size in memory (the originals
-    stay: the vocabulary projection is often the embedding too, and `generate` on the same model object
-    must be unchanged). The vocabulary projection, the largest matrix of a small model, is always packed;
-    every other layer too where their copies fit in the room the executor gives (half of what this
-    process can still take once the KV cache's budget is counted: memory_room, in a container under its
-    limit). The packed layers are swapped in only for the executor's own passes. Results differ from the
-    plain matmul's in the last bits, as a different batch size already makes them differ."""
+    bandwidth: SmolLM2-135M's 16-row step takes about 83-93 ms instead of 91-97 with only the vocabulary
+    projection packed and 104-117 with nothing packed, the [49152, 576] projection alone 8-10 ms instead
+    of 19-21 (benchmarks/chat_steps.py --at, three runs). The packed copies cost the weights' size in
+    memory (the originals stay: the vocabulary projection is often the embedding too, and `generate` on
+    the same model object must be unchanged). The vocabulary projection, the largest matrix of a small
+    model, is always packed; every other layer too where their copies fit in the room the executor gives
+    (half of what this process can still take once the KV cache's budget is counted: memory_room, in a
+    container under its limit). The packed layers are swapped in only for the executor's own passes.
+    Results differ from the plain matmul's in the last bits, as a different batch size already makes them
+    differ."""
 
     def __init__(self, layers: list[PackedLinear], every: bool) -> None:
         self.layers = layers
@@ -336,11 +337,12 @@ class Packed:
             shape = (linear.in_features, linear.out_features, linear.bias is not None)
             try:
                 packed = PackedLinear(linear)
-                ok = agree[shape] if shape in agree else agree.setdefault(shape, _agrees(packed))
+                if shape not in agree:
+                    agree[shape] = _agrees(packed)
             except (RuntimeError, AttributeError) as exc:  # no oneDNN kernel for this CPU, torch or shape
                 log.debug("linear layer %s unpacked: %s", shape, one_line(exc))
-                ok = agree[shape] = False
-            if ok:
+                agree[shape] = False
+            if agree[shape]:
                 layers.append(packed)
         return cls(layers, every) if layers else None
 
@@ -354,31 +356,6 @@ class Packed:
         finally:
             for packed in self.layers:
                 vars(packed.linear).pop("forward", None)
-
-
-# (limit, usage) files of the process's memory cgroup, v2 then v1: a container's limit, which the memory
-# psutil reports (the host's /proc/meminfo) does not show
-CGROUP_MEMORY = (
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-)
-
-
-def memory_room() -> int:
-    """Bytes this process can still take: the memory available, or what is left under its cgroup's limit
-    (a container's) where that is less."""
-    import psutil
-
-    room = psutil.virtual_memory().available
-    for limit, usage in CGROUP_MEMORY:
-        try:
-            most = Path(limit).read_text().strip()
-            if most != "max":
-                room = min(room, int(most) - int(Path(usage).read_text()))
-            break
-        except (OSError, ValueError):
-            continue
-    return max(room, 0)
 
 
 def _packable(module: Any) -> bool:

@@ -137,8 +137,10 @@ class VllmModel:
             raise DanluError(f"vLLM does not import: {one_line(exc, last=True)}", INSTALL) from None
         import psutil
 
-        memory = psutil.virtual_memory()
-        arguments = engine_arguments(path, **options, memory=(memory.available, memory.total))
+        from danlu.env.probes import memory_room
+
+        memory = (memory_room(), psutil.virtual_memory().total)  # in a container, what its limit leaves
+        arguments = engine_arguments(path, **options, memory=memory)
         loop = asyncio.new_event_loop()  # the engine's tasks and sockets live on it
 
         stats = {"kv_cache_usage": 0.0}
