@@ -63,6 +63,27 @@ def run_all(engine, prompts, params, stagger: int = 0, steps: list | None = None
     return sequences
 
 
+def greedy_answers(engine, work: list[tuple[list[int], int]]) -> list[Sequence]:
+    """Every (prompt ids, max_tokens) submitted at once, greedy, to the engine running in its thread."""
+    done = [threading.Event() for _ in work]
+    engine.start()
+    try:
+        sequences = [
+            engine.submit(
+                Sequence(
+                    p,
+                    SamplingParams(max_tokens=n, temperature=0),
+                    lambda e, i=i: e.finish_reason and done[i].set(),
+                )
+            )
+            for i, (p, n) in enumerate(work)
+        ]
+        assert all(d.wait(120) for d in done)
+    finally:
+        engine.stop()
+    return sequences
+
+
 def check_alone_and_together(chat, ids: list[list[int]], expected: list[list[int]], stagger: int) -> None:
     """Greedy, 24 tokens: each prompt alone, then all four in one batch (joining `stagger` steps apart,
     prefilled 8 tokens a step), give the expected tokens, and the streamed text is their decoding."""
@@ -219,37 +240,47 @@ def test_the_token_budget_admits_only_what_fits_and_the_rest_waits(chat):
     assert [s.output for s in sequences] == [reference(chat, p, 16) for p in ids]
 
 
+def test_the_cache_never_holds_more_than_the_budget_after_a_long_answer(chat):
+    """A long answer beside short ones, then a burst of short ones once it is done: the cache grown for
+    the long one is cut back for the wider batch (4 rows x its cap would be twice the budget), so
+    it never holds more than max_batch_tokens positions, and every answer is still generate()'s."""
+    chat.eos_ids = set()
+    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
+    long_answer = chat.context  # its prompt and answer fill the model's context
+    budget = 2 * long_answer + 20  # the long one and one short one beside it
+    shapes = []  # (rows, cap, positions) after every step
+
+    def on_step(r: int, w: int) -> None:
+        cache = engine.executor.cache
+        shapes.append((cache.rows, cache.cap, cache.positions))
+
+    engine = Engine(chat, max_batch=4, max_batch_tokens=budget, on_step=on_step)
+    work = [(ids[1], long_answer - len(ids[1]))] + [(ids[i % 4], 20) for i in range(24)]
+    sequences = greedy_answers(engine, work)
+    assert max(positions for _, _, positions in shapes) <= budget
+    assert max(cap for _, cap, _ in shapes) >= long_answer  # grown for the long one
+    assert max(rows for rows, _, _ in shapes) == 4  # and four rows after it: cut back in between
+    references = {(tuple(p), n): reference(chat, p, n) for p, n in work}
+    assert [s.output for s in sequences] == [references[tuple(p), n] for p, n in work]
+
+
 @pytest.mark.parametrize("pad", [False, True])
 def test_sequences_leave_and_join_around_running_rows(chat, pad):
-    """Six requests of different lengths through four slots: early ones leave rows between running ones
-    (holes the decode step writes past), later ones take those rows (their old keys still there) and
-    prefill 8 tokens a step while the others decode; every answer is still generate()'s. pad: decode
-    batches padded to their bucket, as for CUDA graphs (the rows past the last running one are holes)."""
+    """Six requests of different lengths through four slots: early ones leave from between running ones
+    (the last row moves into their place), later ones take the freed rows (old keys still there past
+    what they write) and prefill 8 tokens a step while the others decode, their rows holes of the decode
+    step; every answer is still generate()'s. pad: decode batches padded to their bucket, as for CUDA
+    graphs (the rows past the last running one are holes)."""
     chat.eos_ids = set()
     ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS + PROMPTS[:2]]
     lengths = [4, 30, 8, 26, 12, 20]
-    done = [threading.Event() for _ in ids]
     running = []
     engine = Engine(chat, max_batch=4, prefill_chunk=8, on_step=lambda r, w: running.append(r))
     engine.executor.pad = pad
     batches = []
     decode = engine.executor._decode_pass
     engine.executor._decode_pass = lambda inputs, w: (batches.append(inputs.shape[1]), decode(inputs, w))[1]
-    engine.start()
-    try:
-        sequences = [
-            engine.submit(
-                Sequence(
-                    p,
-                    SamplingParams(max_tokens=n, temperature=0),
-                    lambda e, i=i: e.finish_reason and done[i].set(),
-                )
-            )
-            for i, (p, n) in enumerate(zip(ids, lengths, strict=True))
-        ]
-        assert all(d.wait(60) for d in done)
-    finally:
-        engine.stop()
+    sequences = greedy_answers(engine, list(zip(ids, lengths, strict=True)))
     assert max(running) == 4
     assert [s.output for s in sequences] == [reference(chat, p, n) for p, n in zip(ids, lengths, strict=True)]
     assert set(batches) <= {1, 2, 3, 4} and 4 in batches and (3 in batches) != pad  # 3 rows pad to 4

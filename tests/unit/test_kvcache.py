@@ -1,5 +1,6 @@
 """The torch executor's slot cache on tensors: writes land at each row's own positions, growing keeps
-every row's contents, a hole writes only to the scratch row, masks keep rows to their own positions (and
+every row's contents (and cutting back past the budget, what is asked), a hole writes only to its row's
+spare column, masks keep rows to their own positions (and
 sliding-window layers to their window), and batches pad to their bucket."""
 
 from types import SimpleNamespace
@@ -38,28 +39,30 @@ def test_prefill_and_decode_write_at_each_rows_own_positions():
     prefill(cache, 1, 5, 2)  # a prompt's second chunk attends to the first
     keys, _ = cache.update(kv(1, 2, 1000), kv(1, 2, 1000), 0)
     assert keys.shape == (1, 2, 7, 4) and torch.equal(keys[:, :, 5:], kv(1, 2, 1000))
-    # decode: row 0 at position 3, row 1 at position 7, row 2 a hole (written to the scratch row)
-    before = cache.keys[0][2].clone()
-    cache.set_pass(torch.tensor([[0], [1], [cache.scratch]]), torch.tensor([[3], [7], [0]]), slice(0, 3), 8)
+    # decode: row 0 at position 3, row 1 at position 7, row 2 a hole (written to its spare column)
+    before = cache.keys[0][2, :, :GROW].clone()
+    s = cache.spare
+    cache.set_pass(torch.tensor([[0], [1], [2]]), torch.tensor([[3], [7], [s]]), slice(0, 3), 8)
     keys, _ = cache.update(kv(3, 1, 5000), kv(3, 1, 5000), 0)
     assert keys.shape == (3, 2, 8, 4)
     assert keys.data_ptr() == cache.keys[0].data_ptr()  # a view of the storage: nothing copied
     assert float(cache.keys[0][0, 0, 3, 0]) == 5000 and float(cache.keys[0][1, 0, 7, 0]) == 5100
-    assert torch.equal(cache.keys[0][2], before)  # the hole's row is untouched
-    assert float(cache.keys[0][cache.scratch, 0, 0, 0]) == 5200
+    assert torch.equal(cache.keys[0][2, :, :GROW], before)  # the hole's positions are untouched
+    assert float(cache.keys[0][2, 0, s, 0]) == 5200 and cache.keys[0].shape == (3, 2, GROW + 1, 4)
     assert len(cache) == 1
 
 
 def test_prompts_prefilled_together_left_padded_write_only_their_own_positions():
     """Two chunks in one pass: row 2's 3 tokens at 0..2 and row 0's 1 token at 4 (its first 4 already
-    there), left-padded to 3; the padding writes to the scratch row; rows 2 and 0 are read (a gather)."""
+    there), left-padded to 3; the padding writes to row 0's spare column; rows 2 and 0 are read (a
+    gather)."""
     cache = SlotCache()
     cache.reserve(3, 8)
     prefill(cache, 0, 0, 4)
     cache.update(kv(1, 4, 300), kv(1, 4, 300), 0)
     before = cache.keys[0][0, :, :4].clone()
-    s = cache.scratch
-    rows, positions = torch.tensor([[2, 2, 2], [s, s, 0]]), torch.tensor([[0, 1, 2], [0, 0, 4]])
+    s = cache.spare
+    rows, positions = torch.tensor([[2, 2, 2], [0, 0, 0]]), torch.tensor([[0, 1, 2], [s, s, 4]])
     cache.set_pass(rows, positions, torch.tensor([2, 0]), 5)
     keys, _ = cache.update(kv(2, 3, 9000), kv(2, 3, 9000), 0)
     assert keys.shape == (2, 2, 5, 4)
@@ -76,13 +79,31 @@ def test_growing_keeps_every_row_and_release_frees():
     cache.update(kv(1, 10, 7), kv(1, 10, 7), 0)
     cache.reserve(5, GROW + 1)  # more rows and more positions: the storage moves
     assert (cache.rows, cache.cap) == (5, 2 * GROW)
-    assert cache.keys[0].shape == (6, 2, 2 * GROW, 4)
+    assert cache.keys[0].shape == (5, 2, 2 * GROW + 1, 4)
     assert torch.equal(cache.keys[0][1, :, :10], kv(1, 10, 7)[0])
-    assert nbytes(cache) == 2 * 6 * 2 * 2 * GROW * 4 * 4
-    cache.reserve(1, 3)  # never shrinks while in use
+    assert nbytes(cache) == 2 * 5 * 2 * (2 * GROW + 1) * 4 * 4
+    cache.reserve(1, 3)  # never shrinks while it has room
     assert (cache.rows, cache.cap) == (5, 2 * GROW)
     cache.release()
     assert nbytes(cache) == 0 and (cache.rows, cache.cap) == (0, 0)
+
+
+def test_growing_past_the_budget_cuts_the_storage_to_what_is_asked():
+    """A cap grown for one long sequence does not stay for a wider batch after it: where rows x cap would
+    pass `most`, the storage is cut to the rows and positions asked (rounded up only within `most`)."""
+    cache = SlotCache()
+    cache.reserve(1, 3 * GROW)  # one long sequence
+    prefill(cache, 0, 0, 3 * GROW)
+    cache.update(kv(1, 3 * GROW, 0), kv(1, 3 * GROW, 0), 0)
+    most = 4 * GROW
+    cache.reserve(4, 40, most=most)  # it left its row at 40 positions; 4 short rows now
+    assert (cache.rows, cache.cap) == (4, GROW) and cache.positions <= most
+    assert torch.equal(cache.keys[0][0, :, :40], kv(1, 40, 0)[0])  # what the row holds, kept
+    cache.reserve(4, GROW + 10, most=most + 40)  # rounding up stops at the budget
+    assert (cache.rows, cache.cap) == (4, GROW + 10) and cache.positions <= most + 40
+    assert torch.equal(cache.keys[0][0, :, :40], kv(1, 40, 0)[0])
+    cache.reserve(2, 3 * GROW, most=12 * GROW)  # within the budget: grown as usual, rows kept
+    assert (cache.rows, cache.cap) == (4, 3 * GROW)
 
 
 def test_copy_gives_a_row_anothers_positions():

@@ -73,9 +73,10 @@ def add_serve(sub) -> None:
     p.add_argument(
         "--max-batch-tokens",
         type=int,
-        help="chat models: KV cache tokens of the running batch, counted for torch as sequences x the "
-        "longest prompt + max_tokens among them, for llama.cpp as the sum of each one's prompt + "
-        "max_tokens; a request that does not fit waits (default 16384, or the model's context if larger)",
+        help="chat models: the KV cache's size in tokens, counted for torch as sequences (rounded up to "
+        "1, 2, 4, 8, ...) x the longest prompt + max_tokens among them, for llama.cpp as the sum of each "
+        "one's prompt + max_tokens; a request that does not fit waits (default 16384, or the model's "
+        "context if larger)",
     )
     p.add_argument(
         "--truncate",

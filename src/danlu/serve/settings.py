@@ -61,7 +61,7 @@ class ChatSettings(ServerSettings):
     """A chat model's server (danlu.serve.chat.app)."""
 
     max_batch: int = 8  # running sequences
-    max_batch_tokens: int | None = None  # KV cache rows x columns of the running batch; None: see budget()
+    max_batch_tokens: int | None = None  # the KV cache's size in tokens (executors count it); None: budget()
     max_queue: int = 64  # waiting sequences before 503
     max_tokens: int = 512  # the most tokens a request may ask for (and the default)
     prefill_chunk: int = 512  # prompt tokens per engine step

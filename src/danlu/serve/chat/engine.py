@@ -340,7 +340,7 @@ class Engine(Scheduler):
         widths = [self.reserved(len(s.prompt), s.params.max_tokens) for s in (*admitted, sequence)]
         if not self.free_slots or not self.executor.fits(widths):
             return False
-        # the lowest free slot: the torch executor's cache holds rows up to the highest slot in use
+        # the lowest free slot (any would do: each executor maps slots to its own storage)
         sequence.slot = min(self.free_slots)
         self.free_slots.remove(sequence.slot)
         if self.executor.shares:

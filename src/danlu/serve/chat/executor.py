@@ -69,11 +69,13 @@ class Executor(Protocol):
 
 
 class TorchExecutor:
-    """A Hugging Face causal LM over a slot cache (danlu.serve.chat.kvcache): each slot's keys and values
-    sit in a row of their own, written in place at the sequence's positions, so joining and leaving copy
-    nothing and a decode step costs what the rows hold, not rows x the longest. The running sequences'
-    tokens are one pass over batch rows [0, B), B the highest running slot + 1 (on a GPU, rounded up to
-    its bucket), where rows that hold no running sequence write to a scratch row and are ignored. The
+    """A Hugging Face causal LM over a slot cache (danlu.serve.chat.kvcache): each held slot's keys and
+    values sit in a storage row of their own, written in place at the sequence's positions, so joining
+    copies nothing and a decode step costs what the rows hold, not rows x the longest. The held slots take
+    rows [0, n): when one leaves, the last row moves into its place (one row's positions copied), so the
+    storage never holds more rows than the batch bucket of the sequences in it. The running sequences'
+    tokens are one pass over batch rows [0, B), B the highest running row + 1 (on a GPU, rounded up to
+    its bucket), where rows that hold no running sequence write to the spare column and are ignored. The
     step's prompt chunks follow, in passes of their own, left-padded together. A new sequence whose
     prompt starts with what another holds starts from a copy of those positions (share).
 
@@ -81,8 +83,11 @@ class TorchExecutor:
     two warm-up passes) and replayed with the step's tokens, positions and rows copied into its inputs:
     one launch instead of one per kernel. A graph attends over every position the cache holds (its
     shapes are fixed), and is captured again when the cache grows. A capture that fails turns graphs off
-    with one log line; decoding goes on eagerly. fits() counts rows x the longest, as max_batch_tokens is
-    documented."""
+    with one log line; decoding goes on eagerly.
+
+    fits() counts the storage the sequences would need: their batch bucket x the longest. The storage
+    never holds more than max_batch_tokens positions: where growing would pass it, it is cut to what the
+    step needs (the rows held, their longest position), which admission keeps within it."""
 
     name = "torch"
     # a step's prompt tokens stay within prefill_chunk while none is decoding too: more in one step
@@ -92,10 +97,10 @@ class TorchExecutor:
 
     def share(self, source: int, target: int, tokens: int) -> None:
         """Give the empty slot `target` a copy of slot `source`'s positions [0, tokens)."""
+        row = self._hold(target, tokens)
         with torch.inference_mode():  # the storage is made of inference tensors
-            self.cache.reserve(target + 1, tokens)
-            self.cache.copy(source, target, tokens)
-        self.held.add(target)
+            self._reserve()
+            self.cache.copy(self.row_of[source], row, tokens)
 
     def __init__(
         self, model: Any, device: str, max_batch: int, max_batch_tokens: int, graphs: bool | None = None
@@ -120,7 +125,10 @@ class TorchExecutor:
         self.graphs: dict[int, _Graph] = {}  # bucket -> its captured decode step, for the cache's storage
         self.graphs_storage = -1  # the cache storage the graphs were captured on
         self.graph_pool: Any = None
-        self.held: set[int] = set()  # slots with positions in the cache (running or mid-prompt)
+        # slot -> its storage row, for the slots with positions in the cache (running or mid-prompt): rows
+        # [0, n), in no order
+        self.row_of: dict[int, int] = {}
+        self.length: dict[int, int] = {}  # slot -> the positions it holds once this step is done
         self.running: set[int] = set()  # slots whose prompt is done: one token per step from now on
         # a prompt chunk needs one row of logits, not one per token: the vocabulary projection is a large
         # share of a prefill
@@ -144,7 +152,19 @@ class TorchExecutor:
         return "cuda graphs" if self.graphs_on else "eager"
 
     def fits(self, widths: list[int]) -> bool:
-        return len(widths) * max(widths) <= self.max_batch_tokens
+        return bucket(len(widths), self.max_batch) * max(widths) <= self.max_batch_tokens
+
+    def _hold(self, slot: int, length: int) -> int:
+        """The slot's storage row (the next free one for a slot new to the cache); it will hold `length`
+        positions."""
+        row = self.row_of.setdefault(slot, len(self.row_of))
+        self.length[slot] = length
+        return row
+
+    def _reserve(self) -> None:
+        """Storage for every held row and position: the rows' batch bucket x the longest held."""
+        rows = bucket(len(self.row_of), self.max_batch)
+        self.cache.reserve(rows, max(self.length.values()), most=self.max_batch_tokens)
 
     def forward(self, chunks: list[Chunk]) -> list[torch.Tensor | Exception | None]:
         results: list[torch.Tensor | Exception | None] = [None] * len(chunks)
@@ -152,16 +172,15 @@ class TorchExecutor:
         one_each = all(len(chunks[i].tokens) == 1 for i in decoding.values())
         if sorted(decoding) != sorted(self.running) or not one_each:
             raise RuntimeError("a decode step must give every running row exactly one token")
-        # storage rows to the batch bucket: growing one row at a time as prompts arrive would reallocate
-        # (and fault in fresh pages for) every layer's cache once per admitted sequence
-        rows = bucket(max(c.slot for c in chunks) + 1, self.max_batch)
         prompts = [i for i, c in enumerate(chunks) if c.slot not in decoding]
         groups = _groups([chunks[i] for i in prompts])
-        # room for every position a pass writes: a left-padded chunk's too
-        longest = max((len(g[0].tokens) for g in groups), default=1)
-        self.cache.reserve(rows, max(c.start + longest for c in chunks))
+        for c in chunks:
+            self._hold(c.slot, c.start + len(c.tokens))
         with torch.inference_mode():
-            if decoding:  # first: a hole's row may be a prompt's, which must not be written yet
+            # storage rows to the batch bucket: growing one row at a time as prompts arrive would
+            # reallocate (and fault in fresh pages for) every layer's cache once per admitted sequence
+            self._reserve()
+            if decoding:
                 try:
                     logits = self._decode({slot: chunks[i] for slot, i in decoding.items()})
                 except Exception as exc:  # the pass the running rows share: they fail, prompts go on
@@ -190,21 +209,23 @@ class TorchExecutor:
 
     def _prefill_pass(self, group: list[Chunk]) -> dict[int, torch.Tensor | None]:
         width = max(len(c.tokens) for c in group)
-        scratch, tokens, where, rows = self.cache.scratch, [], [], []
-        for c in group:  # padding: position 0, written to the scratch row
-            pad = width - len(c.tokens)
+        spare, tokens, where, rows, write = self.cache.spare, [], [], [], []
+        for c in group:  # padding: position 0, written to the spare column
+            pad, held = width - len(c.tokens), list(range(c.start, c.start + len(c.tokens)))
             tokens.append([0] * pad + c.tokens)
-            where.append([0] * pad + list(range(c.start, c.start + len(c.tokens))))
-            rows.append([scratch] * pad + [c.slot] * len(c.tokens))
-        inputs = torch.tensor([tokens, where, rows], dtype=torch.long).to(self.device, non_blocking=True)
-        slots = [c.slot for c in group]
-        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-        read = slice(slots[0], slots[0] + len(slots))
+            where.append([0] * pad + held)
+            rows.append([self.row_of[c.slot]] * width)
+            write.append([spare] * pad + held)
+        inputs = torch.tensor([tokens, where, rows, write], dtype=torch.long).to(
+            self.device, non_blocking=True
+        )
+        read_rows = [self.row_of[c.slot] for c in group]
+        consecutive = read_rows == list(range(read_rows[0], read_rows[0] + len(read_rows)))
+        read = slice(read_rows[0], read_rows[0] + len(read_rows))
         if not consecutive:  # rows gathered: a copy of what they hold
-            read = torch.tensor(slots, device=self.device)
+            read = torch.tensor(read_rows, device=self.device)
         seen = max(c.start + len(c.tokens) for c in group)
-        self.held.update(slots)
-        self.cache.set_pass(inputs[2], inputs[1], read, seen)
+        self.cache.set_pass(inputs[2], inputs[3], read, seen)
         mask = attention_masks(self.config, inputs[1], seen, self.dtype)
         extra = {"logits_to_keep": 1} if self.last_logits else {}
         with self._packed():
@@ -224,25 +245,26 @@ class TorchExecutor:
         return done
 
     def _decode(self, chunks: dict[int, Chunk]) -> dict[int, torch.Tensor]:
-        top = max(chunks) + 1
+        by_row = {self.row_of[slot]: chunk for slot, chunk in chunks.items()}
+        top = max(by_row) + 1
         batch = bucket(top, self.max_batch) if self.pad else top
-        scratch = self.cache.scratch
-        tokens = [chunks[r].tokens[0] if r in chunks else 0 for r in range(batch)]
-        where = [chunks[r].start if r in chunks else 0 for r in range(batch)]
-        # one copy to the device: tokens, positions and write rows (a hole writes to the scratch row)
-        inputs = torch.tensor(
-            [tokens, where, [r if r in chunks else scratch for r in range(batch)]], dtype=torch.long
-        ).to(self.device, non_blocking=True)
+        tokens = [by_row[r].tokens[0] if r in by_row else 0 for r in range(batch)]
+        where = [by_row[r].start if r in by_row else 0 for r in range(batch)]
+        write = [by_row[r].start if r in by_row else self.cache.spare for r in range(batch)]
+        # one copy to the device: tokens, positions, write rows and write positions (a hole writes to
+        # its row's spare column)
+        inputs = torch.tensor([tokens, where, list(range(batch)), write], dtype=torch.long)
+        inputs = inputs.to(self.device, non_blocking=True)
         graph = self._graph(batch) if self.graphs_on else None
         if graph is not None:
             logits = graph.run(inputs)
         else:
             logits = self._decode_pass(inputs[:, :, None], max(where) + 1)
-        return {r: logits[r, -1] for r in chunks}
+        return {slot: logits[self.row_of[slot], -1] for slot in chunks}
 
     def _decode_pass(self, inputs: torch.Tensor, width: int) -> torch.Tensor:
-        """inputs [3, B, 1]: each batch row's token, position and write row."""
-        self.cache.set_pass(inputs[2], inputs[1], slice(0, inputs.shape[1]), width)
+        """inputs [4, B, 1]: each batch row's token, position, write row and write position."""
+        self.cache.set_pass(inputs[2], inputs[3], slice(0, inputs.shape[1]), width)
         mask = attention_masks(self.config, inputs[1], width, self.dtype)
         with self._packed():
             logits, _ = forward_with_cache(
@@ -271,14 +293,22 @@ class TorchExecutor:
 
     def free(self, slot: int) -> None:
         self.running.discard(slot)
-        self.held.discard(slot)
+        self.length.pop(slot, None)
+        row = self.row_of.pop(slot, None)
+        last = len(self.row_of)
+        # the last row moves into the freed one, so the held rows stay [0, n) (where the storage has them)
+        if row is not None and row != last and last < self.cache.rows:
+            moved = next(s for s, r in self.row_of.items() if r == last)
+            with torch.inference_mode():
+                self.cache.copy(last, row, self.length[moved])
+            self.row_of[moved] = row
         # nothing in the cache: its memory goes back until the next request (not where graphs were
         # captured over it: they would be captured again for every request after a pause)
-        if not self.held and not self.graphs:
+        if not self.row_of and not self.graphs:
             self.cache.release()
 
     def close(self) -> None:
-        self.held, self.running, self.graphs = set(), set(), {}
+        self.row_of, self.length, self.running, self.graphs = {}, {}, set(), {}
         self.cache.release()
 
 
@@ -381,8 +411,10 @@ class _Graph:
 
     def __init__(self, executor: TorchExecutor, batch: int) -> None:
         device, cache = executor.device, executor.cache
-        self.inputs = torch.zeros((3, batch), dtype=torch.long, device=device)
-        self.inputs[2] = cache.scratch  # every row a hole while warming up and capturing
+        self.inputs = torch.zeros((4, batch), dtype=torch.long, device=device)
+        # every row a hole while warming up and capturing: written to its spare column
+        self.inputs[2] = torch.arange(batch, device=device)
+        self.inputs[3] = cache.spare
 
         def step() -> torch.Tensor:
             return executor._decode_pass(self.inputs[:, :, None], cache.cap)

@@ -1,12 +1,13 @@
-"""The torch executor's KV cache: one row per scheduler slot, each sequence's keys and values written in
-place at its own positions. Nothing is padded to the longest row and nothing is copied when a sequence
-joins or leaves: a decode step reads a view of the rows [0, B) up to the longest position, with an
+"""The torch executor's KV cache: one row per sequence the executor holds, each sequence's keys and values
+written in place at its own positions. Nothing is padded to the longest row and nothing is copied when a
+sequence joins: a decode step reads a view of the rows [0, B) up to the longest position, with an
 attention mask that keeps each row to its own positions.
 
-Storage per layer is [rows + 1, kv_heads, cap, head_dim]; the last row is scratch, where the batch rows
-that hold no running sequence (holes) write their step's keys. It grows, rows to the next batch bucket
-and cap in steps of GROW positions, when a step needs more, and is released when no slot holds anything,
-so a server that has answered one long request does not keep its cache.
+Storage per layer is [rows, kv_heads, cap + 1, head_dim]; the last column is spare, where what a pass
+writes and nobody reads goes (the batch rows that hold no running sequence, left padding). It grows, rows
+to the next batch bucket and cap in steps of `grow` positions, when a step needs more, and is cut back to
+what the step needs where growing would pass the executor's budget (so a cap grown for one long sequence
+does not stay for every batch after it); it is released when nothing is held.
 
 The model sees a transformers Cache: its attention layers call update(), which writes this pass's keys
 and returns what the pass attends to. The executor passes the 4D masks and position ids itself, so the
@@ -94,21 +95,28 @@ class SlotCache(Cache):
         self.offloading = False
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.rows = 0  # batch rows (slots) the storage holds, besides the scratch row
+        self.rows = 0  # rows the storage holds: one per sequence the executor holds, to a batch bucket
         self.cap = 0  # positions per row
         self._pass: tuple[Any, ...] = ()
 
     # --- the executor's side ---------------------------------------------------------------------------
 
-    def reserve(self, rows: int, positions: int) -> None:
-        """Make room for slots [0, rows) and positions [0, positions), keeping what the rows hold."""
+    def reserve(self, rows: int, positions: int, most: int | None = None) -> None:
+        """Make room for rows [0, rows) and positions [0, positions), keeping what those hold. The storage
+        grows to the larger of what it has and what is asked (positions rounded up to a step of `grow`);
+        where that would pass `most` positions in all (rows x cap), it is cut to what is asked instead,
+        rounded up only as far as `most` allows."""
         if rows <= self.rows and positions <= self.cap:
             return
-        new_rows, new_cap = max(rows, self.rows), max(self.cap, -(-positions // self.grow) * self.grow)
+        steps = -(-positions // self.grow) * self.grow
+        new_rows, new_cap = max(rows, self.rows), max(self.cap, steps)
+        if most is not None and new_rows * new_cap > most:
+            new_rows, new_cap = rows, max(positions, min(steps, most // rows))
+        keep_rows, keep_cap = min(new_rows, self.rows), min(new_cap, self.cap)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                grown = old.new_zeros((new_rows + 1, old.shape[1], new_cap, old.shape[3]))
-                grown[: self.rows, :, : self.cap] = old[: self.rows]
+                grown = old.new_zeros((new_rows, old.shape[1], new_cap + 1, old.shape[3]))
+                grown[:keep_rows, :, :keep_cap] = old[:keep_rows, :, :keep_cap]
                 store[i] = grown
         self.rows, self.cap = new_rows, new_cap
         self.storage += 1
@@ -119,20 +127,26 @@ class SlotCache(Cache):
         self.storage += 1
 
     def copy(self, source: int, target: int, positions: int) -> None:
-        """Row `target` starts with row `source`'s first `positions` positions."""
+        """Row `target` holds row `source`'s first `positions` positions."""
         for store in (self.keys, self.values):
             for layer in store:
                 layer[target, :, :positions] = layer[source, :, :positions]
 
     def set_pass(self, rows: torch.Tensor, positions: torch.Tensor, read: slice | torch.Tensor, width: int):
         """What the next forward pass writes and reads: its token (i, j) writes at storage row rows[i, j],
-        position positions[i, j] (the scratch row for padding and holes); its batch row i attends to
-        storage row read[i] up to `width` (read a slice: a view, nothing copied)."""
+        position positions[i, j] (the spare column, `spare`, for padding and holes); its batch row i
+        attends to storage row read[i] up to `width` (read a slice: a view, nothing copied)."""
         self._pass = (rows, positions, read, width)
 
     @property
-    def scratch(self) -> int:
-        return self.rows
+    def spare(self) -> int:
+        """The column nobody reads: where a pass writes what it does not keep."""
+        return self.cap
+
+    @property
+    def positions(self) -> int:
+        """Token positions the storage holds, rows x cap (the spare column aside)."""
+        return self.rows * self.cap
 
     # --- the model's side ------------------------------------------------------------------------------
 
@@ -140,7 +154,7 @@ class SlotCache(Cache):
         """Write this pass's keys and values [B, kv_heads, q, head_dim] of one layer; return the keys and
         values it attends to: [B, kv_heads, width, head_dim] views of the storage."""
         if layer_idx == len(self.keys):  # the first pass: this layer's storage, in its shapes
-            shape = (self.rows + 1, keys.shape[1], self.cap, keys.shape[3])
+            shape = (self.rows, keys.shape[1], self.cap + 1, keys.shape[3])
             self.keys.append(keys.new_zeros(shape))
             self.values.append(values.new_zeros((*shape[:3], values.shape[3])))
         stored_keys, stored_values = self.keys[layer_idx], self.values[layer_idx]
