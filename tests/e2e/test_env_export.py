@@ -3,6 +3,7 @@
 
 import os
 import subprocess
+import sys
 import venv
 
 import httpx
@@ -19,6 +20,21 @@ def test_env_export_formats_pin_torch_and_danlus_dependencies():
         assert "torch==2." in result.stdout and "fastapi==" in result.stdout
     lock = run_cli("env", "export", "--format", "lock").stdout
     assert "pydantic-core==" in lock and "uvicorn[standard]==" in lock  # transitive, with extras
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`danlu env export | head -1`: the pipe closes before danlu writes; it stops without a traceback."""
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before danlu starts
+    done = subprocess.run(
+        [sys.executable, "-m", "danlu", "env", "export", "--format", "lock"],
+        stdout=writer,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    os.close(writer)
+    assert done.returncode == 141 and done.stderr == ""
 
 
 @pytest.mark.slow
