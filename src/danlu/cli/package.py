@@ -37,6 +37,12 @@ def add_package(sub) -> None:
         "--quantize", choices=["int8", "nf4"], help="chat models: quantized weights (nf4 needs --gpu)"
     )
     p.add_argument("--template", help="chat models: a built-in template name or a Jinja file (copied in)")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        help="chat models: the server's KV cache budget in tokens (danlu serve --max-batch-tokens), which "
+        "the pod's memory request counts on a CPU (default: the server's, 16384 or the model's context)",
+    )
     add_trust_model_code(p)
     p.set_defaults(run=run_package)
 
@@ -54,6 +60,7 @@ def run_package(args) -> int:
         quantize=args.quantize,
         template=args.template,
         trust_model_code=args.trust_model_code,
+        max_batch_tokens=args.max_batch_tokens,
     )
     result = package_run(args.source, args.out, options)
     kind = f"GPU, CUDA {result['cuda']}" if result["gpu"] else "CPU"
@@ -61,6 +68,15 @@ def run_package(args) -> int:
     if result["left_out"]:
         shown = ", ".join(result["left_out"][:12]) + (" ..." if len(result["left_out"]) > 12 else "")
         print(f"  left out of {result['payload']}/ (not needed to serve): {shown}")
+    if result["memory_parts"]:
+        names = {
+            "weights": "weights",
+            "kv_cache": "KV cache",
+            "packed": "packed layers",
+            "runtime": "runtime",
+        }
+        parts = " + ".join(f"{names[k]} {result['memory_parts'][k] / 2**20:,.0f} MiB" for k in names)
+        print(f"  pod memory: request {result['memory'][0]} = {parts}; limit {result['memory'][1]}")
     print(f"  docker build -t {result['image']} {result['out']}")
     print(f"  docker run {'--gpus all ' if result['gpu'] else ''}-p 8000:8000 {result['image']}")
     secret = result["secret"]

@@ -47,6 +47,7 @@ class PackageOptions:
     dtype: str = "auto"
     quantize: str | None = None
     template: str | None = None
+    max_batch_tokens: int | None = None  # the server's KV cache budget; None: its default
 
 
 CHAT_PACKAGES = ("transformers", "tokenizers", "jinja2")
@@ -68,6 +69,7 @@ class _Payload:
     serve_args: list[str] = field(default_factory=list)
     packages: list[str] = field(default_factory=list)
     memory: tuple[str, str] | None = None  # request, limit; None: the options'
+    memory_parts: dict[str, int] = field(default_factory=dict)  # what the memory request counts, bytes
     startup_s: int = 120  # how long loading may take before Kubernetes restarts the pod
 
 
@@ -171,6 +173,8 @@ def _chat_payload(path: Path, options: PackageOptions, gpu: bool) -> _Payload:
 
     if options.engine != "torch":
         raise DanluError("--engine is for runs; a chat model is served by danlu's engine", "leave it out")
+    if options.max_batch_tokens is not None and options.max_batch_tokens < 1:
+        raise DanluError("--max-batch-tokens must be at least 1", "pass a positive number")
     if options.quantize not in (None, *CHOICES):
         raise DanluError(f"unknown --quantize '{options.quantize}'", f"use one of {', '.join(CHOICES)}")
     if options.quantize == "nf4" and not gpu:
@@ -190,6 +194,8 @@ def _chat_payload(path: Path, options: PackageOptions, gpu: bool) -> _Payload:
         args += ["--quantize", options.quantize]
     if template is not None:
         args += ["--template", template if template in BUILTIN else f"/app/model/{CHAT_TEMPLATE_FILE}"]
+    if options.max_batch_tokens is not None:
+        args += ["--max-batch-tokens", str(options.max_batch_tokens)]
 
     def copy(target: Path) -> list[str]:
         """The GGUF file, or the directory's model files (links followed: a Hugging Face cache's
@@ -207,6 +213,7 @@ def _chat_payload(path: Path, options: PackageOptions, gpu: bool) -> _Payload:
     packages = [*CHAT_PACKAGES, *(["gguf"] if path.is_file() else [])]
     if options.quantize and gpu:
         packages.append("bitsandbytes")
+    parts = chat_memory_parts(path, options, gpu)
     return _Payload(
         folder="model",
         serve_path=f"/app/model/{path.name}" if path.is_file() else "/app/model",
@@ -215,7 +222,8 @@ def _chat_payload(path: Path, options: PackageOptions, gpu: bool) -> _Payload:
         drain_s=int(ChatSettings.timeout_s),
         serve_args=args,
         packages=packages,
-        memory=chat_memory(path, options, gpu),
+        memory=chat_memory(parts),
+        memory_parts=parts,
         startup_s=600,
     )
 
@@ -234,16 +242,43 @@ def parameter_count(path: Path) -> int:
     return total
 
 
-def chat_memory(path: Path, options: PackageOptions, gpu: bool) -> tuple[str, str]:
-    """Kubernetes memory request and limit for a chat model: its weights at the served precision plus
-    1 GiB (runtime and KV cache) requested; loading may hold float32 weights (a GGUF file is dequantized),
-    so the limit allows a quarter more than that."""
+def chat_memory_parts(path: Path, options: PackageOptions, gpu: bool) -> dict[str, int]:
+    """What a chat model's server holds in the pod's memory, in bytes, from the model's files alone:
+    - weights: the parameters (counted from the safetensors or GGUF headers) at the served precision;
+    - kv_cache: the cache's budget (--max-batch-tokens, else the server's default for this context) x
+      the bytes a position takes over every layer at the activations' dtype; a CPU's only: on a GPU it
+      is the GPU's memory;
+    - packed: on a CPU in float32, the packed copies of the linear layers (at most the weights' size),
+      which the executor makes only where twice their size is left (danlu.serve.chat.executor);
+    - runtime: 1 GiB for Python, torch, transformers and the server;
+    - load: the float32 weights while loading (a GGUF file is dequantized), with a quarter to spare."""
+    import torch
+
+    from danlu.serve.chat.kvcache import bytes_per_token
+    from danlu.serve.chat.model import context_length, model_config
+    from danlu.serve.settings import ChatSettings
+
     params = parameter_count(path)
-    served = {"int8": 1, "nf4": 0.5}.get(options.quantize or "", 0) or (
-        4 if options.dtype == "float32" or (options.dtype == "auto" and not gpu) else 2
-    )
-    request = params * served + GIB
-    limit = max(request, params * 4 * 1.25 + GIB)
+    float32 = options.dtype == "float32" or (options.dtype == "auto" and not gpu)
+    served = {"int8": 1, "nf4": 0.5}.get(options.quantize or "", 0) or (4 if float32 else 2)
+    parts = {"weights": int(params * served), "kv_cache": 0, "packed": 0, "runtime": GIB}
+    if not gpu:
+        config = model_config(path)
+        budget = ChatSettings(max_batch_tokens=options.max_batch_tokens).budget(context_length(config))
+        # quantized weights compute in float32 on a CPU: the cache's dtype is the activations'
+        kv_dtype = getattr(torch, "float32" if float32 or options.quantize else options.dtype)
+        parts["kv_cache"] = budget * bytes_per_token(config, kv_dtype)
+        parts["packed"] = params * 4 if float32 and not options.quantize else 0
+    parts["load"] = int(params * 4 * 1.25)
+    return parts
+
+
+def chat_memory(parts: dict[str, int]) -> tuple[str, str]:
+    """Kubernetes memory request and limit for a chat model (chat_memory_parts): everything it holds
+    requested; the limit adds the packed copies' size again (the room the executor wants before it packs
+    every layer) and is at least the load's peak."""
+    request = parts["weights"] + parts["kv_cache"] + parts["packed"] + parts["runtime"]
+    limit = max(request + parts["packed"], parts["load"] + parts["runtime"])
     return f"{math.ceil(request / 2**20)}Mi", f"{math.ceil(limit / 2**20)}Mi"
 
 
@@ -336,6 +371,7 @@ def package_run(source: str | Path, out: str | Path, options: PackageOptions | N
         "left_out": left_out,
         "secret": values["secret"],
         "memory": [memory_request, memory_limit],
+        "memory_parts": payload.memory_parts,
     }
 
 

@@ -357,7 +357,7 @@ def _load_torch(
         q.quantize_int8_cpu(model)
     q.return_freed_memory()
     defaults, eos_ids = _generation_defaults(getattr(model, "generation_config", None), model.config)
-    context = _context(model.config)
+    context = context_length(model.config)
     name = model_name(path)
     return ChatModel(
         model,
@@ -373,23 +373,22 @@ def _load_torch(
     )
 
 
-def _context(config) -> int:
+def context_length(config) -> int:
     return int(getattr(config, "max_position_embeddings", 0) or 2048)
 
 
 def generation_info(path: Path) -> tuple[dict[str, Any], set[int], int]:
     """(generation defaults, end-of-sequence ids, context) of a model directory or GGUF file, from its
     files alone (no weights), as load_chat_model finds them on the loaded model."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     from danlu.hf import load_files, quiet_transformers
 
-    where, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+    config = model_config(path)
     with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
         try:
-            config = load_files(AutoConfig, where, **extra)
             generation = (
-                load_files(GenerationConfig, where)
+                load_files(GenerationConfig, path)
                 if path.is_dir() and (path / "generation_config.json").is_file()
                 else GenerationConfig.from_model_config(config)
             )
@@ -398,7 +397,23 @@ def generation_info(path: Path) -> tuple[dict[str, Any], set[int], int]:
                 f"cannot read '{path}': {exc}".splitlines()[0], "check the model files"
             ) from None
     defaults, eos_ids = _generation_defaults(generation, config)
-    return defaults, eos_ids, _context(config)
+    return defaults, eos_ids, context_length(config)
+
+
+def model_config(path: Path) -> Any:
+    """The transformers config of a model directory or GGUF file (its metadata), without its weights."""
+    from transformers import AutoConfig
+
+    from danlu.hf import load_files, quiet_transformers
+
+    where, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+    with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return load_files(AutoConfig, where, **extra)
+        except Exception as exc:
+            raise DanluError(
+                f"cannot read '{path}': {exc}".splitlines()[0], "check the model files"
+            ) from None
 
 
 def _load_llamacpp(path: Path) -> ChatModel:
@@ -421,7 +436,8 @@ def _load_llamacpp(path: Path) -> ChatModel:
     defaults, eos_ids = _generation_defaults(GenerationConfig.from_model_config(config), config)
     file_type = model.description.split()[-1] if model.description else "gguf"
     return ChatModel(
-        model, tokenizer, path.stem, _context(config), eos_ids, defaults, file_type, "cpu", None, model.size,
+        model, tokenizer, path.stem, context_length(config), eos_ids, defaults, file_type, "cpu", None,
+        model.size,
         engine="llama.cpp",
     )  # fmt: skip
 
