@@ -60,6 +60,21 @@ def load_files(auto_class: Any, where: Any, *, trust_remote_code: bool = False, 
     )
 
 
+def load_local(auto_class: Any, path: Any, what: str) -> Any:
+    """A tokenizer or config (auto_class) of a local model directory or GGUF file (from its metadata),
+    quietly: GGUF parsing draws on stderr. A failure is one DanluError naming `what` and the path."""
+    from danlu.errors import DanluError
+
+    where, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+    with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return load_files(auto_class, where, **extra)
+        except Exception as exc:
+            raise DanluError(
+                f"cannot load the {what} of '{path}': {exc}".splitlines()[0], f"check the {what} files"
+            ) from None
+
+
 def save_model(model: Any, folder: Any) -> None:
     """model.save_pretrained(folder) in safetensors, quietly. transformers unwraps the model through
     accelerate first, which imports DeepSpeed whenever it is installed: danlu imports it beforehand,

@@ -68,8 +68,8 @@ class _Payload:
     drain_s: int  # the server's --timeout: how long SIGTERM may take to finish the requests in flight
     serve_args: list[str] = field(default_factory=list)
     packages: list[str] = field(default_factory=list)
-    memory: tuple[str, str] | None = None  # request, limit; None: the options'
-    memory_parts: dict[str, int] = field(default_factory=dict)  # what the memory request counts, bytes
+    # what the server holds, bytes (chat_memory_parts); empty: the options' request and limit
+    memory_parts: dict[str, int] = field(default_factory=dict)
     startup_s: int = 120  # how long loading may take before Kubernetes restarts the pod
 
 
@@ -173,8 +173,7 @@ def _chat_payload(path: Path, options: PackageOptions, gpu: bool) -> _Payload:
 
     if options.engine != "torch":
         raise DanluError("--engine is for runs; a chat model is served by danlu's engine", "leave it out")
-    if options.max_batch_tokens is not None and options.max_batch_tokens < 1:
-        raise DanluError("--max-batch-tokens must be at least 1", "pass a positive number")
+    ChatSettings(max_batch_tokens=options.max_batch_tokens).check()  # what `danlu serve` would refuse
     if options.quantize not in (None, *CHOICES):
         raise DanluError(f"unknown --quantize '{options.quantize}'", f"use one of {', '.join(CHOICES)}")
     if options.quantize == "nf4" and not gpu:
@@ -213,7 +212,6 @@ def _chat_payload(path: Path, options: PackageOptions, gpu: bool) -> _Payload:
     packages = [*CHAT_PACKAGES, *(["gguf"] if path.is_file() else [])]
     if options.quantize and gpu:
         packages.append("bitsandbytes")
-    parts = chat_memory_parts(path, options, gpu)
     return _Payload(
         folder="model",
         serve_path=f"/app/model/{path.name}" if path.is_file() else "/app/model",
@@ -222,8 +220,7 @@ def _chat_payload(path: Path, options: PackageOptions, gpu: bool) -> _Payload:
         drain_s=int(ChatSettings.timeout_s),
         serve_args=args,
         packages=packages,
-        memory=chat_memory(parts),
-        memory_parts=parts,
+        memory_parts=chat_memory_parts(path, options, gpu),
         startup_s=600,
     )
 
@@ -307,7 +304,11 @@ def package_run(source: str | Path, out: str | Path, options: PackageOptions | N
         _check_cuda(table, cuda)
     name = _dns_name(payload.name)
     image = options.image or f"danlu-{name}:{__version__}"
-    memory_request, memory_limit = payload.memory or (options.memory_request, options.memory_limit)
+    memory_request, memory_limit = (
+        chat_memory(payload.memory_parts)
+        if payload.memory_parts
+        else (options.memory_request, options.memory_limit)
+    )
     values = {
         "danlu_version": __version__,
         "python_minor": ".".join(platform.python_version_tuple()[:2]),

@@ -27,16 +27,9 @@ def load_tokenizer(path: Path) -> Any:
     """The tokenizer of a model directory or GGUF file."""
     from transformers import AutoTokenizer
 
-    from danlu.hf import load_files, quiet_transformers
+    from danlu.hf import load_local
 
-    where, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
-    with quiet_transformers():
-        try:
-            return load_files(AutoTokenizer, where, **extra)
-        except Exception as exc:
-            raise DanluError(
-                f"cannot load the tokenizer of '{path}': {exc}".splitlines()[0], "check the tokenizer files"
-            ) from None
+    return load_local(AutoTokenizer, path, "tokenizer")
 
 
 def tokenizer_of(state: CausalLMState) -> Any:

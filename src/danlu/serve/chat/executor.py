@@ -365,6 +365,8 @@ class Packed:
         layers = []
         for linear in linears:
             shape = (linear.in_features, linear.out_features, linear.bias is not None)
+            if agree.get(shape) is False:  # this kernel disagreed with, or refused, this shape already
+                continue
             try:
                 packed = PackedLinear(linear)
                 if shape not in agree:

@@ -404,16 +404,9 @@ def model_config(path: Path) -> Any:
     """The transformers config of a model directory or GGUF file (its metadata), without its weights."""
     from transformers import AutoConfig
 
-    from danlu.hf import load_files, quiet_transformers
+    from danlu.hf import load_local
 
-    where, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
-    with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            return load_files(AutoConfig, where, **extra)
-        except Exception as exc:
-            raise DanluError(
-                f"cannot read '{path}': {exc}".splitlines()[0], "check the model files"
-            ) from None
+    return load_local(AutoConfig, path, "config")
 
 
 def _load_llamacpp(path: Path) -> ChatModel:
