@@ -33,7 +33,12 @@ def engine(stage: int, bf16: bool):
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
-    ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    from danlu.training.sharding import _without_shared_memory_kernel
+
+    with _without_shared_memory_kernel():  # as danlu's ranks start it: nothing compiled
+        ds, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, dist_init_required=False
+        )
     if stage == 3:
         from danlu.training.sharding import _share_fp32_masters
 

@@ -10,6 +10,7 @@ Sharded runs checkpoint shard by shard (danlu.training.checkpoint) and end with 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -127,9 +128,10 @@ def _deepspeed(model, tc, world: World, device: torch.device, precision: str, ba
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
         }
-        engine, zero_optimizer, _, _ = deepspeed.initialize(
-            model=model.to(device), optimizer=optimizer, config=config, dist_init_required=False
-        )
+        with _without_shared_memory_kernel():
+            engine, zero_optimizer, _, _ = deepspeed.initialize(
+                model=model.to(device), optimizer=optimizer, config=config, dist_init_required=False
+            )
     if tc.zero_stage == 3:
         _share_fp32_masters(zero_optimizer)
     log.debug("deepspeed: ZeRO stage %d over %d processes", tc.zero_stage, world.size)
@@ -157,19 +159,44 @@ def _share_fp32_masters(zero: Any) -> None:
 
 
 @contextlib.contextmanager
+def _without_shared_memory_kernel() -> Iterator[None]:
+    """DeepSpeed's communication backend compiles a C++ extension, a shared-memory all-reduce for CPU
+    processes, when it starts: about 45 s of a compiler on 2 cores at a machine's first ZeRO run, and a
+    failed start where no compiler is installed. Only DeepSpeed's inference (tensor-parallel layers)
+    calls that kernel; ZeRO's collectives go through torch.distributed. danlu's ranks start the backend
+    without building it."""
+    backend = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` names torch itself
+    build = getattr(backend, "build_shm_op", None)
+    if build is None:
+        yield
+        return
+    backend.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        backend.build_shm_op = build
+
+
+@contextlib.contextmanager
 def _deepspeed_quiet() -> Iterator[None]:
     """DeepSpeed logs its configuration and every checkpoint at INFO: danlu's --debug shows them. Its
     collectives use two torch.distributed names torch has deprecated: that warning is DeepSpeed's to
-    act on, not the user's."""
+    act on, not the user's; so is its warning that ZeRO runs an untested optimizer (danlu's own torch
+    optimizers, by choice: zero_allow_untested_optimizer)."""
     logger = logging.getLogger("DeepSpeed")
     if not log.isEnabledFor(logging.DEBUG):
         logger.setLevel(logging.WARNING)
+        logger.addFilter(_not_untested_optimizer)  # added once however many runs a process starts
     warnings.filterwarnings(
         "ignore",
         message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
         category=FutureWarning,
     )
     yield
+
+
+def _not_untested_optimizer(record: logging.LogRecord) -> bool:
+    return "untested optimizer" not in record.getMessage()
 
 
 def is_deepspeed(model: Any) -> bool:
