@@ -70,6 +70,26 @@ def test_binary_roc_auc_uses_positive_class():
     assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p1))
 
 
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_roc_auc_equals_sklearns_with_tied_scores(k):
+    """Scores rounded to one decimal: most rows tie with others, within and across the classes."""
+    rng = np.random.default_rng(k)
+    y = rng.integers(0, k, 400)
+    proba = rng.dirichlet(np.ones(k), 400)
+    proba[np.arange(400), y] += 0.3
+    proba = np.round(proba / proba.sum(axis=1, keepdims=True), 1)
+    m = metrics_of("classification", y, proba, list(range(k)))
+    if k == 2:
+        expected = skm.roc_auc_score(y, proba[:, 1])
+    else:  # sklearn's check that the scores sum to 1 would refuse the rounded ones: its mean of columns
+        expected = np.mean([skm.roc_auc_score(y == c, proba[:, c]) for c in range(k)])
+    assert m["roc_auc"] == pytest.approx(expected, rel=1e-12)
+    nan = proba.copy()
+    nan[0, 0] = np.nan
+    undefined = metrics_of("classification", y, nan, list(range(k)))
+    assert undefined["roc_auc"] is None and "NaN" in undefined["undefined"]["roc_auc"]
+
+
 @pytest.mark.parametrize("exact_rows", [1_000_000, 1])
 def test_roc_auc_is_none_when_a_class_is_absent(exact_rows):
     proba = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1]])

@@ -225,8 +225,8 @@ def read_images(
     """The images of each split of a source of files, decoded in one pass in the source's order.
 
     splits: each split's positions in the source, increasing; or a function giving them, for splits of
-    the whole source, called once the workers are reading (a split that imports scikit-learn then
-    costs no time). Returns the splits and per split (images [kept, h, w, channels], kept positions).
+    the whole source, called once the workers are reading (the split's time then overlaps theirs).
+    Returns the splits and per split (images [kept, h, w, channels], kept positions).
     `geometry.channels` ends as decoded. outs: arrays to decode into (memory-mapped caches; no
     widening), else new arrays."""
     if callable(splits):
