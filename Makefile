@@ -71,8 +71,17 @@ PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 # spin waiting on each other (a share each: 12-15% less time on 2 cores)
 TEST_THREADS := $(shell n=$$(( $$(nproc) / $(PYTEST_WORKERS) )); echo $$(( n > 0 ? n : 1 )))
 
+# The floor's and vLLM's environments are built while the main suite runs, at the lowest CPU priority
+# (nice 19, in their own process group): their downloads, and whatever CPU the suite leaves, go on
+# beside it, the rest once it ends. Their output goes to ENV_LOG; an environment whose build failed is
+# built again by test-floor or test-vllm, with its error on screen. A failed suite stops the builds.
+ENV_LOG := .environments.log
+
 test: setup lint
-	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest $(PYTEST_PARALLEL)
+	@setsid nice -n 19 $(MAKE) --no-print-directory $(FLOOR_STAMP) $(VLLM_STAMP) > $(ENV_LOG) 2>&1 & builder=$$!; \
+	echo "building .venv-floor and .venv-vllm beside the suite (log: $(ENV_LOG))"; \
+	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest $(PYTEST_PARALLEL) || { kill -- -$$builder; exit 1; }; \
+	wait $$builder || echo "an environment's build failed (log: $(ENV_LOG)): building it again"
 	# the floor's and vLLM's suites side by side, each in its share of the cores
 	OMP_NUM_THREADS=$(TEST_THREADS) $(MAKE) -j2 --output-sync=target test-floor test-vllm
 
@@ -130,4 +139,4 @@ test-fast: setup
 	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 clean:
-	rm -rf $(VENV) $(FLOOR) $(VLLM) runs .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) $(FLOOR) $(VLLM) $(ENV_LOG) runs .pytest_cache .ruff_cache src/*.egg-info
