@@ -18,9 +18,7 @@ BATCH = 12  # divides among 2 and 3 processes
 
 
 def engine(stage: int, bf16: bool):
-    from danlu.training.strategies import import_deepspeed
-
-    deepspeed = import_deepspeed()
+    from danlu.training.sharding import start_deepspeed
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
@@ -30,19 +28,8 @@ def engine(stage: int, bf16: bool):
         "train_micro_batch_size_per_gpu": BATCH // dist.get_world_size(),
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
     }
-    from danlu.training.sharding import _without_shared_memory_kernel
-
-    with _without_shared_memory_kernel():  # as danlu's ranks start it: nothing compiled
-        ds, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=config, dist_init_required=False
-        )
-    if stage == 3:
-        from danlu.training.sharding import _share_fp32_masters
-
-        _share_fp32_masters(ds.optimizer)
+    ds, _ = start_deepspeed(model, optimizer, config)  # as danlu's ranks start it: nothing compiled
     return ds
 
 

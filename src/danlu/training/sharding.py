@@ -110,31 +110,40 @@ def _deepspeed(model, tc, world: World, device: torch.device, precision: str, ba
     # DeepSpeed's buckets default to 5e8 elements (2 GB in fp32, allocated whole by ZeRO-3): a 16th of
     # the model, at most 25M elements (100 MB in fp32; DDP's bucket is 25 MB)
     bucket = max(1, min(BUCKET_ELEMENTS, sum(p.numel() for p in model.parameters()) // 16))
+    config = {
+        "train_batch_size": batch_size,
+        "gradient_accumulation_steps": tc.accumulate,
+        "train_micro_batch_size_per_gpu": batch_size // (world.size * tc.accumulate),
+        "zero_optimization": {
+            "stage": tc.zero_stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+            "stage3_prefetch_bucket_size": bucket,
+        },
+        "gradient_clipping": tc.grad_clip or 0.0,
+        "bf16": {"enabled": precision == "bf16"},
+    }
+    engine, zero_optimizer = start_deepspeed(model.to(device), optimizer, config)
+    log.debug("deepspeed: ZeRO stage %d over %d processes", tc.zero_stage, world.size)
+    return engine, zero_optimizer
+
+
+def start_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
+    """DeepSpeed's engine and ZeRO optimizer over a model on its device and a torch optimizer, in a
+    torch.distributed process group already started, as every danlu rank starts one: DeepSpeed
+    imported without MLflow, its logging quiet (--debug shows it), its backend started without the
+    shared-memory kernel's C++ build, and ZeRO-3's fp32 masters sharing the parameters' memory.
+    config is DeepSpeed's own; danlu adds that its torch optimizer is chosen on purpose and that the
+    engine prints no step counts."""
+    config = {"zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1, **config}
     with _deepspeed_quiet():
         deepspeed = import_deepspeed()
-        config = {
-            "train_batch_size": batch_size,
-            "gradient_accumulation_steps": tc.accumulate,
-            "train_micro_batch_size_per_gpu": batch_size // (world.size * tc.accumulate),
-            "zero_optimization": {
-                "stage": tc.zero_stage,
-                "reduce_bucket_size": bucket,
-                "allgather_bucket_size": bucket,
-                "stage3_prefetch_bucket_size": bucket,
-            },
-            "gradient_clipping": tc.grad_clip or 0.0,
-            "bf16": {"enabled": precision == "bf16"},
-            # danlu's own torch optimizer: no DeepSpeed kernels to build
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**31 - 1,
-        }
         with _without_shared_memory_kernel():
             engine, zero_optimizer, _, _ = deepspeed.initialize(
-                model=model.to(device), optimizer=optimizer, config=config, dist_init_required=False
+                model=model, optimizer=optimizer, config=config, dist_init_required=False
             )
-    if tc.zero_stage == 3:
+    if config.get("zero_optimization", {}).get("stage") == 3:
         _share_fp32_masters(zero_optimizer)
-    log.debug("deepspeed: ZeRO stage %d over %d processes", tc.zero_stage, world.size)
     return engine, zero_optimizer
 
 
