@@ -439,11 +439,15 @@ def existing_data(spec: str, what: str = "data file") -> Path:
     return path
 
 
-def check_data_paths(data: DataConfig) -> None:
-    """Every data file the config names exists: a mistyped path, the commonest mistake, is said before
-    torch and the data load (paths relative to the working directory, as training reads them)."""
+def check_data(data: DataConfig) -> None:
+    """Every data file the config names exists, and the training file's header holds the columns the
+    config names: a mistyped path or column name, the commonest mistakes, is said before torch and the
+    data load (paths relative to the working directory, as training reads them)."""
+    from danlu.data.columns import check_named_columns
+
     for name, value in data_files(data).items():
         existing_data(value, f"data file (data.{name})")
+    check_named_columns(data)
 
 
 def dump_config(config: Config) -> str:

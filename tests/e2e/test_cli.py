@@ -222,6 +222,28 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
         assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)
 
 
+def test_a_mistyped_column_is_named_before_torch_loads(tmp_path):
+    """A column the training file's header lacks (data.target, features, text, image) is one line with the
+    nearest name, before torch, the data load, or any process launched (--nproc, tune)."""
+    data = tmp_path / "data.csv"
+    data.write_text("x,label\n1,a\n")
+    config = _cfg(tmp_path, data)
+    space = write_config(tmp_path / "space.yaml", "train.lr: {low: 0.001, high: 0.1, log: true}\n")
+    for args in (
+        ["train", config, "data.target=lable", "--out", str(tmp_path / "a")],
+        ["train", config, "data.target=lable", "--out", str(tmp_path / "b"), "--nproc", "2"],
+        ["tune", config, "data.target=lable", "--space", str(space), "--out", str(tmp_path / "c")],
+    ):
+        result = main_in_a_fresh_interpreter(args)
+        assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)
+        line = result.stderr.strip()
+        assert line == (
+            "danlu: error: target column 'lable' not in the data "
+            "(fix: did you mean 'label'? available columns: x, label)"
+        ), line
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
 def test_a_missing_data_file_is_named_before_torch_loads(tmp_path):
     """A mistyped data path (train, validation or test; for train, tune, and a resumed run whose data
     moved) is one line naming the key and the path, before torch and the data load."""

@@ -79,21 +79,21 @@ def add_train(sub) -> None:
 def _config_for(args):
     """The config this command trains: the file with its overrides, or a stopped run's own. It is read and
     checked here, once, before torch is imported, so a mistake comes back at once."""
-    from danlu.config import check_data_paths, load_config, read_yaml, validate
+    from danlu.config import check_data, load_config, read_yaml, validate
     from danlu.run import RunDir
 
     if args.resume:
         run = RunDir(args.resume)
         run.require_resumable()
         config = validate(read_yaml(run.config))
-        check_data_paths(config.data)  # moved since the run started
+        check_data(config.data)  # moved since the run started
         return config
     if not args.config:
         raise DanluError("no config given", "run `danlu train CONFIG.yaml` or `danlu train --resume RUN_DIR`")
     if "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         raise DanluError(f"'{args.config}' looks like an override", "put the config file first")
     config = load_config(args.config, list(args.overrides))
-    check_data_paths(config.data)
+    check_data(config.data)
     if "WORLD_SIZE" not in os.environ:  # a launcher's ranks find the directory rank 0 is writing
         RunDir(args.out or config.output).check_new(args.overwrite)
     return config

@@ -51,10 +51,10 @@ def add_tune(sub) -> None:
 
 
 def run_tune(args) -> int:
-    from danlu.config import check_data_paths, load_config
+    from danlu.config import check_data, load_config
 
     config = load_config(args.config, list(args.overrides))  # a bad config: one line before anything
-    check_data_paths(config.data)
+    check_data(config.data)
     import danlu
 
     result = danlu.tune(

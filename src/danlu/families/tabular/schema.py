@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from danlu.config import DataConfig
+from danlu.data.columns import missing_columns_error
 from danlu.errors import DanluError
 
 MAX_CLASSES_FOR_INTEGER_TARGET = 20
@@ -22,17 +22,6 @@ class Schema:
     target: str
     numeric: list[str]
     categorical: list[str]
-
-
-def _missing_columns_error(missing: list[str], available: list[str], what: str) -> DanluError:
-    hints = [difflib.get_close_matches(name, available, n=1) for name in missing]
-    close = [f"'{m[0]}'" for m in hints if m]
-    suggestion = f"did you mean {', '.join(close)}? " if close else ""
-    shown = ", ".join(available[:20]) + (" ..." if len(available) > 20 else "")
-    return DanluError(
-        f"{what} {', '.join(repr(m) for m in missing)} not in the data",
-        f"{suggestion}available columns: {shown}",
-    )
 
 
 def is_mostly_numeric_text(column: pd.Series) -> bool:
@@ -64,14 +53,14 @@ def infer_schema(sample: pd.DataFrame, config: DataConfig) -> Schema:
             f"columns: {', '.join(columns[:20])}",
         )
     if target not in columns:
-        raise _missing_columns_error([target], columns, "target column")
+        raise missing_columns_error([target], columns, "target column")
     features = config.features if config.features is not None else [c for c in columns if c != target]
     missing = [c for c in features if c not in columns]
     if missing:
-        raise _missing_columns_error(missing, columns, "feature column" + ("s" if len(missing) > 1 else ""))
+        raise missing_columns_error(missing, columns, "feature column" + ("s" if len(missing) > 1 else ""))
     missing = [c for c in config.categorical if c not in features]
     if missing:
-        raise _missing_columns_error(
+        raise missing_columns_error(
             missing, features, "categorical column" + ("s" if len(missing) > 1 else "")
         )
     if target in features:

@@ -1,0 +1,106 @@
+"""The columns a config names are checked against the training file's header before torch loads, with the
+same one line the tabular family gives after reading the whole file; what the header check cannot read
+or does not cover is left to the data load."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from danlu.config import DataConfig
+from danlu.data.columns import check_named_columns, header
+from danlu.errors import DanluError
+from danlu.families.tabular.schema import infer_schema
+
+FRAME = pd.DataFrame({"price": [1.0, 2.5], "color": ["red", "blue"], "label": ["a", "b"]})
+
+
+def refusal(data: DataConfig) -> str | None:
+    try:
+        check_named_columns(data)
+    except DanluError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.parametrize(
+    "named",
+    [
+        {"target": "lable"},
+        {"target": "label", "features": ["price", "colour"]},
+        {"target": "label", "features": ["prise", "colour"]},
+        {"target": "weight"},  # nothing close: the columns alone
+    ],
+)
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_mistyped_column_is_the_tabular_familys_own_line(tmp_path, named, suffix):
+    path = tmp_path / f"data{suffix}"
+    FRAME.to_csv(path, index=False) if suffix == ".csv" else FRAME.to_parquet(path, index=False)
+    data = DataConfig(train=str(path), **named)
+    line = refusal(data)
+    assert line is not None and "not in the data" in line
+    with pytest.raises(DanluError) as after_loading:
+        infer_schema(FRAME, data)  # what the data load says with the whole frame at hand
+    assert line == str(after_loading.value)
+
+
+def test_columns_that_are_there_pass_as_pandas_reads_the_header(tmp_path):
+    plain = tmp_path / "plain.csv"
+    FRAME.to_csv(plain, index=False)
+    assert refusal(DataConfig(train=str(plain), target="label", features=["price", "color"])) is None
+    # a byte-order mark before the first name, as spreadsheet programs write it
+    marked = tmp_path / "marked.csv"
+    marked.write_bytes(b"\xef\xbb\xbfprice,label\n1,a\n")
+    assert header(marked) == ["price", "label"]
+    assert refusal(DataConfig(train=str(marked), target="price")) is None
+    # a repeated name: pandas calls the second 'a.1', and that is the name the family reads
+    repeated = tmp_path / "repeated.csv"
+    repeated.write_text("a,a,label\n1,2,x\n")
+    assert refusal(DataConfig(train=str(repeated), target="label", features=["a", "a.1"])) is None
+    assert "'a.2' not in the data" in refusal(DataConfig(train=str(repeated), target="a.2"))
+    # quoted names with commas
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('"size, cm",label\n1,x\n')
+    assert refusal(DataConfig(train=str(quoted), target="label", features=["size, cm"])) is None
+
+
+def test_text_and_image_columns_are_checked_and_conversations_have_no_target(tmp_path):
+    texts = tmp_path / "texts.csv"
+    pd.DataFrame({"review": ["good"], "label": [1]}).to_csv(texts, index=False)
+    line = refusal(DataConfig(train=str(texts), text="revew", target="label"))
+    expected = "text column 'revew' not in the data (fix: did you mean 'review'? available columns: "
+    assert line == expected + "review, label)"
+    assert "image column 'path'" in refusal(DataConfig(train=str(texts), image="path", target="label"))
+    chats = tmp_path / "chats.parquet"
+    pd.DataFrame({"messages": [[{"role": "user", "content": "hi"}]]}).to_parquet(chats)
+    assert refusal(DataConfig(train=str(chats), family="causal_lm", target="label")) is None
+
+
+def test_sources_without_a_readable_header_are_left_to_the_data_load(tmp_path):
+    broken = tmp_path / "broken.csv"
+    broken.write_bytes(b"\xff\xfe\x00label\n")  # not UTF-8: the data load names the parse error
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    bad_parquet = tmp_path / "bad.parquet"
+    bad_parquet.write_text("not parquet")
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text('{"x": 1, "label": "a"}\n')
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in (broken, empty, bad_parquet, lines, folder):
+        assert header(path) is None, path
+        assert refusal(DataConfig(train=str(path), target="nowhere")) is None, path
+    assert refusal(DataConfig(train="synthetic:classification", target="nowhere")) is None
+
+
+def test_the_check_imports_neither_torch_nor_pandas_when_the_columns_are_there(tmp_path):
+    path = tmp_path / "data.csv"
+    FRAME.to_csv(path, index=False)
+    code = (
+        "import sys; from danlu.config import DataConfig, check_data\n"
+        f"check_data(DataConfig(train={str(path)!r}, target='label', features=['price']))\n"
+        "print('torch' in sys.modules, 'pandas' in sys.modules)"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert ran.stdout.split() == ["False", "False"], ran.stderr
