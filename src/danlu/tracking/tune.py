@@ -466,9 +466,10 @@ def write_result(spec: SearchSpec, rows: list[dict[str, Any]], study: Any) -> Tu
 
 def _plots(study: Any, folder: Path) -> None:
     """The optimization history and the parameter importances (Optuna's own matplotlib plots)."""
-    from optuna.visualization import matplotlib as optuna_plots
+    from danlu.evaluation.plots import _save, pyplot
 
-    from danlu.evaluation.plots import _save
+    pyplot()  # Optuna draws through pyplot: Agg unless the process chose a backend
+    from optuna.visualization import matplotlib as optuna_plots
 
     folder.mkdir(exist_ok=True)
     drawings = {

@@ -16,12 +16,15 @@ EVAL_BATCH = 64
 
 def image_grid(images: np.ndarray, captions: list[str], path: Path, title: str) -> None:
     """uint8 images [n, h, w, c] with a caption each, as a PNG."""
-    from danlu.evaluation.plots import _save, plt
+    from matplotlib.figure import Figure
+
+    from danlu.evaluation.plots import _save
 
     n = max(1, min(len(images), GRID))
     columns = min(6, n)
     rows = -(-n // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 2.0 * rows + 0.4), squeeze=False)
+    figure = Figure(figsize=(1.8 * columns, 2.0 * rows + 0.4))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images[:n], captions[:n], strict=False):
