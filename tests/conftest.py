@@ -155,6 +155,22 @@ def train_quietly(out: Path, frame: pd.DataFrame, target: str, *overrides: str):
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "USE_HUB_KERNELS")
 
 
+def train_in_a_fresh_interpreter(tmp_path: Path, before: str, after: str) -> str:
+    """A small two-class table trained by danlu.train (`run`) in a new Python, with the code `before` run
+    first and `after` run last; the last line `after` prints."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=300)
+    pd.DataFrame({"x": x, "label": np.where(x > 0, "up", "down")}).to_csv(tmp_path / "t.csv", index=False)
+    code = (
+        f"{before}\nimport sys, danlu\n"
+        f"args = ['data.train={tmp_path / 't.csv'}', 'data.target=label', 'train.epochs=1']\n"
+        f"run = danlu.train(None, args, out={str(tmp_path / 'run')!r}, progress=False)\n{after}\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    return ran.stdout.strip().splitlines()[-1]
+
+
 def _loopback(host) -> bool:
     if host in ("localhost", "", None):
         return True

@@ -2,9 +2,6 @@
 danlu called it (plain and stratified, ties between classes broken by the same draws), so a run splits
 as it did before, and no training process imports scikit-learn to split."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +9,7 @@ from sklearn.model_selection import train_test_split
 
 from danlu.config import DataConfig
 from danlu.data.split import shuffle_split, split_indices
+from tests.conftest import train_in_a_fresh_interpreter
 
 
 def sklearn_split_indices(n: int, labels: pd.Series | None, config: DataConfig):
@@ -69,17 +67,7 @@ def test_shuffle_split_refuses_a_split_that_leaves_no_training_rows():
 
 def test_training_imports_no_scikit_learn(tmp_path):
     """A table trains (stratified split, ROC-AUC, plots) in a fresh process without scikit-learn (and its
-    plots without pyplot)."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=300)
-    pd.DataFrame({"x": x, "label": np.where(x > 0, "up", "down")}).to_csv(tmp_path / "t.csv", index=False)
-    code = (
-        "import sys, danlu\n"
-        f"args = ['data.train={tmp_path / 't.csv'}', 'data.target=label', 'train.epochs=1']\n"
-        f"run = danlu.train(None, args, out={str(tmp_path / 'run')!r}, progress=False)\n"
-        "print(run.report['test']['roc_auc'] > 0.5, 'sklearn' in sys.modules,\n"
-        "      'matplotlib.pyplot' in sys.modules)\n"
-    )
-    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.strip().splitlines()[-1] == "True False False"  # nor pyplot: test_plots.py
+    plots without pyplot: test_plots.py)."""
+    imported = "'sklearn' in sys.modules, 'matplotlib.pyplot' in sys.modules"
+    after = f"print(run.report['test']['roc_auc'] > 0.5, {imported})"
+    assert train_in_a_fresh_interpreter(tmp_path, "", after) == "True False False"
