@@ -1,7 +1,6 @@
 """PNG plots of a run, drawn on matplotlib Figures of their own (its object API, rendered by Agg), not
 through pyplot: no display is needed, and a process that uses danlu's Python API keeps its matplotlib as
-it was (the backend it chose, its open figures: `matplotlib.use` would switch the one and close the
-others, and pyplot's import alone takes about half a second)."""
+it was (the backend it chose and its figures, which `matplotlib.use("Agg")` at import replaced)."""
 
 from __future__ import annotations
 
