@@ -1,6 +1,6 @@
 """PNG plots of a run, drawn on matplotlib Figures of their own (its object API, rendered by Agg), not
 through pyplot: no display is needed, and a process that uses danlu's Python API keeps its matplotlib as
-it was (the backend it chose and its figures, which `matplotlib.use("Agg")` at import replaced)."""
+it was (the backend it chose, which `matplotlib.use("Agg")` at import replaced, and its figures)."""
 
 from __future__ import annotations
 
