@@ -31,18 +31,20 @@ def _roc_auc(y: np.ndarray, proba: np.ndarray) -> tuple[float | None, str | None
 
 
 def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
-    """The area under the ROC curve: the chance that a positive row scores above a negative one, ties
-    counted half (Mann-Whitney U from the scores' ranks, tied scores sharing their mean rank). Equal to
-    scikit-learn's roc_auc_score (tests/unit/test_metrics.py), without importing it (1.5 s)."""
-    order = np.argsort(score, kind="stable")
-    ranked = score[order]
-    first = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # where each run of equal scores starts
-    last = np.r_[first[1:], len(ranked)]
-    ranks = np.empty(len(score))
-    ranks[order] = np.repeat((first + last + 1) / 2, last - first)  # 1-based, mean over a tie
-    n_positive = int(positive.sum())
-    n_negative = len(positive) - n_positive
-    return float((ranks[positive].sum() - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative))
+    """The area under the ROC curve, exactly: the rows counted per distinct score, then as the
+    histograms' AUC (`_auc_of_counts`). Equal to scikit-learn's roc_auc_score
+    (tests/unit/test_metrics.py), without importing it (1.5 s)."""
+    _, bins = np.unique(score, return_inverse=True)
+    positives = np.bincount(bins, weights=positive)
+    negatives = np.bincount(bins, weights=~positive)
+    return _auc_of_counts(negatives, positives)
+
+
+def _auc_of_counts(negatives: np.ndarray, positives: np.ndarray) -> float:
+    """The chance that a positive row scores above a negative one, ties counted half, from the rows'
+    counts per score bin in increasing order (Mann-Whitney U)."""
+    below = np.cumsum(negatives) - negatives
+    return float((positives * (below + 0.5 * negatives)).sum() / (positives.sum() * negatives.sum()))
 
 
 def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -121,8 +123,7 @@ class _ScoreHistograms:
             n_pos, n_neg = positives.sum(), negatives.sum()
             if n_pos == 0 or n_neg == 0:  # the same rule as the exact path: every class must be present
                 return None, "undefined: one-vs-rest needs every class among the true labels"
-            below = np.cumsum(negatives) - negatives
-            aucs.append(float((positives * (below + 0.5 * negatives)).sum() / (n_pos * n_neg)))
+            aucs.append(_auc_of_counts(negatives, positives))
         return float(np.mean(aucs)), None
 
 
