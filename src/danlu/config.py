@@ -440,14 +440,14 @@ def existing_data(spec: str, what: str = "data file") -> Path:
 
 
 def check_data(data: DataConfig) -> None:
-    """Every data file the config names exists, and the training file's header holds the columns the
-    config names: a mistyped path or column name, the commonest mistakes, is said before torch and the
-    data load (paths relative to the working directory, as training reads them)."""
-    from danlu.data.columns import check_named_columns
+    """Every data file the config names exists, has data rows and holds the columns the config names: a
+    mistyped path or column name, the commonest mistakes, is said before torch and the data load (paths
+    relative to the working directory, as training reads them)."""
+    from danlu.data.columns import check_data_files
 
     for name, value in data_files(data).items():
         existing_data(value, f"data file (data.{name})")
-    check_named_columns(data)
+    check_data_files(data)
 
 
 def dump_config(config: Config) -> str:

@@ -244,6 +244,31 @@ def test_a_mistyped_column_is_named_before_torch_loads(tmp_path):
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
+def test_a_file_without_rows_and_a_validation_file_without_the_column_are_named_before_torch(tmp_path):
+    """The other data files are checked as the training file is, and a file with no data rows too: one
+    line each, before torch or any process launched."""
+    data, headed, empty, other = (tmp_path / n for n in ("data.csv", "headed.csv", "empty.csv", "other.csv"))
+    data.write_text("x,label\n1,a\n")
+    headed.write_text("x,label\n")
+    empty.write_text("")
+    other.write_text("x,class\n1,a\n")
+    config = _cfg(tmp_path, data)
+    for args, expected in (
+        (["train", _cfg(tmp_path, headed), "--nproc", "2"], f"'{headed}' has no data rows"),
+        (["train", _cfg(tmp_path, empty)], f"'{empty}' is empty"),
+        (
+            ["train", config, f"data.validation={other}"],
+            f"target column 'label' not in data.validation '{other}'",
+        ),
+        (["train", config, f"data.test={headed}"], f"'{headed}' has no data rows"),
+    ):
+        result = main_in_a_fresh_interpreter([*args, "--out", str(tmp_path / "run")])
+        assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)
+        assert result.stderr.startswith("danlu: error: " + expected), result.stderr
+        assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_missing_data_file_is_named_before_torch_loads(tmp_path):
     """A mistyped data path (train, validation or test; for train, tune, and a resumed run whose data
     moved) is one line naming the key and the path, before torch and the data load."""

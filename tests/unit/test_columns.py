@@ -1,6 +1,6 @@
-"""The columns a config names are checked against the training file's header before torch loads, with the
-same one line the tabular family gives after reading the whole file; what the header check cannot read
-or does not cover is left to the data load."""
+"""The data files a config names are checked from their first rows before torch loads (the columns the
+config names, and that data rows follow the header), with the same one line the data load gives after
+reading the whole file; what the check cannot read or does not cover is left to the data load."""
 
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from danlu.config import DataConfig
-from danlu.data.columns import check_named_columns, header
+from danlu.data.columns import check_data_files, header
 from danlu.errors import DanluError
 from danlu.families.tabular.schema import infer_schema
 
@@ -18,7 +18,7 @@ FRAME = pd.DataFrame({"price": [1.0, 2.5], "color": ["red", "blue"], "label": ["
 
 def refusal(data: DataConfig) -> str | None:
     try:
-        check_named_columns(data)
+        check_data_files(data)
     except DanluError as error:
         return str(error)
     return None
@@ -80,18 +80,74 @@ def test_text_and_image_columns_are_checked_and_conversations_have_no_target(tmp
 def test_sources_without_a_readable_header_are_left_to_the_data_load(tmp_path):
     broken = tmp_path / "broken.csv"
     broken.write_bytes(b"\xff\xfe\x00label\n")  # not UTF-8: the data load names the parse error
-    empty = tmp_path / "empty.csv"
-    empty.write_text("")
     bad_parquet = tmp_path / "bad.parquet"
     bad_parquet.write_text("not parquet")
     lines = tmp_path / "rows.jsonl"
     lines.write_text('{"x": 1, "label": "a"}\n')
     folder = tmp_path / "images"
     folder.mkdir()
-    for path in (broken, empty, bad_parquet, lines, folder):
+    for path in (broken, bad_parquet, lines, folder):
         assert header(path) is None, path
         assert refusal(DataConfig(train=str(path), target="nowhere")) is None, path
     assert refusal(DataConfig(train="synthetic:classification", target="nowhere")) is None
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_file_without_data_rows_is_the_data_loads_own_line(tmp_path, suffix):
+    from danlu.data.sources import open_table
+    from danlu.families.tabular.data import _check_not_empty
+
+    headed = tmp_path / f"headed{suffix}"
+    write = FRAME.iloc[:0].to_csv if suffix == ".csv" else FRAME.iloc[:0].to_parquet
+    write(headed, index=False)
+    line = refusal(DataConfig(train=str(headed), target="label"))
+    with pytest.raises(DanluError) as after_loading:
+        _check_not_empty(open_table(str(headed)).read_all(), str(headed))
+    assert line == str(after_loading.value) and "has no data rows" in line
+    # the columns are checked first: a mistyped name is the mistake to fix
+    assert "'lable' not in the data" in refusal(DataConfig(train=str(headed), target="lable"))
+    assert refusal(DataConfig(train=str(headed))) == line  # nothing named: the rows are still checked
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "  \n"])
+def test_an_empty_csv_is_the_data_loads_own_line(tmp_path, content):
+    from danlu.data.sources import open_table
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text(content)
+    line = refusal(DataConfig(train=str(empty), target="label"))
+    with pytest.raises(DanluError) as after_loading:
+        open_table(str(empty))
+    assert line == str(after_loading.value) and "is empty" in line
+
+
+def test_blank_lines_after_the_header_are_not_rows_and_rows_after_them_are(tmp_path):
+    blank = tmp_path / "blank.csv"
+    blank.write_text("price,label\n\n\n")
+    assert "has no data rows" in refusal(DataConfig(train=str(blank), target="label"))
+    late = tmp_path / "late.csv"
+    late.write_text("price,label\n\n\n1,a\n")
+    assert refusal(DataConfig(train=str(late), target="label")) is None
+
+
+def test_validation_and_test_files_are_checked_and_named(tmp_path):
+    train = tmp_path / "train.csv"
+    FRAME.to_csv(train, index=False)
+    renamed = tmp_path / "renamed.csv"
+    FRAME.rename(columns={"label": "class"}).to_csv(renamed, index=False)
+    headed = tmp_path / "headed.parquet"
+    FRAME.iloc[:0].to_parquet(headed, index=False)
+    line = refusal(DataConfig(train=str(train), validation=str(renamed), target="label"))
+    expected = f"target column 'label' not in data.validation '{renamed}' (fix: available columns: "
+    assert line == expected + "price, color, class)"
+    line = refusal(DataConfig(train=str(train), test=str(renamed), target="label", features=["price"]))
+    assert line is not None and line.startswith(f"target column 'label' not in data.test '{renamed}'")
+    assert refusal(DataConfig(train=str(train), test=str(headed), target="label")) == (
+        f"'{headed}' has no data rows (fix: pass a file with at least a few rows)"
+    )
+    assert (
+        refusal(DataConfig(train=str(train), validation=str(train), test=str(train), target="label")) is None
+    )
 
 
 def test_the_check_imports_neither_torch_nor_pandas_when_the_columns_are_there(tmp_path):

@@ -1,10 +1,11 @@
-"""The columns a config names (data.target, data.features, data.text, data.image), checked against the
-training file's header before torch loads: a mistyped column name, after a mistyped path the commonest
-mistake, comes back in well under a second with the nearest column, not after torch's import and the
-data load (or once per process under torchrun). Only the header is read: a CSV's first row (the csv
-module; pandas confirms a name it seems to lack, so its reading of the header decides), a Parquet
-file's schema. Other sources (NPY, NPZ, JSON Lines, folders, synthetic data) are left to the family's
-own checks, as is any file this cannot read: the data load reports those with the whole file at hand."""
+"""The data files a config names (data.train, validation, test), checked from their first rows before torch
+loads: a file with no data rows, and a mistyped column name (data.target, features, text, image), after
+a mistyped path the commonest mistakes, come back in well under a second (the nearest column named), not
+after torch's import and the data load (or once per process under torchrun). Only the head is read: a
+CSV's first rows (the csv module; pandas confirms a name it seems to lack, so its reading of the header
+decides), a Parquet file's schema and row count. Other sources (NPY, NPZ, JSON Lines, folders, synthetic
+data) are left to the family's own checks, as is any file this cannot read: the data load reports those
+with the whole file at hand."""
 
 from __future__ import annotations
 
@@ -21,16 +22,28 @@ if TYPE_CHECKING:
 CSV, PARQUET = (".csv",), (".parquet", ".pq")
 
 
-def missing_columns_error(missing: list[str], available: list[str], what: str) -> DanluError:
+def missing_columns_error(
+    missing: list[str], available: list[str], what: str, where: str = "the data"
+) -> DanluError:
     """One line naming the missing columns, the nearest available name of each, and the columns."""
     hints = [difflib.get_close_matches(name, available, n=1) for name in missing]
     close = [f"'{m[0]}'" for m in hints if m]
     suggestion = f"did you mean {', '.join(close)}? " if close else ""
     shown = ", ".join(available[:20]) + (" ..." if len(available) > 20 else "")
     return DanluError(
-        f"{what} {', '.join(repr(m) for m in missing)} not in the data",
+        f"{what} {', '.join(repr(m) for m in missing)} not in {where}",
         f"{suggestion}available columns: {shown}",
     )
+
+
+def empty_csv_error(path: Path | str) -> DanluError:
+    """A CSV file of no bytes or blank lines only: no header, no rows."""
+    return DanluError(f"'{path}' is empty", "pass a CSV with a header row and data rows")
+
+
+def no_rows_error(name: Path | str) -> DanluError:
+    """A data file with a header and no rows."""
+    return DanluError(f"'{name}' has no data rows", "pass a file with at least a few rows")
 
 
 def named_columns(data: DataConfig) -> list[tuple[str, list[str]]]:
@@ -49,8 +62,14 @@ def named_columns(data: DataConfig) -> list[tuple[str, list[str]]]:
 
 
 def header(path: Path) -> list[str] | None:
-    """The column names of a CSV or Parquet file as the data load will see them; None for other sources
-    and for files whose header cannot be read here."""
+    """The column names of a CSV or Parquet file as the data load will see them; None for other sources,
+    for an empty CSV and for files whose header cannot be read here."""
+    head = _head(path)
+    return None if head is None else head[0]
+
+
+def _head(path: Path) -> tuple[list[str], bool] | None:
+    """(the column names, whether a data row follows them) of a CSV or Parquet file; None as in header."""
     suffix = path.suffix.lower()
     if not path.is_file() or suffix not in CSV + PARQUET:
         return None
@@ -58,9 +77,12 @@ def header(path: Path) -> list[str] | None:
         if suffix in PARQUET:
             import pyarrow.parquet as pq
 
-            return [str(name) for name in pq.read_schema(path).names]
+            metadata = pq.read_metadata(path)
+            return [str(name) for name in metadata.schema.to_arrow_schema().names], metadata.num_rows > 0
         with path.open(newline="", encoding="utf-8-sig") as f:
-            return next(csv.reader(f), None)
+            rows = (row for row in csv.reader(f) if row)  # pandas skips blank lines
+            names = next(rows, None)
+            return None if names is None else (names, next(rows, None) is not None)
     except (OSError, ValueError, csv.Error, ImportError):  # the data load says why, with the whole file
         return None
 
@@ -74,23 +96,39 @@ def _pandas_header(path: Path) -> list[str] | None:
         return None
 
 
-def check_named_columns(data: DataConfig) -> None:
-    """Every column the config names is in the training file's header (see the module's docstring)."""
+def check_data_files(data: DataConfig) -> None:
+    """Every CSV or Parquet file data.train, validation and test name has data rows and every column the
+    config names (see the module's docstring)."""
+    from danlu.config import data_files  # config imports this module only when it checks
+
     named = named_columns(data)
-    if not named:
-        return
-    path = Path(data.train)
-    columns = header(path)
-    if columns is None:
-        return
-    for what, names in named:
-        missing = [name for name in names if name not in columns]
-        if missing and path.suffix.lower() in CSV:
-            # the csv module's header is pandas' but for duplicate names (pandas renames the second 'a'
-            # to 'a.1') and quoting corner cases: pandas decides before anything is refused
-            columns = _pandas_header(path)
-            if columns is None:
-                return
-            missing = [name for name in names if name not in columns]
-        if missing:
-            raise missing_columns_error(missing, columns, what + ("s" if len(missing) > 1 else ""))
+    for key, spec in data_files(data).items():
+        path = Path(spec)
+        if path.suffix.lower() in CSV and path.is_file() and _blank(path):
+            raise empty_csv_error(path)
+        head = _head(path)
+        if head is None:
+            continue
+        columns, has_rows = head
+        where = "the data" if key == "train" else f"data.{key} '{spec}'"
+        for what, names in named:
+            _check_columns(path, columns, names, what, where)
+        if not has_rows:
+            raise no_rows_error(path)
+
+
+def _blank(path: Path) -> bool:
+    """Whether a file holds nothing but whitespace (reading at most its first 64 KiB)."""
+    with path.open("rb") as f:
+        return not f.read(65536).strip() and not f.read(1)
+
+
+def _check_columns(path: Path, columns: list[str], names: list[str], what: str, where: str) -> None:
+    missing = [name for name in names if name not in columns]
+    if missing and path.suffix.lower() in CSV:
+        # the csv module's header is pandas' but for duplicate names (pandas renames the second 'a' to
+        # 'a.1') and quoting corner cases: pandas decides before anything is refused
+        columns = _pandas_header(path) or []
+        missing = [name for name in names if name not in columns] if columns else []
+    if missing:
+        raise missing_columns_error(missing, columns, what + ("s" if len(missing) > 1 else ""), where)

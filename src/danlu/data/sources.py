@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from danlu.config import SYNTHETIC_PREFIX, SyntheticConfig, existing_data
+from danlu.data.columns import empty_csv_error
 from danlu.data.dataset import Fingerprinted
 from danlu.errors import DanluError
 
@@ -213,7 +214,7 @@ def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
     try:
         return pd.read_csv(path, **kwargs)
     except pd.errors.EmptyDataError:
-        raise DanluError(f"'{path}' is empty", "pass a CSV with a header row and data rows") from None
+        raise empty_csv_error(path) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DanluError(f"cannot parse '{path}' as CSV: {exc}".splitlines()[0], "check the file") from None
 
@@ -280,7 +281,7 @@ def stream_frames(spec: str, chunk_rows: int = 100_000) -> Iterator[pd.DataFrame
     path = check_path(spec)
     if path.suffix.lower() == ".csv":
         if os.path.getsize(path) == 0:
-            raise DanluError(f"'{path}' is empty", "pass a CSV with a header row and data rows")
+            raise empty_csv_error(path)
         yield from _read_csv(path, chunksize=chunk_rows)
         return
     table = open_table(spec, chunk_rows=chunk_rows)

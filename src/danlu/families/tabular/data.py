@@ -12,10 +12,10 @@ import torch
 
 from danlu.config import DataConfig
 from danlu.data.batches import Batch, TensorPart, sharded, slices, split_mask
+from danlu.data.columns import no_rows_error
 from danlu.data.dataset import Dataset, HeldOut, assemble
 from danlu.data.sources import FrameTable, Table, open_table
 from danlu.data.split import memory_budget, split_fractions, split_indices
-from danlu.errors import DanluError
 from danlu.families.tabular.preprocess import Preprocessor, PreprocessorFitter
 from danlu.families.tabular.schema import infer_schema
 
@@ -35,7 +35,7 @@ def fits_in_memory(table: Table, config: DataConfig) -> bool:
 
 def _check_not_empty(frame: pd.DataFrame, name: str) -> None:
     if len(frame) == 0:
-        raise DanluError(f"'{name}' has no data rows", "pass a file with at least a few rows")
+        raise no_rows_error(name)
 
 
 def model_inputs(pre: Preprocessor, x_num: np.ndarray, x_cat: np.ndarray) -> dict[str, torch.Tensor]:
