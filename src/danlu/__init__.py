@@ -7,8 +7,10 @@ Public API (imported lazily, so `danlu --help` never waits for torch):
     predict_file(run_dir, data, out) -> rows (`danlu predict`), show_sample(config) -> str,
     tune(config, space, trials=...) -> TuneResult (`danlu tune`), runs(folder) -> rows and
     compare(run_a, run_b) -> dict (`danlu runs`),
-    serve(run_dir_or_model, ...), export_gguf(model_dir, quantize) -> dict, quickstart(...) -> Run, Run,
-    Predictor, DanluError, __version__
+    serve(run_dir_or_model, ...), export(run_or_model, ...) -> dict (`danlu export`: a run, a causal LM
+    as GGUF, an encoder's towers), export_gguf(model_dir, quantize) -> dict, package(source, out, ...) ->
+    dict (`danlu package`), doctor() -> dict (`danlu doctor`), quickstart(...) -> Run, Run, Predictor,
+    DanluError, __version__
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ _EXPORTS = {
     "runs": "danlu.api",
     "compare": "danlu.api",
     "quickstart": "danlu.api",
+    "doctor": "danlu.api",
+    "package": "danlu.api",
     "Run": "danlu.api",
     "Predictor": "danlu.predictor",
     "DanluError": "danlu.errors",
@@ -37,14 +41,13 @@ _EXPORTS = {
     "export_gguf": "danlu.export.gguf",
     "load_config": "danlu.config",
 }
-__all__ = ["__version__", "serve", *_EXPORTS]
+_CALLABLE_PACKAGES = ("serve", "export")  # danlu.serve(...) and danlu.export(...): the packages are callable
+__all__ = ["__version__", *_CALLABLE_PACKAGES, *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
-    if (
-        name == "serve"
-    ):  # the danlu.serve package, which is callable: danlu.serve(...) is danlu.serve.start.serve
-        return import_module("danlu.serve")
+    if name in _CALLABLE_PACKAGES:
+        return import_module(f"danlu.{name}")
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'danlu' has no attribute {name!r}")

@@ -524,3 +524,28 @@ def quickstart(
     predictor = run.predictor()
     write_predictions(predictor, held_out_items(predictor, run.path)[1], predictions)
     return run, predictions
+
+
+def doctor(run_checks: bool = False, timeout: float = 60.0) -> dict[str, Any]:
+    """`danlu doctor`: this environment's report (torch build, CUDA, driver, GPUs, packages) and its
+    "checks", each {name, status: pass | warn | fail, message, fix}; with run_checks, "self_test": a tiny
+    model trained and served on each device, each step timed. Probes are time-limited (timeout, seconds)."""
+    from danlu.env.doctor import diagnose
+
+    return diagnose(run_checks=run_checks, timeout=timeout)
+
+
+def package(source: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
+    """`danlu package`: a Docker build context and Kubernetes manifests in OUT (new or empty) that serve a
+    run directory or a local chat model; returns what was written. options: the fields of
+    danlu.env.package.PackageOptions (gpu, replicas, max_replicas, image, engine, dtype, quantize,
+    template, max_batch_tokens, trust_model_code, cpu_request, cpu_limit, memory_request, memory_limit)."""
+    from dataclasses import fields
+
+    from danlu.env.package import PackageOptions, package_run
+
+    known = [f.name for f in fields(PackageOptions)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise DanluError(f"unknown package option '{unknown[0]}'", f"use one of {', '.join(known)}")
+    return package_run(source, out, PackageOptions(**options))

@@ -12,7 +12,7 @@ KEYS = {
 }  # fmt: skip
 
 
-def test_doctor_json_has_the_documented_keys():
+def test_doctor_json_has_the_documented_keys_and_the_python_api_reports_the_same():
     result = run_cli("doctor", "--json")
     report = json.loads(result.stdout)
     assert set(report) == KEYS
@@ -20,6 +20,11 @@ def test_doctor_json_has_the_documented_keys():
     assert report["python"]["isolation"]["kind"] in ("venv", "conda", "system")
     assert all(c["status"] in ("pass", "warn", "fail") for c in report["checks"])
     assert result.returncode == (1 if any(c["status"] == "fail" for c in report["checks"]) else 0)
+    import danlu  # the Python API's report: the same keys and checks
+
+    same = danlu.doctor()
+    assert set(same) == KEYS and same["torch"]["version"] == report["torch"]["version"]
+    assert same["checks"] == report["checks"]
 
 
 def test_doctor_text_names_torch_and_the_checks():

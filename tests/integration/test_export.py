@@ -54,6 +54,35 @@ def test_fp32_export_matches_the_torch_model(runs, task, fmt):
     assert np.abs(exported - expected).max() / scale <= FP32_TOLERANCE
 
 
+def test_danlu_export_is_the_cli_verb_in_python(runs, tmp_path):
+    run = runs["classification"]
+    out = tmp_path / "model.pt"
+    result = danlu.export(run.path, format="torchscript", out=out)
+    assert result["export"] == "run" and result["path"] == str(out) and out.is_file()
+    assert result["max_abs_diff"] <= FP32_TOLERANCE
+    record = json.loads(out.with_name(out.name + ".json").read_text())
+    assert record == {key: value for key, value in result.items() if key != "export"}
+    # what does not fit the source is one DanluError, before torch is imported, as from the CLI
+    calls = {
+        "quantize='q8_0'": "--quantize q8_0 is a GGUF type",
+        "quantize='int4'": "unknown quantization 'int4'",
+        "format='gguf', quantize='int8'": "--quantize int8 is for onnx and torchscript",
+        "format='gguf', quantize='q5'": "unknown GGUF type 'q5'",
+        "format='tflite'": "unknown export format 'tflite'",
+    }
+    code = "import sys, danlu\n" + "".join(
+        f"try:\n    danlu.export({str(run.path)!r}, {options})\nexcept danlu.DanluError as e:\n    print(e)\n"
+        for options in calls
+    )
+    code += "print('torch' in sys.modules)\n"
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = ran.stdout.splitlines()
+    assert len(lines) == len(calls) + 1, ran.stderr
+    for line, expected in zip(lines, calls.values(), strict=False):
+        assert line.startswith(expected), line
+    assert lines[-1] == "False"
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_int8_export_reports_the_metric_change_and_enforces_the_limit(runs, fmt):
     run = runs["classification"]

@@ -92,6 +92,19 @@ def test_the_linters_do_catch_mistakes(run, tmp_path):
     assert result.returncode != 0
 
 
+def test_danlu_package_is_the_cli_verb_in_python(run, tmp_path):
+    import danlu
+
+    result = danlu.package(run.path, tmp_path / "api", gpu=False, replicas=2, max_replicas=3)
+    assert result == package_run(
+        run.path, tmp_path / "direct", PackageOptions(gpu=False, replicas=2, max_replicas=3)
+    ) | {"out": str(tmp_path / "api")}
+    assert "hpa.yaml" in {p.name for p in (tmp_path / "api" / "k8s").iterdir()}
+    with pytest.raises(DanluError, match=r"unknown package option 'replica'.*use one of gpu, replicas"):
+        danlu.package(run.path, tmp_path / "typo", replica=2)
+    assert not (tmp_path / "typo").exists()
+
+
 def test_package_refuses_a_non_empty_out_and_an_unfinished_run(run, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")

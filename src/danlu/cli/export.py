@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from danlu.cli.options import add_trust_model_code
-
-GGUF_TYPES = ["f32", "f16", "q8_0", "q4_0"]
+from danlu.export import FORMATS, GGUF_TYPES
 
 
 def add_export(sub) -> None:
@@ -26,7 +25,7 @@ def add_export(sub) -> None:
         "is written unless it passes.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR|MODEL_DIR")
-    p.add_argument("--format", choices=["onnx", "torchscript", "gguf"], default="onnx", help="default onnx")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="default onnx")
     p.add_argument(
         "--quantize",
         choices=["int8", *GGUF_TYPES],
@@ -52,32 +51,17 @@ def add_export(sub) -> None:
 
 
 def run_export(args) -> int:
-    from danlu.embeddings.detect import is_encoder_model
-    from danlu.errors import DanluError
+    from danlu.export import export
 
-    if is_encoder_model(args.run_dir):
-        if args.format != "onnx" or args.quantize:
-            raise DanluError("an encoder's towers export as fp32 ONNX", "leave out --format and --quantize")
-        return run_towers(args)
-    if args.format == "gguf":
-        if args.quantize == "int8":
-            raise DanluError(
-                "--quantize int8 is for onnx and torchscript", f"gguf takes {', '.join(GGUF_TYPES)}"
-            )
-        return run_gguf(args)
-    if args.quantize not in (None, "int8"):
-        raise DanluError(
-            f"--quantize {args.quantize} is a GGUF type", "pass --format gguf, or --quantize int8"
-        )
-    from danlu.run import RunDir, export_target
-
-    RunDir(args.run_dir).require_complete()  # before torch is imported, as is the target's check
-    export_target(args.run_dir, args.format, args.quantize, args.output)
-    from danlu.export import FP32_TOLERANCE, export_run
-
-    result = export_run(
+    result = export(
         args.run_dir, args.format, args.quantize, args.output, args.max_metric_drop, args.trust_model_code
     )
+    return {"towers": _print_towers, "gguf": _print_gguf, "run": _print_run}[result["export"]](result, args)
+
+
+def _print_run(result: dict, args) -> int:
+    from danlu.export.runs import FP32_TOLERANCE
+
     kind = f"{args.format}{' int8' if args.quantize else ''}"
     print(f"exported  {result['path']} ({kind}, {result['bytes'] / 1024:.1f} KiB)")
     print(f"verified  on {result['rows']} {result['split']} rows against the torch model")
@@ -94,10 +78,7 @@ def run_export(args) -> int:
     return 0
 
 
-def run_gguf(args) -> int:
-    from danlu.export.gguf import export_gguf
-
-    result = export_gguf(args.run_dir, args.quantize or "f16", args.output)
+def _print_gguf(result: dict, args) -> int:
     size = result["bytes"] / 1024 / 1024
     print(
         f"exported  {result['path']} (gguf {result['quantize']}, {size:.1f} MiB, {result['tensors']} tensors)"
@@ -116,10 +97,7 @@ def run_gguf(args) -> int:
     return 0
 
 
-def run_towers(args) -> int:
-    from danlu.export.towers import export_towers
-
-    record = export_towers(args.run_dir, args.output)
+def _print_towers(record: dict, args) -> int:
     for name, tower in record["towers"].items():
         print(
             f"exported  {record['path']}/{tower['file']} ({name} tower), verified on {tower['rows_checked']} "
