@@ -9,7 +9,8 @@ Public API (imported lazily, so `danlu --help` never waits for torch):
     compare(run_a, run_b) -> dict (`danlu runs`),
     serve(run_dir_or_model, ...), export(run_or_model, ...) -> dict (`danlu export`: a run, a causal LM
     as GGUF, an encoder's towers), export_gguf(model_dir, quantize) -> dict, package(source, out, ...) ->
-    dict (`danlu package`), doctor() -> dict (`danlu doctor`), quickstart(...) -> Run, Run, Predictor,
+    dict (`danlu package`), doctor() -> dict (`danlu doctor`),
+    export_environment(fmt) -> str (`danlu env export`), quickstart(...) -> Run, Run, Predictor,
     DanluError, __version__
 """
 
@@ -34,6 +35,7 @@ _EXPORTS = {
     "quickstart": "danlu.api",
     "doctor": "danlu.api",
     "package": "danlu.api",
+    "export_environment": "danlu.env.freeze",
     "Run": "danlu.api",
     "Predictor": "danlu.predictor",
     "DanluError": "danlu.errors",

@@ -13,11 +13,16 @@ from tests.conftest import mixed_frame, run_cli, train_quietly
 from tests.e2e.test_serve_process import Server
 
 
-def test_env_export_formats_pin_torch_and_danlus_dependencies():
+def test_env_export_formats_pin_torch_and_danlus_dependencies_from_the_cli_and_python():
+    import danlu
+
     for fmt in ("requirements", "conda", "lock"):
         result = run_cli("env", "export", "--format", fmt)
         assert result.returncode == 0, result.stderr
         assert "torch==2." in result.stdout and "fastapi==" in result.stdout
+        assert danlu.export_environment(fmt) == result.stdout  # the Python API's text is the CLI's
+    with pytest.raises(danlu.DanluError, match="unknown environment format 'pip'"):
+        danlu.export_environment("pip")
     lock = run_cli("env", "export", "--format", "lock").stdout
     assert "pydantic-core==" in lock and "uvicorn[standard]==" in lock  # transitive, with extras
 
