@@ -535,9 +535,10 @@ def doctor(run_checks: bool = False, timeout: float = 60.0) -> dict[str, Any]:
     return diagnose(run_checks=run_checks, timeout=timeout)
 
 
-def package(source: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
+def package(source: str | Path, out: str | Path, progress: bool = True, **options: Any) -> dict[str, Any]:
     """`danlu package`: a Docker build context and Kubernetes manifests in OUT (new or empty) that serve a
-    run directory or a local chat model; returns what was written. options: the fields of
+    run directory or a local chat model; returns what was written. progress: a bar while a model's
+    weights (64 MiB or more) are copied. options: the fields of
     danlu.env.package.PackageOptions (gpu, replicas, max_replicas, image, engine, dtype, quantize,
     template, max_batch_tokens, trust_model_code, cpu_request, cpu_limit, memory_request, memory_limit)."""
     from dataclasses import fields
@@ -548,4 +549,4 @@ def package(source: str | Path, out: str | Path, **options: Any) -> dict[str, An
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise DanluError(f"unknown package option '{unknown[0]}'", f"use one of {', '.join(known)}")
-    return package_run(source, out, PackageOptions(**options))
+    return package_run(source, out, PackageOptions(**options), progress)

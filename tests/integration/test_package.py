@@ -227,6 +227,33 @@ def test_hard_links_are_copied_once_and_never_point_into_what_is_skipped(tmp_pat
     assert (out / "hf" / "x").read_bytes() == b"weights"
 
 
+def test_copying_weights_of_64_mib_or_more_shows_a_bar_of_the_bytes(tmp_path, capsys):
+    from danlu.env.payload import PROGRESS_BYTES, copy_tree
+
+    source = tmp_path / "src"
+    source.mkdir()
+    weights = os.urandom(1 << 20) * (PROGRESS_BYTES // (1 << 20) + 3)  # 67 MiB: five 16 MiB chunks
+    (source / "model.safetensors").write_bytes(weights)
+    (source / "config.json").write_text("{}")
+    os.link(source / "model.safetensors", source / "weights-link.safetensors")  # copied once: counted once
+    copy_tree(source, tmp_path / "quiet", lambda relative: True)
+    assert capsys.readouterr().err == ""
+    copy_tree(source, tmp_path / "shown", lambda relative: True, progress=True)
+    bar = capsys.readouterr().err
+    assert "copy: 100%" in bar and "67.0M/67.0M" in bar, bar
+    for out in ("quiet", "shown"):
+        assert (tmp_path / out / "model.safetensors").read_bytes() == weights
+        assert (tmp_path / out / "weights-link.safetensors").is_symlink()
+        assert (tmp_path / out / "model.safetensors").stat().st_mtime == (
+            source / "model.safetensors"
+        ).stat().st_mtime
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "config.json").write_text("{}")
+    copy_tree(small, tmp_path / "small_out", lambda relative: True, progress=True)
+    assert capsys.readouterr().err == ""  # a run's few files copy at once: no bar
+
+
 def test_a_package_holds_what_the_server_reads_and_says_what_it_left_out(run, tmp_path):
     """Held-out rows (heldout.*), quickstart's predictions, metrics, plots and checkpoints never go into
     the image; the run there still serves (tests/e2e/test_env_export.py serves it)."""

@@ -62,7 +62,7 @@ def run_package(args) -> int:
         trust_model_code=args.trust_model_code,
         max_batch_tokens=args.max_batch_tokens,
     )
-    result = package_run(args.source, args.out, options)
+    result = package_run(args.source, args.out, options, progress=not args.quiet)
     kind = f"GPU, CUDA {result['cuda']}" if result["gpu"] else "CPU"
     print(f"wrote {result['out']} ({kind}): {', '.join(result['files'])}, {result['payload']}/, danlu/")
     if result["left_out"]:

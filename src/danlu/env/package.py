@@ -24,7 +24,7 @@ import danlu
 from danlu import __version__
 from danlu.env.doctor import _minor, compat_table
 from danlu.env.freeze import _installed, pins, relevant_packages, torch_index_url
-from danlu.env.payload import RUN_SERVING, copy_tree, model_files, plan, run_files
+from danlu.env.payload import RUN_SERVING, copy_bar, copy_file, copy_tree, model_files, plan, run_files
 from danlu.errors import DanluError
 from danlu.run import RunDir, atomic_write_text
 
@@ -64,7 +64,9 @@ class _Payload:
     folder: str  # run or model
     serve_path: str
     name: str
-    copy: Callable[[Path], list[str]]  # copies into a folder; returns what it left out
+    copy: Callable[
+        [Path, bool], list[str]
+    ]  # copies into a folder (progress: a bar); returns what it left out
     drain_s: int  # the server's --timeout: how long SIGTERM may take to finish the requests in flight
     serve_args: list[str] = field(default_factory=list)
     packages: list[str] = field(default_factory=list)
@@ -159,7 +161,7 @@ def _run_payload(run_dir: str | Path, options: PackageOptions) -> _Payload:
         folder="run",
         serve_path="/app/run",
         name=run.path.resolve().name,
-        copy=lambda target: copy_tree(run.path, target, wanted, links_may_leave=False),
+        copy=lambda target, progress: copy_tree(run.path, target, wanted, progress=progress),
         drain_s=int(ServeSettings.timeout_s),
         serve_args=serve_args,
         packages=list(family.serve_packages),
@@ -196,15 +198,16 @@ def _chat_payload(path: Path, options: PackageOptions, gpu: bool) -> _Payload:
     if options.max_batch_tokens is not None:
         args += ["--max-batch-tokens", str(options.max_batch_tokens)]
 
-    def copy(target: Path) -> list[str]:
+    def copy(target: Path, progress: bool) -> list[str]:
         """The GGUF file, or the directory's model files (links followed: a Hugging Face cache's
         snapshot folder links into its blobs), and a template file."""
         left_out = []
         if path.is_file():
             target.mkdir()
-            shutil.copy2(path, target / path.name)
+            with copy_bar(path.stat().st_size, progress) as bar:
+                copy_file(path, target / path.name, bar)
         else:
-            left_out = copy_tree(path, target, model_files, links_may_leave=True)
+            left_out = copy_tree(path, target, model_files, links_may_leave=True, progress=progress)
         if template is not None and template not in BUILTIN:
             shutil.copy2(template, target / CHAT_TEMPLATE_FILE)
         return left_out
@@ -279,9 +282,11 @@ def chat_memory(parts: dict[str, int]) -> tuple[str, str]:
     return f"{math.ceil(request / 2**20)}Mi", f"{math.ceil(limit / 2**20)}Mi"
 
 
-def package_run(source: str | Path, out: str | Path, options: PackageOptions | None = None) -> dict:
+def package_run(
+    source: str | Path, out: str | Path, options: PackageOptions | None = None, progress: bool = False
+) -> dict:
     """Write the build context and manifests for a run directory or a local chat model; returns what was
-    written. Refuses a non-empty OUT."""
+    written. Refuses a non-empty OUT. progress: a bar while a model's weights are copied."""
     from danlu.serve.chat.model import check_path, is_causal_lm, looks_like_model
 
     options = options or PackageOptions()
@@ -353,7 +358,7 @@ def package_run(source: str | Path, out: str | Path, options: PackageOptions | N
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        left_out = payload.copy(out / payload.folder)
+        left_out = payload.copy(out / payload.folder, progress)
         shutil.copytree(
             Path(danlu.__file__).parent, out / "danlu", ignore=shutil.ignore_patterns("__pycache__")
         )

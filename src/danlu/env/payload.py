@@ -88,12 +88,17 @@ def plan(source: Path, wanted: Callable[[Path], bool], links_may_leave: bool) ->
 
 
 def copy_tree(
-    source: Path, target: Path, wanted: Callable[[Path], bool], links_may_leave: bool = False
+    source: Path,
+    target: Path,
+    wanted: Callable[[Path], bool],
+    links_may_leave: bool = False,
+    progress: bool = False,
 ) -> list[str]:
     """Copy the files under source that `wanted` keeps into target; returns what was left out. Files
     hard-linked to each other (a text run's hf/model.safetensors is its model.safetensors) are copied
     once, at the shallowest path, and the others become relative symlinks to it: Docker's COPY does not
     keep hard links, and the image would hold the weights twice. Links are copied as what they point at.
+    With progress, a bar of the bytes copied when they are PROGRESS_BYTES or more (a model's weights).
 
     Raises:
         DanluError: with links_may_leave False, a link that leads out of source."""
@@ -108,11 +113,45 @@ def copy_tree(
         real = min(names, key=lambda r: (len(r.parts), str(r)))
         first.update({name: real for name in names if name != real})
     target.mkdir(parents=True, exist_ok=True)
-    for relative in files:
-        destination = target / relative
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        if relative in first:
-            destination.symlink_to(os.path.relpath(target / first[relative], destination.parent))
-        else:
-            shutil.copy2(source / relative, destination)
+    total = sum((source / relative).stat().st_size for relative in files if relative not in first)
+    with copy_bar(total, progress) as bar:
+        for relative in files:
+            destination = target / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if relative in first:
+                destination.symlink_to(os.path.relpath(target / first[relative], destination.parent))
+            else:
+                copy_file(source / relative, destination, bar)
     return left_out
+
+
+PROGRESS_BYTES = 64 * 2**20  # less copies in well under a second: no bar
+CHUNK_BYTES = 16 * 2**20
+
+
+def copy_bar(total: int, progress: bool):
+    """A bar of the bytes copied (tqdm, on stderr); shown with progress and PROGRESS_BYTES or more."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc="copy",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not progress or total < PROGRESS_BYTES,
+    )
+
+
+def copy_file(source: Path, destination: Path, bar=None) -> None:
+    """shutil.copy2 (contents, then permissions and times); under a shown bar, in CHUNK_BYTES pieces, each
+    counted on it."""
+    if bar is None or bar.disable:
+        shutil.copy2(source, destination)
+        return
+    with open(source, "rb") as reader, open(destination, "wb") as writer:
+        while chunk := reader.read(CHUNK_BYTES):
+            writer.write(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    shutil.copystat(source, destination)
