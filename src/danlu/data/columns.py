@@ -65,11 +65,12 @@ def header(path: Path) -> list[str] | None:
     """The column names of a CSV or Parquet file as the data load will see them; None for other sources,
     for an empty CSV and for files whose header cannot be read here."""
     head = _head(path)
-    return None if head is None else head[0]
+    return None if head is None or _is_empty_csv(path, head) else head[0]
 
 
 def _head(path: Path) -> tuple[list[str], bool] | None:
-    """(the column names, whether a data row follows them) of a CSV or Parquet file; None as in header."""
+    """(the column names, whether a data row follows them) of a CSV or Parquet file, ([], False) for a
+    CSV that is empty (no bytes, or blank lines only, as pandas reads it); None as in header."""
     suffix = path.suffix.lower()
     if not path.is_file() or suffix not in CSV + PARQUET:
         return None
@@ -81,10 +82,16 @@ def _head(path: Path) -> tuple[list[str], bool] | None:
             return [str(name) for name in metadata.schema.to_arrow_schema().names], metadata.num_rows > 0
         with path.open(newline="", encoding="utf-8-sig") as f:
             rows = (row for row in csv.reader(f) if row)  # pandas skips blank lines
-            names = next(rows, None)
-            return None if names is None else (names, next(rows, None) is not None)
+            names, following = next(rows, None), next(rows, None)
+            if names is None or (following is None and not "".join(names).strip()):
+                return [], False
+            return names, following is not None
     except (OSError, ValueError, csv.Error, ImportError):  # the data load says why, with the whole file
         return None
+
+
+def _is_empty_csv(path: Path, head: tuple[list[str], bool]) -> bool:
+    return not head[0] and path.suffix.lower() in CSV
 
 
 def _pandas_header(path: Path) -> list[str] | None:
@@ -104,23 +111,17 @@ def check_data_files(data: DataConfig) -> None:
     named = named_columns(data)
     for key, spec in data_files(data).items():
         path = Path(spec)
-        if path.suffix.lower() in CSV and path.is_file() and _blank(path):
-            raise empty_csv_error(path)
         head = _head(path)
         if head is None:
             continue
+        if _is_empty_csv(path, head):
+            raise empty_csv_error(path)
         columns, has_rows = head
         where = "the data" if key == "train" else f"data.{key} '{spec}'"
         for what, names in named:
             _check_columns(path, columns, names, what, where)
         if not has_rows:
             raise no_rows_error(path)
-
-
-def _blank(path: Path) -> bool:
-    """Whether a file holds nothing but whitespace (reading at most its first 64 KiB)."""
-    with path.open("rb") as f:
-        return not f.read(65536).strip() and not f.read(1)
 
 
 def _check_columns(path: Path, columns: list[str], names: list[str], what: str, where: str) -> None:

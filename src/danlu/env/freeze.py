@@ -18,9 +18,6 @@ FORMATS = ("requirements", "conda", "lock")
 TORCH_INDEX = "https://download.pytorch.org/whl/{tag}"
 
 
-ENV_FORMATS = ("requirements", "conda", "lock")  # the CLI's --format choices (cli/package.py)
-
-
 def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -120,8 +117,8 @@ def requirements_text(names: list[str], header: str) -> str:
 
 def export_environment(fmt: str = "requirements") -> str:
     """The text of `danlu env export --format FMT` (requirements, conda or lock)."""
-    if fmt not in ENV_FORMATS:
-        raise DanluError(f"unknown environment format '{fmt}'", f"use one of {', '.join(ENV_FORMATS)}")
+    if fmt not in FORMATS:
+        raise DanluError(f"unknown environment format '{fmt}'", f"use one of {', '.join(FORMATS)}")
     header = f"danlu {__version__} env export ({fmt}), Python {platform.python_version()}"
     if fmt == "requirements":
         return requirements_text(relevant_packages(), header)

@@ -103,9 +103,10 @@ def copy_tree(
     Raises:
         DanluError: with links_may_leave False, a link that leads out of source."""
     files, left_out = plan(source, wanted, links_may_leave)
-    inodes = {}
+    inodes, sizes = {}, {}
     for relative in files:
         info = (source / relative).stat()
+        sizes[relative] = info.st_size
         if info.st_nlink > 1 and not (source / relative).is_symlink():
             inodes.setdefault((info.st_dev, info.st_ino), []).append(relative)
     first = {}  # each linked inode's one real copy: its shallowest name
@@ -113,7 +114,7 @@ def copy_tree(
         real = min(names, key=lambda r: (len(r.parts), str(r)))
         first.update({name: real for name in names if name != real})
     target.mkdir(parents=True, exist_ok=True)
-    total = sum((source / relative).stat().st_size for relative in files if relative not in first)
+    total = sum(size for relative, size in sizes.items() if relative not in first)
     with copy_bar(total, progress) as bar:
         for relative in files:
             destination = target / relative
@@ -152,6 +153,5 @@ def copy_file(source: Path, destination: Path, bar=None) -> None:
     with open(source, "rb") as reader, open(destination, "wb") as writer:
         while chunk := reader.read(CHUNK_BYTES):
             writer.write(chunk)
-            if bar is not None:
-                bar.update(len(chunk))
+            bar.update(len(chunk))
     shutil.copystat(source, destination)

@@ -14,6 +14,8 @@ from typing import Any
 
 from danlu.errors import DanluError
 
+# a run's formats (danlu.run.EXPORT_SUFFIXES, not imported here: `danlu --help` builds its parser from
+# these) and GGUF
 FORMATS = ("onnx", "torchscript", "gguf")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 _RUNS = ("export_run", "verify", "metadata", "FP32_TOLERANCE", "HEADLINE")  # from runs.py, imported lazily
@@ -62,10 +64,7 @@ def export(
         from danlu.export.gguf import export_gguf
 
         return {"export": "gguf", **export_gguf(source, quantize or "f16", out)}
-    if quantize in GGUF_TYPES:
-        raise DanluError(f"--quantize {quantize} is a GGUF type", "pass --format gguf, or --quantize int8")
-    if quantize not in (None, "int8"):
-        raise DanluError(f"unknown quantization '{quantize}'", "use --quantize int8, or leave it out")
+    check_run_options(format, quantize)
     from danlu.run import RunDir, export_target
 
     RunDir(source).require_complete()  # before torch is imported, as is the target's check
@@ -73,6 +72,18 @@ def export(
     from danlu.export.runs import export_run
 
     return {"export": "run", **export_run(source, format, quantize, out, max_metric_drop, trust_model_code)}
+
+
+def check_run_options(fmt: str, quantize: str | None) -> None:
+    """What a run exports as (ONNX or TorchScript, fp32 or int8), checked before torch is imported."""
+    from danlu.run import EXPORT_SUFFIXES
+
+    if fmt not in EXPORT_SUFFIXES:
+        raise DanluError(f"unknown export format '{fmt}'", f"use one of {', '.join(EXPORT_SUFFIXES)}")
+    if quantize in GGUF_TYPES:
+        raise DanluError(f"--quantize {quantize} is a GGUF type", "pass --format gguf, or --quantize int8")
+    if quantize not in (None, "int8"):
+        raise DanluError(f"unknown quantization '{quantize}'", "use --quantize int8, or leave it out")
 
 
 def __getattr__(name: str) -> Any:

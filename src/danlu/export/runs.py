@@ -12,9 +12,9 @@ import numpy as np
 from danlu import __version__
 from danlu.errors import DanluError
 from danlu.evaluation.metrics import MetricStream
+from danlu.export import check_run_options
 from danlu.predictor import Predictor
 from danlu.run import (
-    EXPORT_SUFFIXES,
     RunDir,
     atomic_write,
     atomic_write_json,
@@ -106,10 +106,7 @@ def export_run(
     Raises:
         DanluError: unknown format, an unexportable model, or a failed verification (with the figures).
     """
-    if fmt not in EXPORT_SUFFIXES:
-        raise DanluError(f"unknown export format '{fmt}'", f"use one of {', '.join(EXPORT_SUFFIXES)}")
-    if quantize not in (None, "int8"):
-        raise DanluError(f"unknown quantization '{quantize}'", "use --quantize int8, or leave it out")
+    check_run_options(fmt, quantize)
     path = export_target(run_dir, fmt, quantize, out)
     predictor = Predictor.load(run_dir, "cpu", trust_model_code=trust_model_code)
     data, runner = _build(predictor, fmt, quantize)
