@@ -17,6 +17,9 @@ from tests.e2e.test_serve_process import Server
 from tests.images import image_folder
 
 HEALTHY_S = 0.1
+# On a machine so loaded that the request itself takes seconds, a probe can wait on the scheduler longer
+# than HEALTHY_S with the loop free; work done on the loop would hold it for most of the request instead
+LOOP_SHARE = 0.25
 
 
 def zero_png(side: int = 2048) -> bytes:
@@ -28,14 +31,15 @@ def zero_png(side: int = 2048) -> bytes:
     return buffer.getvalue()
 
 
-def slowest_health_check(server: Server, send) -> tuple[float, httpx.Response]:
-    """send() in a thread while /healthz is asked every 10 ms: (the slowest answer in seconds, send's
-    response)."""
+def sent_while_healthy(server: Server, send) -> httpx.Response:
+    """send()'s response, sent in a thread while /healthz is asked every 10 ms, whose slowest answer
+    must stay under HEALTHY_S (or under LOOP_SHARE of the whole request, where load makes that longer)."""
     outcome = {}
     sender = threading.Thread(target=lambda: outcome.update(response=send()))
     slowest = 0.0
     with httpx.Client(timeout=30) as client:
         client.get(f"{server.url}/healthz")  # a warm connection
+        started = time.perf_counter()
         sender.start()
         while sender.is_alive():
             start = time.perf_counter()
@@ -43,7 +47,9 @@ def slowest_health_check(server: Server, send) -> tuple[float, httpx.Response]:
             slowest = max(slowest, time.perf_counter() - start)
             time.sleep(0.01)
     sender.join()
-    return slowest, outcome["response"]
+    elapsed = time.perf_counter() - started
+    assert slowest < max(HEALTHY_S, LOOP_SHARE * elapsed), (slowest, elapsed)
+    return outcome["response"]
 
 
 @pytest.fixture(scope="module")
@@ -65,25 +71,23 @@ def test_a_body_of_many_large_images_is_refused_by_its_pixels_without_stalling(i
     body = json.dumps({"images": [base64.b64encode(png).decode()] * 420}).encode()
     url = f"{image_server.url}/v1/predict"
     headers = {"content-type": "application/json"}
-    slowest, response = slowest_health_check(
+    response = sent_while_healthy(
         image_server, lambda: httpx.post(url, content=body, headers=headers, timeout=60)
     )
     assert response.status_code == 413, response.text[:300]
     assert "pixels in all, over the limit" in response.json()["detail"][0]["msg"]
-    assert slowest < HEALTHY_S, slowest
     files = [("images", (f"{i}.png", png, "image/png")) for i in range(420)]
-    slowest, response = slowest_health_check(image_server, lambda: httpx.post(url, files=files, timeout=60))
-    assert response.status_code == 413 and slowest < HEALTHY_S, (response.text[:300], slowest)
+    response = sent_while_healthy(image_server, lambda: httpx.post(url, files=files, timeout=60))
+    assert response.status_code == 413, response.text[:300]
 
 
 def test_large_images_within_the_limit_decode_off_the_event_loop(image_server):
     encoded = base64.b64encode(zero_png()).decode()
     url = f"{image_server.url}/v1/predict"
-    slowest, response = slowest_health_check(
+    response = sent_while_healthy(
         image_server, lambda: httpx.post(url, json={"images": [encoded] * 20}, timeout=60)
     )
     assert response.status_code == 200 and len(response.json()["predictions"]) == 20
-    assert slowest < HEALTHY_S, slowest
 
 
 @pytest.mark.parametrize("fmt", ["TGA", "PPM", "EPS"])
@@ -114,12 +118,11 @@ def test_a_huge_chat_request_is_refused_before_tokenizing_without_stalling(tmp_p
     try:
         url = f"{server.url}/v1/chat/completions"
         messages = [{"role": "user", "content": "the quick brown fox " * 200_000}]  # 4 MB of text
-        slowest, response = slowest_health_check(
+        response = sent_while_healthy(
             server, lambda: httpx.post(url, json={"messages": messages}, timeout=60)
         )
         assert response.status_code == 400, response.text[:300]
         assert "characters; at most" in response.json()["error"]["message"]
-        assert slowest < HEALTHY_S, slowest
         many = [{"role": "user", "content": "hi"}] * 2000
         response = httpx.post(url, json={"messages": many}, timeout=60)
         assert response.status_code == 400 and "at most 1024" in response.json()["error"]["message"]
