@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from danlu import families
-from danlu.config import Config, apply_overrides, load_config, read_yaml, resolve_paths, validate
+from danlu.config import Config, as_config, read_yaml, resolve_paths, validate
 from danlu.embeddings.detect import DEFAULT_TEMPLATE
 from danlu.errors import DanluError
 from danlu.families import resolve_family
@@ -63,14 +63,6 @@ def _predictor(
     return Predictor.load(run_dir, device, engine, trust_model_code)
 
 
-def _as_config(config: Config | dict | str | Path | None, overrides: Iterable[str]) -> Config:
-    if isinstance(config, Config):  # unset keys stay unset, so family defaults still apply to them
-        return validate(apply_overrides(config.model_dump(mode="json", exclude_unset=True), list(overrides)))
-    if isinstance(config, dict):
-        return validate(apply_overrides(dict(config), list(overrides)))
-    return load_config(config, list(overrides))
-
-
 def train(
     config: Config | dict | str | Path | None = None,
     overrides: Iterable[str] = (),
@@ -96,7 +88,7 @@ def train(
         if resume is None and distributed.restarted():
             # torchrun --max-restarts started this worker group again: carry on from the last checkpoint
             target = RunDir(
-                out if out is not None else resolve_paths(_as_config(config, overrides), Path.cwd()).output
+                out if out is not None else resolve_paths(as_config(config, overrides), Path.cwd()).output
             )
             if target.last_checkpoint.is_file() and not target.is_complete():
                 resume, config, overrides, out = target.path, None, (), None
@@ -160,7 +152,7 @@ def tune(
     from danlu.tracking import tune as search
     from danlu.tracking.space import parse_space
 
-    cfg = _as_config(config, overrides)
+    cfg = as_config(config, overrides)
     if trials < 1 or jobs < 1 or (timeout is not None and timeout <= 0):
         raise DanluError("--trials and --jobs must be at least 1, --timeout above 0", "e.g. --trials 30")
     if backend not in ("optuna", "ray") or sampler not in ("tpe", "random"):
@@ -218,7 +210,7 @@ def show_sample(config: Config | dict | str | Path, overrides: Iterable[str] = (
     Raises:
         DanluError: a bad config, or a family with nothing to show.
     """
-    cfg = resolve_family(resolve_paths(_as_config(config, overrides), Path.cwd()))
+    cfg = resolve_family(resolve_paths(as_config(config, overrides), Path.cwd()))
     family = families.get(cfg.data.family)
     if family.sample_text is None:
         raise DanluError(
@@ -233,13 +225,11 @@ def _run_setup(config, overrides, out, resume, overwrite: bool, world):
     """The run directory, typed config and trainer set-up, new or resumed, on every rank."""
     from danlu.tracking import check_installed
     from danlu.training import distributed
+    from danlu.training.launch import resume_alone
     from danlu.training.trainer import new_setup, resumed_setup
 
     if resume is not None:
-        if config is not None or list(overrides) or out is not None:
-            raise DanluError(
-                "resume takes no config, overrides or output", "the run's own config.yaml is used"
-            )
+        resume_alone(config, overrides, out)
         run = RunDir(resume)
         run.require_resumable()
         cfg = resolve_family(validate(read_yaml(run.config)))
@@ -247,7 +237,7 @@ def _run_setup(config, overrides, out, resume, overwrite: bool, world):
         device = distributed.start(world, cfg.train.device, cfg.train.dist_timeout)
         distributed.check_same_config(world, run.config.read_text())
         return run, cfg, resumed_setup(cfg, run, world, device)
-    cfg = _as_config(config, overrides)
+    cfg = as_config(config, overrides)
     if out is not None:
         cfg = cfg.model_copy(update={"output": str(out)})
     cfg = resolve_family(resolve_paths(cfg, Path.cwd()))
@@ -518,7 +508,7 @@ def quickstart(
     out: str | Path | None = None, overrides: Iterable[str] = (), progress: bool = True
 ) -> tuple[Run, Path]:
     """Train, evaluate and predict the tutorial workload end to end; returns the run and predictions path."""
-    config = _as_config(QUICKSTART, overrides)
+    config = as_config(QUICKSTART, overrides)
     run = train(config, out=out, overwrite=True, progress=progress)
     predictions = run.path / PREDICTIONS
     predictor = run.predictor()

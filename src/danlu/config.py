@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -412,6 +413,15 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     if path is not None:
         raw.setdefault("output", f"runs/{Path(path).stem}")
     return validate(raw)
+
+
+def as_config(config: Config | dict | str | os.PathLike | None, overrides: Iterable[str] = ()) -> Config:
+    """A config object, mapping or YAML path (None: the defaults) with KEY=VALUE overrides applied."""
+    if isinstance(config, Config):  # unset keys stay unset, so family defaults still apply to them
+        return validate(apply_overrides(config.model_dump(mode="json", exclude_unset=True), list(overrides)))
+    if isinstance(config, dict):
+        return validate(apply_overrides(dict(config), list(overrides)))
+    return load_config(config, list(overrides))
 
 
 def resolve_paths(config: Config, base: Path) -> Config:

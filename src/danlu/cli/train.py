@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from danlu.cli.output import print_run
 from danlu.errors import DanluError
@@ -79,120 +78,24 @@ def add_train(sub) -> None:
 def _config_for(args):
     """The config this command trains: the file with its overrides, or a stopped run's own. It is read and
     checked here, once, before torch is imported, so a mistake comes back at once."""
-    from danlu.config import check_data, load_config, read_yaml, validate
-    from danlu.run import RunDir
+    from danlu.training.launch import checked_config
 
-    if args.resume:
-        run = RunDir(args.resume)
-        run.require_resumable()
-        config = validate(read_yaml(run.config))
-        check_data(config.data)  # moved since the run started
-        return config
-    if not args.config:
+    if not args.config and not args.resume:
         raise DanluError("no config given", "run `danlu train CONFIG.yaml` or `danlu train --resume RUN_DIR`")
-    if "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         raise DanluError(f"'{args.config}' looks like an override", "put the config file first")
-    config = load_config(args.config, list(args.overrides))
-    check_data(config.data)
-    if "WORLD_SIZE" not in os.environ:  # a launcher's ranks find the directory rank 0 is writing
-        RunDir(args.out or config.output).check_new(args.overwrite)
-    return config
+    return checked_config(args.config, args.overrides, args.out, args.resume, args.overwrite)
 
 
-def launch_ray(args, config) -> int:
-    import torch
+def _launch(args):
+    """The flags that start several processes (they bear Launch's field names), checked."""
+    from dataclasses import fields
 
-    from danlu.config import resolve_paths
-    from danlu.training.ray_train import train_with_ray
+    from danlu.training.launch import Launch
 
-    if args.nproc or args.max_restarts or args.nnodes != 1:
-        raise DanluError(
-            "--nproc, --nnodes and --max-restarts are torchrun's",
-            "with --backend ray use --workers N (Ray places them on the cluster's machines)",
-        )
-    use_gpu = config.train.device != "cpu" and torch.cuda.is_available()
-    new = None if args.resume else resolve_paths(config, Path.cwd())
-    run, result = train_with_ray(
-        new, args.out, args.resume, args.overwrite, args.workers, args.ray_address, use_gpu, args.ray_storage
-    )
-    checkpoint = result.checkpoint.path if result.checkpoint else "none"
-    reported = f"last epoch reported {result.metrics.get('epoch', 'none')}, checkpoint {checkpoint}"
-    print_run(run, [("ray", reported)])
-    return 0
-
-
-def launch_torchrun(args, config) -> int:
-    """`danlu train ... --nproc N` -> `torchrun --standalone --nproc-per-node N -m danlu train ...`."""
-    import subprocess
-    import sys
-
-    if args.nproc < 1:
-        raise DanluError("--nproc must be at least 1", "e.g. --nproc 2")
-    _check_before_launch(config, args.nproc, args.nnodes)
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}"]
-    command += _rendezvous(args)
-    command += [f"--max-restarts={args.max_restarts}", "-m", "danlu"]
-    command += ["--debug"] * args.debug + ["--quiet"] * args.quiet + ["train"]
-    command += [args.config] if args.config else []
-    command += list(args.overrides)
-    for flag, value in (("--out", args.out), ("--resume", args.resume)):
-        command += [flag, value] if value else []
-    command += ["--overwrite"] if args.overwrite else []
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": os.environ.get(
-            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc))
-        ),
-    }
-    return subprocess.run(command, env=env).returncode
-
-
-def _rendezvous(args) -> list[str]:
-    """How torchrun's processes find each other: on this machine alone, or on machine 0's address."""
-    if args.nnodes < 1:
-        raise DanluError("--nnodes must be at least 1", "e.g. --nnodes 2")
-    if args.nnodes == 1:
-        return ["--standalone"]
-    if not 0 <= args.node_rank < args.nnodes:
-        raise DanluError(
-            f"--node-rank {args.node_rank} is outside 0 to {args.nnodes - 1}",
-            "give each machine its own rank, 0 on the machine at --master-addr",
-        )
-    if not args.master_addr:
-        raise DanluError(
-            f"--nnodes {args.nnodes} needs --master-addr", "pass machine 0's address on every machine"
-        )
-    return [
-        f"--nnodes={args.nnodes}",
-        f"--node-rank={args.node_rank}",
-        f"--master-addr={args.master_addr}",
-        f"--master-port={args.master_port}",
-    ]
-
-
-def _check_before_launch(config, nproc: int, nnodes: int = 1) -> None:
-    """Catch what every rank would fail on (an indivisible batch, CUDA without GPUs, a sharded strategy
-    in one process) in this process, as one line, before starting any."""
-    from danlu.config import check_batch_split
-    from danlu.training.strategies import check_installed, shards
-
-    tc = config.train
-    check_installed(tc.strategy)
-    if shards(tc.strategy) and nproc * nnodes == 1:
-        raise DanluError(
-            f"train.strategy={tc.strategy} shards the model over several processes; --nproc 1 starts one",
-            "use --nproc 2 or more, or train without --nproc (one process: nothing to shard)",
-        )
-    check_batch_split(tc, nproc * nnodes)
-    if config.train.device != "cuda":
-        return  # torch is imported only to count GPUs: the ranks import it soon enough
-    import torch
-
-    if torch.cuda.device_count() < nproc:
-        raise DanluError(
-            f"train.device=cuda (nccl) needs {nproc} GPUs; this machine has {torch.cuda.device_count()}",
-            "use --nproc up to the GPU count, or train.device=cpu (gloo)",
-        )
+    launch = Launch(**{field.name: getattr(args, field.name) for field in fields(Launch)})
+    launch.check()
+    return launch
 
 
 def log_to_override(value: str, resume: str | None) -> str:
@@ -219,24 +122,30 @@ def run_train(args) -> int:
         return 0
     if args.log_to:
         args.overrides = [*args.overrides, log_to_override(args.log_to, args.resume)]
+    launch = _launch(args)
     config = _config_for(args)
-    from danlu.tracking import check_installed
+    if launch.backend == "ray":
+        from danlu.training import launch as launching
 
-    check_installed(config.train.log_to)
-    if args.backend == "ray":
-        return launch_ray(args, config)
-    if args.nproc:
-        return launch_torchrun(args, config)
+        run, result = launching.ray(launch, config, args.out, args.resume, args.overwrite)
+        checkpoint = result.checkpoint.path if result.checkpoint else "none"
+        reported = f"last epoch reported {result.metrics.get('epoch', 'none')}, checkpoint {checkpoint}"
+        print_run(run, [("ray", reported)])
+        return 0
+    if launch.nproc is not None:
+        from danlu.training import launch as launching
+
+        flags = ["--debug"] * args.debug + ["--quiet"] * args.quiet
+        run_args = (args.config, args.overrides, args.out, args.resume, args.overwrite, flags)
+        return launching.torchrun(launch, config, *run_args)
     from danlu.training.strategies import check_processes
 
     check_processes(config.train.strategy, int(os.environ.get("WORLD_SIZE", "1")))  # before torch
     import danlu
     from danlu.training.distributed import world_from_env
 
-    if args.resume:  # the API refuses a config, overrides or --out next to --resume
-        run = danlu.train(
-            args.config, args.overrides, out=args.out, resume=args.resume, progress=not args.quiet
-        )
+    if args.resume:  # alone: _config_for refused a config, overrides or --out beside it
+        run = danlu.train(resume=args.resume, progress=not args.quiet)
     else:
         run = danlu.train(config, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
     if world_from_env().main:  # under torchrun, one summary (rank 0's)
