@@ -72,16 +72,50 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any], Path | None], None] | None = None,
+    nproc: int | None = None,
+    max_restarts: int = 0,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str | None = None,
+    master_port: int = 29500,
+    backend: str = "torchrun",
+    workers: int = 2,
+    ray_address: str | None = None,
+    ray_storage: str | None = None,
 ) -> Run:
     """Train from a config (object, dict or YAML path) into a run directory, or resume one.
 
-    on_epoch(record, checkpoint_dir): called after every epoch on every process (Ray Train reporting);
-    checkpoint_dir is the run's checkpoints/ on rank 0 when the epoch wrote one, else None.
+    In this process, or in several, as `danlu train`'s flags of the same names start them:
+    nproc=N trains in N torchrun processes on this machine (max_restarts, and nnodes, node_rank,
+    master_addr and master_port for several machines); backend="ray" trains on `workers` Ray Train
+    workers (a local Ray, or the cluster at ray_address; ray_storage for Ray's checkpoints).
+
+    on_epoch(record, checkpoint_dir): called after every epoch on every process of this one's run (Ray
+    Train reporting); checkpoint_dir is the run's checkpoints/ on rank 0 when the epoch wrote one, else
+    None. Not with nproc or backend="ray": their processes cannot call back into this one.
 
     Raises:
-        DanluError: bad config or data, an existing run directory (unless overwrite), nothing to resume.
+        DanluError: bad config or data, an existing run directory (unless overwrite), nothing to resume,
+            or the processes started failed (their output says why).
     """
     from danlu.training import distributed
+    from danlu.training.launch import Launch
+
+    launch = Launch(
+        nproc=nproc,
+        max_restarts=max_restarts,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+        backend=backend,
+        workers=workers,
+        ray_address=ray_address,
+        ray_storage=ray_storage,
+    )
+    launch.check()
+    if launch.several:
+        return _train_in_processes(config, overrides, out, resume, overwrite, progress, on_epoch, launch)
 
     world = distributed.world_from_env()  # one process, or a rank started by torchrun / Ray Train
     try:
@@ -98,6 +132,26 @@ def train(
     finally:
         distributed.stop()  # after the trainer's objects (DDP holds the group) are released
     return Run(run.path)
+
+
+def _train_in_processes(config, overrides, out, resume, overwrite: bool, progress: bool, on_epoch, launch):
+    from danlu.training import launch as launching
+
+    if on_epoch is not None:
+        raise DanluError(
+            "on_epoch is called in this process; nproc's or Ray's processes cannot call it",
+            "read each epoch from RUN/metrics.jsonl, or train in this process (no nproc, no backend)",
+        )
+    cfg = launching.checked_config(config, overrides, out, resume, overwrite)
+    if launch.backend == "ray":
+        return launching.ray(launch, cfg, out, resume, overwrite)[0]
+    source = config if isinstance(config, (str, Path)) else None  # else cfg is written for the processes
+    flags = [] if progress else ["--quiet"]
+    given = list(overrides) if source is not None else []
+    code = launching.torchrun(launch, cfg, source, given, out, resume, overwrite, flags)
+    if code != 0:
+        raise DanluError(f"the training processes failed (torchrun exited {code})", "their output says why")
+    return Run(resume if resume is not None else (out if out is not None else cfg.output))
 
 
 def _train_and_finish(config, overrides, out, resume, overwrite: bool, world, progress: bool, on_epoch):

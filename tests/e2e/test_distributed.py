@@ -1,4 +1,5 @@
-"""Multi-process training on CPU/gloo with real torchrun processes (`danlu train --nproc N`)."""
+"""Multi-process training on CPU/gloo with real torchrun processes (`danlu train --nproc N`, and
+`danlu.train(nproc=N)`) and Ray Train workers."""
 
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import danlu
@@ -82,7 +84,10 @@ def test_two_processes_and_accumulation_match_one_process(config, uninterrupted,
     assert "terminate called" not in ran.stderr and "FAILED" not in ran.stderr, ran.stderr
     two = weights(tmp_path / "two")
     accumulated = weights(train_here(cfg, tmp_path / "acc", "train.accumulate=4"))
-    both = weights(train(cfg, tmp_path / "both", "train.accumulate=2", "--nproc", "2"))
+    # danlu.train(nproc=2) starts the same torchrun processes, here from a mapping (written to a file)
+    mapping = yaml.safe_load(cfg.read_text())
+    run = danlu.train(mapping, ["train.accumulate=2"], out=tmp_path / "both", nproc=2, progress=False)
+    both = weights(run.path)
     for other in (two, accumulated, both):
         assert torch.allclose(one, other, rtol=1e-5, atol=1e-7)
     report = json.loads((tmp_path / "two" / "report.json").read_text())
@@ -169,12 +174,16 @@ def test_a_killed_two_process_run_resumes_identically_with_torchrun_or_ray(confi
     result = run_cli("-q", "train", "--resume", str(tmp_path / "killed"), "--nproc", "2", timeout=600)
     assert result.returncode == 0, result.stderr
     assert torch.equal(full, weights(tmp_path / "killed"))
-    # the same stopped run, resumed on Ray Train workers instead, ends with the same weights too
-    ray_storage = ("--ray-storage", str(tmp_path / "ray_results"))
-    resume = ("--resume", str(tmp_path / "killed_for_ray"), "--backend", "ray", *ray_storage)
-    result = run_cli("-q", "train", *resume, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert torch.equal(full, weights(tmp_path / "killed_for_ray"))
+    # the same stopped run, resumed on Ray Train workers instead (danlu.train's backend="ray", as
+    # --backend ray), ends with the same weights too
+    import ray
+
+    storage = str(tmp_path / "ray_results")
+    try:
+        run = danlu.train(resume=tmp_path / "killed_for_ray", backend="ray", ray_storage=storage)
+    finally:
+        ray.shutdown()  # the local Ray danlu started in this process
+    assert torch.equal(full, weights(run.path))
 
 
 @pytest.mark.slow
