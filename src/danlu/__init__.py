@@ -10,8 +10,8 @@ Public API (imported lazily, so `danlu --help` never waits for torch):
     serve(run_dir_or_model, ...), export(run_or_model, ...) -> dict (`danlu export`: a run, a causal LM
     as GGUF, an encoder's towers), export_gguf(model_dir, quantize) -> dict, package(source, out, ...) ->
     dict (`danlu package`), doctor() -> dict (`danlu doctor`),
-    export_environment(fmt) -> str (`danlu env export`), quickstart(...) -> Run, Run, Predictor,
-    DanluError, __version__
+    export_environment(fmt) -> str (`danlu env export`), chat(model, ...) -> Chat (`danlu chat`),
+    quickstart(...) -> Run, Run, Predictor, DanluError, __version__
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ _EXPORTS = {
     "doctor": "danlu.api",
     "package": "danlu.api",
     "export_environment": "danlu.env.freeze",
+    "chat": "danlu.serve.chat.session",
+    "Chat": "danlu.serve.chat.session",
     "Run": "danlu.api",
     "Predictor": "danlu.predictor",
     "DanluError": "danlu.errors",

@@ -261,6 +261,22 @@ def test_danlu_chat_keeps_history_and_follows_system_reset_and_exit(model):
     assert second != with_system.stdout  # the first exchange was in the prompt too (the model is seeded)
     assert alone != with_system.stdout  # the system prompt reached the model
     assert "/system" in session.stderr  # the help line
+    # danlu.chat, in this process: the same answers, history, system prompt and reset
+    import danlu
+
+    with danlu.chat(model, temperature=0, max_tokens=12) as chat:
+        assert chat.ask("hello there") + "\n" == alone
+        chat.system = "Be brief."
+        assert "".join(chat.stream("hello there")) + "\n" == second
+        assert [turn["role"] for turn in chat.history] == ["user", "assistant"] * 2
+        pieces = chat.stream("and again")
+        next(pieces)
+        pieces.close()  # an answer left unfinished is cancelled and not kept
+        assert len(chat.history) == 4
+        chat.reset()
+        assert chat.ask("hello there") + "\n" == with_system.stdout
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+        assert chat.complete(messages) + "\n" == with_system.stdout and len(chat.history) == 2
 
 
 def test_a_failed_answer_exits_1_and_a_prompt_over_the_context_exits_2(tmp_path):
@@ -286,6 +302,16 @@ def test_a_failed_answer_exits_1_and_a_prompt_over_the_context_exits_2(tmp_path)
     too_long = run_cli("chat", str(folder), "--prompt", "hello there " * 200)
     assert too_long.returncode == 2 and "context is 256" in too_long.stderr, too_long.stderr
     assert "Traceback" not in failed.stderr + session.stderr + too_long.stderr
+    import danlu
+    from danlu.errors import DanluError
+    from danlu.serve.chat.session import GenerationFailed
+
+    with danlu.chat(folder, temperature=1, max_tokens=4) as chat:
+        with pytest.raises(GenerationFailed, match="generation failed: probability tensor"):
+            chat.ask("hello there")
+        with pytest.raises(DanluError, match="context is 256"):
+            chat.ask("hello there " * 200)
+        assert chat.history == []  # neither turn was kept
 
 
 def test_a_hub_id_is_one_line(tmp_path):

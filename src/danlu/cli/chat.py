@@ -82,89 +82,58 @@ def add_chat(sub) -> None:
 
 
 def run_chat(args) -> int:
-    from danlu.serve.chat.model import check_path, load_chat_model, served_model
-    from danlu.serve.settings import MAX_TEMPERATURE
+    from danlu.serve.chat.session import Chat, GenerationFailed
 
-    model = served_model(args.model)  # a fine-tuned causal LM's run: the model it holds
-    check_path(model)  # a missing path or a hub id: one line before torch is imported
-    if args.max_tokens < 1:
-        raise DanluError("--max-tokens must be at least 1", "e.g. --max-tokens 256")
-    if args.temperature is not None and not 0 <= args.temperature <= MAX_TEMPERATURE:  # the server's
-        raise DanluError(
-            f"--temperature must be between 0 and {MAX_TEMPERATURE:g}", "0 is greedy; e.g. --temperature 0.7"
-        )
-    vllm = vllm_options(args)  # its values are refused here, before torch
-    from danlu.serve.chat.engine import engine_for
-    from danlu.serve.chat.sampling import SamplingParams
-    from danlu.serve.chat.templates import Template
-
-    options = (args.dtype, args.device, args.trust_remote_code, args.quantize, args.engine)
-    chat = load_chat_model(model, *options, vllm=vllm)
-    template = Template(chat.tokenizer, args.template)
-    engine = engine_for(chat, max_batch=1, extra_stops=template.stops)  # generate() steps it on this thread
-    defaults = {
-        k: v for k, v in chat.defaults.items() if k in ("temperature", "top_p", "top_k", "repetition_penalty")
-    }
-    if args.temperature is not None:
-        defaults["temperature"] = args.temperature
-
-    def answer(messages: list[dict]) -> str:
-        """Stream one answer to stdout. Raises DanluError when the conversation cannot fit the context,
-        GenerationFailed when the engine failed it (the engine has logged the cause)."""
-        prompt = template.encode_messages(messages)
-        engine.check_fits(len(prompt), args.max_tokens)
-        params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, **defaults)
-        parts, error = [], None
-        for event in engine.generate(prompt, params):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-            parts.append(event.text)
-            error = event.error or error
-        sys.stdout.write("\n")
-        if error is not None:
-            raise GenerationFailed(error)
-        return "".join(parts)
-
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    try:
+    with Chat(
+        args.model,
+        system=args.system,
+        temperature=args.temperature,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        engine=args.engine,
+        template=args.template,
+        trust_remote_code=args.trust_remote_code,
+        vllm=vllm_options(args),
+    ) as chat:
         if args.prompt is not None:
             try:
-                answer([*system, {"role": "user", "content": args.prompt}])
+                say(chat.stream(args.prompt))
             except GenerationFailed:
                 return 1  # the engine's log line says why; scripts see the exit status
             return 0
         print(f"danlu chat with {chat.name} ({HELP_COMMANDS})", file=sys.stderr)
-        history: list[dict] = []
         while True:
             line = read_line()
-            if line is None:
-                return 0
-            if line.strip() in ("/exit", "/quit"):
+            if line is None or line.strip() in ("/exit", "/quit"):
                 return 0
             if line.strip() == "/reset":
-                history = []
-                continue
-            if line.startswith("/system"):
-                text = line.removeprefix("/system").strip()
-                system = [{"role": "system", "content": text}] if text else []
-                continue
-            if not line.strip():
-                continue
-            turn = {"role": "user", "content": line}
-            try:
-                reply = answer([*system, *history, turn])
-            except DanluError as exc:  # the conversation outgrew the context: say so and go on
-                print(f"danlu: {exc}; /reset starts again", file=sys.stderr)
-                continue
-            except GenerationFailed:
-                continue  # the turn is dropped: the next one is asked without it
-            history += [turn, {"role": "assistant", "content": reply}]
-    finally:
-        engine.stop()
+                chat.reset()
+            elif line.startswith("/system"):
+                chat.system = line.removeprefix("/system").strip() or None
+            elif line.strip():
+                try:
+                    say(chat.stream(line))
+                except DanluError as exc:  # the conversation outgrew the context: say so and go on
+                    print(f"danlu: {exc}; /reset starts again", file=sys.stderr)
+                except GenerationFailed:
+                    pass  # the turn is dropped: the next one is asked without it
 
 
-class GenerationFailed(Exception):
-    """The engine ended the answer with an error."""
+def say(pieces) -> None:
+    """An answer to stdout as it is generated, and its line end (after a failed answer's part too)."""
+    from danlu.serve.chat.session import GenerationFailed
+
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except GenerationFailed:
+        sys.stdout.write("\n")
+        raise
+    sys.stdout.write("\n")
 
 
 def read_line() -> str | None:
