@@ -277,6 +277,20 @@ def test_danlu_chat_keeps_history_and_follows_system_reset_and_exit(model):
         assert chat.ask("hello there") + "\n" == with_system.stdout
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
         assert chat.complete(messages) + "\n" == with_system.stdout and len(chat.history) == 2
+        # one answer's own sampling, by the OpenAI API's names, checked as the server checks them
+        full = with_system.stdout.removesuffix("\n")
+        short = chat.complete(messages, max_tokens=3)
+        assert full.startswith(short) and len(short) < len(full)
+        stop = full[len(full) // 2 :][:2]
+        assert chat.complete(messages, stop=[stop]) == full[: full.index(stop)]
+        for options, message in (
+            ({"temperature": 5}, "'temperature' is 5"),
+            ({"max_tokens": 13}, "over this chat's max_tokens"),
+            ({"nucleus": 0.9}, "unknown sampling option nucleus"),
+        ):
+            with pytest.raises(danlu.DanluError, match=message):
+                chat.ask("hello there", **options)
+        assert len(chat.history) == 2
 
 
 def test_a_failed_answer_exits_1_and_a_prompt_over_the_context_exits_2(tmp_path):

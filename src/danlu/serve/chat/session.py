@@ -12,8 +12,12 @@ from danlu.errors import DanluError
 
 if TYPE_CHECKING:
     from danlu.serve.chat.model import VllmOptions
+    from danlu.serve.chat.sampling import SamplingParams
 
 SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
+# what one answer may set (the OpenAI API's names, checked as the server checks them)
+SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty",
+            "presence_penalty", "stop", "seed")  # fmt: skip
 
 
 class GenerationFailed(RuntimeError):
@@ -26,6 +30,9 @@ class Chat:
     ask(message) answers after the system prompt and the history, and keeps the exchange; stream(message)
     yields the answer's text as it is generated (the exchange is kept once the answer is whole);
     complete(messages) answers OpenAI-style messages and keeps nothing. reset() clears the history.
+    Each takes one answer's sampling options by the OpenAI API's names (SAMPLING: max_tokens up to the
+    chat's own, temperature, top_p, top_k, stop, seed, the penalties) over the chat's defaults: its
+    temperature, seed and max_tokens, else the model's generation_config.json.
     Close it (or use `with`) to free the model.
     """
 
@@ -77,36 +84,34 @@ class Chat:
     def name(self) -> str:
         return self.model.name
 
-    def ask(self, message: str) -> str:
+    def ask(self, message: str, **sampling: Any) -> str:
         """The answer to `message`, after the system prompt and the history; the exchange joins the history.
 
         Raises:
             DanluError: the conversation no longer fits the model's context (reset() starts again).
             GenerationFailed: the engine failed the answer; the history is as it was.
         """
-        return "".join(self.stream(message))
+        return "".join(self.stream(message, **sampling))
 
-    def stream(self, message: str) -> Iterator[str]:
+    def stream(self, message: str, **sampling: Any) -> Iterator[str]:
         """ask(), as the answer's pieces of text while they are generated. An answer left unfinished
         (the loop broken) is cancelled and not kept."""
         turn = {"role": "user", "content": message}
         parts = []
-        for piece in self.stream_messages([*self._system(), *self.history, turn]):
+        for piece in self.stream_messages([*self._system(), *self.history, turn], **sampling):
             parts.append(piece)
             yield piece
         self.history += [turn, {"role": "assistant", "content": "".join(parts)}]
 
-    def complete(self, messages: list[dict[str, str]]) -> str:
+    def complete(self, messages: list[dict[str, str]], **sampling: Any) -> str:
         """The answer to OpenAI-style messages ({"role": ..., "content": ...}), with no history kept."""
-        return "".join(self.stream_messages(messages))
+        return "".join(self.stream_messages(messages, **sampling))
 
-    def stream_messages(self, messages: list[dict[str, str]]) -> Iterator[str]:
+    def stream_messages(self, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
         """complete(), as pieces of text while they are generated."""
-        from danlu.serve.chat.sampling import SamplingParams
-
+        params = self.sampling_params(sampling)
         prompt = self.template.encode_messages(messages)
-        self.engine.check_fits(len(prompt), self.max_tokens)
-        params = SamplingParams(max_tokens=self.max_tokens, seed=self.seed, **self.sampling)
+        self.engine.check_fits(len(prompt), params.max_tokens)
         error = None
         for event in self.engine.generate(prompt, params):
             if event.text:
@@ -114,6 +119,30 @@ class Chat:
             error = event.error or error
         if error is not None:
             raise GenerationFailed(f"generation failed: {error}")
+
+    def sampling_params(self, sampling: dict[str, Any]) -> SamplingParams:
+        """One answer's sampling over the chat's defaults, checked as the server checks a request's.
+
+        Raises:
+            DanluError: an unknown option, or a value out of its range.
+        """
+        from danlu.serve.chat.protocol import sampling_from
+        from danlu.serve.shell import ServeError
+
+        unknown = sorted(set(sampling) - set(SAMPLING))
+        if unknown:
+            raise DanluError(f"unknown sampling option {', '.join(unknown)}", f"use {', '.join(SAMPLING)}")
+        tokens = sampling.get("max_tokens")
+        if isinstance(tokens, int) and tokens > self.max_tokens:
+            raise DanluError(
+                f"max_tokens={tokens} is over this chat's max_tokens ({self.max_tokens})",
+                "pass a larger max_tokens to danlu.chat",
+            )
+        body = {"seed": self.seed, **sampling}
+        try:
+            return sampling_from(body, self.sampling, self.max_tokens, chat_api=False)
+        except ServeError as error:
+            raise DanluError(error.message, "pass a value in its range") from None
 
     def reset(self) -> None:
         self.history = []
