@@ -79,7 +79,7 @@ def train(
     master_addr: str | None = None,
     master_port: int = 29500,
     backend: str = "torchrun",
-    workers: int = 2,
+    workers: int | None = None,
     ray_address: str | None = None,
     ray_storage: str | None = None,
 ) -> Run:
@@ -88,7 +88,7 @@ def train(
     In this process, or in several, as `danlu train`'s flags of the same names start them:
     nproc=N trains in N torchrun processes on this machine (max_restarts, and nnodes, node_rank,
     master_addr and master_port for several machines); backend="ray" trains on `workers` Ray Train
-    workers (a local Ray, or the cluster at ray_address; ray_storage for Ray's checkpoints).
+    workers (default 2; a local Ray, or the cluster at ray_address; ray_storage for Ray's checkpoints).
 
     on_epoch(record, checkpoint_dir): called after every epoch on every process of this one's run (Ray
     Train reporting); checkpoint_dir is the run's checkpoints/ on rank 0 when the epoch wrote one, else

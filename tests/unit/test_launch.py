@@ -27,6 +27,8 @@ def data(tmp_path):
     [
         ({"backend": "slurm"}, "unknown backend 'slurm'"),
         ({"backend": "ray", "nproc": 2}, "with --backend ray use --workers N"),
+        ({"workers": 4}, "--workers, --ray-address and --ray-storage are Ray's"),
+        ({"nproc": 2, "ray_address": "head:6379"}, "--workers, --ray-address and --ray-storage are Ray's"),
         ({"nnodes": 2}, "--nnodes and --max-restarts go with --nproc"),
         ({"max_restarts": 1}, "--nnodes and --max-restarts go with --nproc"),
         ({"nproc": 0}, "--nproc must be at least 1"),

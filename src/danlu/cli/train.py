@@ -65,7 +65,7 @@ def add_train(sub) -> None:
         default="torchrun",
         help="ray: run on Ray Train workers (pip install 'danlu[ray]')",
     )
-    p.add_argument("--workers", type=int, default=2, help="with --backend ray: Ray Train workers (default 2)")
+    p.add_argument("--workers", type=int, help="with --backend ray: Ray Train workers (default 2)")
     p.add_argument("--ray-address", help="with --backend ray: an existing cluster (default: a local Ray)")
     p.add_argument(
         "--ray-storage",

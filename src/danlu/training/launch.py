@@ -35,7 +35,7 @@ class Launch:
     master_addr: str | None = None
     master_port: int = 29500
     backend: str = "torchrun"
-    workers: int = 2  # ray: Ray Train workers, wherever the cluster places them
+    workers: int | None = None  # ray: Ray Train workers, wherever the cluster places them (None: 2)
     ray_address: str | None = None
     ray_storage: str | None = None
 
@@ -53,6 +53,9 @@ class Launch:
                 "--nproc, --nnodes and --max-restarts are torchrun's",
                 "with --backend ray use --workers N (Ray places them on the cluster's machines)",
             )
+        ray_only = self.workers is not None or self.ray_address is not None or self.ray_storage is not None
+        if self.backend != "ray" and ray_only:
+            raise DanluError("--workers, --ray-address and --ray-storage are Ray's", "add --backend ray")
         if self.backend == "torchrun" and self.nproc is None and torchrun_only:
             raise DanluError(
                 "--nnodes and --max-restarts go with --nproc", "add --nproc N: the processes on each machine"
@@ -159,7 +162,7 @@ def ray(launch: Launch, config: Config, out: str | Path | None, resume: str | Pa
     use_gpu = config.train.device != "cpu" and torch.cuda.is_available()
     new = None if resume is not None else resolve_paths(config, Path.cwd())
     return train_with_ray(
-        new, out, resume, overwrite, launch.workers, launch.ray_address, use_gpu, launch.ray_storage
+        new, out, resume, overwrite, launch.workers or 2, launch.ray_address, use_gpu, launch.ray_storage
     )
 
 
