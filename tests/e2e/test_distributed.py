@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import psutil
 import pytest
 import torch
@@ -106,6 +108,28 @@ def test_two_processes_and_accumulation_match_one_process(config, uninterrupted,
     ]
     steps_per_epoch = -(-report["rows"]["train"] // report["batch_size"])
     assert steps == list(range(1, 4 * steps_per_epoch + 1))
+
+
+@pytest.mark.slow
+def test_processes_that_fail_from_python_are_one_error_leaving_no_run_and_no_config_file(
+    tmp_path, monkeypatch
+):
+    """A constant target passes the checks made before launch and fails in every rank as it loads the
+    data: danlu.train(nproc=2) raises one DanluError naming torchrun's exit code, the run never looks
+    complete, and the temporary config file the processes read is gone."""
+    import tempfile
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "constant.csv"
+    pd.DataFrame({"a": rng.normal(size=64), "y": 2.5}).to_csv(data, index=False)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    config = {"data": {"train": str(data), "target": "y"}, "train": {"epochs": 1, "batch_size": 32}}
+    with pytest.raises(danlu.DanluError, match=r"the training processes failed \(torchrun exited 1\)"):
+        danlu.train(config, out=tmp_path / "run", nproc=2, progress=False)
+    assert not (tmp_path / "run" / "report.json").exists()
+    assert list(scratch.iterdir()) == []
 
 
 # a rank's own view after danlu.train returns: the OS threads gloo started for its process group

@@ -124,17 +124,15 @@ def run_train(args) -> int:
         args.overrides = [*args.overrides, log_to_override(args.log_to, args.resume)]
     launch = _launch(args)
     config = _config_for(args)
-    if launch.backend == "ray":
-        from danlu.training import launch as launching
+    from danlu.training import launch as launching
 
+    if launch.backend == "ray":
         run, result = launching.ray(launch, config, args.out, args.resume, args.overwrite)
         checkpoint = result.checkpoint.path if result.checkpoint else "none"
         reported = f"last epoch reported {result.metrics.get('epoch', 'none')}, checkpoint {checkpoint}"
         print_run(run, [("ray", reported)])
         return 0
     if launch.nproc is not None:
-        from danlu.training import launch as launching
-
         flags = ["--debug"] * args.debug + ["--quiet"] * args.quiet
         run_args = (args.config, args.overrides, args.out, args.resume, args.overwrite, flags)
         return launching.torchrun(launch, config, *run_args)

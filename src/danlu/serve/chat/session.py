@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from danlu.serve.chat.model import VllmOptions
     from danlu.serve.chat.sampling import SamplingParams
 
-SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
 # what one answer may set (the OpenAI API's names, checked as the server checks them)
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty",
             "presence_penalty", "stop", "seed")  # fmt: skip
@@ -72,8 +71,8 @@ class Chat:
         self.template = Template(self.model.tokenizer, template)
         # max_batch 1: generate() steps the engine on the caller's thread, one answer at a time
         self.engine = engine_for(self.model, max_batch=1, extra_stops=self.template.stops)
-        defaults = self.model.defaults
-        self.sampling: dict[str, Any] = {k: v for k, v in defaults.items() if k in SAMPLING_DEFAULTS}
+        # the model's generation_config.json sampling, as the server takes it, under the chat's own
+        self.sampling: dict[str, Any] = dict(self.model.defaults)
         if temperature is not None:
             self.sampling["temperature"] = temperature
         self.seed, self.max_tokens = seed, max_tokens
