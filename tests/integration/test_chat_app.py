@@ -24,11 +24,11 @@ def client(tmp_path_factory):
 def test_a_failure_in_the_engine_reaches_the_client_as_a_generic_message(client, monkeypatch, caplog):
     from danlu.serve.chat import output
 
-    def broken(logits, params, generator):
+    def broken(logits, params, uniforms):
         raise RuntimeError("internal detail: /srv/weights/shard-3 at 0x7f3a")
 
-    monkeypatch.setattr(output, "choose", broken)
-    body = {"messages": HELLO, "max_tokens": 4, "temperature": 0.7}  # sampled: through choose()
+    monkeypatch.setattr(output, "sample", broken)
+    body = {"messages": HELLO, "max_tokens": 4, "temperature": 0.7}
     with caplog.at_level(logging.ERROR, logger="danlu"):
         whole = client.post("/v1/chat/completions", json=body)
         streamed = client.post("/v1/chat/completions", json={**body, "stream": True}).text

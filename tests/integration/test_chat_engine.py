@@ -181,21 +181,23 @@ def test_a_failure_in_one_sequence_ends_that_sequence_only(chat, monkeypatch):
     from danlu.serve.chat import output as output_module
 
     chat.eos_ids = set()
-    real, calls = output_module.choose, {"late": 0}
+    real, calls = output_module.penalize, {"late": 0}
 
-    def flaky(logits, params, generator):
+    def flaky(logits, params, prompt, output):
         if params.seed == 13:  # fails at once
             raise RuntimeError("boom at the first token")
         if params.seed == 14:
             calls["late"] += 1
             if calls["late"] > 5:  # fails inside a decode step with the others
                 raise RuntimeError("boom in a decode step")
-        return real(logits, params, generator)
+        return real(logits, params, prompt, output)
 
-    monkeypatch.setattr(output_module, "choose", flaky)
+    monkeypatch.setattr(output_module, "penalize", flaky)
     ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
     greedy = SamplingParams(max_tokens=16, temperature=0.0)
-    first, later = (SamplingParams(max_tokens=16, temperature=1.0, seed=s) for s in (13, 14))
+    first, later = (
+        SamplingParams(max_tokens=16, temperature=1.0, seed=s, repetition_penalty=1.1) for s in (13, 14)
+    )
     engine = Engine(chat, max_batch=4)
     engine.start()
     try:

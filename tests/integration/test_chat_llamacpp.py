@@ -120,16 +120,17 @@ def test_a_failure_in_one_sequence_ends_that_sequence_only(chat, llama, monkeypa
     from danlu.serve.chat import output as output_module
 
     chat.eos_ids = set()
-    real = output_module.choose
+    real = output_module.penalize
 
-    def flaky(logits, params, generator):
+    def flaky(logits, params, prompt, output):
         if params.seed == 13:
             raise RuntimeError("boom")
-        return real(logits, params, generator)
+        return real(logits, params, prompt, output)
 
-    monkeypatch.setattr(output_module, "choose", flaky)
+    monkeypatch.setattr(output_module, "penalize", flaky)
     ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
-    greedy, failing = SamplingParams(max_tokens=16, temperature=0.0), SamplingParams(temperature=1.0, seed=13)
+    greedy = SamplingParams(max_tokens=16, temperature=0.0)
+    failing = SamplingParams(temperature=1.0, seed=13, repetition_penalty=1.1)
     engine = Engine(chat, max_batch=3)
     engine.start()
     try:

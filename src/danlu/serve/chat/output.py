@@ -1,10 +1,11 @@
 """The output processor: what happens to a sequence's next-token logits, whichever executor computed them.
-Penalties and sampling with the request's own parameters and generator, the incremental detokenizer,
+Penalties and sampling with the request's own parameters and random source, the incremental detokenizer,
 stop strings held back until they cannot start a stop, end-of-sequence tokens, max_tokens and the
 context, and the one event that says a sequence ended and why."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from danlu.serve.chat.sampling import SamplingParams, choose, generator_for, penalize, penalized
+from danlu.serve.chat.sampling import SamplingParams, penalize, penalized, random_source, sample
 from danlu.serve.chat.text import Detokenizer, StopStrings
 
 
@@ -41,7 +42,7 @@ class Sequence:
     computed: int = 0
     preempted: int = 0  # times its cache was dropped for room and recomputed
     # the output processor's
-    generator: torch.Generator | None = None
+    random: random.Random | None = None  # the request's uniform numbers, one per sampled token
     detok: Detokenizer | None = None
     stops: StopStrings | None = None
     prompt_tensor: torch.Tensor | None = None
@@ -65,29 +66,35 @@ class OutputProcessor:
 
     def _begin(self, sequence: Sequence, device: torch.device | str = "cpu") -> None:
         sequence.prompt_tensor = torch.tensor(sequence.prompt, dtype=torch.long, device=device)
-        sequence.generator = generator_for(sequence.params, device)
+        sequence.random = random_source(sequence.params)
         sequence.detok = Detokenizer(self.tokenizer)
         sequence.stops = StopStrings([*sequence.params.stop, *self.extra_stops])
 
     def sample(self, ready: list[tuple[Sequence, torch.Tensor]]) -> list[int | Exception]:
-        """The next token of each sequence from its logits [vocab], on the logits' device: the greedy rows
-        without penalties in one argmax over them all, the others one by one with their own penalties and
-        generator; then one copy of the step's tokens to the host. A row that fails gives its exception,
-        for that sequence alone."""
+        """The next token of each sequence from its logits [vocab], sampled together on the logits'
+        device (sampling.sample) after each row's own penalties; then one copy of the step's tokens to
+        the host. A row whose penalties raise, or whose probabilities are not numbers, gives its
+        exception, for that sequence alone."""
         rows = torch.stack([logits for _, logits in ready]).float()
-        tokens = rows.argmax(dim=-1)  # every row's greedy token; the other rows' are replaced below
         failed: dict[int, Exception] = {}
+        uniforms = []
         for i, (sequence, _) in enumerate(ready):
-            if sequence.params.greedy and not penalized(sequence.params):
-                continue
+            params, uniform = sequence.params, 0.0  # greedy rows use none
             try:
-                if sequence.prompt_tensor is None:
+                if sequence.prompt_tensor is None and (penalized(params) or not params.greedy):
                     self._begin(sequence, rows.device)
-                penalize(rows[i], sequence.params, sequence.prompt_tensor, sequence.output)
-                tokens[i] = choose(rows[i], sequence.params, sequence.generator)
-            except Exception as exc:  # this sequence's sampling: it alone fails
+                if penalized(params):
+                    penalize(rows[i], params, sequence.prompt_tensor, sequence.output)
+                if not params.greedy:
+                    uniform = sequence.random.random()
+            except Exception as exc:  # this sequence's penalties: it alone fails
                 failed[i] = exc
-        return [failed.get(i, token) for i, token in enumerate(tokens.tolist())]
+            uniforms.append(uniform)
+        tokens = sample(rows, [s.params for s, _ in ready], uniforms)
+        for i, token in enumerate(tokens):
+            if token < 0 and i not in failed:
+                failed[i] = ValueError("the model's next-token probabilities are not finite numbers")
+        return [failed.get(i, token) for i, token in enumerate(tokens)]
 
     def accept(self, sequence: Sequence, token: int) -> bool:
         """The sequence's next token, sampled here or by an engine that samples itself (vLLM): emit its

@@ -1,0 +1,154 @@
+"""Sampling a step's rows together (danlu.serve.chat.sampling.sample): each row's token is the one a
+plain reference gives (temperature, top-k, top-p over the whole sorted vocabulary, then the token where
+the cumulative probability, in that order or the vocabulary's, passes the row's uniform number), also
+where a top-p set needs more than the first candidates; the reference's tokens follow the exact
+distribution; seeds are per request and do not depend on the other rows; a row whose logits are not
+numbers fails alone; the penalties follow the OpenAI and Hugging Face definitions."""
+
+import random
+
+import pytest
+import torch
+
+from danlu.serve.chat.output import OutputProcessor, Sequence
+from danlu.serve.chat.sampling import CANDIDATES, SamplingParams, penalize, random_source, sample
+
+
+def reference(logits: torch.Tensor, params: SamplingParams, uniform: float) -> int:
+    """One row, the plain way, float64 throughout: the cumulative probability in the vocabulary's order
+    for a row with neither top-k nor top-p, else over the whole vocabulary sorted, most likely first."""
+    if params.greedy:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.double() / params.temperature, dim=-1)
+    if params.top_k == 0 and params.top_p == 1.0:
+        return int(torch.searchsorted(probs.cumsum(0), uniform * probs.sum(), right=True))
+    values, order = probs.sort(descending=True)
+    if 0 < params.top_k < len(values):
+        values[params.top_k :] = 0
+    before = values.cumsum(0) - values
+    values[1:][before[1:] >= params.top_p * values.sum()] = 0  # the first token always stays
+    cumulative = values.cumsum(0)
+    return int(order[int(torch.searchsorted(cumulative, uniform * cumulative[-1], right=True))])
+
+
+def exact(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a row's tokens should follow."""
+    probs = torch.softmax(logits.double() / params.temperature, dim=-1)
+    values, order = probs.sort(descending=True)
+    if params.top_k > 0:
+        values[params.top_k :] = 0
+    values[1:][(values.cumsum(0) - values)[1:] >= params.top_p * values.sum()] = 0
+    return torch.zeros_like(probs).scatter_(0, order, values / values.sum())
+
+
+SETTINGS = [
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.0, top_k=5),
+    SamplingParams(temperature=0.9, top_p=0.8),
+    SamplingParams(temperature=1.3, top_k=40, top_p=0.5),
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=1.0, top_k=1),
+    SamplingParams(temperature=2.0, top_p=0.97),  # flat: needs more than the first candidates
+    SamplingParams(temperature=1.0, top_k=300, top_p=0.99),
+]
+
+
+def test_each_row_is_the_token_the_whole_sorted_vocabulary_gives():
+    vocab, rows = 3000, 64
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 2
+    params = [SETTINGS[i % len(SETTINGS)] for i in range(rows)]
+    source = random.Random(1)
+    uniforms = [source.random() for _ in range(rows)]
+    got = sample(logits, params, uniforms)
+    assert got == [reference(logits[i], params[i], uniforms[i]) for i in range(rows)]
+    # the flat rows' top-p sets hold more tokens than the first round's candidates
+    flat = exact(logits[6], SETTINGS[6])
+    assert int((flat > 0).sum()) > 8 * CANDIDATES
+
+
+@pytest.mark.parametrize("params", [p for p in SETTINGS if not p.greedy], ids=str)
+def test_tokens_follow_the_exact_distribution(params):
+    """20,000 draws of one row of 40 tokens (as 20,000 rows of one step): each token's frequency within
+    0.015 of its probability, and none outside the top-k and top-p sets."""
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(3)) * 1.5
+    draws = 20_000
+    source = random.Random(2)
+    tokens = sample(logits.expand(draws, -1), [params] * draws, [source.random() for _ in range(draws)])
+    frequency = torch.bincount(torch.tensor(tokens), minlength=40).double() / draws
+    expected = exact(logits, params)
+    assert float((frequency - expected).abs().max()) < 0.015
+    assert not bool(frequency[expected == 0].any())
+
+
+def test_a_seed_gives_the_same_tokens_whatever_shares_the_step():
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(4))
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7)
+    alone = [sample(logits[:1], [seeded], [u]) for u in _uniforms(seeded, 20)]
+    torch.manual_seed(0)  # the global RNG plays no part
+    random.seed(0)
+    others = [SamplingParams(temperature=0), SamplingParams(top_k=3), SamplingParams(temperature=0.5)] * 2
+    mixed = [
+        sample(logits, [seeded, *others[:5]], [u, 0.5, 0.5, 0.5, 0.5, 0.5]) for u in _uniforms(seeded, 20)
+    ]
+    assert [a[0] for a in alone] == [m[0] for m in mixed]
+    assert len({a[0] for a in alone}) > 1  # it samples
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=8)
+    assert [sample(logits[:1], [other_seed], [u])[0] for u in _uniforms(other_seed, 20)] != [
+        a[0] for a in alone
+    ]
+    fresh = SamplingParams(temperature=1.0)  # no seed: fresh entropy each time
+    assert random_source(fresh).random() != random_source(fresh).random()
+
+
+def _uniforms(params: SamplingParams, n: int) -> list[float]:
+    source = random_source(params)
+    return [source.random() for _ in range(n)]
+
+
+def test_a_row_that_is_not_numbers_fails_alone():
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(5))
+    logits[1, 7] = float("nan")
+    logits[2, 3] = float("inf")
+    params = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0)] * 2
+    uniforms = [0.3, 0.3, 0.3, 0.3]
+    tokens = sample(logits, params, uniforms)
+    assert tokens[1] == tokens[2] == -1
+    assert tokens[0] == reference(logits[0], params[0], 0.3) and tokens[3] == reference(
+        logits[3], params[3], 0.3
+    )
+    assert sample(logits[1:2], [SamplingParams(temperature=1.0, top_p=0.9)], [0.3]) == [-1]
+
+
+def test_penalties_follow_the_openai_and_hugging_face_definitions():
+    logits = torch.tensor([1.0, 2.0, -1.0, 0.5])
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
+    penalize(logits, params, torch.tensor([3]), [1, 1, 2])
+    assert logits.tolist() == [1.0, 2.0 - 2 * 0.5 - 0.25, -1.0 - 0.5 - 0.25, 0.5]  # output tokens only
+    rep = torch.tensor([1.0, 2.0, -1.0, 0.5])
+    penalize(rep, SamplingParams(repetition_penalty=2.0), torch.tensor([3]), [2])
+    assert rep.tolist() == [1.0, 2.0, -2.0, 0.25]  # prompt and output tokens, by sign
+
+
+def test_a_steps_tokens_are_sampled_together_and_a_failing_row_fails_alone():
+    """OutputProcessor.sample: greedy rows their argmax, sampled rows with their own seeded source,
+    penalties on their own row; a row whose penalty raises, or whose logits are not numbers, gives its
+    exception and no other row's."""
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(2))
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    repeat = SamplingParams(temperature=0, repetition_penalty=50.0)
+    best = int(logits[2].argmax())
+    logits[4, 0] = float("nan")
+    sequences = [
+        Sequence([1, 2], SamplingParams(temperature=0), print),
+        Sequence([1, 2], seeded, print),
+        Sequence([best], repeat, print),  # the penalty moves it off its prompt's token
+        Sequence([999], repeat, print),  # a token the vocabulary lacks: its penalty raises
+        Sequence([1], seeded, print),  # logits that are not numbers
+    ]
+    processor = OutputProcessor(None, set(), 100, [])
+    tokens = processor.sample(list(zip(sequences, logits, strict=True)))
+    assert tokens[0] == int(logits[0].argmax())
+    assert tokens[1] == reference(logits[1], seeded, random_source(seeded).random())
+    assert tokens[2] != best and tokens[2] == int(logits[2].topk(2).indices[1])
+    assert isinstance(tokens[3], Exception)
+    assert isinstance(tokens[4], ValueError) and "not finite" in str(tokens[4])
