@@ -10,9 +10,9 @@ The engine runs in this process on the main thread, as `danlu serve` drives it; 
 between on_step callbacks. "step ms first/last" are the mean step times over the first and the last 10%
 of the steps in which all streams decode and no prompt is prefilled.
 
-With --temperature T (and --top-p, --top-k) every stream samples instead, on both sides (`generate` with
-do_sample=True: its batched sampler over the whole vocabulary, the strongest plain-transformers way):
-what sampling a step's rows costs on top of the forward pass.
+With --temperature T (and --top-p, --top-k, --repetition-penalty) every stream samples instead, on both
+sides (`generate` with do_sample=True: its batched sampler over the whole vocabulary, the strongest
+plain-transformers way): what sampling a step's rows costs on top of the forward pass.
 
 With --rounds N each engine runs N times, the two in turns, and the best run of each is shown.
 
@@ -56,7 +56,7 @@ def prompts(chat, streams: int) -> list[list[int]]:
 
 def engine_run(streams: int, max_tokens: int, dtype: str, sampling: dict | None = None) -> dict:
     """danlu's engine in this process: every stream submitted at once; tokens/s and the step times.
-    sampling: temperature, top_p and top_k (default: greedy)."""
+    sampling: temperature, top_p, top_k and repetition_penalty (default: greedy)."""
     from danlu.serve.chat.engine import Engine
     from danlu.serve.chat.model import load_chat_model
     from danlu.serve.chat.sampling import SamplingParams
@@ -105,7 +105,7 @@ def timed(owner, name: str) -> list[float]:
 
 def generate_run(streams: int, max_tokens: int, dtype: str, sampling: dict | None = None) -> dict:
     """Hugging Face generate on one left-padded batch of every prompt, max_tokens new tokens, greedy or
-    sampled (sampling: temperature, top_p, top_k)."""
+    sampled (sampling: temperature, top_p, top_k, repetition_penalty)."""
     from danlu.serve.chat.kvcache import bytes_per_token
     from danlu.serve.chat.model import load_chat_model
 
@@ -217,7 +217,10 @@ def sampling_of(args) -> dict | None:
     """The streams' sampling from the command line: None for greedy."""
     if not args.temperature:
         return None
-    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    chosen = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    if args.repetition_penalty != 1.0:
+        chosen["repetition_penalty"] = args.repetition_penalty
+    return chosen
 
 
 def best(a: dict | None, b: dict | None) -> dict | None:
@@ -237,6 +240,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--at", default=None, help="only time the executor's decode step at these "
                         "positions (comma-separated, e.g. 75,540), several times in turns")  # fmt: skip
     args = parser.parse_args()

@@ -109,3 +109,39 @@ def test_quantized_models_decode_with_or_without_graphs(tmp_path, quantize):
     print(f"{quantize}: decode steps {engine.executor.decode_mode}")
     assert all(len(a) == 12 for a in got)
     engine.close()
+
+
+def test_a_steps_rows_sample_on_the_gpu_as_on_the_cpu():
+    """sampling.penalize and sampling.sample on CUDA logits: every row's token is the one the same rows
+    give on the CPU with the same uniform numbers (mixed settings in one step, penalties, top-p sets that
+    need the later rounds), for the rows whose uniform number is not within 1e-4 of a boundary between
+    two tokens (where the devices' last bits could tip it)."""
+    from danlu.serve.chat.sampling import penalize, sample
+
+    vocab, rows = 3000, 48
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 2
+    settings = [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.0, top_k=5, repetition_penalty=1.3),
+        SamplingParams(temperature=0.9, top_p=0.8, frequency_penalty=0.5, presence_penalty=0.2),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=2.0, top_p=0.97),  # flat: more than the first candidates
+        SamplingParams(temperature=1.0, top_k=300, top_p=0.99),
+    ]
+    params = [settings[i % len(settings)] for i in range(rows)]
+    histories = [(list(range(i, i + 20)), [7, 7, 100 + i]) for i in range(rows)]
+    uniforms = [(i * 0.618) % 1 for i in range(rows)]
+
+    def tokens(device: str, shift: float = 0.0) -> list[int]:
+        step = logits.to(device, copy=True)
+        assert penalize(step, params, histories) == {}
+        return sample(step, params, [min(max(u + shift, 0.0), 0.999999) for u in uniforms])
+
+    on_cpu = tokens("cpu")
+    steady = [
+        i for i, (low, high) in enumerate(zip(tokens("cpu", -1e-4), tokens("cpu", 1e-4), strict=True))
+        if low == on_cpu[i] == high
+    ]  # fmt: skip
+    assert len(steady) > rows * 0.8
+    on_gpu = tokens("cuda")
+    assert [on_gpu[i] for i in steady] == [on_cpu[i] for i in steady]

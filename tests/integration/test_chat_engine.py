@@ -176,21 +176,23 @@ def test_eos_ends_with_stop_and_the_template_renders(chat, tmp_path):
 
 
 def test_a_failure_in_one_sequence_ends_that_sequence_only(chat, monkeypatch):
-    """Sampling that raises for one request (at its first token, in prefill, or later, in a shared decode
-    step) ends that request with an error; the others in the batch finish as generate() would."""
+    """Penalties that fail for one request (at its first token, in prefill, or later, in a shared decode
+    step) end that request with an error; the others in the batch finish as generate() would."""
     from danlu.serve.chat import output as output_module
 
     chat.eos_ids = set()
     real, calls = output_module.penalize, {"late": 0}
 
-    def flaky(logits, params, prompt, output):
-        if params.seed == 13:  # fails at once
-            raise RuntimeError("boom at the first token")
-        if params.seed == 14:
-            calls["late"] += 1
-            if calls["late"] > 5:  # fails inside a decode step with the others
-                raise RuntimeError("boom in a decode step")
-        return real(logits, params, prompt, output)
+    def flaky(logits, params, histories):
+        failed = real(logits, params, histories)
+        for i, p in enumerate(params):
+            if p.seed == 13:  # fails at once
+                failed[i] = RuntimeError("boom at the first token")
+            if p.seed == 14:
+                calls["late"] += 1
+                if calls["late"] > 5:  # fails inside a decode step with the others
+                    failed[i] = RuntimeError("boom in a decode step")
+        return failed
 
     monkeypatch.setattr(output_module, "penalize", flaky)
     ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]

@@ -122,10 +122,10 @@ def test_a_failure_in_one_sequence_ends_that_sequence_only(chat, llama, monkeypa
     chat.eos_ids = set()
     real = output_module.penalize
 
-    def flaky(logits, params, prompt, output):
-        if params.seed == 13:
-            raise RuntimeError("boom")
-        return real(logits, params, prompt, output)
+    def flaky(logits, params, histories):
+        failed = real(logits, params, histories)
+        failed.update({i: RuntimeError("boom") for i, p in enumerate(params) if p.seed == 13})
+        return failed
 
     monkeypatch.setattr(output_module, "penalize", flaky)
     ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]

@@ -16,10 +16,12 @@ def nbytes(cache: SlotCache) -> int:
 
 
 def kv(batch: int, count: int, fill: float) -> torch.Tensor:
-    """Keys [batch, 2 heads, count, 4] whose every value says which batch row and position wrote it."""
+    """Keys [batch, 2 heads, count, 4] whose every value says which batch row, head and position wrote it
+    (head 1's are 0.25 above head 0's)."""
     rows = torch.arange(batch, dtype=torch.float32)[:, None, None, None]
+    heads = torch.tensor([0.0, 0.25])[None, :, None, None]
     positions = torch.arange(count, dtype=torch.float32)[None, None, :, None]
-    return (fill + 100 * rows + positions).expand(batch, 2, count, 4).clone()
+    return (fill + 100 * rows + heads + positions).expand(batch, 2, count, 4).clone()
 
 
 def prefill(cache: SlotCache, row: int, start: int, count: int) -> None:
@@ -47,6 +49,7 @@ def test_prefill_and_decode_write_at_each_rows_own_positions():
     assert keys.shape == (3, 2, 8, 4)
     assert keys.data_ptr() == cache.keys[0].data_ptr()  # a view of the storage: nothing copied
     assert float(cache.keys[0][0, 0, 3, 0]) == 5000 and float(cache.keys[0][1, 0, 7, 0]) == 5100
+    assert float(cache.keys[0][1, 1, 7, 3]) == 5100.25  # each head in its own place
     assert torch.equal(cache.keys[0][2, :, :GROW], before)  # the hole's positions are untouched
     assert float(cache.keys[0][2, 0, s, 0]) == 5200 and cache.keys[0].shape == (3, 2, GROW + 1, 4)
     assert len(cache) == 1

@@ -120,13 +120,24 @@ def test_a_row_that_is_not_numbers_fails_alone():
 
 
 def test_penalties_follow_the_openai_and_hugging_face_definitions():
-    logits = torch.tensor([1.0, 2.0, -1.0, 0.5])
-    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
-    penalize(logits, params, torch.tensor([3]), [1, 1, 2])
-    assert logits.tolist() == [1.0, 2.0 - 2 * 0.5 - 0.25, -1.0 - 0.5 - 0.25, 0.5]  # output tokens only
-    rep = torch.tensor([1.0, 2.0, -1.0, 0.5])
-    penalize(rep, SamplingParams(repetition_penalty=2.0), torch.tensor([3]), [2])
-    assert rep.tolist() == [1.0, 2.0, -2.0, 0.25]  # prompt and output tokens, by sign
+    """Every penalized row of a step at once, each with its own penalties; a row with none is untouched,
+    and a row holding a token the vocabulary lacks gives its exception and is left as it was."""
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]] * 5)
+    params = [
+        SamplingParams(frequency_penalty=0.5, presence_penalty=0.25),
+        SamplingParams(repetition_penalty=2.0),
+        SamplingParams(),
+        SamplingParams(repetition_penalty=2.0, frequency_penalty=1.0),
+        SamplingParams(repetition_penalty=2.0),
+    ]
+    histories = [([3], [1, 1, 2]), ([3], [2]), ([3], [1]), ([0], [1, 1]), ([7], [])]
+    failed = penalize(logits, params, histories)
+    assert logits[0].tolist() == [1.0, 2.0 - 2 * 0.5 - 0.25, -1.0 - 0.5 - 0.25, 0.5]  # output tokens only
+    assert logits[1].tolist() == [1.0, 2.0, -2.0, 0.25]  # prompt and output tokens, by sign
+    assert logits[2].tolist() == [1.0, 2.0, -1.0, 0.5]
+    assert logits[3].tolist() == [0.5, 1.0 - 2 * 1.0, -1.0, 0.5]  # repetition, then frequency
+    assert list(failed) == [4] and "outside the model's 4 logits" in str(failed[4])
+    assert logits[4].tolist() == [1.0, 2.0, -1.0, 0.5]
 
 
 def test_a_steps_tokens_are_sampled_together_and_a_failing_row_fails_alone():
@@ -150,5 +161,5 @@ def test_a_steps_tokens_are_sampled_together_and_a_failing_row_fails_alone():
     assert tokens[0] == int(logits[0].argmax())
     assert tokens[1] == reference(logits[1], seeded, random_source(seeded).random())
     assert tokens[2] != best and tokens[2] == int(logits[2].topk(2).indices[1])
-    assert isinstance(tokens[3], Exception)
+    assert isinstance(tokens[3], ValueError) and "outside the model's 50 logits" in str(tokens[3])
     assert isinstance(tokens[4], ValueError) and "not finite" in str(tokens[4])

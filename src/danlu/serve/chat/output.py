@@ -45,7 +45,6 @@ class Sequence:
     random: random.Random | None = None  # the request's uniform numbers, one per sampled token
     detok: Detokenizer | None = None
     stops: StopStrings | None = None
-    prompt_tensor: torch.Tensor | None = None
 
     def cancel(self) -> None:
         """Stop generating at the next step boundary and free the slot (safe from any thread)."""
@@ -64,33 +63,26 @@ class OutputProcessor:
         self.tokenizer, self.eos_ids, self.context = tokenizer, eos_ids, context
         self.extra_stops = extra_stops
 
-    def _begin(self, sequence: Sequence, device: torch.device | str = "cpu") -> None:
-        sequence.prompt_tensor = torch.tensor(sequence.prompt, dtype=torch.long, device=device)
+    def _begin(self, sequence: Sequence) -> None:
         sequence.random = random_source(sequence.params)
         sequence.detok = Detokenizer(self.tokenizer)
         sequence.stops = StopStrings([*sequence.params.stop, *self.extra_stops])
 
     def sample(self, ready: list[tuple[Sequence, torch.Tensor]]) -> list[int | Exception]:
-        """The next token of each sequence from its logits [vocab], sampled together on the logits'
-        device (sampling.sample) after each row's own penalties; then one copy of the step's tokens to
-        the host. A row whose penalties raise, or whose probabilities are not numbers, gives its
-        exception, for that sequence alone."""
+        """The next token of each sequence from its logits [vocab], every row at once on the logits'
+        device: the penalized rows' penalties (sampling.penalize), then the tokens (sampling.sample),
+        then one copy of the step's tokens to the host. A row that cannot be penalized, or whose
+        probabilities are not numbers, gives its exception, for that sequence alone."""
         rows = torch.stack([logits for _, logits in ready]).float()
+        params = [s.params for s, _ in ready]
+        for sequence, _ in ready:
+            if sequence.detok is None:
+                self._begin(sequence)
         failed: dict[int, Exception] = {}
-        uniforms = []
-        for i, (sequence, _) in enumerate(ready):
-            params, uniform = sequence.params, 0.0  # greedy rows use none
-            try:
-                if sequence.prompt_tensor is None and (penalized(params) or not params.greedy):
-                    self._begin(sequence, rows.device)
-                if penalized(params):
-                    penalize(rows[i], params, sequence.prompt_tensor, sequence.output)
-                if not params.greedy:
-                    uniform = sequence.random.random()
-            except Exception as exc:  # this sequence's penalties: it alone fails
-                failed[i] = exc
-            uniforms.append(uniform)
-        tokens = sample(rows, [s.params for s, _ in ready], uniforms)
+        if any(penalized(p) for p in params):
+            failed = penalize(rows, params, [(s.prompt, s.output) for s, _ in ready])
+        uniforms = [0.0 if p.greedy else s.random.random() for (s, _), p in zip(ready, params, strict=True)]
+        tokens = sample(rows, params, uniforms)
         for i, token in enumerate(tokens):
             if token < 0 and i not in failed:
                 failed[i] = ValueError("the model's next-token probabilities are not finite numbers")

@@ -12,8 +12,10 @@ the same tokens whichever rows share its steps, and on any device up to the logi
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 # Temperatures below this are greedy: logits divided by them overflow float32, and the softmax of such a
@@ -54,20 +56,50 @@ def penalized(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
 
 
-def penalize(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, output: list[int]) -> None:
-    """Apply the penalties to one row of logits [vocab], in place, on its device (prompt: on it too)."""
-    if params.repetition_penalty != 1.0:
-        generated = torch.tensor(output, dtype=torch.long, device=logits.device)
-        seen = torch.unique(torch.cat([prompt, generated]))
-        values = logits[seen]
-        logits[seen] = torch.where(
-            values > 0, values / params.repetition_penalty, values * params.repetition_penalty
-        )
-    if output and (params.frequency_penalty or params.presence_penalty):
-        generated = torch.tensor(output, dtype=torch.long, device=logits.device)
-        counts = torch.bincount(generated, minlength=logits.numel())
-        counts = counts[: logits.numel()].to(logits.dtype)
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+def penalize(
+    logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
+):
+    """Apply each row's penalties to contiguous logits [rows, vocab], in place, on their device: the
+    repetition penalty on the tokens of the row's prompt and output (histories: each row's (prompt,
+    output)), then the frequency and presence penalties on its output's counts. Every penalized row at
+    once, touching only the logits of the tokens they hold (their positions and amounts worked out on the
+    host: one copy of each to the device). Returns an exception for each row that cannot be penalized (a
+    token the vocabulary lacks), which is left as it was."""
+    vocab = logits.shape[-1]
+    failed: dict[int, Exception] = {}
+    repeat: tuple[list[int], list[float]] = ([], [])  # positions in the flattened logits, each one's penalty
+    count: tuple[list[int], list[float]] = ([], [])  # positions, each one's amount to subtract
+    for i, (prompt, output) in enumerate(histories):
+        p = params[i]
+        if not penalized(p):
+            continue
+        seen = set(prompt).union(output)
+        if min(seen) < 0 or max(seen) >= vocab:
+            failed[i] = ValueError(f"a token of this sequence is outside the model's {vocab} logits")
+            continue
+        if p.repetition_penalty != 1.0:
+            repeat[0].extend(i * vocab + t for t in seen)
+            repeat[1].extend([p.repetition_penalty] * len(seen))
+        if output and (p.frequency_penalty or p.presence_penalty):
+            for token, n in Counter(output).items():
+                count[0].append(i * vocab + token)
+                count[1].append(p.frequency_penalty * n + p.presence_penalty)
+    flat = logits.view(-1)
+    if repeat[0]:
+        where, penalty = _on(logits, repeat)
+        values = flat.index_select(0, where)
+        flat.index_copy_(0, where, torch.where(values > 0, values / penalty, values * penalty))
+    if count[0]:
+        flat.index_add_(0, *_on(logits, count), alpha=-1)
+    return failed
+
+
+def _on(logits: torch.Tensor, pairs: tuple[list[int], list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and values as tensors on the logits' device (through numpy: torch.tensor takes a long
+    Python list about 10 times as long)."""
+    positions = torch.from_numpy(np.array(pairs[0], dtype=np.int64))
+    values = torch.from_numpy(np.array(pairs[1], dtype=np.float64)).to(logits.dtype)
+    return positions.to(logits.device, non_blocking=True), values.to(logits.device, non_blocking=True)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> list[int]:
@@ -107,14 +139,14 @@ def _rows(
     ).to(logits.device, non_blocking=True)
     if len(rows) == logits.shape[0]:
         return logits, settings
-    return logits[torch.tensor(rows, device=logits.device)], settings
+    return logits.index_select(0, torch.tensor(rows, device=logits.device)), settings
 
 
 def _put(tokens: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
     if len(rows) == tokens.shape[0]:
         tokens.copy_(values)
     else:
-        tokens[torch.tensor(rows, device=tokens.device)] = values
+        tokens.index_copy_(0, torch.tensor(rows, device=tokens.device), values)
 
 
 def _probs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -156,7 +188,8 @@ def _inverse(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     cumulative = weights.cumsum(dim=-1)
     total = cumulative[:, -1]
     index = torch.searchsorted(cumulative, (uniform * total)[:, None], right=True)[:, 0]
-    # rounding can put uniform x total at the total itself: the last token with weight instead
-    last = weights.shape[-1] - 1 - (weights > 0).flip(-1).to(torch.int8).argmax(dim=-1)
+    # rounding can put uniform x total at the total itself: the last token with weight instead (the first
+    # whose cumulative weight is the total)
+    last = torch.searchsorted(cumulative, total[:, None])[:, 0]
     index = torch.minimum(index, last)
     return torch.where(torch.isfinite(total) & (total > 0), index, -1)
