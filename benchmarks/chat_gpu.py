@@ -11,6 +11,9 @@ long (end of turn ignored), tokens/s over all streams:
                               thread as `danlu serve` drives it (slot cache, decode steps as CUDA graphs,
                               sampling on the device), every stream submitted at once
 
+At --sampled-streams (default 64) also both sides sampled (temperature 0.7, top_p 0.9): `generate` with
+do_sample=True on the static batch against danlu's engine, whose sampling runs batched on the device.
+
 Also each shape's bytes of weights (what one decode step reads at least) against the device's measured
 copy bandwidth: the steps per second the hardware allows, the ceiling of one stream.
 
@@ -90,14 +93,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def hf_generate(model, tok, ids: list[list[int]], n: int, device: str, static: bool = False) -> float | None:
+SAMPLED = {"temperature": 0.7, "top_p": 0.9}
+
+
+def hf_generate(model, tok, ids: list[list[int]], n: int, device: str, static: bool = False,
+                sampled: bool = False) -> float | None:  # fmt: skip
     """generate on one padded batch; static: its fastest switch, a static cache, which transformers
-    compiles the decode step for on a GPU (the first, untimed, call compiles it)."""
+    compiles the decode step for on a GPU (the first, untimed, call compiles it); sampled: SAMPLED."""
     width = max(len(p) for p in ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch = torch.tensor([[pad] * (width - len(p)) + p for p in ids], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids], device=device)
-    options = {"do_sample": False, "pad_token_id": pad, "eos_token_id": None}
+    options = {
+        "do_sample": sampled,
+        "pad_token_id": pad,
+        "eos_token_id": None,
+        **(SAMPLED if sampled else {}),
+    }
     if static:
         options["cache_implementation"] = "static"
     try:
@@ -136,7 +148,8 @@ def hf_generate_batch(model, tok, ids: list[list[int]], n: int, device: str) -> 
     return tokens / (time.perf_counter() - start)
 
 
-def danlu_engine(model, tok, ids: list[list[int]], n: int, device: str, dtype: str) -> tuple[float, str]:
+def danlu_engine(model, tok, ids: list[list[int]], n: int, device: str, dtype: str,
+                 sampled: bool = False) -> tuple[float, str]:  # fmt: skip
     from danlu.serve.chat.engine import Engine, Sequence
     from danlu.serve.chat.model import ChatModel
     from danlu.serve.chat.sampling import SamplingParams
@@ -146,7 +159,7 @@ def danlu_engine(model, tok, ids: list[list[int]], n: int, device: str, dtype: s
 
     def once(prompts: list[list[int]], tokens: int) -> int:
         done = [threading.Event() for _ in prompts]
-        params = SamplingParams(max_tokens=tokens, temperature=0)
+        params = SamplingParams(max_tokens=tokens, **(SAMPLED if sampled else {"temperature": 0}))
         sequences = [
             engine.submit(Sequence(p, params, lambda e, i=i: e.finish_reason and done[i].set()))
             for i, p in enumerate(prompts)
@@ -186,6 +199,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="135m,1.7b")
     parser.add_argument("--streams", default="1,16,64")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--sampled-streams", default="64", help="stream counts also measured sampled")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tokenizer", metavar="DIR", help="SmolLM2's tokenizer saved by --save-tokenizer")
@@ -198,9 +212,11 @@ def main() -> None:
         sys.exit("needs a CUDA GPU (or --device cpu to try it)")
     dtype = getattr(torch, args.dtype)
     streams = [int(s) for s in args.streams.split(",")]
+    sampled_streams = {int(s) for s in args.sampled_streams.split(",") if s}
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     bandwidth = copy_bandwidth(args.device)
-    print(f"{name}, torch {torch.__version__}, {args.dtype}, {args.max_tokens} greedy tokens per answer, "
+    print(f"{name}, torch {torch.__version__}, {args.dtype}, {args.max_tokens} tokens per answer (greedy, "
+          f"and sampled with {SAMPLED} where said), "
           f"copy bandwidth {bandwidth:.0f} GB/s")  # fmt: skip
     tok = tokenizer(args.tokenizer)
     for shape in args.shapes.split(","):
@@ -214,6 +230,8 @@ def main() -> None:
             "HF generate, static cache": [],
             "HF generate_batch": [],
             "danlu engine": [],
+            "HF generate, sampled": [],
+            "danlu engine, sampled": [],
         }
         for s in streams:
             ids = prompts(tok, s)
@@ -226,6 +244,14 @@ def main() -> None:
             d, mode = danlu_engine(model, tok, ids, args.max_tokens, args.device, args.dtype)
             peer = max(x for x in (g, c, b) if x) if any((g, c, b)) else None
             rows["danlu engine"].append(f"{d:.1f} ({d / peer:.2f}x best HF, {mode})" if peer else f"{d:.1f}")
+            if s in sampled_streams:  # both sides sampling: generate's sampler against danlu's
+                g = hf_generate(model, tok, ids, args.max_tokens, args.device, sampled=True)
+                rows["HF generate, sampled"].append(f"{g:.1f}" if g else "failed")
+                d, _ = danlu_engine(model, tok, ids, args.max_tokens, args.device, args.dtype, sampled=True)
+                rows["danlu engine, sampled"].append(f"{d:.1f} ({d / g:.2f}x)" if g else f"{d:.1f}")
+            else:
+                rows["HF generate, sampled"].append("")
+                rows["danlu engine, sampled"].append("")
         for label, cells in rows.items():
             print(f"{label:<30}" + "".join(f"{c:>28}" for c in cells))
         del model

@@ -42,7 +42,7 @@ class Sequence:
     computed: int = 0
     preempted: int = 0  # times its cache was dropped for room and recomputed
     # the output processor's
-    random: random.Random | None = None  # the request's uniform numbers, one per sampled token
+    source: random.Random | None = None  # the request's uniform numbers, one per sampled token
     detok: Detokenizer | None = None
     stops: StopStrings | None = None
 
@@ -64,7 +64,7 @@ class OutputProcessor:
         self.extra_stops = extra_stops
 
     def _begin(self, sequence: Sequence) -> None:
-        sequence.random = random_source(sequence.params)
+        sequence.source = random_source(sequence.params)
         sequence.detok = Detokenizer(self.tokenizer)
         sequence.stops = StopStrings([*sequence.params.stop, *self.extra_stops])
 
@@ -81,7 +81,7 @@ class OutputProcessor:
         failed: dict[int, Exception] = {}
         if any(penalized(p) for p in params):
             failed = penalize(rows, params, [(s.prompt, s.output) for s, _ in ready])
-        uniforms = [0.0 if p.greedy else s.random.random() for (s, _), p in zip(ready, params, strict=True)]
+        uniforms = [0.0 if p.greedy else s.source.random() for (s, _), p in zip(ready, params, strict=True)]
         tokens = sample(rows, params, uniforms)
         for i, token in enumerate(tokens):
             if token < 0 and i not in failed:

@@ -186,7 +186,7 @@ def _inverse(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     uniform x its total: index i with probability weight i / total. A row whose weights are not finite
     gives -1."""
     cumulative = weights.cumsum(dim=-1)
-    total = cumulative[:, -1]
+    total = cumulative[:, -1].contiguous()  # searchsorted copies a strided one, with a warning
     index = torch.searchsorted(cumulative, (uniform * total)[:, None], right=True)[:, 0]
     # rounding can put uniform x total at the total itself: the last token with weight instead (the first
     # whose cumulative weight is the total)
