@@ -321,7 +321,7 @@ def test_a_failed_answer_exits_1_and_a_prompt_over_the_context_exits_2(tmp_path)
     from danlu.serve.chat.session import GenerationFailed
 
     with danlu.chat(folder, temperature=1, max_tokens=4) as chat:
-        with pytest.raises(GenerationFailed, match=r"generation failed: .*probabilities are not finite"):
+        with pytest.raises(GenerationFailed, match=r"generation failed: .*logits are not finite"):
             chat.ask("hello there")
         with pytest.raises(DanluError, match="context is 256"):
             chat.ask("hello there " * 200)

@@ -117,6 +117,9 @@ def test_a_row_that_is_not_numbers_fails_alone():
         logits[3], params[3], 0.3
     )
     assert sample(logits[1:2], [SamplingParams(temperature=1.0, top_p=0.9)], [0.3]) == [-1]
+    greedy = [SamplingParams(temperature=0)] * 4
+    logits[0, 5] = float("-inf")  # a token ruled out: a number
+    assert sample(logits, greedy, uniforms) == [int(logits[0].argmax()), -1, -1, int(logits[3].argmax())]
 
 
 def test_penalties_follow_the_openai_and_hugging_face_definitions():

@@ -85,7 +85,7 @@ class OutputProcessor:
         tokens = sample(rows, params, uniforms)
         for i, token in enumerate(tokens):
             if token < 0 and i not in failed:
-                failed[i] = ValueError("the model's next-token probabilities are not finite numbers")
+                failed[i] = ValueError("the model's next-token logits are not finite numbers")
         return [failed.get(i, token) for i, token in enumerate(tokens)]
 
     def accept(self, sequence: Sequence, token: int) -> bool:

@@ -104,11 +104,13 @@ def _on(logits: torch.Tensor, pairs: tuple[list[int], list[float]]) -> tuple[tor
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> list[int]:
     """The next token of each row of (penalized) float32 logits [rows, vocab], with its row's parameters
-    and uniform number in [0, 1) (unused by greedy rows); -1 for a sampled row whose probabilities are
-    not finite numbers. Greedy rows take one argmax. Rows with neither top_k nor top_p draw from their
-    whole vocabulary; the others from their most likely tokens (_draw_cut). One copy of the tokens to
-    the host, and one more for each later round a row's top-p set needs."""
-    tokens = logits.argmax(dim=-1)
+    and uniform number in [0, 1) (unused by greedy rows); -1 for a row whose logits are not numbers
+    (NaN, or an infinite top logit) or whose probabilities are not finite numbers. Greedy rows take one
+    argmax. Rows with neither top_k nor top_p draw from their whole vocabulary; the others from their
+    most likely tokens (_draw_cut). One copy of the tokens to the host, and one more for each later
+    round a row's top-p set needs."""
+    top, tokens = logits.max(dim=-1)
+    tokens = torch.where(torch.isfinite(top), tokens, -1)  # NaN or infinite logits: no token
     vocab = logits.shape[-1]
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     whole = [i for i in drawn if params[i].top_p >= 1.0 and not 0 < params[i].top_k < vocab]
