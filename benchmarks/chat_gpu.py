@@ -12,7 +12,8 @@ long (end of turn ignored), tokens/s over all streams:
                               sampling on the device), every stream submitted at once
 
 At --sampled-streams (default 64) also both sides sampled (temperature 0.7, top_p 0.9): `generate` with
-do_sample=True on the static batch against danlu's engine, whose sampling runs batched on the device.
+do_sample=True on the static batch, with and without its static cache, against danlu's engine, whose
+sampling runs batched on the device.
 
 Also each shape's bytes of weights (what one decode step reads at least) against the device's measured
 copy bandwidth: the steps per second the hardware allows, the ceiling of one stream.
@@ -224,13 +225,14 @@ def main() -> None:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         print(f"\n{shape}: {weights / 2**20:.0f} MiB of weights read per decode step at least: "
               f"{bandwidth * 1e9 / weights:.0f} steps/s at the copy bandwidth")  # fmt: skip
-        print(f"{'tokens/s':<30}" + "".join(f"{f'{s} stream' + ('s' if s > 1 else ''):>28}" for s in streams))
+        print(f"{'tokens/s':<36}" + "".join(f"{f'{s} stream' + ('s' if s > 1 else ''):>28}" for s in streams))
         rows: dict[str, list[str]] = {
             "HF generate, static batch": [],
             "HF generate, static cache": [],
             "HF generate_batch": [],
             "danlu engine": [],
             "HF generate, sampled": [],
+            "HF generate, static cache, sampled": [],
             "danlu engine, sampled": [],
         }
         for s in streams:
@@ -247,13 +249,22 @@ def main() -> None:
             if s in sampled_streams:  # both sides sampling: generate's sampler against danlu's
                 g = hf_generate(model, tok, ids, args.max_tokens, args.device, sampled=True)
                 rows["HF generate, sampled"].append(f"{g:.1f}" if g else "failed")
+                c = hf_generate(model, tok, ids, args.max_tokens, args.device, static=True, sampled=True)
+                rows["HF generate, static cache, sampled"].append(f"{c:.1f}" if c else "failed")
                 d, _ = danlu_engine(model, tok, ids, args.max_tokens, args.device, args.dtype, sampled=True)
-                rows["danlu engine, sampled"].append(f"{d:.1f} ({d / g:.2f}x)" if g else f"{d:.1f}")
+                peer = max(x for x in (g, c) if x) if g or c else None
+                rows["danlu engine, sampled"].append(
+                    f"{d:.1f} ({d / peer:.2f}x best HF)" if peer else f"{d:.1f}"
+                )
             else:
-                rows["HF generate, sampled"].append("")
-                rows["danlu engine, sampled"].append("")
+                for label in (
+                    "HF generate, sampled",
+                    "HF generate, static cache, sampled",
+                    "danlu engine, sampled",
+                ):
+                    rows[label].append("")
         for label, cells in rows.items():
-            print(f"{label:<30}" + "".join(f"{c:>28}" for c in cells))
+            print(f"{label:<36}" + "".join(f"{c:>28}" for c in cells))
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -481,6 +481,7 @@ HOSTILE = [  # raw bodies: Python's json writes NaN and Infinity, which strict J
     ('{"messages": M, "max_tokens": 4, "presence_penalty": -Infinity}', 400, None),
     ('{"messages": M, "max_tokens": 4, "repetition_penalty": 1e999}', 400, "repetition_penalty"),
     ('{"messages": M, "max_tokens": 4, "top_p": 1e999}', 400, "top_p"),
+    ('{"messages": M, "max_tokens": 4, "temperature": 1, "top_k": 1' + "0" * 400 + "}", 400, "top_k"),
     ('{"messages": M, "max_tokens": 4, "stop": ["' + "x" * 65 + '"]}', 400, "stop"),
     ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),
     ('{"messages": M, "max_tokens": 4, "temperature": 1e-300}', 200, None),  # greedy, not NaN

@@ -32,6 +32,7 @@ def data(tmp_path):
         ({"nnodes": 2}, "--nnodes and --max-restarts go with --nproc"),
         ({"max_restarts": 1}, "--nnodes and --max-restarts go with --nproc"),
         ({"nproc": 0}, "--nproc must be at least 1"),
+        ({"backend": "ray", "workers": 0}, "--workers must be at least 1"),
         ({"nproc": 2, "nnodes": 2}, "--nnodes 2 needs --master-addr"),
         ({"nproc": 2, "train.batch_size": 63}, "does not divide"),
         ({"nproc": 2, "on_epoch": print}, "nproc's or Ray's processes cannot call it"),

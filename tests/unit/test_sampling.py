@@ -105,6 +105,16 @@ def _uniforms(params: SamplingParams, n: int) -> list[float]:
     return [source.random() for _ in range(n)]
 
 
+def test_a_top_k_at_or_beyond_the_vocabulary_is_off_however_large():
+    """No row's parameters can fail the step its rows share: a top_k too large for any number type draws
+    from the whole vocabulary, as top_k 0 does, beside a greedy row."""
+    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(6))
+    huge = [SamplingParams(temperature=1.0, top_k=10**400), SamplingParams(temperature=1.0, top_k=100)]
+    off = SamplingParams(temperature=1.0)
+    got = sample(logits, [*huge, SamplingParams(temperature=0)], [0.3, 0.6, 0.0])
+    assert got == [reference(logits[0], off, 0.3), reference(logits[1], off, 0.6), int(logits[2].argmax())]
+
+
 def test_a_row_that_is_not_numbers_fails_alone():
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(5))
     logits[1, 7] = float("nan")

@@ -62,6 +62,8 @@ class Launch:
             )
         if self.nproc is not None and self.nproc < 1:
             raise DanluError("--nproc must be at least 1", "e.g. --nproc 2")
+        if self.workers is not None and self.workers < 1:
+            raise DanluError("--workers must be at least 1", "e.g. --workers 2")
         if self.several and "WORLD_SIZE" in os.environ:
             raise DanluError(
                 "this process is already one of a run's processes (WORLD_SIZE is set)",
@@ -162,7 +164,14 @@ def ray(launch: Launch, config: Config, out: str | Path | None, resume: str | Pa
     use_gpu = config.train.device != "cpu" and torch.cuda.is_available()
     new = None if resume is not None else resolve_paths(config, Path.cwd())
     return train_with_ray(
-        new, out, resume, overwrite, launch.workers or 2, launch.ray_address, use_gpu, launch.ray_storage
+        new,
+        out,
+        resume,
+        overwrite,
+        2 if launch.workers is None else launch.workers,
+        launch.ray_address,
+        use_gpu,
+        launch.ray_storage,
     )
 
 

@@ -90,8 +90,6 @@ def train_with_ray(
         raise DanluError("the ray backend needs Ray Train", "pip install 'danlu[ray]'") from None
     from danlu.api import Run
 
-    if workers < 1:
-        raise DanluError("--workers must be at least 1", "e.g. --workers 2")
     if resume is None and out is None:
         out = config.output
     init_ray(address)

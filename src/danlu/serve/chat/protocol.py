@@ -25,6 +25,8 @@ COMPLETION_FIELDS = (CHAT_FIELDS - {"messages", "max_completion_tokens"}) | {"pr
 MAX_STOPS, MAX_STOP_CHARS = 4, 64
 # a seed is any integer a 64-bit generator takes
 SEED_RANGE = (-(2**63), 2**64 - 1)
+# a top_k is any integer a 32-bit one holds (as llama.cpp and vLLM take it); at or above the vocabulary: off
+MAX_TOP_K = 2**31 - 1
 MAX_MESSAGES = 1024
 LOGGED_KEYS, LOGGED_KEY_CHARS = 8, 40
 
@@ -100,7 +102,7 @@ def sampling_from(
         # below this the softmax overflows to NaN: such a temperature means greedy anyway
         temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_p=pick("top_p", float, 0, 1, 1.0) or 1.0,
-        top_k=pick("top_k", int, 0, None, 0),
+        top_k=pick("top_k", int, 0, MAX_TOP_K, 0),
         repetition_penalty=pick("repetition_penalty", float, 0.01, 10, 1.0),
         frequency_penalty=pick("frequency_penalty", float, -2, 2, 0.0),
         presence_penalty=pick("presence_penalty", float, -2, 2, 0.0),

@@ -114,12 +114,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
     tokens = torch.where(torch.isfinite(top), tokens, -1)  # NaN or infinite logits: no token
     vocab = logits.shape[-1]
     drawn = [i for i, p in enumerate(params) if not p.greedy]
-    whole = [i for i in drawn if params[i].top_p >= 1.0 and not 0 < params[i].top_k < vocab]
+    whole = [i for i in drawn if params[i].top_p >= 1.0 and not _top_k(params[i], vocab)]
     cut = sorted(set(drawn) - set(whole))
-    width = max([CANDIDATES, *(params[i].top_k for i in cut if 0 < params[i].top_k < vocab)])
-    for group, draw in ((whole, _draw_whole), (cut, _draw_cut)):
-        if group:
-            _put(tokens, group, draw(*_rows(logits, group, params, uniforms), width))
+    width = max([CANDIDATES, *(_top_k(params[i], vocab) for i in cut)])
+    if whole:
+        _put(tokens, whole, _draw_whole(*_rows(logits, whole, params, uniforms)))
+    if cut:
+        _put(tokens, cut, _draw_cut(*_rows(logits, cut, params, uniforms), width))
     result = tokens.tolist()
     left = [i for i in cut if result[i] == UNSETTLED]
     while left:  # top-p sets not within the candidates: those rows again, with 8 times as many
@@ -135,14 +136,21 @@ def _rows(
     logits: torch.Tensor, rows: list[int], params: list[SamplingParams], uniforms: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows' logits (all of them: no copy) and settings [rows, 4] (float64, on their device): each
-    row's temperature, top_p, top_k and uniform number."""
+    row's temperature, top_p, top_k (0 where it is off: at or above the vocabulary, however large) and
+    uniform number."""
+    vocab = logits.shape[-1]
     settings = torch.tensor(
-        [[params[i].temperature, params[i].top_p, params[i].top_k, uniforms[i]] for i in rows],
+        [[params[i].temperature, params[i].top_p, _top_k(params[i], vocab), uniforms[i]] for i in rows],
         dtype=torch.float64,
     ).to(logits.device, non_blocking=True)
     if len(rows) == logits.shape[0]:
         return logits, settings
     return logits.index_select(0, torch.tensor(rows, device=logits.device)), settings
+
+
+def _top_k(params: SamplingParams, vocab: int) -> int:
+    """The row's top_k, 0 where it is off (0, or at or above the vocabulary)."""
+    return params.top_k if 0 < params.top_k < vocab else 0
 
 
 def _put(tokens: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
@@ -156,7 +164,7 @@ def _probs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits / temperature[:, None].to(logits.dtype), dim=-1)
 
 
-def _draw_whole(logits: torch.Tensor, settings: torch.Tensor, width: int) -> torch.Tensor:
+def _draw_whole(logits: torch.Tensor, settings: torch.Tensor) -> torch.Tensor:
     """Draw from every token of the vocabulary."""
     return _inverse(_probs(logits, settings[:, 0]).double(), settings[:, 3])
 
@@ -170,7 +178,7 @@ def _draw_cut(logits: torch.Tensor, settings: torch.Tensor, width: int) -> torch
     width = min(width, vocab)
     temperature, top_p, top_k, uniform = settings.T
     values, order = _probs(logits, temperature).topk(width, dim=-1)  # most likely first
-    top_k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    top_k = torch.where(top_k > 0, top_k, vocab)
     within = top_k <= width  # the row's top-k set is among the candidates
     position = torch.arange(width, device=logits.device)
     values = values.double().masked_fill(position >= top_k[:, None], 0)
