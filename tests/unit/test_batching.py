@@ -195,24 +195,34 @@ def test_small_batches_run_on_the_event_loop_and_larger_ones_on_the_inference_th
     assert threads[5] is not threading.main_thread()
 
 
-def test_only_a_model_whose_full_batch_is_quick_gets_inline_batches():
+def test_only_a_model_whose_full_batch_is_quick_gets_inline_batches(monkeypatch):
     from types import SimpleNamespace
 
+    from danlu.serve import app
     from danlu.serve.app import INLINE_BUDGET_S, inline_rows
+
+    # a clock that moves only by what each prediction costs, so a loaded machine cannot change the answer
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(app, "time", SimpleNamespace(perf_counter=lambda: clock.now))
 
     def predictor(seconds_per_row: float, calls: list):
         def decoded_items(rows):
             calls.append(len(rows))
-            time.sleep(seconds_per_row * len(rows))
+            clock.now += seconds_per_row * len(rows)
 
         family = SimpleNamespace(warmup_items=lambda state: ["row"])
         return SimpleNamespace(family=family, state=None, decoded_items=decoded_items)
 
     calls = []
-    assert inline_rows(predictor(0.0, calls), 64, warm_up_s=0.0) == 64
+    assert inline_rows(predictor(INLINE_BUDGET_S / 128, calls), 64, warm_up_s=0.0) == 64  # half the budget
     assert calls == [1, 1, 1, 64, 64, 64]  # one row, then a full batch, best of three each
+    calls = []
     # one row within the budget, a full batch of 64 eight times over it
-    assert inline_rows(predictor(INLINE_BUDGET_S / 8, []), 64, warm_up_s=0.0) == 0
+    assert inline_rows(predictor(INLINE_BUDGET_S / 8, calls), 64, warm_up_s=0.0) == 0
+    assert calls == [1, 1, 1, 64, 64, 64]
+    calls = []
+    assert inline_rows(predictor(2 * INLINE_BUDGET_S, calls), 64, warm_up_s=0.0) == 0  # one row over it
+    assert calls == [1, 1, 1]  # a full batch is not tried
     calls = []
     assert inline_rows(predictor(0.0, calls), 64, warm_up_s=1.0) == 0  # a slow warm-up: not timed
     assert calls == []
