@@ -116,7 +116,7 @@ def test_a_steps_rows_sample_on_the_gpu_as_on_the_cpu():
     give on the CPU with the same uniform numbers (mixed settings in one step, penalties, top-p sets that
     need the later rounds), for the rows whose uniform number is not within 1e-4 of a boundary between
     two tokens (where the devices' last bits could tip it)."""
-    from danlu.serve.chat.sampling import penalize, sample
+    from danlu.serve.chat.sampling import History, penalize, sample
 
     vocab, rows = 3000, 48
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 2
@@ -129,7 +129,7 @@ def test_a_steps_rows_sample_on_the_gpu_as_on_the_cpu():
         SamplingParams(temperature=1.0, top_k=300, top_p=0.99),
     ]
     params = [settings[i % len(settings)] for i in range(rows)]
-    histories = [(list(range(i, i + 20)), [7, 7, 100 + i]) for i in range(rows)]
+    histories = [History(list(range(i, i + 20)), [7, 7, 100 + i]) for i in range(rows)]
     uniforms = [(i * 0.618) % 1 for i in range(rows)]
 
     def tokens(device: str, shift: float = 0.0) -> list[int]:

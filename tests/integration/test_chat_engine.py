@@ -32,7 +32,7 @@ def chat(tmp_path_factory):
     return load_chat_model(str(tiny_llama(tmp_path_factory.mktemp("llm") / "tiny")))
 
 
-def reference(chat, prompt_ids, max_tokens):
+def reference(chat, prompt_ids, max_tokens, **options):
     with torch.inference_mode():
         out = chat.model.generate(
             torch.tensor([prompt_ids]),
@@ -40,6 +40,7 @@ def reference(chat, prompt_ids, max_tokens):
             do_sample=False,
             eos_token_id=None,
             pad_token_id=chat.tokenizer.pad_token_id,
+            **options,
         )
     return out[0, len(prompt_ids) :].tolist()
 
@@ -84,11 +85,13 @@ def greedy_answers(engine, work: list[tuple[list[int], int]]) -> list[Sequence]:
     return sequences
 
 
-def check_alone_and_together(chat, ids: list[list[int]], expected: list[list[int]], stagger: int) -> None:
+def check_alone_and_together(
+    chat, ids: list[list[int]], expected: list[list[int]], stagger: int, repetition_penalty: float = 1.0
+) -> None:
     """Greedy, 24 tokens: each prompt alone, then all four in one batch (joining `stagger` steps apart,
     prefilled 8 tokens a step), give the expected tokens, and the streamed text is their decoding."""
     chat.eos_ids = set()  # run every sequence to max_tokens, as generate(eos_token_id=None) does
-    params = SamplingParams(max_tokens=24, temperature=0.0)
+    params = SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=repetition_penalty)
     widest = []
     engine = Engine(
         chat, max_batch=4, prefill_chunk=8, on_step=lambda running, waiting: widest.append(running)
@@ -111,6 +114,15 @@ def check_alone_and_together(chat, ids: list[list[int]], expected: list[list[int
 def test_greedy_equals_generate_alone_and_in_a_batch(chat, stagger):
     ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
     check_alone_and_together(chat, ids, [reference(chat, p, 24) for p in ids], stagger)
+
+
+def test_a_repetition_penalty_alone_and_in_a_batch_equals_generates(chat):
+    """Each row's penalty reads the history its sequence keeps as it grows (prompt and output, Hugging
+    Face's definition): generate(repetition_penalty=1.5)'s tokens, alone and joining a running batch."""
+    ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
+    expected = [reference(chat, p, 24, repetition_penalty=1.5) for p in ids]
+    assert expected != [reference(chat, p, 24) for p in ids]  # the penalty changes the answers
+    check_alone_and_together(chat, ids, expected, stagger=3, repetition_penalty=1.5)
 
 
 def check_seeds_and_stops(engine, prompt: list[int]) -> None:

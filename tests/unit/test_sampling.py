@@ -6,12 +6,16 @@ distribution; seeds are per request and do not depend on the other rows; a row w
 numbers fails alone; the penalties follow the OpenAI and Hugging Face definitions."""
 
 import random
+import sys
+from collections import Counter
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from danlu.serve.chat.output import OutputProcessor, Sequence
-from danlu.serve.chat.sampling import CANDIDATES, SamplingParams, penalize, random_source, sample
+from danlu.serve.chat.sampling import CANDIDATES, History, SamplingParams, penalize, random_source, sample
 
 
 def reference(logits: torch.Tensor, params: SamplingParams, uniform: float) -> int:
@@ -143,8 +147,8 @@ def test_penalties_follow_the_openai_and_hugging_face_definitions():
         SamplingParams(repetition_penalty=2.0, frequency_penalty=1.0),
         SamplingParams(repetition_penalty=2.0),
     ]
-    histories = [([3], [1, 1, 2]), ([3], [2]), ([3], [1]), ([0], [1, 1]), ([7], [])]
-    failed = penalize(logits, params, histories)
+    held = [([3], [1, 1, 2]), ([3], [2]), ([3], [1]), ([0], [1, 1]), ([7], [])]
+    failed = penalize(logits, params, [History(*h) for h in held])
     assert logits[0].tolist() == [1.0, 2.0 - 2 * 0.5 - 0.25, -1.0 - 0.5 - 0.25, 0.5]  # output tokens only
     assert logits[1].tolist() == [1.0, 2.0, -2.0, 0.25]  # prompt and output tokens, by sign
     assert logits[2].tolist() == [1.0, 2.0, -1.0, 0.5]
@@ -176,3 +180,20 @@ def test_a_steps_tokens_are_sampled_together_and_a_failing_row_fails_alone():
     assert tokens[2] != best and tokens[2] == int(logits[2].topk(2).indices[1])
     assert isinstance(tokens[3], ValueError) and "outside the model's 50 logits" in str(tokens[3])
     assert isinstance(tokens[4], ValueError) and "not finite" in str(tokens[4])
+
+
+@given(
+    st.lists(st.integers(0, 30), max_size=20),
+    st.lists(st.integers(0, 30), max_size=40),
+)
+def test_a_history_kept_token_by_token_holds_what_the_penalties_define(prompt, output):
+    """History.add, one output token at a time, holds the distinct tokens of prompt and output (in
+    order) and each output token's count, with the lowest and highest token the vocabulary check reads."""
+    history = History(prompt)
+    for token in output:
+        history.add(token)
+    assert history.distinct == list(dict.fromkeys(prompt + output))
+    assert history.counts == Counter(output)
+    held = prompt + output
+    assert (history.low, history.high) == ((min(held), max(held)) if held else (sys.maxsize, -1))
+    assert vars(History(prompt, output)) == vars(history)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from danlu.serve.chat.sampling import SamplingParams, penalize, penalized, random_source, sample
+from danlu.serve.chat.sampling import History, SamplingParams, penalize, penalized, random_source, sample
 from danlu.serve.chat.text import Detokenizer, StopStrings
 
 
@@ -43,6 +43,7 @@ class Sequence:
     preempted: int = 0  # times its cache was dropped for room and recomputed
     # the output processor's
     source: random.Random | None = None  # the request's uniform numbers, one per sampled token
+    history: History | None = None  # the tokens it holds, as its penalties read them (penalized only)
     detok: Detokenizer | None = None
     stops: StopStrings | None = None
 
@@ -65,6 +66,8 @@ class OutputProcessor:
 
     def _begin(self, sequence: Sequence) -> None:
         sequence.source = random_source(sequence.params)
+        if penalized(sequence.params):
+            sequence.history = History(sequence.prompt, sequence.output)
         sequence.detok = Detokenizer(self.tokenizer)
         sequence.stops = StopStrings([*sequence.params.stop, *self.extra_stops])
 
@@ -80,7 +83,7 @@ class OutputProcessor:
                 self._begin(sequence)
         failed: dict[int, Exception] = {}
         if any(penalized(p) for p in params):
-            failed = penalize(rows, params, [(s.prompt, s.output) for s, _ in ready])
+            failed = penalize(rows, params, [s.history for s, _ in ready])
         uniforms = [0.0 if p.greedy else s.source.random() for (s, _), p in zip(ready, params, strict=True)]
         tokens = sample(rows, params, uniforms)
         for i, token in enumerate(tokens):
@@ -95,6 +98,8 @@ class OutputProcessor:
             self._begin(sequence)
         params = sequence.params
         sequence.output.append(token)
+        if sequence.history is not None:
+            sequence.history.add(token)
         if sequence.first_token_at is None:
             sequence.first_token_at = time.perf_counter()
         if token in self.eos_ids:

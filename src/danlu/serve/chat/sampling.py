@@ -12,7 +12,7 @@ the same tokens whichever rows share its steps, and on any device up to the logi
 from __future__ import annotations
 
 import random
-from collections import Counter
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,34 +57,62 @@ def penalized(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
 
 
+class History:
+    """The tokens a penalized sequence holds, as the penalties read them: its distinct tokens (prompt and
+    output: the repetition penalty) and each output token's count (the frequency and presence penalties).
+    Kept as the sequence grows (add), so a step's penalties cost one numpy copy of what it holds, not a
+    set and a Counter rebuilt from every token in Python."""
+
+    def __init__(self, prompt: list[int], output: list[int] = ()) -> None:
+        self.distinct: list[int] = list(dict.fromkeys(prompt))
+        self._seen = set(self.distinct)
+        self.counts: dict[int, int] = {}
+        self.low = min(self.distinct, default=sys.maxsize)  # nothing held: no token to check
+        self.high = max(self.distinct, default=-1)
+        for token in output:
+            self.add(token)
+
+    def add(self, token: int) -> None:
+        """An output token."""
+        self.counts[token] = self.counts.get(token, 0) + 1
+        if token not in self._seen:
+            self._seen.add(token)
+            self.distinct.append(token)
+            self.low, self.high = min(self.low, token), max(self.high, token)
+
+
 def penalize(
-    logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
+    logits: torch.Tensor, params: list[SamplingParams], histories: list[History | None]
 ) -> dict[int, Exception]:
     """Apply each row's penalties to contiguous logits [rows, vocab], in place, on their device: the
-    repetition penalty on the tokens of the row's prompt and output (histories: each row's (prompt,
-    output)), then the frequency and presence penalties on its output's counts. Every penalized row at
-    once, touching only the logits of the tokens they hold (their positions and amounts worked out on the
-    host: one copy of each to the device). Returns an exception for each row that cannot be penalized (a
-    token the vocabulary lacks), which is left as it was."""
+    repetition penalty on the tokens of the row's prompt and output, then the frequency and presence
+    penalties on its output's counts (histories: each penalized row's History; None for the others).
+    Every penalized row at once, touching only the logits of the tokens they hold (their positions and
+    amounts worked out on the host: one copy of each to the device). Returns an exception for each row
+    that cannot be penalized (a token the vocabulary lacks), which is left as it was."""
     vocab = logits.shape[-1]
     failed: dict[int, Exception] = {}
-    repeat: tuple[list[int], list[float]] = ([], [])  # positions in the flattened logits, each one's penalty
-    count: tuple[list[int], list[float]] = ([], [])  # positions, each one's amount to subtract
-    for i, (prompt, output) in enumerate(histories):
+    repeat: tuple[list[np.ndarray], list[np.ndarray]] = (
+        [],
+        [],
+    )  # positions in the flattened logits, penalties
+    count: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])  # positions, amounts to subtract
+    for i, history in enumerate(histories):
         p = params[i]
-        if not penalized(p):
+        if history is None or not penalized(p):
             continue
-        seen = set(prompt).union(output)
-        if min(seen) < 0 or max(seen) >= vocab:
+        if history.low < 0 or history.high >= vocab:
             failed[i] = ValueError(f"a token of this sequence is outside the model's {vocab} logits")
             continue
         if p.repetition_penalty != 1.0:
-            repeat[0].extend(i * vocab + t for t in seen)
-            repeat[1].extend([p.repetition_penalty] * len(seen))
-        if output and (p.frequency_penalty or p.presence_penalty):
-            for token, n in Counter(output).items():
-                count[0].append(i * vocab + token)
-                count[1].append(p.frequency_penalty * n + p.presence_penalty)
+            seen = np.fromiter(history.distinct, np.int64, len(history.distinct))
+            repeat[0].append(i * vocab + seen)
+            repeat[1].append(np.full(len(seen), p.repetition_penalty))
+        if history.counts and (p.frequency_penalty or p.presence_penalty):
+            n = len(history.counts)
+            count[0].append(i * vocab + np.fromiter(history.counts.keys(), np.int64, n))
+            amounts = np.fromiter(history.counts.values(), np.float64, n)
+            count[1].append(p.frequency_penalty * amounts + p.presence_penalty)
     flat = logits.view(-1)
     if repeat[0]:
         where, penalty = _on(logits, repeat)
@@ -95,11 +123,12 @@ def penalize(
     return failed
 
 
-def _on(logits: torch.Tensor, pairs: tuple[list[int], list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions and values as tensors on the logits' device (through numpy: torch.tensor takes a long
-    Python list about 10 times as long)."""
-    positions = torch.from_numpy(np.array(pairs[0], dtype=np.int64))
-    values = torch.from_numpy(np.array(pairs[1], dtype=np.float64)).to(logits.dtype)
+def _on(
+    logits: torch.Tensor, pairs: tuple[list[np.ndarray], list[np.ndarray]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' positions and values, joined, as tensors on the logits' device."""
+    positions = torch.from_numpy(np.concatenate(pairs[0]))
+    values = torch.from_numpy(np.concatenate(pairs[1])).to(logits.dtype)
     return positions.to(logits.device, non_blocking=True), values.to(logits.device, non_blocking=True)
 
 
