@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 from danlu.serve.chat.output import OutputProcessor, Sequence
 from danlu.serve.chat.sampling import CANDIDATES, History, SamplingParams, penalize, random_source, sample
@@ -197,3 +198,42 @@ def test_a_history_kept_token_by_token_holds_what_the_penalties_define(prompt, o
     held = prompt + output
     assert (history.low, history.high) == ((min(held), max(held)) if held else (sys.maxsize, -1))
     assert vars(History(prompt, output)) == vars(history)
+
+
+class HostReads(TorchFunctionMode):
+    """Records each tensor call that reads values back to the host: on a GPU, each one waits for the
+    device to finish the work queued before it."""
+
+    READS = frozenset({"tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_reads_its_tokens_back_once_and_once_more_per_later_top_p_round():
+    """Penalties and sampling of a step's rows read nothing back to the host but the tokens: once for a
+    step whose sets settle within the first candidates, and once more for each later round a top-p
+    set takes (a flat row with top_p 0.99 over 1,000 tokens: 64, then 512, then all of them)."""
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(3)) * 4
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.0, repetition_penalty=1.3, frequency_penalty=0.5),
+        SamplingParams(temperature=0.8, top_k=5, presence_penalty=0.2),
+        SamplingParams(temperature=0.5, top_k=40),
+    ]
+    histories = [None, History([1, 2], [3, 3]), History([4], [5]), None]
+    with HostReads() as step:
+        penalize(logits[:4], params, histories)
+        sample(logits[:4], params, [0.5] * 4)
+    assert step.reads == ["tolist"]
+    logits[5] = 0.0  # every token equally likely: a top_p of 0.99 needs 990 of them
+    flat = [*params, SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_p=0.99)]
+    with HostReads() as step:
+        sample(logits, flat, [0.5] * 6)
+    assert step.reads == ["tolist"] * 3
