@@ -12,7 +12,9 @@ of the steps in which all streams decode and no prompt is prefilled.
 
 With --temperature T (and --top-p, --top-k, --repetition-penalty) every stream samples instead, on both
 sides (`generate` with do_sample=True: its batched sampler over the whole vocabulary, the strongest
-plain-transformers way): what sampling a step's rows costs on top of the forward pass.
+plain-transformers way): what sampling a step's rows costs on top of the forward pass. With --top-p it
+also says how many later rounds the top-p sets took (a set its row's first sampling.CANDIDATES tokens do
+not settle is looked for again among 8 times as many).
 
 With --rounds N each engine runs N times, the two in turns, and the best run of each is shown.
 
@@ -72,6 +74,9 @@ def engine_run(streams: int, max_tokens: int, dtype: str, sampling: dict | None 
     marks: list[tuple[float, int]] = []
     engine = Engine(chat, max_batch=streams, on_step=lambda r, w: marks.append((time.perf_counter(), r)))
     sampling_ms = timed(engine.output, "sample")
+    from danlu.serve.chat import sampling as sampler
+
+    cut_draws = timed(sampler, "_draw_cut") if hasattr(sampler, "_draw_cut") else None  # top-k / top-p
     start = time.perf_counter()
     answers = engine.answer_all(ids, params)
     seconds = time.perf_counter() - start
@@ -84,6 +89,9 @@ def engine_run(streams: int, max_tokens: int, dtype: str, sampling: dict | None 
         "last_ms": 1000 * statistics.mean(steps[-tenth:]),
         "seconds": seconds,
         "sample_ms": statistics.mean(sampling_ms),
+        # draws from the candidates beyond one a step: the later rounds of top-p sets the first did not settle
+        "later_rounds": None if cut_draws is None else len(cut_draws) - len(sampling_ms),
+        "sampling_steps": len(sampling_ms),
         "answers": [a for a, _ in answers],
     }
 
@@ -292,6 +300,9 @@ def main() -> None:
         first, last = r.get("first_ms"), r.get("last_ms")
         steps = f"{first:>15.1f}{last:>14.1f}{last / first:>12.2f}{r['sample_ms']:>20.1f}" if first else ""
         print(f"{name:<36}{r['tokens_s']:>10.1f}{r['tokens_s'] / base:>12.2f}x{steps}")
+    if sampling is not None and args.top_p < 1.0 and mine["later_rounds"] is not None:
+        print(f"later top-p rounds (8x the candidates each): {mine['later_rounds']} in "
+              f"{mine['sampling_steps']} sampling steps (this tree)")  # fmt: skip
     attention_floor(rows[0][1], mine, args)
 
 
