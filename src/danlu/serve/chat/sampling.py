@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,13 +59,16 @@ def penalized(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
 
 
+_Parts = tuple[list[np.ndarray], list[np.ndarray]]  # each row's positions, each row's values
+
+
 class History:
     """The tokens a penalized sequence holds, as the penalties read them: its distinct tokens (prompt and
     output: the repetition penalty) and each output token's count (the frequency and presence penalties).
     Kept as the sequence grows (add), so a step's penalties cost one numpy copy of what it holds, not a
     set and a Counter rebuilt from every token in Python."""
 
-    def __init__(self, prompt: list[int], output: list[int] = ()) -> None:
+    def __init__(self, prompt: list[int], output: Iterable[int] = ()) -> None:
         self.distinct: list[int] = list(dict.fromkeys(prompt))
         self._seen = set(self.distinct)
         self.counts: dict[int, int] = {}
@@ -93,11 +97,8 @@ def penalize(
     that cannot be penalized (a token the vocabulary lacks), which is left as it was."""
     vocab = logits.shape[-1]
     failed: dict[int, Exception] = {}
-    repeat: tuple[list[np.ndarray], list[np.ndarray]] = (
-        [],
-        [],
-    )  # positions in the flattened logits, penalties
-    count: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])  # positions, amounts to subtract
+    repeat: _Parts = ([], [])  # positions in the flattened logits, each one's penalty
+    count: _Parts = ([], [])  # positions, each one's amount to subtract
     for i, history in enumerate(histories):
         p = params[i]
         if history is None or not penalized(p):
@@ -124,9 +125,7 @@ def penalize(
     return failed
 
 
-def _on(
-    logits: torch.Tensor, pairs: tuple[list[np.ndarray], list[np.ndarray]]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _on(logits: torch.Tensor, pairs: _Parts) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows' positions and values, joined, as tensors on the logits' device."""
     positions = torch.from_numpy(np.concatenate(pairs[0]))
     values = torch.from_numpy(np.concatenate(pairs[1])).to(logits.dtype)
