@@ -76,9 +76,14 @@ def engine_run(streams: int, max_tokens: int, dtype: str, sampling: dict | None 
     sampling_ms = timed(engine.output, "sample")
     from danlu.serve.chat import sampling as sampler
 
-    cut_draws = timed(sampler, "_draw_cut") if hasattr(sampler, "_draw_cut") else None  # top-k / top-p
+    draw_cut = getattr(sampler, "_draw_cut", None)  # top-k / top-p draws (absent from older trees)
+    cut_draws = None if draw_cut is None else timed(sampler, "_draw_cut")
     start = time.perf_counter()
-    answers = engine.answer_all(ids, params)
+    try:
+        answers = engine.answer_all(ids, params)
+    finally:
+        if draw_cut is not None:
+            sampler._draw_cut = draw_cut  # unwrapped: a later round's engine counts only its own draws
     seconds = time.perf_counter() - start
     # decode steps only: every stream running before and after (no prompt prefilled in them)
     steps = [b - a for (a, before), (b, after) in itertools.pairwise(marks) if before == after == streams]

@@ -193,7 +193,7 @@ def test_a_history_kept_token_by_token_holds_what_the_penalties_define(prompt, o
     history = History(prompt)
     for token in output:
         history.add(token)
-    assert history.distinct == list(dict.fromkeys(prompt + output))
+    assert list(history.distinct) == list(dict.fromkeys(prompt + output))
     assert history.counts == Counter(output)
     held = prompt + output
     assert (history.low, history.high) == ((min(held), max(held)) if held else (sys.maxsize, -1))

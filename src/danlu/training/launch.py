@@ -163,15 +163,9 @@ def ray(launch: Launch, config: Config, out: str | Path | None, resume: str | Pa
 
     use_gpu = config.train.device != "cpu" and torch.cuda.is_available()
     new = None if resume is not None else resolve_paths(config, Path.cwd())
+    workers = 2 if launch.workers is None else launch.workers
     return train_with_ray(
-        new,
-        out,
-        resume,
-        overwrite,
-        2 if launch.workers is None else launch.workers,
-        launch.ray_address,
-        use_gpu,
-        launch.ray_storage,
+        new, out, resume, overwrite, workers, launch.ray_address, use_gpu, launch.ray_storage
     )
 
 

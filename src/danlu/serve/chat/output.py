@@ -66,8 +66,6 @@ class OutputProcessor:
 
     def _begin(self, sequence: Sequence) -> None:
         sequence.source = random_source(sequence.params)
-        if penalized(sequence.params):
-            sequence.history = History(sequence.prompt, sequence.output)
         sequence.detok = Detokenizer(self.tokenizer)
         sequence.stops = StopStrings([*sequence.params.stop, *self.extra_stops])
 
@@ -81,6 +79,9 @@ class OutputProcessor:
         for sequence, _ in ready:
             if sequence.detok is None:
                 self._begin(sequence)
+            if sequence.history is None and penalized(sequence.params):
+                # kept from here on by accept; an engine that samples itself (vLLM) never needs one
+                sequence.history = History(sequence.prompt, sequence.output)
         failed: dict[int, Exception] = {}
         if any(penalized(p) for p in params):
             failed = penalize(rows, params, [s.history for s, _ in ready])

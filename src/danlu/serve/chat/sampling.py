@@ -69,8 +69,7 @@ class History:
     set and a Counter rebuilt from every token in Python."""
 
     def __init__(self, prompt: list[int], output: Iterable[int] = ()) -> None:
-        self.distinct: list[int] = list(dict.fromkeys(prompt))
-        self._seen = set(self.distinct)
+        self.distinct: dict[int, None] = dict.fromkeys(prompt)  # in the order first held
         self.counts: dict[int, int] = {}
         self.low = min(self.distinct, default=sys.maxsize)  # nothing held: no token to check
         self.high = max(self.distinct, default=-1)
@@ -80,9 +79,8 @@ class History:
     def add(self, token: int) -> None:
         """An output token."""
         self.counts[token] = self.counts.get(token, 0) + 1
-        if token not in self._seen:
-            self._seen.add(token)
-            self.distinct.append(token)
+        if token not in self.distinct:
+            self.distinct[token] = None
             self.low, self.high = min(self.low, token), max(self.high, token)
 
 
@@ -91,7 +89,7 @@ def penalize(
 ) -> dict[int, Exception]:
     """Apply each row's penalties to contiguous logits [rows, vocab], in place, on their device: the
     repetition penalty on the tokens of the row's prompt and output, then the frequency and presence
-    penalties on its output's counts (histories: each penalized row's History; None for the others).
+    penalties on its output's counts (histories: each row's History; None for a row without penalties).
     Every penalized row at once, touching only the logits of the tokens they hold (their positions and
     amounts worked out on the host: one copy of each to the device). Returns an exception for each row
     that cannot be penalized (a token the vocabulary lacks), which is left as it was."""
@@ -101,7 +99,7 @@ def penalize(
     count: _Parts = ([], [])  # positions, each one's amount to subtract
     for i, history in enumerate(histories):
         p = params[i]
-        if history is None or not penalized(p):
+        if history is None:
             continue
         if history.low < 0 or history.high >= vocab:
             failed[i] = ValueError(f"a token of this sequence is outside the model's {vocab} logits")
