@@ -13,8 +13,9 @@ of the steps in which all streams decode and no prompt is prefilled.
 With --temperature T (and --top-p, --top-k, --repetition-penalty) every stream samples instead, on both
 sides (`generate` with do_sample=True: its batched sampler over the whole vocabulary, the strongest
 plain-transformers way): what sampling a step's rows costs on top of the forward pass. With --top-p it
-also says how many later rounds the top-p sets took (a set its row's first sampling.CANDIDATES tokens do
-not settle is looked for again among 8 times as many).
+also says, for each engine, how many later rounds the top-p sets took: the copies of values to the host
+while sampling beyond one a step (a set its row's first candidates do not settle is looked for again
+among 8 times as many, after one copy).
 
 With --rounds N each engine runs N times, the two in turns, and the best run of each is shown.
 
@@ -74,16 +75,9 @@ def engine_run(streams: int, max_tokens: int, dtype: str, sampling: dict | None 
     marks: list[tuple[float, int]] = []
     engine = Engine(chat, max_batch=streams, on_step=lambda r, w: marks.append((time.perf_counter(), r)))
     sampling_ms = timed(engine.output, "sample")
-    from danlu.serve.chat import sampling as sampler
-
-    draw_cut = getattr(sampler, "_draw_cut", None)  # top-k / top-p draws (absent from older trees)
-    cut_draws = None if draw_cut is None else timed(sampler, "_draw_cut")
     start = time.perf_counter()
-    try:
+    with HostReads(engine.output, "sample") as reads:
         answers = engine.answer_all(ids, params)
-    finally:
-        if draw_cut is not None:
-            sampler._draw_cut = draw_cut  # unwrapped: a later round's engine counts only its own draws
     seconds = time.perf_counter() - start
     # decode steps only: every stream running before and after (no prompt prefilled in them)
     steps = [b - a for (a, before), (b, after) in itertools.pairwise(marks) if before == after == streams]
@@ -94,9 +88,9 @@ def engine_run(streams: int, max_tokens: int, dtype: str, sampling: dict | None 
         "last_ms": 1000 * statistics.mean(steps[-tenth:]),
         "seconds": seconds,
         "sample_ms": statistics.mean(sampling_ms),
-        # draws from the candidates beyond one a step: the later rounds of top-p sets the first did not settle
-        "later_rounds": None if cut_draws is None else len(cut_draws) - len(sampling_ms),
-        "sampling_steps": len(sampling_ms),
+        # copies to the host beyond one a step: the later rounds of top-p sets the first did not settle
+        "later_rounds": sum(reads.per_call) - len(reads.per_call),
+        "sampling_steps": len(reads.per_call),
         "answers": [a for a, _ in answers],
     }
 
@@ -114,6 +108,40 @@ def timed(owner, name: str) -> list[float]:
 
     setattr(owner, name, call)
     return times
+
+
+class HostReads:
+    """How many times each call of owner.name copied tensor values to the host (Tensor.tolist: on a GPU,
+    each a wait for the device), while the context is open."""
+
+    def __init__(self, owner, name: str) -> None:
+        self.per_call: list[int] = []
+        self.inside = False
+        method = getattr(owner, name)
+
+        def call(*args, **kwargs):
+            self.per_call.append(0)
+            self.inside = True
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.inside = False
+
+        setattr(owner, name, call)
+
+    def __enter__(self) -> HostReads:
+        self.tolist = tolist = torch.Tensor.tolist
+
+        def counted(tensor):
+            if self.inside:
+                self.per_call[-1] += 1
+            return tolist(tensor)
+
+        torch.Tensor.tolist = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.Tensor.tolist = self.tolist  # a later engine run counts only its own reads
 
 
 def generate_run(streams: int, max_tokens: int, dtype: str, sampling: dict | None = None) -> dict:
@@ -305,9 +333,10 @@ def main() -> None:
         first, last = r.get("first_ms"), r.get("last_ms")
         steps = f"{first:>15.1f}{last:>14.1f}{last / first:>12.2f}{r['sample_ms']:>20.1f}" if first else ""
         print(f"{name:<36}{r['tokens_s']:>10.1f}{r['tokens_s'] / base:>12.2f}x{steps}")
-    if sampling is not None and args.top_p < 1.0 and mine["later_rounds"] is not None:
-        print(f"later top-p rounds (8x the candidates each): {mine['later_rounds']} in "
-              f"{mine['sampling_steps']} sampling steps (this tree)")  # fmt: skip
+    if sampling is not None and args.top_p < 1.0:
+        for name, r in rows[1:]:
+            print(f"{name}: later top-p rounds (a copy to the host each) {r['later_rounds']} in "
+                  f"{r['sampling_steps']} sampling steps")  # fmt: skip
     attention_floor(rows[0][1], mine, args)
 
 

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
+from danlu.serve.chat import sampling
 from danlu.serve.chat.output import OutputProcessor, Sequence
 from danlu.serve.chat.sampling import CANDIDATES, History, SamplingParams, penalize, random_source, sample
 
@@ -55,6 +56,7 @@ SETTINGS = [
     SamplingParams(temperature=1.0, top_k=1),
     SamplingParams(temperature=2.0, top_p=0.97),  # flat: needs more than the first candidates
     SamplingParams(temperature=1.0, top_k=300, top_p=0.99),
+    SamplingParams(temperature=1.0, top_k=100, top_p=0.1),  # top_p of a top-k set wider than CANDIDATES
 ]
 
 
@@ -237,3 +239,37 @@ def test_a_step_reads_its_tokens_back_once_and_once_more_per_later_top_p_round()
     with HostReads() as step:
         sample(logits, flat, [0.5] * 6)
     assert step.reads == ["tolist"] * 3
+
+
+def test_a_row_looks_at_as_many_tokens_as_its_own_top_k_needs(monkeypatch):
+    """Rows are drawn among as many of their most likely tokens as their own top_k needs (CANDIDATES at
+    least, to a power of two), rows of one width together: one row's large top_k does not widen the
+    others'. The tokens are the reference's, whatever the width."""
+    logits = torch.randn(5, 3000, generator=torch.Generator().manual_seed(8)) * 3
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.5),
+        SamplingParams(temperature=1.0, top_k=1000),
+        SamplingParams(temperature=0.8, top_k=40, top_p=0.5),
+        SamplingParams(temperature=1.0, top_k=600, top_p=0.5),
+        SamplingParams(temperature=0.0),
+    ]
+    draws = []
+    draw_cut = sampling._draw_cut
+
+    def recording(rows, settings, width):
+        draws.append((len(rows), width))
+        return draw_cut(rows, settings, width)
+
+    monkeypatch.setattr(sampling, "_draw_cut", recording)
+    uniforms = [0.2, 0.4, 0.6, 0.8, 0.0]
+    assert sample(logits, params, uniforms) == [
+        reference(logits[i], params[i], uniforms[i]) for i in range(5)
+    ]
+    assert draws == [(2, CANDIDATES), (2, 1024)]  # rows 0 and 2, then 1 and 3: no later round
+
+
+@given(st.integers(0, 10**6))
+def test_a_rows_first_width_is_a_power_of_two_holding_its_top_k(top_k):
+    width = sampling.first_width(top_k)
+    assert width & (width - 1) == 0
+    assert max(CANDIDATES, top_k) <= width < 2 * max(CANDIDATES, top_k)

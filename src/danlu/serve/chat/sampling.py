@@ -22,12 +22,15 @@ import torch
 # Temperatures below this are greedy: logits divided by them overflow float32, and the softmax of such a
 # temperature puts all its mass on the top token anyway.
 GREEDY_BELOW = 1e-5
-# The most likely tokens per row a top-p set is first looked for in (or the largest top_k of the step's
-# rows); a row whose set is not settled within them is looked at again with 8 times as many, up to the
-# whole vocabulary. For 16 SmolLM2 streams at temperature 0.7 and top_p 0.9, 9 of 65 steps took a later
-# round over 64 tokens, and 304 of 513 over 512 tokens with repetition_penalty 1.1, which flattens the rows
-# as they hold more tokens (benchmarks/chat_steps.py --top-p prints this); sorting its 49,152-token
-# vocabulary takes 20 to 30 times as long as finding the top 64 on a CPU.
+# The most likely tokens per row a top-p set is first looked for in (or the row's top_k, where larger, to the
+# next power of two; rows of one width are drawn together); a row whose set is not settled within them is
+# looked at again with 8 times as many, up to the whole vocabulary. For 16 SmolLM2 streams at temperature
+# 0.7 and top_p 0.9, 9 of 65 steps took a later round over 64 tokens, and 304 of 513 over 512 tokens with
+# repetition_penalty 1.1, which flattens the rows as they hold more tokens (benchmarks/chat_steps.py
+# --top-p prints this). Which rows need one is not foreseeable from their earlier sets (starting each row
+# from twice its previous set's size took as many rounds), and the rows that do are few: widening every
+# row costs more than their rounds. Sorting the 49,152-token vocabulary takes 20 to 30 times as long as
+# finding the top 64 on a CPU.
 CANDIDATES = 64
 UNSETTLED = -2  # _draw_cut's token for a row whose top-p set its candidates do not settle
 
@@ -135,28 +138,36 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
     and uniform number in [0, 1) (unused by greedy rows); -1 for a row whose logits are not numbers
     (NaN, or an infinite top logit) or whose probabilities are not finite numbers. Greedy rows take one
     argmax. Rows with neither top_k nor top_p draw from their whole vocabulary; the others from their
-    most likely tokens (_draw_cut). One copy of the tokens to the host, and one more for each later
-    round a row's top-p set needs."""
+    most likely tokens (_draw_cut), rows looking at as many together (first_width: one row's large top_k
+    does not widen the others'). One copy of the tokens to the host, and one more for each later round a
+    row's top-p set needs."""
     top, tokens = logits.max(dim=-1)
     tokens = torch.where(torch.isfinite(top), tokens, -1)  # NaN or infinite logits: no token
     vocab = logits.shape[-1]
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     whole = [i for i in drawn if params[i].top_p >= 1.0 and not _top_k(params[i], vocab)]
     cut = sorted(set(drawn) - set(whole))
-    width = max([CANDIDATES, *(_top_k(params[i], vocab) for i in cut)])
     if whole:
         _put(tokens, whole, _draw_whole(*_rows(logits, whole, params, uniforms)))
-    if cut:
-        _put(tokens, cut, _draw_cut(*_rows(logits, cut, params, uniforms), width))
+    widths = {i: first_width(_top_k(params[i], vocab)) for i in cut}
+    for width in dict.fromkeys(widths.values()):
+        rows = [i for i in cut if widths[i] == width]
+        _put(tokens, rows, _draw_cut(*_rows(logits, rows, params, uniforms), width))
     result = tokens.tolist()
     left = [i for i in cut if result[i] == UNSETTLED]
     while left:  # top-p sets not within the candidates: those rows again, with 8 times as many
-        width = min(width * 8, vocab)
+        width = min(8 * max(widths[i] for i in left), vocab)
         again = _draw_cut(*_rows(logits, left, params, uniforms), width).tolist()
         for i, token in zip(left, again, strict=True):
-            result[i] = token
-        left = [i for i, token in zip(left, again, strict=True) if token == UNSETTLED]
+            result[i], widths[i] = token, width
+        left = [i for i in left if result[i] == UNSETTLED]
     return result
+
+
+def first_width(top_k: int) -> int:
+    """How many of a row's most likely tokens its set is first looked for in: CANDIDATES, or its top_k
+    (0: off) where larger, to the next power of two."""
+    return 1 << (max(CANDIDATES, top_k) - 1).bit_length()
 
 
 def _rows(
@@ -199,8 +210,8 @@ def _draw_whole(logits: torch.Tensor, settings: torch.Tensor) -> torch.Tensor:
 def _draw_cut(logits: torch.Tensor, settings: torch.Tensor, width: int) -> torch.Tensor:
     """Draw from the row's top-k set and, within it, the smallest set of most likely tokens whose
     probability (out of the top-k set's) reaches top_p: the first token always stays. Both are found
-    among the row's `width` most likely tokens, which settle them when its top_k is within them or their
-    mass reaches its top_p; UNSETTLED otherwise."""
+    among the row's `width` most likely tokens, which settle them when its top_k is within them, or it
+    has none and their mass reaches its top_p; UNSETTLED otherwise."""
     vocab = logits.shape[-1]
     width = min(width, vocab)
     temperature, top_p, top_k, uniform = settings.T
@@ -211,8 +222,10 @@ def _draw_cut(logits: torch.Tensor, settings: torch.Tensor, width: int) -> torch
     values = values.double().masked_fill(position >= top_k[:, None], 0)
     mass = values.cumsum(dim=-1)
     threshold = top_p * torch.where(within, mass[:, -1], 1.0)  # of the top-k set's mass, or of all
-    # settled: its sets are known, or its probabilities are not numbers (it fails, below)
-    settled = within | (mass[:, -1] >= threshold) | ~torch.isfinite(mass[:, -1]) | (width == vocab)
+    # settled: its sets are known (the top-p set of a top-k set beyond the candidates is not: its mass is
+    # unknown), or its probabilities are not numbers (it fails, below)
+    reached = (top_k == vocab) & (mass[:, -1] >= threshold)
+    settled = within | reached | ~torch.isfinite(mass[:, -1]) | (width == vocab)
     values = values.masked_fill((mass - values >= threshold[:, None]) & (position > 0), 0)
     index = _inverse(values, uniform)
     tokens = torch.where(index >= 0, order.gather(1, index.clamp(min=0)[:, None])[:, 0], -1)
