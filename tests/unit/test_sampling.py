@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
@@ -26,7 +26,7 @@ def reference(logits: torch.Tensor, params: SamplingParams, uniform: float) -> i
     if params.greedy:
         return int(logits.argmax())
     probs = torch.softmax(logits.double() / params.temperature, dim=-1)
-    if params.top_k == 0 and params.top_p == 1.0:
+    if not 0 < params.top_k < len(logits) and params.top_p >= 1.0:  # top_k at or past the vocabulary: off
         return int(torch.searchsorted(probs.cumsum(0), uniform * probs.sum(), right=True))
     values, order = probs.sort(descending=True)
     if 0 < params.top_k < len(values):
@@ -71,6 +71,35 @@ def test_each_row_is_the_token_the_whole_sorted_vocabulary_gives():
     # the flat rows' top-p sets hold more tokens than the first round's candidates
     flat = exact(logits[6], SETTINGS[6])
     assert int((flat > 0).sum()) > 8 * CANDIDATES
+
+
+ANY_ROW = st.builds(
+    SamplingParams,
+    temperature=st.sampled_from([0.0, 1e-5, 2e-5, 0.05, 0.3, 0.7, 1.0, 1.5]),  # about GREEDY_BELOW too
+    # about the widths a set is looked for in, and at or past the vocabulary (off)
+    top_k=st.one_of(st.just(0), st.integers(1, 1100), st.sampled_from([63, 64, 65, 127, 128, 129, 511, 513])),
+    top_p=st.one_of(st.just(1.0), st.floats(0.0, 1.0), st.sampled_from([0.0, 0.5, 0.9, 0.99, 0.999])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([2, 3, 10, 64, 65, 100, 513, 1000]),
+    st.lists(ANY_ROW, min_size=1, max_size=6),
+    st.integers(0, 2**31),
+    st.sampled_from([1.0, 4.0, 12.0]),
+    st.booleans(),
+)
+def test_any_rows_tokens_are_the_whole_sorted_vocabularys(vocab, params, seed, scale, last):
+    """Any mix of settings and vocabulary sizes, uniform numbers anywhere or at the top of [0, 1): each
+    row's token is the reference's. The logits are spread enough (scale) that no two tokens' float32
+    probabilities are near a tie, where the float32 sampler and the float64 reference may order them
+    differently."""
+    logits = torch.randn(len(params), vocab, generator=torch.Generator().manual_seed(seed)) * scale
+    source = random.Random(seed)
+    uniforms = [0.999999 if last else source.random() for _ in params]
+    want = [reference(logits[i], params[i], uniforms[i]) for i in range(len(params))]
+    assert sample(logits, params, uniforms) == want
 
 
 @pytest.mark.parametrize("params", [p for p in SETTINGS if not p.greedy], ids=str)
