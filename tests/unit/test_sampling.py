@@ -17,7 +17,15 @@ from torch.overrides import TorchFunctionMode
 
 from danlu.serve.chat import sampling
 from danlu.serve.chat.output import OutputProcessor, Sequence
-from danlu.serve.chat.sampling import CANDIDATES, History, SamplingParams, penalize, random_source, sample
+from danlu.serve.chat.sampling import (
+    CANDIDATES,
+    History,
+    SamplingParams,
+    penalize,
+    penalized,
+    random_source,
+    sample,
+)
 
 
 def reference(logits: torch.Tensor, params: SamplingParams, uniform: float) -> int:
@@ -212,6 +220,37 @@ def test_a_steps_tokens_are_sampled_together_and_a_failing_row_fails_alone():
     assert tokens[2] != best and tokens[2] == int(logits[2].topk(2).indices[1])
     assert isinstance(tokens[3], ValueError) and "outside the model's 50 logits" in str(tokens[3])
     assert isinstance(tokens[4], ValueError) and "not finite" in str(tokens[4])
+
+
+PENALTIES = st.builds(
+    SamplingParams,
+    repetition_penalty=st.sampled_from([1.0, 0.5, 1.1, 2.0]),
+    frequency_penalty=st.sampled_from([0.0, -0.5, 0.3, 2.0]),
+    presence_penalty=st.sampled_from([0.0, -1.0, 0.25, 1.5]),
+)
+HELD = st.tuples(st.lists(st.integers(0, 19), max_size=12), st.lists(st.integers(0, 19), max_size=12))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(PENALTIES, HELD), min_size=1, max_size=5), st.integers(0, 2**31))
+def test_any_rows_penalties_are_their_definitions_one_token_at_a_time(rows, seed):
+    """Any rows' penalties and held tokens (repeated, in prompt and output both) in one call: each logit
+    is what the definitions give applied to it alone: divided by the repetition penalty where positive,
+    multiplied where not, for each distinct held token; then the frequency penalty x its output count
+    and the presence penalty once, subtracted."""
+    logits = torch.randn(len(rows), 20, generator=torch.Generator().manual_seed(seed)) * 3
+    want = logits.clone()
+    for i, (params, (prompt, output)) in enumerate(rows):
+        for token in set(prompt + output):
+            value = want[i, token]
+            want[i, token] = (
+                value / params.repetition_penalty if value > 0 else value * params.repetition_penalty
+            )
+        for token, count in Counter(output).items():
+            want[i, token] -= params.frequency_penalty * count + params.presence_penalty
+    histories = [History(prompt, output) if penalized(params) else None for params, (prompt, output) in rows]
+    assert penalize(logits, [params for params, _ in rows], histories) == {}
+    torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-6)
 
 
 @given(
