@@ -2,6 +2,8 @@
 boundaries, templates and content parts."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from danlu.errors import DanluError
 from danlu.serve.chat.templates import Template, normalize
@@ -39,6 +41,37 @@ def test_stop_strings_are_found_across_pushes_and_never_leaked():
     out = [partial.push(p)[0] for p in ["abc S", "T"]]
     assert "".join(out) == "abc" and partial.flush() == " ST"  # held back, then flushed at the end
     assert StopStrings([]).push("anything") == ("anything", False)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.text("ab", max_size=4), max_size=12),
+    st.lists(st.text("ab", max_size=4), max_size=3),
+)
+def test_any_pieces_emit_the_text_up_to_the_first_stop_found(pieces, stops):
+    """Any text in any pieces, any stop strings (overlapping, empty, one inside another): after the
+    first piece that completes a stop string, all the text emitted is the text received up to the first
+    stop string in it (its earliest start), and nothing is emitted after it; where none is completed,
+    all the text, the end held back until flushed. What has been emitted after each piece is a beginning
+    of that: nothing is taken back."""
+    received, want = "", None
+    for piece in pieces:
+        received += piece
+        starts = [received.find(s) for s in stops if s and s in received]
+        if starts:
+            want = received[: min(starts)]
+            break
+    stopper, emitted, stopped = StopStrings(stops), "", False
+    for piece in pieces:
+        text, stopped = stopper.push(piece)
+        emitted += text
+        assert (want if want is not None else received).startswith(emitted)
+        if stopped:
+            break
+    if not stopped:
+        emitted += stopper.flush()
+    assert stopped == (want is not None)
+    assert emitted == (received if want is None else want)
 
 
 def test_messages_are_checked_and_content_parts_joined(tokenizer):
