@@ -28,6 +28,16 @@ def test_deltas_concatenate_to_the_decoded_text_without_replacement_characters(t
     assert not any(REPLACEMENT in d for d in deltas)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 399), max_size=24))
+def test_any_ids_deltas_concatenate_to_their_decoded_text(tokenizer, ids):
+    """Any ids of a byte-level vocabulary, bytes that never form a character included: the deltas and
+    the flush concatenate to decode(ids)."""
+    detok = Detokenizer(tokenizer)
+    deltas = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def test_stop_strings_are_found_across_pushes_and_never_leaked():
     stops = StopStrings(["STOP", "<end>"])
     emitted = []
