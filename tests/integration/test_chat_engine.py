@@ -8,6 +8,8 @@ import time
 import psutil
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from danlu.errors import DanluError
 from danlu.serve.chat.engine import Engine, Sequence
@@ -495,3 +497,70 @@ def test_prompts_with_one_system_turn_share_its_cells_and_answer_as_generate(cha
     """Under torch the shared positions are copied into the new sequence's own row."""
     system = "danlu serves local chat models on the machine you have, streaming text token by token"
     check_shared_system_turn(chat, system, lambda p, n: reference(chat, p, n), 3, tokens=16, common_over=16)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["step", "step", "join", "join", "share", "leave"]),
+            st.integers(1, 12),  # a prompt's length, and which sequence leaves or is shared from
+            st.integers(1, 8),  # the prompt's chunk size
+        ),
+        min_size=10,
+        max_size=50,
+    ),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+def test_any_joins_shares_and_leaves_give_each_sequence_its_own_logits(chat, actions, pad, seed):
+    """Sequences join (their prompts prefilled in chunks, or starting from a copy of another's first
+    positions), decode and leave in any order, in a cache that grows 8 positions at a time within a
+    budget it must cut back to, with decode batches padded to their bucket or not: every logits row the
+    executor gives is the one a fresh forward pass of that sequence's tokens gives."""
+    vocab, longest = chat.model.config.vocab_size, 30
+    rng = torch.Generator().manual_seed(seed)
+    executor = TorchExecutor(chat.model, "cpu", max_batch=4, max_batch_tokens=100)  # 4 rows: under 32 each
+    executor.pad, executor.cache.grow = pad, 8
+    tokens: dict[int, list[int]] = {}  # slot -> its prompt, then one more token a decode step
+    held: dict[int, int] = {}  # slot -> the positions its cache holds
+    chunk_of: dict[int, int] = {}
+    for action, number, chunk in actions:
+        slots = sorted(tokens)
+        free = [s for s in range(4) if s not in tokens]
+        if action in ("join", "share") and free:
+            slot, prompt = free[0], torch.randint(vocab, (number,), generator=rng).tolist()
+            tokens[slot], held[slot], chunk_of[slot] = prompt, 0, chunk
+            sources = [s for s in slots if held[s]]
+            if action == "share" and sources:
+                source = sources[number % len(sources)]
+                shared = 1 + number % held[source]
+                executor.share(source, slot, shared)
+                tokens[slot], held[slot] = tokens[source][:shared] + prompt, shared
+        elif action == "leave" and slots:
+            slot = slots[number % len(slots)]
+            executor.free(slot)
+            del tokens[slot], held[slot]
+        chunks = []
+        for slot in sorted(tokens):
+            start = held[slot]
+            if start < len(tokens[slot]):  # the prompt's next chunk; the logits with its last
+                part = tokens[slot][start : start + chunk_of[slot]]
+                chunks.append(Chunk(slot, part, start, logits=start + len(part) == len(tokens[slot])))
+            else:  # decoding: one more token
+                part = torch.randint(vocab, (1,), generator=rng).tolist()
+                tokens[slot].append(part[0])
+                chunks.append(Chunk(slot, part, start, logits=True))
+            held[slot] += len(part)
+        results = executor.forward(chunks) if chunks else []
+        with torch.inference_mode():
+            for c, got in zip(chunks, results, strict=True):
+                if not c.logits:
+                    assert got is None
+                    continue
+                want = chat.model(torch.tensor([tokens[c.slot][: held[c.slot]]])).logits[0, -1]
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for slot in [s for s in tokens if len(tokens[s]) >= longest]:  # as long as they may be: done
+            executor.free(slot)
+            del tokens[slot], held[slot]
+    executor.close()
