@@ -34,6 +34,15 @@ def chat(tmp_path_factory):
     return load_chat_model(str(tiny_llama(tmp_path_factory.mktemp("llm") / "tiny")))
 
 
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """The first layer with a sliding window of 6 positions, the second without."""
+    folder = tmp_path_factory.mktemp("llm") / "windowed"
+    return load_chat_model(
+        str(tiny_llama(folder, arch="qwen2", use_sliding_window=True, sliding_window=6, max_window_layers=1))
+    )
+
+
 def reference(chat, prompt_ids, max_tokens, **options):
     with torch.inference_mode():
         out = chat.model.generate(
@@ -513,11 +522,14 @@ def test_prompts_with_one_system_turn_share_its_cells_and_answer_as_generate(cha
     st.booleans(),
     st.integers(0, 2**31),
 )
-def test_any_joins_shares_and_leaves_give_each_sequence_its_own_logits(chat, actions, pad, seed):
+@pytest.mark.parametrize("model", ["chat", "windowed"])
+def test_any_joins_shares_and_leaves_give_each_sequence_its_own_logits(request, model, actions, pad, seed):
     """Sequences join (their prompts prefilled in chunks, or starting from a copy of another's first
     positions), decode and leave in any order, in a cache that grows 8 positions at a time within a
     budget it must cut back to, with decode batches padded to their bucket or not: every logits row the
-    executor gives is the one a fresh forward pass of that sequence's tokens gives."""
+    executor gives is the one a fresh forward pass of that sequence's tokens gives (also for a model
+    with a sliding window in one of its two layers)."""
+    chat = request.getfixturevalue(model)
     vocab, longest = chat.model.config.vocab_size, 30
     rng = torch.Generator().manual_seed(seed)
     executor = TorchExecutor(chat.model, "cpu", max_batch=4, max_batch_tokens=100)  # 4 rows: under 32 each
