@@ -576,3 +576,65 @@ def test_any_joins_shares_and_leaves_give_each_sequence_its_own_logits(request, 
             executor.free(slot)
             del tokens[slot], held[slot]
     executor.close()
+
+
+REQUEST = st.tuples(
+    st.booleans(),  # starts with the shared system prompt (prefix sharing)
+    st.integers(1, 10),  # the rest of its prompt
+    st.integers(1, 16),  # max_tokens
+    st.integers(0, 12),  # submitted after this many engine loops
+    st.one_of(st.none(), st.integers(0, 20)),  # cancelled after this many
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(REQUEST, min_size=1, max_size=6),
+    st.integers(1, 4),
+    st.sampled_from([4, 16, 512]),
+    st.sampled_from([None, 64]),
+    st.integers(0, 2**31),
+)
+def test_any_arrivals_and_cancellations_answer_as_generate(chat, requests, max_batch, chunk, budget, seed):
+    """Requests arrive and are cancelled at any steps, with prompts that share a system prompt or not,
+    in an engine of any max_batch, prefill chunk and cache budget (64 tokens: some wait to be admitted):
+    every request not cancelled ends with generate()'s greedy tokens, a cancelled one with the first
+    of them, and the engine holds no slot and no cache row at the end."""
+    chat.eos_ids = set()
+    rng = torch.Generator().manual_seed(seed)
+    vocab = chat.model.config.vocab_size
+    # no special tokens: generate() would take the pad token in a prompt for padding
+    system = torch.randint(3, vocab, (18,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = [
+        (system if shared else []) + torch.randint(3, vocab, (rest,), generator=rng).tolist()
+        for shared, rest, *_ in requests
+    ]
+    engine = Engine(chat, max_batch=max_batch, prefill_chunk=chunk, max_batch_tokens=budget)
+    sequences = [
+        Sequence(p, SamplingParams(max_tokens=r[2], temperature=0), lambda event: None)
+        for p, r in zip(prompts, requests, strict=True)
+    ]
+    loops, submitted = 0, {}  # request -> the loop it was submitted in
+
+    def until() -> bool:  # each engine loop: submit and cancel what is due (at once when it is idle)
+        nonlocal loops
+        idle = engine.load == (0, 0)
+        for i, (sequence, (_, _, _, arrive, cancel)) in enumerate(zip(sequences, requests, strict=True)):
+            if i not in submitted and (loops >= arrive or idle):
+                engine.submit(sequence)
+                submitted[i], idle = loops, False
+            if cancel is not None and i in submitted and loops >= submitted[i] + cancel:
+                sequence.cancel()
+        loops += 1
+        return all(s.finish_reason for s in sequences)
+
+    engine.run(until=until)
+    for sequence, prompt, (_, _, max_tokens, _, cancel) in zip(sequences, prompts, requests, strict=True):
+        want = reference(chat, prompt, max_tokens)
+        if sequence.finish_reason == "cancelled":
+            assert cancel is not None and want[: len(sequence.output)] == sequence.output
+        else:
+            assert (sequence.finish_reason, sequence.output) == ("length", want)
+    assert engine.load == (0, 0) and sorted(engine.free_slots) == list(range(max_batch))
+    assert engine.executor.row_of == {}
+    engine.close()
