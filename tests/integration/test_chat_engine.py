@@ -578,18 +578,22 @@ def test_any_joins_shares_and_leaves_give_each_sequence_its_own_logits(request, 
     executor.close()
 
 
-REQUEST = st.tuples(
-    st.booleans(),  # starts with the shared system prompt (prefix sharing)
-    st.integers(1, 10),  # the rest of its prompt
-    st.integers(1, 16),  # max_tokens
-    st.integers(0, 12),  # submitted after this many engine loops
-    st.one_of(st.none(), st.integers(0, 20)),  # cancelled after this many
-)
+def requests(rest=(1, 10), tokens=(1, 16), cancel: int = 20) -> st.SearchStrategy:
+    """Requests for check_arrivals: whether the prompt starts with the shared system prompt, how many
+    tokens follow it (within rest), max_tokens (within tokens), the engine loop it is submitted after
+    and how many loops after that it is cancelled (up to cancel; None: never)."""
+    return st.tuples(
+        st.booleans(),
+        st.integers(*rest),
+        st.integers(*tokens),
+        st.integers(0, 12),
+        st.one_of(st.none(), st.integers(0, cancel)),
+    )
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    st.lists(REQUEST, min_size=1, max_size=6),
+    st.lists(requests(), min_size=1, max_size=6),
     st.integers(1, 4),
     st.sampled_from([4, 16, 512]),
     st.sampled_from([None, 64]),
@@ -600,16 +604,26 @@ def test_any_arrivals_and_cancellations_answer_as_generate(chat, requests, max_b
     in an engine of any max_batch, prefill chunk and cache budget (64 tokens: some wait to be admitted):
     every request not cancelled ends with generate()'s greedy tokens, a cancelled one with the first
     of them, and the engine holds no slot and no cache row at the end."""
-    chat.eos_ids = set()
+    engine = Engine(chat, max_batch=max_batch, prefill_chunk=chunk, max_batch_tokens=budget)
+    check_arrivals(engine, requests, seed, lambda prompt, n: reference(chat, prompt, n))
+    assert engine.executor.row_of == {}
+    engine.close()
+
+
+def check_arrivals(engine: Engine, requests: list[tuple], seed: int, expected_for) -> list[Sequence]:
+    """Run requests() in the engine, each submitted and cancelled at its engine loops (at once where the
+    engine is idle), greedy, end of turn ignored. Their prompts: random tokens (no special ones:
+    generate() would take the pad token in a prompt for padding), after a shared system prompt or not.
+    Each request not cancelled ends with expected_for(prompt, max_tokens), a cancelled one with the
+    first of them; no slot is held at the end."""
+    engine.chat.eos_ids = set()
     rng = torch.Generator().manual_seed(seed)
-    vocab = chat.model.config.vocab_size
-    # no special tokens: generate() would take the pad token in a prompt for padding
+    vocab = len(engine.chat.tokenizer)
     system = torch.randint(3, vocab, (18,), generator=torch.Generator().manual_seed(0)).tolist()
     prompts = [
         (system if shared else []) + torch.randint(3, vocab, (rest,), generator=rng).tolist()
         for shared, rest, *_ in requests
     ]
-    engine = Engine(chat, max_batch=max_batch, prefill_chunk=chunk, max_batch_tokens=budget)
     sequences = [
         Sequence(p, SamplingParams(max_tokens=r[2], temperature=0), lambda event: None)
         for p, r in zip(prompts, requests, strict=True)
@@ -630,11 +644,10 @@ def test_any_arrivals_and_cancellations_answer_as_generate(chat, requests, max_b
 
     engine.run(until=until)
     for sequence, prompt, (_, _, max_tokens, _, cancel) in zip(sequences, prompts, requests, strict=True):
-        want = reference(chat, prompt, max_tokens)
+        want = expected_for(prompt, max_tokens)
         if sequence.finish_reason == "cancelled":
             assert cancel is not None and want[: len(sequence.output)] == sequence.output
         else:
             assert (sequence.finish_reason, sequence.output) == ("length", want)
-    assert engine.load == (0, 0) and sorted(engine.free_slots) == list(range(max_batch))
-    assert engine.executor.row_of == {}
-    engine.close()
+    assert engine.load == (0, 0) and sorted(engine.free_slots) == list(range(engine.max_batch))
+    return sequences

@@ -10,6 +10,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from danlu.errors import DanluError
 from danlu.serve.chat import llamacpp, vllm
@@ -22,9 +24,11 @@ from tests.chat_models import smollm2_gguf, tiny_gguf
 from tests.integration.test_chat_engine import (
     PROMPTS,
     check_alone_and_together,
+    check_arrivals,
     check_cancel,
     check_seeds_and_stops,
     check_shared_system_turn,
+    requests,
     run_all,
 )
 
@@ -164,6 +168,23 @@ def test_a_full_cache_preempts_and_recomputes_without_changing_a_token(chat, lla
     assert sum(len(p) + 80 for p in ids) > 256
     assert engine.preemptions > 0 and any(s.preempted for s in sequences)
     assert [s.output for s in sequences] == expected
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(requests(rest=(20, 40), tokens=(40, 80), cancel=120), min_size=3, max_size=5),
+    st.integers(2, 4),
+    st.integers(0, 2**31),
+)
+def test_any_arrivals_cancellations_and_preemptions_answer_as_llama_cpp(chat, llama, work, max_batch, seed):
+    """Requests arrive and are cancelled at any steps in an engine that admits every one while
+    llama.cpp has 256 cells (one request needs up to 138): steps find no cells, sequences are preempted
+    and recomputed, and every request not cancelled still ends with llama.cpp's own greedy tokens."""
+    engine = Engine(chat, max_batch=max_batch, prefill_chunk=16, max_batch_tokens=256)
+    assert engine.executor.cells == 256
+    engine.executor.fits = lambda widths: True  # admitted whatever they need together
+    check_arrivals(engine, work, seed, lambda prompt, n: llama_greedy(llama, prompt, n))
+    engine.close()
 
 
 def test_noroom_for_a_lone_sequence_fails_it_with_a_clear_error(chat):
