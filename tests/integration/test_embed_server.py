@@ -9,6 +9,8 @@ import io
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from danlu.embeddings import load_encoder
@@ -190,3 +192,91 @@ def test_a_full_queue_is_a_503_a_slow_pass_a_504_and_a_nan_a_500_for_that_reques
         assert broken.status_code == 500 and "not a finite number" in broken.json()["error"]["message"]
         monkeypatch.setattr(encoder, "embed_texts", exact)
         assert client.post("/v1/embeddings", json={"input": "a cat"}).status_code == 200
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+WORDS = st.text("abcdef xyz", min_size=1, max_size=20).filter(str.strip)  # within the tiny CLIP's 32 tokens
+
+
+def images(pictures, valid: bool) -> st.SearchStrategy:
+    """An image as clients send it: a data URL or bare base64 of a real picture, or (valid False) also
+    bytes that are no image, text that is not base64, or a URL."""
+    real = [data_url(p) for p in pictures] + [data_url(p, "JPEG") for p in pictures]
+    good = st.sampled_from(real) | st.sampled_from(real).map(lambda url: url.split(",", 1)[1])
+    if valid:
+        return good
+    noise = st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode())
+    return good | noise | st.text(max_size=12) | st.just("https://example.com/cat.png")
+
+
+def embeddings_body(pictures, valid: bool) -> st.SearchStrategy:
+    """A /v1/embeddings body: texts and images in range (valid), or any of those and anything else."""
+    text = WORDS if valid else st.text(max_size=30)
+    part = st.one_of(
+        text,
+        images(pictures, valid).map(lambda image: {"image": image}),
+        images(pictures, valid).map(lambda url: {"type": "image_url", "image_url": {"url": url}}),
+        *([] if valid else [JSON]),
+    )
+    return st.fixed_dictionaries(
+        {"input": st.one_of(text, st.lists(part, min_size=1, max_size=8), *([] if valid else [JSON]))},
+        optional={"encoding_format": st.sampled_from(["float", "base64"])}
+        if valid
+        else {
+            "encoding_format": st.one_of(st.sampled_from(["float", "base64"]), JSON),
+            "dimensions": st.one_of(st.integers(-1, 600), JSON),
+            "model": st.one_of(st.text(max_size=8), JSON),
+        },
+    )
+
+
+def zero_shot_body(pictures, valid: bool) -> st.SearchStrategy:
+    """A /v1/zero-shot body: real pictures, distinct labels and templates with a {} (valid), or any of
+    those and anything else."""
+    pictured = st.lists(images(pictures, valid), min_size=1, max_size=3)
+    labels = st.lists(WORDS, min_size=1, max_size=4, unique=True)
+    templates = st.lists(st.sampled_from(["a photo of {}", "{}", "a {} here"]), min_size=1, max_size=2)
+    if valid:
+        return st.fixed_dictionaries(
+            {"images": pictured, "labels": labels}, optional={"templates": templates}
+        )
+    return st.fixed_dictionaries(
+        {"images": st.one_of(images(pictures, valid), pictured, JSON)},
+        optional={
+            "labels": st.one_of(labels, st.lists(st.text(max_size=8), max_size=4), JSON),
+            "templates": st.one_of(templates, st.lists(st.just("no slot"), max_size=1), JSON),
+        },
+    )
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_any_body_gets_vectors_labels_or_an_openai_400(client, pictures, data):
+    """Any body to /v1/embeddings and /v1/zero-shot (texts, real pictures, bytes that are no image,
+    text that is not base64, URLs, any JSON at all): a 200 with one vector or one label's probabilities
+    per input, or a 400 in OpenAI's error shape; never another status, and always a 200 where every
+    field is in range."""
+    zero_shot, valid = data.draw(st.booleans()), data.draw(st.booleans())
+    body = data.draw((zero_shot_body if zero_shot else embeddings_body)(pictures, valid))
+    response = client.post("/v1/zero-shot" if zero_shot else "/v1/embeddings", json=body)
+    assert response.status_code in ((200,) if valid else (200, 400)), (body, response.text[:300])
+    if response.status_code == 400:
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"], error
+    elif zero_shot:
+        for item in response.json()["data"]:
+            assert item["label"] in item["probabilities"]
+            assert abs(sum(item["probabilities"].values()) - 1) < 1e-5
+    else:
+        rows = response.json()["data"]
+        assert rows and [row["index"] for row in rows] == list(range(len(rows)))
