@@ -22,3 +22,9 @@ def one_line(error: BaseException, last: bool = False) -> str:
     """The first (or last: the exception of a traceback's text) non-empty line of an error's text."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
     return lines[-1] if last else lines[0]
+
+
+def printable(text: str) -> str:
+    """text on one line: each character a terminal would not show as itself (a newline, a tab, an escape
+    sequence's start) written as a Python string literal writes it."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

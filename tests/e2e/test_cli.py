@@ -130,6 +130,10 @@ def _error_cases(tmp_path):
             ["train", _cfg(tmp_path, good), "model.target=no_such_pkg.models:Net"],
             "cannot import module 'no_such_pkg.models'",
         ),
+        "control characters": (
+            ["train", _cfg(tmp_path, good), "train.epo\nchs\x1b[2J=3"],  # stays one line, escapes shown
+            "unknown key 'train.epo\\nchs\\x1b[2J'",
+        ),
         "evaluate missing run": (["evaluate", str(tmp_path / "no_run")], "does not exist"),
         "resume missing run": (["train", "--resume", str(tmp_path / "no_run")], "not a run directory"),
     }
@@ -155,6 +159,7 @@ CASES = [
     "stray text",
     "inf target",
     "custom model import",
+    "control characters",
     "evaluate missing run",
     "resume missing run",
 ]

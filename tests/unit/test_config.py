@@ -1,7 +1,12 @@
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from danlu.config import Config, apply_overrides, dump_config, load_config, read_yaml, validate
-from danlu.errors import DanluError
+from danlu.errors import DanluError, printable
 
 SYN = "data.train=synthetic:classification"
 
@@ -102,3 +107,60 @@ def test_config_file_names_the_default_run_directory(tmp_path):
     assert load_config(path).output == "runs/penguins"
     assert load_config(path, ["output=elsewhere"]).output == "elsewhere"
     assert load_config(None, [SYN]).output == "runs/run"
+
+
+def _key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key path of the config schema (data.train, train.epochs, ...)."""
+    paths = []
+    for name, info in model.model_fields.items():
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            paths += _key_paths(kind, f"{prefix}{name}.")
+        else:
+            paths.append(f"{prefix}{name}")
+    return paths
+
+
+KEYS = _key_paths(Config)
+VALUES = st.one_of(
+    st.sampled_from(
+        ["5", "0", "-1", "3e-4", "1e999", ".nan", "-.inf", "null", "true", "[64,32]", "[]", "[[1]]", "{a: 1}",
+         "synthetic:classification", "x.csv", "adamw", "auto", "'", "[", "!!python/object:os.system x", ""]
+    ),
+    st.text(max_size=12),
+)  # fmt: skip
+OVERRIDE = st.one_of(
+    st.tuples(st.sampled_from(KEYS), VALUES).map("=".join),
+    st.tuples(
+        st.sampled_from(["data", "train", "model", "train.lr.x", "a..b", "", "data.synthetic"]), VALUES
+    ).map("=".join),
+    st.text(max_size=16),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(OVERRIDE, max_size=6))
+def test_any_overrides_give_a_config_or_one_clear_error(overrides):
+    """Any KEY=VALUE overrides (every key of the schema, sections, bad paths; numbers, infinities, NaN,
+    lists, mappings, broken YAML, YAML tags, any text): a Config, or a DanluError, whose line the CLI
+    prints as one line, never another exception; and a Config holds no NaN or infinity (it is written
+    to the run as strict JSON)."""
+    try:
+        config = load_config(None, [SYN, *overrides])
+    except DanluError as error:
+        assert error.message and "\n" not in printable(str(error))
+        return
+    json.dumps(config.model_dump(mode="json"), allow_nan=False)
+
+
+def test_no_key_takes_a_nan_or_an_infinity():
+    """Every key of the schema, set to NaN or an infinity (YAML's .nan, .inf, or a number that overflows):
+    a DanluError naming it, never a Config holding it (the resolved config is written to the run as
+    strict JSON, and an infinite lr or timeout would only fail later)."""
+    for key in KEYS:
+        for value in (".nan", ".inf", "-.inf", "1e999"):
+            try:
+                config = load_config(None, [SYN, f"{key}={value}"])
+            except DanluError:
+                continue
+            json.dumps(config.model_dump(mode="json"), allow_nan=False)  # a key that took it as text

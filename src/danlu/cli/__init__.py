@@ -20,7 +20,7 @@ from danlu.cli.runs import add_runs
 from danlu.cli.serve import add_serve
 from danlu.cli.train import add_quickstart, add_train
 from danlu.cli.tune import add_tune
-from danlu.errors import DanluError
+from danlu.errors import DanluError, printable
 
 EXAMPLES = """examples:
   danlu quickstart                                   train the tutorial workload end to end
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except DanluError as exc:
         if args.debug:
             raise
-        print(f"danlu: error: {exc}", file=sys.stderr)
+        print(f"danlu: error: {printable(str(exc))}", file=sys.stderr)  # one line, whatever it quotes
         return 2
     except KeyboardInterrupt:
         print(
