@@ -27,7 +27,7 @@ MAXIMIZED_MONITORS = ("val_accuracy", "val_f1_macro", "val_r2")  # the rest impr
 
 
 class Section(BaseModel):
-    # allow_inf_nan: a NaN or infinity is never a setting (and the config is written to the run as strict JSON)
+    # a NaN or infinity is never a setting (and the resolved config is written to the run as strict JSON)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 

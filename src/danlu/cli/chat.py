@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from danlu.cli.options import number
 from danlu.errors import DanluError
 
 HELP_COMMANDS = "/system TEXT sets the system prompt, /reset clears the history, /exit quits"
@@ -40,7 +41,7 @@ def add_model_options(p, serving: bool = False) -> None:
     )
     p.add_argument(
         "--kv-cache-gb",
-        type=float,
+        type=number,
         help=f"{prefix}vllm engine: KV cache size in GiB (CPU default: 4, or half the free memory if "
         "less; CUDA default: what vLLM's share of GPU memory leaves)",
     )
@@ -75,7 +76,7 @@ def add_chat(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="model directory or .gguf file")
     p.add_argument("--prompt", help="answer this message once and exit")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=float, help="sampling temperature (0: greedy; default the model's)")
+    p.add_argument("--temperature", type=number, help="sampling temperature (0: greedy; default the model's)")
     p.add_argument("--seed", type=int, help="sampling seed (reproducible answers)")
     add_model_options(p)
     p.set_defaults(run=run_chat)

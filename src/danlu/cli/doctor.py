@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from danlu.cli.options import number
+
 MARKS = {"pass": "ok  ", "warn": "WARN", "fail": "FAIL"}
 
 
@@ -21,7 +23,7 @@ def add_doctor(sub) -> None:
         action="store_true",
         help="also compute: a matmul and a training step per device, autocast, a 2-process all-reduce",
     )
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per probe (default 60)")
+    p.add_argument("--timeout", type=number, default=60.0, help="seconds per probe (default 60)")
     p.set_defaults(run=run_doctor)
 
 

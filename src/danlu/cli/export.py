@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from danlu.cli.options import add_trust_model_code
+from danlu.cli.options import add_trust_model_code, number
 from danlu.export import FORMATS, GGUF_TYPES
 
 
@@ -41,7 +41,7 @@ def add_export(sub) -> None:
     )
     p.add_argument(
         "--max-metric-drop",
-        type=float,
+        type=number,
         default=0.01,
         metavar="X",
         help="largest accepted drop of the headline metric for int8 (default 0.01)",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import math
+
 
 def add_trust_model_code(p) -> None:
     p.add_argument(
@@ -10,3 +13,11 @@ def add_trust_model_code(p) -> None:
         help="load a run whose model comes from code (model.target in its config.yaml), which loading "
         "imports and runs: only for runs whose code you trust",
     )
+
+
+def number(text: str) -> float:
+    """A finite number, for options that take one (argparse's float takes nan and inf)."""
+    value = float(text)  # a ValueError: argparse's "invalid number value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value

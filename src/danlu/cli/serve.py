@@ -6,6 +6,8 @@ import logging
 import os
 from pathlib import Path
 
+from danlu.cli.options import number
+
 API_KEY_ENV = "DANLU_API_KEY"
 log = logging.getLogger("danlu")
 
@@ -41,9 +43,9 @@ def add_serve(sub) -> None:
         type=int,
         help="rows per forward pass (default 64); chat models: sequences decoding together (default 8)",
     )
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="batching window (default 2 ms)")
+    p.add_argument("--max-wait-ms", type=number, default=2.0, help="batching window (default 2 ms)")
     p.add_argument("--max-rows", type=int, default=1024, help="rows per request (default 1024)")
-    p.add_argument("--max-body-mb", type=float, help="request body limit (default 10 MB; chat models: 4 MB)")
+    p.add_argument("--max-body-mb", type=number, help="request body limit (default 10 MB; chat models: 4 MB)")
     p.add_argument(
         "--max-queue",
         type=int,
@@ -51,7 +53,7 @@ def add_serve(sub) -> None:
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=number,
         help="seconds before a request gets 504, and the longest drain on SIGTERM (default 30; chat models: "
         "300)",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from danlu.cli.options import number
 from danlu.errors import DanluError
 
 SPACE_EXAMPLE = """space file (danlu's own key paths):
@@ -30,7 +31,7 @@ def add_tune(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=30")
     p.add_argument("--space", required=True, metavar="SPACE.yaml", help="the search space (see below)")
     p.add_argument("--trials", type=int, default=20, metavar="N", help="trials in all (default 20)")
-    p.add_argument("--timeout", type=float, metavar="S", help="start no trial after S seconds")
+    p.add_argument("--timeout", type=number, metavar="S", help="start no trial after S seconds")
     p.add_argument(
         "--jobs", type=int, default=1, metavar="K", help="trials at once, in K processes (default 1)"
     )
