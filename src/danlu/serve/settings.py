@@ -7,6 +7,7 @@ predictions server, ChatSettings a chat model's, EmbedSettings an encoder's."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from danlu.embeddings.detect import TRUNCATE
@@ -32,11 +33,11 @@ class ServerSettings:
         """Each setting in `counts` at least 1 and timeout_s above 0, or one DanluError naming it (and
         the CLI option that sets it, where that has another name)."""
         for name in (*counts, "max_body_bytes"):
-            if getattr(self, name) < 1:
+            if not 1 <= getattr(self, name) < math.inf:  # written so that a NaN fails too
                 named = f"{OPTIONS[name]} ({name})" if name in OPTIONS else name.replace("_", "-")
-                raise DanluError(f"{named} must be at least 1", "pass a positive number")
-        if self.timeout_s <= 0:
-            raise DanluError("--timeout must be above 0 seconds", "e.g. --timeout 30")
+                raise DanluError(f"{named} must be at least 1 (and finite)", "pass a positive number")
+        if not 0 < self.timeout_s < math.inf:
+            raise DanluError("--timeout must be a finite number of seconds above 0", "e.g. --timeout 30")
 
 
 @dataclass
@@ -103,5 +104,5 @@ class EmbedSettings(ServerSettings):
 
 
 def check_wait(max_wait_ms: float) -> None:
-    if max_wait_ms < 0:
-        raise DanluError("--max-wait-ms must be 0 or more", "e.g. --max-wait-ms 2")
+    if not 0 <= max_wait_ms < math.inf:
+        raise DanluError("--max-wait-ms must be a finite number, 0 or more", "e.g. --max-wait-ms 2")
