@@ -15,7 +15,8 @@ sides (`generate` with do_sample=True: its batched sampler over the whole vocabu
 plain-transformers way): what sampling a step's rows costs on top of the forward pass. With --top-p it
 also says, for each engine, how many later rounds the top-p sets took: the copies of values to the host
 while sampling beyond one a step (a set its row's first candidates do not settle is looked for again
-among 8 times as many, after one copy).
+among 8 times as many, after one copy). With --set-sizes also how many tokens the sets held, and
+whether a large set foretells another (why every row starts from sampling.CANDIDATES).
 
 With --rounds N each engine runs N times, the two in turns, and the best run of each is shown.
 
@@ -27,6 +28,8 @@ copy.
 
 Run: python benchmarks/chat_steps.py [--streams 16] [--max-tokens 500] [--baseline 0a263cf] [--rounds 3]
      python benchmarks/chat_steps.py --max-tokens 64 --temperature 0.7 --top-p 0.9 --baseline 4a26a1d
+     python benchmarks/chat_steps.py --max-tokens 256 --temperature 0.7 --top-p 0.9 --repetition-penalty 1.1 \
+         --set-sizes
      python benchmarks/chat_steps.py --at 75,540
 """
 
@@ -57,9 +60,12 @@ def prompts(chat, streams: int) -> list[list[int]]:
     return [template.encode(template.render([{"role": "user", "content": q}])) for q in questions]
 
 
-def engine_run(streams: int, max_tokens: int, dtype: str, sampling: dict | None = None) -> dict:
+def engine_run(
+    streams: int, max_tokens: int, dtype: str, sampling: dict | None = None, sizes: bool = False
+) -> dict:
     """danlu's engine in this process: every stream submitted at once; tokens/s and the step times.
-    sampling: temperature, top_p, top_k and repetition_penalty (default: greedy)."""
+    sampling: temperature, top_p, top_k and repetition_penalty (default: greedy). sizes: also each
+    step's top-k / top-p set sizes (set_sizes)."""
     from danlu.serve.chat.engine import Engine
     from danlu.serve.chat.model import load_chat_model
     from danlu.serve.chat.sampling import SamplingParams
@@ -75,6 +81,7 @@ def engine_run(streams: int, max_tokens: int, dtype: str, sampling: dict | None 
     marks: list[tuple[float, int]] = []
     engine = Engine(chat, max_batch=streams, on_step=lambda r, w: marks.append((time.perf_counter(), r)))
     sampling_ms = timed(engine.output, "sample")
+    held = set_sizes(engine.output) if sizes else None
     start = time.perf_counter()
     with HostReads(engine.output, "sample") as reads:
         answers = engine.answer_all(ids, params)
@@ -92,6 +99,7 @@ def engine_run(streams: int, max_tokens: int, dtype: str, sampling: dict | None 
         "later_rounds": sum(reads.per_call) - len(reads.per_call),
         "sampling_steps": len(reads.per_call),
         "answers": [a for a, _ in answers],
+        "set_sizes": held,
     }
 
 
@@ -108,6 +116,52 @@ def timed(owner, name: str) -> list[float]:
 
     setattr(owner, name, call)
     return times
+
+
+def set_sizes(processor) -> list[dict[int, int]]:
+    """For each step from now on, how many tokens each top-k / top-p sequence's set held (id(sequence)
+    -> size), worked out the slow way beside the step (its penalized logits sorted whole, outside the
+    timed sampling): the sizes the sampler's first CANDIDATES do or do not hold."""
+    from danlu.serve.chat.sampling import penalize
+
+    method, steps = processor.sample, []
+
+    def call(ready):
+        tokens = method(ready)  # the histories still hold what this step's penalties read
+        logits = torch.stack([row for _, row in ready]).float()
+        penalize(logits, [s.params for s, _ in ready], [s.history for s, _ in ready])
+        sizes = {}
+        for row, (sequence, _) in zip(logits, ready, strict=True):
+            p = sequence.params
+            if p.greedy or (p.top_p >= 1.0 and not p.top_k):
+                continue
+            probs = torch.softmax(row.double() / p.temperature, dim=-1).sort(descending=True).values
+            probs = probs[: p.top_k] if p.top_k else probs
+            before = probs.cumsum(0) - probs  # the first token always stays
+            sizes[id(sequence)] = 1 + int((before[1:] < p.top_p * probs.sum()).sum())
+        steps.append(sizes)
+        return tokens
+
+    processor.sample = call
+    return steps
+
+
+def sizes_line(steps: list[dict[int, int]]) -> str:
+    """The set sizes' median, how often a set outgrew the first candidates, and whether a large set
+    foretells one (a set over half the candidates, then one over them at that sequence's next step)."""
+    from danlu.serve.chat.sampling import CANDIDATES
+
+    every = [size for step in steps for size in step.values()]
+    over = sum(size > CANDIDATES for size in every)
+    pairs = [(a[k], b[k]) for a, b in itertools.pairwise(steps) for k in a.keys() & b.keys()]
+    large = [after for before, after in pairs if before > CANDIDATES // 2]
+    followed = sum(after > CANDIDATES for after in large)
+    return (
+        f"top-k / top-p sets (this tree): median {statistics.median(every):g} tokens; over {CANDIDATES} in "
+        f"{over} of {len(every)} row-steps ({100 * over / len(every):.1f}%); a set over {CANDIDATES // 2} "
+        f"was followed by one over {CANDIDATES} in {followed} of {len(large)} next steps "
+        f"({100 * followed / max(len(large), 1):.1f}%)"
+    )
 
 
 class HostReads:
@@ -281,6 +335,12 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument(
+        "--set-sizes",
+        action="store_true",
+        help="also each step's top-k / top-p set sizes, worked out beside the step (this tree; its "
+        "tokens/s include that work)",
+    )
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--at", default=None, help="only time the executor's decode step at these "
                         "positions (comma-separated, e.g. 75,540), several times in turns")  # fmt: skip
@@ -317,7 +377,7 @@ def main() -> None:
     rows = [("HF generate, one padded batch", generated)]
     mine, before = None, None
     for _ in range(args.rounds):  # in turns, so that load from elsewhere falls on both sides
-        mine = best(mine, engine_run(args.streams, args.max_tokens, args.dtype, sampling))
+        mine = best(mine, engine_run(args.streams, args.max_tokens, args.dtype, sampling, args.set_sizes))
         if args.baseline:
             before = best(before, baseline_run(args.baseline, args))
     if args.baseline and before is not None:
@@ -337,6 +397,8 @@ def main() -> None:
         for name, r in rows[1:]:
             print(f"{name}: later top-p rounds (a copy to the host each) {r['later_rounds']} in "
                   f"{r['sampling_steps']} sampling steps")  # fmt: skip
+    if mine["set_sizes"]:
+        print(sizes_line(mine["set_sizes"]))
     attention_floor(rows[0][1], mine, args)
 
 

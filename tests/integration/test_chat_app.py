@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from danlu.serve.chat.app import FAILED, ChatSettings, create_chat_app
 from danlu.serve.chat.model import load_chat_model
 from tests.chat_models import tiny_llama
+from tests.strategies import JSON_VALUES
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
@@ -71,24 +72,13 @@ def test_a_request_over_the_timeout_gets_504_and_frees_its_place(tmp_path):
     assert events[-1]["error"]["code"] == 504 and streamed.endswith("data: [DONE]\n\n")
 
 
-JSON = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=6,
-)
-
-
 def body(mode: str) -> st.SearchStrategy:
     """Request bodies: each field a value in range ("valid", with messages and prompt always there), in
     range or out of it ("mixed"), or any of those or any JSON at all ("any")."""
 
     def field(valid: st.SearchStrategy, invalid: st.SearchStrategy | None = None) -> st.SearchStrategy:
         choices = [valid] + ([invalid] if invalid is not None and mode != "valid" else [])
-        return st.one_of(*choices, *([JSON] if mode == "any" else []))
+        return st.one_of(*choices, *([JSON_VALUES] if mode == "any" else []))
 
     part = st.fixed_dictionaries({"type": field(st.just("text")), "text": field(st.text(max_size=12))})
     role = field(st.sampled_from(["system", "user", "assistant"]), st.sampled_from(["tool", "", "User"]))

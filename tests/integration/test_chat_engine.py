@@ -314,16 +314,16 @@ def test_sequences_leave_and_join_around_running_rows(chat, pad):
 
 
 @pytest.mark.parametrize(
-    ("arch", "settings"),
+    ("arch", "window"),
     [
         ("mistral", {"sliding_window": 6}),  # every layer slides
         ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),  # one of two
     ],
 )
-def test_sliding_window_models_equal_generate(tmp_path, arch, settings):
+def test_sliding_window_models_equal_generate(tmp_path, arch, window):
     """Sliding-window attention (all layers, or some) sees only its window of the cache, as generate's own
     masks do: 24 tokens from prompts longer than the window, alone and together."""
-    chat = load_chat_model(str(tiny_llama(tmp_path / arch, arch=arch, **settings)))
+    chat = load_chat_model(str(tiny_llama(tmp_path / arch, arch=arch, **window)))
     ids = [chat.tokenizer(p)["input_ids"] for p in PROMPTS]
     expected = [reference(chat, p, 24) for p in ids]
     check_alone_and_together(chat, ids, expected, stagger=2)
@@ -599,18 +599,18 @@ def requests(rest=(1, 10), tokens=(1, 16), cancel: int = 20) -> st.SearchStrateg
     st.sampled_from([None, 64]),
     st.integers(0, 2**31),
 )
-def test_any_arrivals_and_cancellations_answer_as_generate(chat, requests, max_batch, chunk, budget, seed):
+def test_any_arrivals_and_cancellations_answer_as_generate(chat, work, max_batch, chunk, budget, seed):
     """Requests arrive and are cancelled at any steps, with prompts that share a system prompt or not,
     in an engine of any max_batch, prefill chunk and cache budget (64 tokens: some wait to be admitted):
     every request not cancelled ends with generate()'s greedy tokens, a cancelled one with the first
     of them, and the engine holds no slot and no cache row at the end."""
     engine = Engine(chat, max_batch=max_batch, prefill_chunk=chunk, max_batch_tokens=budget)
-    check_arrivals(engine, requests, seed, lambda prompt, n: reference(chat, prompt, n))
+    check_arrivals(engine, work, seed, lambda prompt, n: reference(chat, prompt, n))
     assert engine.executor.row_of == {}
     engine.close()
 
 
-def check_arrivals(engine: Engine, requests: list[tuple], seed: int, expected_for) -> list[Sequence]:
+def check_arrivals(engine: Engine, work: list[tuple], seed: int, expected_for) -> None:
     """Run requests() in the engine, each submitted and cancelled at its engine loops (at once where the
     engine is idle), greedy, end of turn ignored. Their prompts: random tokens (no special ones:
     generate() would take the pad token in a prompt for padding), after a shared system prompt or not.
@@ -622,18 +622,18 @@ def check_arrivals(engine: Engine, requests: list[tuple], seed: int, expected_fo
     system = torch.randint(3, vocab, (18,), generator=torch.Generator().manual_seed(0)).tolist()
     prompts = [
         (system if shared else []) + torch.randint(3, vocab, (rest,), generator=rng).tolist()
-        for shared, rest, *_ in requests
+        for shared, rest, *_ in work
     ]
     sequences = [
         Sequence(p, SamplingParams(max_tokens=r[2], temperature=0), lambda event: None)
-        for p, r in zip(prompts, requests, strict=True)
+        for p, r in zip(prompts, work, strict=True)
     ]
     loops, submitted = 0, {}  # request -> the loop it was submitted in
 
     def until() -> bool:  # each engine loop: submit and cancel what is due (at once when it is idle)
         nonlocal loops
         idle = engine.load == (0, 0)
-        for i, (sequence, (_, _, _, arrive, cancel)) in enumerate(zip(sequences, requests, strict=True)):
+        for i, (sequence, (_, _, _, arrive, cancel)) in enumerate(zip(sequences, work, strict=True)):
             if i not in submitted and (loops >= arrive or idle):
                 engine.submit(sequence)
                 submitted[i], idle = loops, False
@@ -643,11 +643,10 @@ def check_arrivals(engine: Engine, requests: list[tuple], seed: int, expected_fo
         return all(s.finish_reason for s in sequences)
 
     engine.run(until=until)
-    for sequence, prompt, (_, _, max_tokens, _, cancel) in zip(sequences, prompts, requests, strict=True):
+    for sequence, prompt, (_, _, max_tokens, _, cancel) in zip(sequences, prompts, work, strict=True):
         want = expected_for(prompt, max_tokens)
         if sequence.finish_reason == "cancelled":
             assert cancel is not None and want[: len(sequence.output)] == sequence.output
         else:
             assert (sequence.finish_reason, sequence.output) == ("length", want)
     assert engine.load == (0, 0) and sorted(engine.free_slots) == list(range(engine.max_batch))
-    return sequences

@@ -16,6 +16,7 @@ from PIL import Image
 from danlu.embeddings import load_encoder
 from danlu.serve.embeddings import EmbedSettings, create_embed_app
 from tests.embedding_models import tiny_image_text
+from tests.strategies import JSON_VALUES
 
 LONG = "the quick brown fox jumps over the dog " * 8  # 187 tokens; the tiny CLIP reads 32
 
@@ -194,17 +195,6 @@ def test_a_full_queue_is_a_503_a_slow_pass_a_504_and_a_nan_a_500_for_that_reques
         assert client.post("/v1/embeddings", json={"input": "a cat"}).status_code == 200
 
 
-JSON = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=False)
-    | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=6,
-)
-
-
 WORDS = st.text("abcdef xyz", min_size=1, max_size=20).filter(str.strip)  # within the tiny CLIP's 32 tokens
 
 
@@ -226,16 +216,16 @@ def embeddings_body(pictures, valid: bool) -> st.SearchStrategy:
         text,
         images(pictures, valid).map(lambda image: {"image": image}),
         images(pictures, valid).map(lambda url: {"type": "image_url", "image_url": {"url": url}}),
-        *([] if valid else [JSON]),
+        *([] if valid else [JSON_VALUES]),
     )
     return st.fixed_dictionaries(
-        {"input": st.one_of(text, st.lists(part, min_size=1, max_size=8), *([] if valid else [JSON]))},
+        {"input": st.one_of(text, st.lists(part, min_size=1, max_size=8), *([] if valid else [JSON_VALUES]))},
         optional={"encoding_format": st.sampled_from(["float", "base64"])}
         if valid
         else {
-            "encoding_format": st.one_of(st.sampled_from(["float", "base64"]), JSON),
-            "dimensions": st.one_of(st.integers(-1, 600), JSON),
-            "model": st.one_of(st.text(max_size=8), JSON),
+            "encoding_format": st.one_of(st.sampled_from(["float", "base64"]), JSON_VALUES),
+            "dimensions": st.one_of(st.integers(-1, 600), JSON_VALUES),
+            "model": st.one_of(st.text(max_size=8), JSON_VALUES),
         },
     )
 
@@ -251,10 +241,10 @@ def zero_shot_body(pictures, valid: bool) -> st.SearchStrategy:
             {"images": pictured, "labels": labels}, optional={"templates": templates}
         )
     return st.fixed_dictionaries(
-        {"images": st.one_of(images(pictures, valid), pictured, JSON)},
+        {"images": st.one_of(images(pictures, valid), pictured, JSON_VALUES)},
         optional={
-            "labels": st.one_of(labels, st.lists(st.text(max_size=8), max_size=4), JSON),
-            "templates": st.one_of(templates, st.lists(st.just("no slot"), max_size=1), JSON),
+            "labels": st.one_of(labels, st.lists(st.text(max_size=8), max_size=4), JSON_VALUES),
+            "templates": st.one_of(templates, st.lists(st.just("no slot"), max_size=1), JSON_VALUES),
         },
     )
 

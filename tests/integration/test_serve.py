@@ -13,6 +13,7 @@ import danlu
 from danlu.errors import DanluError
 from danlu.serve.app import ServeSettings, create_app
 from tests.conftest import mixed_frame, train_quietly
+from tests.strategies import JSON_VALUES
 
 RECORD = {"x0": 0.5, "x1": None, "color": "red"}
 
@@ -160,15 +161,6 @@ def test_bad_settings_fail_at_construction(run, tmp_path):
         create_app(ServeSettings(str(tmp_path)))
 
 
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=10,
-)
 feature_values = (
     st.none()
     | st.booleans()
@@ -181,7 +173,7 @@ feature_values = (
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     body=st.one_of(
-        json_values,
+        JSON_VALUES,
         st.fixed_dictionaries(
             {
                 "records": st.lists(
