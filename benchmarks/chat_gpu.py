@@ -15,6 +15,12 @@ At --sampled-streams (default 64) also both sides sampled (temperature 0.7, top_
 do_sample=True on the static batch, with and without its static cache, against danlu's engine, whose
 sampling runs batched on the device.
 
+Also the time a step's sampling takes over 64 top-p rows (temperature 0.7, top_p 0.9, SmolLM2's 49,152
+tokens), its one read of the tokens included: the whole vocabulary sorted at once (what danlu does on an
+accelerator) against the CPU's way (the 64 most likely tokens first), with every set within them and with
+one flat row whose set takes two later rounds, each waiting for the device: at 64 streams most steps of a
+real model take at least one (danlu.serve.chat.sampling.CANDIDATES).
+
 Also each shape's bytes of weights (what one decode step reads at least) against the device's measured
 copy bandwidth: the steps per second the hardware allows, the ceiling of one stream.
 
@@ -193,6 +199,34 @@ def copy_bandwidth(device: str) -> float:
     return best / 1e9
 
 
+def sampling_ms(device: str, rows: int = 64, vocab: int = 49152) -> dict[str, float]:
+    """ms a step of sampling.sample over `rows` top-p rows, best of 20 (each call ends with its read of
+    the tokens to the host, so it waits for the device): the whole vocabulary sorted at once, and the 64
+    candidates first, with peaked rows (every set within them: 16 tokens at most) and with one flat row."""
+    from danlu.serve.chat.sampling import CANDIDATES, SamplingParams, sample
+
+    peaked = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 6
+    flat = peaked.clone()
+    flat[0] = 0.0  # every token equally likely: 64, then 512, then the whole vocabulary
+    params = [SamplingParams(temperature=0.7, top_p=0.9)] * rows
+    uniforms = [(i * 0.618) % 1 for i in range(rows)]
+
+    def best(logits: torch.Tensor, candidates: int) -> float:
+        on = logits.to(device)
+        times = []
+        for _ in range(23):
+            start = time.perf_counter()
+            sample(on, params, uniforms, candidates)
+            times.append(time.perf_counter() - start)
+        return 1000 * min(times[3:])
+
+    return {
+        "whole vocabulary sorted": best(peaked, vocab),
+        f"{CANDIDATES} candidates, sets within": best(peaked, CANDIDATES),
+        f"{CANDIDATES} candidates, one flat row": best(flat, CANDIDATES),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,6 +253,8 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}, {args.dtype}, {args.max_tokens} tokens per answer (greedy, "
           f"and sampled with {SAMPLED} where said), "
           f"copy bandwidth {bandwidth:.0f} GB/s")  # fmt: skip
+    costs = sampling_ms(args.device)
+    print("sampling 64 top-p rows, ms a step: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
     tok = tokenizer(args.tokenizer)
     for shape in args.shapes.split(","):
         model = build(shape, tok, args.device, dtype)

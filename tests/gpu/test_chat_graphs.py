@@ -114,7 +114,7 @@ def test_quantized_models_decode_with_or_without_graphs(tmp_path, quantize):
 def test_a_steps_rows_sample_on_the_gpu_as_on_the_cpu():
     """sampling.penalize and sampling.sample on CUDA logits: every row's token is the one the same rows
     give on the CPU with the same uniform numbers (mixed settings in one step, penalties, top-p sets that
-    need the later rounds), for the rows whose uniform number is not within 1e-4 of a boundary between
+    need the CPU's later rounds), for the rows whose uniform number is not within 1e-4 of a boundary between
     two tokens (where the devices' last bits could tip it)."""
     from danlu.serve.chat.sampling import History, penalize, sample
 
@@ -145,3 +145,22 @@ def test_a_steps_rows_sample_on_the_gpu_as_on_the_cpu():
     assert len(steady) > rows * 0.8
     on_gpu = tokens("cuda")
     assert [on_gpu[i] for i in steady] == [on_cpu[i] for i in steady]
+
+
+def test_a_cuda_step_reads_back_only_its_tokens_whatever_its_top_p_sets():
+    """On CUDA every top-p row's set comes from one sort of its vocabulary: a step whose sets hold
+    thousands of tokens (which take the CPU two later rounds) still reads back only its tokens, once,
+    and they are the CPU's (rows of equal logits: ties in the vocabulary's order on both)."""
+    from danlu.serve.chat.sampling import sample
+    from tests.host_reads import HostReads
+
+    logits = torch.zeros(4, 3000)
+    logits[:2] = torch.randn(2, 3000, generator=torch.Generator().manual_seed(1)) * 4
+    params = [SamplingParams(temperature=1.0, top_p=0.99)] * 4
+    uniforms = [0.3, 0.6, 0.5, 0.25]
+    on_gpu = logits.cuda()
+    with HostReads() as step:
+        tokens = sample(on_gpu, params, uniforms)
+    assert step.reads == ["tolist"]
+    assert tokens == sample(logits, params, uniforms)
+    assert tokens[2:] == [1485, 742]  # the first 2,970 tokens, the set of a flat row

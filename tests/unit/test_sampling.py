@@ -13,7 +13,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.overrides import TorchFunctionMode
 
 from danlu.serve.chat import sampling
 from danlu.serve.chat.output import OutputProcessor, Sequence
@@ -26,6 +25,7 @@ from danlu.serve.chat.sampling import (
     random_source,
     sample,
 )
+from tests.host_reads import HostReads
 
 
 def reference(logits: torch.Tensor, params: SamplingParams, uniform: float) -> int:
@@ -97,17 +97,19 @@ ANY_ROW = st.builds(
     st.integers(0, 2**31),
     st.sampled_from([1.0, 4.0, 12.0]),
     st.booleans(),
+    st.booleans(),
 )
-def test_any_rows_tokens_are_the_whole_sorted_vocabularys(vocab, params, seed, scale, last):
-    """Any mix of settings and vocabulary sizes, uniform numbers anywhere or at the top of [0, 1): each
-    row's token is the reference's. The logits are spread enough (scale) that no two tokens' float32
-    probabilities are near a tie, where the float32 sampler and the float64 reference may order them
-    differently."""
+def test_any_rows_tokens_are_the_whole_sorted_vocabularys(vocab, params, seed, scale, last, whole):
+    """Any mix of settings and vocabulary sizes, uniform numbers anywhere or at the top of [0, 1), sets
+    looked for among the first candidates (a CPU's way) or in the whole sorted vocabulary at once (an
+    accelerator's): each row's token is the reference's. The logits are spread enough (scale) that no
+    two tokens' float32 probabilities are near a tie, where the float32 sampler and the float64
+    reference may order them differently."""
     logits = torch.randn(len(params), vocab, generator=torch.Generator().manual_seed(seed)) * scale
     source = random.Random(seed)
     uniforms = [0.999999 if last else source.random() for _ in params]
     want = [reference(logits[i], params[i], uniforms[i]) for i in range(len(params))]
-    assert sample(logits, params, uniforms) == want
+    assert sample(logits, params, uniforms, candidates=vocab if whole else None) == want
 
 
 @pytest.mark.parametrize("params", [p for p in SETTINGS if not p.greedy], ids=str)
@@ -270,22 +272,6 @@ def test_a_history_kept_token_by_token_holds_what_the_penalties_define(prompt, o
     assert vars(History(prompt, output)) == vars(history)
 
 
-class HostReads(TorchFunctionMode):
-    """Records each tensor call that reads values back to the host: on a GPU, each one waits for the
-    device to finish the work queued before it."""
-
-    READS = frozenset({"tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.READS:
-            self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_step_reads_its_tokens_back_once_and_once_more_per_later_top_p_round():
     """Penalties and sampling of a step's rows read nothing back to the host but the tokens: once for a
     step whose sets settle within the first candidates, and once more for each later round a top-p
@@ -307,6 +293,19 @@ def test_a_step_reads_its_tokens_back_once_and_once_more_per_later_top_p_round()
     with HostReads() as step:
         sample(logits, flat, [0.5] * 6)
     assert step.reads == ["tolist"] * 3
+    with HostReads() as step:  # an accelerator's way: the whole vocabulary at once
+        tokens = sample(logits, flat, [0.5] * 6, candidates=1000)
+    assert step.reads == ["tolist"]
+    assert tokens[:5] == [reference(logits[i], flat[i], 0.5) for i in range(5)]
+    assert tokens[5] == 495  # ties in the vocabulary's order: the middle one of the set's first 990 tokens
+
+
+def test_an_accelerator_looks_at_the_whole_vocabulary_at_once():
+    """A CPU looks for the sets among CANDIDATES first (a later round costs it only its work); any other
+    device in the whole vocabulary, so that no step waits on the device before its tokens."""
+    assert sampling.device_candidates(torch.device("cpu"), 49152) == CANDIDATES
+    assert sampling.device_candidates(torch.device("cuda", 0), 49152) == 49152
+    assert sampling.device_candidates(torch.device("mps"), 1000) == 1000
 
 
 def test_a_row_looks_at_as_many_tokens_as_its_own_top_k_needs(monkeypatch):
@@ -336,8 +335,9 @@ def test_a_row_looks_at_as_many_tokens_as_its_own_top_k_needs(monkeypatch):
     assert draws == [(2, CANDIDATES), (2, 1024)]  # rows 0 and 2, then 1 and 3: no later round
 
 
-@given(st.integers(0, 10**6))
-def test_a_rows_first_width_is_a_power_of_two_holding_its_top_k(top_k):
-    width = sampling.first_width(top_k)
+@given(st.integers(0, 10**6), st.sampled_from([CANDIDATES, 1, 1000, 49152]))
+def test_a_rows_first_width_is_a_power_of_two_holding_its_top_k(top_k, candidates):
+    width = sampling.first_width(top_k, candidates)
     assert width & (width - 1) == 0
-    assert max(CANDIDATES, top_k) <= width < 2 * max(CANDIDATES, top_k)
+    assert max(candidates, top_k) <= width < 2 * max(candidates, top_k)
+    assert sampling.first_width(top_k) == sampling.first_width(top_k, CANDIDATES)

@@ -3,8 +3,9 @@ presence penalties (additive, on the generated tokens' counts) and Hugging Face'
 (multiplicative, on prompt and generated tokens).
 
 A step's rows are sampled together on the logits' device (sample): one softmax over the rows that are
-not greedy, their top-k and top-p sets from the few most likely tokens of each row rather than a sort
-of the whole vocabulary, and one draw each by inverse transform: the token where the row's cumulative
+not greedy, their top-k and top-p sets (on a CPU from the few most likely tokens of each row rather than
+a sort of the whole vocabulary; on an accelerator from one sort, so that the step reads back only its
+tokens), and one draw each by inverse transform: the token where the row's cumulative
 probability first passes its own uniform number, which comes from the request's own random source
 (seeded by the request, or fresh entropy; never the process's global RNG). So a seeded request samples
 the same tokens whichever rows share its steps, and on any device up to the logits' numerics."""
@@ -22,16 +23,19 @@ import torch
 # Temperatures below this are greedy: logits divided by them overflow float32, and the softmax of such a
 # temperature puts all its mass on the top token anyway.
 GREEDY_BELOW = 1e-5
-# The most likely tokens per row a top-p set is first looked for in (or the row's top_k, where larger, to the
-# next power of two; rows of one width are drawn together); a row whose set is not settled within them is
-# looked at again with 8 times as many, up to the whole vocabulary. For 16 SmolLM2 streams at temperature
-# 0.7 and top_p 0.9, 9 of 65 steps took a later round over 64 tokens, and 304 of 513 over 512 tokens with
-# repetition_penalty 1.1, which flattens the rows as they hold more tokens (benchmarks/chat_steps.py
-# --top-p prints this). The rows that need one are few and not foreseeable from their earlier sets: over
-# 256 such tokens a set held a median of 4 tokens, over 64 in 2.5% of row-steps, and a set over 32 was
-# followed by one over 64 in 10% of next steps (chat_steps.py --set-sizes), so every row starts from 64
-# rather than widening for all. Sorting the 49,152-token vocabulary takes 20 to 30 times as long as
-# finding the top 64 on a CPU.
+# The most likely tokens per row a top-p set is first looked for in on a CPU (or the row's top_k, where
+# larger, to the next power of two; rows of one width are drawn together); a row whose set is not settled
+# within them is looked at again with 8 times as many, up to the whole vocabulary. For 16 SmolLM2 streams at
+# temperature 0.7 and top_p 0.9, 9 of 65 steps took a later round over 64 tokens, and 304 of 513 over 512
+# tokens with repetition_penalty 1.1, which flattens the rows as they hold more tokens
+# (benchmarks/chat_steps.py --top-p prints this). The rows that need one are few and not foreseeable from
+# their earlier sets: over 256 such tokens a set held a median of 4 tokens, over 64 in 2.5% of row-steps, and
+# a set over 32 was followed by one over 64 in 10% of next steps (chat_steps.py --set-sizes), so every row
+# starts from 64 rather than widening for all. Sorting the 49,152-token vocabulary takes 20 to 30 times as
+# long as finding the top 64 on a CPU. On an accelerator every row's sets come from one sort of its whole
+# vocabulary instead (device_candidates): a later round there waits mid-step for the device to finish all the
+# work queued before it, and at 64 streams most steps would take one (with 2.5% of row-steps over 64 tokens, 1
+# - 0.975^64 = 80%).
 CANDIDATES = 64
 UNSETTLED = -2  # _draw_cut's token for a row whose top-p set its candidates do not settle
 
@@ -134,14 +138,17 @@ def _on(logits: torch.Tensor, pairs: _Parts) -> tuple[torch.Tensor, torch.Tensor
     return positions.to(logits.device, non_blocking=True), values.to(logits.device, non_blocking=True)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> list[int]:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float], candidates: int | None = None
+) -> list[int]:
     """The next token of each row of (penalized) float32 logits [rows, vocab], with its row's parameters
     and uniform number in [0, 1) (unused by greedy rows); -1 for a row whose logits are not numbers
     (NaN, or an infinite top logit) or whose probabilities are not finite numbers. Greedy rows take one
     argmax. Rows with neither top_k nor top_p draw from their whole vocabulary; the others from their
-    most likely tokens (_draw_cut), rows looking at as many together (first_width: one row's large top_k
-    does not widen the others'). One copy of the tokens to the host, and one more for each later round a
-    row's top-p set needs."""
+    most likely tokens (_draw_cut), rows looking at as many together (first_width of candidates, default
+    device_candidates: one row's large top_k does not widen the others'). One copy of the tokens to the
+    host, and one more for each later round a row's top-p set needs (none where candidates is the
+    vocabulary, an accelerator's default)."""
     top, tokens = logits.max(dim=-1)
     tokens = torch.where(torch.isfinite(top), tokens, -1)  # NaN or infinite logits: no token
     vocab = logits.shape[-1]
@@ -150,7 +157,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
     cut = sorted(set(drawn) - set(whole))
     if whole:
         _put(tokens, whole, _draw_whole(*_rows(logits, whole, params, uniforms)))
-    widths = {i: first_width(_top_k(params[i], vocab)) for i in cut}
+    if candidates is None:
+        candidates = device_candidates(logits.device, vocab)
+    widths = {i: first_width(_top_k(params[i], vocab), candidates) for i in cut}
     for width in dict.fromkeys(widths.values()):
         rows = [i for i in cut if widths[i] == width]
         _put(tokens, rows, _draw_cut(*_rows(logits, rows, params, uniforms), width))
@@ -165,10 +174,17 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
     return result
 
 
-def first_width(top_k: int) -> int:
-    """How many of a row's most likely tokens its set is first looked for in: CANDIDATES, or its top_k
+def device_candidates(device: torch.device, vocab: int) -> int:
+    """How many of each row's most likely tokens its sets are first looked for in on the device: CANDIDATES
+    on a CPU, where a later round costs only its own work; the whole vocabulary elsewhere, so that a step
+    never waits for the device before its tokens are read back (see CANDIDATES)."""
+    return CANDIDATES if device.type == "cpu" else vocab
+
+
+def first_width(top_k: int, candidates: int = CANDIDATES) -> int:
+    """How many of a row's most likely tokens its set is first looked for in: candidates, or its top_k
     (0: off) where larger, to the next power of two."""
-    return 1 << (max(CANDIDATES, top_k) - 1).bit_length()
+    return 1 << (max(candidates, top_k) - 1).bit_length()
 
 
 def _rows(
@@ -216,7 +232,11 @@ def _draw_cut(logits: torch.Tensor, settings: torch.Tensor, width: int) -> torch
     vocab = logits.shape[-1]
     width = min(width, vocab)
     temperature, top_p, top_k, uniform = settings.T
-    values, order = _probs(logits, temperature).topk(width, dim=-1)  # most likely first
+    probs = _probs(logits, temperature)
+    if width == vocab:  # ties in the vocabulary's order, on every device
+        values, order = probs.sort(dim=-1, descending=True, stable=True)
+    else:
+        values, order = probs.topk(width, dim=-1)  # most likely first
     top_k = torch.where(top_k > 0, top_k, vocab)
     within = top_k <= width  # the row's top-k set is among the candidates
     position = torch.arange(width, device=logits.device)
