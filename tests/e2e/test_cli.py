@@ -104,6 +104,7 @@ def _error_cases(tmp_path):
         "single": _csv(tmp_path, "single.csv", mixed_frame(30).assign(label="same")),
         "stray": _csv(tmp_path, "stray.csv", stray),
         "inf": _csv(tmp_path, "inf.csv", inf_target),
+        "repeated": _csv(tmp_path, "repeated.csv", mixed_frame(30).rename(columns={"x1": "x0"})),
     }
     bad_yaml = write_config(tmp_path / "bad.yaml", "data:\n  train: [unclosed\n")
     return {
@@ -122,6 +123,7 @@ def _error_cases(tmp_path):
             ["train", _cfg(tmp_path, files["stray"])],
             "column 'x0' holds numbers but row 12 has 'oops'",
         ),
+        "repeated column": (["train", _cfg(tmp_path, files["repeated"])], "'x0' (columns 1 and 2)"),
         "inf target": (
             ["train", _cfg(tmp_path, files["inf"], target="y")],
             "target column 'y' has inf at row 4",
@@ -158,6 +160,7 @@ CASES = [
     "single class",
     "stray text",
     "inf target",
+    "repeated column",
     "custom model import",
     "control characters",
     "evaluate missing run",

@@ -65,6 +65,39 @@ def test_bad_files(tmp_path, name, content, expected):
         open_table(str(tmp_path / name))
 
 
+@pytest.mark.parametrize(
+    "header",
+    ["a,b,a", '"a","b","a"', "\ufeffa,b,a", "\n\na,b,a"],  # quoted, after a BOM, after blank lines
+)
+def test_a_csv_with_two_columns_of_one_name_is_refused_whole_or_streamed(tmp_path, header):
+    """pandas renames a repeated column ('a' to 'a.1'): a model would train on, or be given, a column
+    nobody named. Both ways a CSV is read refuse it, naming the two columns."""
+    path = tmp_path / "d.csv"
+    path.write_text(header + "\n1,2,3\n", encoding="utf-8")
+    expected = "two columns named 'a' \\(columns 1 and 3\\)"
+    with pytest.raises(DanluError, match=expected):
+        open_table(str(path))
+    with pytest.raises(DanluError, match=expected):
+        list(stream_frames(str(path)))
+
+
+def test_unnamed_columns_and_names_pandas_would_rename_are_not_repeats(tmp_path):
+    """Empty header cells (pandas names each 'Unnamed: N'), and 'a' beside 'a.1' as written, are read."""
+    path = tmp_path / "d.csv"
+    path.write_text(",,a,a.1\n1,2,3,4\n")
+    assert list(open_table(str(path)).read_all().columns) == ["Unnamed: 0", "Unnamed: 1", "a", "a.1"]
+
+
+def test_a_parquet_file_with_two_columns_of_one_name_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_arrays([pa.array([1]), pa.array([2])], names=["x", "x"])
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(DanluError, match="two columns named 'x' \\(columns 1 and 2\\)"):
+        open_table(str(tmp_path / "d.parquet"))
+
+
 def test_split_mask_is_deterministic_and_proportional():
     a = split_mask(0, 3, 100_000, 0.1, 0.2)
     assert np.array_equal(a, split_mask(0, 3, 100_000, 0.1, 0.2))

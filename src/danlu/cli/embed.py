@@ -64,5 +64,5 @@ def run_embed(args) -> int:
     )
     note = f" ({summary.truncated} texts truncated to the model's limit)" if summary.truncated else ""
     rows, dims = summary.vectors.shape
-    print(f"wrote {rows} vectors of {dims} dimensions to {args.output}{note}")
+    print(f"wrote {rows} vector{'' if rows == 1 else 's'} of {dims} dimensions to {args.output}{note}")
     return 0

@@ -70,7 +70,7 @@ def run_predict(args) -> int:
     rows = predict_file(
         args.run_dir, args.data, args.output, args.chunk_rows, args.engine, args.trust_model_code
     )
-    print(f"wrote {rows} predictions to {args.output}")
+    print(f"wrote {rows} prediction{'' if rows == 1 else 's'} to {args.output}")
     if args.plot:
         from danlu.api import plot_predictions
 

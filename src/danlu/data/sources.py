@@ -149,7 +149,7 @@ class ParquetTable(Fingerprinted):
             raise DanluError(f"cannot read '{path}' as Parquet: {exc}", "check the file") from None
         meta = self.file.metadata
         self.n_rows = meta.num_rows
-        self.columns = [str(c) for c in self.file.schema_arrow.names]
+        self.columns = unique_columns([str(c) for c in self.file.schema_arrow.names], path)
         self._starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
 
     def fingerprint(self) -> dict:
@@ -210,8 +210,29 @@ def synthetic_frame(kind: str, params: SyntheticConfig) -> pd.DataFrame:
     return frame
 
 
+def unique_columns(names: list[str], path: Path) -> list[str]:
+    """The names, where no two are the same: a file with two columns of one name is refused (pandas would
+    rename the second 'a' to 'a.1', and a model would train on, or be given, a column nobody named).
+
+    Raises:
+        DanluError: a name is repeated.
+    """
+    seen: dict[str, int] = {}
+    for number, name in enumerate(names, 1):
+        if name in seen and name:  # unnamed columns are each given their own name ('Unnamed: 3')
+            raise DanluError(
+                f"'{path}' has two columns named '{name}' (columns {seen[name]} and {number})",
+                "rename or remove one of them",
+            )
+        seen[name] = number
+    return names
+
+
 def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
     try:
+        # the header as written (header=None: pandas does not rename repeated names in a data row)
+        written = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False)
+        unique_columns([str(c) for c in written.iloc[0]], path)
         return pd.read_csv(path, **kwargs)
     except pd.errors.EmptyDataError:
         raise empty_csv_error(path) from None
