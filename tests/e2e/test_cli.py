@@ -99,11 +99,14 @@ def _error_cases(tmp_path):
     stray.loc[11, "x0"] = "oops"
     inf_target = pd.DataFrame({"a": np.arange(20.0), "y": np.arange(20.0)})
     inf_target.loc[3, "y"] = np.inf
+    huge = mixed_frame(60)
+    huge.loc[9, "x0"] = -1e307
     files = {
         "empty": _csv(tmp_path, "empty.csv", mixed_frame(3).iloc[:0]),
         "single": _csv(tmp_path, "single.csv", mixed_frame(30).assign(label="same")),
         "stray": _csv(tmp_path, "stray.csv", stray),
         "inf": _csv(tmp_path, "inf.csv", inf_target),
+        "huge": _csv(tmp_path, "huge.csv", huge),
         "repeated": _csv(tmp_path, "repeated.csv", mixed_frame(30).rename(columns={"x1": "x0"})),
     }
     bad_yaml = write_config(tmp_path / "bad.yaml", "data:\n  train: [unclosed\n")
@@ -122,6 +125,10 @@ def _error_cases(tmp_path):
         "stray text": (
             ["train", _cfg(tmp_path, files["stray"])],
             "column 'x0' holds numbers but row 12 has 'oops'",
+        ),
+        "value beyond float32": (
+            ["train", _cfg(tmp_path, files["huge"])],
+            "column 'x0' has -1e+307 at row 10, beyond float32's range",
         ),
         "repeated column": (["train", _cfg(tmp_path, files["repeated"])], "'x0' (columns 1 and 2)"),
         "inf target": (
@@ -161,6 +168,7 @@ CASES = [
     "stray text",
     "inf target",
     "repeated column",
+    "value beyond float32",
     "custom model import",
     "control characters",
     "evaluate missing run",

@@ -103,13 +103,19 @@ def test_nan_and_malformed_json_are_422(client, raw):
     assert response.status_code == 422
 
 
-@pytest.mark.parametrize("value", [3.2358748776880243e38, -1e300])
-def test_values_that_overflow_float32_are_a_422_naming_the_row(client, run, value):
+@pytest.mark.parametrize(
+    ("value", "from_a_frame"),
+    [
+        (3.2358748776880243e38, "not a finite number for row 2"),  # within float32, scaled beyond it
+        (-1e300, r"column 'x1' has -1e\+300 at row 2, beyond float32's range"),  # refused as it is read
+    ],
+)
+def test_values_that_overflow_float32_are_a_422_naming_the_row(client, run, value, from_a_frame):
     # found by the fuzzer below: the scaled value overflowed to inf and the NaN output could not be JSON
     response = client.post("/v1/predict", json={"records": [RECORD, {**RECORD, "x1": value}]})
     assert response.status_code == 422 and "rows [1]" in response.json()["detail"]
     assert client.post("/v1/predict", json={"records": [RECORD]}).status_code == 200
-    with pytest.raises(DanluError, match="not a finite number for row 2"):
+    with pytest.raises(DanluError, match=from_a_frame):
         danlu.load(run.path).predict(pd.DataFrame([RECORD, {**RECORD, "x1": value}]))
 
 

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -152,3 +154,41 @@ def test_round_trip_property(rows):
     assert np.array_equal(x1, x2) and np.array_equal(c1, c2)
     assert np.isfinite(x1).all()
     assert list(again.labels(again.encode_target(frame["y"]))) == list(frame["y"])
+
+
+@pytest.mark.parametrize("column", ["b", "price"])  # a feature, the regression target
+@pytest.mark.parametrize("value", [1e39, -1e307, 4e38])
+def test_a_value_beyond_float32s_range_is_named_with_the_fix(column, value):
+    """The model (and an exported model's raw inputs and outputs) is float32, and the fitted moments
+    square the values: a finite value beyond float32's range is one line naming it, not a NaN scaler
+    and a traceback when preprocess.json is written."""
+    frame = regression_frame(30)
+    frame.loc[6, column] = value
+    which = "target column" if column == "price" else "column"
+    expected = f"{which} '{column}' has {value:g} at row 7, beyond float32's range"
+    with pytest.raises(DanluError, match=re.escape(expected)):
+        fit(frame, "price", "data.task=regression")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(width=32, allow_nan=False, allow_infinity=False),
+            st.floats(width=32, allow_infinity=False),
+        ),
+        min_size=4,
+        max_size=30,
+    )
+)
+def test_any_float32_values_fit_finite_scalers_and_inputs(rows):
+    """Any float32 values, from the smallest to the largest either side, NaN among the features: the
+    fitted means and spreads are finite (strict JSON), and so is every standardized input and target."""
+    frame = pd.DataFrame(rows, columns=["y", "x"])
+    if frame["x"].isna().all() or np.ptp(frame["y"]) <= 1e-12 * max(1.0, abs(frame["y"].mean())):
+        return  # nothing to scale, or a constant target (its own error)
+    pre = fit(frame, "y", "data.task=regression")
+    again = Preprocessor.from_json(pre.to_json())  # strict JSON: raises on NaN or infinity
+    numbers, _ = again.transform(frame)
+    assert np.isfinite(numbers).all()
+    assert np.isfinite(again.encode_target(frame["y"])).all()

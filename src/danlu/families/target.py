@@ -28,6 +28,28 @@ def json_value(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+# the largest magnitude a number the model sees may have: the model, and exported models' raw inputs and
+# outputs, are float32, and the fitted moments square the values in float64 (1e200 squared overflows)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+RESCALE = "rescale it (other units, or its logarithm)"
+MISSING_TARGET_FIX = "drop rows with a missing or infinite target, or fill them in"
+
+
+def beyond_float32(values: np.ndarray) -> int | None:
+    """The first position whose value is infinite or beyond float32's range (NaN is missing: not beyond)."""
+    beyond = np.abs(values) > FLOAT32_MAX
+    return int(beyond.argmax()) if beyond.any() else None
+
+
+def range_error(what: str, value: float, where: str, fix: str) -> DanluError:
+    """'<what> has <value> at <where>', for an infinite value (fix: the caller's) or one beyond float32's
+    range (fix: rescale)."""
+    if np.isinf(value):
+        return DanluError(f"{what} has {value} at {where}", fix)
+    beyond = f"beyond float32's range (±{FLOAT32_MAX:.1e})"
+    return DanluError(f"{what} has {value:g} at {where}, {beyond}", RESCALE)
+
+
 def _sort_labels(labels: set) -> list:
     return sorted(labels, key=lambda v: (type(v).__name__, v))
 
@@ -42,8 +64,18 @@ def check_target(target: pd.Series) -> None:
         raise DanluError(
             f"target column '{target.name}' has {json_value(target.iloc[where])!r} "
             f"at {row_name(target.index[where])}",
-            "drop rows with a missing or infinite target, or fill them in",
+            MISSING_TARGET_FIX,
         )
+
+
+def regression_values(target: pd.Series) -> np.ndarray:
+    """A checked regression target as float64: an error names a value beyond float32's range."""
+    values = target.to_numpy(dtype=np.float64)
+    where = beyond_float32(values)
+    if where is not None:
+        at = row_name(target.index[where])
+        raise range_error(f"target column '{target.name}'", values[where], at, MISSING_TARGET_FIX)
+    return values
 
 
 def state_json(data: dict[str, Any]) -> str:
@@ -127,8 +159,7 @@ class Target:
                     f"known labels: {self.classes}",
                 )
             return codes.to_numpy(dtype=np.int64, copy=True)
-        values = target.to_numpy(dtype=np.float64)
-        return ((values - self.mean) / self.std).astype(np.float32)
+        return ((regression_values(target) - self.mean) / self.std).astype(np.float32)
 
     def decode(self, outputs: np.ndarray) -> np.ndarray:
         """Model outputs -> class probabilities [n, k] or values in original units [n]."""
@@ -176,7 +207,7 @@ class TargetFitter:
         if self.task == "classification":
             self.labels.update(json_value(v) for v in target.unique())
         else:
-            self.moments.update(0, target.to_numpy(dtype=np.float64))
+            self.moments.update(0, regression_values(target))
 
     def finish(self) -> Target:
         """Raises DanluError for a single class or a constant value: nothing to learn."""

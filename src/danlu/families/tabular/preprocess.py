@@ -16,7 +16,16 @@ import pandas as pd
 
 from danlu.errors import DanluError
 from danlu.families.tabular.schema import Schema
-from danlu.families.target import FamilyState, RunningMoments, Target, TargetFitter, is_constant, row_name
+from danlu.families.target import (
+    FamilyState,
+    RunningMoments,
+    Target,
+    TargetFitter,
+    beyond_float32,
+    is_constant,
+    range_error,
+    row_name,
+)
 
 
 @dataclass
@@ -49,11 +58,12 @@ def numeric_values(frame: pd.DataFrame, name: str) -> np.ndarray:
                 f"fix or blank that value, or declare the column categorical: data.categorical=[{name}]",
             )
         values = parsed.to_numpy(dtype=np.float64, na_value=np.nan)
-    infinite = np.isinf(values)
-    if infinite.any():
-        where = infinite.argmax()
-        raise DanluError(
-            f"column '{name}' has {values[where]} at {row_name(column.index[where])}",
+    where = beyond_float32(values)
+    if where is not None:
+        raise range_error(
+            f"column '{name}'",
+            values[where],
+            row_name(column.index[where]),
             "replace infinite values with finite ones or leave them empty",
         )
     return values
