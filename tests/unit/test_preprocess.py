@@ -192,3 +192,17 @@ def test_any_float32_values_fit_finite_scalers_and_inputs(rows):
     numbers, _ = again.transform(frame)
     assert np.isfinite(numbers).all()
     assert np.isfinite(again.encode_target(frame["y"])).all()
+
+
+def test_a_categorical_column_of_ids_or_timestamps_is_named_in_a_warning(caplog):
+    """An ID or a timestamp read as a category: nearly every value once, nothing future rows share. Named
+    in one warning; a column of a few values repeated is not."""
+    frame = mixed_frame(120)
+    frame["id"] = [f"user-{i}" for i in range(120)]
+    frame["when"] = pd.date_range("2024-01-01", periods=120, freq="h").astype(str)
+    with caplog.at_level("WARNING", logger="danlu"):
+        pre = fit(frame, "label", "data.categorical=[color, id, when]")
+    warned = [r.getMessage() for r in caplog.records]
+    assert [c.name for c in pre.categorical] == ["color", "id", "when"]
+    assert len(warned) == 2 and all("distinct values in 120 training rows" in w for w in warned)
+    assert warned[0].startswith("column 'id' is categorical with 120") and "column 'when'" in warned[1]

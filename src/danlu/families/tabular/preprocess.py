@@ -8,6 +8,7 @@ are standardized for training and reported in original units.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +27,11 @@ from danlu.families.target import (
     range_error,
     row_name,
 )
+
+log = logging.getLogger("danlu")
+# a categorical column with at least this many values, most of them seen once, is named in a warning: as a
+# category an ID or a timestamp teaches nothing rows to come share (each new value is the unknown one)
+ID_LIKE_VALUES = 50
 
 
 @dataclass
@@ -185,6 +191,7 @@ class PreprocessorFitter:
         self.moments = RunningMoments(n)
         self.missing = np.zeros(n)
         self.seen: list[set[str]] = [set() for _ in schema.categorical]
+        self.present = np.zeros(len(schema.categorical))  # rows with a value, per categorical column
         self.target = TargetFitter(schema.task, schema.target)
         self.rows = 0
 
@@ -197,7 +204,9 @@ class PreprocessorFitter:
             self.missing[j] += len(values) - len(present)
         for j, name in enumerate(self.schema.categorical):
             values = category_strings(frame[name]).dropna()
-            self.seen[j].update(values[values != ""].unique())  # "" is missing, as in raw_inputs
+            values = values[values != ""]  # "" is missing, as in raw_inputs
+            self.seen[j].update(values.unique())
+            self.present[j] += len(values)
         self.target.update(frame[self.schema.target])
 
     def finish(self) -> Preprocessor:
@@ -216,4 +225,15 @@ class PreprocessorFitter:
         categorical = [
             CategoricalColumn(name, sorted(self.seen[j])) for j, name in enumerate(self.schema.categorical)
         ]
+        for j, column in enumerate(categorical):
+            distinct = len(column.values)
+            if distinct >= ID_LIKE_VALUES and distinct > self.present[j] / 2:
+                log.warning(
+                    "column '%s' is categorical with %d distinct values in %d training rows: most are seen "
+                    "once, and a value not seen in training is one unknown value. An ID: leave it out "
+                    "(data.features); dates or times: turn them into numbers (e.g. days since a date)",
+                    column.name,
+                    distinct,
+                    int(self.present[j]),
+                )
         return Preprocessor(numeric, categorical, self.target.finish())
