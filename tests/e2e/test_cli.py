@@ -109,6 +109,8 @@ def _error_cases(tmp_path):
         "huge": _csv(tmp_path, "huge.csv", huge),
         "repeated": _csv(tmp_path, "repeated.csv", mixed_frame(30).rename(columns={"x1": "x0"})),
     }
+    semicolons = tmp_path / "semicolons.csv"
+    semicolons.write_text("x0;x1;label\n1,5;2;a\n2;3;b\n")
     bad_yaml = write_config(tmp_path / "bad.yaml", "data:\n  train: [unclosed\n")
     return {
         "missing config": (["train", str(tmp_path / "nope.yaml")], "config file"),
@@ -130,6 +132,7 @@ def _error_cases(tmp_path):
             ["train", _cfg(tmp_path, files["huge"])],
             "column 'x0' has -1e+307 at row 10, beyond float32's range",
         ),
+        "semicolons": (["train", _cfg(tmp_path, semicolons)], "is separated by ';', not commas"),
         "repeated column": (["train", _cfg(tmp_path, files["repeated"])], "'x0' (columns 1 and 2)"),
         "inf target": (
             ["train", _cfg(tmp_path, files["inf"], target="y")],
@@ -168,6 +171,7 @@ CASES = [
     "stray text",
     "inf target",
     "repeated column",
+    "semicolons",
     "value beyond float32",
     "custom model import",
     "control characters",

@@ -81,6 +81,26 @@ def test_a_csv_with_two_columns_of_one_name_is_refused_whole_or_streamed(tmp_pat
         list(stream_frames(str(path)))
 
 
+@pytest.mark.parametrize(("separator", "called"), [(";", "';'"), ("\t", "tabs"), ("|", "'|'")])
+def test_a_csv_separated_otherwise_is_named_not_a_missing_column(tmp_path, separator, called):
+    """A file separated by semicolons (a European spreadsheet's CSV), tabs or bars reads as one column
+    holding the whole header: said so, whole or streamed, not that every column is missing."""
+    path = tmp_path / "d.csv"
+    path.write_text(separator.join(["x", "y", "label"]) + "\n" + separator.join(["1,5", "2", "a"]) + "\n")
+    expected = f"'{path}' is separated by {called}, not commas"
+    with pytest.raises(DanluError, match=expected):
+        open_table(str(path))
+    with pytest.raises(DanluError, match=expected):
+        list(stream_frames(str(path)))
+
+
+def test_a_csv_of_one_column_is_read(tmp_path):
+    """One column whose values hold semicolons, as texts do: only the header is looked at."""
+    path = tmp_path / "d.csv"
+    path.write_text('text\n"a; b"\nc|d\n')
+    assert open_table(str(path)).read_all()["text"].tolist() == ["a; b", "c|d"]
+
+
 def test_unnamed_columns_and_names_pandas_would_rename_are_not_repeats(tmp_path):
     """Empty header cells (pandas names each 'Unnamed: N'), and 'a' beside 'a.1' as written, are read."""
     path = tmp_path / "d.csv"

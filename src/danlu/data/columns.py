@@ -41,6 +41,24 @@ def empty_csv_error(path: Path | str) -> DanluError:
     return DanluError(f"'{path}' is empty", "pass a CSV with a header row and data rows")
 
 
+def check_separator(path: Path | str, names: list[str]) -> None:
+    """A CSV header read as one column that holds another separator (';', a tab, '|'): the file is not
+    comma-separated, and every column danlu looks for would be missing from it.
+
+    Raises:
+        DanluError: naming the separator.
+    """
+    if len(names) != 1:
+        return
+    for separator, called in ((";", "';'"), ("\t", "tabs"), ("|", "'|'")):
+        if len(names[0].split(separator)) > 1:
+            raise DanluError(
+                f"'{path}' is separated by {called}, not commas (its header reads as one column "
+                f"{names[0]!r})",
+                "save it as comma-separated CSV",
+            )
+
+
 def no_rows_error(name: Path | str) -> DanluError:
     """A data file with a header and no rows."""
     return DanluError(f"'{name}' has no data rows", "pass a file with at least a few rows")
@@ -117,6 +135,8 @@ def check_data_files(data: DataConfig) -> None:
         if _is_empty_csv(path, head):
             raise empty_csv_error(path)
         columns, has_rows = head
+        if path.suffix.lower() in CSV:
+            check_separator(path, columns)
         where = "the data" if key == "train" else f"data.{key} '{spec}'"
         for what, names in named:
             _check_columns(path, columns, names, what, where)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from danlu.config import SYNTHETIC_PREFIX, SyntheticConfig, existing_data
-from danlu.data.columns import empty_csv_error
+from danlu.data.columns import check_separator, empty_csv_error
 from danlu.data.dataset import Fingerprinted
 from danlu.errors import DanluError
 
@@ -231,8 +231,11 @@ def unique_columns(names: list[str], path: Path) -> list[str]:
 def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
     try:
         # the header as written (header=None: pandas does not rename repeated names in a data row)
-        written = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False)
-        unique_columns([str(c) for c in written.iloc[0]], path)
+        written = [
+            str(c) for c in pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]
+        ]
+        check_separator(path, written)
+        unique_columns(written, path)
         return pd.read_csv(path, **kwargs)
     except pd.errors.EmptyDataError:
         raise empty_csv_error(path) from None
