@@ -34,8 +34,8 @@ GREEDY_BELOW = 1e-5
 # starts from 64 rather than widening for all. Sorting the 49,152-token vocabulary takes 20 to 30 times as
 # long as finding the top 64 on a CPU. On an accelerator every row's sets come from one sort of its whole
 # vocabulary instead (device_candidates): a later round there waits mid-step for the device to finish all the
-# work queued before it, and at 64 streams most steps would take one (with 2.5% of row-steps over 64 tokens, 1
-# - 0.975^64 = 80%).
+# work queued before it, and at 64 streams most steps would take one (with 2.5% of row-steps over 64 tokens,
+# 1 - 0.975^64 = 80% of steps).
 CANDIDATES = 64
 UNSETTLED = -2  # _draw_cut's token for a row whose top-p set its candidates do not settle
 
