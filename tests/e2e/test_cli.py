@@ -265,13 +265,15 @@ def test_a_mistyped_column_is_named_before_torch_loads(tmp_path):
 
 
 def test_a_file_without_rows_and_a_validation_file_without_the_column_are_named_before_torch(tmp_path):
-    """The other data files are checked as the training file is, and a file with no data rows too: one
-    line each, before torch or any process launched."""
+    """The other data files are checked as the training file is, and a file with no data rows or another
+    separator too: one line each, before torch or any process launched."""
     data, headed, empty, other = (tmp_path / n for n in ("data.csv", "headed.csv", "empty.csv", "other.csv"))
     data.write_text("x,label\n1,a\n")
     headed.write_text("x,label\n")
     empty.write_text("")
     other.write_text("x,class\n1,a\n")
+    semicolons = tmp_path / "semicolons.csv"
+    semicolons.write_text("x;label\n1;a\n")
     config = _cfg(tmp_path, data)
     for args, expected in (
         (["train", _cfg(tmp_path, headed), "--nproc", "2"], f"'{headed}' has no data rows"),
@@ -281,6 +283,7 @@ def test_a_file_without_rows_and_a_validation_file_without_the_column_are_named_
             f"target column 'label' not in data.validation '{other}'",
         ),
         (["train", config, f"data.test={headed}"], f"'{headed}' has no data rows"),
+        (["train", config, f"data.validation={semicolons}"], f"'{semicolons}' is separated by ';'"),
     ):
         result = main_in_a_fresh_interpreter([*args, "--out", str(tmp_path / "run")])
         assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)
