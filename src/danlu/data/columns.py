@@ -1,11 +1,11 @@
 """The data files a config names (data.train, validation, test), checked from their first rows before torch
-loads: a file with no data rows, and a mistyped column name (data.target, features, text, image), after
-a mistyped path the commonest mistakes, come back in well under a second (the nearest column named), not
-after torch's import and the data load (or once per process under torchrun). Only the head is read: a
-CSV's first rows (the csv module; pandas confirms a name it seems to lack, so its reading of the header
-decides), a Parquet file's schema and row count. Other sources (NPY, NPZ, JSON Lines, folders, synthetic
-data) are left to the family's own checks, as is any file this cannot read: the data load reports those
-with the whole file at hand."""
+loads: a file with no data rows, a repeated column name, and a mistyped column name (data.target, features,
+text, image), after a mistyped path the commonest mistakes, come back in well under a second (the nearest
+column named), not after torch's import and the data load (or once per process under torchrun). Only the
+head is read: a CSV's first rows (the csv module; pandas confirms a name it seems to lack, so its reading of
+the header decides), a Parquet file's schema and row count. Other sources (NPY, NPZ, JSON Lines, folders,
+synthetic data) are left to the family's own checks, as is any file this cannot read: the data load reports
+those with the whole file at hand."""
 
 from __future__ import annotations
 
@@ -57,6 +57,24 @@ def check_separator(path: Path | str, names: list[str]) -> None:
                 f"{names[0]!r})",
                 "save it as comma-separated CSV",
             )
+
+
+def unique_columns(names: list[str], path: Path | str) -> list[str]:
+    """The names, where no two are the same: a file with two columns of one name is refused (pandas would
+    rename the second 'a' to 'a.1', and a model would train on, or be given, a column nobody named).
+
+    Raises:
+        DanluError: a name is repeated.
+    """
+    seen: dict[str, int] = {}
+    for number, name in enumerate(names, 1):
+        if name in seen and name:  # unnamed columns are each given their own name ('Unnamed: 3')
+            raise DanluError(
+                f"'{path}' has two columns named '{name}' (columns {seen[name]} and {number})",
+                "rename or remove one of them",
+            )
+        seen[name] = number
+    return names
 
 
 def no_rows_error(name: Path | str) -> DanluError:
@@ -137,6 +155,7 @@ def check_data_files(data: DataConfig) -> None:
         columns, has_rows = head
         if path.suffix.lower() in CSV:
             check_separator(path, columns)
+        unique_columns(columns, path)
         where = "the data" if key == "train" else f"data.{key} '{spec}'"
         for what, names in named:
             _check_columns(path, columns, names, what, where)
@@ -147,8 +166,8 @@ def check_data_files(data: DataConfig) -> None:
 def _check_columns(path: Path, columns: list[str], names: list[str], what: str, where: str) -> None:
     missing = [name for name in names if name not in columns]
     if missing and path.suffix.lower() in CSV:
-        # the csv module's header is pandas' but for duplicate names (pandas renames the second 'a' to
-        # 'a.1') and quoting corner cases: pandas decides before anything is refused
+        # the csv module's header is pandas' but for quoting corner cases: pandas decides before anything
+        # is refused (repeated names, which pandas would rename, were refused before this)
         columns = _pandas_header(path) or []
         missing = [name for name in names if name not in columns] if columns else []
     if missing:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from danlu.config import SYNTHETIC_PREFIX, SyntheticConfig, existing_data
-from danlu.data.columns import check_separator, empty_csv_error
+from danlu.data.columns import check_separator, empty_csv_error, unique_columns
 from danlu.data.dataset import Fingerprinted
 from danlu.errors import DanluError
 
@@ -208,24 +208,6 @@ def synthetic_frame(kind: str, params: SyntheticConfig) -> pd.DataFrame:
     frame = pd.DataFrame(x.astype(np.float32), columns=[f"x{j}" for j in range(x.shape[1])])
     frame[target] = y
     return frame
-
-
-def unique_columns(names: list[str], path: Path) -> list[str]:
-    """The names, where no two are the same: a file with two columns of one name is refused (pandas would
-    rename the second 'a' to 'a.1', and a model would train on, or be given, a column nobody named).
-
-    Raises:
-        DanluError: a name is repeated.
-    """
-    seen: dict[str, int] = {}
-    for number, name in enumerate(names, 1):
-        if name in seen and name:  # unnamed columns are each given their own name ('Unnamed: 3')
-            raise DanluError(
-                f"'{path}' has two columns named '{name}' (columns {seen[name]} and {number})",
-                "rename or remove one of them",
-            )
-        seen[name] = number
-    return names
 
 
 def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
