@@ -72,10 +72,19 @@ def _print_run(result: dict, args) -> int:
         return 0
     print(
         f"  {result['metric']:<19} torch {result['torch']:.4f}  exported {result['exported']:.4f}  "
-        f"change {-result['metric_drop']:+.4f}"
+        f"change {signed_change(-result['metric_drop'])}"
         + (f" (limit -{args.max_metric_drop:g})" if args.quantize else "")
     )
     return 0
+
+
+def signed_change(change: float) -> str:
+    """A metric's change to four places with its sign: +0.0000 for none (not -0.0000, as -0.0 would print),
+    and one too small for four places in two figures (-2.5e-05: one row of 40,000 flipped)."""
+    text = f"{change:+.4f}"
+    if float(text) != 0 or change == 0:
+        return text.replace("-0.0000", "+0.0000")
+    return f"{change:+.1e}"
 
 
 def _print_gguf(result: dict, args) -> int:
