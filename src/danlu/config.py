@@ -94,6 +94,12 @@ class DataConfig(Section):
     target: str | None = Field(None, description="target column (default for synthetic: label / target)")
     features: list[str] | None = Field(None, description="feature columns; default: all but the target")
     categorical: list[str] = Field(default_factory=list, description="columns to treat as categorical")
+    max_categories: int | None = Field(
+        10_000,
+        ge=1,
+        description="categorical columns keep their N most common training values; the rest share the "
+        "unknown value's index (null: keep every value)",
+    )
     task: Literal["auto", "classification", "regression"] = Field("auto", description="inferred when auto")
     in_memory: Literal["auto"] | bool = Field("auto", description="auto: in memory if under the budget")
     memory_budget_gb: float | None = Field(

@@ -206,3 +206,40 @@ def test_a_categorical_column_of_ids_or_timestamps_is_named_in_a_warning(caplog)
     assert [c.name for c in pre.categorical] == ["color", "id", "when"]
     assert len(warned) == 2 and all("distinct values in 120 training rows" in w for w in warned)
     assert warned[0].startswith("column 'id' is categorical with 120") and "column 'when'" in warned[1]
+
+
+def test_a_categorical_column_keeps_its_most_common_values_up_to_max_categories(caplog):
+    """data.max_categories=3: the three most common training values (a tie broken in sorted order) keep
+    their own index; the rest share index 0 with unseen and missing values, in training and after."""
+    counts = {"d": 5, "b": 4, "a": 3, "c": 3, "e": 1}
+    frame = pd.DataFrame({"shop": [v for v, n in counts.items() for _ in range(n)]})
+    frame["x0"], frame["label"] = np.arange(len(frame), dtype=float), ["y", "n"] * 8
+    with caplog.at_level("INFO", logger="danlu"):
+        pre = fit(frame, "label", "data.max_categories=3")
+    assert pre.categorical[0].values == ["a", "b", "d"]  # d, b and a (before c) by count, kept sorted
+    said = [r.getMessage() for r in caplog.records if "max_categories" in r.getMessage()]
+    assert said == [
+        "column 'shop' keeps its 3 most common values of 5; the other 2 (4 training rows, 25.0%) count as "
+        "unknown (data.max_categories)"
+    ]
+    _, codes = pre.transform(pd.DataFrame({"shop": ["a", "b", "c", "d", "e", "never", None], "x0": 0.0}))
+    assert codes[:, 0].tolist() == [1, 2, 0, 3, 0, 0, 0]
+    assert Preprocessor.from_json(pre.to_json()).categorical == pre.categorical
+    # null keeps every value, and so does the default under 10,000 values
+    assert fit(frame, "label", "data.max_categories=null").categorical[0].values == list("abcde")
+    assert fit(frame, "label").categorical[0].values == list("abcde")
+
+
+def test_the_most_common_values_are_counted_over_every_chunk():
+    """Out of memory, the fitter sees the training rows chunk by chunk: a value common over the whole
+    file but rare in each chunk is kept, as when the whole frame is fitted at once."""
+    shops = ["spread"] * 6 + ["first"] * 4 + ["second"] * 4
+    order = [0, 1, 2, 6, 7, 8, 9, 3, 4, 5, 10, 11, 12, 13]  # 'spread' 3 + 3, 'first' 4, 'second' 4
+    frame = pd.DataFrame({"shop": [shops[i] for i in order], "x0": 1.0, "label": ["y", "n"] * 7})
+    config = load_config(None, ["data.train=x.csv", "data.target=label", "data.max_categories=1"]).data
+    whole = PreprocessorFitter(infer_schema(frame, config))
+    whole.update(frame)
+    chunked = PreprocessorFitter(infer_schema(frame, config))
+    chunked.update(frame.iloc[:7])
+    chunked.update(frame.iloc[7:])
+    assert whole.finish().categorical[0].values == chunked.finish().categorical[0].values == ["spread"]

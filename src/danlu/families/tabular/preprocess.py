@@ -1,14 +1,16 @@
 """Preprocessing fitted on the training split only and stored as JSON (never pickle).
 
 Numeric columns: mean imputation, a missing-indicator where training data had gaps, standardization.
-Categorical columns: value -> index with 0 as the bucket for unseen or missing values (the model embeds
-or one-hot encodes them). Classification labels of any type map to indices and back; regression targets
-are standardized for training and reported in original units.
+Categorical columns: value -> index with 0 as the bucket for unseen or missing values, and for the rarer
+values of a column with more than data.max_categories (the model embeds or one-hot encodes them).
+Classification labels of any type map to indices and back; regression targets are standardized for
+training and reported in original units.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -190,8 +192,7 @@ class PreprocessorFitter:
         n = len(schema.numeric)
         self.moments = RunningMoments(n)
         self.missing = np.zeros(n)
-        self.seen: list[set[str]] = [set() for _ in schema.categorical]
-        self.present = np.zeros(len(schema.categorical))  # rows with a value, per categorical column
+        self.counts: list[Counter[str]] = [Counter() for _ in schema.categorical]  # rows per value
         self.target = TargetFitter(schema.task, schema.target)
         self.rows = 0
 
@@ -205,8 +206,7 @@ class PreprocessorFitter:
         for j, name in enumerate(self.schema.categorical):
             values = category_strings(frame[name]).dropna()
             values = values[values != ""]  # "" is missing, as in raw_inputs
-            self.seen[j].update(values.unique())
-            self.present[j] += len(values)
+            self.counts[j].update(values.value_counts(sort=False).to_dict())
         self.target.update(frame[self.schema.target])
 
     def finish(self) -> Preprocessor:
@@ -223,17 +223,35 @@ class PreprocessorFitter:
             for j, name in enumerate(self.schema.numeric)
         ]
         categorical = [
-            CategoricalColumn(name, sorted(self.seen[j])) for j, name in enumerate(self.schema.categorical)
+            self._vocabulary(name, counts)
+            for name, counts in zip(self.schema.categorical, self.counts, strict=True)
         ]
-        for j, column in enumerate(categorical):
-            distinct = len(column.values)
-            if distinct >= ID_LIKE_VALUES and distinct > self.present[j] / 2:
-                log.warning(
-                    "column '%s' is categorical with %d distinct values in %d training rows: most are seen "
-                    "once, and a value not seen in training is one unknown value. An ID: leave it out "
-                    "(data.features); dates or times: turn them into numbers (e.g. days since a date)",
-                    column.name,
-                    distinct,
-                    int(self.present[j]),
-                )
         return Preprocessor(numeric, categorical, self.target.finish())
+
+    def _vocabulary(self, name: str, counts: Counter[str]) -> CategoricalColumn:
+        """The column's values in sorted order: the max_categories most common (ties in sorted order)."""
+        present, cap = counts.total(), self.schema.max_categories
+        if len(counts) >= ID_LIKE_VALUES and len(counts) > present / 2:
+            log.warning(
+                "column '%s' is categorical with %d distinct values in %d training rows: most are seen "
+                "once, and a value not seen in training is one unknown value. An ID: leave it out "
+                "(data.features); dates or times: turn them into numbers (e.g. days since a date)",
+                name,
+                len(counts),
+                present,
+            )
+        if cap is None or len(counts) <= cap:
+            return CategoricalColumn(name, sorted(counts))
+        kept = sorted(counts, key=lambda value: (-counts[value], value))[:cap]
+        rare = present - sum(counts[value] for value in kept)
+        log.info(
+            "column '%s' keeps its %d most common values of %d; the other %d (%d training rows, %.1f%%) "
+            "count as unknown (data.max_categories)",
+            name,
+            cap,
+            len(counts),
+            len(counts) - cap,
+            rare,
+            100 * rare / present,
+        )
+        return CategoricalColumn(name, sorted(kept))

@@ -22,6 +22,7 @@ class Schema:
     target: str
     numeric: list[str]
     categorical: list[str]
+    max_categories: int | None = None  # values kept per categorical column (data.max_categories)
 
 
 def is_mostly_numeric_text(column: pd.Series) -> bool:
@@ -77,4 +78,4 @@ def infer_schema(sample: pd.DataFrame, config: DataConfig) -> Schema:
         else:
             categorical.append(name)
     task = config.task if config.task != "auto" else infer_task(sample[target])
-    return Schema(task=task, target=target, numeric=numeric, categorical=categorical)
+    return Schema(task, target, numeric, categorical, config.max_categories)
