@@ -215,6 +215,25 @@ def test_errors_name_the_problem(tmp_path, data, base):
     assert not (tmp_path / "i").exists()  # a failed set-up leaves nothing
 
 
+def test_an_alpaca_json_array_is_conversations_named_by_item(tmp_path, base):
+    """alpaca_data.json's shape (one JSON array of instruction/input/output objects) is picked for a causal
+    LM as JSON Lines is, trains, and its items are named in errors and in --show-sample."""
+    rows = [{"instruction": question(i), "input": "", "output": answer(i)} for i in range(40)]
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps(rows, indent=2))
+    run = fit(tmp_path / "run", alpaca, base, "train.epochs=1")
+    assert run.config.data.family == "causal_lm" and run.report["causal_lm"]["conversations"] > 0
+    sample = danlu.show_sample({"data": {"train": str(alpaca)}, "model": {"pretrained": str(base)}})
+    assert sample.startswith(f"{alpaca} item 1, chat template")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": question(i)} for i in range(2)]))
+    assert danlu.predict_file(run.path, prompts, tmp_path / "answers.jsonl") == 2
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps([*rows, {"instruction": "x " * 300, "output": "y"}]))
+    with pytest.raises(DanluError, match=r"long.json: the conversation at item 41 has .* tokens"):
+        fit(tmp_path / "e", long, base, "data.on_long=error")
+
+
 def test_batches_are_drawn_at_random_unless_grouped_by_length(tmp_path, base):
     """Conversations train in random batches by default; data.group_by_length: true pads less."""
     varied = tmp_path / "varied.jsonl"

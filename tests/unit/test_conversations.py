@@ -1,5 +1,5 @@
 """Conversation files for fine-tuning: every common row shape normalized to messages, malformed rows named
-by their line, untrainable rows counted by reason, JSONL and Parquet alike."""
+by their line, untrainable rows counted by reason, JSONL, JSON and Parquet alike."""
 
 import json
 
@@ -108,3 +108,52 @@ def test_prompts_to_answer_take_every_shape_without_an_answer(tmp_path):
         read_prompts(path)
     with pytest.raises(RowError, match="an alpaca row needs both"):
         to_messages({"instruction": "x"})  # training still needs the answer
+
+
+ROWS = [
+    {"instruction": "Add.", "input": "2 2", "output": "4"},
+    {"prompt": "hi"},  # no completion: a malformed row, named by where it is
+]
+
+
+FORMATS = {
+    # alpaca_data.json's shape: one JSON array, pretty-printed
+    "alpaca.json": (lambda rows: json.dumps(rows, indent=2), "utf-8", "item"),
+    # `datasets` writes .json as JSON Lines
+    "lines.json": (lambda rows: "\n".join(json.dumps(r) for r in rows), "utf-8", "line"),
+    # Windows tools write UTF-8 with a byte-order mark, and CRLF line ends
+    "marked.jsonl": (lambda rows: "\r\n".join(json.dumps(r) for r in rows), "utf-8-sig", "line"),
+    "marked.json": (lambda rows: "\n  " + json.dumps(rows), "utf-8-sig", "item"),
+}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_json_arrays_json_lines_and_a_byte_order_mark_are_read(tmp_path, name):
+    write, encoding, unit = FORMATS[name]
+    path = tmp_path / name
+    path.write_text(write(ROWS), encoding=encoding, newline="")
+    assert read_prompts(path) == [[user("Add.\n\n2 2")], [user("hi")]]
+    with pytest.raises(DanluError, match=f"{name} {unit} 2: a row with prompt needs completion"):
+        read_conversations(path)
+    path.write_text(write(ROWS[:1]), encoding=encoding, newline="")
+    found = read_conversations(path)
+    assert found.messages == [[user("Add.\n\n2 2"), assistant("4")]] and found.lines == [1]
+    assert found.unit == unit
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (
+            json.dumps({"data": ROWS}, indent=2),
+            r"is one JSON object \(its keys: data\), not a conversation per",
+        ),
+        (json.dumps(ROWS)[:-3], "is not a JSON array: "),
+        ('{"prompt": "a", "completion": "b"}\n{oops', "line 2 is not JSON"),
+    ],
+)
+def test_a_json_file_that_is_neither_is_one_line_saying_so(tmp_path, text, match):
+    path = tmp_path / "chats.json"
+    path.write_text(text)
+    with pytest.raises(DanluError, match=match):
+        read_conversations(path)

@@ -37,7 +37,7 @@ TRAIN_DEFAULTS = {
     "precision": "auto",
     "grad_clip": 1.0,
 }
-CONVERSATION_FILES = (".jsonl", ".parquet", ".pq")
+CONVERSATION_FILES = (".jsonl", ".json", ".parquet", ".pq")
 
 
 def detect(data_config: DataConfig, model: ModelConfig) -> bool:

@@ -1,5 +1,6 @@
-"""Conversations to fine-tune on: rows of a JSONL or Parquet file in any of the common shapes, each
-normalized to a list of messages ({"role", "content"} with role system, user or assistant):
+"""Conversations to fine-tune on: rows of a JSONL, JSON (an array, as alpaca_data.json, or one object per
+line, as `datasets` writes .json) or Parquet file in any of the common shapes, each normalized to a list
+of messages ({"role", "content"} with role system, user or assistant):
 
 - OpenAI chat: {"messages": [{"role": ..., "content": ...}, ...]} (multi-turn; content a string or a list
   of text parts);
@@ -31,32 +32,60 @@ NO_ASSISTANT = "no assistant turn"
 
 @dataclass
 class Conversations:
-    """The trainable conversations of a file, in file order, with the 1-based line (JSONL) or row
-    (Parquet) each came from, and how many rows were skipped, by reason."""
+    """The trainable conversations of a file, in file order, with the 1-based line (JSON Lines), item (a
+    JSON array) or row (Parquet) each came from, and how many rows were skipped, by reason."""
 
     messages: list[list[dict[str, str]]] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    unit: str = "line"  # what lines[i] counts: line, item or row
 
 
 class RowError(ValueError):
     """A malformed row: what is wrong with it, for the caller to place in the file."""
 
 
-def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line or row number from 1, the row as parsed) of a .jsonl or .parquet file."""
+def row_unit(path: Path) -> str:
+    """What a row's number counts in `path`: 'row' (Parquet), 'item' (a .json file holding an array) or
+    'line' (JSON Lines, whether named .jsonl or .json)."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
+    if suffix in (".parquet", ".pq"):
+        return "row"
+    return "item" if suffix == ".json" and _first_character(path) == "[" else "line"
+
+
+def _first_character(path: Path) -> str:
+    """The first character that is not white space (nor a byte-order mark), '' for none."""
+    with path.open(encoding="utf-8-sig", errors="replace") as text:
+        while chunk := text.read(4096):
+            if stripped := chunk.lstrip():
+                return stripped[0]
+    return ""
+
+
+def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, item or row number from 1, the row as parsed) of a .jsonl, .json or .parquet file. A
+    byte-order mark before the first row (as Windows tools write UTF-8) is skipped."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json") and row_unit(path) == "item":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))
+        except ValueError as exc:
+            raise DanluError(
+                f"{path.name} is not a JSON array: {exc}",
+                "write a JSON array of objects, or one object per line",
+            ) from None
+        yield from enumerate(rows, 1)
+    elif suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8-sig") as lines:
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
-                    yield number, json.loads(line)
+                    row = json.loads(line)
                 except ValueError as exc:
-                    raise DanluError(
-                        f"{path.name} line {number} is not JSON: {exc}", "write one JSON object per line"
-                    ) from None
+                    raise _not_json_lines(path, number, exc) from None
+                yield number, row
     elif suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
@@ -67,14 +96,30 @@ def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, row
     else:
         raise DanluError(
-            f"'{path}' is not a conversation file", "use JSONL (one conversation per line) or Parquet"
+            f"'{path}' is not a conversation file",
+            "use JSONL (one conversation per line), JSON (an array of conversations) or Parquet",
         )
+
+
+def _not_json_lines(path: Path, number: int, exc: ValueError) -> DanluError:
+    """A line that is not JSON; said as such when the whole file is one JSON object over several lines."""
+    fix = "write one JSON object per line, or a JSON array of objects"
+    try:
+        whole = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError:
+        whole = None
+    if isinstance(whole, dict):
+        keys = ", ".join(sorted(map(str, whole))) or "none"
+        return DanluError(
+            f"{path.name} is one JSON object (its keys: {keys}), not a conversation per line", fix
+        )
+    return DanluError(f"{path.name} line {number} is not JSON: {exc}", fix)
 
 
 def read_conversations(path: Path) -> Conversations:
     """Every row of the file normalized to messages. Raises DanluError naming the first malformed row."""
-    found = Conversations()
-    unit = "line" if path.suffix.lower() == ".jsonl" else "row"
+    found = Conversations(unit=row_unit(path))
+    unit = found.unit
     for number, row in read_rows(path):
         try:
             messages = to_messages(row)
@@ -124,7 +169,7 @@ def read_prompts(path: Path) -> list[list[dict[str, str]]]:
     """Every row of a file as messages to answer: a trailing assistant turn (a reference answer) is
     dropped. A malformed row, or a role other than the three, is an error naming its line."""
     prompts = []
-    unit = "line" if path.suffix.lower() == ".jsonl" else "row"
+    unit = row_unit(path)
     for number, row in read_rows(path):
         try:
             messages = to_messages(row, answered=False)

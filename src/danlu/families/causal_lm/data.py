@@ -120,6 +120,7 @@ def encode_all(
     lines: list[int],
     on_long: str,
     name: str,
+    unit: str = "line",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], Counter]:
     """Every conversation's ids and labels, flat, with offsets; the positions (in `conversations`) kept,
     and the skipped ones counted by reason."""
@@ -135,8 +136,8 @@ def encode_all(
         if len(encoded.input_ids) > state.max_length:
             if on_long == "error":
                 raise DanluError(
-                    f"{name}: the conversation at line {lines[i]} has {len(encoded.input_ids)} tokens, over "
-                    f"data.max_length={state.max_length}",
+                    f"{name}: the conversation at {unit} {lines[i]} has {len(encoded.input_ids)} tokens, "
+                    f"over data.max_length={state.max_length}",
                     "raise data.max_length, shorten it, or set data.on_long=skip",
                 )
             skipped[TOO_LONG] += 1
@@ -178,7 +179,9 @@ def encode_file(
     state: CausalLMState, template: Template, spec: str, on_long: str
 ) -> tuple[Conversations, Encoded]:
     found = read_conversations(Path(spec))
-    encoded = Encoded(*encode_all(state, template, found.messages, found.lines, on_long, Path(spec).name))
+    encoded = Encoded(
+        *encode_all(state, template, found.messages, found.lines, on_long, Path(spec).name, found.unit)
+    )
     encoded.skipped += found.skipped
     if encoded.skipped:
         rows = len(found.messages) + sum(found.skipped.values())
@@ -262,8 +265,9 @@ def sample_text(config: Config) -> str:
         )
     first = encoded.part(np.arange(1), state.pad_id, torch.device("cpu"))
     return (
-        f"{config.data.train} line {found.lines[encoded.kept[0]]}, chat template '{state.template_name}', "
-        f"train.loss_on={state.loss_on}: {first.trained} trained tokens between [[ ]]\n{_shown(state, first)}"
+        f"{config.data.train} {found.unit} {found.lines[encoded.kept[0]]}, "
+        f"chat template '{state.template_name}', train.loss_on={state.loss_on}: {first.trained} trained "
+        f"tokens between [[ ]]\n{_shown(state, first)}"
     )
 
 
