@@ -15,7 +15,11 @@ def test_each_format_reads_the_same_frame(tmp_path):
     frame.to_parquet(tmp_path / "d.parquet", index=False)
     np.savez(tmp_path / "d.npz", X=frame[["a", "b", "c"]].to_numpy(), price=frame["price"].to_numpy())
     np.save(tmp_path / "d.npy", frame.to_numpy())
-    for name in ("d.csv", "d.parquet"):
+    frame.to_json(tmp_path / "d.jsonl", orient="records", lines=True)
+    # a byte-order mark, as Windows tools write UTF-8, is no part of the first column's name
+    marked = tmp_path / "marked.jsonl"
+    marked.write_text((tmp_path / "d.jsonl").read_text(), encoding="utf-8-sig")
+    for name in ("d.csv", "d.parquet", "d.jsonl", "marked.jsonl"):
         pd.testing.assert_frame_equal(open_table(str(tmp_path / name)).read_all(), frame)
     npz = open_table(str(tmp_path / "d.npz")).read_all()
     assert list(npz.columns) == ["x0", "x1", "x2", "price"]

@@ -161,7 +161,7 @@ def api_key(args) -> str | None:
         key, source = args.api_key, "--api-key"
     elif args.api_key_file is not None:
         try:
-            lines = Path(args.api_key_file).read_text().splitlines()
+            lines = Path(args.api_key_file).read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as error:
             raise DanluError(
                 f"cannot read --api-key-file '{args.api_key_file}': {error.strerror or error}",

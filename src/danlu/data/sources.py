@@ -228,7 +228,7 @@ def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
 def _read_jsonl(path: Path) -> pd.DataFrame:
     """JSON Lines: one object per line, its keys the columns."""
     try:
-        return pd.read_json(path, lines=True, dtype=False)
+        return pd.read_json(path, lines=True, dtype=False, encoding="utf-8-sig")  # a BOM is skipped
     except ValueError as exc:
         raise DanluError(
             f"cannot parse '{path}' as JSON Lines: {exc}".splitlines()[0], "write one JSON object per line"

@@ -52,7 +52,7 @@ def read_items(source: str | Path, column: str | None = None) -> Items:
     if is_image(path):
         return Items("images", [str(path)], [path.name])
     if suffix == ".txt":
-        texts = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines()]
+        texts = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8-sig").splitlines()]
         texts = [t for t in texts if t.strip()]
         return _checked(Items("texts", texts, [str(i) for i in range(len(texts))]), path)
     if suffix in TABLES:
@@ -173,7 +173,7 @@ def parse_labels(labels: str | Sequence[str] | None, labels_file: str | Path | N
     named = labels.split(",") if isinstance(labels, str) else list(labels or [])
     if labels_file is not None:
         try:
-            named += Path(labels_file).expanduser().read_text(encoding="utf-8").splitlines()
+            named += Path(labels_file).expanduser().read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise DanluError(
                 f"cannot read --labels-file '{labels_file}': {exc}", "pass a text file, one label per line"
