@@ -463,7 +463,7 @@ def _whole_run(run_dir: str | Path):
     """(family, state, RunDir) of a finished run whose family evaluates and predicts whole runs, else None."""
     run = RunDir(run_dir)
     run.require_complete()
-    family, state = families.state_from_json(run.preprocess.read_text(), run.path)
+    family, state = families.state_from_json(run.read_preprocess(), run.path)
     return (family, state, run) if family.evaluate_run is not None else None
 
 

@@ -85,7 +85,7 @@ class Predictor:
                 f"'{run.path}' is a fine-tuned language model: it answers conversations, not rows",
                 "chat with it: danlu chat RUN, or serve it: danlu serve RUN",
             )
-        family, state = families.state_from_json(run.preprocess.read_text(), run.path)
+        family, state = families.state_from_json(run.read_preprocess(), run.path)
         model = family.build_model(config.model, state)
         load_weights(model, run.weights)
         runner = None

@@ -43,6 +43,7 @@ from typing import IO, Any
 from danlu.errors import DanluError
 
 log = logging.getLogger("danlu")
+DAMAGED = "the run directory is damaged: restore the file or train again"  # the fix for a file cut short
 CONFIG = "config.yaml"
 PREPROCESS = "preprocess.json"
 WEIGHTS = "model.safetensors"
@@ -339,12 +340,40 @@ class RunDir:
 
     def read_report(self) -> dict[str, Any]:
         self.require_complete()
-        return json.loads(self.report.read_text())
+        return read_json(self.report)
+
+    def read_preprocess(self) -> str:
+        """preprocess.json's text, which the family parses (families.state_from_json), checked to be JSON."""
+        text = _read_text(self.preprocess)
+        read_json(self.preprocess, text)
+        return text
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        lines = _read_text(self.metrics).splitlines()
+        return [read_json(self.metrics, line, number) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def read_json(path: Path, text: str | None = None, line: int | None = None) -> Any:
+    """A JSON file danlu wrote into a run (or TEXT, its LINE), parsed. One cut short or edited into
+    something else since is one line naming it, not a traceback.
+
+    Raises:
+        DanluError: the file is not JSON.
+    """
+    try:
+        return json.loads(_read_text(path) if text is None else text)
+    except ValueError as exc:
+        where = f"'{path}'" + (f" line {line}" if line is not None else "")
+        raise DanluError(f"cannot read {where}: not JSON ({exc})", DAMAGED) from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DanluError(f"cannot read '{path}': not UTF-8 text ({exc})", DAMAGED) from None
 
 
 _TEMPORARY = re.compile(r"^\..+\.[^.]+\.tmp$")  # atomic_write's temporaries: .NAME.XXXXXX.tmp

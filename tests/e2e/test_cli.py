@@ -193,6 +193,44 @@ def test_errors_are_one_line_exit_2_no_traceback(tmp_path, case):
     assert not (tmp_path / "r" / "report.json").exists()
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from tests.conftest import train_quietly
+
+    return train_quietly(
+        tmp_path_factory.mktemp("finished") / "run", mixed_frame(200), "label", "train.epochs=2"
+    )
+
+
+DAMAGED_FILES = [  # a file of a finished run cut short, and a command that reads it
+    ("report.json", ["evaluate", "RUN"]),
+    ("report.json", ["runs", "compare", "RUN", "RUN"]),
+    ("preprocess.json", ["predict", "RUN", "DATA", "-o", "out.csv"]),
+    ("preprocess.json", ["export", "RUN"]),
+    ("heldout.json", ["evaluate", "RUN"]),
+    ("model.safetensors", ["predict", "RUN", "DATA", "-o", "out.csv"]),
+]
+
+
+@pytest.mark.parametrize(("name", "args"), DAMAGED_FILES, ids=lambda v: v if isinstance(v, str) else v[0])
+def test_a_run_file_cut_short_is_one_line_naming_it(tmp_path, finished_run, name, args):
+    """danlu writes a run's files atomically, so one cut short was damaged since (a copy that stopped):
+    named in one line with the fix, exit 2, not a JSONDecodeError's traceback."""
+    import shutil
+
+    run = shutil.copytree(finished_run.path, tmp_path / "run")
+    data = finished_run.path.parent / f"{finished_run.path.name}.csv"
+    (run / name).write_bytes((run / name).read_bytes()[:20])
+    result = run_cli(*[{"RUN": str(run), "DATA": str(data)}.get(a, a) for a in args], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    line = lines[0]
+    assert line.startswith("danlu: error: cannot ") and f"'{run / name}'" in line, line
+    assert line.endswith("(fix: the run directory is damaged: restore the file or train again)"), line
+    assert not (tmp_path / "out.csv").exists()
+
+
 def main_in_a_fresh_interpreter(args: list[str]) -> subprocess.CompletedProcess:
     """danlu.cli.main(ARGS) in a new Python; its stdout: the exit code, then whether torch was imported."""
     code = f"import sys; from danlu.cli import main; print(main({args!r}), 'torch' in sys.modules)"

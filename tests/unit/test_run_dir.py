@@ -198,3 +198,44 @@ def test_tracking_files_go_with_the_run_and_a_users_file_in_tensorboard_stays(tm
     (tmp_path / "run" / "trial.json").write_text("{}")
     run.prepare_new(overwrite=True)
     assert tree(tmp_path / "run") == ["tensorboard", "tensorboard/my-notes.txt"]
+
+
+@pytest.mark.parametrize("content", [b'{"family": "tab', b"\xff\xfe{}", b"", b"{} {}"])
+def test_a_damaged_json_file_of_a_run_is_one_line_naming_it(tmp_path, content):
+    """A run's JSON files are written atomically, so a damaged one was cut short or altered since (a copy
+    that stopped, an edit): each reader names the file with the fix, not a JSONDecodeError."""
+    from danlu.run import DAMAGED
+
+    run = make_run(tmp_path / "run")
+    for name, read in (
+        ("report.json", run.read_report),
+        ("preprocess.json", run.read_preprocess),
+        ("metrics.jsonl", run.read_metrics),
+    ):
+        (run.path / name).write_bytes(content if name != "metrics.jsonl" else b"{}\n" + content + b"\n")
+        if name == "metrics.jsonl" and not content:
+            assert read() == [{}]  # a blank line is no line
+            continue
+        with pytest.raises(DanluError) as error:
+            read()
+        text = content.decode("utf-8", errors="replace")
+        line = " line 2" if name == "metrics.jsonl" and "\ufffd" not in text else ""  # else: not UTF-8
+        assert str(error.value).startswith(f"cannot read '{run.path / name}'{line}: not ")
+        assert error.value.hint == DAMAGED
+
+
+def test_runs_lists_a_run_with_a_damaged_report_as_damaged(tmp_path):
+    from danlu.tracking.runs import compare, list_runs
+
+    make_run(tmp_path / "good").report.write_text('{"epochs_run": 3, "task": "classification"}')
+    make_run(tmp_path / "cut").report.write_text('{"epochs_')
+    make_run(tmp_path / "stopped", complete=False).metrics.write_text('{"epoch": 1}\n{"ep')
+    rows = {row["path"]: row for row in list_runs(tmp_path)}
+    assert [rows[str(tmp_path / n)]["state"] for n in ("cut", "good", "stopped")] == [
+        "damaged",
+        "complete",
+        "damaged",
+    ]
+    assert rows[str(tmp_path / "good")]["epochs"] == 3 and rows[str(tmp_path / "cut")]["epochs"] is None
+    with pytest.raises(DanluError, match=r"cannot read '.*cut/report\.json': not JSON"):
+        compare(tmp_path / "good", tmp_path / "cut")

@@ -49,7 +49,7 @@ def runs_table(rows: list[dict]) -> str:
             row["task"] or "",
             headline(row["task"], row["test"]) if row["test"] and row["task"] else "",
             "" if row["seconds"] is None else f"{row['seconds']:.1f}",
-            str(row["epochs"]),
+            "" if row["epochs"] is None else str(row["epochs"]),
             row["when"],
         ]
         for row in rows

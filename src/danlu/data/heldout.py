@@ -12,7 +12,6 @@ It also holds the training source's fingerprint, which `--resume` checks.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ import numpy as np
 
 from danlu.data.dataset import HeldOut, Source
 from danlu.errors import DanluError
-from danlu.run import HELDOUT_INDEX, RunDir, atomic_write, atomic_write_json
+from danlu.run import HELDOUT_INDEX, RunDir, atomic_write, atomic_write_json, read_json
 
 if TYPE_CHECKING:
     from danlu.families.contract import Family
@@ -64,7 +63,7 @@ def read_record(run: RunDir) -> dict[str, Any]:
             f"run '{run.path}' has no {run.heldout.name} (it was trained by an older danlu)",
             f"pass a labelled file: `danlu evaluate {run.path} DATA`, or train the run again",
         )
-    record = json.loads(run.heldout.read_text())
+    record = read_json(run.heldout)
     if record.get("format") != FORMAT_VERSION:
         raise DanluError(
             f"{run.heldout} has format {record.get('format')}, this danlu reads {FORMAT_VERSION}",

@@ -146,7 +146,7 @@ def _run_payload(run_dir: str | Path, options: PackageOptions) -> _Payload:
 
     # the files the server reads must be the run's own before any is read here
     plan(run.path, lambda relative: relative.parts[0] in RUN_SERVING, links_may_leave=False)
-    family = families.family_of(run.preprocess.read_text())
+    family = families.family_of(run.read_preprocess())
     check_model_code(run, validate(read_yaml(run.config)), options.trust_model_code)
     serve_args = ["--engine", options.engine] if options.engine != "torch" else []
     serve_args += ["--trust-model-code"] if options.trust_model_code else []

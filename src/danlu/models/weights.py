@@ -9,7 +9,7 @@ from torch import nn
 
 from danlu import __version__
 from danlu.errors import DanluError
-from danlu.run import atomic_write
+from danlu.run import DAMAGED, atomic_write
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
@@ -24,8 +24,6 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     try:
         state = load_file(str(path))
     except Exception as exc:  # missing, truncated or not safetensors
-        raise DanluError(
-            f"cannot load weights '{path}': {exc}", "the run directory is damaged; train again"
-        ) from None
+        raise DanluError(f"cannot load weights '{path}': {exc}", DAMAGED) from None
     model.load_state_dict(state)
     return model

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 from danlu import __version__
 from danlu.errors import DanluError
 from danlu.quiet import quiet
-from danlu.run import atomic_write_json
+from danlu.run import atomic_write_json, read_json
 from danlu.tracking import MLFLOW_PARENT, flatten, numbers
 
 DEFAULT_EXPERIMENT = "danlu"
@@ -113,7 +113,7 @@ class MlflowWriter:
         from danlu import families
         from danlu.env.payload import copy_tree, run_files
 
-        family = families.family_of(run.preprocess.read_text())
+        family = families.family_of(run.read_preprocess())
         with tempfile.TemporaryDirectory(prefix="danlu-mlflow-") as scratch:
             staged = Path(scratch) / "run"
             copy_tree(run.path, staged, run_files(run, family.serve_files, "torch"), links_may_leave=False)
@@ -186,7 +186,7 @@ def end_search_run(run_id: str, result: Any) -> None:
 def _previous(run: Any, uri: str) -> str | None:
     """The MLflow run a stopped run was logging into, when it is in this store."""
     try:
-        record = json.loads(run.tracking.read_text())["mlflow"]
+        record = read_json(run.tracking)["mlflow"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return record.get("run_id") if record.get("tracking_uri") == uri else None

@@ -17,7 +17,7 @@ from typing import Any
 
 from danlu.config import MAXIMIZED_MONITORS, validate
 from danlu.errors import DanluError
-from danlu.run import RunDir, atomic_write_json, atomic_write_text
+from danlu.run import RunDir, atomic_write_json, atomic_write_text, read_json
 from danlu.tracking.space import with_values
 from danlu.tracking.tune import (
     RAY_FOLDER,
@@ -106,8 +106,8 @@ def _rows(spec: SearchSpec, results: Any) -> list[dict[str, Any]]:
     trials = Path(spec.out) / TRIALS
     for folder in sorted(trials.iterdir()) if trials.is_dir() else ():
         try:
-            trial = json.loads(RunDir(folder).trial.read_text())
-        except (OSError, ValueError):
+            trial = read_json(RunDir(folder).trial)
+        except (OSError, DanluError):
             continue  # stopped before it wrote anything
         result = reported.get(trial["number"])
         if trial["state"] == "running":

@@ -3,7 +3,6 @@ the metrics side by side). Reads run directories only: config.yaml, report.json,
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import yaml
 
 from danlu.errors import DanluError
-from danlu.run import RunDir
+from danlu.run import RunDir, read_json
 from danlu.tracking import flatten, numbers
 
 # keys every run has its own value of: not a difference between two configs
@@ -24,8 +23,8 @@ def _state(run: RunDir) -> str:
     if run.is_complete():
         return "complete"
     try:
-        trial = json.loads(run.trial.read_text())
-    except (OSError, ValueError):
+        trial = read_json(run.trial)
+    except (OSError, DanluError):
         return "incomplete"
     return trial.get("state", "incomplete") if isinstance(trial, dict) else "incomplete"
 
@@ -40,11 +39,15 @@ def _read_config(run: RunDir) -> dict[str, Any]:
 
 def describe(path: str | Path) -> dict[str, Any]:
     """One run's row: path, state, family, task, test metrics, train seconds, epochs and when it
-    finished (or last changed)."""
+    finished (or last changed). A run whose report.json or metrics.jsonl is damaged is listed as such."""
     run = RunDir(path)
     state = _state(run)
-    report = run.read_report() if state == "complete" else {}
     stamp = run.report if state == "complete" else run.config
+    try:
+        report = run.read_report() if state == "complete" else {}
+        epochs = report["epochs_run"] if report else len(run.read_metrics())
+    except DanluError:
+        state, report, epochs = "damaged", {}, None
     data = _read_config(run).get("data") or {}
     return {
         "path": str(run.path),
@@ -53,7 +56,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "task": report.get("task"),
         "test": report.get("test"),
         "seconds": report.get("train_seconds"),
-        "epochs": report["epochs_run"] if report else len(run.read_metrics()),
+        "epochs": epochs,
         "when": datetime.fromtimestamp(stamp.stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
     }
 

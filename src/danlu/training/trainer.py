@@ -434,7 +434,7 @@ def new_setup(config: Config, run: RunDir, world: World, device: torch.device) -
 
 def resumed_setup(config: Config, run: RunDir, world: World, device: torch.device) -> Setup:
     """Rebuild the set-up of a stopped run and restore model, optimizer, RNG and loop state."""
-    _, state = families.state_from_json(run.preprocess.read_text())
+    _, state = families.state_from_json(run.read_preprocess())
     s = _setup(config, run, state, world, device)
     state = ckpt.load_checkpoint(run.last_checkpoint)
     _restore(s, state, run, config, with_optimizer=True)
