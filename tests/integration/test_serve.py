@@ -208,3 +208,27 @@ def test_a_full_queue_is_503_before_the_body_is_parsed(client):
         batcher.queued_rows -= 8192
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert client.post("/v1/predict", json={"records": [RECORD]}).status_code == 200
+
+
+def test_predicting_a_file_of_earlier_predictions_replaces_them_and_says_so(run, tmp_path, caplog):
+    """An input that has `prediction` or `proba_<class>` columns (the output of an earlier predict): the
+    output's are this run's, and one warning names the replaced columns, not one per chunk."""
+    from danlu.families.tabular.codec import _warn_replaced
+
+    _warn_replaced.cache_clear()
+    plain = mixed_frame(300, seed=3).drop(columns="label")
+    plain.to_csv(tmp_path / "plain.csv", index=False)
+    danlu.predict_file(run.path, tmp_path / "plain.csv", tmp_path / "expected.csv", chunk_rows=100)
+    earlier = plain.assign(prediction="mine", proba_high=-1.0)
+    earlier.to_csv(tmp_path / "earlier.csv", index=False)
+    with caplog.at_level("WARNING", logger="danlu"):
+        rows = danlu.predict_file(run.path, tmp_path / "earlier.csv", tmp_path / "out.csv", chunk_rows=100)
+    assert rows == 300
+    out, expected = pd.read_csv(tmp_path / "out.csv"), pd.read_csv(tmp_path / "expected.csv")
+    assert list(out.columns) == [*plain.columns, "prediction", "proba_high", "proba_low", "proba_mid"]
+    pd.testing.assert_frame_equal(out, expected[out.columns])
+    said = [r.getMessage() for r in caplog.records if "replaced" in r.getMessage()]
+    assert said == [
+        "the input already has 'prediction', 'proba_high': replaced in the output by this run's "
+        "predictions (rename the input's columns to keep them)"
+    ]

@@ -3,6 +3,7 @@ prediction files; and held-out rows stored as Parquet."""
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Iterator, Mapping
@@ -79,11 +80,25 @@ def read(spec: str, pre: Preprocessor, chunk_rows: int = READ_ROWS) -> Iterator[
 
 
 def output_frame(pre: Preprocessor, items: pd.DataFrame, decoded: np.ndarray) -> pd.DataFrame:
-    """The input rows in order with `prediction` (and `proba_<class>` columns) added."""
+    """The input rows in order with `prediction` (and `proba_<class>` columns) added. An input column of
+    one of those names (a file of earlier predictions) is replaced, and named in a warning."""
     out = items.copy()
-    for name, values in pre.prediction_columns(decoded).items():
+    columns = pre.prediction_columns(decoded)
+    replaced = tuple(name for name in columns if name in out.columns)
+    if replaced:
+        _warn_replaced(replaced)
+    for name, values in columns.items():
         out[name] = values
     return out
+
+
+@functools.cache  # once a process for each set of columns, not once per chunk of a file
+def _warn_replaced(names: tuple[str, ...]) -> None:
+    log.warning(
+        "the input already has %s: replaced in the output by this run's predictions (rename the input's "
+        "columns to keep them)",
+        ", ".join(f"'{name}'" for name in names),
+    )
 
 
 def store_rows(items: pd.DataFrame) -> bytes | None:
