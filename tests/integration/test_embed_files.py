@@ -45,6 +45,9 @@ def test_inputs_of_every_kind_keep_their_order_and_ids(tmp_path):
     texts, pictures = read_items(tmp_path / "t.csv", "review"), read_items(tmp_path / "t.csv", "pic")
     assert texts.kind == "texts" and texts.ids == ["0", "1"]
     assert pictures.kind == "images" and pictures.values[1] == str(tmp_path / "pics/sub/1.png")
+    pd.DataFrame({"review": ["good", "bad"]}).to_parquet(tmp_path / "one.parquet")
+    only = read_items(tmp_path / "one.parquet")  # a table of one column: that column, unasked
+    assert only.kind == "texts" and only.values == ["good", "bad"]
     for source, column, message in [
         (tmp_path / "t.csv", None, "a table needs --column"),
         (tmp_path / "t.csv", "text", "no column 'text'"),

@@ -20,7 +20,7 @@ def add_embed(sub) -> None:
         "whose --column holds texts or image paths",
     )
     p.add_argument("-o", "--output", required=True, metavar="OUT", help=".npy (+ OUT.ids.json) or .parquet")
-    p.add_argument("--column", help="the table column to embed")
+    p.add_argument("--column", help="the table column to embed (default: a table's only column)")
     p.add_argument(
         "--no-normalize",
         dest="normalize",

@@ -50,7 +50,10 @@ def add_predict(sub) -> None:
         help='the prompt each label fills, with {} for the label (default "a photo of a {}."); repeat it '
         "to average several per label",
     )
-    zero.add_argument("--column", help="a CSV/Parquet/JSONL table of image paths: the column holding them")
+    zero.add_argument(
+        "--column",
+        help="a CSV/Parquet/JSONL table of image paths: the column holding them (default: its only column)",
+    )
     zero.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     from danlu.cli.embed import add_dtype
 

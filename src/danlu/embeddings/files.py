@@ -67,6 +67,8 @@ def _column(path: Path, column: str | None) -> Items:
     from danlu.data.sources import open_table
 
     frame = open_table(str(path)).read_all()
+    if column is None and len(frame.columns) == 1:  # nothing to choose between
+        column = str(frame.columns[0])
     if column is None or column not in frame.columns:
         named = f"no column '{column}'" if column else "a table needs --column"
         raise DanluError(
