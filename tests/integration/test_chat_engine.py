@@ -21,6 +21,12 @@ from danlu.serve.chat.templates import Template
 from tests.chat_models import tiny_llama
 from tests.e2e.test_chat_server import wait_until
 
+# the largest gap between a reference's best logit and the token an engine chose instead that counts as a
+# tie of the two: llama.cpp's tiny test model parted from its reference at gaps of 0 and 2.7e-5 in 450
+# arrival schedules (sums in another order), where another token's gap is 2 to 8 (a wrong position or
+# another sequence's cache moves the logits by that much)
+TIE = 1e-3
+
 PROMPTS = [
     "hello there",
     "the quick brown fox jumps over the lazy dog and keeps on running far away",
@@ -610,12 +616,17 @@ def test_any_arrivals_and_cancellations_answer_as_generate(chat, work, max_batch
     engine.close()
 
 
-def check_arrivals(engine: Engine, work: list[tuple], seed: int, expected_for) -> None:
+def check_arrivals(engine: Engine, work: list[tuple], seed: int, expected_for, tie=None) -> None:
     """Run requests() in the engine, each submitted and cancelled at its engine loops (at once where the
     engine is idle), greedy, end of turn ignored. Their prompts: random tokens (no special ones:
     generate() would take the pad token in a prompt for padding), after a shared system prompt or not.
     Each request not cancelled ends with expected_for(prompt, max_tokens), a cancelled one with the
-    first of them; no slot is held at the end."""
+    first of them; no slot is held at the end.
+
+    tie(tokens, token) -> the gap between the reference's best logit after TOKENS and TOKEN's, for an
+    engine whose float sums may differ from its reference by rounding (llama.cpp's attention sums over a
+    sequence's cells, which preemption and cancellation scatter): the answers may then part where the
+    reference's two best tokens are within TIE of each other, and only there."""
     engine.chat.eos_ids = set()
     rng = torch.Generator().manual_seed(seed)
     vocab = len(engine.chat.tokenizer)
@@ -645,8 +656,14 @@ def check_arrivals(engine: Engine, work: list[tuple], seed: int, expected_for) -
     engine.run(until=until)
     for sequence, prompt, (_, _, max_tokens, _, cancel) in zip(sequences, prompts, work, strict=True):
         want = expected_for(prompt, max_tokens)
+        output = sequence.output
+        parted = next((k for k, (a, b) in enumerate(zip(output, want, strict=False)) if a != b), None)
+        if parted is not None and tie is not None:
+            gap = tie(prompt + want[:parted], output[parted])
+            assert gap <= TIE, f"token {parted}: {output[parted]} where the reference's is {gap:.2e} better"
+            output, want = output[:parted], want[:parted]  # a near tie: the answers go their own ways
         if sequence.finish_reason == "cancelled":
-            assert cancel is not None and want[: len(sequence.output)] == sequence.output
+            assert cancel is not None and want[: len(output)] == output
         else:
-            assert (sequence.finish_reason, sequence.output) == ("length", want)
+            assert (sequence.finish_reason, output) == ("length", want)
     assert engine.load == (0, 0) and sorted(engine.free_slots) == list(range(engine.max_batch))

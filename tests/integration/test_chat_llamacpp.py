@@ -23,6 +23,7 @@ from danlu.serve.chat.templates import Template
 from tests.chat_models import smollm2_gguf, tiny_gguf
 from tests.integration.test_chat_engine import (
     PROMPTS,
+    TIE,
     check_alone_and_together,
     check_arrivals,
     check_cancel,
@@ -61,6 +62,30 @@ def llama_greedy(llama, ids: list[int], tokens: int) -> list[int]:
         if len(out) == tokens:
             break
     return out
+
+
+def tie(llama):
+    """tie(tokens, token): how far below llama.cpp's best logit after TOKENS (from an empty cache) the
+    logit of TOKEN is (check_arrivals)."""
+
+    def gap(tokens: list[int], token: int) -> float:
+        llama.reset()
+        llama.eval(tokens)  # the logits of the last token alone (the Llama's logits_all is off)
+        logits = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),))
+        return float(logits.max() - logits[token])
+
+    return gap
+
+
+def test_the_tie_measure_is_nought_for_llama_cpps_own_greedy_token_alone(chat, llama):
+    """tie(), which lets check_arrivals accept another token only where llama.cpp's best two are level,
+    tells its greedy token from every other (a measure of 0 for all would accept any answer)."""
+    gap = tie(llama)
+    prompt = chat.tokenizer(PROMPTS[0])["input_ids"]
+    want = llama_greedy(llama, prompt, 4)
+    for k, token in enumerate(want):
+        assert gap(prompt + want[:k], token) == 0.0
+        assert gap(prompt + want[:k], (token + 1) % len(chat.tokenizer)) > TIE
 
 
 @pytest.mark.parametrize("stagger", [0, 3])
@@ -179,11 +204,13 @@ def test_a_full_cache_preempts_and_recomputes_without_changing_a_token(chat, lla
 def test_any_arrivals_cancellations_and_preemptions_answer_as_llama_cpp(chat, llama, work, max_batch, seed):
     """Requests arrive and are cancelled at any steps in an engine that admits every one while
     llama.cpp has 256 cells (one request needs up to 138): steps find no cells, sequences are preempted
-    and recomputed, and every request not cancelled still ends with llama.cpp's own greedy tokens."""
+    and recomputed, and every request not cancelled still ends with llama.cpp's own greedy tokens, up to
+    a tie of its two best logits (TIE): a recomputed sequence's cells lie elsewhere in the cache, so its
+    attention sums in another order."""
     engine = Engine(chat, max_batch=max_batch, prefill_chunk=16, max_batch_tokens=256)
     assert engine.executor.cells == 256
     engine.executor.fits = lambda widths: True  # admitted whatever they need together
-    check_arrivals(engine, work, seed, lambda prompt, n: llama_greedy(llama, prompt, n))
+    check_arrivals(engine, work, seed, lambda prompt, n: llama_greedy(llama, prompt, n), tie(llama))
     engine.close()
 
 
