@@ -90,6 +90,19 @@ def test_evaluate_and_predict_files(text_run, data, tmp_path):
     pd.DataFrame({"review": ["superb", "awful"], "label": ["meh", "meh"]}).to_csv(unseen, index=False)
     predict_file(text_run.path, unseen, tmp_path / "u.csv")
     assert pd.read_csv(tmp_path / "u.csv")["prediction"].tolist() == ["pos", "neg"]
+    # rows to predict are not training data: their errors say so, without data.text's fix
+    for name, frame, line in [
+        (
+            "gap.csv",
+            {"review": ["superb", None]},
+            "text column 'review' is empty at row 2 of the input (fix: ",
+        ),
+        ("other.csv", {"text": ["superb"]}, "text column 'review' is not in the input (fix: give the rows a"),
+    ]:
+        pd.DataFrame(frame).to_csv(tmp_path / name, index=False)
+        with pytest.raises(DanluError) as error:
+            predict_file(text_run.path, tmp_path / name, tmp_path / "n.csv")
+        assert str(error.value).startswith(line) and "data.text" not in str(error.value)
 
 
 def test_onnx_export_takes_token_ids_of_any_length_and_is_verified(text_run):

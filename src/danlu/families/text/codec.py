@@ -39,7 +39,7 @@ def as_items(state: TextState, data: Any) -> pd.DataFrame:
 
 def predict_part(state: TextState, items: pd.DataFrame | list[str]) -> TextPart:
     """The Predictor's batches: tokenized here, padded per batch, in the items' order."""
-    return part_of(as_items(state, items), state, "input", labelled=False)
+    return part_of(as_items(state, items), state, None, labelled=False)
 
 
 def inputs(state: TextState, items: pd.DataFrame | list[str]) -> dict[str, torch.Tensor]:

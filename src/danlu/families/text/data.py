@@ -34,22 +34,29 @@ TOKENIZE_CHUNK = 4096  # texts per tokenizer call (the fast tokenizer spreads a 
 GROUP_BATCHES = 50  # length grouping: sort within windows of this many batches, then shuffle the batches
 
 
-def texts_of(frame: pd.DataFrame, column: str, name: str) -> list[str]:
-    """The column's texts; missing values are an error naming the row, numbers are refused."""
+def texts_of(frame: pd.DataFrame, column: str, name: str | None) -> list[str]:
+    """The column's texts; missing values are an error naming the row, numbers are refused. name: the
+    file, in errors; None for rows to predict (which have their own, run-independent fixes)."""
+    where = f"'{name}'" if name is not None else "the input"
     if column not in frame.columns:
         shown = ", ".join(map(str, list(frame.columns)[:20]))
-        raise DanluError(f"text column '{column}' is not in '{name}'", f"set data.text to one of: {shown}")
+        fix = (
+            f"set data.text to one of: {shown}" if name is not None else f"give the rows a '{column}' column"
+        )
+        raise DanluError(f"text column '{column}' is not in {where}", fix)
     values = frame[column]
     if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
         raise DanluError(
-            f"data.text column '{column}' of '{name}' holds numbers, not text",
-            "name the column of texts in data.text (numeric columns belong to the tabular family)",
+            f"data.text column '{column}' of {where} holds numbers, not text",
+            "name the column of texts in data.text (numeric columns belong to the tabular family)"
+            if name is not None
+            else f"give '{column}' the texts to predict",
         )
     missing = values.isna()
     if missing.any():
-        where = int(missing.to_numpy().argmax())
+        row = int(missing.to_numpy().argmax())
         raise DanluError(
-            f"text column '{column}' is empty at {row_name(frame.index[where])} of '{name}'",
+            f"text column '{column}' is empty at {row_name(frame.index[row])} of {where}",
             "drop rows without text, or fill them in",
         )
     return values.astype(str).tolist()
@@ -194,7 +201,7 @@ def _new_state(config: DataConfig, pretrained: str | None, train: pd.Series, tas
     return state
 
 
-def part_of(frame: pd.DataFrame, state: TextState, name: str, labelled: bool = True) -> TextPart:
+def part_of(frame: pd.DataFrame, state: TextState, name: str | None, labelled: bool = True) -> TextPart:
     """A part for new rows (no cache): validation/test files (labelled), the Predictor (not: a target
     column in a file to predict plays no part, and may hold labels the run never saw)."""
     texts = texts_of(frame, state.text_column, name)
