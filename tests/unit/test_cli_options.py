@@ -55,20 +55,3 @@ def test_the_python_apis_server_settings_refuse_what_the_options_refuse(settings
     with pytest.raises(DanluError, match=re.escape(message)):
         ServeSettings(run_dir="runs/x", **settings).check()
     ServeSettings(run_dir="runs/x").check()  # the defaults pass
-
-
-@pytest.mark.parametrize(
-    ("change", "printed"),
-    [
-        (0.0, "+0.0000"),
-        (-0.0, "+0.0000"),
-        (-0.0004, "-0.0004"),
-        (0.0123, "+0.0123"),
-        (-1 / 20_000, "-0.0001"),
-        (-1 / 40_000, "-2.5e-05"),
-    ],
-)
-def test_exports_metric_change_never_reads_as_minus_zero(change, printed):
-    from danlu.cli.export import signed_change
-
-    assert signed_change(change) == printed

@@ -20,12 +20,13 @@ def headline(task: str, metrics: dict[str, Any]) -> str:
 def print_run(run, extra: list[tuple[str, Any]] = ()) -> None:
     report = run.report
     test = report["test"] or {}
+    epochs = f"{report['epochs_run']} epoch{'s' if report['epochs_run'] != 1 else ''}"
     lines = [
         ("run", run.path),
         (report.get("test_split", "test"), headline(report["task"], test) if test else "no held-out rows"),
         (
             "training",
-            f"{report['train_seconds']:.1f} s, {report['epochs_run']} epochs (best {report['best_epoch']})",
+            f"{report['train_seconds']:.1f} s, {epochs} (best {report['best_epoch']})",
         ),
         ("report", run.dir.report),
         ("plots", run.dir.plots),
