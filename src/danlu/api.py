@@ -202,9 +202,8 @@ def tune(
     Raises:
         DanluError: a bad config or space (before any trial runs), an OUT that holds something else.
     """
-    from danlu.config import read_yaml
     from danlu.tracking import tune as search
-    from danlu.tracking.space import parse_space
+    from danlu.tracking.space import parse_space, read_space_file
 
     cfg = as_config(config, overrides)
     if trials < 1 or jobs < 1 or (timeout is not None and timeout <= 0):
@@ -214,7 +213,7 @@ def tune(
             f"unknown backend {backend!r} or sampler {sampler!r}", "backend optuna|ray, sampler tpe|random"
         )
     target = Path(out if out is not None else f"{cfg.output}-tune")
-    raw_space = space if isinstance(space, dict) else read_yaml(space)
+    raw_space = space if isinstance(space, dict) else read_space_file(space)
     spec = search.SearchSpec(
         base=search.base_config(cfg),
         space=raw_space,

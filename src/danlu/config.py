@@ -370,19 +370,27 @@ def validate(raw: dict[str, Any]) -> Config:
         ) from None
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def load_yaml(path: str | os.PathLike) -> Any:
+    """A YAML file's contents, whatever they are (None for an empty file); a file that is not YAML is one
+    line naming where it stops being YAML."""
     path = Path(path)
-    if not path.is_file():
-        raise DanluError(f"config file '{path}' not found", "check the path, or run `danlu quickstart`")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise DanluError(f"cannot parse '{path}'{where}: {problem}", "fix the YAML syntax") from None
     except UnicodeDecodeError:
-        raise DanluError(f"'{path}' is not a text file", "pass a YAML config file") from None
+        raise DanluError(f"'{path}' is not a text file", "pass a YAML file") from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A config file's mapping of sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise DanluError(f"config file '{path}' not found", "check the path, or run `danlu quickstart`")
+    raw = load_yaml(path)
     if raw is None:
         return {}
     if not isinstance(raw, dict):

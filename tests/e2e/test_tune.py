@@ -167,11 +167,15 @@ def test_two_processes_share_one_search(tmp_path):
         ("train.lr: {low: 0.1}", "search space key 'train.lr': a range needs low and high"),
         ("train.lr: {low: 0, high: 0.1, log: true}", "a log range must be above 0"),
         ("model.hidden: [8, 16]", "search space key 'model.hidden': expected a mapping"),
+        # the file's own mistakes are a space file's, not a config file's
+        ("- train.lr\n- train.epochs", "the search space must be a non-empty mapping of config keys"),
+        ("train.lr: {low: [", "cannot parse '"),
+        (None, "search space file 'bad.yaml' not found (fix: pass --space SPACE.yaml)"),
     ],
 )
 def test_a_bad_space_is_one_line_before_any_trial(tmp_path, space, message):
     config, _ = _setup(tmp_path)
-    bad = write_config(tmp_path / "bad.yaml", space + "\n")
+    bad = write_config(tmp_path / "bad.yaml", space + "\n") if space is not None else Path("bad.yaml")
     out = tmp_path / "never"
     result = run_cli("tune", str(config), "--space", str(bad), "--out", str(out), cwd=tmp_path)
     assert result.returncode == 2

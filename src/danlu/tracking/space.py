@@ -133,15 +133,17 @@ def parse_space(
     return dimensions
 
 
-def read_space(path: str | Path, base: dict[str, Any]) -> list[Dimension]:
-    """A space YAML file's dimensions (parse_space), read as danlu reads configs."""
-    from danlu.config import read_yaml
+def read_space_file(path: str | Path) -> Any:
+    """A search space YAML file's contents, which parse_space checks.
 
-    return parse_space(read_yaml(path) if Path(path).is_file() else _missing(path), base, f"'{path}'")
+    Raises:
+        DanluError: the file is missing, or not YAML.
+    """
+    from danlu.config import load_yaml
 
-
-def _missing(path: str | Path) -> None:
-    raise DanluError(f"search space file '{path}' not found", "pass --space SPACE.yaml")
+    if not Path(path).is_file():
+        raise DanluError(f"search space file '{path}' not found", "pass --space SPACE.yaml")
+    return load_yaml(path)
 
 
 def with_values(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
