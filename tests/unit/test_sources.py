@@ -154,3 +154,30 @@ def test_a_large_split_gathers_each_batch_and_gives_the_same_batches(monkeypatch
     assert [b.rows for b in whole] == [b.rows for b in gathered] and len(whole) == 10
     for a, b in zip(whole, gathered, strict=True):
         assert torch.equal(a.inputs["images"], b.inputs["images"]) and torch.equal(a.target, b.target)
+
+
+def test_numpy_files_that_are_not_what_their_names_say_are_one_line(tmp_path):
+    """A pickled member (danlu never unpickles), an NPZ or NPY file cut short, an empty one: each is one
+    line naming the file, for tables and for images (and family detection just says 'not images')."""
+    from danlu.families.image.sources import looks_like_images, open_source
+
+    np.savez(tmp_path / "objects.npz", X=np.array([{"a": 1}] * 4, dtype=object), label=np.arange(4))
+    np.savez(tmp_path / "whole.npz", images=np.zeros((4, 8, 8), np.uint8), label=np.arange(4))
+    np.save(tmp_path / "whole.npy", np.zeros((4, 3)))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:300])
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "whole.npy").read_bytes()[:100])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    for name, expected in [
+        ("objects.npz", "cannot read member 'X' of '.*objects.npz': Object arrays cannot be loaded"),
+        ("cut.npz", "cannot read '.*cut.npz' as NPZ: "),
+        ("empty.npz", "cannot read '.*empty.npz' as NPZ: "),
+        ("cut.npy", "cannot read '.*cut.npy' as NPY: "),
+    ]:
+        with pytest.raises(DanluError, match=expected):
+            open_table(str(tmp_path / name))
+    with pytest.raises(DanluError, match=r"cannot read '.*cut\.npz' as NPZ: "):
+        open_source(str(tmp_path / "cut.npz"))
+    assert looks_like_images(str(tmp_path / "whole.npz"))
+    assert not looks_like_images(str(tmp_path / "cut.npz")) and not looks_like_images(
+        str(tmp_path / "empty.npz")
+    )

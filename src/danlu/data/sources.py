@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from danlu.data.columns import check_separator, empty_csv_error, unique_columns
 from danlu.data.dataset import Fingerprinted
 from danlu.errors import DanluError
 
+# what np.load raises for a file that is not what its name says: pickled data, a zip or NPY cut short, none
+NUMPY_FILE_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile)
 SUFFIXES = (".csv", ".parquet", ".pq", ".npz", ".npy", ".jsonl")
 WHOLE_HASH_BYTES = 1 << 30  # files up to this size are hashed whole; larger ones by samples
 SAMPLE_BYTES = 1 << 20
@@ -110,7 +113,7 @@ class NpyTable(Fingerprinted):
     def _map(self) -> np.ndarray:
         try:
             return np.load(self.path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except NUMPY_FILE_ERRORS as exc:
             raise DanluError(f"cannot read '{self.path}' as NPY: {exc}", "check the file") from None
 
     def fingerprint(self) -> dict:
@@ -238,12 +241,18 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
 def _read_npz(path: Path) -> pd.DataFrame:
     try:
         archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except NUMPY_FILE_ERRORS as exc:
         raise DanluError(f"cannot read '{path}' as NPZ: {exc}", "check the file") from None
     columns: dict[str, np.ndarray] = {}
     with archive:
         for key in archive.files:
-            array = archive[key]
+            try:
+                array = archive[key]
+            except NUMPY_FILE_ERRORS as exc:  # a pickled member; a damaged file
+                raise DanluError(
+                    f"cannot read member '{key}' of '{path}': {exc}",
+                    "store plain arrays (numbers or strings, not Python objects)",
+                ) from None
             if array.ndim == 1:
                 columns[key] = array
             elif array.ndim == 2:

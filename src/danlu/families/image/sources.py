@@ -14,7 +14,7 @@ import pandas as pd
 
 from danlu.config import existing_data
 from danlu.data.dataset import Fingerprinted
-from danlu.data.sources import file_fingerprint
+from danlu.data.sources import NUMPY_FILE_ERRORS, file_fingerprint
 from danlu.errors import DanluError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -265,7 +265,7 @@ def _npz(path: Path) -> ImageSource:
                 raise DanluError(f"'{path}' has no 'images' member", "save images=[N,H,W(,C)] and labels=[N]")
             images = archive["images"]
             labels = archive["labels"] if "labels" in archive.files else None
-    except (ValueError, OSError) as exc:
+    except NUMPY_FILE_ERRORS as exc:
         raise DanluError(f"cannot read '{path}' as NPZ: {exc}", "check the file") from None
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise DanluError(
@@ -323,6 +323,6 @@ def looks_like_images(spec: str) -> bool:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 return "images" in archive.files
-        except (ValueError, OSError):
+        except NUMPY_FILE_ERRORS:
             return False
     return False
