@@ -181,3 +181,23 @@ def test_numpy_files_that_are_not_what_their_names_say_are_one_line(tmp_path):
     assert not looks_like_images(str(tmp_path / "cut.npz")) and not looks_like_images(
         str(tmp_path / "empty.npz")
     )
+
+
+@pytest.mark.parametrize(
+    ("tail", "expected"),
+    [
+        # a spreadsheet's CSV in Windows-1252: 'München' is not UTF-8
+        (
+            "M\xfcnchen,3\n".encode("cp1252"),
+            r"is not UTF-8 text \(it holds byte 0xfc, .*\(fix: save it as UTF-8",
+        ),
+        (b"1,2,3\n", "cannot parse '.*' as CSV: Error tokenizing data"),  # a row of three fields in two
+    ],
+)
+def test_a_csv_problem_past_the_first_chunk_is_the_same_one_line(tmp_path, tail, expected):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"city,n\n" + b"Paris,1\n" * 3000 + tail)
+    with pytest.raises(DanluError, match=expected):
+        open_table(str(path))
+    with pytest.raises(DanluError, match=expected):
+        list(stream_frames(str(path), chunk_rows=1000))  # danlu predict's way: found in a later chunk

@@ -8,6 +8,7 @@ larger than RAM keeps the resident set small.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -214,7 +215,7 @@ def synthetic_frame(kind: str, params: SyntheticConfig) -> pd.DataFrame:
 
 
 def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
-    try:
+    with _csv_errors(path):
         # the header as written (header=None: pandas does not rename repeated names in a data row)
         written = [
             str(c) for c in pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]
@@ -222,9 +223,28 @@ def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
         check_separator(path, written)
         unique_columns(written, path)
         return pd.read_csv(path, **kwargs)
+
+
+def _csv_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
+    """The CSV's rows, `rows` at a time; a problem found further in is the same one line as at the start."""
+    with _csv_errors(path):
+        yield from _read_csv(path, chunksize=rows)
+
+
+@contextlib.contextmanager
+def _csv_errors(path: Path) -> Iterator[None]:
+    """pandas' errors reading a CSV as one line each."""
+    try:
+        yield
     except pd.errors.EmptyDataError:
         raise empty_csv_error(path) from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:  # a spreadsheet's CSV in its own code page (Latin-1, Windows-1252)
+        raise DanluError(
+            f"'{path}' is not UTF-8 text (it holds byte 0x{exc.object[exc.start]:02x}, as Latin-1 and "
+            "Windows-1252 files do)",
+            "save it as UTF-8 CSV (Excel: 'CSV UTF-8')",
+        ) from None
+    except pd.errors.ParserError as exc:
         raise DanluError(f"cannot parse '{path}' as CSV: {exc}".splitlines()[0], "check the file") from None
 
 
@@ -297,7 +317,7 @@ def stream_frames(spec: str, chunk_rows: int = 100_000) -> Iterator[pd.DataFrame
     if path.suffix.lower() == ".csv":
         if os.path.getsize(path) == 0:
             raise empty_csv_error(path)
-        yield from _read_csv(path, chunksize=chunk_rows)
+        yield from _csv_chunks(path, chunk_rows)
         return
     table = open_table(spec, chunk_rows=chunk_rows)
     for index in range(table.n_chunks):
