@@ -18,6 +18,14 @@ class DanluError(Exception):
         return f"{self.message} (fix: {self.hint})" if self.hint else self.message
 
 
+def not_utf8(path: object, error: UnicodeDecodeError, fix: str) -> DanluError:
+    """A text file that is not UTF-8: most often a spreadsheet's or an old editor's in its code page."""
+    byte = error.object[error.start]
+    return DanluError(
+        f"'{path}' is not UTF-8 text (it holds byte 0x{byte:02x}, as Latin-1 and Windows-1252 files do)", fix
+    )
+
+
 def one_line(error: BaseException, last: bool = False) -> str:
     """The first (or last: the exception of a traceback's text) non-empty line of an error's text."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]

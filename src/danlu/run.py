@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from danlu.errors import DanluError
+from danlu.errors import DanluError, not_utf8
 
 log = logging.getLogger("danlu")
 DAMAGED = "the run directory is damaged: restore the file or train again"  # the fix for a file cut short
@@ -373,7 +373,7 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise DanluError(f"cannot read '{path}': not UTF-8 text ({exc})", DAMAGED) from None
+        raise not_utf8(path, exc, DAMAGED) from None
 
 
 _TEMPORARY = re.compile(r"^\..+\.[^.]+\.tmp$")  # atomic_write's temporaries: .NAME.XXXXXX.tmp

@@ -157,3 +157,20 @@ def test_a_json_file_that_is_neither_is_one_line_saying_so(tmp_path, text, match
     path.write_text(text)
     with pytest.raises(DanluError, match=match):
         read_conversations(path)
+
+
+@pytest.mark.parametrize("name", ["chats.jsonl", "chats.json", "chats.parquet"])
+def test_a_conversation_file_not_utf8_or_cut_short_is_one_line(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pd.DataFrame({"prompt": ["hi"], "completion": ["ho"]}).to_parquet(path)
+        path.write_bytes(path.read_bytes()[:100])
+        expected = "cannot read '.*chats.parquet' as Parquet: "
+    else:
+        row = json.dumps({"prompt": "Grüß Gott", "completion": "ja"}, ensure_ascii=False)
+        path.write_bytes((f"[{row}]" if name.endswith(".json") else row + "\n").encode("cp1252"))
+        expected = r"is not UTF-8 text \(it holds byte 0xfc, as Latin-1 and Windows-1252 files do\)"
+    with pytest.raises(DanluError, match=expected):
+        read_conversations(path)
+    with pytest.raises(DanluError, match=expected):
+        read_prompts(path)

@@ -21,6 +21,9 @@ def test_each_format_reads_the_same_frame(tmp_path):
     marked.write_text((tmp_path / "d.jsonl").read_text(), encoding="utf-8-sig")
     for name in ("d.csv", "d.parquet", "d.jsonl", "marked.jsonl"):
         pd.testing.assert_frame_equal(open_table(str(tmp_path / name)).read_all(), frame)
+    (tmp_path / "latin.jsonl").write_bytes('{"city": "Köln"}\n'.encode("latin-1"))
+    with pytest.raises(DanluError, match=r"latin.jsonl' is not UTF-8 text \(it holds byte 0xf6"):
+        open_table(str(tmp_path / "latin.jsonl"))
     npz = open_table(str(tmp_path / "d.npz")).read_all()
     assert list(npz.columns) == ["x0", "x1", "x2", "price"]
     assert np.allclose(npz.to_numpy(), frame.to_numpy())

@@ -22,7 +22,7 @@ import pandas as pd
 from danlu.config import SYNTHETIC_PREFIX, SyntheticConfig, existing_data
 from danlu.data.columns import check_separator, empty_csv_error, unique_columns
 from danlu.data.dataset import Fingerprinted
-from danlu.errors import DanluError
+from danlu.errors import DanluError, not_utf8
 
 # what np.load raises for a file that is not what its name says: pickled data, a zip or NPY cut short, none
 NUMPY_FILE_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile)
@@ -238,12 +238,8 @@ def _csv_errors(path: Path) -> Iterator[None]:
         yield
     except pd.errors.EmptyDataError:
         raise empty_csv_error(path) from None
-    except UnicodeDecodeError as exc:  # a spreadsheet's CSV in its own code page (Latin-1, Windows-1252)
-        raise DanluError(
-            f"'{path}' is not UTF-8 text (it holds byte 0x{exc.object[exc.start]:02x}, as Latin-1 and "
-            "Windows-1252 files do)",
-            "save it as UTF-8 CSV (Excel: 'CSV UTF-8')",
-        ) from None
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc, "save it as UTF-8 CSV (Excel: 'CSV UTF-8')") from None
     except pd.errors.ParserError as exc:
         raise DanluError(f"cannot parse '{path}' as CSV: {exc}".splitlines()[0], "check the file") from None
 
@@ -252,6 +248,8 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     """JSON Lines: one object per line, its keys the columns."""
     try:
         return pd.read_json(path, lines=True, dtype=False, encoding="utf-8-sig")  # a BOM is skipped
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc, "save it as UTF-8") from None
     except ValueError as exc:
         raise DanluError(
             f"cannot parse '{path}' as JSON Lines: {exc}".splitlines()[0], "write one JSON object per line"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from danlu.errors import DanluError
+from danlu.errors import DanluError, not_utf8
 from danlu.serve.chat.templates import ROLES, content_text
 
 SHAPES = "messages, prompt/completion or instruction/output"
@@ -67,38 +67,53 @@ def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(line, item or row number from 1, the row as parsed) of a .jsonl, .json or .parquet file. A
     byte-order mark before the first row (as Windows tools write UTF-8) is skipped."""
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json") and row_unit(path) == "item":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8-sig"))
-        except ValueError as exc:
+    try:
+        if suffix in (".jsonl", ".json") and row_unit(path) == "item":
+            yield from enumerate(_json_array(path), 1)
+        elif suffix in (".jsonl", ".json"):
+            with path.open(encoding="utf-8-sig") as lines:
+                for number, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError as exc:
+                        raise _not_json_lines(path, number, exc) from None
+                    yield number, row
+        elif suffix in (".parquet", ".pq"):
+            yield from _parquet_rows(path)
+        else:
             raise DanluError(
-                f"{path.name} is not a JSON array: {exc}",
-                "write a JSON array of objects, or one object per line",
-            ) from None
-        yield from enumerate(rows, 1)
-    elif suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8-sig") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
-                    raise _not_json_lines(path, number, exc) from None
-                yield number, row
-    elif suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
+                f"'{path}' is not a conversation file",
+                "use JSONL (one conversation per line), JSON (an array of conversations) or Parquet",
+            )
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc, "save it as UTF-8") from None
 
-        number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                number += 1
-                yield number, row
-    else:
+
+def _json_array(path: Path) -> list[Any]:
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
         raise DanluError(
-            f"'{path}' is not a conversation file",
-            "use JSONL (one conversation per line), JSON (an array of conversations) or Parquet",
-        )
+            f"{path.name} is not a JSON array: {exc}", "write a JSON array of objects, or one object per line"
+        ) from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+    except (pa.ArrowException, OSError) as exc:
+        raise DanluError(f"cannot read '{path}' as Parquet: {exc}", "check the file") from None
+    number = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
 
 
 def _not_json_lines(path: Path, number: int, exc: ValueError) -> DanluError:
