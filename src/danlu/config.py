@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from danlu.errors import DanluError
+from danlu.errors import DanluError, not_utf8
 
 SCHEMA_VERSION = 1
 SYNTHETIC_PREFIX = "synthetic:"
@@ -381,8 +381,8 @@ def load_yaml(path: str | os.PathLike) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise DanluError(f"cannot parse '{path}'{where}: {problem}", "fix the YAML syntax") from None
-    except UnicodeDecodeError:
-        raise DanluError(f"'{path}' is not a text file", "pass a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc, "save it as UTF-8, or pass a YAML file") from None
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

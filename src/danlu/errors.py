@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class DanluError(Exception):
     """A problem the user can fix: what was wrong, and how to fix it.
@@ -24,6 +26,15 @@ def not_utf8(path: object, error: UnicodeDecodeError, fix: str) -> DanluError:
     return DanluError(
         f"'{path}' is not UTF-8 text (it holds byte 0x{byte:02x}, as Latin-1 and Windows-1252 files do)", fix
     )
+
+
+def read_user_text(path: str | Path) -> str:
+    """A text file a user wrote (a template, texts to embed), a byte-order mark skipped; one that is not
+    UTF-8 is one line naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc, "save it as UTF-8") from None
 
 
 def one_line(error: BaseException, last: bool = False) -> str:

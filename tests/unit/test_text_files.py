@@ -1,6 +1,7 @@
 """Text files users write by hand read the same when a Windows tool saved them: UTF-8 with a byte-order
 mark and CRLF line ends. Read as plain UTF-8, the mark would begin the first value: an API key that never
-matches, a template that puts U+FEFF before every prompt, a label or a text embedded with it."""
+matches, a template that puts U+FEFF before every prompt, a label or a text embedded with it. A file
+in another code page (Windows-1252) is one line naming it."""
 
 import argparse
 
@@ -58,3 +59,22 @@ def test_a_mark_inside_a_value_is_kept(tmp_path, name):
         assert api_key(argparse.Namespace(api_key=None, api_key_file=str(path))) == f"a{MARK}b"
     else:
         assert parse_labels(None, path) == [f"a{MARK}b"]
+
+
+@pytest.mark.parametrize("kind", ["texts", "template", "config"])
+def test_a_text_file_in_another_code_page_is_one_line_naming_it(tmp_path, kind):
+    """Saved as Windows-1252 (an old editor's or a spreadsheet's default): one line with the fix, not a
+    UnicodeDecodeError traceback."""
+    from danlu.config import load_config
+    from danlu.errors import DanluError
+
+    path = tmp_path / {"texts": "t.txt", "template": "t.jinja", "config": "c.yaml"}[kind]
+    path.write_bytes("data:\n  train: Straße.csv\n".encode("cp1252"))
+    read = {
+        "texts": lambda: read_items(path),
+        "template": lambda: Template(tiny_tokenizer(), str(path)),
+        "config": lambda: load_config(path),
+    }[kind]
+    with pytest.raises(DanluError) as error:
+        read()
+    assert str(error.value).startswith(f"'{path}' is not UTF-8 text (it holds byte 0xdf, as Latin-1")

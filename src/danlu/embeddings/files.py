@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from danlu.errors import DanluError
+from danlu.errors import DanluError, read_user_text
 from danlu.run import atomic_write, atomic_write_json
 
 TABLES = (".csv", ".parquet", ".jsonl")
@@ -52,7 +52,7 @@ def read_items(source: str | Path, column: str | None = None) -> Items:
     if is_image(path):
         return Items("images", [str(path)], [path.name])
     if suffix == ".txt":
-        texts = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8-sig").splitlines()]
+        texts = [line.rstrip("\r\n") for line in read_user_text(path).splitlines()]
         texts = [t for t in texts if t.strip()]
         return _checked(Items("texts", texts, [str(i) for i in range(len(texts))]), path)
     if suffix in TABLES:

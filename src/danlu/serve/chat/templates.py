@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from danlu.errors import DanluError
+from danlu.errors import DanluError, read_user_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -98,7 +98,7 @@ class Template:
                     f"--template '{choice}' is neither a built-in nor a file",
                     f"use one of {', '.join(BUILTIN)} or a Jinja file",
                 )
-            self.source, self.name = path.read_text(encoding="utf-8-sig"), path.name
+            self.source, self.name = read_user_text(path), path.name
 
     @classmethod
     def of_source(cls, tokenizer, source: str, name: str) -> Template:
