@@ -78,6 +78,30 @@ def test_every_source_kind_trains(tmp_path, kind):
     assert danlu.evaluate(run.path)["accuracy"] == pytest.approx(run.report["test"]["accuracy"])
 
 
+def test_a_table_of_paths_written_on_windows_is_read_with_slashes(tmp_path):
+    """pictures\\circle\\0.png from a CSV made on Windows names pictures/circle/0.png here (training,
+    predicting, embedding); a file whose own name holds a backslash is read as named."""
+    from pathlib import Path
+
+    from danlu.embeddings.files import read_items
+    from danlu.families.image.sources import open_source
+
+    table = csv_of_paths(tmp_path, n=12)
+    frame = pd.read_csv(table)
+    frame["file"] = frame["file"].str.replace("/", "\\")
+    odd = tmp_path / "odd\\name.png"  # a legal POSIX file name
+    odd.write_bytes((tmp_path / frame["file"][0].replace("\\", "/")).read_bytes())
+    frame.loc[0, "file"] = odd.name
+    frame.to_csv(table, index=False)
+    source = open_source(str(table), "file", "shape")
+    paths = [source.paths[i] for i in range(len(source.paths))]
+    assert paths[0] == str(odd) and all(Path(p).is_file() for p in paths)
+    assert paths[1] == str(tmp_path / frame["file"][1].replace("\\", "/"))
+    assert read_items(table, "file").values == paths
+    args = [f"data.train={table}", "data.image=file", "data.target=shape", "train.epochs=1"]
+    assert danlu.train(None, args, out=tmp_path / "r", progress=False).report["rows"]["train"] > 0
+
+
 def test_a_resnet_and_augmentation_train(tmp_path):
     run = fit(
         tmp_path / "run", image_folder(tmp_path / "f", n=60), "model.type=resnet", "data.augment=standard"

@@ -77,7 +77,9 @@ def _column(path: Path, column: str | None) -> Items:
     values = ["" if v is None or v != v else str(v) for v in frame[column].tolist()]
     ids = [str(i) for i in range(len(values))]
     if values and all(is_image(v) for v in values):  # a column of image paths, relative to the table
-        return Items("images", [str((path.parent / v).expanduser()) for v in values], values)
+        from danlu.families.image.sources import table_path
+
+        return Items("images", [str(table_path(path, v).expanduser()) for v in values], values)
     return Items("texts", values, ids)
 
 

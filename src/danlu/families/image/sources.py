@@ -240,6 +240,17 @@ def _folder(path: Path) -> ImageSource:
     return ImageSource(str(path), pd.Series(labels, name="label"), paths=FileNames(str(path), names))
 
 
+def table_path(table: Path, written: str) -> Path:
+    """An image path as a table holds it, relative to the table's folder. One written on Windows
+    (data\\cat\\1.png) is read with / where that is the file and the path as written is none."""
+    path = table.parent / written
+    if os.sep == "/" and "\\" in written and not path.exists():
+        slashed = table.parent / written.replace("\\", "/")
+        if slashed.exists():
+            return slashed
+    return path
+
+
 def _table(path: Path, image_column: str | None, target: str | None) -> ImageSource:
     from danlu.data.sources import open_table
 
@@ -249,7 +260,7 @@ def _table(path: Path, image_column: str | None, target: str | None) -> ImageSou
             f"'{path}' has no image-path column '{image_column}'",
             f"name it with data.image=COLUMN; columns: {', '.join(map(str, frame.columns[:20]))}",
         )
-    paths = FileNames("", [str((path.parent / str(p)).resolve()) for p in frame[image_column]])
+    paths = FileNames("", [str(table_path(path, str(p)).resolve()) for p in frame[image_column]])
     labels = None
     if target is not None:
         if target not in frame.columns:
