@@ -35,6 +35,20 @@ def test_quickstart_reduced(tmp_path):
     )
 
 
+def test_overrides_alone_train_on_the_defaults_into_runs_run(tmp_path, mixed_csv):
+    """No config file: `danlu train data.train=... data.target=...` as the Python API's train(None, ...);
+    a stopped run takes no overrides, said as such."""
+    result = run_cli("train", f"data.train={mixed_csv}", "data.target=label", "train.epochs=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = (tmp_path / "runs" / "run" / "config.yaml").read_text()
+    assert f"train: {mixed_csv}" in config and "epochs: 2" in config
+    assert (tmp_path / "runs" / "run" / "report.json").is_file()
+    again = run_cli("train", "--resume", str(tmp_path / "runs" / "run"), "train.epochs=4", cwd=tmp_path)
+    assert again.returncode == 2 and "resume takes no config, overrides or output" in again.stderr
+    bare = run_cli("train", cwd=tmp_path)
+    assert bare.returncode == 2 and "no config given (fix: run `danlu train CONFIG.yaml`, " in bare.stderr
+
+
 def test_train_evaluate_predict_cycle(tmp_path, mixed_csv):
     config = write_config(
         tmp_path / "mixed.yaml", f"data:\n  train: {mixed_csv}\n  target: label\ntrain:\n  epochs: 30\n"

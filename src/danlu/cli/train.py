@@ -13,9 +13,12 @@ def add_train(sub) -> None:
         "train",
         help="train a model from a YAML config",
         description="Train from a YAML config, with KEY=VALUE overrides (values parsed as YAML), "
-        "into a run directory (default: runs/<config name>).",
+        "into a run directory (default: runs/<config name>); or from overrides alone "
+        "(danlu train data.train=FILE data.target=COLUMN), into runs/run.",
     )
-    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument(
+        "config", nargs="?", help="YAML config file (or none: KEY=VALUE overrides alone, into runs/run)"
+    )
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=5 model.hidden=[64,32]"
     )
@@ -80,11 +83,17 @@ def _config_for(args):
     checked here, once, before torch is imported, so a mistake comes back at once."""
     from danlu.training.launch import checked_config
 
-    if not args.config and not args.resume:
-        raise DanluError("no config given", "run `danlu train CONFIG.yaml` or `danlu train --resume RUN_DIR`")
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        raise DanluError(f"'{args.config}' looks like an override", "put the config file first")
+    if not (args.config or args.overrides or args.resume):
+        raise DanluError(
+            "no config given",
+            "run `danlu train CONFIG.yaml`, `danlu train data.train=FILE data.target=COLUMN` or "
+            "`danlu train --resume RUN_DIR`",
+        )
     return checked_config(args.config, args.overrides, args.out, args.resume, args.overwrite)
+
+
+def _is_override(argument: str) -> bool:
+    return "=" in argument and not argument.endswith((".yaml", ".yml"))
 
 
 def _launch(args):
@@ -113,8 +122,10 @@ def log_to_override(value: str, resume: str | None) -> str:
 
 
 def run_train(args) -> int:
+    if args.config and _is_override(args.config):  # no config file: overrides alone, on the defaults
+        args.config, args.overrides = None, [args.config, *args.overrides]
     if args.show_sample:
-        if not args.config or args.resume:
+        if not (args.config or args.overrides) or args.resume:
             raise DanluError("--show-sample takes a config", "run `danlu train CONFIG.yaml --show-sample`")
         import danlu
 
