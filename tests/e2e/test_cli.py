@@ -47,6 +47,12 @@ def test_overrides_alone_train_on_the_defaults_into_runs_run(tmp_path, mixed_csv
     assert again.returncode == 2 and "resume takes no config, overrides or output" in again.stderr
     bare = run_cli("train", cwd=tmp_path)
     assert bare.returncode == 2 and "no config given (fix: run `danlu train CONFIG.yaml`, " in bare.stderr
+    # danlu tune too: the overrides are its config (here checked, and their mistake named, at once)
+    space = write_config(tmp_path / "space.yaml", "train.lr: {low: 0.001, high: 0.1}\n")
+    tune = run_cli(
+        "tune", f"data.train={mixed_csv}", "data.target=lable", "--space", str(space), cwd=tmp_path
+    )
+    assert tune.returncode == 2 and "target column 'lable' not in the data" in tune.stderr, tune.stderr
 
 
 def test_train_evaluate_predict_cycle(tmp_path, mixed_csv):

@@ -21,3 +21,11 @@ def number(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def config_and_overrides(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """(the config file, the overrides) of `danlu train|tune CONFIG KEY=VALUE...`: with no config file,
+    the first override took CONFIG's place, and the overrides alone apply to the defaults."""
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config, *overrides]
+    return config, list(overrides)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from danlu.cli.options import config_and_overrides
 from danlu.cli.output import print_run
 from danlu.errors import DanluError
 
@@ -92,10 +93,6 @@ def _config_for(args):
     return checked_config(args.config, args.overrides, args.out, args.resume, args.overwrite)
 
 
-def _is_override(argument: str) -> bool:
-    return "=" in argument and not argument.endswith((".yaml", ".yml"))
-
-
 def _launch(args):
     """The flags that start several processes (they bear Launch's field names), checked."""
     from dataclasses import fields
@@ -122,8 +119,7 @@ def log_to_override(value: str, resume: str | None) -> str:
 
 
 def run_train(args) -> int:
-    if args.config and _is_override(args.config):  # no config file: overrides alone, on the defaults
-        args.config, args.overrides = None, [args.config, *args.overrides]
+    args.config, args.overrides = config_and_overrides(args.config, args.overrides)
     if args.show_sample:
         if not (args.config or args.overrides) or args.resume:
             raise DanluError("--show-sample takes a config", "run `danlu train CONFIG.yaml --show-sample`")

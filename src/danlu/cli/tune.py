@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from danlu.cli.options import number
+from danlu.cli.options import config_and_overrides, number
 from danlu.errors import DanluError
 
 SPACE_EXAMPLE = """space file (danlu's own key paths):
@@ -27,7 +27,9 @@ def add_tune(sub) -> None:
         epilog=SPACE_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", help="YAML config file: what every trial starts from")
+    p.add_argument(
+        "config", help="YAML config file: what every trial starts from (or none: KEY=VALUE overrides alone)"
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=30")
     p.add_argument("--space", required=True, metavar="SPACE.yaml", help="the search space (see below)")
     p.add_argument("--trials", type=int, default=20, metavar="N", help="trials in all (default 20)")
@@ -54,7 +56,7 @@ def add_tune(sub) -> None:
 def run_tune(args) -> int:
     from danlu.config import check_data, load_config
 
-    config = load_config(args.config, list(args.overrides))  # a bad config: one line before anything
+    config = load_config(*config_and_overrides(args.config, args.overrides))  # one line before anything
     check_data(config.data)
     import danlu
 
