@@ -1,5 +1,5 @@
 """Causal language models fine-tuned on conversations (supervised fine-tuning): a local causal-LM
-directory or GGUF file (model.pretrained) trained with LoRA or on every weight, on JSONL or Parquet
+directory or GGUF file (model.pretrained) trained with LoRA or on every weight, on JSONL, JSON or Parquet
 conversations (conversations.py), with the loss on the tokens the chat template marks as the assistant's
 (tokens.py); the finished run is a model directory (RUN/hf) the chat server and `danlu chat` serve with
 the same template.
