@@ -1,6 +1,7 @@
 """The real `danlu` CLI in a subprocess: the commands users type, and every error case."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -271,6 +272,9 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
     llm = tmp_path / "llm"  # a causal LM, as far as its config tells
     llm.mkdir()
     (llm / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
     for args in (
         ["train", str(tmp_path / "nope.yaml")],
         ["train", bad_key, "train.epoch=3"],
@@ -282,6 +286,9 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
         ["export", str(run), "-o", str(tmp_path)],  # a folder
         ["export", str(run), "-o", str(tmp_path / "thesis.txt")],  # a file danlu did not write
         ["serve", str(tmp_path / "no_run")],
+        ["serve", str(run), "--port", "99999"],  # no port: the system would bind 34463
+        ["serve", str(run), "--port", str(taken.getsockname()[1])],  # a port in use: before the model loads
+        ["serve", str(llm), "--port", str(taken.getsockname()[1])],
         ["serve", "org/model"],  # a hub id: danlu never downloads
         ["serve", str(tmp_path / "missing.gguf")],
         ["chat", "org/model", "--prompt", "hi"],
@@ -298,6 +305,7 @@ def test_config_and_run_directory_mistakes_are_reported_before_torch_loads(tmp_p
     ):
         result = main_in_a_fresh_interpreter(args)
         assert result.stdout.split() == ["2", "False"], (args, result.stdout, result.stderr)
+    taken.close()
 
 
 def test_a_mistyped_column_is_named_before_torch_loads(tmp_path):

@@ -3,6 +3,7 @@ every range check (a NaN compares false) and reach a timeout, a batching window 
 the server settings the Python API takes refuse them too."""
 
 import re
+import socket
 
 import pytest
 
@@ -47,6 +48,8 @@ def test_a_number_option_takes_a_finite_number_and_refuses_nan_and_infinity(opti
         ({"max_wait_ms": -1}, "--max-wait-ms must be a finite number, 0 or more"),
         ({"max_batch": float("nan")}, "max-batch must be at least 1 (and finite)"),
         ({"max_body_bytes": float("inf")}, "--max-body-mb (max_body_bytes) must be at least 1 (and finite)"),
+        ({"port": 99999}, "--port 99999 is not a port"),  # the system would bind 99999 - 65536
+        ({"port": 0}, "--port 0 is not a port"),  # any free port: no address to tell anyone
     ],
 )
 def test_the_python_apis_server_settings_refuse_what_the_options_refuse(settings, message):
@@ -55,3 +58,19 @@ def test_the_python_apis_server_settings_refuse_what_the_options_refuse(settings
     with pytest.raises(DanluError, match=re.escape(message)):
         ServeSettings(run_dir="runs/x", **settings).check()
     ServeSettings(run_dir="runs/x").check()  # the defaults pass
+
+
+def test_a_port_in_use_or_a_host_that_is_not_here_is_one_line(tmp_path):
+    from danlu.serve.settings import check_address
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(DanluError, match=f"port {port} on 127.0.0.1 is in use"):
+            check_address("127.0.0.1", port)
+        with pytest.raises(DanluError, match=f"port {port} on 0.0.0.0 is in use"):
+            check_address("0.0.0.0", port)  # every interface, this one among them
+    check_address("127.0.0.1", port)  # free again
+    with pytest.raises(DanluError, match=r"cannot listen on nosuch\.invalid:8000: "):
+        check_address("nosuch.invalid", 8000)

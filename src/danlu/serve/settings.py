@@ -38,6 +38,10 @@ class ServerSettings:
                 raise DanluError(f"{named} must be at least 1 (and finite)", "pass a positive number")
         if not 0 < self.timeout_s < math.inf:
             raise DanluError("--timeout must be a finite number of seconds above 0", "e.g. --timeout 30")
+        if not 1 <= self.port <= 65535:  # the system would take 99999 as 34463, and 0 as any free port
+            raise DanluError(
+                f"--port {self.port} is not a port", "pass a port from 1 to 65535, e.g. --port 8000"
+            )
 
 
 @dataclass
@@ -106,3 +110,35 @@ class EmbedSettings(ServerSettings):
 def check_wait(max_wait_ms: float) -> None:
     if not 0 <= max_wait_ms < math.inf:
         raise DanluError("--max-wait-ms must be a finite number, 0 or more", "e.g. --max-wait-ms 2")
+
+
+def check_address(host: str, port: int) -> None:
+    """`danlu serve` can listen on host:port: said before the model loads (uvicorn finds out after, and
+    ends with its own log lines). A race with another server starting meanwhile is still uvicorn's.
+
+    Raises:
+        DanluError: the port is taken, not ours to take, or the host is no address of this machine.
+    """
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, OverflowError) as exc:
+        raise DanluError(
+            f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}",
+            "pass --host 127.0.0.1 (this machine) or 0.0.0.0 (every interface)",
+        ) from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise DanluError(
+                    f"port {port} on {host} is in use", "stop what listens there, or pick another --port"
+                ) from None
+            raise DanluError(
+                f"cannot listen on {host}:{port}: {exc.strerror}",
+                "pick another --port (ports below 1024 need root) or --host (an address of this machine)",
+            ) from None

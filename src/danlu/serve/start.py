@@ -47,7 +47,7 @@ def serve(
     """
     from danlu.embeddings.detect import is_encoder_model
     from danlu.serve.chat.model import check_path, is_causal_lm, looks_like_model, served_model
-    from danlu.serve.settings import ChatSettings, EmbedSettings, ServeSettings
+    from danlu.serve.settings import ChatSettings, EmbedSettings, ServeSettings, check_address
 
     source = served_model(str(source))  # a fine-tuned causal LM's run: the model it holds
     if is_encoder_model(source):
@@ -60,6 +60,7 @@ def serve(
             model=str(source), dtype="float32" if dtype == "auto" else dtype, **settings
         )
         embed_settings.check()  # before torch is imported
+        check_address(embed_settings.host, embed_settings.port)
         from danlu.serve import shell
         from danlu.serve.embeddings import create_embed_app
 
@@ -75,6 +76,7 @@ def serve(
         engine = "torch" if engine in (None, "auto") else engine
         run_settings = ServeSettings(run_dir=str(source), engine=engine, **settings)
         run_settings.check()  # before torch is imported
+        check_address(run_settings.host, run_settings.port)
         from danlu.serve import shell
         from danlu.serve.app import create_app
 
@@ -92,6 +94,7 @@ def serve(
         raise DanluError("a chat model is served by one process", "leave out --workers; raise --max-batch")
     chat_settings = ChatSettings(**settings)
     chat_settings.check()  # before torch is imported and the model loads
+    check_address(chat_settings.host, chat_settings.port)
     from danlu.serve import shell
     from danlu.serve.chat.app import create_chat_app
     from danlu.serve.chat.model import load_chat_model
