@@ -243,3 +243,20 @@ def test_the_most_common_values_are_counted_over_every_chunk():
     chunked.update(frame.iloc[:7])
     chunked.update(frame.iloc[7:])
     assert whole.finish().categorical[0].values == chunked.finish().categorical[0].values == ["spread"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["data.features=[]"], "data.features is empty (fix: name the feature columns, or leave it out"),
+        (["data.categorical=[label]"], "categorical column 'label' not in the features (fix: available "),
+        (
+            ["data.features=[x0]", "data.categorical=[color]"],
+            "categorical column 'color' not in the features",
+        ),
+    ],
+)
+def test_features_and_categorical_columns_that_cannot_be_are_named(overrides, line):
+    with pytest.raises(DanluError) as error:
+        fit(mixed_frame(), "label", *overrides)
+    assert str(error.value).startswith(line)

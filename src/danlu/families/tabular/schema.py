@@ -55,6 +55,10 @@ def infer_schema(sample: pd.DataFrame, config: DataConfig) -> Schema:
         )
     if target not in columns:
         raise missing_columns_error([target], columns, "target column")
+    if config.features == []:
+        raise DanluError(
+            "data.features is empty", "name the feature columns, or leave it out (all but the target)"
+        )
     features = config.features if config.features is not None else [c for c in columns if c != target]
     missing = [c for c in features if c not in columns]
     if missing:
@@ -62,7 +66,7 @@ def infer_schema(sample: pd.DataFrame, config: DataConfig) -> Schema:
     missing = [c for c in config.categorical if c not in features]
     if missing:
         raise missing_columns_error(
-            missing, features, "categorical column" + ("s" if len(missing) > 1 else "")
+            missing, features, "categorical column" + ("s" if len(missing) > 1 else ""), "the features"
         )
     if target in features:
         raise DanluError(f"'{target}' is both the target and a feature", "remove it from data.features")
