@@ -250,7 +250,10 @@ def test_danlu_chat_keeps_history_and_follows_system_reset_and_exit(model):
     assert once.returncode == 0 and once.stdout.strip(), once.stderr
     alone = once.stdout
     with_system = run_cli("chat", str(model), "--prompt", "hello there", "--system", "Be brief.", *options)
-    typed = "hello there\n/system Be brief.\nhello there\n/reset\nhello there\n/exit\nnever answered\n"
+    typed = (
+        "hello there\n/sytem Be brief.\n/system Be brief.\nhello there\n/reset\nhello there\n/exit\n"
+        "never answered\n"
+    )  # /sytem: a mistyped command, said as such and not asked
     session = run_cli("chat", str(model), *options, stdin=typed)
     assert session.returncode == 0, session.stderr
     # answer 1: no history; answer 2: the system prompt and the first exchange; answer 3: the system
@@ -261,6 +264,8 @@ def test_danlu_chat_keeps_history_and_follows_system_reset_and_exit(model):
     assert second != with_system.stdout  # the first exchange was in the prompt too (the model is seeded)
     assert alone != with_system.stdout  # the system prompt reached the model
     assert "/system" in session.stderr  # the help line
+    for said in ("unknown command /sytem: /system TEXT sets", "(system prompt set)", "(history cleared)"):
+        assert said in session.stderr, session.stderr
     # danlu.chat, in this process: the same answers, history, system prompt and reset
     import danlu
 

@@ -1,4 +1,4 @@
-"""What the CLI prints: figures that read as what they are."""
+"""What the CLI prints (figures that read as what they are) and how `danlu chat` reads a typed line."""
 
 from types import SimpleNamespace
 
@@ -35,3 +35,21 @@ def test_a_runs_training_line_counts_its_epochs(capsys, epochs, said):
     run = SimpleNamespace(report=report, path="runs/r", dir=SimpleNamespace(report="r.json", plots="plots"))
     print_run(run)
     assert f"training  0.2 s, {said}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("line", "command"),
+    [
+        ("/system Be brief.", "system"),
+        ("/reset", "reset"),
+        ("/sytem Be brief.", "sytem"),  # a mistyped command: said as such, not asked
+        ("/usr/bin/env is what?", None),  # a question that starts with a path
+        ("/ what?", None),
+        ("what is /system?", None),
+    ],
+)
+def test_a_chat_line_is_a_command_only_when_it_starts_with_one(line, command):
+    from danlu.cli.chat import COMMAND
+
+    found = COMMAND.match(line)
+    assert (found.group(1) if found else None) == command

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from danlu.cli.options import number
 from danlu.errors import DanluError
 
 HELP_COMMANDS = "/system TEXT sets the system prompt, /reset clears the history, /exit quits"
+# a line that is a command: a slash and a word, then a space or the end (/usr/bin/env is a question)
+COMMAND = re.compile(r"^/([A-Za-z]+)(?:\s|$)")
 
 
 def add_model_options(p, serving: bool = False) -> None:
@@ -110,10 +113,15 @@ def run_chat(args) -> int:
             line = read_line()
             if line is None or line.strip() in ("/exit", "/quit"):
                 return 0
-            if line.strip() == "/reset":
+            command = COMMAND.match(line)
+            if command and command.group(1) == "reset":
                 chat.reset()
-            elif line.startswith("/system"):
+                print("(history cleared)", file=sys.stderr)
+            elif command and command.group(1) == "system":
                 chat.system = line.removeprefix("/system").strip() or None
+                print(f"(system prompt {'set' if chat.system else 'cleared'})", file=sys.stderr)
+            elif command:  # a mistyped command is not a question for the model
+                print(f"danlu: unknown command /{command.group(1)}: {HELP_COMMANDS}", file=sys.stderr)
             elif line.strip():
                 try:
                     say(chat.stream(line))
