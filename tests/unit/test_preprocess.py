@@ -260,3 +260,26 @@ def test_features_and_categorical_columns_that_cannot_be_are_named(overrides, li
     with pytest.raises(DanluError) as error:
         fit(mixed_frame(), "label", *overrides)
     assert str(error.value).startswith(line)
+
+
+def test_unnamed_columns_of_row_numbers_or_no_values_are_not_default_features(caplog):
+    """pandas names a column whose header cell is empty 'Unnamed: N': a DataFrame's index saved with the
+    CSV (0, 1, 2, ...) or a trailing comma on every line (no values). Neither is a default feature (each
+    named in the log); an unnamed column of real values, a named empty one, or one data.features names
+    still are."""
+    frame = mixed_frame(60)
+    frame.insert(0, "Unnamed: 0", np.arange(60))
+    frame["Unnamed: 5"] = np.nan
+    frame["Unnamed: 6"] = np.arange(60)[::-1]  # not the row numbers
+    frame["notes"] = np.nan
+    with caplog.at_level("INFO", logger="danlu"):
+        pre = fit(frame, "label")
+    assert pre.features == ["x0", "x1", "Unnamed: 6", "notes", "color"]
+    said = [r.getMessage() for r in caplog.records if "left out of the features" in r.getMessage()]
+    assert said == [
+        "column 'Unnamed: 0' left out of the features (no name, and the row numbers: an index saved with "
+        "the file)",
+        "column 'Unnamed: 5' left out of the features (no name, and no values: a trailing comma's)",
+    ]
+    named = fit(frame, "label", "data.features=['Unnamed: 0', x0]")
+    assert named.features == ["Unnamed: 0", "x0"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +13,9 @@ from danlu.config import DataConfig
 from danlu.data.columns import missing_columns_error
 from danlu.errors import DanluError
 
+log = logging.getLogger("danlu")
 MAX_CLASSES_FOR_INTEGER_TARGET = 20
+UNNAMED = re.compile(r"Unnamed: \d+")  # pandas' name for a column whose header cell is empty
 # A text column counts as numeric (and its stray values as errors) when this share of values parse.
 NUMERIC_SHARE = 0.9
 
@@ -44,6 +48,24 @@ def infer_task(target: pd.Series) -> str:
     return "classification" if values.nunique() <= MAX_CLASSES_FOR_INTEGER_TARGET else "regression"
 
 
+def _all_but(target: str, sample: pd.DataFrame, columns: list[str]) -> list[str]:
+    """The default features: every column but the target, less the columns without a name (pandas'
+    'Unnamed: N') that hold nothing to learn: none of a value (a trailing comma on every line) or the
+    row numbers 0, 1, 2, ... (a DataFrame's index saved with it). As features they taught nothing, or
+    the rows' order, and every file to predict would have needed them."""
+    left_out = []
+    for name in columns:
+        if UNNAMED.fullmatch(name):
+            values = sample[name]
+            if values.isna().all():
+                left_out.append((name, "no values: a trailing comma's"))
+            elif pd.api.types.is_integer_dtype(values) and np.array_equal(values, np.arange(len(values))):
+                left_out.append((name, "the row numbers: an index saved with the file"))
+    for name, why in left_out:
+        log.info("column '%s' left out of the features (no name, and %s)", name, why)
+    return [c for c in columns if c != target and c not in dict(left_out)]
+
+
 def infer_schema(sample: pd.DataFrame, config: DataConfig) -> Schema:
     """Infer features and task from a sample of the training data (the whole frame, or its first chunk)."""
     columns = [str(c) for c in sample.columns]
@@ -59,7 +81,7 @@ def infer_schema(sample: pd.DataFrame, config: DataConfig) -> Schema:
         raise DanluError(
             "data.features is empty", "name the feature columns, or leave it out (all but the target)"
         )
-    features = config.features if config.features is not None else [c for c in columns if c != target]
+    features = config.features if config.features is not None else _all_but(target, sample, columns)
     missing = [c for c in features if c not in columns]
     if missing:
         raise missing_columns_error(missing, columns, "feature column" + ("s" if len(missing) > 1 else ""))
