@@ -16,6 +16,8 @@ from danlu.families import resolve_family
 from danlu.run import PREDICTIONS, RunDir, atomic_write
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from danlu.predictor import Predictor
 
 log = logging.getLogger("danlu")
@@ -483,23 +485,56 @@ def write_predictions(predictor: Predictor, chunks: Iterable[Any], out: str | Pa
     def write(file) -> None:
         nonlocal rows
         writer = None
-        for i, items in enumerate(chunks):
-            frame = predictor.predict_frame(items)
-            rows += len(frame)
-            if suffix == ".csv":
-                frame.to_csv(file, header=i == 0, index=False)
-            else:
-                import pyarrow as pa
-                import pyarrow.parquet as pq
+        try:
+            for i, items in enumerate(chunks):
+                frame = predictor.predict_frame(items)
+                rows += len(frame)
+                if suffix == ".csv":
+                    frame.to_csv(file, header=i == 0, index=False)
+                else:
+                    import pyarrow.parquet as pq
 
-                table = pa.Table.from_pandas(frame, preserve_index=False)
-                writer = writer or pq.ParquetWriter(file, table.schema)
-                writer.write_table(table)
-        if writer is not None:
-            writer.close()
+                    table = _arrow_table(frame, writer.schema if writer is not None else None)
+                    writer = writer or pq.ParquetWriter(file, table.schema)
+                    writer.write_table(table)
+        finally:  # also on a failure: the temporary file goes, and its writer with it
+            if writer is not None:
+                writer.close()
 
     atomic_write(Path(out), write)
     return rows
+
+
+def _arrow_table(frame: pd.DataFrame, schema: Any = None) -> Any:
+    """A chunk of predictions as an Arrow table, in the first chunk's schema when one is given. A column
+    passed through from the input with values of several types (numbers and text) is written as text, as
+    a CSV holds it; a column whose type changes between chunks is one line naming it."""
+    import pyarrow as pa
+
+    try:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        mixed = [c for c in frame.columns if frame[c].dtype == object]
+        frame = frame.assign(
+            **{c: frame[c].map(lambda v: v if v is None or v != v else str(v)) for c in mixed}
+        )
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    if schema is None:  # a column with no value in the first chunk: text, as later values may be
+        schema = pa.schema(
+            [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]
+        )
+    if table.schema.equals(schema):
+        return table
+    try:
+        return table.cast(schema)
+    except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        name = next(f.name for f in table.schema if f.type != schema.field(f.name).type)
+        was, now = schema.field(name).type, table.schema.field(name).type
+        raise DanluError(
+            f"column '{name}' is {was} in the first rows and {now} later: one Parquet file holds one type",
+            "write the predictions to .csv, or raise --chunk-rows above the file's rows (its types are then "
+            "the whole file's)",
+        ) from None
 
 
 def predict_file(

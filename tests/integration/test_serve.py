@@ -232,3 +232,24 @@ def test_predicting_a_file_of_earlier_predictions_replaces_them_and_says_so(run,
         "the input already has 'prediction', 'proba_high': replaced in the output by this run's "
         "predictions (rename the input's columns to keep them)"
     ]
+
+
+def test_parquet_predictions_hold_passed_through_columns_of_any_values(run, tmp_path):
+    """A column the input passes through with numbers and text mixed (JSON Lines allow it) is written as
+    text, as a CSV holds it; one whose type changes from one chunk to the next is one line with the fix,
+    and no file (nor temporary) is left."""
+    rows = mixed_frame(8, seed=4).drop(columns="label").assign(note=["a", 1, "b", 2.5, None, "c", 3, "d"])
+    rows.to_json(tmp_path / "mixed.jsonl", orient="records", lines=True)
+    assert danlu.predict_file(run.path, tmp_path / "mixed.jsonl", tmp_path / "mixed.parquet") == 8
+    written = pd.read_parquet(tmp_path / "mixed.parquet")
+    assert written["note"].tolist()[:4] == ["a", "1", "b", "2.5"] and written["note"].isna().sum() == 1
+    late = mixed_frame(3000, seed=5).drop(columns="label").assign(note=[None] * 2500 + ["text"] * 500)
+    late.to_csv(tmp_path / "late.csv", index=False)  # no value in the first chunk: read as numbers there
+    with pytest.raises(DanluError, match=r"column 'note' is double in the first rows and .*string later"):
+        danlu.predict_file(run.path, tmp_path / "late.csv", tmp_path / "late.parquet", chunk_rows=1000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.csv", "mixed.jsonl", "mixed.parquet"]
+    assert (
+        danlu.predict_file(run.path, tmp_path / "late.csv", tmp_path / "late.parquet", chunk_rows=5000)
+        == 3000
+    )
+    assert pd.read_parquet(tmp_path / "late.parquet")["note"].iloc[-1] == "text"
