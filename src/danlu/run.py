@@ -349,9 +349,17 @@ class RunDir:
         return text
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """One record per epoch. The file is appended a line at a time, so a run killed as it wrote one
+        leaves a last line without its end: that line is no record (resume writes the file again)."""
         if not self.metrics.is_file():
             return []
-        lines = _read_text(self.metrics).splitlines()
+        text = _read_text(self.metrics)
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            try:
+                json.loads(lines[-1])
+            except ValueError:
+                lines.pop()
         return [read_json(self.metrics, line, number) for number, line in enumerate(lines, 1) if line.strip()]
 
 

@@ -212,9 +212,9 @@ def test_a_damaged_json_file_of_a_run_is_one_line_naming_it(tmp_path, content):
         ("preprocess.json", run.read_preprocess),
         ("metrics.jsonl", run.read_metrics),
     ):
-        (run.path / name).write_bytes(content if name != "metrics.jsonl" else b"{}\n" + content + b"\n")
+        (run.path / name).write_bytes(content if name != "metrics.jsonl" else b"{}\n" + content + b"\n{}\n")
         if name == "metrics.jsonl" and not content:
-            assert read() == [{}]  # a blank line is no line
+            assert read() == [{}, {}]  # a blank line is no line
             continue
         with pytest.raises(DanluError) as error:
             read()
@@ -231,7 +231,7 @@ def test_runs_lists_a_run_with_a_damaged_report_as_damaged(tmp_path):
 
     make_run(tmp_path / "good").report.write_text('{"epochs_run": 3, "task": "classification"}')
     make_run(tmp_path / "cut").report.write_text('{"epochs_')
-    make_run(tmp_path / "stopped", complete=False).metrics.write_text('{"epoch": 1}\n{"ep')
+    make_run(tmp_path / "stopped", complete=False).metrics.write_text('{"epoch": 1}\n{"ep\n{"epoch": 3}\n')
     rows = {row["path"]: row for row in list_runs(tmp_path)}
     assert [rows[str(tmp_path / n)]["state"] for n in ("cut", "good", "stopped")] == [
         "damaged",
@@ -241,3 +241,14 @@ def test_runs_lists_a_run_with_a_damaged_report_as_damaged(tmp_path):
     assert rows[str(tmp_path / "good")]["epochs"] == 3 and rows[str(tmp_path / "cut")]["epochs"] is None
     with pytest.raises(DanluError, match=r"cannot read '.*cut/report\.json': not JSON"):
         compare(tmp_path / "good", tmp_path / "cut")
+
+
+def test_a_metrics_line_cut_as_it_was_written_is_no_record(tmp_path):
+    """metrics.jsonl is appended a line at a time: a run killed mid-line leaves its last line without an
+    end, which resume rewrites. That line is left out; a damaged line anywhere else is still an error."""
+    run = make_run(tmp_path / "run", complete=False)
+    run.metrics.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')
+    assert run.read_metrics() == [{"epoch": 1}, {"epoch": 2}]
+    run.metrics.write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')
+    with pytest.raises(DanluError, match="line 2: not JSON"):
+        run.read_metrics()
