@@ -212,10 +212,7 @@ def test_a_full_queue_is_503_before_the_body_is_parsed(client):
 
 def test_predicting_a_file_of_earlier_predictions_replaces_them_and_says_so(run, tmp_path, caplog):
     """An input that has `prediction` or `proba_<class>` columns (the output of an earlier predict): the
-    output's are this run's, and one warning names the replaced columns, not one per chunk."""
-    from danlu.families.tabular.codec import _warn_replaced
-
-    _warn_replaced.cache_clear()
+    output's are this run's, and one warning names the replaced columns, once per file, not per chunk."""
     plain = mixed_frame(300, seed=3).drop(columns="label")
     plain.to_csv(tmp_path / "plain.csv", index=False)
     danlu.predict_file(run.path, tmp_path / "plain.csv", tmp_path / "expected.csv", chunk_rows=100)
@@ -229,9 +226,13 @@ def test_predicting_a_file_of_earlier_predictions_replaces_them_and_says_so(run,
     pd.testing.assert_frame_equal(out, expected[out.columns])
     said = [r.getMessage() for r in caplog.records if "replaced" in r.getMessage()]
     assert said == [
-        "the input already has 'prediction', 'proba_high': replaced in the output by this run's "
-        "predictions (rename the input's columns to keep them)"
+        f"'{tmp_path / 'earlier.csv'}' already has 'prediction', 'proba_high': replaced in the output by "
+        "this run's predictions (rename them to keep them)"
     ]
+    caplog.clear()  # the same file again, as a script of several predicts would: said again
+    with caplog.at_level("WARNING", logger="danlu"):
+        danlu.predict_file(run.path, tmp_path / "earlier.csv", tmp_path / "again.csv", chunk_rows=100)
+    assert [r.getMessage() for r in caplog.records if "replaced" in r.getMessage()] == said
 
 
 def test_parquet_predictions_hold_passed_through_columns_of_any_values(run, tmp_path):

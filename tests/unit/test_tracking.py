@@ -120,3 +120,15 @@ def test_two_processes_counting_the_last_trial_at_once_start_it_once(monkeypatch
     second.join(10)
     assert sorted(started) == [False, True]
     assert len(study.trials) == 1
+
+
+def test_a_damaged_tracking_record_starts_a_new_mlflow_run(tmp_path):
+    """A resumed run whose tracking.json was cut short logs into a new MLflow run rather than failing."""
+    from danlu.run import RunDir
+    from danlu.tracking.mlflow_writer import _previous
+
+    run = RunDir(tmp_path)
+    run.tracking.write_text('{"mlflow": {"run_id": "abc", "tracking_uri": "file:/x"}}')
+    assert _previous(run, "file:/x") == "abc"
+    run.tracking.write_text('{"mlflow": {"run_')
+    assert _previous(run, "file:/x") is None

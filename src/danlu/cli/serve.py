@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from danlu.cli.options import number
 
@@ -151,7 +150,7 @@ def run_serve(args) -> int:
 def api_key(args) -> str | None:
     """The key from --api-key-file, DANLU_API_KEY or --api-key (with a warning). DANLU_API_KEY is removed
     from this process's environment, so no process it starts inherits the key."""
-    from danlu.errors import DanluError
+    from danlu.errors import DanluError, read_user_text
 
     from_env = os.environ.pop(API_KEY_ENV, None)
     if args.api_key is not None:
@@ -161,8 +160,8 @@ def api_key(args) -> str | None:
         key, source = args.api_key, "--api-key"
     elif args.api_key_file is not None:
         try:
-            lines = Path(args.api_key_file).read_text(encoding="utf-8-sig").splitlines()
-        except (OSError, UnicodeDecodeError) as error:
+            lines = read_user_text(args.api_key_file).splitlines()
+        except OSError as error:
             raise DanluError(
                 f"cannot read --api-key-file '{args.api_key_file}': {error.strerror or error}",
                 "pass a text file holding the key on its first line",

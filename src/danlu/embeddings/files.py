@@ -177,8 +177,8 @@ def parse_labels(labels: str | Sequence[str] | None, labels_file: str | Path | N
     named = labels.split(",") if isinstance(labels, str) else list(labels or [])
     if labels_file is not None:
         try:
-            named += Path(labels_file).expanduser().read_text(encoding="utf-8-sig").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
+            named += read_user_text(Path(labels_file).expanduser()).splitlines()
+        except OSError as exc:
             raise DanluError(
                 f"cannot read --labels-file '{labels_file}': {exc}", "pass a text file, one label per line"
             ) from None

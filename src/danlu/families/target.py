@@ -250,13 +250,19 @@ class TargetSide:
     def labels(self, indices: np.ndarray) -> np.ndarray:
         return self.head.labels(indices)
 
-    def prediction_columns(self, decoded: np.ndarray) -> dict[str, np.ndarray]:
-        """`prediction` (labels or values) and, for classification, one `proba_<class>` per class."""
+    def prediction_names(self) -> list[str]:
+        """The columns a predictions file adds: `prediction` and, for classification, `proba_<class>`."""
         if self.task != "classification":
-            return {"prediction": decoded}
-        columns = {"prediction": self.labels(decoded.argmax(axis=1))}
-        columns.update({f"proba_{name}": decoded[:, j] for j, name in enumerate(self.classes)})
-        return columns
+            return ["prediction"]
+        return ["prediction", *(f"proba_{name}" for name in self.classes)]
+
+    def prediction_columns(self, decoded: np.ndarray) -> dict[str, np.ndarray]:
+        """prediction_names' columns: labels or values, and each class's probability."""
+        names = self.prediction_names()
+        if self.task != "classification":
+            return {names[0]: decoded}
+        probabilities = {name: decoded[:, j] for j, name in enumerate(names[1:])}
+        return {names[0]: self.labels(decoded.argmax(axis=1)), **probabilities}
 
 
 class FamilyState(TargetSide):

@@ -187,6 +187,6 @@ def _previous(run: Any, uri: str) -> str | None:
     """The MLflow run a stopped run was logging into, when it is in this store."""
     try:
         record = read_json(run.tracking)["mlflow"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, DanluError, KeyError, TypeError):  # none, or damaged: a new MLflow run
         return None
     return record.get("run_id") if record.get("tracking_uri") == uri else None

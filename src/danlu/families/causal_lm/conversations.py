@@ -47,11 +47,20 @@ class RowError(ValueError):
 
 def row_unit(path: Path) -> str:
     """What a row's number counts in `path`: 'row' (Parquet), 'item' (a .json file holding an array) or
-    'line' (JSON Lines, whether named .jsonl or .json)."""
+    'line' (JSON Lines, whether named .jsonl or .json).
+
+    Raises:
+        DanluError: the file is none of these.
+    """
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         return "row"
-    return "item" if suffix == ".json" and _first_character(path) == "[" else "line"
+    if suffix in (".jsonl", ".json"):
+        return "item" if suffix == ".json" and _first_character(path) == "[" else "line"
+    raise DanluError(
+        f"'{path}' is not a conversation file",
+        "use JSONL (one conversation per line), JSON (an array of conversations) or Parquet",
+    )
 
 
 def _first_character(path: Path) -> str:
@@ -63,14 +72,13 @@ def _first_character(path: Path) -> str:
     return ""
 
 
-def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line, item or row number from 1, the row as parsed) of a .jsonl, .json or .parquet file. A
-    byte-order mark before the first row (as Windows tools write UTF-8) is skipped."""
-    suffix = path.suffix.lower()
+def read_rows(path: Path, unit: str) -> Iterator[tuple[int, Any]]:
+    """(line, item or row number from 1, the row as parsed) of a .jsonl, .json or .parquet file whose
+    row_unit is `unit`. A byte-order mark before the first row (as Windows tools write UTF-8) is skipped."""
     try:
-        if suffix in (".jsonl", ".json") and row_unit(path) == "item":
+        if unit == "item":
             yield from enumerate(_json_array(path), 1)
-        elif suffix in (".jsonl", ".json"):
+        elif unit == "line":
             with path.open(encoding="utf-8-sig") as lines:
                 for number, line in enumerate(lines, 1):
                     if not line.strip():
@@ -80,13 +88,8 @@ def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
                     except ValueError as exc:
                         raise _not_json_lines(path, number, exc) from None
                     yield number, row
-        elif suffix in (".parquet", ".pq"):
-            yield from _parquet_rows(path)
         else:
-            raise DanluError(
-                f"'{path}' is not a conversation file",
-                "use JSONL (one conversation per line), JSON (an array of conversations) or Parquet",
-            )
+            yield from _parquet_rows(path)
     except UnicodeDecodeError as exc:
         raise not_utf8(path, exc, "save it as UTF-8") from None
 
@@ -135,7 +138,7 @@ def read_conversations(path: Path) -> Conversations:
     """Every row of the file normalized to messages. Raises DanluError naming the first malformed row."""
     found = Conversations(unit=row_unit(path))
     unit = found.unit
-    for number, row in read_rows(path):
+    for number, row in read_rows(path, unit):
         try:
             messages = to_messages(row)
         except RowError as exc:
@@ -185,7 +188,7 @@ def read_prompts(path: Path) -> list[list[dict[str, str]]]:
     dropped. A malformed row, or a role other than the three, is an error naming its line."""
     prompts = []
     unit = row_unit(path)
-    for number, row in read_rows(path):
+    for number, row in read_rows(path, unit):
         try:
             messages = to_messages(row, answered=False)
         except RowError as exc:

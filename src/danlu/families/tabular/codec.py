@@ -3,7 +3,6 @@ prediction files; and held-out rows stored as Parquet."""
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 from collections.abc import Iterator, Mapping
@@ -75,30 +74,28 @@ def as_items(pre: Preprocessor, data: Any) -> pd.DataFrame:
 
 
 def read(spec: str, pre: Preprocessor, chunk_rows: int = READ_ROWS) -> Iterator[pd.DataFrame]:
-    """A CSV/Parquet/NPZ/NPY file's rows in order, a chunk at a time."""
-    return stream_frames(spec, chunk_rows)
+    """A CSV/Parquet/NPZ/NPY file's rows in order, a chunk at a time. A file that already has columns of
+    the names its predictions take (a file of earlier predictions) is named in one warning: the output
+    holds this run's in their place (output_frame)."""
+    for number, frame in enumerate(stream_frames(spec, chunk_rows)):
+        replaced = [name for name in pre.prediction_names() if name in frame.columns] if number == 0 else []
+        if replaced:
+            log.warning(
+                "'%s' already has %s: replaced in the output by this run's predictions (rename them to "
+                "keep them)",
+                spec,
+                ", ".join(f"'{name}'" for name in replaced),
+            )
+        yield frame
 
 
 def output_frame(pre: Preprocessor, items: pd.DataFrame, decoded: np.ndarray) -> pd.DataFrame:
-    """The input rows in order with `prediction` (and `proba_<class>` columns) added. An input column of
-    one of those names (a file of earlier predictions) is replaced, and named in a warning."""
+    """The input rows in order with `prediction` (and `proba_<class>` columns) added, in place of any
+    input column of those names (read warns of those)."""
     out = items.copy()
-    columns = pre.prediction_columns(decoded)
-    replaced = tuple(name for name in columns if name in out.columns)
-    if replaced:
-        _warn_replaced(replaced)
-    for name, values in columns.items():
+    for name, values in pre.prediction_columns(decoded).items():
         out[name] = values
     return out
-
-
-@functools.cache  # once a process for each set of columns, not once per chunk of a file
-def _warn_replaced(names: tuple[str, ...]) -> None:
-    log.warning(
-        "the input already has %s: replaced in the output by this run's predictions (rename the input's "
-        "columns to keep them)",
-        ", ".join(f"'{name}'" for name in names),
-    )
 
 
 def store_rows(items: pd.DataFrame) -> bytes | None:

@@ -63,7 +63,8 @@ def _all_but(target: str, sample: pd.DataFrame, columns: list[str]) -> list[str]
                 left_out.append((name, "the row numbers: an index saved with the file"))
     for name, why in left_out:
         log.info("column '%s' left out of the features (no name, and %s)", name, why)
-    return [c for c in columns if c != target and c not in dict(left_out)]
+    dropped = {name for name, _ in left_out}
+    return [c for c in columns if c != target and c not in dropped]
 
 
 def infer_schema(sample: pd.DataFrame, config: DataConfig) -> Schema:
