@@ -41,6 +41,24 @@ def assistant(text):
         ({"instruction": "Add.", "input": "2 2", "output": "4"}, [user("Add.\n\n2 2"), assistant("4")]),
         ({"instruction": "Say hi.", "input": "", "output": "hi"}, [user("Say hi."), assistant("hi")]),
         (
+            {
+                "conversations": [
+                    {"from": "system", "value": "Be brief."},
+                    {"from": "human", "value": "2+2?"},
+                    {"from": "gpt", "value": "4"},
+                    {"from": "Human", "value": "and 3+3?"},
+                    {"role": "assistant", "content": "6"},  # some ShareGPT-style sets mix in OpenAI's keys
+                ]
+            },
+            [
+                {"role": "system", "content": "Be brief."},
+                user("2+2?"),
+                assistant("4"),
+                user("and 3+3?"),
+                assistant("6"),
+            ],
+        ),
+        (
             {"system": "Be brief.", "prompt": "2+2?", "completion": "4"},
             [{"role": "system", "content": "Be brief."}, user("2+2?"), assistant("4")],
         ),
@@ -56,13 +74,14 @@ def test_a_file_keeps_its_trainable_rows_and_counts_the_rest(tmp_path):
         {"messages": [user("hi")]},  # nothing to learn from
         {"messages": [user("hi"), {"role": "tool", "content": "{}"}, assistant("ok")]},
         {"prompt": "2+2?", "completion": "4"},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "observation", "value": "{}"}]},
     ]
     path = tmp_path / "chats.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # a blank line at the end is fine
     found = read_conversations(path)
     assert found.messages == [[user("hi"), assistant("hello")], [user("2+2?"), assistant("4")]]
     assert found.lines == [1, 4]
-    assert dict(found.skipped) == {NO_ASSISTANT: 1, UNKNOWN_ROLE: 1}
+    assert dict(found.skipped) == {NO_ASSISTANT: 1, UNKNOWN_ROLE: 2}
     parquet = tmp_path / "chats.parquet"
     pd.DataFrame({"messages": [r["messages"] for r in rows[:3]]}).to_parquet(parquet)
     assert read_conversations(parquet).messages == [[user("hi"), assistant("hello")]]
@@ -79,6 +98,10 @@ def test_a_file_keeps_its_trainable_rows_and_counts_the_rest(tmp_path):
             r"line 2: messages\[0\] must be an object with a \"role\"",
         ),
         ('{"instruction": 3, "output": "x"}', "line 2: instruction must be a string, not int"),
+        (
+            '{"conversations": [{"from": 1, "value": "x"}]}',
+            r"line 2: conversations\[0\]\[\"from\"\] must be a string",
+        ),
         ('{"text": "just text"}', r"line 2: no conversation in it \(its keys: text\)"),
         ("{not json", "line 2 is not JSON"),
     ],

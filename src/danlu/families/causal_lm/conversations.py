@@ -4,6 +4,8 @@ of messages ({"role", "content"} with role system, user or assistant):
 
 - OpenAI chat: {"messages": [{"role": ..., "content": ...}, ...]} (multi-turn; content a string or a list
   of text parts);
+- ShareGPT: {"conversations": [{"from": ..., "value": ...}, ...]}, "from" one of human, gpt and system (or
+  user and assistant), as ShareGPT-style datasets hold them; {"role", "content"} turns there are read too;
 - prompt and completion: {"prompt": ..., "completion": ...}, each a string (a user turn, an assistant
   turn) or a list of messages; an optional "system" string;
 - alpaca: {"instruction": ..., "input": ..., "output": ...} ("input" optional, appended to the
@@ -25,9 +27,18 @@ from typing import Any
 from danlu.errors import DanluError, not_utf8
 from danlu.serve.chat.templates import ROLES, content_text
 
-SHAPES = "messages, prompt/completion or instruction/output"
+SHAPES = "messages, conversations, prompt/completion or instruction/output"
 UNKNOWN_ROLE = "a role other than system, user and assistant"
 NO_ASSISTANT = "no assistant turn"
+# ShareGPT's speakers as roles; another (function_call, observation, tool) is kept, so its row is counted
+# under UNKNOWN_ROLE as an OpenAI row with such a role is.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 @dataclass
@@ -160,6 +171,8 @@ def to_messages(row: Any, answered: bool = True) -> list[dict[str, str]]:
     system = _system(row)
     if "messages" in row:
         return [*system, *_message_list(row["messages"], "messages")]
+    if "conversations" in row:
+        return [*system, *_message_list(row["conversations"], "conversations")]
     if "prompt" in row or "completion" in row:
         if "prompt" not in row or (answered and "completion" not in row):
             raise RowError("a row with prompt needs completion too (and the other way round)")
@@ -236,6 +249,8 @@ def _message_list(value: Any, where: str) -> list[dict[str, str]]:
         raise RowError(f"{where} must be a non-empty list of messages")
     messages = []
     for i, message in enumerate(value):
+        if isinstance(message, dict) and "from" in message and "role" not in message:
+            message = _sharegpt_turn(message, f"{where}[{i}]")
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise RowError(f'{where}[{i}] must be an object with a "role" and a "content"')
         try:
@@ -244,3 +259,11 @@ def _message_list(value: Any, where: str) -> list[dict[str, str]]:
             raise RowError(exc.message) from None
         messages.append({"role": message["role"], "content": content})
     return messages
+
+
+def _sharegpt_turn(turn: dict, where: str) -> dict[str, Any]:
+    """A ShareGPT turn ({"from", "value"}) as a message."""
+    speaker = turn["from"]
+    if not isinstance(speaker, str):
+        raise RowError(f'{where}["from"] must be a string, not {type(speaker).__name__}')
+    return {"role": SHAREGPT_ROLES.get(speaker.lower(), speaker), "content": turn.get("value", "")}
