@@ -4,7 +4,7 @@ serve is danlu.serve.start.serve (`danlu.serve(...)`), which imports nothing hea
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +18,11 @@ from danlu.run import PREDICTIONS, RunDir, atomic_write
 if TYPE_CHECKING:
     import pandas as pd
 
+    from danlu.families.contract import Family
     from danlu.predictor import Predictor
 
 log = logging.getLogger("danlu")
+SKIPPED_NAMED = 5  # unreadable images named in the warning; the rest are counted
 
 
 class Run:
@@ -446,18 +448,58 @@ def held_out_items(predictor: Predictor, run_dir: str | Path) -> tuple[str, Iter
 
 
 def evaluate(
-    run_dir: str | Path, data: str | Path | None = None, trust_model_code: bool = False
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    trust_model_code: bool = False,
+    skip_bad_images: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a finished run on DATA, or on the held-out rows recorded in its run directory (a
-    fine-tuned language model: loss per trained token before and after, and scored answers)."""
+    fine-tuned language model: loss per trained token before and after, and scored answers).
+    skip_bad_images (image runs, with DATA): leave out images that cannot be read, with a warning naming
+    them, instead of stopping at the first."""
     whole = _whole_run(run_dir)
     if whole is not None:
+        _check_skip(whole[0], skip_bad_images)
         family, state, run = whole
         return family.evaluate_run(run, family, state, data)
     predictor = _predictor(run_dir, trust_model_code=trust_model_code)
     if data is not None:
-        return _metrics_over(predictor, predictor.family.read(str(data), predictor.state))
+        return _metrics_over(predictor, _read(predictor, data, None, skip_bad_images))
     return _metrics_over(predictor, held_out_items(predictor, run_dir)[1])
+
+
+def _check_skip(family: Family, skip_bad_images: bool) -> None:
+    if skip_bad_images and not family.skips_unreadable:
+        raise DanluError(
+            f"skipping unreadable images is for image runs; this is a {family.name} run",
+            "leave out --skip-bad-images",
+        )
+
+
+def _read(predictor: Predictor, data: str | Path, chunk_rows: int | None, skip_bad_images: bool):
+    """DATA's items for a predictor, in chunks (the family's own size when chunk_rows is None). With
+    skip_bad_images, images that cannot be read are left out and named in one warning at the end."""
+    family = predictor.family
+    _check_skip(family, skip_bad_images)
+    size = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
+    if not skip_bad_images:
+        return family.read(str(data), predictor.state, **size)
+    return _skipping(family.read, str(data), predictor.state, size)
+
+
+def _skipping(read, data: str, state: Any, size: dict) -> Iterator[Any]:
+    skipped: list[str] = []
+    yielded = False
+    for items in read(data, state, skipped=skipped, **size):
+        yielded = True
+        yield items
+    if skipped:
+        shown = ", ".join(skipped[:SKIPPED_NAMED]) + (", ..." if len(skipped) > SKIPPED_NAMED else "")
+        log.warning(
+            "skipped %d unreadable image%s: %s", len(skipped), "" if len(skipped) == 1 else "s", shown
+        )
+    if not yielded:
+        raise DanluError(f"no image in '{data}' could be read", "check the files, or pass other data")
 
 
 def _whole_run(run_dir: str | Path):
@@ -544,21 +586,30 @@ def predict_file(
     chunk_rows: int = 100_000,
     engine: str = "torch",
     trust_model_code: bool = False,
+    skip_bad_images: bool = False,
 ) -> int:
     """Stream DATA through a run's model into OUT (.csv or .parquet), rows in input order; returns rows.
-    A fine-tuned language model answers DATA's conversations into OUT (.jsonl)."""
+    A fine-tuned language model answers DATA's conversations into OUT (.jsonl). skip_bad_images (image
+    runs): images that cannot be read have no row, and one warning names them, instead of stopping at
+    the first."""
     whole = _whole_run(run_dir)
     if whole is not None:
+        _check_skip(whole[0], skip_bad_images)
         return whole[0].predict_run(whole[2], data, out)
     _output_suffix(out)  # fail before loading anything
     predictor = _predictor(run_dir, engine=engine, trust_model_code=trust_model_code)
-    return write_predictions(predictor, predictor.family.read(str(data), predictor.state, chunk_rows), out)
+    return write_predictions(predictor, _read(predictor, data, chunk_rows, skip_bad_images), out)
 
 
 def plot_predictions(
-    run_dir: str | Path, data: str | Path, out: str | Path, trust_model_code: bool = False
+    run_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    trust_model_code: bool = False,
+    skip_bad_images: bool = False,
 ) -> None:
-    """A PNG grid of DATA's first images with their predicted labels (image runs).
+    """A PNG grid of DATA's first images with their predicted labels (image runs); skip_bad_images: as
+    predict_file's.
 
     Raises:
         DanluError: the run is not an image run.
@@ -569,7 +620,7 @@ def plot_predictions(
         raise DanluError(
             f"--plot draws images; {run_dir} is a {predictor.family.name} run", "leave out --plot"
         )
-    items = next(iter(predictor.family.read(str(data), predictor.state, 36)))
+    items = next(iter(_read(predictor, data, 36, skip_bad_images)))
     draw(predictor.state, items, predictor.decoded(items), Path(out))
 
 

@@ -161,6 +161,45 @@ def test_predict_file_writes_paths_predictions_and_probabilities(folder_run, tmp
     assert np.allclose(out[[f"proba_{c}" for c in CLASSES]].sum(axis=1), 1, atol=1e-5)
 
 
+def test_unreadable_images_stop_predict_and_evaluate_unless_skipped(folder_run, tmp_path, caplog):
+    from danlu.api import predict_file
+
+    folder = image_folder(tmp_path / "new", n=9, seed=3)
+    clean = predict_file(folder_run.path, folder, tmp_path / "clean.csv", chunk_rows=4)
+    metrics = danlu.evaluate(folder_run.path, folder)
+    broken = folder / CLASSES[0] / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    (folder / CLASSES[1] / "zz-empty.png").write_bytes(b"")
+    with pytest.raises(DanluError, match=r"broken\.png"):
+        predict_file(folder_run.path, folder, tmp_path / "p.csv", chunk_rows=4)
+    assert not (tmp_path / "p.csv").exists()
+    with pytest.raises(DanluError, match=r"broken\.png"):
+        danlu.evaluate(folder_run.path, folder)
+
+    rows = predict_file(folder_run.path, folder, tmp_path / "p.csv", chunk_rows=4, skip_bad_images=True)
+    assert rows == clean == 9
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "clean.csv"))
+    warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert warned == [f"skipped 2 unreadable images: {broken}, {folder / CLASSES[1] / 'zz-empty.png'}"]
+    assert danlu.evaluate(folder_run.path, folder, skip_bad_images=True) == metrics
+
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "broken.png").write_bytes(broken.read_bytes())
+    with pytest.raises(DanluError, match=r"no image in .* could be read"):
+        predict_file(folder_run.path, only_bad, tmp_path / "none.csv", skip_bad_images=True)
+    assert not (tmp_path / "none.csv").exists()
+
+
+def test_skipping_unreadable_images_is_refused_for_other_runs():
+    from danlu.api import _check_skip
+    from danlu.families import get
+
+    _check_skip(get("image"), True)
+    with pytest.raises(DanluError, match="for image runs; this is a tabular run"):
+        _check_skip(get("tabular"), True)
+
+
 def test_onnx_export_takes_uint8_pixels_and_is_verified(folder_run):
     import onnxruntime as ort
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from danlu.cli.options import add_trust_model_code
+from danlu.cli.options import add_skip_bad_images, add_trust_model_code
 from danlu.cli.output import fmt
 
 
@@ -24,6 +24,7 @@ def add_evaluate(sub) -> None:
         action="store_true",
         help="print one JSON object: accuracy, f1_macro, roc_auc, log_loss or mae, rmse, r2",
     )
+    add_skip_bad_images(p)
     add_trust_model_code(p)
     p.set_defaults(run=run_evaluate)
 
@@ -35,7 +36,9 @@ def run_evaluate(args) -> int:
     import danlu
     from danlu.evaluation.metrics import summary
 
-    metrics = danlu.evaluate(args.run_dir, args.data, trust_model_code=args.trust_model_code)
+    metrics = danlu.evaluate(
+        args.run_dir, args.data, trust_model_code=args.trust_model_code, skip_bad_images=args.skip_bad_images
+    )
     task = "classification" if "accuracy" in metrics else "regression"
     if "perplexity" in metrics:  # a fine-tuned language model: every figure, and where its answers are
         task = "generation"

@@ -15,6 +15,15 @@ def add_trust_model_code(p) -> None:
     )
 
 
+def add_skip_bad_images(p) -> None:
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="image runs: leave out images that cannot be read (damaged, missing, another format), "
+        "named in a warning, instead of stopping at the first",
+    )
+
+
 def number(text: str) -> float:
     """A finite number, for options that take one (argparse's float takes nan and inf)."""
     value = float(text)  # a ValueError: argparse's "invalid number value"

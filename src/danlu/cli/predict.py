@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from danlu.cli.options import add_trust_model_code
+from danlu.cli.options import add_skip_bad_images, add_trust_model_code
 
 
 def add_predict(sub) -> None:
@@ -40,6 +40,7 @@ def add_predict(sub) -> None:
     p.add_argument(
         "--plot", metavar="PNG", help="images: also draw the first 36 inputs with their predicted labels"
     )
+    add_skip_bad_images(p)
     zero = p.add_argument_group("zero-shot labels (a CLIP or SigLIP model directory)")
     zero.add_argument("--labels", help='comma-separated labels, e.g. "cat,dog,car"')
     zero.add_argument("--labels-file", metavar="FILE", help="labels, one per line")
@@ -71,13 +72,19 @@ def run_predict(args) -> int:
     from danlu.api import predict_file
 
     rows = predict_file(
-        args.run_dir, args.data, args.output, args.chunk_rows, args.engine, args.trust_model_code
+        args.run_dir,
+        args.data,
+        args.output,
+        args.chunk_rows,
+        args.engine,
+        args.trust_model_code,
+        args.skip_bad_images,
     )
     print(f"wrote {rows} prediction{'' if rows == 1 else 's'} to {args.output}")
     if args.plot:
         from danlu.api import plot_predictions
 
-        plot_predictions(args.run_dir, args.data, args.plot, args.trust_model_code)
+        plot_predictions(args.run_dir, args.data, args.plot, args.trust_model_code, args.skip_bad_images)
         print(f"drew the first predictions in {args.plot}")
     return 0
 
@@ -100,6 +107,10 @@ def run_zero_shot(args) -> int:
         )
     if args.engine != "torch":
         raise DanluError("zero-shot labels run on torch", "leave out --engine")
+    if args.skip_bad_images:
+        raise DanluError(
+            "--skip-bad-images is for a run's images; zero-shot labels read every image", "leave it out"
+        )
     from danlu.api import zero_shot
     from danlu.embeddings.detect import DEFAULT_TEMPLATE
 

@@ -82,7 +82,9 @@ class Family:
     build_model: Callable[[Any, Any], Any]  # (ModelConfig, state) -> nn.Module, called with a batch's inputs
 
     # --- items: evaluate, predict, export checks ----------------------------------------------------
-    read: Callable[..., Iterator[Any]]  # (spec, state, chunk_rows) -> items of a file or folder, in order
+    # (spec, state, chunk_rows) -> items of a file or folder, in order; with skips_unreadable, read also
+    # takes skipped=[]: rows it cannot read (an image file) are left out and named there
+    read: Callable[..., Iterator[Any]]
     as_items: Callable[[Any, Any], Any]  # (state, what the Python API accepts) -> items
     inputs: Callable[[Any, Any], dict]  # (state, items) -> model inputs by name
     targets: Callable[[Any, Any], np.ndarray]  # (state, items) -> true classes or values
@@ -112,6 +114,7 @@ class Family:
     model_defaults: Mapping[str, Any] = field(default_factory=dict)  # model.* where the config set none
     train_defaults: Mapping[str, Any] = field(default_factory=dict)  # train.* where the config set none
     decay_matrices_only: bool = False  # weight decay on weight matrices only, not on 1-D parameters
+    skips_unreadable: bool = False  # read takes skipped= (images: --skip-bad-images)
     predict_batch: int = DEFAULT_BATCH  # rows per forward pass when predicting
     eval_batch: int = DEFAULT_BATCH  # rows per forward pass when evaluating
     # (state, items) -> the Predictor's part; None: one TensorPart of inputs(state, items)

@@ -105,6 +105,7 @@ FAMILY = Family(
     metadata=serve.metadata,
     page_form=serve.page_form,
     description=serve.description,
+    skips_unreadable=True,
     predict_batch=256,
     eval_batch=EVAL_BATCH,
     report_plots=report_plots,

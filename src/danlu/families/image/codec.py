@@ -79,9 +79,12 @@ def decode_items(
     return ImageItems(images[: len(kept)], source.names(kept), labels), kept
 
 
-def read(spec: str, state: ImageState, chunk_rows: int = READ_IMAGES) -> Iterator[ImageItems]:
+def read(
+    spec: str, state: ImageState, chunk_rows: int = READ_IMAGES, skipped: list[str] | None = None
+) -> Iterator[ImageItems]:
     """A folder (labelled by subfolder, or flat), a CSV/Parquet of paths (labelled when it has the
-    target column), IDX/NPZ, or one image file, decoded a chunk at a time."""
+    target column), IDX/NPZ, or one image file, decoded a chunk at a time. An unreadable or missing image
+    is an error naming it; with `skipped` given, it is left out and its name appended there instead."""
     path = Path(spec)
     target = state.target
     if path.suffix.lower() in (".csv", ".parquet", ".pq"):
@@ -91,7 +94,12 @@ def read(spec: str, state: ImageState, chunk_rows: int = READ_IMAGES) -> Iterato
         target = target if target in columns else None
     source = open_source(spec, state.image_column, target)
     for start in range(0, len(source), chunk_rows):
-        yield decode_items(source, np.arange(start, min(start + chunk_rows, len(source))), state)[0]
+        indices = np.arange(start, min(start + chunk_rows, len(source)))
+        items, kept = decode_items(source, indices, state, skipped is not None)
+        if skipped is not None and len(kept) < len(indices):
+            skipped.extend(source.names(np.setdiff1d(indices, kept)))
+        if count(items):
+            yield items
 
 
 def _is_batch(data: Any) -> bool:
