@@ -181,7 +181,7 @@ def run_trl(model_dir: Path, train: Path, out: Path, epochs: int, seed: int) -> 
 def measure(model_dir: Path, base: Path, test: Path) -> dict:
     """Held-out loss per assistant token (danlu's masks, the run's template) and greedy exact match."""
     from danlu.families.causal_lm.conversations import read_conversations
-    from danlu.families.causal_lm.data import Encoded, encode_all
+    from danlu.families.causal_lm.data import encode_all
     from danlu.families.causal_lm.evaluate import token_loss
     from danlu.families.causal_lm.models import CausalLMModel, load_pretrained
     from danlu.families.causal_lm.pretrained import load_tokenizer
@@ -198,9 +198,7 @@ def measure(model_dir: Path, base: Path, test: Path) -> dict:
     state = CausalLMState(
         str(base), "model", template.jinja, RECIPE["max_length"], "assistant", sorted(eos), 0
     )
-    encoded = Encoded(
-        *encode_all(state, template, conversations, list(range(len(conversations))), "skip", "test")
-    )
+    encoded = encode_all(state, template, conversations, list(range(len(conversations))), "skip", "test")
     loss = token_loss(CausalLMModel(load_pretrained(model_dir)), encoded, state.pad_id)["loss"]
     chat = load_chat_model(str(model_dir))
     engine = Engine(chat, max_batch=8)

@@ -234,6 +234,61 @@ def test_an_alpaca_json_array_is_conversations_named_by_item(tmp_path, base):
         fit(tmp_path / "e", long, base, "data.on_long=error")
 
 
+def counting(start: int, n: int) -> str:
+    return " ".join(WORDS[(start + k) % 10] for k in range(n))
+
+
+def test_plain_texts_train_every_token_in_pieces_and_are_continued_as_trained(tmp_path, base):
+    """Continued pre-training: {"text"} rows train every token with no chat template; a text longer than
+    data.max_length is cut into pieces that stay in one split; evaluate gives the loss alone and predict
+    continues texts as /v1/completions does."""
+    from transformers import AutoTokenizer
+
+    from danlu.families.causal_lm.data import Encoded
+    from danlu.families.causal_lm.tokens import encode_texts
+
+    texts = [counting(i, 3 + i % 8) for i in range(150)] + [counting(0, 150)]  # the last: over 64 tokens
+    path = tmp_path / "texts.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    config = {"data": {"train": str(path), "max_length": 64}, "model": {"pretrained": str(base)}}
+    header, shown = danlu.show_sample(config).split("\n", 1)
+    assert "plain text, no chat template, every token trained (1 piece" in header
+    assert shown == "one[[ two three<|im_end|>]]"  # the model's end token closes each text, trained
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    counts = [len(p) for p in encode_texts(tokenizer, texts, 64)]
+    assert counts[-1] > 2 and set(counts[:-1]) == {1}
+    pieces = dict(zip(texts, counts, strict=True))
+    overrides = ("model.adapter=none", "train.lr=3e-3", "train.epochs=8", "train.batch_size=16")
+    run = fit(tmp_path / "run", path, base, *overrides, "data.max_length=64", "data.val_fraction=0")
+    stats, rows = run.report["causal_lm"], run.report["rows"]
+    held = [json.loads(line)["text"] for line in (run.path / "heldout.jsonl").read_text().splitlines()]
+    assert "conversations" not in stats and stats["texts"] + len(held) == len(texts)
+    assert rows["test"] == sum(pieces[t] for t in held)  # a text's pieces are in one split
+    assert rows["train"] + rows["test"] == sum(counts)
+    # the split draws texts, and a part takes each text's every piece: text 1 is rows 1-3 here
+    encoded = Encoded.of(
+        [np.arange(2 + k) for k in range(5)], [np.arange(2 + k) for k in range(5)], [0, 1, 2], {}
+    )
+    encoded.pieces = np.array([0, 1, 4, 5])
+    part = encoded.part(np.array([1]), 0, torch.device("cpu"))
+    assert (part.n_rows, part.conversations, part.texts) == (3, 1, True)
+    assert part.lengths.tolist() == [3, 4, 5]
+    assert stats["trained_tokens_per_epoch"] == stats["tokens_per_epoch"] - rows["train"]  # all but the first
+
+    metrics = danlu.evaluate(run.path)
+    assert metrics["texts"] == len(held) and "samples" not in metrics
+    assert metrics["loss"] == pytest.approx(run.report["test"]["loss"], rel=1e-3)
+    assert metrics["base_loss"] > 2 * metrics["loss"]
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": counting(i, 3)}) + "\n" for i in (2, 6)))
+    assert danlu.predict_file(run.path, prompts, tmp_path / "more.jsonl") == 2
+    more = [json.loads(line) for line in (tmp_path / "more.jsonl").read_text().splitlines()]
+    assert [m["text"] for m in more] == [counting(2, 3), counting(6, 3)]
+    assert [m["answer"].split()[:2] for m in more] == [[WORDS[5], WORDS[6]], [WORDS[9], WORDS[0]]]
+
+
 def test_batches_are_drawn_at_random_unless_grouped_by_length(tmp_path, base):
     """Conversations train in random batches by default; data.group_by_length: true pads less."""
     varied = tmp_path / "varied.jsonl"
@@ -304,7 +359,7 @@ def test_a_packed_row_gives_each_conversation_the_loss_it_gets_alone(base, tmp_p
     """Three conversations of different lengths in one packed row: the summed loss and the trained
     tokens equal theirs alone (positions restart and attention stays inside each conversation)."""
     from danlu.config import DataConfig, ModelConfig, TrainConfig
-    from danlu.families.causal_lm.data import Encoded, encode_all
+    from danlu.families.causal_lm.data import encode_all
     from danlu.families.causal_lm.models import CausalLMModel, load_pretrained
     from danlu.families.causal_lm.pretrained import new_state
     from danlu.training.objectives import trained_tokens
@@ -326,7 +381,7 @@ def test_a_packed_row_gives_each_conversation_the_loss_it_gets_alone(base, tmp_p
             {"role": "assistant", "content": "three"},
         ],
     ]
-    encoded = Encoded(*encode_all(state, template, conversations, [1, 2, 3], "skip", "test"))
+    encoded = encode_all(state, template, conversations, [1, 2, 3], "skip", "test")
     model = CausalLMModel(load_pretrained(base)).eval()
     cpu = torch.device("cpu")
     single = [b for i in range(3) for b in encoded.part(np.array([i]), 0, cpu).batches(1)]

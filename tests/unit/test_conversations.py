@@ -8,12 +8,14 @@ import pytest
 
 from danlu.errors import DanluError
 from danlu.families.causal_lm.conversations import (
+    EMPTY_TEXT,
     NO_ASSISTANT,
     UNKNOWN_ROLE,
     RowError,
     read_conversations,
     read_prompts,
     to_messages,
+    to_row,
 )
 
 
@@ -87,6 +89,34 @@ def test_a_file_keeps_its_trainable_rows_and_counts_the_rest(tmp_path):
     assert read_conversations(parquet).messages == [[user("hi"), assistant("hello")]]
 
 
+def test_plain_texts_are_kept_as_strings_and_a_file_holds_one_kind(tmp_path):
+    assert to_row({"text": "Once upon a time", "id": 7, "source": "wiki"}) == "Once upon a time"
+    assert to_row({"text": "not this", "prompt": "2+2?", "completion": "4"}) == [user("2+2?"), assistant("4")]
+    with pytest.raises(RowError, match="text must be a string, not list"):
+        to_row({"text": ["a", "b"]})
+    path = tmp_path / "texts.jsonl"
+    rows = [{"text": "first"}, {"text": ""}, {"text": "third", "meta": {"n": 3}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = read_conversations(path)
+    assert found.texts and found.messages == ["first", "third"] and found.lines == [1, 3]
+    assert dict(found.skipped) == {EMPTY_TEXT: 1}
+    with pytest.raises(DanluError, match="line 2: an empty text"):
+        read_prompts(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[2]]))
+    assert read_prompts(path) == ["first", "third"]
+
+    path.write_text(
+        json.dumps({"text": "a text"}) + "\n" + json.dumps({"prompt": "q", "completion": "a"}) + "\n"
+    )
+    with pytest.raises(DanluError, match="line 2 is a conversation, and the rows before it are texts"):
+        read_conversations(path)
+    path.write_text(
+        json.dumps({"prompt": "q", "completion": "a"}) + "\n" + json.dumps({"text": "a text"}) + "\n"
+    )
+    with pytest.raises(DanluError, match="line 2 is a text, and the rows before it are conversations"):
+        read_conversations(path)
+
+
 @pytest.mark.parametrize(
     ("line", "match"),
     [
@@ -102,7 +132,7 @@ def test_a_file_keeps_its_trainable_rows_and_counts_the_rest(tmp_path):
             '{"conversations": [{"from": 1, "value": "x"}]}',
             r"line 2: conversations\[0\]\[\"from\"\] must be a string",
         ),
-        ('{"text": "just text"}', r"line 2: no conversation in it \(its keys: text\)"),
+        ('{"body": "just text"}', r"line 2: no conversation in it \(its keys: body\)"),
         ("{not json", "line 2 is not JSON"),
     ],
 )

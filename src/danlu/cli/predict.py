@@ -20,7 +20,8 @@ def add_predict(sub) -> None:
         metavar="DATA",
         help="tables: CSV/Parquet/NPZ/NPY with the feature columns; images: a folder, one image, a CSV of "
         "paths (the run's data.image column), IDX or NPZ; texts: CSV/Parquet/JSONL with the text column; "
-        "a fine-tuned language model: JSONL, JSON or Parquet of conversations or prompts",
+        "a fine-tuned language model: JSONL, JSON or Parquet of conversations or prompts (or texts to "
+        "continue)",
     )
     p.add_argument(
         "-o",

@@ -1,8 +1,8 @@
 """Causal language models fine-tuned on conversations (supervised fine-tuning): a local causal-LM
 directory or GGUF file (model.pretrained) trained with LoRA or on every weight, on JSONL, JSON or Parquet
 conversations (conversations.py), with the loss on the tokens the chat template marks as the assistant's
-(tokens.py); the finished run is a model directory (RUN/hf) the chat server and `danlu chat` serve with
-the same template.
+(tokens.py), or on plain texts, every token (continued pre-training); the finished run is a model
+directory (RUN/hf) the chat server and `danlu chat` serve with the same template.
 
 Rows of a causal-LM run are conversations; predictions, evaluation and serving go through the chat engine
 (`danlu chat RUN`, `danlu serve RUN`), not the row-by-row Predictor: the Predictor's hooks here say so."""
@@ -58,13 +58,14 @@ def bind(state: CausalLMState, run_dir: Path) -> None:
 
 
 def train_stats(part: data.ChatPart, epochs: int, seconds: float) -> dict[str, Any]:
-    """report.json's figures of the training data: conversations (and rows, fewer when packed), those
-    left out and why, tokens trained per epoch, padding share and trained tokens per second."""
+    """report.json's figures of the training data: conversations or texts (and rows: fewer when packed,
+    more when texts are cut into pieces), those left out and why, tokens trained per epoch, padding share
+    and trained tokens per second."""
     share = part.padding_share()
     trained = part.trained
     return {
-        "conversations": part.conversations,
-        "rows": part.n_rows,  # packed: rows of several conversations
+        ("texts" if part.texts else "conversations"): part.conversations,
+        "rows": part.n_rows,  # packed: rows of several conversations; texts: their pieces
         "left_out": dict(part.skipped),
         "trained_tokens_per_epoch": trained,
         "tokens_per_epoch": int(part.lengths.sum()),

@@ -9,7 +9,10 @@ of messages ({"role", "content"} with role system, user or assistant):
 - prompt and completion: {"prompt": ..., "completion": ...}, each a string (a user turn, an assistant
   turn) or a list of messages; an optional "system" string;
 - alpaca: {"instruction": ..., "input": ..., "output": ...} ("input" optional, appended to the
-  instruction after a blank line, as the alpaca recipe does); an optional "system" string.
+  instruction after a blank line, as the alpaca recipe does); an optional "system" string;
+- plain text: {"text": ...} and none of the keys above (other keys, such as an id or a source, are
+  ignored): a document to train on every token of, with no chat template (continued pre-training), kept
+  as the string itself. A file holds texts or conversations, not both.
 
 A row in none of these shapes, or with values of the wrong type, is the file's error and names its line.
 A row that is well formed but cannot be trained on (a role other than the three, no assistant turn) is
@@ -27,9 +30,12 @@ from typing import Any
 from danlu.errors import DanluError, not_utf8
 from danlu.serve.chat.templates import ROLES, content_text
 
-SHAPES = "messages, conversations, prompt/completion or instruction/output"
+SHAPES = "messages, conversations, prompt/completion, instruction/output or text"
 UNKNOWN_ROLE = "a role other than system, user and assistant"
 NO_ASSISTANT = "no assistant turn"
+EMPTY_TEXT = "an empty text"
+CONVERSATION_KEYS = ("messages", "conversations", "prompt", "completion", "instruction", "output")
+Row = list[dict[str, str]] | str  # a conversation's messages, or a plain text
 # ShareGPT's speakers as roles; another (function_call, observation, tool) is kept, so its row is counted
 # under UNKNOWN_ROLE as an OpenAI row with such a role is.
 SHAREGPT_ROLES = {
@@ -43,13 +49,15 @@ SHAREGPT_ROLES = {
 
 @dataclass
 class Conversations:
-    """The trainable conversations of a file, in file order, with the 1-based line (JSON Lines), item (a
-    JSON array) or row (Parquet) each came from, and how many rows were skipped, by reason."""
+    """The trainable conversations (or plain texts) of a file, in file order, with the 1-based line (JSON
+    Lines), item (a JSON array) or row (Parquet) each came from, and how many rows were skipped, by
+    reason."""
 
-    messages: list[list[dict[str, str]]] = field(default_factory=list)
+    messages: list[Row] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     unit: str = "line"  # what lines[i] counts: line, item or row
+    texts: bool = False  # the rows are plain texts, not conversations
 
 
 class RowError(ValueError):
@@ -146,14 +154,24 @@ def _not_json_lines(path: Path, number: int, exc: ValueError) -> DanluError:
 
 
 def read_conversations(path: Path) -> Conversations:
-    """Every row of the file normalized to messages. Raises DanluError naming the first malformed row."""
+    """Every row of the file normalized to messages (or a plain text). Raises DanluError naming the first
+    malformed row, or the first row of the other kind in a file of texts or of conversations."""
     found = Conversations(unit=row_unit(path))
     unit = found.unit
+    first: int | None = None
     for number, row in read_rows(path, unit):
         try:
-            messages = to_messages(row)
+            messages = to_row(row)
         except RowError as exc:
             raise DanluError(f"{path.name} {unit} {number}: {exc}", f"give each row {SHAPES}") from None
+        if first is None:
+            first, found.texts = number, isinstance(messages, str)
+        elif isinstance(messages, str) != found.texts:
+            kinds = ("a conversation", "texts") if found.texts else ("a text", "conversations")
+            raise DanluError(
+                f"{path.name} {unit} {number} is {kinds[0]}, and the rows before it are {kinds[1]}",
+                "put texts and conversations in separate files: a run trains on one kind",
+            )
         reason = untrainable(messages)
         if reason is not None:
             found.skipped[reason] += 1
@@ -161,6 +179,14 @@ def read_conversations(path: Path) -> Conversations:
         found.messages.append(messages)
         found.lines.append(number)
     return found
+
+
+def to_row(row: Any, answered: bool = True) -> Row:
+    """One row as messages, or as its text when it is a plain text ({"text"} without a conversation's
+    keys). Raises RowError as to_messages does, or for a text that is not a string."""
+    if isinstance(row, dict) and "text" in row and not any(key in row for key in CONVERSATION_KEYS):
+        return _text(row["text"], "text")
+    return to_messages(row, answered)
 
 
 def to_messages(row: Any, answered: bool = True) -> list[dict[str, str]]:
@@ -196,16 +222,22 @@ def to_messages(row: Any, answered: bool = True) -> list[dict[str, str]]:
     raise RowError(f"no conversation in it (its keys: {keys})")
 
 
-def read_prompts(path: Path) -> list[list[dict[str, str]]]:
-    """Every row of a file as messages to answer: a trailing assistant turn (a reference answer) is
-    dropped. A malformed row, or a role other than the three, is an error naming its line."""
-    prompts = []
+def read_prompts(path: Path) -> list[Row]:
+    """Every row of a file as messages to answer (a trailing assistant turn, a reference answer, is
+    dropped), or as a text to continue. A malformed row, a role other than the three or an empty text is
+    an error naming its line."""
+    prompts: list[Row] = []
     unit = row_unit(path)
     for number, row in read_rows(path, unit):
         try:
-            messages = to_messages(row, answered=False)
+            messages = to_row(row, answered=False)
         except RowError as exc:
             raise DanluError(f"{path.name} {unit} {number}: {exc}", f"give each row {SHAPES}") from None
+        if isinstance(messages, str):
+            if not messages:
+                raise DanluError(f"{path.name} {unit} {number}: {EMPTY_TEXT}", "give a text to continue")
+            prompts.append(messages)
+            continue
         if untrainable(messages) == UNKNOWN_ROLE:
             raise DanluError(f"{path.name} {unit} {number}: {UNKNOWN_ROLE}", "use system, user and assistant")
         while messages and messages[-1]["role"] == "assistant":
@@ -216,8 +248,10 @@ def read_prompts(path: Path) -> list[list[dict[str, str]]]:
     return prompts
 
 
-def untrainable(messages: list[dict[str, str]]) -> str | None:
-    """Why a well-formed conversation cannot be trained on, or None."""
+def untrainable(messages: Row) -> str | None:
+    """Why a well-formed conversation (or text) cannot be trained on, or None."""
+    if isinstance(messages, str):
+        return None if messages else EMPTY_TEXT
     if any(m["role"] not in ROLES for m in messages):
         return UNKNOWN_ROLE
     if not any(m["role"] == "assistant" for m in messages):

@@ -23,12 +23,12 @@ from danlu.data.dataset import Dataset, Fingerprinted, HeldOut, assemble
 from danlu.data.sources import file_fingerprint
 from danlu.data.split import split_indices
 from danlu.errors import DanluError
-from danlu.families.causal_lm.conversations import Conversations, read_conversations
+from danlu.families.causal_lm.conversations import Conversations, Row, read_conversations
 from danlu.families.causal_lm.packing import block_mask, pack
 from danlu.families.causal_lm.pretrained import check_same_weights, new_state, tokenizer_of
 from danlu.families.causal_lm.state import CausalLMState
 from danlu.families.causal_lm.tokens import Encoded as TokenLabels
-from danlu.families.causal_lm.tokens import encode, show
+from danlu.families.causal_lm.tokens import encode, encode_texts, show
 from danlu.families.text.data import GROUP_BATCHES, TextPart
 from danlu.serve.chat.templates import Template
 from danlu.training import distributed
@@ -36,6 +36,8 @@ from danlu.training.objectives import IGNORE, trained_tokens
 
 log = logging.getLogger("danlu")
 TOO_LONG = "longer than data.max_length"
+ONE_TOKEN = "a single token: nothing to predict"
+TEXT_BATCH = 1000  # texts tokenized per call of the tokenizer
 PROGRESS_FROM = 2000  # conversations: tokenizing fewer shows no progress bar
 
 
@@ -77,6 +79,7 @@ class ChatPart(TextPart):
         self.positions = None if positions is None else torch.from_numpy(positions)
         self.segments = None if segments is None else torch.from_numpy(segments)
         self.conversations = len(rows) if conversations is None else conversations
+        self.texts = False  # the rows are pieces of plain texts (conversations counts the texts)
         self.skipped: Counter = Counter()  # conversations left out of this split, by reason
 
     @property
@@ -116,14 +119,16 @@ class ChatPart(TextPart):
 def encode_all(
     state: CausalLMState,
     template: Template,
-    conversations: list[list[dict[str, str]]],
+    conversations: list[Row],
     lines: list[int],
     on_long: str,
     name: str,
     unit: str = "line",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], Counter]:
-    """Every conversation's ids and labels, flat, with offsets; the positions (in `conversations`) kept,
-    and the skipped ones counted by reason."""
+) -> Encoded:
+    """Every conversation's ids and labels (or every text's pieces), flat, with offsets; the positions
+    (in `conversations`) kept, and the skipped ones counted by reason."""
+    if conversations and isinstance(conversations[0], str):
+        return _encode_texts(template.tokenizer, conversations, state.max_length, name)
     ids: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     kept: list[int] = []
@@ -145,49 +150,88 @@ def encode_all(
         ids.append(np.asarray(encoded.input_ids, dtype=np.int32))
         labels.append(np.asarray(encoded.labels, dtype=np.int32))
         kept.append(i)
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum([len(x) for x in ids], out=offsets[1:])
-    flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
-    flat_labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
-    return flat_ids, flat_labels, offsets, kept, skipped
+    return Encoded.of(ids, labels, kept, skipped)
+
+
+def _encode_texts(tokenizer: Any, texts: list[str], max_length: int, name: str) -> Encoded:
+    """Plain texts, tokenized in batches, each cut into pieces of at most max_length tokens
+    (tokens.encode_texts); a text's pieces stay together, so a split never divides a text."""
+    ids: list[np.ndarray] = []
+    kept: list[int] = []
+    pieces = [0]
+    skipped: Counter = Counter()
+    bar = tqdm(total=len(texts), desc=f"tokenize {name}", unit="text", disable=len(texts) < PROGRESS_FROM)
+    for start in range(0, len(texts), TEXT_BATCH):
+        for i, encoded in enumerate(encode_texts(tokenizer, texts[start : start + TEXT_BATCH], max_length)):
+            if not encoded:
+                skipped[ONE_TOKEN] += 1
+                continue
+            ids.extend(np.asarray(piece.input_ids, dtype=np.int32) for piece in encoded)
+            kept.append(start + i)
+            pieces.append(pieces[-1] + len(encoded))
+        bar.update(min(TEXT_BATCH, len(texts) - start))
+    bar.close()
+    encoded = Encoded.of(ids, ids, kept, skipped)  # every token trained: the labels are the ids
+    encoded.pieces = np.asarray(pieces, dtype=np.int64)
+    return encoded
 
 
 @dataclass
 class Encoded:
     """Conversations rendered and tokenized: flat ids and labels with offsets, which conversations were
-    kept (positions in the file's trainable conversations), and which were skipped, by reason."""
+    kept (positions in the file's trainable conversations), and which were skipped, by reason. Texts
+    may be cut into several rows (pieces): text k's rows are pieces[k]:pieces[k + 1]."""
 
     ids: np.ndarray
     labels: np.ndarray
     offsets: np.ndarray
     kept: list[int]
     skipped: Counter
+    pieces: np.ndarray | None = None  # None: one row per kept conversation
+
+    @classmethod
+    def of(
+        cls, ids: list[np.ndarray], labels: list[np.ndarray], kept: list[int], skipped: Counter
+    ) -> Encoded:
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in ids], out=offsets[1:])
+        flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+        flat_labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
+        return cls(flat_ids, flat_labels, offsets, kept, skipped)
 
     def part(
         self, rows: np.ndarray, pad_id: int, device: torch.device, pack_to: int | None = None
     ) -> ChatPart:
         """The part of kept conversations `rows` (positions in `kept`); with pack_to, packed into rows of
         at most that many tokens."""
+        conversations = len(rows)
+        if self.pieces is not None:  # a text's every piece
+            rows = np.concatenate(
+                [np.arange(self.pieces[r], self.pieces[r + 1]) for r in rows] or [np.zeros(0, np.int64)]
+            )
         if pack_to is None:
-            return ChatPart(self.ids, self.labels, self.offsets, rows, pad_id).to(device)
-        ids, labels, positions, segments, offsets = pack(self.ids, self.labels, self.offsets, rows, pack_to)
-        packs = np.arange(len(offsets) - 1)
-        return ChatPart(ids, labels, offsets, packs, pad_id, positions, segments, len(rows)).to(device)
+            part = ChatPart(self.ids, self.labels, self.offsets, rows, pad_id, conversations=conversations)
+        else:
+            ids, labels, positions, segments, offsets = pack(
+                self.ids, self.labels, self.offsets, rows, pack_to
+            )
+            packs = np.arange(len(offsets) - 1)
+            part = ChatPart(ids, labels, offsets, packs, pad_id, positions, segments, conversations)
+        part.texts = self.pieces is not None
+        return part.to(device)
 
 
 def encode_file(
     state: CausalLMState, template: Template, spec: str, on_long: str
 ) -> tuple[Conversations, Encoded]:
     found = read_conversations(Path(spec))
-    encoded = Encoded(
-        *encode_all(state, template, found.messages, found.lines, on_long, Path(spec).name, found.unit)
-    )
+    encoded = encode_all(state, template, found.messages, found.lines, on_long, Path(spec).name, found.unit)
     encoded.skipped += found.skipped
     if encoded.skipped:
         rows = len(found.messages) + sum(found.skipped.values())
         left_out = sum(encoded.skipped.values())
         log.warning(
-            "%s: %d of %d conversations left out (%s)", spec, left_out, rows, _counted(encoded.skipped)
+            "%s: %d of %d %s left out (%s)", spec, left_out, rows, _kind(found), _counted(encoded.skipped)
         )
     return found, encoded
 
@@ -210,12 +254,13 @@ def load(
     found, encoded = encode_file(state, template, config.train, config.on_long)
     if encoded.kept and distributed.world_from_env().main:
         first = encoded.part(np.arange(1), state.pad_id, torch.device("cpu"))
-        log.info("a conversation as trained (trained tokens between [[ ]]):\n%s", _shown(state, first))
+        shown = "a text's first piece" if found.texts else "a conversation"
+        log.info("%s as trained (trained tokens between [[ ]]):\n%s", shown, _shown(state, first))
     if not encoded.kept:
         reasons = _counted(encoded.skipped) or "it is empty"
         raise DanluError(
             f"'{config.train}' holds no conversation to train on ({reasons})",
-            "give rows with an assistant turn, within data.max_length tokens",
+            "give rows with an assistant turn, within data.max_length tokens, or texts",
         )
     source = ConversationSource(config.train)
     train_rows, val_rows, test_rows = split_indices(len(encoded.kept), None, config)
@@ -264,11 +309,20 @@ def sample_text(config: Config) -> str:
             f"'{config.data.train}' holds no conversation to train on", "give rows with an assistant turn"
         )
     first = encoded.part(np.arange(1), state.pad_id, torch.device("cpu"))
-    return (
-        f"{config.data.train} {found.unit} {found.lines[encoded.kept[0]]}, "
-        f"chat template '{state.template_name}', train.loss_on={state.loss_on}: {first.trained} trained "
-        f"tokens between [[ ]]\n{_shown(state, first)}"
+    how = (
+        f"plain text, no chat template, every token trained ({first.n_rows} piece{'s' * (first.n_rows > 1)} "
+        f"of up to data.max_length={state.max_length} tokens; the first shown)"
+        if found.texts
+        else f"chat template '{state.template_name}', train.loss_on={state.loss_on}"
     )
+    return (
+        f"{config.data.train} {found.unit} {found.lines[encoded.kept[0]]}, {how}: {int(first.target[0])} "
+        f"trained tokens between [[ ]]\n{_shown(state, first)}"
+    )
+
+
+def _kind(found: Conversations) -> str:
+    return "texts" if found.texts else "conversations"
 
 
 def _counted(skipped: Counter) -> str:
@@ -278,8 +332,9 @@ def _counted(skipped: Counter) -> str:
 # --- items: conversations as the run directory stores them -------------------------------------------
 
 
-def store_rows(items: list[list[dict[str, str]]]) -> bytes:
-    return "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in items).encode()
+def store_rows(items: list[Row]) -> bytes:
+    rows = ({"text": m} if isinstance(m, str) else {"messages": m} for m in items)
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
 
 
 def read_stored(path: Path) -> Iterator[list[list[dict[str, str]]]]:
@@ -287,7 +342,7 @@ def read_stored(path: Path) -> Iterator[list[list[dict[str, str]]]]:
 
 
 def nbytes(items: list) -> int:
-    return sum(len(m["content"]) for conversation in items for m in conversation)
+    return sum(len(row) if isinstance(row, str) else sum(len(m["content"]) for m in row) for row in items)
 
 
 def count(items: list) -> int:

@@ -4,8 +4,10 @@
 trained token of the fine-tuned model and of the model it started from (when that is still where the run
 found it), and greedy answers to up to `samples` of the conversations' last questions, written to
 RUN/samples.jsonl with the reference answer, and scored by exact match and by containing the reference.
+Plain texts have no questions: their loss and perplexity alone.
 
-`predict_run`: answers to every conversation of a file, batched through the chat engine, as JSONL."""
+`predict_run`: answers to every conversation of a file (or continuations of every text), batched
+through the chat engine, as JSONL."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from danlu.errors import DanluError
-from danlu.families.causal_lm.conversations import read_conversations, read_prompts
+from danlu.families.causal_lm.conversations import Row, read_conversations, read_prompts
 from danlu.families.causal_lm.data import Encoded, encode_all
 from danlu.families.causal_lm.models import CausalLMModel, load_pretrained
 from danlu.families.causal_lm.pretrained import tokenizer_of
@@ -68,23 +70,23 @@ def evaluate_run(
         )
     tokenizer = tokenizer_of(state)
     template = Template.of_source(tokenizer, state.template, state.template_name)
-    encoded = Encoded(
-        *encode_all(
-            state, template, conversations, list(range(1, len(conversations) + 1)), "skip", "evaluation"
-        )
-    )
+    lines = list(range(1, len(conversations) + 1))
+    encoded = encode_all(state, template, conversations, lines, "skip", "evaluation")
     if not encoded.kept:
         raise DanluError(
             f"no conversation fits data.max_length={state.max_length}", "pass shorter conversations"
         )
+    texts = encoded.pieces is not None
     after = token_loss(CausalLMModel(load_pretrained(run.hf)), encoded, state.pad_id)
-    metrics: dict[str, Any] = {**after, "conversations": len(encoded.kept)}
+    metrics: dict[str, Any] = {**after, ("texts" if texts else "conversations"): len(encoded.kept)}
     base = Path(state.pretrained)
     if base.exists():
         before = token_loss(CausalLMModel(load_pretrained(base)), encoded, state.pad_id)
         metrics.update(base_loss=before["loss"], base_perplexity=before["perplexity"])
     else:
         metrics["undefined"] = {"base_loss": f"undefined: the base model '{base}' is not there any more"}
+    if texts:
+        return metrics
     answered = answer_last_turns(run, [conversations[i] for i in encoded.kept[:ANSWERED]])
     rows = [
         {"messages": prompt, "reference": reference, "answer": text, "finish_reason": reason}
@@ -113,8 +115,9 @@ def answer_last_turns(run: RunDir, conversations: list) -> list[tuple[list, str,
     return [(p, r, t, f) for p, r, (t, f) in zip(prompts, references, answers, strict=True)]
 
 
-def answer(run: RunDir, prompts: list[list[dict[str, str]]]) -> list[tuple[str, str]]:
-    """The fine-tuned model's greedy answers to conversations, batched through the chat engine."""
+def answer(run: RunDir, prompts: list[Row]) -> list[tuple[str, str]]:
+    """The fine-tuned model's greedy answers to conversations (or continuations of texts, tokenized as the
+    completions endpoint does), batched through the chat engine."""
     from danlu.serve.chat.engine import engine_for
     from danlu.serve.chat.model import load_chat_model
     from danlu.serve.chat.sampling import SamplingParams
@@ -123,7 +126,10 @@ def answer(run: RunDir, prompts: list[list[dict[str, str]]]) -> list[tuple[str, 
     template = Template(chat.tokenizer)  # RUN/hf's template: the run's own
     engine = engine_for(chat, max_batch=8, extra_stops=template.stops)
     try:
-        encoded = [template.encode_messages(p) for p in prompts]
+        encoded = [
+            chat.tokenizer(p)["input_ids"] if isinstance(p, str) else template.encode_messages(p)
+            for p in prompts
+        ]
         params = SamplingParams(max_tokens=MAX_ANSWER_TOKENS, temperature=0.0)
         return engine.answer_all(encoded, params)
     finally:
@@ -131,8 +137,9 @@ def answer(run: RunDir, prompts: list[list[dict[str, str]]]) -> list[tuple[str, 
 
 
 def predict_run(run: RunDir, data: str | Path, out: str | Path) -> int:
-    """Answers to every conversation of DATA (its messages up to the last user turn) as JSONL in OUT:
-    each row's messages and the answer. Returns the rows written; OUT appears only when complete."""
+    """Answers to every conversation of DATA (its messages up to the last user turn), or continuations
+    of its texts, as JSONL in OUT: each row's messages (or text) and the answer. Returns the rows written;
+    OUT appears only when complete."""
     if Path(out).suffix.lower() != ".jsonl":
         raise DanluError(
             f"output '{out}' must end in .jsonl for a fine-tuned language model", "e.g. -o answers.jsonl"
@@ -140,7 +147,8 @@ def predict_run(run: RunDir, data: str | Path, out: str | Path) -> int:
     prompts = read_prompts(Path(data))
     answers = answer(run, prompts)
     rows = [
-        {"messages": p, "answer": t, "finish_reason": f} for p, (t, f) in zip(prompts, answers, strict=True)
+        {("text" if isinstance(p, str) else "messages"): p, "answer": t, "finish_reason": f}
+        for p, (t, f) in zip(prompts, answers, strict=True)
     ]
     atomic_write(Path(out), lambda f: f.write(_jsonl(rows)))
     return len(rows)

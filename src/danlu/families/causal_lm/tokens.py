@@ -11,11 +11,15 @@ end-of-turn token (the model's eos, as `generation_config.json` names it), so th
 learns to stop; what the template puts after that token (a newline) is not trained.
 
 `loss_on`: assistant (every assistant turn, the default), last_turn (the last assistant turn only) or
-all (every token of the conversation)."""
+all (every token of the conversation).
+
+A plain text (continued pre-training) has no template: its ids are the tokenizer's, as the completions
+endpoint tokenizes a prompt, followed by the model's end token, and every token is trained; one longer
+than the run's max_length is cut into pieces of that many tokens (encode_texts)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from danlu.errors import DanluError
@@ -54,6 +58,20 @@ def encode(
         start, end = turn_span(template, messages, turn, ids, end_ids)
         labels[start:end] = ids[start:end]
     return _checked(Encoded(ids, labels), template)
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[Encoded]]:
+    """Each text's pieces: its ids (the tokenizer's own, with its BOS where it adds one) and the end
+    token, cut into pieces of at most max_length tokens, every token trained. A piece of one token (a
+    text's end token alone) has nothing to predict and is left out."""
+    end = tokenizer.eos_token_id
+    encoded = tokenizer(list(texts), verbose=False)["input_ids"] if texts else []
+    pieces = []
+    for ids in encoded:
+        ids = [*ids, end] if end is not None else list(ids)
+        cut = (ids[i : i + max_length] for i in range(0, len(ids), max_length))
+        pieces.append([Encoded(piece, list(piece)) for piece in cut if len(piece) > 1])
+    return pieces
 
 
 def turn_span(
