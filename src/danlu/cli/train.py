@@ -35,8 +35,8 @@ def add_train(sub) -> None:
     p.add_argument(
         "--show-sample",
         action="store_true",
-        help="fine-tuning a language model: print the first conversation as trained, with its trained "
-        "tokens between [[ ]], and stop (nothing is written)",
+        help="fine-tuning a language model: print the first conversation (or text) as trained, with its "
+        "trained tokens between [[ ]], and stop (nothing is written)",
     )
     p.add_argument(
         "--nproc",
