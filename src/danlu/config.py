@@ -457,11 +457,23 @@ def data_files(data: DataConfig) -> dict[str, str]:
 
 
 def existing_data(spec: str, what: str = "data file") -> Path:
-    """The path a data.train/validation/test value names, which must exist (a file or a folder)."""
+    """The path a data.train/validation/test value names, which must exist (a file or a folder), or a
+    pattern of Parquet shards (data/train-*.parquet) that must match a file."""
     path = Path(spec)
+    if is_pattern(path):
+        if not any(p.is_file() for p in path.parent.glob(path.name)):
+            raise DanluError(
+                f"{what} '{spec}' matches no file", "check the pattern in the config or on the command line"
+            )
+        return path
     if not path.exists():
         raise DanluError(f"{what} '{spec}' not found", "check the path in the config or on the command line")
     return path
+
+
+def is_pattern(path: Path) -> bool:
+    """The path's last part is a glob pattern (*, ? or [...]) and no file of that very name exists."""
+    return any(c in path.name for c in "*?[") and not path.exists()
 
 
 def check_data(data: DataConfig) -> None:

@@ -227,3 +227,18 @@ def test_a_conversation_file_not_utf8_or_cut_short_is_one_line(tmp_path, name):
         read_conversations(path)
     with pytest.raises(DanluError, match=expected):
         read_prompts(path)
+
+
+def test_parquet_shards_of_conversations_are_read_in_order(tmp_path):
+    from danlu.families.image.sources import looks_like_images
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)]
+    pd.DataFrame(rows[:2]).to_parquet(folder / "train_sft-00000-of-00002.parquet")
+    pd.DataFrame(rows[2:]).to_parquet(folder / "train_sft-00001-of-00002.parquet")
+    for spec in (folder, folder / "train_sft-*.parquet"):
+        found = read_conversations(spec)
+        assert found.unit == "row" and found.lines == [1, 2, 3, 4, 5]
+        assert found.messages == [[user(f"q{i}"), assistant(f"a{i}")] for i in range(5)]
+    assert not looks_like_images(str(folder))  # a folder of Parquet shards is a table, not images

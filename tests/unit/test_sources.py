@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from danlu.data.batches import Batch, TensorPart, shuffle_generator, split_mask
-from danlu.data.sources import NpyTable, ParquetTable, open_table, stream_frames
+from danlu.data.sources import NpyTable, ParquetTable, file_fingerprint, open_table, stream_frames
 from danlu.errors import DanluError
 from tests.conftest import regression_frame
 
@@ -204,3 +204,37 @@ def test_a_csv_problem_past_the_first_chunk_is_the_same_one_line(tmp_path, tail,
         open_table(str(path))
     with pytest.raises(DanluError, match=expected):
         list(stream_frames(str(path), chunk_rows=1000))  # danlu predict's way: found in a later chunk
+
+
+def test_parquet_shards_are_one_table_by_pattern_or_folder(tmp_path):
+    frame = pd.DataFrame({"x": np.arange(10.0), "label": list("ab") * 5})
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, rows in enumerate((slice(0, 4), slice(4, 10))):
+        frame.iloc[rows].to_parquet(folder / f"train-0000{i}-of-00002.parquet", row_group_size=3)
+    for spec in (folder, folder / "train-*.parquet"):
+        table = open_table(str(spec))
+        assert table.n_rows == 10 and table.n_chunks == 4 and table.columns == ["x", "label"]
+        pd.testing.assert_frame_equal(pd.concat([table.read_chunk(i) for i in range(4)]), frame)
+        pd.testing.assert_frame_equal(table.read_all(), frame)
+        assert [f["name"] for f in table.fingerprint()["files"]] == [
+            "train-00000-of-00002.parquet",
+            "train-00001-of-00002.parquet",
+        ]
+        assert pd.concat(stream_frames(str(spec))).reset_index(drop=True).equals(frame)
+    before = file_fingerprint(folder)
+    frame.iloc[:4].assign(x=-1.0).to_parquet(folder / "train-00000-of-00002.parquet")
+    assert file_fingerprint(folder) != before  # a shard changed: the table did
+
+    frame.iloc[:2].to_parquet(folder / "test-00000-of-00001.parquet")
+    with pytest.raises(DanluError, match=r"holds the shards of 2 splits \(test, train\)"):
+        open_table(str(folder))
+    assert open_table(str(folder / "train-*.parquet")).n_rows == 10  # a pattern picks one split
+    frame[["label", "x"]].to_parquet(folder / "train-00002-of-00002.parquet")
+    with pytest.raises(DanluError, match=r"train-00002-of-00002.parquet' has the columns \['label', 'x'\]"):
+        open_table(str(folder / "train-*.parquet"))
+    with pytest.raises(DanluError, match="matches no file"):
+        open_table(str(folder / "valid-*.parquet"))
+    frame.to_csv(folder / "train.csv", index=False)
+    with pytest.raises(DanluError, match="a pattern names Parquet shards"):
+        open_table(str(folder / "*.csv"))

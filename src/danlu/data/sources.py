@@ -1,5 +1,8 @@
 """Data sources: CSV, Parquet, NPZ, NPY and synthetic generators, read whole or in row chunks.
 
+Parquet may also come in shards (as the Hugging Face hub and Spark write datasets): a pattern
+(data/train-*.parquet) or a folder of Parquet files is one table, its files in name order.
+
 Every source is a `Table`: column names, an in-memory size estimate, and `read_chunk(i)` for a fixed
 split into chunks (so a shuffled chunk order can be replayed exactly on resume). NPY files are opened
 with memory mapping; each chunk maps the file only while it is copied out, so reading a file far
@@ -12,6 +15,7 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,22 +23,55 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from danlu.config import SYNTHETIC_PREFIX, SyntheticConfig, existing_data
+from danlu.config import SYNTHETIC_PREFIX, SyntheticConfig, existing_data, is_pattern
 from danlu.data.columns import check_separator, empty_csv_error, unique_columns
 from danlu.data.dataset import Fingerprinted
 from danlu.errors import DanluError, not_utf8
 
 # what np.load raises for a file that is not what its name says: pickled data, a zip or NPY cut short, none
 NUMPY_FILE_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile)
-SUFFIXES = (".csv", ".parquet", ".pq", ".npz", ".npy", ".jsonl")
+PARQUET = (".parquet", ".pq")
+SUFFIXES = (".csv", *PARQUET, ".npz", ".npy", ".jsonl")
+# a shard's name as the Hugging Face hub writes it: SPLIT-00000-of-00004.parquet
+SHARD_NAME = re.compile(r"(.+)-\d+-of-\d+$")
 WHOLE_HASH_BYTES = 1 << 30  # files up to this size are hashed whole; larger ones by samples
 SAMPLE_BYTES = 1 << 20
 SAMPLES = 64
 
 
+def parquet_shards(path: Path) -> list[Path] | None:
+    """The Parquet files a pattern matches or a folder holds, in name order; None for a path that is
+    neither. A folder of several splits' shards (train-00000-of-00002.parquet beside test-...) is refused:
+    it is not one table.
+
+    Raises:
+        DanluError: no Parquet file in the folder, or shards of several splits."""
+    if is_pattern(path):
+        return sorted(p for p in path.parent.glob(path.name) if p.is_file())
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in PARQUET)
+    if not files:
+        raise DanluError(
+            f"'{path}' is a folder with no Parquet file", "name a data file, or a folder of Parquet shards"
+        )
+    splits = sorted({m.group(1) for p in files if (m := SHARD_NAME.match(p.stem))})
+    if len(splits) > 1:
+        example = path / f"{splits[0]}-*{files[0].suffix}"
+        raise DanluError(
+            f"'{path}' holds the shards of {len(splits)} splits ({', '.join(splits)})",
+            f"name one split's shards with a pattern, e.g. data.train={example}",
+        )
+    return files
+
+
 def file_fingerprint(path: str | os.PathLike) -> dict:
     """Size and SHA-256 of a data file: the whole file up to 1 GiB; past that, its first and last 16 MiB
-    and 64 evenly spaced 1 MiB blocks (an edit elsewhere in a file that keeps its size goes unseen)."""
+    and 64 evenly spaced 1 MiB blocks (an edit elsewhere in a file that keeps its size goes unseen).
+    Parquet shards (a pattern or a folder): their files' fingerprints, one after the other."""
+    shards = parquet_shards(Path(path))
+    if shards is not None:
+        return {"files": [{"name": p.name, **file_fingerprint(p)} for p in shards]}
     size = os.path.getsize(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -140,44 +177,59 @@ class NpyTable(Fingerprinted):
 
 
 class ParquetTable(Fingerprinted):
-    """A Parquet file; chunks are its row groups."""
+    """A Parquet file, or shards of one table (a pattern or a folder, parquet_shards); chunks are the row
+    groups of its files, in order."""
 
     def __init__(self, path: Path):
         import pyarrow.parquet as pq
 
         self.path = path
         self.name = str(path)
-        try:
-            self.file = pq.ParquetFile(path)
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise DanluError(f"cannot read '{path}' as Parquet: {exc}", "check the file") from None
-        meta = self.file.metadata
-        self.n_rows = meta.num_rows
-        self.columns = unique_columns([str(c) for c in self.file.schema_arrow.names], path)
-        self._starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+        shards = parquet_shards(path) or [path]
+        self.files = []
+        for shard in shards:
+            try:
+                self.files.append(pq.ParquetFile(shard))
+            except Exception as exc:  # pyarrow raises several types for a damaged file
+                raise DanluError(f"cannot read '{shard}' as Parquet: {exc}", "check the file") from None
+        self.columns = unique_columns([str(c) for c in self.files[0].schema_arrow.names], shards[0])
+        for shard, file in zip(shards[1:], self.files[1:], strict=True):
+            other = [str(c) for c in file.schema_arrow.names]
+            if other != self.columns:
+                raise DanluError(
+                    f"'{shard}' has the columns {other}, and '{shards[0]}' has {self.columns}",
+                    "give every shard of a table the same columns, in the same order",
+                )
+        self._groups = [
+            (f, g) for f, file in enumerate(self.files) for g in range(file.metadata.num_row_groups)
+        ]
+        sizes = [self.files[f].metadata.row_group(g).num_rows for f, g in self._groups]
+        self._starts = np.cumsum([0, *sizes])
+        self.n_rows = int(self._starts[-1])
 
     def fingerprint(self) -> dict:
         return file_fingerprint(self.path)
 
     @property
     def nbytes(self) -> int:
-        meta = self.file.metadata
-        return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        return sum(self.files[f].metadata.row_group(g).total_byte_size for f, g in self._groups)
 
     @property
     def n_chunks(self) -> int:
-        return max(1, self.file.metadata.num_row_groups)
+        return max(1, len(self._groups))
 
     def read_chunk(self, index: int) -> pd.DataFrame:
-        if self.file.metadata.num_row_groups == 0:
+        if not self._groups:
             return pd.DataFrame(columns=self.columns)
-        frame = self.file.read_row_group(index).to_pandas()
+        f, g = self._groups[index]
+        frame = self.files[f].read_row_group(g).to_pandas()
         start = int(self._starts[index])
         frame.index = pd.RangeIndex(start, start + len(frame))
         return frame
 
     def read_all(self) -> pd.DataFrame:
-        return self.file.read().to_pandas()
+        frames = [file.read().to_pandas() for file in self.files]
+        return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
 
 
 Table = FrameTable | NpyTable | ParquetTable
@@ -286,6 +338,13 @@ def _read_npz(path: Path) -> pd.DataFrame:
 
 def check_path(spec: str) -> Path:
     path = existing_data(spec)
+    if is_pattern(path) and path.suffix.lower() not in PARQUET:
+        raise DanluError(
+            f"'{spec}' is a pattern of {path.suffix or 'other'} files; a pattern names Parquet shards",
+            "name one file, or Parquet shards (data/train-*.parquet)",
+        )
+    if path.is_dir() and parquet_shards(path):
+        return path
     if path.suffix.lower() not in SUFFIXES:
         raise DanluError(
             f"'{spec}' has an unsupported type '{path.suffix}'", f"use one of {', '.join(SUFFIXES)}"
@@ -302,7 +361,7 @@ def open_table(spec: str, synthetic: SyntheticConfig | None = None, chunk_rows: 
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return NpyTable(path, chunk_rows)
-    if suffix in (".parquet", ".pq"):
+    if suffix in PARQUET or path.is_dir():
         return ParquetTable(path)
     readers = {".csv": _read_csv, ".jsonl": _read_jsonl}
     frame = readers.get(suffix, _read_npz)(path)

@@ -44,10 +44,11 @@ def detect(data_config: DataConfig, model: ModelConfig) -> bool:
     """Conversations for a causal LM: model.pretrained is one (a *ForCausalLM directory or a .gguf file)."""
     from danlu.serve.chat.model import is_causal_lm
 
+    train = Path(data_config.train)
     return (
         model.pretrained is not None
         and data_config.text is None
-        and Path(data_config.train).suffix.lower() in CONVERSATION_FILES
+        and (train.suffix.lower() in CONVERSATION_FILES or train.is_dir())  # a folder: Parquet shards
         and is_causal_lm(model.pretrained)
     )
 

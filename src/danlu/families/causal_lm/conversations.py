@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from danlu.data.sources import PARQUET, parquet_shards
 from danlu.errors import DanluError, not_utf8
 from danlu.serve.chat.templates import ROLES, content_text
 
@@ -72,7 +73,7 @@ def row_unit(path: Path) -> str:
         DanluError: the file is none of these.
     """
     suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
+    if suffix in PARQUET or path.is_dir():  # a file, or shards (a pattern or a folder of them)
         return "row"
     if suffix in (".jsonl", ".json"):
         return "item" if suffix == ".json" and _first_character(path) == "[" else "line"
@@ -127,15 +128,16 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
-    except (pa.ArrowException, OSError) as exc:
-        raise DanluError(f"cannot read '{path}' as Parquet: {exc}", "check the file") from None
     number = 0
-    for batch in batches:
-        for row in batch.to_pylist():
-            number += 1
-            yield number, row
+    for shard in parquet_shards(path) or [path]:  # shards: rows numbered on across the files
+        try:
+            batches = pq.ParquetFile(shard).iter_batches(batch_size=4096)
+        except (pa.ArrowException, OSError) as exc:
+            raise DanluError(f"cannot read '{shard}' as Parquet: {exc}", "check the file") from None
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
 
 
 def _not_json_lines(path: Path, number: int, exc: ValueError) -> DanluError:

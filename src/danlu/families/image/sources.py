@@ -14,7 +14,7 @@ import pandas as pd
 
 from danlu.config import existing_data
 from danlu.data.dataset import Fingerprinted
-from danlu.data.sources import NUMPY_FILE_ERRORS, file_fingerprint
+from danlu.data.sources import NUMPY_FILE_ERRORS, PARQUET, file_fingerprint
 from danlu.errors import DanluError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -328,7 +328,9 @@ def looks_like_images(spec: str) -> bool:
     if spec.startswith("synthetic:"):
         return False
     path = Path(spec)
-    if path.is_dir() or is_idx(path) or path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.is_dir():  # images, unless it holds Parquet shards (a table)
+        return not any(p.suffix.lower() in PARQUET for p in path.iterdir())
+    if is_idx(path) or path.suffix.lower() in IMAGE_SUFFIXES:
         return True
     if path.suffix.lower() == ".npz" and path.is_file():
         try:
