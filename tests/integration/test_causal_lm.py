@@ -289,6 +289,19 @@ def test_plain_texts_train_every_token_in_pieces_and_are_continued_as_trained(tm
     assert [m["answer"].split()[:2] for m in more] == [[WORDS[5], WORDS[6]], [WORDS[9], WORDS[0]]]
 
 
+def test_conversations_in_parquet_shards_fine_tune(tmp_path, data, base):
+    import pandas as pd
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    pd.DataFrame(rows[:60]).to_parquet(folder / "train-00000-of-00002.parquet")
+    pd.DataFrame(rows[60:]).to_parquet(folder / "train-00001-of-00002.parquet")
+    run = fit(tmp_path / "run", folder, base, "train.epochs=1")
+    assert run.config.data.family == "causal_lm" and sum(run.report["rows"].values()) == len(rows)
+    assert danlu.evaluate(run.path)["conversations"] == run.report["rows"]["test"]
+
+
 def test_batches_are_drawn_at_random_unless_grouped_by_length(tmp_path, base):
     """Conversations train in random batches by default; data.group_by_length: true pads less."""
     varied = tmp_path / "varied.jsonl"

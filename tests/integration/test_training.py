@@ -264,3 +264,24 @@ def test_early_stopping_restores_best(tmp_path, mixed_csv):
 def test_monitor_must_fit_the_task(tmp_path, regression_csv):
     with pytest.raises(DanluError, match=r"train\.monitor=val_accuracy does not apply to regression"):
         fit(tmp_path / "run", regression_csv, "price", "train.monitor=val_accuracy")
+
+
+def test_parquet_shards_train_evaluate_and_predict_as_one_table(tmp_path, mixed_csv):
+    """A folder of Parquet shards (as the Hugging Face hub writes a split) trains as a table, not as
+    images; a pattern of them evaluates and predicts."""
+    frame = pd.read_csv(mixed_csv)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    half = len(frame) // 2
+    frame.iloc[:half].to_parquet(folder / "train-00000-of-00002.parquet", index=False)
+    frame.iloc[half:].to_parquet(folder / "train-00001-of-00002.parquet", index=False)
+    run = fit(tmp_path / "run", folder, "label", "train.epochs=3", "model.hidden=[8]")
+    assert run.config.data.family == "tabular" and sum(run.report["rows"].values()) == len(frame)
+    pattern = folder / "train-*.parquet"
+    assert danlu.evaluate(run.path, pattern)["accuracy"] == pytest.approx(
+        danlu.evaluate(run.path, mixed_csv)["accuracy"]
+    )
+    assert danlu.predict_file(run.path, pattern, tmp_path / "p.csv") == len(frame)
+    assert danlu.evaluate(run.path)["accuracy"] == pytest.approx(
+        run.report["test"]["accuracy"]
+    )  # held-out rows reread

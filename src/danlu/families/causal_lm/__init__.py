@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from danlu.config import DataConfig, ModelConfig
 from danlu.errors import DanluError
 from danlu.families.causal_lm import data, evaluate
+from danlu.families.causal_lm.conversations import kind
 from danlu.families.causal_lm.models import build_model, prepare_training, trainable_share, write_artifacts
 from danlu.families.causal_lm.state import CausalLMState
 from danlu.families.contract import Family, repeated_blocks
@@ -65,7 +66,7 @@ def train_stats(part: data.ChatPart, epochs: int, seconds: float) -> dict[str, A
     share = part.padding_share()
     trained = part.trained
     return {
-        ("texts" if part.texts else "conversations"): part.conversations,
+        kind(part.texts): part.conversations,
         "rows": part.n_rows,  # packed: rows of several conversations; texts: their pieces
         "left_out": dict(part.skipped),
         "trained_tokens_per_epoch": trained,

@@ -65,6 +65,11 @@ class RowError(ValueError):
     """A malformed row: what is wrong with it, for the caller to place in the file."""
 
 
+def kind(texts: bool) -> str:
+    """What a file's rows are, as reports and logs count them: texts or conversations."""
+    return "texts" if texts else "conversations"
+
+
 def row_unit(path: Path) -> str:
     """What a row's number counts in `path`: 'row' (Parquet), 'item' (a .json file holding an array) or
     'line' (JSON Lines, whether named .jsonl or .json).

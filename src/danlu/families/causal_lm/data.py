@@ -23,7 +23,7 @@ from danlu.data.dataset import Dataset, Fingerprinted, HeldOut, assemble
 from danlu.data.sources import file_fingerprint
 from danlu.data.split import split_indices
 from danlu.errors import DanluError
-from danlu.families.causal_lm.conversations import Conversations, Row, read_conversations
+from danlu.families.causal_lm.conversations import Conversations, Row, kind, read_conversations
 from danlu.families.causal_lm.packing import block_mask, pack
 from danlu.families.causal_lm.pretrained import check_same_weights, new_state, tokenizer_of
 from danlu.families.causal_lm.state import CausalLMState
@@ -231,7 +231,12 @@ def encode_file(
         rows = len(found.messages) + sum(found.skipped.values())
         left_out = sum(encoded.skipped.values())
         log.warning(
-            "%s: %d of %d %s left out (%s)", spec, left_out, rows, _kind(found), _counted(encoded.skipped)
+            "%s: %d of %d %s left out (%s)",
+            spec,
+            left_out,
+            rows,
+            kind(found.texts),
+            _counted(encoded.skipped),
         )
     return found, encoded
 
@@ -319,10 +324,6 @@ def sample_text(config: Config) -> str:
         f"{config.data.train} {found.unit} {found.lines[encoded.kept[0]]}, {how}: {int(first.target[0])} "
         f"trained tokens between [[ ]]\n{_shown(state, first)}"
     )
-
-
-def _kind(found: Conversations) -> str:
-    return "texts" if found.texts else "conversations"
 
 
 def _counted(skipped: Counter) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from danlu.errors import DanluError
-from danlu.families.causal_lm.conversations import Row, read_conversations, read_prompts
+from danlu.families.causal_lm.conversations import Row, kind, read_conversations, read_prompts
 from danlu.families.causal_lm.data import Encoded, encode_all
 from danlu.families.causal_lm.models import CausalLMModel, load_pretrained
 from danlu.families.causal_lm.pretrained import tokenizer_of
@@ -78,7 +78,7 @@ def evaluate_run(
         )
     texts = encoded.pieces is not None
     after = token_loss(CausalLMModel(load_pretrained(run.hf)), encoded, state.pad_id)
-    metrics: dict[str, Any] = {**after, ("texts" if texts else "conversations"): len(encoded.kept)}
+    metrics: dict[str, Any] = {**after, kind(texts): len(encoded.kept)}
     base = Path(state.pretrained)
     if base.exists():
         before = token_loss(CausalLMModel(load_pretrained(base)), encoded, state.pad_id)
